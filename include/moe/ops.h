@@ -1,0 +1,251 @@
+/* ops.h: the compute ops table that every backend implements (cpu, cuda).
+ *
+ * Every op takes the backend context first and returns a moe_status. All
+ * pointers are backend memory (device pointers on cuda) unless a parameter says
+ * "host". Ops never synchronise with the host; values the host needs (loss sums,
+ * norms, metrics) are left in small device buffers and fetched with
+ * backend->copy_to_host at log time.
+ *
+ * Conventions a reader would trip over:
+ *  - Storage dtypes are MOE_F32, MOE_F16 or MOE_BF16 (argument `dt`); all
+ *    arithmetic is fp32 and each result is rounded once on store.
+ *  - "accumulates" means out += result; "writes" means out = result.
+ *  - Matrices are row-major. Token-major activations are (N, C) with
+ *    N = B*T tokens ordered batch-major (n = b*T + t), as fairseq's MoE layer
+ *    flattens them.
+ *  - Randomness is counter-based (kernels/philox.h): a value is a pure function
+ *    of (seed, stream, index), so cpu and cuda draw the same dropout masks and
+ *    recomputation (--checkpoint-activations) reproduces them exactly.
+ *  - Nothing here is a mock: the cpu backend is the oracle the cuda backend is
+ *    tested against op by op.
+ */
+#ifndef MOE_OPS_H
+#define MOE_OPS_H
+
+#include <stdint.h>
+
+#include "moe/status.h"
+#include "moe/tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct moe_ctx moe_ctx; /* a backend's stream/context, opaque */
+
+typedef enum moe_gelu_kind { MOE_GELU_TANH = 0, MOE_GELU_ERF = 1 } moe_gelu_kind;
+
+typedef enum moe_epilogue {
+    MOE_EPI_NONE = 0,
+    MOE_EPI_BIAS,      /* C = alpha*op(A)op(B) + beta*C + bias                  */
+    MOE_EPI_BIAS_GELU  /* pre = alpha*op(A)op(B) + bias; C = gelu(pre); aux = pre */
+} moe_epilogue;
+
+/* C(m,n) = alpha * op(A)(m,k) * op(B)(k,n) + beta * C, row-major, for `batch`
+ * independent problems at the given element strides. op(X) = X or X^T. */
+typedef struct moe_matmul_desc {
+    int trans_a, trans_b;
+    int64_t m, n, k;
+    float alpha, beta;
+    const void *a; int64_t lda; int64_t stride_a;
+    const void *b; int64_t ldb; int64_t stride_b;
+    void *c;       int64_t ldc; int64_t stride_c;
+    moe_dtype ab_dtype;        /* dtype of A and B */
+    moe_dtype c_dtype;         /* dtype of C (and bias, aux) */
+    int64_t batch;             /* >= 1 */
+    moe_epilogue epilogue;
+    const void *bias;          /* (n) per batch at stride_bias, or NULL */
+    int64_t stride_bias;
+    void *aux;                 /* BIAS_GELU: pre-activation (m,n) like C, or NULL */
+    moe_gelu_kind gelu;
+} moe_matmul_desc;
+
+/* Second-expert policies of top-2 gating (FAIRSEQ_SPEC.md §2.7). */
+typedef enum moe_route_policy {
+    MOE_ROUTE_SAMPLING = 0,
+    MOE_ROUTE_ALL,
+    MOE_ROUTE_RANDOM
+} moe_route_policy;
+
+/* Routing metrics, per MoE layer, in this order (FAIRSEQ_SPEC.md §2.2, §8.2). */
+enum {
+    MOE_METRIC_OVERFLOW_EXPERT1 = 0,
+    MOE_METRIC_OVERFLOW_EXPERT2,
+    MOE_METRIC_ENTROPY_GATING,
+    MOE_METRIC_EXPERT1_BALANCE_TOP,
+    MOE_METRIC_EXPERT1_BALANCE_BOTTOM,
+    MOE_METRIC_UNUSED_EXPERT1_COUNT,
+    MOE_METRIC_EXPERT2_BALANCE_TOP,
+    MOE_METRIC_EXPERT2_BALANCE_BOTTOM,
+    MOE_METRIC_UNUSED_EXPERT2_COUNT,
+    MOE_METRIC_A2A_CPU_MS,
+    MOE_METRIC_A2A_CUDA_MS,
+    MOE_NUM_METRICS
+};
+
+/* One routing decision for S tokens over E experts with capacity C.
+ * Index form: for token s and choice j (0 = first, 1 = second):
+ *   expert[s*2+j]  global expert id, or -1 (no choice: pad token, top-1's j=1)
+ *   slot[s*2+j]    capacity slot 0..C-1, or -1 if dropped (capacity, random policy)
+ *   weight[s*2+j]  combine weight (0 when dropped)
+ * route_forward writes expert/slot/weight/probs, accumulates nothing, and
+ * writes l_aux (1 float) and metrics (MOE_NUM_METRICS floats; the a2a entries
+ * are left untouched for the caller). */
+typedef struct moe_route_args {
+    int64_t S;                  /* tokens */
+    int E;                      /* global experts */
+    int64_t capacity;           /* C */
+    int k;                      /* 1 (top-1) or 2 (top-2) */
+    moe_route_policy policy;    /* second-expert policy, k == 2 only */
+    int normalize_before_drop;  /* --moe-normalize-gate-prob-before-dropping */
+    int batch_prioritized;      /* --moe-batch-prioritized-routing */
+    uint64_t seed, stream;      /* for Gumbel noise and the random policy */
+    const float *logits;        /* (S,E) fp32 in */
+    const uint8_t *pad;         /* (S) 1 = padding token, or NULL */
+    float *probs;               /* (S,E) fp32 out: softmax(logits), kept for backward */
+    int32_t *expert;            /* (S,2) out */
+    int32_t *slot;              /* (S,2) out */
+    float *weight;              /* (S,2) out */
+    float *l_aux;               /* (1) out */
+    float *metrics;             /* (MOE_NUM_METRICS) out */
+    void *workspace;            /* route_workspace_bytes(S,E) bytes of backend scratch */
+} moe_route_args;
+
+/* Adam (fairseq FusedAdamV1 semantics, FAIRSEQ_SPEC.md §5.2) on one tensor. */
+typedef struct moe_adam_args {
+    int64_t n;
+    void *param;  moe_dtype param_dtype;   /* updated in place (fp32 master or the param itself) */
+    void *param_copy; moe_dtype copy_dtype;/* if non-NULL: also written, rounded (fp16/bf16 compute copy) */
+    const void *grad; moe_dtype grad_dtype;
+    void *exp_avg; void *exp_avg_sq; moe_dtype state_dtype; /* MOE_F32, or MOE_F16 for --fp16-adam-stats */
+    float *scale_avg, *scale_avg_sq;       /* (1) device: per-tensor scales when state is fp16 */
+    float lr, beta1, beta2, eps, weight_decay;
+    float grad_scale;                      /* grads are divided by this (loss scale, sample size) */
+    int64_t step;                          /* 1-based, counts successful updates */
+} moe_adam_args;
+
+typedef struct moe_sgd_args {
+    int64_t n;
+    void *param; moe_dtype param_dtype;
+    void *param_copy; moe_dtype copy_dtype;
+    const void *grad; moe_dtype grad_dtype;
+    float *momentum_buf;                   /* (n) fp32, or NULL when momentum == 0 */
+    float lr, momentum, weight_decay, grad_scale;
+} moe_sgd_args;
+
+typedef struct moe_ops {
+    /* ---- elementwise and utility ---- */
+    /* x[i] = value */
+    moe_status (*fill)(moe_ctx *c, void *x, moe_dtype dt, int64_t n, float value);
+    /* dst[i] = (dst_dt) src[i] */
+    moe_status (*cast)(moe_ctx *c, void *dst, moe_dtype dst_dt, const void *src, moe_dtype src_dt, int64_t n);
+    /* y[i] = a*x[i] + b*y[i]   (x and y share dt) */
+    moe_status (*axpby)(moe_ctx *c, void *y, const void *x, moe_dtype dt, int64_t n, float a, float b);
+    /* out[i] = x[i] + y[i]   (out may alias x or y) */
+    moe_status (*add)(moe_ctx *c, void *out, const void *x, const void *y, moe_dtype dt, int64_t n);
+    /* x ~ U(lo, hi) from (seed, stream), element i uses counter i */
+    moe_status (*init_uniform)(moe_ctx *c, void *x, moe_dtype dt, int64_t n, float lo, float hi,
+                               uint64_t seed, uint64_t stream);
+    /* x ~ N(mean, std) from (seed, stream) */
+    moe_status (*init_normal)(moe_ctx *c, void *x, moe_dtype dt, int64_t n, float mean, float std,
+                              uint64_t seed, uint64_t stream);
+    /* *out += scale * sum_i x[i*stride]  (fp32 in/out, fixed summation order) */
+    moe_status (*sum_f32)(moe_ctx *c, float *out, const float *x, int64_t n, int64_t stride, float scale);
+    /* *out += sum_i (float)x[i]^2  (fp32 out; inf/nan propagate, which is the overflow check) */
+    moe_status (*sumsq)(moe_ctx *c, float *out, const void *x, moe_dtype dt, int64_t n);
+
+    /* ---- linear algebra ---- */
+    moe_status (*matmul)(moe_ctx *c, const moe_matmul_desc *d);
+    /* dbias(C) += sum over rows of dy(N,C) */
+    moe_status (*bias_backward)(moe_ctx *c, void *dbias, const void *dy, int64_t N, int64_t C, moe_dtype dt);
+
+    /* ---- activations and regularisation ---- */
+    moe_status (*gelu_forward)(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, moe_gelu_kind kind);
+    /* dinp = dout * gelu'(inp)   (writes; dinp may alias dout) */
+    moe_status (*gelu_backward)(moe_ctx *c, void *dinp, const void *inp, const void *dout, int64_t n,
+                                moe_dtype dt, moe_gelu_kind kind);
+    /* out = inp * keep / (1-p), keep = uniform(seed, stream, i) >= p. In place allowed.
+     * p == 0 is a plain copy (or nothing, in place). */
+    moe_status (*dropout_forward)(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, float p,
+                                  uint64_t seed, uint64_t stream);
+    /* din = dout * keep / (1-p) with the same mask (writes; in place allowed) */
+    moe_status (*dropout_backward)(moe_ctx *c, void *din, const void *dout, int64_t n, moe_dtype dt, float p,
+                                   uint64_t seed, uint64_t stream);
+
+    /* ---- layer norm (eps given; statistics fp32) ---- */
+    /* out(N,C) = (inp - mean) * rstd * weight + bias; writes mean(N), rstd(N) fp32 */
+    moe_status (*layernorm_forward)(moe_ctx *c, void *out, float *mean, float *rstd, const void *inp,
+                                    const void *weight, const void *bias, int64_t N, int64_t C, float eps,
+                                    moe_dtype dt);
+    /* accumulates dinp(N,C), dweight(C), dbias(C) */
+    moe_status (*layernorm_backward)(moe_ctx *c, void *dinp, void *dweight, void *dbias, const void *dout,
+                                     const void *inp, const void *weight, const float *mean, const float *rstd,
+                                     int64_t N, int64_t C, moe_dtype dt);
+
+    /* ---- embedding with fairseq's sinusoidal positions (FAIRSEQ_SPEC.md §1.2-1.4) ----
+     * out[b,t] = scale * table[tok[b,t]] + (sinusoidal ? pos(padding_idx+1+t) : 0);
+     * pad tokens get position row padding_idx, which is zero. tokens (B,T) i32. */
+    moe_status (*embedding_forward)(moe_ctx *c, void *out, const int32_t *tokens, const void *table,
+                                    int64_t B, int64_t T, int64_t C, float scale, int padding_idx,
+                                    int sinusoidal, moe_dtype dt);
+    /* dtable[tok] += scale * dout[b,t], except tok == padding_idx (no gradient). */
+    moe_status (*embedding_backward)(moe_ctx *c, void *dtable, const void *dout, const int32_t *tokens,
+                                     int64_t B, int64_t T, int64_t C, int64_t V, float scale, int padding_idx,
+                                     moe_dtype dt);
+
+    /* ---- causal multi-head attention ----
+     * q, k, v: (B,T,H,D) at row stride ld (elements between consecutive tokens),
+     * so they can point into one packed projection output. q is already scaled.
+     * out: (B,T,H*D) contiguous. lse: (B,H,T) fp32 log-sum-exp of each score row,
+     * saved for backward. Dropout p on the probabilities, mask counter
+     * ((b*H + h)*T + i)*T + j. */
+    moe_status (*attention_forward)(moe_ctx *c, void *out, float *lse, const void *q, const void *k,
+                                    const void *v, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t D,
+                                    float dropout_p, uint64_t seed, uint64_t stream, moe_dtype dt);
+    /* writes dq, dk, dv (same layout and stride ldd as their inputs' ld) */
+    moe_status (*attention_backward)(moe_ctx *c, void *dq, void *dk, void *dv, int64_t ldd, const void *dout,
+                                     const void *out, const float *lse, const void *q, const void *k,
+                                     const void *v, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t D,
+                                     float dropout_p, uint64_t seed, uint64_t stream, moe_dtype dt);
+
+    /* ---- softmax cross-entropy over the vocabulary ----
+     * losses[n] = -log_softmax_fp32(logits[n])[target[n]], 0 where target == ignore_index.
+     * If grad_scale != 0, logits(N,V) is overwritten with
+     * grad_scale * (softmax - onehot(target)), zero rows for ignored targets. */
+    moe_status (*cross_entropy)(moe_ctx *c, float *losses, void *logits, const int32_t *targets, int64_t N,
+                                int64_t V, int ignore_index, float grad_scale, moe_dtype dt);
+
+    /* ---- MoE routing, dispatch, combine ---- */
+    int64_t (*route_workspace_bytes)(int64_t S, int E);
+    moe_status (*route_forward)(moe_ctx *c, const moe_route_args *a);
+    /* dlogits(S,E) fp32 written from dweight(S,2) (gradient of the combine
+     * weights) and dl_aux (host scalar: d loss / d l_aux), through the weight
+     * normalisation, the softmax and the load-balancing loss. Uses a->probs,
+     * a->expert, a->slot as route_forward left them. */
+    moe_status (*route_backward)(moe_ctx *c, const moe_route_args *a, const float *dweight, float dl_aux,
+                                 float *dlogits);
+    /* out(E*C, d): row e*C+slot = x[s] for each kept (s, j); other rows zero */
+    moe_status (*dispatch_forward)(moe_ctx *c, void *out, const void *x, const int32_t *expert,
+                                   const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt);
+    /* dx(S,d) accumulates sum over kept (s, j) of dout[e*C+slot] */
+    moe_status (*dispatch_backward)(moe_ctx *c, void *dx, const void *dout, const int32_t *expert,
+                                    const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt);
+    /* y(S,d) = sum over kept (s, j) of weight * eout[e*C+slot] (writes; zero if none kept) */
+    moe_status (*combine_forward)(moe_ctx *c, void *y, const void *eout, const int32_t *expert,
+                                  const int32_t *slot, const float *weight, int64_t S, int E, int64_t C,
+                                  int64_t d, moe_dtype dt);
+    /* writes deout(E*C,d) (zero rows for unused slots) and dweight(S,2) fp32 */
+    moe_status (*combine_backward)(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
+                                   const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
+                                   int E, int64_t C, int64_t d, moe_dtype dt);
+
+    /* ---- optimizers ---- */
+    moe_status (*adam_step)(moe_ctx *c, const moe_adam_args *a);
+    moe_status (*sgd_step)(moe_ctx *c, const moe_sgd_args *a);
+} moe_ops;
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

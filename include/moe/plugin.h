@@ -1,0 +1,402 @@
+/* plugin.h: the plugin ABI. Everything a plugin author needs besides ops.h.
+ *
+ * A plugin is a shared object libmoe-<kind>-<name>.so that exports exactly one
+ * symbol, moe_plugin_descriptor (MOE_PLUGIN_SYMBOL), returning a const
+ * descriptor: ABI version, struct sizes, kind, name, version, description, the
+ * command-line options it adds (fairseq's add_args), lifecycle functions and a
+ * pointer to its kind's function table. Everything else in the .so is hidden.
+ *
+ * Plugins see the core only through moe_host, handed to every entry point.
+ * A plugin never links the core, CUDA, NCCL or MPI unless it is the backend or
+ * communicator that wraps them.
+ *
+ * ABI rule: adding a field at the end of a struct bumps MOE_ABI_MINOR; any other
+ * change bumps MOE_ABI_MAJOR. The loader refuses another major, a newer minor,
+ * and struct sizes that do not match what the core was built with.
+ */
+#ifndef MOE_PLUGIN_H
+#define MOE_PLUGIN_H
+
+#include <stdarg.h>
+#include <stdint.h>
+
+#include "moe/ops.h"
+#include "moe/status.h"
+#include "moe/tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOE_ABI_MAJOR 1
+#define MOE_ABI_MINOR 0
+#define MOE_PLUGIN_SYMBOL "moe_plugin_descriptor"
+
+#if defined(__GNUC__)
+#define MOE_EXPORT __attribute__((visibility("default")))
+#else
+#define MOE_EXPORT
+#endif
+
+typedef enum moe_plugin_kind {
+    MOE_KIND_ARCH = 0,
+    MOE_KIND_TASK,
+    MOE_KIND_CRITERION,
+    MOE_KIND_OPTIMIZER,
+    MOE_KIND_LR_SCHEDULER,
+    MOE_KIND_GATE,
+    MOE_KIND_NORMALIZER,   /* expert-gradient normalizer (--moe-normalize-expert-grad) */
+    MOE_KIND_BACKEND,
+    MOE_KIND_COMMUNICATOR,
+    MOE_KIND_COUNT
+} moe_plugin_kind;
+
+/* ------------------------------------------------------------------ options */
+
+typedef enum moe_opt_type {
+    MOE_OPT_FLAG = 0,  /* present or not; no value */
+    MOE_OPT_INT,
+    MOE_OPT_FLOAT,
+    MOE_OPT_STRING,
+    MOE_OPT_CHOICE     /* one of `choices`, "a|b|c" */
+} moe_opt_type;
+
+/* One command-line option: --<name> (dashes, as fairseq). A NULL default means
+ * "None" (unset). min/max bound INT and FLOAT values when min < max. */
+typedef struct moe_option {
+    const char *name;
+    moe_opt_type type;
+    const char *default_value;
+    const char *help;
+    double min, max;
+    const char *choices;
+} moe_option;
+
+/* ---------------------------------------------------------------- logging */
+
+typedef enum moe_log_level {
+    MOE_LOG_DEBUG = 0,
+    MOE_LOG_INFO,
+    MOE_LOG_WARNING,
+    MOE_LOG_ERROR
+} moe_log_level;
+
+/* -------------------------------------------------------------- parameters */
+
+typedef enum moe_init_kind {
+    MOE_INIT_ZERO = 0,
+    MOE_INIT_ONE,
+    MOE_INIT_UNIFORM,  /* U(-a, a) */
+    MOE_INIT_NORMAL    /* N(0, a) */
+} moe_init_kind;
+
+/* A tensor to register: a view into its unit's flat buffer. */
+typedef struct moe_param_def {
+    const char *name;          /* "layers.3.self_attn.q_proj.weight" */
+    int ndim;
+    int64_t shape[2];
+    moe_init_kind init;
+    float a;                   /* bound (uniform) or std (normal) */
+    int64_t zero_row;          /* row set to zero after init (padding_idx), or -1 */
+} moe_param_def;
+
+/* ------------------------------------------------------- backend and comm */
+
+typedef struct moe_mem_stats {
+    uint64_t allocated, peak_allocated;   /* bytes handed out by the allocator */
+    uint64_t reserved, peak_reserved;     /* bytes held from the device */
+    uint64_t total;                       /* device capacity (0 if unknown) */
+} moe_mem_stats;
+
+struct moe_host;
+
+/* Kind MOE_KIND_BACKEND: a compute device, its memory and its ops table. */
+typedef struct moe_backend_ops {
+    /* device_id < 0: the default device. */
+    moe_status (*create)(const struct moe_host *h, int device_id, moe_ctx **ctx);
+    void (*destroy)(moe_ctx *ctx);
+    /* 1 if this backend can run here (a GPU is visible), 0 otherwise. */
+    int (*available)(void);
+    /* `what` names the allocation in the out-of-memory message. */
+    moe_status (*alloc)(moe_ctx *ctx, uint64_t bytes, const char *what, void **ptr);
+    void (*free)(moe_ctx *ctx, void *ptr);
+    moe_status (*copy_to_host)(moe_ctx *ctx, void *host_dst, const void *src, uint64_t bytes);
+    moe_status (*copy_from_host)(moe_ctx *ctx, void *dst, const void *host_src, uint64_t bytes);
+    moe_status (*copy)(moe_ctx *ctx, void *dst, const void *src, uint64_t bytes);
+    moe_status (*synchronize)(moe_ctx *ctx);
+    void (*memory_stats)(moe_ctx *ctx, moe_mem_stats *out);
+    void (*reset_peak)(moe_ctx *ctx);
+    const moe_ops *ops;
+} moe_backend_ops;
+
+typedef enum moe_reduce_op { MOE_REDUCE_SUM = 0, MOE_REDUCE_MAX } moe_reduce_op;
+
+typedef struct moe_comm moe_comm;   /* a communicator instance, opaque */
+typedef struct moe_group moe_group; /* a subgroup of ranks; NULL = all ranks */
+
+/* Kind MOE_KIND_COMMUNICATOR. Buffers are backend memory of the active backend.
+ * Collectives are issued in the same order on every rank of the group. */
+typedef struct moe_comm_ops {
+    moe_status (*init)(const struct moe_host *h, moe_comm **comm);
+    void (*destroy)(moe_comm *comm);
+    int (*rank)(const moe_comm *comm);
+    int (*world)(const moe_comm *comm);
+    /* A group of `n` ranks listed in `ranks`; every rank calls it with the same
+     * lists in the same order (ranks not in the list get *g = NULL). */
+    moe_status (*group_create)(moe_comm *comm, const int *ranks, int n, moe_group **g);
+    moe_status (*all_reduce)(moe_comm *comm, moe_group *g, void *buf, int64_t n, moe_dtype dt, moe_reduce_op op);
+    /* recv(n) = reduce of chunk `rank` of every send(n * group size) */
+    moe_status (*reduce_scatter)(moe_comm *comm, moe_group *g, void *recv, const void *send, int64_t n,
+                                 moe_dtype dt, moe_reduce_op op);
+    /* recv(n * group size) = concatenation of every rank's send(n) */
+    moe_status (*all_gather)(moe_comm *comm, moe_group *g, void *recv, const void *send, int64_t n, moe_dtype dt);
+    /* equal splits: chunk i of send (n elements) goes to rank i; recv chunk i came from rank i */
+    moe_status (*all_to_all)(moe_comm *comm, moe_group *g, void *recv, const void *send, int64_t n, moe_dtype dt);
+    /* variable splits, counts and displacements in elements */
+    moe_status (*all_to_allv)(moe_comm *comm, moe_group *g, void *recv, const int64_t *recv_counts,
+                              const int64_t *recv_displs, const void *send, const int64_t *send_counts,
+                              const int64_t *send_displs, moe_dtype dt);
+    moe_status (*broadcast)(moe_comm *comm, moe_group *g, void *buf, int64_t n, moe_dtype dt, int root);
+    moe_status (*barrier)(moe_comm *comm, moe_group *g);
+} moe_comm_ops;
+
+/* ------------------------------------------------------------- host services */
+
+/* Everything of the core a plugin may use. Valid for the plugin's lifetime. */
+typedef struct moe_host {
+    uint32_t size;  /* sizeof(moe_host) as the core was built */
+
+    /* logging: one line, fairseq format, `component` as fairseq's logger name */
+    void (*log)(const struct moe_host *h, moe_log_level level, const char *component, const char *fmt, ...)
+#if defined(__GNUC__)
+        __attribute__((format(printf, 4, 5)))
+#endif
+        ;
+    /* record a one-line error message and return `st` (for `return h->error(...)`) */
+    moe_status (*error)(const struct moe_host *h, moe_status st, const char *fmt, ...)
+#if defined(__GNUC__)
+        __attribute__((format(printf, 3, 4)))
+#endif
+        ;
+
+    /* options: every option of the core and the loaded plugins, by name without
+     * dashes ("moe-expert-count"). opt_set: 1 if given or has a default. */
+    int (*opt_set)(const struct moe_host *h, const char *name);
+    int64_t (*opt_int)(const struct moe_host *h, const char *name);
+    double (*opt_float)(const struct moe_host *h, const char *name);
+    int (*opt_flag)(const struct moe_host *h, const char *name);
+    const char *(*opt_str)(const struct moe_host *h, const char *name); /* NULL if None */
+
+    /* compute: the active backend, its context and ops */
+    const moe_backend_ops *backend;
+    moe_ctx *ctx;
+    const moe_ops *ops;
+    moe_dtype act_dtype;       /* activations and compute parameters: fp32, fp16 or bf16 */
+    moe_dtype grad_dtype;      /* gradients of parameters */
+
+    /* parameters: register a unit (a flat buffer: one FSDP unit), then its
+     * tensors; ids are returned. expert_index: global expert id for an expert
+     * unit (its initialisation seed follows FAIRSEQ_SPEC.md §1.6), -1 otherwise.
+     * Data pointers are valid after the core has allocated (arch->setup). */
+    moe_status (*unit_add)(const struct moe_host *h, const char *name, int expert_index, int *unit_id);
+    moe_status (*param_add)(const struct moe_host *h, int unit_id, const moe_param_def *def, int *param_id);
+    void *(*param_data)(const struct moe_host *h, int param_id);
+    void *(*grad_data)(const struct moe_host *h, int param_id);
+    void *(*unit_data)(const struct moe_host *h, int unit_id);  /* the unit's flat param buffer */
+    void *(*unit_grad)(const struct moe_host *h, int unit_id);
+
+    /* randomness: the run's --seed, and the per-update seed (seed + num_updates) */
+    uint64_t seed;
+    uint64_t (*step_seed)(const struct moe_host *h);
+
+    /* distribution */
+    int rank, world;
+    const moe_comm_ops *comm_ops;
+    moe_comm *comm;
+
+    /* other components the arch drives (NULL until resolved) */
+    const void *gate_ops;      /* const moe_gate_ops * */
+} moe_host;
+
+/* --------------------------------------------------------- kind: data batch */
+
+/* One micro-batch on the host, as a task produces it. */
+typedef struct moe_batch {
+    int64_t B, T;
+    int32_t *src;       /* (B,T) input tokens */
+    int32_t *tgt;       /* (B,T) targets */
+    int64_t ntokens;    /* non-pad targets */
+    int64_t nsentences;
+} moe_batch;
+
+/* Kind MOE_KIND_TASK. */
+typedef struct moe_task_ops {
+    moe_status (*init)(const moe_host *h, void **task);
+    void (*destroy)(void *task);
+    int64_t (*vocab_size)(void *task);   /* dictionary size incl. specials and padding to 8 */
+    int (*padding_idx)(void *task);
+    /* batches of one epoch for this rank (fairseq's len(itr)) */
+    int64_t (*num_batches)(void *task, const char *split);
+    /* the index-th batch of `split` ("train", "valid"); `b` owns host arrays
+     * the task allocated; free with free_batch. */
+    moe_status (*get_batch)(void *task, const char *split, int64_t index, moe_batch *b);
+    void (*free_batch)(void *task, moe_batch *b);
+} moe_task_ops;
+
+/* ------------------------------------------------------------- kind: arch */
+
+/* What one forward pass leaves for the criterion (all backend memory). */
+typedef struct moe_fwd_out {
+    void *logits;          /* (N,V) act dtype; the criterion overwrites it with dlogits */
+    int64_t N, V;
+    int n_moe_layers;
+    float *l_aux;          /* (n_moe_layers) fp32 */
+    float *metrics;        /* (n_moe_layers, MOE_NUM_METRICS) fp32 */
+} moe_fwd_out;
+
+typedef struct moe_model_info {
+    int64_t num_layers, embed_dim, ffn_dim, heads, num_moe_layers, experts, local_experts;
+    double flops_per_token;      /* training (forward + backward) model FLOPs per token */
+} moe_model_info;
+
+/* Kind MOE_KIND_ARCH. */
+typedef struct moe_arch_ops {
+    /* Read options, register every parameter (no allocation). vocab from the task. */
+    moe_status (*build)(const moe_host *h, int64_t vocab, int padding_idx, void **model);
+    void (*destroy)(void *model);
+    void (*info)(void *model, int64_t tokens_per_sample, moe_model_info *out);
+    /* After parameters are allocated and initialised: allocate activations for
+     * micro-batches of up to B x T tokens. */
+    moe_status (*setup)(void *model, int64_t B, int64_t T);
+    /* tokens, targets: (B,T) backend i32. train: dropout on, training capacity.
+     * micro: index of the micro-batch within the update (dropout stream). */
+    moe_status (*forward)(void *model, const int32_t *tokens, int64_t B, int64_t T, int train, int micro,
+                          moe_fwd_out *out);
+    /* After the criterion has turned out->logits into dlogits: accumulate
+     * parameter gradients. dl_aux: d loss / d l_aux of each MoE layer. */
+    moe_status (*backward)(void *model, float dl_aux);
+} moe_arch_ops;
+
+/* ------------------------------------------------------------- kind: gate */
+
+/* Kind MOE_KIND_GATE: turns gate logits into a routing (calls ops->route_*). */
+typedef struct moe_gate_ops {
+    moe_status (*init)(const moe_host *h, int num_experts, void **gate);
+    void (*destroy)(void *gate);
+    /* Fill the policy fields of `a` (k, policy, capacity, flags) for S tokens. */
+    moe_status (*configure)(void *gate, int64_t S, int train, moe_route_args *a);
+    moe_status (*forward)(void *gate, const moe_route_args *a);
+    moe_status (*backward)(void *gate, const moe_route_args *a, const float *dweight, float dl_aux,
+                           float *dlogits);
+} moe_gate_ops;
+
+/* -------------------------------------------------------- kind: criterion */
+
+/* Logging statistics, summed over micro-batches and ranks (fp64 on the host).
+ * The criterion accumulates them in a device fp32 array of MOE_STAT_COUNT. */
+enum {
+    MOE_STAT_LOSS = 0,        /* inner_loss + w * moe_loss */
+    MOE_STAT_INNER_LOSS,      /* sum of token NLL, nats */
+    MOE_STAT_MOE_LOSS,        /* sample_size * combined l_aux (unweighted) */
+    MOE_STAT_METRICS,         /* MOE_NUM_METRICS entries: per-micro-batch averages over layers */
+    MOE_STAT_COUNT = MOE_STAT_METRICS + MOE_NUM_METRICS
+};
+
+typedef struct moe_crit_in {
+    moe_fwd_out *fwd;
+    const int32_t *targets;   /* (N) backend */
+    int64_t sample_size;      /* ntokens */
+    float grad_scale;         /* loss scale; 0: no backward (validation) */
+    float *stats;             /* (MOE_STAT_COUNT) device accumulators */
+    float *scratch;           /* (N) fp32 backend scratch */
+} moe_crit_in;
+
+/* Kind MOE_KIND_CRITERION. */
+typedef struct moe_criterion_ops {
+    moe_status (*init)(const moe_host *h, void **crit);
+    void (*destroy)(void *crit);
+    /* Loss, logging stats and (grad_scale != 0) dlogits in place; returns
+     * dl_aux for arch->backward. */
+    moe_status (*compute)(void *crit, const moe_crit_in *in, float *dl_aux);
+} moe_criterion_ops;
+
+/* -------------------------------------------------------- kind: optimizer */
+
+/* One tensor the optimizer updates (a flat unit, a shard of one, or one expert:
+ * the granularity of fp16 moment scales, FAIRSEQ_SPEC.md §5.2). */
+typedef struct moe_opt_tensor {
+    void *param; moe_dtype param_dtype;       /* what the optimizer updates */
+    void *param_copy; moe_dtype copy_dtype;   /* compute copy to refresh, or NULL */
+    const void *grad; moe_dtype grad_dtype;
+    int64_t n;
+} moe_opt_tensor;
+
+/* Kind MOE_KIND_OPTIMIZER. */
+typedef struct moe_optimizer_ops {
+    moe_status (*init)(const moe_host *h, const moe_opt_tensor *tensors, int n, void **opt);
+    void (*destroy)(void *opt);
+    /* grads are divided by grad_scale; step counts successful updates from 1 */
+    moe_status (*step)(void *opt, double lr, double grad_scale, int64_t step);
+    /* bytes of optimizer state per parameter element (for --dry-run) */
+    double (*state_bytes_per_param)(const moe_host *h);
+} moe_optimizer_ops;
+
+/* ---------------------------------------------------- kind: lr_scheduler */
+
+/* Kind MOE_KIND_LR_SCHEDULER. */
+typedef struct moe_lr_scheduler_ops {
+    moe_status (*init)(const moe_host *h, void **sched);
+    void (*destroy)(void *sched);
+    /* LR to use after num_updates successful updates (fairseq's step_update) */
+    double (*lr_at)(void *sched, int64_t num_updates);
+} moe_lr_scheduler_ops;
+
+/* ---------------------------------------------------- kind: normalizer */
+
+/* Kind MOE_KIND_NORMALIZER: expert gradients are divided by the returned value
+ * (FAIRSEQ_SPEC.md §2.9); num_experts = data-parallel world / expert group size. */
+typedef struct moe_normalizer_ops {
+    double (*divisor)(int num_experts);
+} moe_normalizer_ops;
+
+/* ------------------------------------------------------------ descriptor */
+
+typedef struct moe_plugin_desc {
+    uint32_t abi_major, abi_minor;
+    uint32_t desc_size;            /* sizeof(moe_plugin_desc) */
+    uint32_t host_size;            /* sizeof(moe_host) */
+    uint32_t ops_size;             /* sizeof the kind's table */
+    moe_plugin_kind kind;
+    const char *name;              /* the CLI value: "moe_cross_entropy" */
+    const char *version;
+    const char *description;
+    const moe_option *options;     /* may be NULL */
+    int n_options;
+    /* lifecycle: called once after loading / before exit; both optional */
+    moe_status (*load)(const moe_host *h);
+    void (*unload)(void);
+    const void *ops;               /* the kind's table, e.g. const moe_criterion_ops * */
+} moe_plugin_desc;
+
+typedef const moe_plugin_desc *(*moe_plugin_entry_fn)(void);
+
+/* Defines the one exported entry point, e.g.
+ *   MOE_PLUGIN_DEFINE(MOE_KIND_CRITERION, moe_criterion_ops, "cross_entropy", "1.0",
+ *                     "token-level cross entropy", options, n_options, NULL, NULL, &ce_ops)
+ * ops_size is taken from the kind's table type. */
+#define MOE_PLUGIN_DEFINE(kind_, ops_type_, name_, version_, descr_, options_, n_options_, load_, unload_, ops_) \
+    MOE_EXPORT const moe_plugin_desc *moe_plugin_descriptor(void);                                         \
+    const moe_plugin_desc *moe_plugin_descriptor(void)                                                      \
+    {                                                                                                       \
+        static const moe_plugin_desc d = {                                                                  \
+            MOE_ABI_MAJOR, MOE_ABI_MINOR, (uint32_t)sizeof(moe_plugin_desc), (uint32_t)sizeof(moe_host),     \
+            (uint32_t)sizeof(ops_type_), (kind_), (name_), (version_), (descr_), (options_), (n_options_),  \
+            (load_), (unload_), (ops_)};                                                                    \
+        return &d;                                                                                          \
+    }
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
