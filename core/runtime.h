@@ -1,0 +1,68 @@
+/* runtime.h: the core state behind moe_host: the parsed options, the plugin
+ * registry, the backend and its context, the communicator, and the parameter
+ * store (units of flat buffers, FAIRSEQ_SPEC.md §4 of ARCHITECTURE.md).
+ *
+ * One runtime per process. It owns everything it creates; plugins get the
+ * moe_host view only.
+ */
+#ifndef MOE_CORE_RUNTIME_H
+#define MOE_CORE_RUNTIME_H
+
+#include "core/options.h"
+#include "core/registry.h"
+#include "moe/plugin.h"
+
+typedef struct moe_runtime moe_runtime;
+
+typedef struct moe_runtime_config {
+    const char *backend;        /* "cpu", "cuda", ... */
+    const char *communicator;   /* "single", "mpi", "nccl" */
+    int device_id;              /* < 0: default */
+    moe_dtype act_dtype;        /* parameters as the model computes with them, activations */
+    moe_dtype grad_dtype;       /* gradients */
+    int master_weights;         /* keep an fp32 master copy (--fp16/--bf16 without memory-efficient) */
+    uint64_t seed;
+    int dry_run;                /* no backend memory for parameters */
+} moe_runtime_config;
+
+/* opts and reg stay owned by the caller and must outlive the runtime. */
+moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runtime_config *cfg,
+                              moe_runtime **out);
+void moe_runtime_destroy(moe_runtime *rt);
+const moe_host *moe_runtime_host(const moe_runtime *rt);
+moe_opts *moe_runtime_opts(const moe_runtime *rt);
+moe_registry *moe_runtime_registry(const moe_runtime *rt);
+
+/* Per-update seed handed to plugins by host->step_seed (seed + num_updates). */
+void moe_runtime_set_step_seed(moe_runtime *rt, uint64_t step_seed);
+/* The gate the arch will drive (host->gate_ops). */
+void moe_runtime_set_gate(moe_runtime *rt, const moe_gate_ops *gate);
+
+/* ---- parameter store ----
+ * Units are registered by the arch through host->unit_add/param_add. A unit's
+ * tensors are consecutive in its flat buffer, in registration order. */
+typedef struct moe_unit_info {
+    const char *name;
+    int expert_index;        /* global expert id, -1 for non-expert units */
+    int64_t numel;
+    void *param;             /* act_dtype */
+    void *grad;              /* grad_dtype */
+    void *master;            /* fp32 master copy or NULL */
+} moe_unit_info;
+
+int moe_runtime_num_units(const moe_runtime *rt);
+void moe_runtime_unit(const moe_runtime *rt, int unit, moe_unit_info *out);
+/* Counts over registered units (fairseq's two log lines). */
+void moe_runtime_param_counts(const moe_runtime *rt, int64_t *non_expert, int64_t *expert);
+/* Allocate param/grad/master buffers and initialise every tensor from its
+ * moe_param_def with the counter-based RNG (stream = hash of the tensor name,
+ * seed = --seed, or fairseq's per-expert seed for expert units). */
+moe_status moe_runtime_alloc_params(moe_runtime *rt);
+moe_status moe_runtime_zero_grads(moe_runtime *rt);
+
+/* For tests: parse `args` (argv-style without argv[0]) leniently, open the
+ * registry on the build tree, and create a cpu runtime in fp32 (or as the
+ * args say: --fp16, --bf16, --memory-efficient-fp16). */
+moe_status moe_runtime_create_for_test(int nargs, const char *const *args, moe_runtime **out);
+
+#endif
