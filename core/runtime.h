@@ -33,6 +33,13 @@ const moe_host *moe_runtime_host(const moe_runtime *rt);
 moe_opts *moe_runtime_opts(const moe_runtime *rt);
 moe_registry *moe_runtime_registry(const moe_runtime *rt);
 
+/* The command line (without argv[0]) that plugin options are parsed from. */
+moe_status moe_runtime_set_args(moe_runtime *rt, int nargs, const char *const *args);
+/* Load a plugin, add its options (owner "<kind> <name>") and give them their
+ * values from the command line (lenient pass), then call its load hook. */
+moe_status moe_runtime_load_plugin(moe_runtime *rt, moe_plugin_kind kind, const char *name,
+                                   const moe_plugin_desc **out);
+
 /* Per-update seed handed to plugins by host->step_seed (seed + num_updates). */
 void moe_runtime_set_step_seed(moe_runtime *rt, uint64_t step_seed);
 /* The gate the arch will drive (host->gate_ops). */

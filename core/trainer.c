@@ -1,0 +1,526 @@
+/* trainer.c: the update loop of FAIRSEQ_SPEC.md §10 and the log lines of §8.
+ *
+ * Gradient convention: gradients are accumulated as plain sums over the
+ * tokens of every micro-batch (times the loss scale); non-expert gradients are
+ * all-reduced as sums over ranks. Everything else (1/loss_scale, 1/sample_size,
+ * clipping) is one lazy multiply factor handed to the optimizer as grad_scale,
+ * exactly as fairseq's multiply_factor (§5.4). Expert gradients get the
+ * normalizer's factor eagerly, before the norm, so the logged gnorm includes it
+ * as in fairseq (§2.9).
+ *
+ * Host synchronisation: one copy of the statistics and the two squared norms
+ * per update (the overflow decision needs them), none inside micro-batches.
+ */
+#include "core/trainer.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/config.h"
+#include "core/internal.h"
+#include "core/log.h"
+#include "core/meters.h"
+#include "core/scaler.h"
+
+static const char *const metric_keys[MOE_NUM_METRICS] = {
+    "overflow_expert1",       "overflow_expert2",      "entropy_gating",         "expert1_balance_top",
+    "expert1_balance_bottom", "unused_expert1_count",  "expert2_balance_top",    "expert2_balance_bottom",
+    "unused_expert2_count",   "all_to_all_cpu_time_ms", "all_to_all_cuda_time_ms"};
+
+/* host copy of the per-update reductions: stats then the two squared norms */
+enum { RED_NORM_DENSE = MOE_STAT_COUNT, RED_NORM_EXPERT, RED_COUNT };
+
+typedef struct trainer {
+    moe_runtime *rt;
+    const moe_host *h;
+    const moe_components *c;
+    moe_opts *o;
+    int64_t B, T, B_valid;
+    int update_freq;
+    int64_t max_update, max_epoch, max_valid_steps;
+    int log_interval, validate_interval_updates, disable_validation;
+    double clip_norm;
+    int log_moe;              /* the criterion logs MoE metrics and inner_loss */
+    int loss_scaling;
+    moe_scaler scaler;
+    double expert_grad_factor;/* world / (expert group size * normalizer divisor) */
+    int32_t *tokens, *targets;/* device (B,T) */
+    float *red;               /* device RED_COUNT */
+    float *scratch;           /* device (B*T) fp32 */
+    void *opt, *sched, *crit;
+    moe_meters *inner, *epoch_m;
+    double t0;                /* trainer construction time */
+    int64_t num_updates;
+    int64_t iter;             /* batches consumed in this epoch */
+    int64_t batches_per_epoch;
+    int epoch;
+    double lr;
+    double best_valid_loss;
+} trainer;
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static moe_status dev_alloc(trainer *t, uint64_t bytes, const char *what, void **p)
+{
+    return t->h->backend->alloc(t->h->ctx, bytes, what, p);
+}
+
+static moe_status setup(trainer *t)
+{
+    const moe_host *h = t->h;
+    moe_opts *o = t->o;
+    t->update_freq = moe_config_update_freq(o);
+    t->max_update = moe_opts_int(o, "max-update");
+    t->max_epoch = moe_opts_int(o, "max-epoch");
+    t->log_interval = (int)moe_opts_int(o, "log-interval");
+    t->validate_interval_updates = (int)moe_opts_int(o, "validate-interval-updates");
+    t->disable_validation = moe_opts_flag(o, "disable-validation");
+    t->max_valid_steps = moe_opts_known(o, "max-valid-steps") && moe_opts_has_value(o, "max-valid-steps")
+                             ? moe_opts_int(o, "max-valid-steps")
+                             : 0;
+    t->clip_norm = moe_opts_float(o, "clip-norm");
+    t->epoch = 1;
+    t->best_valid_loss = INFINITY;
+    if (t->max_update <= 0 && t->max_epoch <= 0)
+        return moe_error_set(MOE_ERR_INVALID_ARG, "nothing bounds training: give --max-update or --max-epoch");
+
+    /* batch shape from the task's first batches */
+    moe_batch b;
+    MOE_TRY(t->c->task->get_batch(t->c->task_state, "train", 0, &b));
+    t->B = b.B;
+    t->T = b.T;
+    t->c->task->free_batch(t->c->task_state, &b);
+    t->B_valid = t->B;
+    if (!t->disable_validation) {
+        const char *subset = moe_opts_str(o, "valid-subset");
+        MOE_TRY(t->c->task->get_batch(t->c->task_state, subset, 0, &b));
+        if (b.T != t->T)
+            return moe_error_set(MOE_ERR_INVALID_ARG, "valid batches have %lld tokens per sample, train %lld",
+                                 (long long)b.T, (long long)t->T);
+        t->B_valid = b.B;
+        t->c->task->free_batch(t->c->task_state, &b);
+    }
+    t->batches_per_epoch = t->c->task->num_batches(t->c->task_state, "train");
+    if (t->batches_per_epoch <= 0)
+        return moe_error_set(MOE_ERR_INVALID_ARG, "the train split has no batches");
+    moe_log(MOE_LOG_INFO, "fairseq_cli.train", "max tokens per GPU = None and batch size per GPU = %lld",
+            (long long)t->B);
+
+    int64_t Bmax = t->B > t->B_valid ? t->B : t->B_valid;
+    int64_t N = Bmax * t->T;
+    MOE_TRY(t->c->arch->setup(t->c->model, Bmax, t->T));
+    MOE_TRY(dev_alloc(t, (uint64_t)N * 4u, "input tokens", (void **)&t->tokens));
+    MOE_TRY(dev_alloc(t, (uint64_t)N * 4u, "target tokens", (void **)&t->targets));
+    MOE_TRY(dev_alloc(t, (uint64_t)N * 4u, "per-token losses", (void **)&t->scratch));
+    MOE_TRY(dev_alloc(t, RED_COUNT * 4u, "training statistics", (void **)&t->red));
+
+    /* optimizer over every unit: the fp32 master when there is one, the params otherwise */
+    int n = moe_runtime_num_units(t->rt);
+    moe_opt_tensor *ts = calloc((size_t)n, sizeof *ts);
+    if (!ts)
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        moe_unit_info u;
+        moe_runtime_unit(t->rt, i, &u);
+        if (u.numel == 0)
+            continue;
+        moe_opt_tensor *x = &ts[k++];
+        x->n = u.numel;
+        x->grad = u.grad;
+        x->grad_dtype = h->grad_dtype;
+        if (u.master) {
+            x->param = u.master;
+            x->param_dtype = MOE_F32;
+            x->param_copy = u.param;
+            x->copy_dtype = h->act_dtype;
+        } else {
+            x->param = u.param;
+            x->param_dtype = h->act_dtype;
+        }
+    }
+    moe_status st = t->c->optimizer->init(h, ts, k, &t->opt);
+    free(ts);
+    MOE_TRY(st);
+    MOE_TRY(t->c->lr_scheduler->init(h, &t->sched));
+    MOE_TRY(t->c->criterion->init(h, &t->crit));
+    t->lr = t->c->lr_scheduler->lr_at(t->sched, 0);
+
+    moe_dtype act, grad;
+    int master;
+    moe_config_precision(o, &act, &grad, &master, &t->loss_scaling);
+    if (t->loss_scaling) {
+        int window = moe_opts_has_value(o, "fp16-scale-window")
+                         ? (int)moe_opts_int(o, "fp16-scale-window")
+                         : moe_scaler_default_window(h->world, t->update_freq);
+        double threshold = moe_opts_has_value(o, "threshold-loss-scale") ? moe_opts_float(o, "threshold-loss-scale")
+                                                                          : 0.0;
+        moe_scaler_init(&t->scaler, moe_opts_float(o, "fp16-init-scale"), window,
+                        moe_opts_float(o, "fp16-scale-tolerance"), threshold, moe_opts_float(o, "min-loss-scale"));
+    }
+
+    /* expert gradient normalisation (§2.9): experts are not reduced over the
+     * data-parallel ranks; with E >= world every expert group has one rank. */
+    int E = moe_opts_known(o, "moe-expert-count") ? (int)moe_opts_int(o, "moe-expert-count") : 0;
+    int group = (E > 0 && E < h->world) ? h->world / E : 1;
+    if (group > 1)
+        return moe_error_set(MOE_ERR_UNSUPPORTED,
+                             "replicated experts (%d experts over %d ranks) are not supported by this trainer yet; "
+                             "use a world size that divides --moe-expert-count",
+                             E, h->world);
+    int num_experts_norm = h->world / group;
+    t->expert_grad_factor = (double)h->world / ((double)group * t->c->normalizer->divisor(num_experts_norm));
+
+    t->inner = moe_meters_create(now_s());
+    t->epoch_m = moe_meters_create(now_s());
+    if (!t->inner || !t->epoch_m)
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+    return MOE_OK;
+}
+
+static void teardown(trainer *t)
+{
+    const moe_host *h = t->h;
+    if (t->opt)
+        t->c->optimizer->destroy(t->opt);
+    if (t->sched)
+        t->c->lr_scheduler->destroy(t->sched);
+    if (t->crit)
+        t->c->criterion->destroy(t->crit);
+    void *bufs[] = {t->tokens, t->targets, t->scratch, t->red};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (bufs[i])
+            h->backend->free(h->ctx, bufs[i]);
+    moe_meters_destroy(t->inner);
+    moe_meters_destroy(t->epoch_m);
+}
+
+/* forward + criterion (+ backward) of one batch; stats accumulate in t->red */
+static moe_status run_batch(trainer *t, const char *split, int64_t index, int train, int micro, float grad_scale,
+                            moe_batch *b)
+{
+    const moe_host *h = t->h;
+    MOE_TRY(t->c->task->get_batch(t->c->task_state, split, index, b));
+    int64_t N = b->B * b->T;
+    moe_status st = h->backend->copy_from_host(h->ctx, t->tokens, b->src, (uint64_t)N * 4u);
+    if (st == MOE_OK)
+        st = h->backend->copy_from_host(h->ctx, t->targets, b->tgt, (uint64_t)N * 4u);
+    if (st != MOE_OK) {
+        t->c->task->free_batch(t->c->task_state, b);
+        return st;
+    }
+    moe_fwd_out out;
+    MOE_TRY(t->c->arch->forward(t->c->model, t->tokens, b->B, b->T, train, micro, &out));
+    moe_crit_in in = {0};
+    in.fwd = &out;
+    in.targets = t->targets;
+    in.sample_size = b->ntokens;
+    in.grad_scale = grad_scale;
+    in.stats = t->red;
+    in.scratch = t->scratch;
+    float dl_aux = 0.0f;
+    MOE_TRY(t->c->criterion->compute(t->crit, &in, &dl_aux));
+    if (train)
+        MOE_TRY(t->c->arch->backward(t->c->model, dl_aux));
+    return MOE_OK;
+}
+
+/* all-reduce non-expert gradients (sum) and the statistics over ranks */
+static moe_status reduce_gradients(trainer *t)
+{
+    const moe_host *h = t->h;
+    if (h->world <= 1)
+        return MOE_OK;
+    int n = moe_runtime_num_units(t->rt);
+    for (int i = 0; i < n; i++) {
+        moe_unit_info u;
+        moe_runtime_unit(t->rt, i, &u);
+        if (u.expert_index < 0 && u.numel > 0)
+            MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, u.grad, u.numel, h->grad_dtype, MOE_REDUCE_SUM));
+    }
+    return MOE_OK;
+}
+
+static moe_status grad_norms(trainer *t)
+{
+    const moe_host *h = t->h;
+    const moe_ops *ops = h->ops;
+    MOE_TRY(ops->fill(h->ctx, t->red + RED_NORM_DENSE, MOE_F32, 2, 0.0f));
+    int n = moe_runtime_num_units(t->rt);
+    for (int i = 0; i < n; i++) {
+        moe_unit_info u;
+        moe_runtime_unit(t->rt, i, &u);
+        if (u.numel == 0)
+            continue;
+        if (u.expert_index >= 0) {
+            if (t->expert_grad_factor != 1.0)
+                MOE_TRY(ops->axpby(h->ctx, u.grad, u.grad, h->grad_dtype, u.numel, 0.0f,
+                                   (float)t->expert_grad_factor));
+            MOE_TRY(ops->sumsq(h->ctx, t->red + RED_NORM_EXPERT, u.grad, h->grad_dtype, u.numel));
+        } else {
+            MOE_TRY(ops->sumsq(h->ctx, t->red + RED_NORM_DENSE, u.grad, h->grad_dtype, u.numel));
+        }
+    }
+    return MOE_OK;
+}
+
+static double mem_total_bytes(const moe_mem_stats *m)
+{
+    if (m->total)
+        return (double)m->total;
+    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    return pages > 0 && size > 0 ? (double)pages * (double)size : 0.0;
+}
+
+/* record one successful update in both aggregators (§8.2) */
+static void log_update(trainer *t, moe_meters *m, const double *red, double ntokens, double nsentences,
+                       double batch_count, double gnorm, int clipped, double wall_seconds, double now)
+{
+    const double ln2 = log(2.0);
+    double ss = ntokens; /* sample_size == ntokens for these criteria */
+    moe_meters_scalar(m, "loss", red[MOE_STAT_LOSS] / ss / ln2, ss, 10, 3);
+    if (t->log_moe) {
+        moe_meters_scalar(m, "moe_gate_loss", red[MOE_STAT_MOE_LOSS] / ss, ss, 10, 8);
+        for (int k = 0; k < MOE_NUM_METRICS; k++)
+            moe_meters_scalar(m, metric_keys[k], red[MOE_STAT_METRICS + k] / batch_count, batch_count, 10, 3);
+        moe_meters_scalar(m, "inner_loss", red[MOE_STAT_INNER_LOSS] / ss / ln2, ss, 10, 3);
+        moe_meters_ppl(m, "ppl", "inner_loss", 20);
+    } else {
+        moe_meters_ppl(m, "ppl", "loss", 20);
+    }
+    moe_meters_speed(m, "wps", ntokens, now, 90, 1);
+    moe_meters_speed(m, "ups", 1.0, now, 100, 2);
+    moe_meters_scalar(m, "wpb", ntokens, 1, 180, 1);
+    moe_meters_scalar(m, "bsz", nsentences, 1, 190, 1);
+    moe_meters_scalar(m, "num_updates", (double)t->num_updates, 0, 200, -1);
+    moe_meters_scalar(m, "lr", t->lr, 0, 300, -1);
+    moe_meters_scalar(m, "gnorm", gnorm, 1, 400, 3);
+    if (t->clip_norm > 0)
+        moe_meters_scalar(m, "clip", clipped ? 100.0 : 0.0, 1, 500, 1);
+    if (t->loss_scaling)
+        moe_meters_scalar(m, "loss_scale", t->scaler.scale, 0, 700, 4);
+    moe_meters_stopwatch(m, "train_wall", wall_seconds, 800, 0);
+    moe_mem_stats ms;
+    t->h->backend->memory_stats(t->h->ctx, &ms);
+    const double gib = 1024.0 * 1024.0 * 1024.0;
+    double alloc = (double)ms.peak_allocated / gib;
+    moe_meters_scalar(m, "cuda_gb_allocated", alloc, 0, 1500, 1);
+    moe_meters_scalar(m, "cuda_gb_reserved", (double)ms.peak_reserved / gib, 0, 1500, 1);
+    moe_meters_scalar(m, "cuda_gb_free", mem_total_bytes(&ms) / gib - alloc, 0, 1500, 1);
+}
+
+static void emit(trainer *t, moe_meters *m, const char *tag, const char *prefix, int with_update, double now)
+{
+    moe_stat_kv kv[64];
+    int n = moe_meters_format(m, prefix, now, kv, 63);
+    /* fairseq appends the wall clock last */
+    snprintf(kv[n].key, sizeof kv[n].key, "%swall", prefix);
+    moe_format_stat(kv[n].value, sizeof kv[n].value, now - t->t0, 0);
+    n++;
+    char update[32];
+    double u = (double)(t->epoch - 1) + (double)t->iter / (double)t->batches_per_epoch;
+    snprintf(update, sizeof update, "%.3f", u);
+    /* fairseq prints the rounded float: 0.004, 1.0 -> drop trailing zeros but keep one decimal */
+    size_t len = strlen(update);
+    while (len > 0 && update[len - 1] == '0' && len >= 2 && update[len - 2] != '.')
+        update[--len] = '\0';
+    moe_log_stats(tag, t->epoch, with_update ? update : NULL, kv, n);
+}
+
+static moe_status validate(trainer *t)
+{
+    const moe_host *h = t->h;
+    const char *subset = moe_opts_str(t->o, "valid-subset");
+    int64_t nb = t->c->task->num_batches(t->c->task_state, subset);
+    if (t->max_valid_steps > 0 && nb > t->max_valid_steps)
+        nb = t->max_valid_steps;
+    double start = now_s();
+    moe_meters *m = moe_meters_create(start);
+    if (!m)
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+    double red[RED_COUNT];
+    float redf[RED_COUNT];
+    moe_status st = MOE_OK;
+    for (int64_t i = 0; i < nb && st == MOE_OK; i++) {
+        st = h->ops->fill(h->ctx, t->red, MOE_F32, RED_COUNT, 0.0f);
+        moe_batch b;
+        if (st == MOE_OK)
+            st = run_batch(t, subset, i, 0, 0, 0.0f, &b);
+        if (st != MOE_OK)
+            break;
+        double ntok = (double)b.ntokens, nsent = (double)b.nsentences;
+        t->c->task->free_batch(t->c->task_state, &b);
+        if (h->world > 1)
+            st = h->comm_ops->all_reduce(h->comm, NULL, t->red, MOE_STAT_COUNT, MOE_F32, MOE_REDUCE_SUM);
+        if (st == MOE_OK)
+            st = h->backend->copy_to_host(h->ctx, redf, t->red, sizeof redf);
+        if (st != MOE_OK)
+            break;
+        for (int k = 0; k < RED_COUNT; k++)
+            red[k] = redf[k];
+        const double ln2 = log(2.0);
+        ntok *= h->world;
+        nsent *= h->world;
+        moe_meters_scalar(m, "loss", red[MOE_STAT_LOSS] / ntok / ln2, ntok, 10, 3);
+        if (t->log_moe) {
+            moe_meters_scalar(m, "moe_gate_loss", red[MOE_STAT_MOE_LOSS] / ntok, ntok, 10, 8);
+            for (int k = 0; k < MOE_NUM_METRICS; k++)
+                moe_meters_scalar(m, metric_keys[k], red[MOE_STAT_METRICS + k] / h->world, h->world, 10, 3);
+            moe_meters_scalar(m, "inner_loss", red[MOE_STAT_INNER_LOSS] / ntok / ln2, ntok, 10, 3);
+            moe_meters_ppl(m, "ppl", "inner_loss", 20);
+        } else {
+            moe_meters_ppl(m, "ppl", "loss", 20);
+        }
+        moe_meters_speed(m, "wps", ntok, now_s(), 90, 1);
+        moe_meters_scalar(m, "wpb", ntok, 1, 180, 1);
+        moe_meters_scalar(m, "bsz", nsent, 1, 190, 1);
+    }
+    if (st == MOE_OK && nb > 0) {
+        double loss = moe_meters_value(m, "loss", now_s());
+        if (loss < t->best_valid_loss)
+            t->best_valid_loss = loss;
+        moe_meters_scalar(m, "num_updates", (double)t->num_updates, 0, 200, -1);
+        moe_meters_scalar(m, "best_loss", t->best_valid_loss, 0, 300, 3);
+        moe_stat_kv kv[64];
+        int n = moe_meters_format(m, "valid_", now_s(), kv, 64);
+        moe_log_stats("valid", t->epoch, NULL, kv, n);
+    }
+    moe_meters_destroy(m);
+    return st;
+}
+
+static moe_status end_of_epoch(trainer *t)
+{
+    moe_log(MOE_LOG_INFO, "fairseq_cli.train", "end of epoch %d (average epoch stats below)", t->epoch);
+    emit(t, t->epoch_m, "train", "train_", 0, now_s());
+    moe_meters_reset(t->epoch_m, now_s());
+    return MOE_OK;
+}
+
+static moe_status train_loop(trainer *t)
+{
+    const moe_host *h = t->h;
+    const moe_ops *ops = h->ops;
+    double wall_pending = 0.0; /* train_wall of overflowed steps, counted with the next logged update */
+    while (t->max_update <= 0 || t->num_updates < t->max_update) {
+        if (t->max_epoch > 0 && t->epoch > t->max_epoch)
+            break;
+        double step_start = now_s();
+        moe_runtime_set_step_seed(t->rt, h->seed + (uint64_t)t->num_updates);
+        MOE_TRY(moe_runtime_zero_grads(t->rt));
+        MOE_TRY(ops->fill(h->ctx, t->red, MOE_F32, RED_COUNT, 0.0f));
+        float scale = t->loss_scaling ? (float)t->scaler.scale : 1.0f;
+        double ntokens = 0, nsentences = 0;
+        for (int micro = 0; micro < t->update_freq; micro++) {
+            moe_batch b;
+            MOE_TRY(run_batch(t, "train", t->iter, 1, micro, scale, &b));
+            ntokens += (double)b.ntokens;
+            nsentences += (double)b.nsentences;
+            t->c->task->free_batch(t->c->task_state, &b);
+            t->iter++;
+        }
+        MOE_TRY(reduce_gradients(t));
+        if (h->world > 1)
+            MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red, MOE_STAT_COUNT, MOE_F32, MOE_REDUCE_SUM));
+        MOE_TRY(grad_norms(t));
+        if (h->world > 1)
+            MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red + RED_NORM_EXPERT, 1, MOE_F32, MOE_REDUCE_SUM));
+        float redf[RED_COUNT];
+        MOE_TRY(h->backend->copy_to_host(h->ctx, redf, t->red, sizeof redf));
+        double red[RED_COUNT];
+        for (int k = 0; k < RED_COUNT; k++)
+            red[k] = redf[k];
+        ntokens *= h->world;
+        nsentences *= h->world;
+        double batch_count = (double)t->update_freq * h->world;
+
+        double multiply = 1.0 / ((double)scale * ntokens);
+        double gnorm = multiply * sqrt(red[RED_NORM_DENSE] + red[RED_NORM_EXPERT]);
+        if (!isfinite(gnorm)) {
+            if (!t->loss_scaling)
+                return moe_error_set(MOE_ERR_OVERFLOW, "gradients are NaN/Inf at update %lld; lower the "
+                                                       "learning rate or enable --clip-norm",
+                                     (long long)t->num_updates + 1);
+            char note[160];
+            moe_status st = moe_scaler_check_overflow(&t->scaler, gnorm, note, sizeof note);
+            if (st == MOE_ERR_OVERFLOW) {
+                moe_log(MOE_LOG_INFO, "fairseq.trainer", "NOTE: %s", note);
+                wall_pending += now_s() - step_start;
+                if (t->iter >= t->batches_per_epoch) {
+                    MOE_TRY(end_of_epoch(t));
+                    t->epoch++;
+                    t->iter = 0;
+                }
+                continue;
+            }
+            return st; /* minimum loss scale reached: message already set */
+        }
+        int clipped = 0;
+        if (t->clip_norm > 0 && gnorm > t->clip_norm) {
+            multiply *= t->clip_norm / gnorm;
+            clipped = 1;
+        }
+        MOE_TRY(t->c->optimizer->step(t->opt, t->lr, 1.0 / multiply, t->num_updates + 1));
+        if (t->loss_scaling)
+            moe_scaler_update(&t->scaler);
+        t->num_updates++;
+        t->lr = t->c->lr_scheduler->lr_at(t->sched, t->num_updates);
+
+        double now = now_s();
+        double wall = now - step_start + wall_pending;
+        wall_pending = 0.0;
+        log_update(t, t->inner, red, ntokens, nsentences, batch_count, gnorm, clipped, wall, now);
+        log_update(t, t->epoch_m, red, ntokens, nsentences, batch_count, gnorm, clipped, wall, now);
+        h->backend->reset_peak(h->ctx);
+        char progress[96];
+        snprintf(progress, sizeof progress, "epoch %03d: %lld / %lld updates, loss %.3f", t->epoch,
+                 (long long)t->num_updates, (long long)t->max_update,
+                 red[MOE_STAT_LOSS] / ntokens / log(2.0));
+        moe_progress_update(progress);
+        if (t->log_interval > 0 && t->num_updates % t->log_interval == 0) {
+            emit(t, t->inner, "train_inner", "", 1, now);
+            moe_meters_reset(t->inner, now_s());
+        }
+        if (!t->disable_validation && t->validate_interval_updates > 0 &&
+            t->num_updates % t->validate_interval_updates == 0)
+            MOE_TRY(validate(t));
+        if (t->iter >= t->batches_per_epoch) {
+            MOE_TRY(end_of_epoch(t));
+            if (!t->disable_validation)
+                MOE_TRY(validate(t));
+            t->epoch++;
+            t->iter = 0;
+        }
+    }
+    moe_progress_clear();
+    if (t->iter > 0)
+        MOE_TRY(end_of_epoch(t));
+    return MOE_OK;
+}
+
+moe_status moe_train(moe_runtime *rt, const moe_components *c)
+{
+    trainer t;
+    memset(&t, 0, sizeof t);
+    t.rt = rt;
+    t.h = moe_runtime_host(rt);
+    t.c = c;
+    t.o = moe_runtime_opts(rt);
+    t.t0 = now_s();
+    t.log_moe = c->criterion_name && strncmp(c->criterion_name, "moe_", 4) == 0;
+    moe_status st = setup(&t);
+    if (st == MOE_OK)
+        st = train_loop(&t);
+    if (st == MOE_OK)
+        moe_log(MOE_LOG_INFO, "fairseq_cli.train", "done training in %.1f seconds", now_s() - t.t0);
+    teardown(&t);
+    return st;
+}
