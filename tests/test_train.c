@@ -1,0 +1,149 @@
+/* test_train.c: whole trainings on the CPU backend, run as a user would.
+ *  - a tiny reference-shaped MoE model learns dummy_lm: the first logged loss
+ *    is above the uniform log2(V) (FAIRSEQ_SPEC.md §4.5) and the loss falls by
+ *    at least half within a few hundred updates; every §8 field is present;
+ *  - two identical runs (dropout on) give identical logs apart from timing;
+ *  - the reference precision flags (memory-efficient fp16, fp16 Adam moments,
+ *    activation checkpointing) train too, with the loss scale logged. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "runcmd.h"
+
+#define TINY                                                                                                     \
+    "--cpu --task dummy_lm --tokens-per-sample 64 --dict-size 996 "                                              \
+    "--arch transformer_lm_gpt --share-decoder-input-output-embed "                                              \
+    "--decoder-layers 2 --decoder-embed-dim 64 --decoder-ffn-embed-dim 256 --decoder-attention-heads 4 "         \
+    "--moe-expert-count 4 --moe-freq 2 --moe-gating-use-fp32 --moe-second-expert-policy all "                   \
+    "--moe-normalize-expert-grad sqrt_world_size --moe-eval-capacity-token-fraction -1.0 "                      \
+    "--max-sentences-valid 1 --num-workers-valid 0 "                                                             \
+    "--criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum "                 \
+    "--optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 0.0 "                                               \
+    "--dropout 0.1 --attention-dropout 0.1 --batch-size 4 --update-freq 1 --disable-validation "                 \
+    "--log-format json --log-interval 10 "
+
+static const char *const fields[] = {
+    "\"epoch\": 1",       "\"update\": ",          "\"loss\": ",                  "\"moe_gate_loss\": ",
+    "\"overflow_expert1\": ", "\"overflow_expert2\": ", "\"entropy_gating\": ",   "\"expert1_balance_top\": ",
+    "\"expert1_balance_bottom\": ", "\"unused_expert1_count\": ", "\"expert2_balance_top\": ",
+    "\"expert2_balance_bottom\": ", "\"unused_expert2_count\": ", "\"all_to_all_cpu_time_ms\": ",
+    "\"all_to_all_cuda_time_ms\": ", "\"inner_loss\": ", "\"ppl\": ", "\"wps\": ", "\"ups\": ", "\"wpb\": \"256\"",
+    "\"bsz\": \"4\"", "\"num_updates\": ", "\"lr\": ", "\"gnorm\": ", "\"train_wall\": ", "\"cuda_gb_allocated\": ",
+    "\"cuda_gb_reserved\": ", "\"cuda_gb_free\": ", "\"wall\": "};
+
+/* "loss": "12.345" of the n-th train_inner line */
+static double loss_of_line(const char *out, int n)
+{
+    const char *p = out;
+    for (int i = 0; i <= n; i++) {
+        p = strstr(p, "| train_inner | ");
+        if (!p)
+            return NAN;
+        p++;
+    }
+    const char *q = strstr(p, "\"loss\": \"");
+    return q ? atof(q + 9) : NAN;
+}
+
+static void test_train_tiny_model_learns(void **state)
+{
+    (void)state;
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train(TINY "--lr 0.003 --warmup-updates 20 --max-update 200", &r), 0);
+    if (r.status != 0)
+        fprintf(stderr, "%s\n%s\n", r.out, r.err);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(moe_count_lines(r.out, "| train_inner | "), 20);
+    const char *first = strstr(r.out, "| train_inner | ");
+    assert_non_null(first);
+    const char *eol = strchr(first, '\n');
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+        const char *hit = strstr(first, fields[i]);
+        if (!hit || hit > eol)
+            fail_msg("field %s missing from %.*s", fields[i], (int)(eol - first), first);
+    }
+    double l0 = loss_of_line(r.out, 0), l_last = loss_of_line(r.out, 19);
+    double uniform = log2(1000.0);
+    fprintf(stderr, "first loss %.3f, last loss %.3f (uniform %.3f)\n", l0, l_last, uniform);
+    assert_true(l0 > uniform);
+    assert_true(l_last < 0.5 * l0);
+    assert_non_null(strstr(r.out, "| train | {\"epoch\": 1, \"train_loss\": "));
+    assert_non_null(strstr(r.out, "done training in"));
+    moe_cmd_result_free(&r);
+}
+
+/* blank out the values of timing fields and the timestamps */
+static void strip_timing(char *s)
+{
+    static const char *const timing[] = {"\"wps\": \"", "\"ups\": \"", "\"train_wall\": \"", "\"wall\": \"",
+                                         "\"train_wps\": \"", "\"train_ups\": \"", "\"train_train_wall\": \"",
+                                         "\"train_wall\": \""};
+    for (char *line = s; line && *line;) {
+        char *end = strchr(line, '\n');
+        /* timestamp: "YYYY-MM-DD HH:MM:SS" */
+        if (strlen(line) > 19 && line[4] == '-' && line[13] == ':')
+            memset(line, '#', 19);
+        for (size_t k = 0; k < sizeof timing / sizeof timing[0]; k++) {
+            for (char *p = strstr(line, timing[k]); p && (!end || p < end); p = strstr(p + 1, timing[k])) {
+                char *v = p + strlen(timing[k]);
+                while (*v && *v != '"')
+                    *v++ = '#';
+            }
+        }
+        char *done = strstr(line, "done training in ");
+        if (done && (!end || done < end))
+            for (char *v = done; v < (end ? end : done + strlen(done)); v++)
+                *v = '#';
+        line = end ? end + 1 : NULL;
+    }
+}
+
+static void test_train_identical_runs_identical_logs(void **state)
+{
+    (void)state;
+    moe_cmd_result a, b;
+    const char *args = TINY "--lr 0.003 --warmup-updates 5 --max-update 20 --log-interval 5";
+    assert_int_equal(moe_run_train(args, &a), 0);
+    assert_int_equal(moe_run_train(args, &b), 0);
+    assert_int_equal(a.status, 0);
+    assert_int_equal(b.status, 0);
+    strip_timing(a.out);
+    strip_timing(b.out);
+    assert_string_equal(a.out, b.out);
+    moe_cmd_result_free(&a);
+    moe_cmd_result_free(&b);
+}
+
+static void test_train_reference_precision_flags(void **state)
+{
+    (void)state;
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train(TINY "--memory-efficient-fp16 --fp16-adam-stats --checkpoint-activations "
+                                        "--ddp-backend fully_sharded --lr 0.003 --warmup-updates 5 --max-update 20",
+                                   &r),
+                     0);
+    if (r.status != 0)
+        fprintf(stderr, "%s\n%s\n", r.out, r.err);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(moe_count_lines(r.out, "| train_inner | "), 2);
+    assert_int_equal(moe_count_lines(r.out, "\"loss_scale\": "), 2);
+    moe_cmd_result_free(&r);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_train_tiny_model_learns),
+        cmocka_unit_test(test_train_identical_runs_identical_logs),
+        cmocka_unit_test(test_train_reference_precision_flags),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
