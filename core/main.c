@@ -15,6 +15,7 @@
 #include "core/config.h"
 #include "core/dryrun.h"
 #include "core/internal.h"
+#include "core/launch.h"
 #include "core/log.h"
 #include "core/options.h"
 #include "core/registry.h"
@@ -69,7 +70,7 @@ static moe_status backend_choice(cli_state *s, const char **out)
     return MOE_OK;
 }
 
-static moe_status select_components(cli_state *s, int world, selection *sel)
+static moe_status select_components(cli_state *s, const moe_launch *l, selection *sel)
 {
     moe_opts *o = s->opts;
     sel->arch = moe_opts_str(o, "arch");
@@ -81,13 +82,18 @@ static moe_status select_components(cli_state *s, int world, selection *sel)
     if (!sel->gate)
         sel->gate = moe_opts_flag(o, "moe-top1-expert") ? "top1" : "top2";
     sel->normalizer = moe_opts_str(o, "moe-normalize-expert-grad");
-    MOE_TRY(backend_choice(s, &sel->backend));
-    if (world <= 1)
+    if (l->world <= 1)
         sel->communicator = "single";
+    else if (l->method == MOE_LAUNCH_MPI && strcmp(sel->backend, "cpu") == 0)
+        sel->communicator = "mpi";
     else if (moe_opts_given(o, "distributed-backend"))
         sel->communicator = moe_opts_str(o, "distributed-backend");
     else
         sel->communicator = strcmp(sel->backend, "cuda") == 0 ? "nccl" : "mpi";
+    if (l->world > 1 && strcmp(sel->communicator, "mpi") == 0 && l->method != MOE_LAUNCH_MPI)
+        return moe_error_set(MOE_ERR_INVALID_ARG, "the mpi communicator needs an MPI launcher: start %d ranks with "
+                                                  "mpirun -np %d moelm-train ...",
+                             l->world, l->world);
     if (!sel->arch)
         return moe_error_set(MOE_ERR_INVALID_ARG, "the following argument is required: --arch (see --list-plugins)");
     if (!sel->optimizer)
@@ -126,11 +132,25 @@ static int run(cli_state *s)
     }
     int help = moe_opts_flag(s->opts, "help");
 
-    int world = 1;
-    if (moe_opts_has_value(s->opts, "distributed-world-size"))
-        world = (int)moe_opts_int(s->opts, "distributed-world-size");
     selection sel;
-    st = select_components(s, world, &sel);
+    memset(&sel, 0, sizeof sel);
+    MOE_TRY_GOTO(st, backend_choice(s, &sel.backend), usage);
+    int dry_run = moe_opts_flag(s->opts, "dry-run");
+    moe_launch launch;
+    if (dry_run) {
+        /* plan for the requested world without joining one */
+        memset(&launch, 0, sizeof launch);
+        launch.world = moe_opts_has_value(s->opts, "distributed-world-size")
+                           ? (int)moe_opts_int(s->opts, "distributed-world-size")
+                           : 1;
+    } else {
+        const moe_plugin_desc *bd;
+        MOE_TRY_GOTO(st, moe_registry_load(s->reg, MOE_KIND_BACKEND, sel.backend, &bd), usage);
+        int devices = ((const moe_backend_ops *)bd->ops)->available();
+        MOE_TRY_GOTO(st, moe_launch_detect(s->opts, devices > 0 ? devices : 1, &launch), usage);
+    }
+    int world = launch.world;
+    st = select_components(s, &launch, &sel);
     if (st != MOE_OK) {
         if (!help)
             goto usage;
@@ -176,11 +196,29 @@ static int run(cli_state *s)
     if (moe_opts_str(s->opts, "log-format"))
         MOE_TRY_GOTO(st, moe_log_parse_format(moe_opts_str(s->opts, "log-format"), &fmt), usage);
 
-    int dry_run = moe_opts_flag(s->opts, "dry-run");
+    if (!dry_run && launch.spawn > 0) /* this process only starts the ranks of its node */
+        return moe_launch_spawn(&launch, s->argv);
+    if (!dry_run && launch.world > 1) {
+        /* what the communicator plugins read */
+        char buf[300];
+        snprintf(buf, sizeof buf, "%d", launch.world);
+        MOE_TRY_GOTO(st, moe_opts_set(s->opts, "distributed-world-size", buf), failure);
+        snprintf(buf, sizeof buf, "%d", launch.rank);
+        MOE_TRY_GOTO(st, moe_opts_set(s->opts, "distributed-rank", buf), failure);
+        snprintf(buf, sizeof buf, "%d", launch.local_rank);
+        MOE_TRY_GOTO(st, moe_opts_set(s->opts, "device-id", buf), failure);
+        if (launch.master_port > 0) {
+            snprintf(buf, sizeof buf, "tcp://%s:%d", launch.master_addr, launch.master_port);
+            MOE_TRY_GOTO(st, moe_opts_set(s->opts, "distributed-init-method", buf), failure);
+        }
+    }
+
     moe_runtime_config cfg = {0};
     cfg.backend = dry_run ? "cpu" : sel.backend;
     cfg.communicator = dry_run ? NULL : sel.communicator;
-    cfg.device_id = moe_opts_has_value(s->opts, "device-id") ? (int)moe_opts_int(s->opts, "device-id") : -1;
+    cfg.device_id = launch.world > 1 ? launch.local_rank
+                    : moe_opts_has_value(s->opts, "device-id") ? (int)moe_opts_int(s->opts, "device-id")
+                                                                : -1;
     cfg.seed = (uint64_t)moe_opts_int(s->opts, "seed");
     cfg.dry_run = dry_run;
     int loss_scaling;

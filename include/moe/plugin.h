@@ -115,7 +115,8 @@ typedef struct moe_backend_ops {
     /* device_id < 0: the default device. */
     moe_status (*create)(const struct moe_host *h, int device_id, moe_ctx **ctx);
     void (*destroy)(moe_ctx *ctx);
-    /* 1 if this backend can run here (a GPU is visible), 0 otherwise. */
+    /* how many devices this backend can use here (visible GPUs; 1 for the
+     * cpu); 0 means it cannot run on this machine */
     int (*available)(void);
     /* `what` names the allocation in the out-of-memory message. */
     moe_status (*alloc)(moe_ctx *ctx, uint64_t bytes, const char *what, void **ptr);
@@ -127,6 +128,9 @@ typedef struct moe_backend_ops {
     void (*memory_stats)(moe_ctx *ctx, moe_mem_stats *out);
     void (*reset_peak)(moe_ctx *ctx);
     const moe_ops *ops;
+    /* the native stream work is queued on (cudaStream_t for cuda, NULL for
+     * cpu), so a communicator can order its collectives after the compute */
+    void *(*native_stream)(moe_ctx *ctx);
 } moe_backend_ops;
 
 typedef enum moe_reduce_op { MOE_REDUCE_SUM = 0, MOE_REDUCE_MAX } moe_reduce_op;

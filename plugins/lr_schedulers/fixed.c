@@ -1,0 +1,107 @@
+/* fixed.c: the `fixed` lr scheduler, fairseq's FixedLRSchedule
+ * (FAIRSEQ_SPEC.md §6): the peak lr (first value of --lr) with an optional
+ * linear warmup. After n successful updates the lr is
+ *     lr * (n + 1) / W   while n < W (W = --warmup-updates > 0),
+ *     lr                 otherwise,
+ * so update k (1-based) runs at lr*k/W; the trainer asks for n = 0 before the
+ * first update, as fairseq does when it builds the optimizer.
+ *
+ * Not here: fairseq's per-epoch behaviour (--lr lists indexed by epoch,
+ * --force-anneal with --lr-shrink), since lr_at has no epoch; epoch 1 of
+ * fairseq is reproduced exactly, --force-anneal is refused.
+ */
+#include <errno.h>
+#include <stdlib.h>
+
+#include "moe/plugin.h"
+
+static const moe_option fixed_options[] = {
+    {"warmup-updates", MOE_OPT_INT, "0", "warmup the learning rate linearly for the first N updates", 0, 0, NULL},
+    {"force-anneal", MOE_OPT_INT, NULL, "force annealing at specified epoch", 0, 0, NULL},
+    {"lr-shrink", MOE_OPT_FLOAT, "0.1", "shrink factor for annealing, lr_new = (lr * lr_shrink)", 0, 0, NULL},
+};
+
+typedef struct fixed_sched {
+    double lr;              /* peak */
+    int64_t warmup_updates; /* W */
+} fixed_sched;
+
+/* --lr is a comma list ("0.25", "0.0005,0.0003", "[0.0005]"): the first value
+ * and the count. Returns 0 on malformed input. */
+static int parse_lr_list(const char *s, double *first, int *count)
+{
+    const char *p = s;
+    int n = 0;
+    while (*p == ' ' || *p == '[' || *p == '(')
+        p++;
+    for (;;) {
+        char *end;
+        errno = 0;
+        double v = strtod(p, &end);
+        if (end == p || errno)
+            return 0;
+        if (n == 0)
+            *first = v;
+        n++;
+        p = end;
+        while (*p == ' ')
+            p++;
+        if (*p != ',')
+            break;
+        p++;
+        while (*p == ' ')
+            p++;
+    }
+    while (*p == ' ' || *p == ']' || *p == ')')
+        p++;
+    *count = n;
+    return *p == '\0';
+}
+
+static moe_status fixed_init(const moe_host *h, void **out)
+{
+    *out = NULL;
+    const char *lrs = h->opt_str(h, "lr");
+    double lr = 0.0;
+    int count = 0;
+    if (!lrs || !parse_lr_list(lrs, &lr, &count))
+        return h->error(h, MOE_ERR_INVALID_ARG, "--lr: expected a comma-separated list of floats like 0.0005, got '%s'",
+                        lrs ? lrs : "None");
+    int64_t W = h->opt_int(h, "warmup-updates");
+    if (W < 0)
+        return h->error(h, MOE_ERR_INVALID_ARG, "--warmup-updates: expected a count >= 0, got %lld", (long long)W);
+    if (h->opt_set(h, "force-anneal"))
+        return h->error(h, MOE_ERR_UNSUPPORTED,
+                        "--force-anneal %lld: per-epoch annealing is not supported by the fixed scheduler here "
+                        "(lr_at has no epoch); drop the flag or use --lr-scheduler inverse_sqrt",
+                        (long long)h->opt_int(h, "force-anneal"));
+    if (count > 1)
+        h->log(h, MOE_LOG_WARNING, "fairseq.optim.lr_scheduler.fixed_schedule",
+               "--lr has %d values; only the first (%g, fairseq's epoch-1 value) is used", count, lr);
+    fixed_sched *s = calloc(1, sizeof *s);
+    if (!s)
+        return h->error(h, MOE_ERR_NOMEM, "fixed: out of host memory");
+    s->lr = lr;
+    s->warmup_updates = W;
+    *out = s;
+    return MOE_OK;
+}
+
+static void fixed_destroy(void *sched) { free(sched); }
+
+static double fixed_lr_at(void *sched, int64_t num_updates)
+{
+    const fixed_sched *s = sched;
+    if (s->warmup_updates > 0 && num_updates < s->warmup_updates) {
+        /* fairseq: warmup_factor = (num_updates + 1) / float(W); lr = warmup_factor * lr */
+        double warmup_factor = (double)(num_updates + 1) / (double)s->warmup_updates;
+        return warmup_factor * s->lr;
+    }
+    return s->lr;
+}
+
+static const moe_lr_scheduler_ops fixed_ops = {fixed_init, fixed_destroy, fixed_lr_at};
+
+MOE_PLUGIN_DEFINE(MOE_KIND_LR_SCHEDULER, moe_lr_scheduler_ops, "fixed", "1.0",
+                  "constant learning rate with optional linear warmup (fairseq's fixed schedule)", fixed_options,
+                  (int)(sizeof fixed_options / sizeof fixed_options[0]), NULL, NULL, &fixed_ops)
