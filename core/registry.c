@@ -1,0 +1,653 @@
+/* registry.c: finds plugin files, loads them with dlopen and checks them
+ * against the ABI this core was built with; lists what is installed.
+ *
+ * A plugin of kind K named N is the file libmoe-<K>-<N>.so in the first
+ * directory of the search path that has it: --user-dir, each entry of
+ * MOE_PLUGIN_PATH (colon-separated, empty entries ignored), the install
+ * directory, the build tree (MOE_PLUGIN_INSTALL_DIR and MOE_PLUGIN_BUILD_DIR,
+ * compile definitions). MOE_PLUGIN_PATH is read when the registry is created.
+ *
+ * Checks, in order, each failing with one MOE_ERR_PLUGIN message that names
+ * the file, what was expected and what was found: file found; dlopen(RTLD_NOW |
+ * RTLD_LOCAL), so an unresolved symbol fails here and not mid-run; not the same
+ * shared object as a plugin already loaded under another name (a symlink or
+ * hard link); entry symbol present; descriptor non-NULL; ABI major equal and
+ * minor not newer; descriptor, host and ops table sizes equal to this core's;
+ * kind and name equal to what the file name says; option table consistent;
+ * ops non-NULL and the kind's required functions set. Kind is checked before
+ * the ops table size because the expected size depends on the kind, and a
+ * wrong kind is the clearer message.
+ *
+ * What it deliberately is not: it does not call a plugin's load() (that needs
+ * the host, which the runtime owns) and never unloads a plugin while the
+ * registry lives. moe_registry_destroy calls each plugin's unload() (optional)
+ * and then dlclose, in reverse load order.
+ */
+#include "core/registry.h"
+
+#include <dirent.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "core/internal.h"
+#include "core/options.h"
+
+#ifndef MOE_PLUGIN_INSTALL_DIR
+#define MOE_PLUGIN_INSTALL_DIR ""
+#endif
+#ifndef MOE_PLUGIN_BUILD_DIR
+#define MOE_PLUGIN_BUILD_DIR ""
+#endif
+
+#define FILE_PREFIX "libmoe-"
+#define FILE_SUFFIX ".so"
+
+/* ------------------------------------------------------------ kind tables */
+
+/* A member of a kind's ops table that must not be NULL. */
+typedef struct required_slot {
+    size_t offset;
+    const char *name;
+    int is_data; /* a data pointer (backend->ops), not a function */
+} required_slot;
+
+#define FN(type, member) {offsetof(type, member), #member, 0}
+#define DATA(type, member) {offsetof(type, member), #member, 1}
+
+static const required_slot arch_required[] = {
+    FN(moe_arch_ops, build), FN(moe_arch_ops, destroy),  FN(moe_arch_ops, info),
+    FN(moe_arch_ops, setup), FN(moe_arch_ops, forward), FN(moe_arch_ops, backward),
+};
+static const required_slot task_required[] = {
+    FN(moe_task_ops, init),         FN(moe_task_ops, destroy),   FN(moe_task_ops, vocab_size),
+    FN(moe_task_ops, padding_idx),  FN(moe_task_ops, num_batches), FN(moe_task_ops, get_batch),
+    FN(moe_task_ops, free_batch),
+};
+static const required_slot criterion_required[] = {
+    FN(moe_criterion_ops, init), FN(moe_criterion_ops, destroy), FN(moe_criterion_ops, compute),
+};
+static const required_slot optimizer_required[] = {
+    FN(moe_optimizer_ops, init), FN(moe_optimizer_ops, destroy), FN(moe_optimizer_ops, step),
+    FN(moe_optimizer_ops, state_bytes_per_param),
+};
+static const required_slot lr_scheduler_required[] = {
+    FN(moe_lr_scheduler_ops, init), FN(moe_lr_scheduler_ops, destroy), FN(moe_lr_scheduler_ops, lr_at),
+};
+static const required_slot gate_required[] = {
+    FN(moe_gate_ops, init),    FN(moe_gate_ops, destroy),  FN(moe_gate_ops, configure),
+    FN(moe_gate_ops, forward), FN(moe_gate_ops, backward),
+};
+static const required_slot normalizer_required[] = {
+    FN(moe_normalizer_ops, divisor),
+};
+static const required_slot backend_required[] = {
+    FN(moe_backend_ops, create),         FN(moe_backend_ops, destroy),      FN(moe_backend_ops, available),
+    FN(moe_backend_ops, alloc),          FN(moe_backend_ops, free),         FN(moe_backend_ops, copy_to_host),
+    FN(moe_backend_ops, copy_from_host), FN(moe_backend_ops, copy),         FN(moe_backend_ops, synchronize),
+    FN(moe_backend_ops, memory_stats),   FN(moe_backend_ops, reset_peak),   DATA(moe_backend_ops, ops),
+};
+/* A communicator implements every collective: expert parallelism needs the
+ * all-to-alls and fully sharded training the reduce-scatter/all-gather. */
+static const required_slot communicator_required[] = {
+    FN(moe_comm_ops, init),         FN(moe_comm_ops, destroy),        FN(moe_comm_ops, rank),
+    FN(moe_comm_ops, world),        FN(moe_comm_ops, group_create),   FN(moe_comm_ops, all_reduce),
+    FN(moe_comm_ops, reduce_scatter), FN(moe_comm_ops, all_gather),   FN(moe_comm_ops, all_to_all),
+    FN(moe_comm_ops, all_to_allv),  FN(moe_comm_ops, broadcast),      FN(moe_comm_ops, barrier),
+};
+
+#undef FN
+#undef DATA
+
+typedef struct kind_info {
+    const char *name;     /* file-name and CLI spelling */
+    const char *ops_type; /* for messages */
+    size_t ops_size;
+    const required_slot *required;
+    int n_required;
+} kind_info;
+
+#define KIND(name_, type_, req_) {name_, #type_, sizeof(type_), req_, (int)(sizeof(req_) / sizeof(req_[0]))}
+
+static const kind_info kinds[MOE_KIND_COUNT] = {
+    [MOE_KIND_ARCH] = KIND("arch", moe_arch_ops, arch_required),
+    [MOE_KIND_TASK] = KIND("task", moe_task_ops, task_required),
+    [MOE_KIND_CRITERION] = KIND("criterion", moe_criterion_ops, criterion_required),
+    [MOE_KIND_OPTIMIZER] = KIND("optimizer", moe_optimizer_ops, optimizer_required),
+    [MOE_KIND_LR_SCHEDULER] = KIND("lr_scheduler", moe_lr_scheduler_ops, lr_scheduler_required),
+    [MOE_KIND_GATE] = KIND("gate", moe_gate_ops, gate_required),
+    [MOE_KIND_NORMALIZER] = KIND("normalizer", moe_normalizer_ops, normalizer_required),
+    [MOE_KIND_BACKEND] = KIND("backend", moe_backend_ops, backend_required),
+    [MOE_KIND_COMMUNICATOR] = KIND("communicator", moe_comm_ops, communicator_required),
+};
+
+#undef KIND
+
+static int kind_valid(moe_plugin_kind kind) { return (int)kind >= 0 && (int)kind < MOE_KIND_COUNT; }
+
+const char *moe_kind_name(moe_plugin_kind kind) { return kind_valid(kind) ? kinds[kind].name : "unknown"; }
+
+/* --------------------------------------------------------------- registry */
+
+typedef struct loaded_plugin {
+    moe_plugin_kind kind;
+    char *name;
+    char *path;
+    void *handle;
+    const moe_plugin_desc *desc;
+} loaded_plugin;
+
+struct moe_registry {
+    char **dirs; /* search path, in order */
+    int n_dirs;
+    loaded_plugin *plugins;
+    int n_plugins, cap_plugins;
+};
+
+static char *dup_string(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    if (d)
+        memcpy(d, s, n);
+    return d;
+}
+
+static char *dup_range(const char *s, size_t n)
+{
+    char *d = malloc(n + 1);
+    if (d) {
+        memcpy(d, s, n);
+        d[n] = '\0';
+    }
+    return d;
+}
+
+static moe_status add_dir(moe_registry *r, const char *dir, size_t len)
+{
+    if (len == 0)
+        return MOE_OK;
+    char **dirs = realloc(r->dirs, (size_t)(r->n_dirs + 1) * sizeof *dirs);
+    if (!dirs)
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory building the plugin search path");
+    r->dirs = dirs;
+    r->dirs[r->n_dirs] = dup_range(dir, len);
+    if (!r->dirs[r->n_dirs])
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory building the plugin search path");
+    r->n_dirs++;
+    return MOE_OK;
+}
+
+moe_status moe_registry_create(const char *user_dir, moe_registry **out)
+{
+    *out = NULL;
+    moe_status st;
+    moe_registry *r = calloc(1, sizeof *r);
+    if (!r)
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory creating the plugin registry");
+
+    if (user_dir && user_dir[0]) {
+        struct stat sb;
+        int found = stat(user_dir, &sb) == 0;
+        if (!found || !S_ISDIR(sb.st_mode)) {
+            st = moe_error_set(MOE_ERR_INVALID_ARG,
+                               "--user-dir '%s': expected a directory of plugins (" FILE_PREFIX
+                               "<kind>-<name>" FILE_SUFFIX "), found %s%s%s; pass an existing directory",
+                               user_dir, found ? "a file that is not a directory" : "nothing (",
+                               found ? "" : strerror(errno), found ? "" : ")");
+            goto fail;
+        }
+        MOE_TRY_GOTO(st, add_dir(r, user_dir, strlen(user_dir)), fail);
+    }
+    const char *path = getenv("MOE_PLUGIN_PATH");
+    while (path && *path) {
+        const char *colon = strchr(path, ':');
+        size_t len = colon ? (size_t)(colon - path) : strlen(path);
+        MOE_TRY_GOTO(st, add_dir(r, path, len), fail);
+        path = colon ? colon + 1 : NULL;
+    }
+    MOE_TRY_GOTO(st, add_dir(r, MOE_PLUGIN_INSTALL_DIR, strlen(MOE_PLUGIN_INSTALL_DIR)), fail);
+    MOE_TRY_GOTO(st, add_dir(r, MOE_PLUGIN_BUILD_DIR, strlen(MOE_PLUGIN_BUILD_DIR)), fail);
+    *out = r;
+    return MOE_OK;
+fail:
+    moe_registry_destroy(r);
+    return st;
+}
+
+void moe_registry_destroy(moe_registry *r)
+{
+    if (!r)
+        return;
+    for (int i = r->n_plugins - 1; i >= 0; i--) {
+        loaded_plugin *p = &r->plugins[i];
+        if (p->desc->unload)
+            p->desc->unload();
+        dlclose(p->handle);
+        free(p->name);
+        free(p->path);
+    }
+    free(r->plugins);
+    for (int i = 0; i < r->n_dirs; i++)
+        free(r->dirs[i]);
+    free(r->dirs);
+    free(r);
+}
+
+static loaded_plugin *find_loaded(const moe_registry *r, moe_plugin_kind kind, const char *name)
+{
+    for (int i = 0; i < r->n_plugins; i++)
+        if (r->plugins[i].kind == kind && strcmp(r->plugins[i].name, name) == 0)
+            return &r->plugins[i];
+    return NULL;
+}
+
+const char *moe_registry_path(const moe_registry *r, moe_plugin_kind kind, const char *name)
+{
+    if (!r || !name)
+        return NULL;
+    const loaded_plugin *p = find_loaded(r, kind, name);
+    return p ? p->path : NULL;
+}
+
+/* ---------------------------------------------------------- file search */
+
+static char *plugin_path(const char *dir, moe_plugin_kind kind, const char *name)
+{
+    size_t n = strlen(dir) + 1 + strlen(FILE_PREFIX) + strlen(kinds[kind].name) + 1 + strlen(name) +
+               strlen(FILE_SUFFIX) + 1;
+    char *p = malloc(n);
+    if (p)
+        snprintf(p, n, "%s/" FILE_PREFIX "%s-%s" FILE_SUFFIX, dir, kinds[kind].name, name);
+    return p;
+}
+
+/* The first file for kind/name on the search path: MOE_OK with *path set,
+ * MOE_OK with *path NULL when there is none, or MOE_ERR_NOMEM. */
+static moe_status find_file(const moe_registry *r, moe_plugin_kind kind, const char *name, char **path)
+{
+    *path = NULL;
+    for (int i = 0; i < r->n_dirs; i++) {
+        char *p = plugin_path(r->dirs[i], kind, name);
+        if (!p)
+            return moe_error_set(MOE_ERR_NOMEM, "out of host memory searching for a plugin");
+        struct stat sb;
+        if (stat(p, &sb) == 0 && !S_ISDIR(sb.st_mode)) {
+            *path = p;
+            return MOE_OK;
+        }
+        free(p);
+    }
+    return MOE_OK;
+}
+
+/* The plugin name in a file name "libmoe-<kind>-<name>.so", or NULL. */
+static char *name_from_file(const char *file, moe_plugin_kind kind)
+{
+    size_t lp = strlen(FILE_PREFIX), lk = strlen(kinds[kind].name), ls = strlen(FILE_SUFFIX);
+    size_t n = strlen(file);
+    if (n <= lp + lk + 1 + ls || strncmp(file, FILE_PREFIX, lp) != 0 || strncmp(file + lp, kinds[kind].name, lk) != 0 ||
+        file[lp + lk] != '-' || strcmp(file + n - ls, FILE_SUFFIX) != 0)
+        return NULL;
+    return dup_range(file + lp + lk + 1, n - lp - lk - 1 - ls);
+}
+
+static int cmp_strings(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+void moe_registry_free_names(char **names, int n)
+{
+    if (!names)
+        return;
+    for (int i = 0; i < n; i++)
+        free(names[i]);
+    free(names);
+}
+
+int moe_registry_names(moe_registry *r, moe_plugin_kind kind, char ***names)
+{
+    *names = NULL;
+    if (!r || !kind_valid(kind))
+        return 0;
+    char **out = NULL;
+    int n = 0, cap = 0;
+    for (int d = 0; d < r->n_dirs; d++) {
+        DIR *dir = opendir(r->dirs[d]);
+        if (!dir)
+            continue; /* a missing directory on the path is not an error */
+        int first = n;
+        struct dirent *e;
+        while ((e = readdir(dir)) != NULL) {
+            char *name = name_from_file(e->d_name, kind);
+            if (!name)
+                continue;
+            int seen = 0;
+            for (int i = 0; i < n && !seen; i++)
+                seen = strcmp(out[i], name) == 0;
+            if (seen) {
+                free(name);
+                continue;
+            }
+            if (n == cap) {
+                int ncap = cap ? 2 * cap : 16;
+                char **grown = realloc(out, (size_t)ncap * sizeof *grown);
+                if (!grown) {
+                    free(name);
+                    closedir(dir);
+                    moe_registry_free_names(out, n);
+                    return 0;
+                }
+                out = grown;
+                cap = ncap;
+            }
+            out[n++] = name;
+        }
+        closedir(dir);
+        /* readdir order is arbitrary: sort within one directory */
+        qsort(out + first, (size_t)(n - first), sizeof *out, cmp_strings);
+    }
+    *names = out;
+    return n;
+}
+
+/* "unknown criterion 'x'; installed: a, b (searched: d1:d2)", closest first. */
+static moe_status unknown_name_error(moe_registry *r, moe_plugin_kind kind, const char *name)
+{
+    char **names;
+    int n = moe_registry_names(r, kind, &names);
+    int *dist = n > 0 ? malloc((size_t)n * sizeof *dist) : NULL;
+    if (n > 0 && !dist) {
+        moe_registry_free_names(names, n);
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory listing installed plugins");
+    }
+    for (int i = 0; i < n; i++)
+        dist[i] = moe_edit_distance(name, names[i]);
+    /* insertion sort: stable, so equal distances keep search-path order */
+    for (int i = 1; i < n; i++) {
+        char *s = names[i];
+        int dd = dist[i], j = i - 1;
+        for (; j >= 0 && dist[j] > dd; j--) {
+            names[j + 1] = names[j];
+            dist[j + 1] = dist[j];
+        }
+        names[j + 1] = s;
+        dist[j + 1] = dd;
+    }
+    size_t cap = 64;
+    for (int i = 0; i < n; i++)
+        cap += strlen(names[i]) + 2;
+    for (int i = 0; i < r->n_dirs; i++)
+        cap += strlen(r->dirs[i]) + 1;
+    char *installed = malloc(cap), *searched = malloc(cap);
+    moe_status st;
+    if (!installed || !searched) {
+        st = moe_error_set(MOE_ERR_NOMEM, "out of host memory listing installed plugins");
+        goto done;
+    }
+    installed[0] = searched[0] = '\0';
+    for (int i = 0; i < n; i++) {
+        if (i)
+            strcat(installed, ", ");
+        strcat(installed, names[i]);
+    }
+    for (int i = 0; i < r->n_dirs; i++) {
+        if (i)
+            strcat(searched, ":");
+        strcat(searched, r->dirs[i]);
+    }
+    if (n > 0)
+        st = moe_error_set(MOE_ERR_PLUGIN, "unknown %s '%s'; installed: %s (searched: %s)", kinds[kind].name, name,
+                           installed, searched);
+    else
+        st = moe_error_set(MOE_ERR_PLUGIN,
+                           "unknown %s '%s'; no %s is installed (searched " FILE_PREFIX "%s-*" FILE_SUFFIX
+                           " in: %s); pass --user-dir DIR or set MOE_PLUGIN_PATH",
+                           kinds[kind].name, name, kinds[kind].name, kinds[kind].name, searched);
+done:
+    free(installed);
+    free(searched);
+    free(dist);
+    moe_registry_free_names(names, n);
+    return st;
+}
+
+/* ------------------------------------------------------------------ checks */
+
+/* Everything after dlsym: the descriptor against this core's ABI and the
+ * file's kind and name. */
+static moe_status check_descriptor(const char *path, moe_plugin_kind kind, const char *name,
+                                   const moe_plugin_desc *d)
+{
+    if (!d)
+        return moe_error_set(MOE_ERR_PLUGIN,
+                             "plugin %s: expected " MOE_PLUGIN_SYMBOL "() to return a descriptor, found NULL; "
+                             "return the plugin's static descriptor (MOE_PLUGIN_DEFINE)",
+                             path);
+    if (d->abi_major != MOE_ABI_MAJOR || d->abi_minor > MOE_ABI_MINOR)
+        return moe_error_set(MOE_ERR_PLUGIN,
+                             "plugin %s: built against moelm ABI %u.%u, this moelm is %d.%d: rebuild the plugin "
+                             "against this moelm's headers",
+                             path, (unsigned)d->abi_major, (unsigned)d->abi_minor, MOE_ABI_MAJOR, MOE_ABI_MINOR);
+    if (d->desc_size != sizeof(moe_plugin_desc))
+        return moe_error_set(MOE_ERR_PLUGIN,
+                             "plugin %s: expected a descriptor of %zu bytes (moe_plugin_desc), found %u: rebuild "
+                             "the plugin against this moelm's headers",
+                             path, sizeof(moe_plugin_desc), (unsigned)d->desc_size);
+    if (d->host_size != sizeof(moe_host))
+        return moe_error_set(MOE_ERR_PLUGIN,
+                             "plugin %s: expected host services of %zu bytes (moe_host), found %u: rebuild the "
+                             "plugin against this moelm's headers",
+                             path, sizeof(moe_host), (unsigned)d->host_size);
+    if (d->kind != kind) {
+        if (kind_valid(d->kind))
+            return moe_error_set(MOE_ERR_PLUGIN,
+                                 "plugin %s: expected kind %s (from the file name), found %s in its descriptor; "
+                                 "rename the file to " FILE_PREFIX "%s-%s" FILE_SUFFIX " or fix the descriptor",
+                                 path, kinds[kind].name, kinds[d->kind].name, kinds[d->kind].name,
+                                 d->name ? d->name : name);
+        return moe_error_set(MOE_ERR_PLUGIN,
+                             "plugin %s: expected kind %s (from the file name), found unknown kind %d in its "
+                             "descriptor; fix the descriptor",
+                             path, kinds[kind].name, (int)d->kind);
+    }
+    if (!d->name || strcmp(d->name, name) != 0)
+        return moe_error_set(MOE_ERR_PLUGIN,
+                             "plugin %s: expected name '%s' (from the file name), found %s%s%s in its "
+                             "descriptor; rename the file or fix the descriptor",
+                             path, name, d->name ? "'" : "", d->name ? d->name : "NULL", d->name ? "'" : "");
+    if (d->ops_size != kinds[kind].ops_size)
+        return moe_error_set(MOE_ERR_PLUGIN,
+                             "plugin %s: expected an ops table of %zu bytes (%s), found %u: rebuild the plugin "
+                             "against this moelm's headers",
+                             path, kinds[kind].ops_size, kinds[kind].ops_type, (unsigned)d->ops_size);
+    if (d->n_options < 0 || (d->n_options > 0 && !d->options))
+        return moe_error_set(MOE_ERR_PLUGIN,
+                             "plugin %s: expected an option table of n_options = %d entries, found %s; fix the "
+                             "descriptor",
+                             path, d->n_options, d->n_options < 0 ? "a negative count" : "options = NULL");
+    for (int i = 0; i < d->n_options; i++)
+        if (!d->options[i].name || !d->options[i].name[0])
+            return moe_error_set(MOE_ERR_PLUGIN,
+                                 "plugin %s: expected option %d of %d to have a name, found none; fix the "
+                                 "option table",
+                                 path, i + 1, d->n_options);
+    if (!d->ops)
+        return moe_error_set(MOE_ERR_PLUGIN,
+                             "plugin %s: expected a %s table, found ops = NULL in its descriptor; point the "
+                             "descriptor at the plugin's table",
+                             path, kinds[kind].ops_type);
+    const kind_info *k = &kinds[kind];
+    for (int i = 0; i < k->n_required; i++) {
+        const char *slot = (const char *)d->ops + k->required[i].offset;
+        int missing;
+        if (k->required[i].is_data) {
+            const void *p;
+            memcpy(&p, slot, sizeof p);
+            missing = p == NULL;
+        } else {
+            void (*fn)(void);
+            memcpy(&fn, slot, sizeof fn);
+            missing = fn == NULL;
+        }
+        if (missing)
+            return moe_error_set(MOE_ERR_PLUGIN,
+                                 "plugin %s: expected %s.%s to be set (every %s needs it), found NULL; implement "
+                                 "it in the plugin",
+                                 path, k->ops_type, k->required[i].name, k->name);
+    }
+    return MOE_OK;
+}
+
+static moe_status remember(moe_registry *r, moe_plugin_kind kind, const char *name, char *path, void *handle,
+                           const moe_plugin_desc *d)
+{
+    if (r->n_plugins == r->cap_plugins) {
+        int ncap = r->cap_plugins ? 2 * r->cap_plugins : 8;
+        loaded_plugin *grown = realloc(r->plugins, (size_t)ncap * sizeof *grown);
+        if (!grown)
+            return moe_error_set(MOE_ERR_NOMEM, "out of host memory recording a loaded plugin");
+        r->plugins = grown;
+        r->cap_plugins = ncap;
+    }
+    char *n = dup_string(name);
+    if (!n)
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory recording a loaded plugin");
+    r->plugins[r->n_plugins++] = (loaded_plugin){kind, n, path, handle, d};
+    return MOE_OK;
+}
+
+/* A valid plugin name is one file-name component. */
+static int name_valid(const char *name)
+{
+    if (!name || !name[0])
+        return 0;
+    for (const char *c = name; *c; c++)
+        if (*c == '/' || *c == ':')
+            return 0;
+    return strcmp(name, ".") != 0 && strcmp(name, "..") != 0;
+}
+
+moe_status moe_registry_load(moe_registry *r, moe_plugin_kind kind, const char *name, const moe_plugin_desc **out)
+{
+    *out = NULL;
+    if (!kind_valid(kind))
+        return moe_error_set(MOE_ERR_INTERNAL, "registry: expected a plugin kind in 0..%d, found %d",
+                             MOE_KIND_COUNT - 1, (int)kind);
+    if (!name_valid(name))
+        return moe_error_set(MOE_ERR_INVALID_ARG,
+                             "expected a %s name (a plain word such as the CLI value), found '%s'; pick one from "
+                             "--list-plugins",
+                             kinds[kind].name, name ? name : "(null)");
+    const loaded_plugin *have = find_loaded(r, kind, name);
+    if (have) {
+        *out = have->desc;
+        return MOE_OK;
+    }
+
+    char *path;
+    MOE_TRY(find_file(r, kind, name, &path));
+    if (!path)
+        return unknown_name_error(r, kind, name);
+
+    moe_status st;
+    dlerror();
+    void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!handle) {
+        const char *why = dlerror();
+        st = moe_error_set(MOE_ERR_PLUGIN,
+                           "plugin %s: expected a shared object whose symbols all resolve, dlopen failed: %s; "
+                           "rebuild it against this moelm or remove the file",
+                           path, why ? why : "unknown reason");
+        free(path);
+        return st;
+    }
+    for (int i = 0; i < r->n_plugins; i++) {
+        if (r->plugins[i].handle == handle) {
+            st = moe_error_set(MOE_ERR_PLUGIN,
+                               "plugin %s: expected a plugin of its own, found the same shared object as %s '%s' "
+                               "(%s), already loaded; remove the duplicate file or link",
+                               path, kinds[r->plugins[i].kind].name, r->plugins[i].name, r->plugins[i].path);
+            goto fail;
+        }
+    }
+
+    dlerror();
+    void *sym = dlsym(handle, MOE_PLUGIN_SYMBOL);
+    if (!sym) {
+        st = moe_error_set(MOE_ERR_PLUGIN,
+                           "plugin %s: expected the exported entry point " MOE_PLUGIN_SYMBOL "(), found no such "
+                           "symbol; define it with MOE_PLUGIN_DEFINE (it is the only symbol a plugin exports)",
+                           path);
+        goto fail;
+    }
+    moe_plugin_entry_fn entry;
+    memcpy(&entry, &sym, sizeof entry); /* POSIX: data and function pointers interconvert */
+    const moe_plugin_desc *d = entry();
+    MOE_TRY_GOTO(st, check_descriptor(path, kind, name, d), fail);
+    MOE_TRY_GOTO(st, remember(r, kind, name, path, handle, d), fail);
+    *out = d;
+    return MOE_OK;
+fail:
+    dlclose(handle);
+    free(path);
+    return st;
+}
+
+/* ------------------------------------------------------------------ listing */
+
+moe_status moe_registry_print(moe_registry *r, FILE *out)
+{
+    fprintf(out, "plugin search path (first match wins):\n");
+    for (int i = 0; i < r->n_dirs; i++)
+        fprintf(out, "  %s\n", r->dirs[i]);
+    for (int k = 0; k < MOE_KIND_COUNT; k++) {
+        char **names;
+        int n = moe_registry_names(r, (moe_plugin_kind)k, &names);
+        fprintf(out, "%s:\n", kinds[k].name);
+        if (n == 0)
+            fprintf(out, "  (none installed)\n");
+        int wname = 0, wversion = 0;
+        for (int i = 0; i < n; i++) {
+            int l = (int)strlen(names[i]);
+            wname = l > wname ? l : wname;
+        }
+        /* load everything first so the version column can be aligned */
+        const moe_plugin_desc **descs = n > 0 ? calloc((size_t)n, sizeof *descs) : NULL;
+        char **errors = n > 0 ? calloc((size_t)n, sizeof *errors) : NULL;
+        if (n > 0 && (!descs || !errors)) {
+            free(descs);
+            free(errors);
+            moe_registry_free_names(names, n);
+            return moe_error_set(MOE_ERR_NOMEM, "out of host memory listing plugins");
+        }
+        for (int i = 0; i < n; i++) {
+            if (moe_registry_load(r, (moe_plugin_kind)k, names[i], &descs[i]) != MOE_OK) {
+                errors[i] = dup_string(moe_error_message());
+                moe_error_clear();
+                continue;
+            }
+            int l = descs[i]->version ? (int)strlen(descs[i]->version) : 1;
+            wversion = l > wversion ? l : wversion;
+        }
+        for (int i = 0; i < n; i++) {
+            if (descs[i])
+                fprintf(out, "  %-*s  %-*s  %s  %s\n", wname, names[i], wversion,
+                        descs[i]->version ? descs[i]->version : "-",
+                        moe_registry_path(r, (moe_plugin_kind)k, names[i]),
+                        descs[i]->description ? descs[i]->description : "");
+            else
+                fprintf(out, "  %-*s  (not loadable: %s)\n", wname, names[i],
+                        errors[i] ? errors[i] : "out of host memory");
+            free(errors[i]);
+        }
+        free(descs);
+        free(errors);
+        moe_registry_free_names(names, n);
+    }
+    return MOE_OK;
+}
