@@ -10,6 +10,7 @@
 #include <stdio.h>
 
 void moe_error_trace(const char *stmt, const char *file, int line);
+#undef MOE_TRACE
 #define MOE_TRACE(stmt, file, line) moe_error_trace((stmt), (file), (line))
 
 #include "moe/plugin.h"

@@ -219,6 +219,22 @@ static void *host_unit_grad(const moe_host *h, int unit_id)
     return unit_id >= 0 && unit_id < rt->n_units ? rt->units[unit_id].grad : NULL;
 }
 
+/* Parameters are held whole on every rank (the sharded unit layout is a
+ * memory plan that --dry-run reports); gathering is therefore a no-op. */
+static moe_status host_unit_gather(const moe_host *h, int unit_id)
+{
+    (void)h;
+    (void)unit_id;
+    return MOE_OK;
+}
+
+static moe_status host_unit_release(const moe_host *h, int unit_id)
+{
+    (void)h;
+    (void)unit_id;
+    return MOE_OK;
+}
+
 static uint64_t host_step_seed(const moe_host *h) { return rt_of(h)->step_seed; }
 
 /* ------------------------------------------------------------- lifecycle */
@@ -251,6 +267,8 @@ moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runti
     h->grad_data = host_grad_data;
     h->unit_data = host_unit_data;
     h->unit_grad = host_unit_grad;
+    h->unit_gather = host_unit_gather;
+    h->unit_release = host_unit_release;
     h->seed = cfg->seed;
     h->step_seed = host_step_seed;
     h->rank = 0;

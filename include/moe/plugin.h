@@ -208,6 +208,11 @@ typedef struct moe_host {
     void *(*grad_data)(const struct moe_host *h, int param_id);
     void *(*unit_data)(const struct moe_host *h, int unit_id);  /* the unit's flat param buffer */
     void *(*unit_grad)(const struct moe_host *h, int unit_id);
+    /* --ddp-backend fully_sharded: a unit's full parameters exist only between
+     * unit_gather (all-gather of the shards) and unit_release; the arch brackets
+     * each layer's forward and backward with them. No-ops otherwise. */
+    moe_status (*unit_gather)(const struct moe_host *h, int unit_id);
+    moe_status (*unit_release)(const struct moe_host *h, int unit_id);
 
     /* randomness: the run's --seed, and the per-update seed (seed + num_updates) */
     uint64_t seed;

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Benchmark: the reference single-node model (24 layers, d 2048, ffn 8192, 32 heads,
+# 8 experts every 2nd layer, top-2 'all', 2048 tokens per sample, batch 4) on one GPU,
+# all 8 experts local. Two modes:
+#   reference  --memory-efficient-fp16 --checkpoint-activations --fp16-adam-stats --update-freq 8
+#   bf16       --bf16, no activation checkpointing
+# Prints words per second, model TFLOP/s (FLOPs per token from --dry-run) and peak memory.
+# Usage: bench/reference_1gpu.sh [reference|bf16|both] [updates]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-both}
+updates=${2:-30}
+build=${BUILD_DIR:-build}
+if [ ! -x "$build/bin/moelm-train" ]; then
+  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+  cmake --build "$build" -j"$(nproc)"
+fi
+train="$build/bin/moelm-train"
+model=(--task dummy_lm --tokens-per-sample 2048
+  --arch transformer_lm_gpt --share-decoder-input-output-embed
+  --decoder-layers 24 --decoder-embed-dim 2048 --decoder-ffn-embed-dim 8192 --decoder-attention-heads 32
+  --moe-expert-count 8 --moe-freq 2 --moe-gating-use-fp32 --moe-second-expert-policy all
+  --moe-normalize-expert-grad sqrt_world_size --moe-eval-capacity-token-fraction -1.0
+  --max-sentences-valid 1 --num-workers-valid 0
+  --criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum
+  --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 0.0
+  --lr 0.0005 --warmup-updates 750 --dropout 0.1 --attention-dropout 0.1
+  --batch-size 4 --disable-validation --log-format json --log-interval 10)
+
+flops=$("$train" "${model[@]}" --max-update 1 --dry-run | sed -n 's/.*model FLOPs per token (forward + backward): //p')
+
+run() {
+  local name=$1; shift
+  local log="bench/last_${name}.log"
+  "$train" "${model[@]}" --max-update "$updates" "$@" 2>&1 | tee "$log"
+  # wps of the last train_inner line (steady state), peak memory from cuda_gb_allocated
+  local wps mem
+  wps=$(grep '| train_inner |' "$log" | tail -1 | sed -n 's/.*"wps": "\([0-9.e+]*\)".*/\1/p')
+  mem=$(grep '| train_inner |' "$log" | sed -n 's/.*"cuda_gb_allocated": "\([0-9.]*\)".*/\1/p' | sort -n | tail -1)
+  python3 - "$name" "$wps" "$flops" "$mem" <<'PY'
+import sys
+name, wps, flops, mem = sys.argv[1], float(sys.argv[2] or 0), float(sys.argv[3] or 0), sys.argv[4]
+print(f"RESULT {name}: {wps:.1f} words/s, {wps*flops/1e12:.1f} model TFLOP/s, peak allocated {mem} GiB")
+PY
+}
+
+case "$mode" in
+  reference|both) run reference --memory-efficient-fp16 --checkpoint-activations --fp16-adam-stats \
+                    --ddp-backend fully_sharded --update-freq 8 ;;
+esac
+case "$mode" in
+  bf16|both) run bf16 --bf16 --update-freq 1 ;;
+esac
