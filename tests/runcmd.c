@@ -28,6 +28,18 @@ static char *slurp(const char *path)
 
 int moe_run_train(const char *args, moe_cmd_result *r)
 {
+    size_t len = strlen(args) + strlen(MOE_TEST_BIN_DIR) + 32;
+    char *cmd = malloc(len);
+    if (!cmd)
+        return -1;
+    snprintf(cmd, len, "%s/moelm-train %s", MOE_TEST_BIN_DIR, args);
+    int rc = moe_run_shell(cmd, r);
+    free(cmd);
+    return rc;
+}
+
+int moe_run_shell(const char *cmdline, moe_cmd_result *r)
+{
     memset(r, 0, sizeof *r);
     char out_path[] = "/tmp/moelm-test-out-XXXXXX";
     char err_path[] = "/tmp/moelm-test-err-XXXXXX";
@@ -36,11 +48,11 @@ int moe_run_train(const char *args, moe_cmd_result *r)
         return -1;
     close(fo);
     close(fe);
-    size_t len = strlen(args) + strlen(out_path) + strlen(err_path) + 512;
+    size_t len = strlen(cmdline) + strlen(out_path) + strlen(err_path) + 32;
     char *cmd = malloc(len);
     if (!cmd)
         return -1;
-    snprintf(cmd, len, "%s/moelm-train %s >%s 2>%s", MOE_TEST_BIN_DIR, args, out_path, err_path);
+    snprintf(cmd, len, "%s >%s 2>%s", cmdline, out_path, err_path);
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
     int rc = system(cmd);

@@ -12,6 +12,8 @@ typedef struct moe_cmd_result {
 
 /* Runs MOE_TEST_BIN_DIR/moelm-train with `args` (a shell-quoted string). */
 int moe_run_train(const char *args, moe_cmd_result *r);
+/* Runs a shell command line the same way. */
+int moe_run_shell(const char *cmdline, moe_cmd_result *r);
 void moe_cmd_result_free(moe_cmd_result *r);
 /* The number of lines of `text` containing `needle`. */
 int moe_count_lines(const char *text, const char *needle);

@@ -1,0 +1,140 @@
+/* error.c: the pending error of each thread (core/internal.h).
+ *
+ * One message per thread, kept in C11 thread-local storage so that a failure
+ * on one thread (a communicator's progress thread, a data loader) never
+ * overwrites or clears the report of another. The first message wins until
+ * moe_error_clear: the innermost failure knows what went wrong, and callers
+ * that add their own moe_error_set on the way up would only blur it.
+ *
+ * The trace is the path the failure took, one "stmt (file:line)" line per
+ * MOE_TRY that passed it up, innermost first. Both buffers are fixed-size and
+ * never allocate, so reporting "out of memory" cannot itself fail; a message
+ * that does not fit is cut and ends in "...", a trace that does not fit keeps
+ * its innermost lines and says how many it dropped.
+ *
+ * Not a logger: nothing here prints. main() (or the trainer) decides where the
+ * message goes.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "core/internal.h"
+
+#define MOE_ERROR_MSG_CAP 1024
+#define MOE_ERROR_TRACE_CAP 4096
+
+typedef struct moe_error_state {
+    int has_message;
+    char message[MOE_ERROR_MSG_CAP];
+    size_t trace_len;
+    int trace_dropped;
+    char trace[MOE_ERROR_TRACE_CAP];
+    char trace_view[MOE_ERROR_TRACE_CAP + 64];  /* trace plus the "dropped" line */
+} moe_error_state;
+
+static _Thread_local moe_error_state moe_err_tls;
+
+moe_status moe_error_setv(moe_status st, const char *fmt, va_list ap)
+{
+    moe_error_state *e = &moe_err_tls;
+    if (st == MOE_OK || fmt == NULL || e->has_message)
+        return st;
+    int n = vsnprintf(e->message, sizeof e->message, fmt, ap);
+    if (n < 0) {
+        snprintf(e->message, sizeof e->message, "%s (the error message could not be formatted)",
+                 moe_status_name(st));
+    } else if ((size_t)n >= sizeof e->message) {
+        memcpy(e->message + sizeof e->message - 4, "...", 4);
+    }
+    e->has_message = 1;
+    return st;
+}
+
+moe_status moe_error_set(moe_status st, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    moe_status r = moe_error_setv(st, fmt, ap);
+    va_end(ap);
+    return r;
+}
+
+const char *moe_error_message(void)
+{
+    return moe_err_tls.has_message ? moe_err_tls.message : "";
+}
+
+/* __FILE__ may be absolute; its last two components ("core/runtime.c") say enough */
+static const char *short_path(const char *file)
+{
+    if (!file)
+        return "?";
+    const char *last = strrchr(file, '/');
+    if (!last)
+        return file;
+    const char *p = last;
+    while (p > file && p[-1] != '/')
+        p--;
+    return p;
+}
+
+void moe_error_trace(const char *stmt, const char *file, int line)
+{
+    moe_error_state *e = &moe_err_tls;
+    if (e->trace_dropped) {
+        e->trace_dropped++;
+        return;
+    }
+    const char *shown = short_path(file);
+    char entry[512];
+    int n = snprintf(entry, sizeof entry, "%s%s (%s:%d)", e->trace_len ? "\n" : "", stmt ? stmt : "?", shown,
+                     line);
+    if (n < 0)
+        return;
+    size_t len = (size_t)n < sizeof entry ? (size_t)n : sizeof entry - 1;
+    if (e->trace_len + len + 1 > sizeof e->trace) {
+        e->trace_dropped = 1;
+        return;
+    }
+    memcpy(e->trace + e->trace_len, entry, len + 1);
+    e->trace_len += len;
+}
+
+const char *moe_error_trace_text(void)
+{
+    moe_error_state *e = &moe_err_tls;
+    if (!e->trace_dropped)
+        return e->trace;
+    snprintf(e->trace_view, sizeof e->trace_view, "%s\n(%d outer trace entries dropped)", e->trace,
+             e->trace_dropped);
+    return e->trace_view;
+}
+
+void moe_error_clear(void)
+{
+    moe_error_state *e = &moe_err_tls;
+    e->has_message = 0;
+    e->message[0] = '\0';
+    e->trace_len = 0;
+    e->trace_dropped = 0;
+    e->trace[0] = '\0';
+}
+
+const char *moe_status_name(moe_status st)
+{
+    switch (st) {
+    case MOE_OK: return "MOE_OK";
+    case MOE_ERR_INVALID_ARG: return "MOE_ERR_INVALID_ARG";
+    case MOE_ERR_NOMEM: return "MOE_ERR_NOMEM";
+    case MOE_ERR_IO: return "MOE_ERR_IO";
+    case MOE_ERR_PLUGIN: return "MOE_ERR_PLUGIN";
+    case MOE_ERR_UNSUPPORTED: return "MOE_ERR_UNSUPPORTED";
+    case MOE_ERR_BACKEND: return "MOE_ERR_BACKEND";
+    case MOE_ERR_COMM: return "MOE_ERR_COMM";
+    case MOE_ERR_OVERFLOW: return "MOE_ERR_OVERFLOW";
+    case MOE_ERR_MIN_SCALE: return "MOE_ERR_MIN_SCALE";
+    case MOE_ERR_INTERNAL: return "MOE_ERR_INTERNAL";
+    }
+    return "MOE_ERR_UNKNOWN";
+}

@@ -1,0 +1,381 @@
+/* route.c: the cpu reference for MoE routing (top-1 and top-2 gating,
+ * FAIRSEQ_SPEC.md §2.2-2.3), and for dispatch and combine in index form
+ * (§2.4). The cuda backend is tested against these functions.
+ *
+ * It is not the gate plugin (plugins/gates/ choose capacity, policy and seed)
+ * and it never builds fairseq's dense (S, E, C) combine tensor: a routing is
+ * kept as expert/slot/weight per (token, choice), ops.h's moe_route_args.
+ *
+ * Conventions a reader would trip over:
+ *  - Token order is s = 0..S-1 (batch-major). Capacity is first come, first
+ *    served in that order, or in descending max-probability order with
+ *    batch_prioritized (a stable sort: equal probabilities keep token order).
+ *    Second choices take slots after ALL first-choice claims on their expert,
+ *    including first choices that capacity then drops (§2.2 step 11).
+ *  - expert[s*2+j] keeps the argmax choice even when capacity or the random
+ *    policy drops it (slot -1, weight 0); backward needs it for the load-
+ *    balancing loss and for normalize-before-dropping. Pad tokens get expert
+ *    -1 for both choices, top-1 gets -1 for j = 1.
+ *  - A kept assignment whose combine weight is exactly 0 (its probability
+ *    underflowed) is reported with slot -1: fairseq dispatches only where the
+ *    combine weight is non-zero (§2.2 step 18). Its capacity slot stays used,
+ *    as in fairseq, and the gradient it would carry is zero (it is multiplied
+ *    by that zero probability in the softmax backward).
+ *  - overflow_expertk is 0 when no token made a k-th choice (all pads, or the
+ *    random policy dropped every second choice); fairseq divides 0 by 0 there
+ *    and logs nan, which helps nobody.
+ *  - Randomness (kernels/philox.h), a pure function of (seed, stream, counter):
+ *      sampling policy: Gumbel noise for logit (s, e) is -log(-log(u)) with
+ *        u = moe_philox_uniform(seed, stream, s*E + e), clamped to
+ *        [FLT_MIN, 1 - FLT_EPSILON] as torch's Gumbel does;
+ *      random policy: u = moe_philox_uniform(seed, stream ^ ROUTE_RANDOM_STREAM, s).
+ *  - Arithmetic is fp32 as fairseq's --moe-gating-use-fp32 path; sums over
+ *    tokens or experts (softmax denominator, entropy, me, l_aux, histogram
+ *    sums, dot products) accumulate in double and are rounded once.
+ */
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+#include "kernels/cpu/cpu.h"
+
+/* Records a one-line error through the host (when there is one) and returns st. */
+#define ROUTE_ERROR(c, st, ...)                                                               \
+    (((c) != NULL && (c)->host != NULL && (c)->host->error != NULL)                           \
+         ? (c)->host->error((c)->host, (st), __VA_ARGS__)                                     \
+         : (st))
+
+/* xor'ed into the stream of the random policy's draws, so they never reuse
+ * the Gumbel counters of the sampling policy ("RAND" in ASCII) */
+#define ROUTE_RANDOM_STREAM 0x52414E44ull
+
+/* ------------------------------------------------------------- workspace */
+
+/* Workspace layout, every piece 64-byte aligned:
+ *   order[S], tmp[S]   int32  token order for capacity, the merge sort's buffer
+ *   key[S]             fp32   max probability per token (batch-prioritized order)
+ *   cnt[6*E]           int64  running claims 1 and 2, first-choice totals,
+ *                             argmax histograms 1 and 2, scratch
+ *   acc[E]             double me (forward) or d loss/d probs of one token (backward) */
+typedef struct route_ws {
+    int32_t *order, *tmp;
+    float *key;
+    int64_t *run1, *run2, *tot1, *hist1, *hist2, *scratch;
+    double *acc;
+} route_ws;
+
+static int64_t align64(int64_t x) { return (x + 63) & ~(int64_t)63; }
+
+int64_t moe_cpu_route_workspace_bytes(int64_t S, int E)
+{
+    if (S < 0 || E < 0)
+        return 0;
+    return 3 * align64(S * 4) + align64(6 * (int64_t)E * (int64_t)sizeof(int64_t)) +
+           align64((int64_t)E * (int64_t)sizeof(double));
+}
+
+static route_ws ws_carve(void *base, int64_t S, int E)
+{
+    route_ws w;
+    unsigned char *p = base;
+    w.order = (int32_t *)p;
+    p += align64(S * 4);
+    w.tmp = (int32_t *)p;
+    p += align64(S * 4);
+    w.key = (float *)p;
+    p += align64(S * 4);
+    int64_t *cnt = (int64_t *)p;
+    w.run1 = cnt;
+    w.run2 = cnt + E;
+    w.tot1 = cnt + 2 * E;
+    w.hist1 = cnt + 3 * E;
+    w.hist2 = cnt + 4 * E;
+    w.scratch = cnt + 5 * E;
+    p += align64(6 * (int64_t)E * (int64_t)sizeof(int64_t));
+    w.acc = (double *)p;
+    return w;
+}
+
+static moe_status check_route_args(moe_ctx *c, const char *op, const moe_route_args *a)
+{
+    if (a == NULL)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected route arguments, found NULL", op);
+    if (a->k != 1 && a->k != 2)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected k = 1 (top-1) or 2 (top-2), found %d", op,
+                           a->k);
+    if (a->E < a->k)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
+                           "cpu %s: expected at least %d experts for top-%d gating, found E = %d; raise "
+                           "--moe-expert-count",
+                           op, a->k, a->k, a->E);
+    if (a->S < 1 || a->S > INT32_MAX)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected 1 <= S <= %d tokens, found S = %lld", op,
+                           INT32_MAX, (long long)a->S);
+    if (a->capacity < 0 || a->capacity > INT32_MAX)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected 0 <= capacity <= %d, found %lld", op,
+                           INT32_MAX, (long long)a->capacity);
+    if (a->k == 2 && a->policy != MOE_ROUTE_SAMPLING && a->policy != MOE_ROUTE_ALL && a->policy != MOE_ROUTE_RANDOM)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
+                           "cpu %s: expected second-expert policy sampling, all or random (0..2), found %d", op,
+                           (int)a->policy);
+    if (a->probs == NULL || a->expert == NULL || a->slot == NULL)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected probs, expert and slot buffers, found NULL",
+                           op);
+    if (moe_cpu_route_workspace_bytes(a->S, a->E) > 0 && a->workspace == NULL)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
+                           "cpu %s: expected a workspace of route_workspace_bytes(%lld, %d) = %lld bytes, found "
+                           "NULL",
+                           op, (long long)a->S, a->E, (long long)moe_cpu_route_workspace_bytes(a->S, a->E));
+    return MOE_OK;
+}
+
+/* ------------------------------------------------------------- helpers */
+
+/* Stable merge sort of order[0..n) by descending key[order[i]]; tmp has n entries. */
+static void sort_desc_stable(int32_t *order, int32_t *tmp, int64_t n, const float *key)
+{
+    for (int64_t width = 1; width < n; width *= 2) {
+        for (int64_t lo = 0; lo < n; lo += 2 * width) {
+            int64_t mid = lo + width < n ? lo + width : n;
+            int64_t hi = lo + 2 * width < n ? lo + 2 * width : n;
+            int64_t i = lo, j = mid, o = lo;
+            /* take from the right run only when strictly larger: stability */
+            while (i < mid && j < hi)
+                tmp[o++] = key[order[j]] > key[order[i]] ? order[j++] : order[i++];
+            while (i < mid)
+                tmp[o++] = order[i++];
+            while (j < hi)
+                tmp[o++] = order[j++];
+        }
+        memcpy(order, tmp, (size_t)n * sizeof *order);
+    }
+}
+
+/* Gumbel(0, 1) noise for logit (s, e) of the sampling policy. */
+static float gumbel_noise(uint64_t seed, uint64_t stream, int64_t s, int E, int e)
+{
+    float u = moe_philox_uniform(seed, stream, (uint64_t)(s * E + e));
+    if (u < FLT_MIN)
+        u = FLT_MIN;
+    if (u > 1.0f - FLT_EPSILON)
+        u = 1.0f - FLT_EPSILON;
+    return (float)-log(-log((double)u));
+}
+
+/* 100 * count / S as fairseq's float32 histogram holds it. */
+static float hist_percent(int64_t count, int64_t S) { return (100.0f * (float)count) / (float)S; }
+
+/* unused count, top and bottom sums of one argmax histogram (§2.2 step 15) */
+static void hist_metrics(int64_t *hist, int64_t *scratch, int E, int64_t S, float *unused, float *top,
+                         float *bottom)
+{
+    int n_unused = 0;
+    for (int e = 0; e < E; e++) {
+        n_unused += hist[e] == 0;
+        scratch[e] = hist[e];
+    }
+    for (int i = 1; i < E; i++) { /* descending insertion sort; E is small */
+        int64_t v = scratch[i];
+        int j = i - 1;
+        while (j >= 0 && scratch[j] < v) {
+            scratch[j + 1] = scratch[j];
+            j--;
+        }
+        scratch[j + 1] = v;
+    }
+    /* n = max(ceil(0.2 E), 1) in double, as Python evaluates it (E = 15 gives 4) */
+    int n = (int)ceil((double)E * 0.2);
+    if (n < 1)
+        n = 1;
+    double t = 0.0, b = 0.0;
+    for (int i = 0; i < n; i++) {
+        /* fairseq adds float32's smallest normal to every sorted entry */
+        t += (double)(hist_percent(scratch[i], S) + FLT_MIN);
+        b += (double)(hist_percent(scratch[E - 1 - i], S) + FLT_MIN);
+    }
+    *unused = (float)n_unused;
+    *top = (float)t;
+    *bottom = (float)b;
+}
+
+/* ------------------------------------------------------------- forward */
+
+moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
+{
+    MOE_TRY(check_route_args(c, "route_forward", a));
+    if (a->logits == NULL || a->weight == NULL || a->l_aux == NULL || a->metrics == NULL)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
+                           "cpu route_forward: expected logits, weight, l_aux and metrics buffers, found NULL");
+
+    const int64_t S = a->S, C = a->capacity;
+    const int E = a->E, k = a->k;
+    const int sampling = k == 2 && a->policy == MOE_ROUTE_SAMPLING;
+    const int random = k == 2 && a->policy == MOE_ROUTE_RANDOM;
+    const int norm_before = k == 2 && a->normalize_before_drop;
+    route_ws w = ws_carve(a->workspace, S, E);
+    int32_t *expert = a->expert, *slot = a->slot;
+    float *probs = a->probs, *weight = a->weight;
+
+    for (int e = 0; e < E; e++) {
+        w.run1[e] = w.run2[e] = w.tot1[e] = w.hist1[e] = w.hist2[e] = 0;
+        w.acc[e] = 0.0;
+    }
+
+    /* Pass 1, per token: softmax, entropy, choices, policies, pad mask.
+     * slot[] holds 1 where an assignment claims capacity, 0 where not, until
+     * pass 2 turns it into slots. weight[] holds normalized-before-dropping
+     * values meanwhile. */
+    double entropy = 0.0;
+    for (int64_t s = 0; s < S; s++) {
+        const float *l = a->logits + s * E;
+        float *p = probs + s * E;
+        float mx = l[0];
+        for (int e = 1; e < E; e++)
+            if (l[e] > mx)
+                mx = l[e];
+        double den = 0.0;
+        for (int e = 0; e < E; e++) {
+            p[e] = expf(l[e] - mx);
+            den += (double)p[e];
+        }
+        double h = 0.0;
+        for (int e = 0; e < E; e++) {
+            p[e] = (float)((double)p[e] / den);
+            w.acc[e] += (double)p[e];
+            /* torch's Categorical entropy clamps p to [eps, 1-eps] inside the log */
+            float pc = p[e] < FLT_EPSILON ? FLT_EPSILON : (p[e] > 1.0f - FLT_EPSILON ? 1.0f - FLT_EPSILON : p[e]);
+            h -= (double)p[e] * log((double)pc);
+        }
+        entropy += h;
+
+        int i1 = 0; /* argmax of probabilities; ties go to the lowest index */
+        for (int e = 1; e < E; e++)
+            if (p[e] > p[i1])
+                i1 = e;
+        w.hist1[i1]++;
+        w.key[s] = p[i1];
+        const int is_pad = a->pad != NULL && a->pad[s] != 0;
+        expert[s * 2] = is_pad ? -1 : i1;
+        slot[s * 2] = !is_pad;
+        weight[s * 2] = 0.0f;
+        expert[s * 2 + 1] = -1;
+        slot[s * 2 + 1] = 0;
+        weight[s * 2 + 1] = 0.0f;
+        if (!is_pad)
+            w.tot1[i1]++;
+        if (k == 1)
+            continue;
+
+        /* second choice: argmax of the (noisy) logits with i1 excluded */
+        int i2 = -1;
+        float best = 0.0f;
+        for (int e = 0; e < E; e++) {
+            if (e == i1)
+                continue;
+            float v = sampling ? l[e] + gumbel_noise(a->seed, a->stream, s, E, e) : l[e];
+            if (i2 < 0 || v > best) {
+                i2 = e;
+                best = v;
+            }
+        }
+        w.hist2[i2]++;
+        float g1 = p[i1], g2 = p[i2];
+        if (norm_before) {
+            float d = g1 + g2;
+            if (d < FLT_EPSILON)
+                d = FLT_EPSILON;
+            g1 /= d;
+            g2 /= d;
+            weight[s * 2] = g1;
+            weight[s * 2 + 1] = g2;
+        }
+        int claim2 = !is_pad;
+        if (random) {
+            float u = moe_philox_uniform(a->seed, a->stream ^ ROUTE_RANDOM_STREAM, (uint64_t)s);
+            claim2 = claim2 && 2.0f * g2 > u;
+        }
+        expert[s * 2 + 1] = is_pad ? -1 : i2;
+        slot[s * 2 + 1] = claim2;
+    }
+
+    /* Pass 2: capacity slots in token order or in priority order. */
+    for (int64_t s = 0; s < S; s++)
+        w.order[s] = (int32_t)s;
+    if (a->batch_prioritized)
+        sort_desc_stable(w.order, w.tmp, S, w.key);
+    int64_t claims1 = 0, over1 = 0, claims2 = 0, over2 = 0;
+    for (int64_t i = 0; i < S; i++) {
+        int64_t s = w.order[i];
+        if (slot[s * 2]) {
+            int e = expert[s * 2];
+            int64_t loc = w.run1[e]++;
+            claims1++;
+            over1 += loc >= C;
+            slot[s * 2] = loc < C ? (int32_t)loc : -1;
+        } else {
+            slot[s * 2] = -1;
+        }
+    }
+    for (int64_t i = 0; i < S; i++) {
+        int64_t s = w.order[i];
+        if (k == 2 && slot[s * 2 + 1]) {
+            int e = expert[s * 2 + 1];
+            int64_t loc = w.tot1[e] + w.run2[e]++;
+            claims2++;
+            over2 += loc >= C;
+            slot[s * 2 + 1] = loc < C ? (int32_t)loc : -1;
+        } else {
+            slot[s * 2 + 1] = -1;
+        }
+    }
+
+    /* Pass 3: combine weights (§2.2 step 16, §2.3). */
+    for (int64_t s = 0; s < S; s++) {
+        const float *p = probs + s * E;
+        const int kept1 = slot[s * 2] >= 0, kept2 = slot[s * 2 + 1] >= 0;
+        float w1, w2 = 0.0f;
+        if (k == 1) {
+            w1 = kept1 ? p[expert[s * 2]] : 0.0f;
+        } else if (norm_before) {
+            w1 = kept1 ? weight[s * 2] : 0.0f;
+            w2 = kept2 ? weight[s * 2 + 1] : 0.0f;
+        } else {
+            float g1 = kept1 ? p[expert[s * 2]] : 0.0f;
+            float g2 = kept2 ? p[expert[s * 2 + 1]] : 0.0f;
+            float d = g1 + g2;
+            if (d < FLT_EPSILON)
+                d = FLT_EPSILON;
+            w1 = g1 / d; /* exactly 1.0 when only one survived */
+            w2 = g2 / d;
+        }
+        if (kept1 && w1 == 0.0f)
+            slot[s * 2] = -1;
+        if (kept2 && w2 == 0.0f)
+            slot[s * 2 + 1] = -1;
+        weight[s * 2] = w1;
+        weight[s * 2 + 1] = w2;
+    }
+
+    /* Load-balancing loss: E * sum_e me_e * ce_e, me over all S tokens (pads
+     * included), ce from first choices after pad masking, before capacity. */
+    double laux = 0.0;
+    for (int e = 0; e < E; e++)
+        laux += (w.acc[e] / (double)S) * ((double)w.tot1[e] / (double)S);
+    *a->l_aux = (float)(laux * (double)E);
+
+    float *m = a->metrics;
+    m[MOE_METRIC_OVERFLOW_EXPERT1] = k == 2 && claims1 > 0 ? (100.0f * (float)over1) / (float)claims1 : 0.0f;
+    m[MOE_METRIC_OVERFLOW_EXPERT2] = k == 2 && claims2 > 0 ? (100.0f * (float)over2) / (float)claims2 : 0.0f;
+    m[MOE_METRIC_ENTROPY_GATING] = (float)(entropy / (double)S);
+    hist_metrics(w.hist1, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT], &m[MOE_METRIC_EXPERT1_BALANCE_TOP],
+                 &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
+    if (k == 2) {
+        hist_metrics(w.hist2, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT],
+                     &m[MOE_METRIC_EXPERT2_BALANCE_TOP], &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
+    } else {
+        m[MOE_METRIC_UNUSED_EXPERT2_COUNT] = 0.0f;
+        m[MOE_METRIC_EXPERT2_BALANCE_TOP] = 0.0f;
+        m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM] = 0.0f;
+    }
+    return MOE_OK;
+}

@@ -1,0 +1,166 @@
+/* test_dist.c: multi-rank training on the CPU backend through the MPI
+ * communicator (mpirun --oversubscribe), against the one-rank run with the
+ * same global batch (update-freq scaled), dropout 0 (FAIRSEQ_SPEC.md §2.4,
+ * §2.9, §7). Skips, saying so, when mpirun is not installed. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+
+#include <cmocka.h>
+
+#include "runcmd.h"
+
+#define TINY                                                                                                     \
+    "--cpu --task dummy_lm --tokens-per-sample 32 --dict-size 96 "                                               \
+    "--arch transformer_lm_gpt --share-decoder-input-output-embed "                                              \
+    "--decoder-layers 2 --decoder-embed-dim 32 --decoder-ffn-embed-dim 64 --decoder-attention-heads 2 "          \
+    "--moe-freq 2 --moe-second-expert-policy all "                                                              \
+    "--criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum "                 \
+    "--optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.002 --warmup-updates 2 "                                 \
+    "--dropout 0 --attention-dropout 0 --batch-size 2 --disable-validation "                                     \
+    "--log-format json --log-interval 1 --max-update 6 "
+
+#define NUPD 6
+
+static int have_mpirun;
+
+static int run_ranks(int ranks, const char *extra, moe_cmd_result *r)
+{
+    char args[2048];
+    if (ranks == 1) {
+        snprintf(args, sizeof args, TINY "%s", extra);
+        return moe_run_train(args, r);
+    }
+    snprintf(args, sizeof args, "mpirun --oversubscribe -np %d %s/moelm-train " TINY "%s", ranks, MOE_TEST_BIN_DIR,
+             extra);
+    return moe_run_shell(args, r);
+}
+
+/* every "key": "value" of train_inner lines, in order */
+static int values(const char *out, const char *key, double *v, int max)
+{
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\": \"", key);
+    int n = 0;
+    for (const char *p = strstr(out, "| train_inner | "); p && n < max; p = strstr(p + 1, "| train_inner | ")) {
+        const char *eol = strchr(p, '\n');
+        const char *q = strstr(p, pat);
+        if (q && (!eol || q < eol))
+            v[n++] = atof(q + strlen(pat));
+    }
+    return n;
+}
+
+static void expect_same_losses(int ranks, const char *one_rank_extra, const char *n_rank_extra)
+{
+    if (!have_mpirun) {
+        printf("SKIP: mpirun not found\n");
+        skip();
+    }
+    moe_cmd_result a, b;
+    assert_int_equal(run_ranks(1, one_rank_extra, &a), 0);
+    if (a.status != 0)
+        fprintf(stderr, "%s\n%s\n", a.out, a.err);
+    assert_int_equal(a.status, 0);
+    assert_int_equal(run_ranks(ranks, n_rank_extra, &b), 0);
+    if (b.status != 0)
+        fprintf(stderr, "%s\n%s\n", b.out, b.err);
+    assert_int_equal(b.status, 0);
+    double la[NUPD], lb[NUPD];
+    assert_int_equal(values(a.out, "loss", la, NUPD), NUPD);
+    assert_int_equal(values(b.out, "loss", lb, NUPD), NUPD);
+    for (int i = 0; i < NUPD; i++) {
+        /* logged with 3 decimals; fp32 reduction order moves the 4th at most */
+        if (fabs(la[i] - lb[i]) > 0.0025)
+            fail_msg("update %d: 1 rank loss %.3f, %d ranks %.3f", i + 1, la[i], ranks, lb[i]);
+    }
+    /* only rank 0 logs at INFO */
+    assert_int_equal(moe_count_lines(b.out, "| train_inner | "), NUPD);
+    moe_cmd_result_free(&a);
+    moe_cmd_result_free(&b);
+}
+
+static void test_dist_data_parallel_2(void **s)
+{
+    (void)s;
+    expect_same_losses(2, "--moe-expert-count 2 --update-freq 2", "--moe-expert-count 2 --update-freq 1");
+}
+
+static void test_dist_experts_4_over_2(void **s)
+{
+    (void)s;
+    expect_same_losses(2, "--moe-expert-count 4 --update-freq 2 --moe-normalize-expert-grad world_size",
+                       "--moe-expert-count 4 --update-freq 1 --moe-normalize-expert-grad world_size");
+}
+
+static void test_dist_experts_4_over_4(void **s)
+{
+    (void)s;
+    expect_same_losses(4, "--moe-expert-count 4 --update-freq 4 --moe-normalize-expert-grad world_size",
+                       "--moe-expert-count 4 --update-freq 1 --moe-normalize-expert-grad world_size");
+}
+
+static void test_dist_fully_sharded_2(void **s)
+{
+    (void)s;
+    expect_same_losses(2, "--moe-expert-count 2 --update-freq 2",
+                       "--moe-expert-count 2 --update-freq 1 --ddp-backend fully_sharded");
+}
+
+/* §2.9: sqrt_world_size leaves expert gradients sqrt(N) times the exact ones
+ * (N = world / expert group size), world_size leaves them exact. At update 1
+ * the norms are of the same global gradient, so
+ *   gnorm_sqrt^2 - gnorm_ws^2 = (N - 1) * |expert grad|^2,
+ * and the ratio of that difference between 4 and 2 ranks is 3. */
+static void test_dist_normalizer_scaling(void **s)
+{
+    (void)s;
+    if (!have_mpirun) {
+        printf("SKIP: mpirun not found\n");
+        skip();
+    }
+    double d[2];
+    for (int k = 0; k < 2; k++) {
+        int ranks = k == 0 ? 2 : 4;
+        double g[2];
+        for (int m = 0; m < 2; m++) {
+            char extra[256];
+            snprintf(extra, sizeof extra, "--moe-expert-count 4 --update-freq 1 --moe-normalize-expert-grad %s",
+                     m == 0 ? "world_size" : "sqrt_world_size");
+            moe_cmd_result r;
+            assert_int_equal(run_ranks(ranks, extra, &r), 0);
+            if (r.status != 0)
+                fprintf(stderr, "%s\n%s\n", r.out, r.err);
+            assert_int_equal(r.status, 0);
+            double v[NUPD];
+            assert_int_equal(values(r.out, "gnorm", v, NUPD), NUPD);
+            g[m] = v[0];
+            moe_cmd_result_free(&r);
+        }
+        d[k] = g[1] * g[1] - g[0] * g[0];
+        assert_true(d[k] > 0);
+    }
+    double ratio = d[1] / d[0];
+    fprintf(stderr, "(gnorm_sqrt^2 - gnorm_ws^2) ratio 4 vs 2 ranks: %.4f (expected 3)\n", ratio);
+    assert_true(fabs(ratio - 3.0) < 0.05);
+}
+
+int main(void)
+{
+    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+    setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
+    have_mpirun = system("command -v mpirun >/dev/null 2>&1") == 0;
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_dist_data_parallel_2),  cmocka_unit_test(test_dist_experts_4_over_2),
+        cmocka_unit_test(test_dist_experts_4_over_4), cmocka_unit_test(test_dist_fully_sharded_2),
+        cmocka_unit_test(test_dist_normalizer_scaling),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
