@@ -29,8 +29,7 @@ typedef struct moe_error_state {
     char message[MOE_ERROR_MSG_CAP];
     size_t trace_len;
     int trace_dropped;
-    char trace[MOE_ERROR_TRACE_CAP];
-    char trace_view[MOE_ERROR_TRACE_CAP + 64];  /* trace plus the "dropped" line */
+    char trace[MOE_ERROR_TRACE_CAP + 64]; /* entries use the first CAP bytes; the rest, the "dropped" note */
 } moe_error_state;
 
 static _Thread_local moe_error_state moe_err_tls;
@@ -93,7 +92,7 @@ void moe_error_trace(const char *stmt, const char *file, int line)
     if (n < 0)
         return;
     size_t len = (size_t)n < sizeof entry ? (size_t)n : sizeof entry - 1;
-    if (e->trace_len + len + 1 > sizeof e->trace) {
+    if (e->trace_len + len + 1 > MOE_ERROR_TRACE_CAP) {
         e->trace_dropped = 1;
         return;
     }
@@ -104,11 +103,10 @@ void moe_error_trace(const char *stmt, const char *file, int line)
 const char *moe_error_trace_text(void)
 {
     moe_error_state *e = &moe_err_tls;
-    if (!e->trace_dropped)
-        return e->trace;
-    snprintf(e->trace_view, sizeof e->trace_view, "%s\n(%d outer trace entries dropped)", e->trace,
-             e->trace_dropped);
-    return e->trace_view;
+    if (e->trace_dropped) /* after the entries, which no longer grow */
+        snprintf(e->trace + e->trace_len, sizeof e->trace - e->trace_len, "\n(%d outer trace entries dropped)",
+                 e->trace_dropped);
+    return e->trace;
 }
 
 void moe_error_clear(void)

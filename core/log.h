@@ -38,7 +38,7 @@ typedef struct moe_stat_kv {
     char value[32];
 } moe_stat_kv;
 
-void moe_log_stats(const char *tag, int epoch, const char *update /* "0.004" or NULL */,
+void moe_log_stats(const char *tag, int epoch, const char *update /* "13/3125" (position) or "0.004" or NULL */,
                    const moe_stat_kv *kv, int n);
 
 /* fairseq's format_stat for a rounded number: round to `digits` decimals,

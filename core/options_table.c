@@ -18,7 +18,7 @@ const moe_option moe_core_options[] = {
     /* components */
     {"arch", MOE_OPT_STRING, NULL, "model architecture: an arch plugin (required; see --list-plugins)", NOLIMIT, NULL},
     {"task", MOE_OPT_STRING, "translation",
-     "task: a task plugin, e.g. dummy_lm or language_modeling (fairseq's default is translation)", NOLIMIT, NULL},
+     "task: a task plugin such as dummy_lm or language_modeling", NOLIMIT, NULL},
     {"criterion", MOE_OPT_STRING, "cross_entropy", "training criterion: a criterion plugin", NOLIMIT, NULL},
     {"optimizer", MOE_OPT_STRING, NULL, "optimizer: an optimizer plugin (required)", NOLIMIT, NULL},
     {"lr-scheduler", MOE_OPT_STRING, "fixed", "learning rate scheduler: an lr_scheduler plugin", NOLIMIT, NULL},

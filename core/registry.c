@@ -18,10 +18,11 @@
  * the ops table size because the expected size depends on the kind, and a
  * wrong kind is the clearer message.
  *
- * What it deliberately is not: it does not call a plugin's load() (that needs
- * the host, which the runtime owns) and never unloads a plugin while the
- * registry lives. moe_registry_destroy calls each plugin's unload() (optional)
- * and then dlclose, in reverse load order.
+ * What it deliberately is not: it calls neither a plugin's load() nor its
+ * unload(). Both belong to whoever owns the host (the runtime), which calls
+ * unload() only for plugins it called load() on, before the registry goes.
+ * The registry never unloads a plugin while it lives; moe_registry_destroy
+ * dlcloses them in reverse load order.
  */
 #include "core/registry.h"
 
@@ -224,8 +225,6 @@ void moe_registry_destroy(moe_registry *r)
         return;
     for (int i = r->n_plugins - 1; i >= 0; i--) {
         loaded_plugin *p = &r->plugins[i];
-        if (p->desc->unload)
-            p->desc->unload();
         dlclose(p->handle);
         free(p->name);
         free(p->path);

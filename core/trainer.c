@@ -325,13 +325,8 @@ static void emit(trainer *t, moe_meters *m, const char *tag, const char *prefix,
     snprintf(kv[n].key, sizeof kv[n].key, "%swall", prefix);
     moe_format_stat(kv[n].value, sizeof kv[n].value, now - t->t0, 0);
     n++;
-    char update[32];
-    double u = (double)(t->epoch - 1) + (double)t->iter / (double)t->batches_per_epoch;
-    snprintf(update, sizeof update, "%.3f", u);
-    /* fairseq prints the rounded float: 0.004, 1.0 -> drop trailing zeros but keep one decimal */
-    size_t len = strlen(update);
-    while (len > 0 && update[len - 1] == '0' && len >= 2 && update[len - 2] != '.')
-        update[--len] = '\0';
+    char update[48];
+    snprintf(update, sizeof update, "%lld/%lld", (long long)t->iter, (long long)t->batches_per_epoch);
     moe_log_stats(tag, t->epoch, with_update ? update : NULL, kv, n);
 }
 

@@ -78,7 +78,7 @@ static void test_dryrun_multi_node_counts(void **state)
     long long expert = 16 * 1 * ffn;              /* one local expert per MoE layer */
     assert_true(non_expert == 4505346048LL);      /* the same numbers, written out */
     assert_true(expert == 2147811328LL);
-    char a[64], b[64], want[160];
+    char a[40], b[40], want[256];
     fmt_thousands(a, non_expert);
     fmt_thousands(b, expert);
 

@@ -7,6 +7,8 @@
  * SOURCES. It does not include cmocka: helpers return values (and print the
  * worst element on a mismatch), tests assert on them.
  *
+ * Set MOE_TEST_VERBOSE=1 to print every comparison's error and tolerance.
+ *
  * Conventions: "relative error" is normwise, max_i |got_i - ref_i| divided by
  * max_i |ref_i|, so a single tiny reference entry cannot blow it up and a
  * wrong factor anywhere still shows; tolerances are the caller's, stated next
@@ -19,6 +21,7 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "moe/plugin.h"
@@ -99,11 +102,19 @@ static inline double moe_test_rel_err(const float *got, const double *ref, int64
     return den > 0.0 ? num / den : num;
 }
 
+static inline void moe_test_verbose_report(const char *what, double e, double tol)
+{
+    const char *v = getenv("MOE_TEST_VERBOSE");
+    if (v != NULL && v[0] != '\0' && v[0] != '0')
+        fprintf(stderr, "%s: relative error %.3g (tolerance %.3g)\n", what, e, tol);
+}
+
 /* 1 if rel_err(got, ref) <= tol; otherwise prints what, the error and the worst element */
 static inline int moe_test_close(const char *what, const float *got, const double *ref, int64_t n, double tol)
 {
     int64_t w = 0;
     double e = moe_test_rel_err(got, ref, n, &w);
+    moe_test_verbose_report(what, e, tol);
     if (e <= tol)
         return 1;
     fprintf(stderr, "%s: relative error %.3g > %.3g; worst at [%lld]: got %.9g, expected %.9g\n", what, e, tol,
@@ -126,6 +137,7 @@ static inline int moe_test_close_f(const char *what, const float *got, const flo
             den = fabs((double)ref[i]);
     }
     double e = den > 0.0 ? num / den : num;
+    moe_test_verbose_report(what, e, tol);
     if (e <= tol)
         return 1;
     fprintf(stderr, "%s: relative error %.3g > %.3g; worst at [%lld]: got %.9g, expected %.9g\n", what, e, tol,

@@ -25,9 +25,10 @@
  *    random policy dropped every second choice); fairseq divides 0 by 0 there
  *    and logs nan, which helps nobody.
  *  - Randomness (kernels/philox.h), a pure function of (seed, stream, counter):
- *      sampling policy: Gumbel noise for logit (s, e) is -log(-log(u)) with
- *        u = moe_philox_uniform(seed, stream, s*E + e), clamped to
- *        [FLT_MIN, 1 - FLT_EPSILON] as torch's Gumbel does;
+ *      sampling policy: Gumbel noise for logit (s, e) is -log(-log(u)),
+ *        evaluated in double and rounded to fp32, with
+ *        u = moe_philox_uniform(seed, stream, s*E + e) kept within
+ *        [FLT_MIN, 1 - FLT_EPSILON], the range torch's Gumbel draws from;
  *      random policy: u = moe_philox_uniform(seed, stream ^ ROUTE_RANDOM_STREAM, s).
  *  - Arithmetic is fp32 as fairseq's --moe-gating-use-fp32 path; sums over
  *    tokens or experts (softmax denominator, entropy, me, l_aux, histogram
@@ -183,7 +184,7 @@ static void hist_metrics(int64_t *hist, int64_t *scratch, int E, int64_t S, floa
         }
         scratch[j + 1] = v;
     }
-    /* n = max(ceil(0.2 E), 1) in double, as Python evaluates it (E = 15 gives 4) */
+    /* n = max(ceil(0.2 E), 1), evaluated in double as fairseq does */
     int n = (int)ceil((double)E * 0.2);
     if (n < 1)
         n = 1;
@@ -210,7 +211,7 @@ moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
     const int64_t S = a->S, C = a->capacity;
     const int E = a->E, k = a->k;
     const int sampling = k == 2 && a->policy == MOE_ROUTE_SAMPLING;
-    const int random = k == 2 && a->policy == MOE_ROUTE_RANDOM;
+    const int random_policy = k == 2 && a->policy == MOE_ROUTE_RANDOM;
     const int norm_before = k == 2 && a->normalize_before_drop;
     route_ws w = ws_carve(a->workspace, S, E);
     int32_t *expert = a->expert, *slot = a->slot;
@@ -290,7 +291,7 @@ moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
             weight[s * 2 + 1] = g2;
         }
         int claim2 = !is_pad;
-        if (random) {
+        if (random_policy) {
             float u = moe_philox_uniform(a->seed, a->stream ^ ROUTE_RANDOM_STREAM, (uint64_t)s);
             claim2 = claim2 && 2.0f * g2 > u;
         }
@@ -376,6 +377,220 @@ moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
         m[MOE_METRIC_UNUSED_EXPERT2_COUNT] = 0.0f;
         m[MOE_METRIC_EXPERT2_BALANCE_TOP] = 0.0f;
         m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM] = 0.0f;
+    }
+    return MOE_OK;
+}
+
+/* ------------------------------------------------------------- backward */
+
+/* Gradient of w_j = g_j / max(g1 + g2, eps) with respect to g1 and g2, given
+ * dw_j. With D = g1 + g2 (clamp inactive), dL/dg_j = sum_k (dw_j - dw_k) g_k / D^2,
+ * written in that form so the only-one-survived case (w = g/g, the other
+ * g = 0) is exactly zero rather than a rounding residue. */
+static void normalize_grad(double g1, double g2, double dw1, double dw2, double *dg1, double *dg2)
+{
+    double d = g1 + g2;
+    if (d >= (double)FLT_EPSILON) {
+        *dg1 = (dw1 - dw2) * g2 / (d * d);
+        *dg2 = (dw2 - dw1) * g1 / (d * d);
+    } else { /* the clamp at eps is active: the denominator is a constant */
+        *dg1 = dw1 / (double)FLT_EPSILON;
+        *dg2 = dw2 / (double)FLT_EPSILON;
+    }
+}
+
+moe_status moe_cpu_route_backward(moe_ctx *c, const moe_route_args *a, const float *dweight, float dl_aux,
+                                  float *dlogits)
+{
+    MOE_TRY(check_route_args(c, "route_backward", a));
+    if (dweight == NULL || dlogits == NULL)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu route_backward: expected dweight and dlogits, found NULL");
+
+    const int64_t S = a->S;
+    const int E = a->E, k = a->k;
+    const int norm_before = k == 2 && a->normalize_before_drop;
+    route_ws w = ws_carve(a->workspace, S, E);
+    const int32_t *expert = a->expert, *slot = a->slot;
+    double *dp = w.acc;
+
+    /* ce_e * S: first choices after pad masking, before capacity */
+    for (int e = 0; e < E; e++)
+        w.tot1[e] = 0;
+    for (int64_t s = 0; s < S; s++) {
+        int e = expert[s * 2];
+        if (e < 0)
+            continue;
+        if (e >= E)
+            return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
+                               "cpu route_backward: expected expert ids in [0, %d), found %d at token %lld; pass "
+                               "the routing route_forward wrote",
+                               E, e, (long long)s);
+        w.tot1[e]++;
+    }
+    /* l_aux = E * sum_e me_e ce_e with me_e = mean_s probs[s, e] */
+    const double laux_scale = (double)dl_aux * (double)E / ((double)S * (double)S);
+
+    for (int64_t s = 0; s < S; s++) {
+        const float *p = a->probs + s * E;
+        for (int e = 0; e < E; e++)
+            dp[e] = laux_scale * (double)w.tot1[e];
+
+        const int i1 = expert[s * 2], i2 = k == 2 ? expert[s * 2 + 1] : -1;
+        const int kept1 = i1 >= 0 && slot[s * 2] >= 0;
+        const int kept2 = i2 >= 0 && slot[s * 2 + 1] >= 0;
+        if (i2 >= E)
+            return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
+                               "cpu route_backward: expected expert ids in [0, %d), found %d at token %lld; pass "
+                               "the routing route_forward wrote",
+                               E, i2, (long long)s);
+        const double dw1 = kept1 ? (double)dweight[s * 2] : 0.0;
+        const double dw2 = kept2 ? (double)dweight[s * 2 + 1] : 0.0;
+        if (k == 1) {
+            if (kept1) /* weight = raw probability */
+                dp[i1] += dw1;
+        } else if (norm_before) {
+            /* weights g_j * kept_j, g normalised over both argmax choices
+             * whether dropped or not: both probabilities get gradient */
+            if (i1 >= 0 && i2 >= 0) {
+                double dg1, dg2;
+                normalize_grad((double)p[i1], (double)p[i2], dw1, dw2, &dg1, &dg2);
+                dp[i1] += dg1;
+                dp[i2] += dg2;
+            }
+        } else {
+            /* weights renormalised over the kept choices: a dropped choice has
+             * g = 0 and a zero mask, so it neither gives nor gets gradient */
+            double dg1, dg2;
+            normalize_grad(kept1 ? (double)p[i1] : 0.0, kept2 ? (double)p[i2] : 0.0, dw1, dw2, &dg1, &dg2);
+            if (kept1)
+                dp[i1] += dg1;
+            if (kept2)
+                dp[i2] += dg2;
+        }
+
+        /* softmax: dl = p * (dp - sum_e p dp) */
+        double dot = 0.0;
+        for (int e = 0; e < E; e++)
+            dot += (double)p[e] * dp[e];
+        for (int e = 0; e < E; e++)
+            dlogits[s * E + e] = (float)((double)p[e] * (dp[e] - dot));
+    }
+    return MOE_OK;
+}
+
+/* ------------------------------------------------- dispatch and combine */
+
+static moe_status check_assign(moe_ctx *c, const char *op, const int32_t *expert, const int32_t *slot, int64_t S,
+                               int E, int64_t C, int64_t d, moe_dtype dt)
+{
+    if (dt != MOE_F32 && dt != MOE_F16 && dt != MOE_BF16)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected storage dtype f32, f16 or bf16, found %d", op,
+                           (int)dt);
+    if (S < 0 || E < 1 || C < 0 || d < 0)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
+                           "cpu %s: expected S >= 0, E >= 1, C >= 0, d >= 0, found S = %lld, E = %d, C = %lld, "
+                           "d = %lld",
+                           op, (long long)S, E, (long long)C, (long long)d);
+    if (S > 0 && (expert == NULL || slot == NULL))
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected expert and slot arrays, found NULL", op);
+    for (int64_t i = 0; i < 2 * S; i++) {
+        if (expert[i] < 0 || slot[i] < 0)
+            continue;
+        if (expert[i] >= E || slot[i] >= C)
+            return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
+                               "cpu %s: expected (expert, slot) in [0, %d) x [0, %lld), found (%d, %d) at token "
+                               "%lld choice %d; pass the routing route_forward wrote with the same capacity",
+                               op, E, (long long)C, expert[i], slot[i], (long long)(i / 2), (int)(i % 2));
+    }
+    return MOE_OK;
+}
+
+/* row of the (E*C, d) expert buffer that assignment i uses, or -1 */
+static int64_t assign_row(const int32_t *expert, const int32_t *slot, int64_t i, int64_t C)
+{
+    return expert[i] >= 0 && slot[i] >= 0 ? (int64_t)expert[i] * C + slot[i] : -1;
+}
+
+moe_status moe_cpu_dispatch_forward(moe_ctx *c, void *out, const void *x, const int32_t *expert,
+                                    const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
+{
+    MOE_TRY(check_assign(c, "dispatch_forward", expert, slot, S, E, C, d, dt));
+    const int64_t rows = (int64_t)E * C;
+    for (int64_t i = 0; i < rows * d; i++)
+        moe_cpu_store(out, dt, i, 0.0f);
+    for (int64_t i = 0; i < 2 * S; i++) {
+        int64_t r = assign_row(expert, slot, i, C);
+        if (r < 0)
+            continue;
+        for (int64_t j = 0; j < d; j++)
+            moe_cpu_store(out, dt, r * d + j, moe_cpu_load(x, dt, (i / 2) * d + j));
+    }
+    return MOE_OK;
+}
+
+moe_status moe_cpu_dispatch_backward(moe_ctx *c, void *dx, const void *dout, const int32_t *expert,
+                                     const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
+{
+    MOE_TRY(check_assign(c, "dispatch_backward", expert, slot, S, E, C, d, dt));
+    for (int64_t s = 0; s < S; s++) {
+        int64_t r0 = assign_row(expert, slot, s * 2, C), r1 = assign_row(expert, slot, s * 2 + 1, C);
+        if (r0 < 0 && r1 < 0)
+            continue;
+        for (int64_t j = 0; j < d; j++) {
+            double acc = (double)moe_cpu_load(dx, dt, s * d + j);
+            if (r0 >= 0)
+                acc += (double)moe_cpu_load(dout, dt, r0 * d + j);
+            if (r1 >= 0)
+                acc += (double)moe_cpu_load(dout, dt, r1 * d + j);
+            moe_cpu_store(dx, dt, s * d + j, (float)acc);
+        }
+    }
+    return MOE_OK;
+}
+
+moe_status moe_cpu_combine_forward(moe_ctx *c, void *y, const void *eout, const int32_t *expert, const int32_t *slot,
+                                   const float *weight, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
+{
+    MOE_TRY(check_assign(c, "combine_forward", expert, slot, S, E, C, d, dt));
+    if (S > 0 && weight == NULL)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu combine_forward: expected weights, found NULL");
+    for (int64_t s = 0; s < S; s++) {
+        int64_t r0 = assign_row(expert, slot, s * 2, C), r1 = assign_row(expert, slot, s * 2 + 1, C);
+        for (int64_t j = 0; j < d; j++) {
+            double acc = 0.0;
+            if (r0 >= 0)
+                acc += (double)weight[s * 2] * (double)moe_cpu_load(eout, dt, r0 * d + j);
+            if (r1 >= 0)
+                acc += (double)weight[s * 2 + 1] * (double)moe_cpu_load(eout, dt, r1 * d + j);
+            moe_cpu_store(y, dt, s * d + j, (float)acc);
+        }
+    }
+    return MOE_OK;
+}
+
+moe_status moe_cpu_combine_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
+                                    const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
+                                    int E, int64_t C, int64_t d, moe_dtype dt)
+{
+    MOE_TRY(check_assign(c, "combine_backward", expert, slot, S, E, C, d, dt));
+    if (S > 0 && (weight == NULL || dweight == NULL))
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu combine_backward: expected weight and dweight, found NULL");
+    const int64_t rows = (int64_t)E * C;
+    for (int64_t i = 0; i < rows * d; i++)
+        moe_cpu_store(deout, dt, i, 0.0f);
+    for (int64_t i = 0; i < 2 * S; i++) {
+        int64_t r = assign_row(expert, slot, i, C), s = i / 2;
+        if (r < 0) {
+            dweight[i] = 0.0f;
+            continue;
+        }
+        double dot = 0.0;
+        for (int64_t j = 0; j < d; j++) {
+            float g = moe_cpu_load(dy, dt, s * d + j);
+            dot += (double)g * (double)moe_cpu_load(eout, dt, r * d + j);
+            moe_cpu_store(deout, dt, r * d + j, weight[i] * g);
+        }
+        dweight[i] = (float)dot;
     }
     return MOE_OK;
 }

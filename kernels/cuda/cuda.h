@@ -205,6 +205,28 @@ static __device__ __forceinline__ float moe_cuda_block_max(float v, float *sh)
     return moe_cuda_warp_max(v);
 }
 
+/* ------------------------------------------------------------- GELU */
+
+/* tanh approximation (Megatron's fused bias-GELU, FAIRSEQ_SPEC.md §1.8) or erf */
+static __device__ __forceinline__ float moe_cuda_gelu(float x, moe_gelu_kind kind)
+{
+    if (kind == MOE_GELU_TANH)
+        return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+}
+
+/* d gelu / dx, the analytic derivative of the same formula */
+static __device__ __forceinline__ float moe_cuda_gelu_grad(float x, moe_gelu_kind kind)
+{
+    if (kind == MOE_GELU_TANH) {
+        const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+        float u = k0 * (x + k1 * x * x * x);
+        float t = tanhf(u);
+        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * k0 * (1.0f + 3.0f * k1 * x * x);
+    }
+    return 0.5f * (1.0f + erff(x * 0.7071067811865476f)) + x * 0.3989422804014327f * expf(-0.5f * x * x);
+}
+
 #endif /* __CUDACC__ */
 
 #endif

@@ -1,0 +1,518 @@
+/* nn.cu: the cuda backend's layer ops: GELU, dropout, layer norm, token
+ * embedding with sinusoidal positions, and softmax cross-entropy.
+ *
+ * Not here: fusions across ops (bias+GELU lives in the matmul epilogue) and
+ * anything that needs the host to look at data: arguments the cpu oracle
+ * checks element by element (token ids inside the table, targets inside the
+ * vocabulary) are not checked here; a target outside the vocabulary gives a
+ * NaN loss, a token outside the table gets no gradient.
+ *
+ * Conventions, the same as kernels/cpu/nn.c so the two agree to rounding:
+ *  - dropout keeps element i iff philox_uniform(seed, stream, i) >= p and
+ *    scales by 1/(1-p) computed in fp32; p == 1 drops everything.
+ *  - layer-norm statistics and parameter-gradient sums accumulate in double;
+ *    dweight/dbias are column sums over row chunks (fp64 partials) added in
+ *    chunk order: deterministic, no atomics.
+ *  - embedding backward groups positions by token with a stable radix sort
+ *    (CUB), then each table row is summed in fp32 in position order and
+ *    added once, as the cpu's counting sort does.
+ *  - cross-entropy is one block per row and one read of the logits for the
+ *    statistics (online max and sum of exponentials, combined across threads
+ *    in a fixed order), a second read to write the gradient in place: no
+ *    fp32 copy of the (N,V) logits.
+ */
+#include <cub/device/device_radix_sort.cuh>
+
+#include "kernels/cuda/cuda.h"
+#include "kernels/cuda/nn.h"
+
+static moe_status check_float(moe_ctx *c, const char *op, moe_dtype dt, int64_t n)
+{
+    if (!moe_cuda_is_float(dt))
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda %s: expected dtype f32, f16 or bf16, found %s (%d)", op,
+                             moe_cuda_dtype_name(dt), (int)dt);
+    if (n < 0)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda %s: expected a size >= 0, found %lld", op, (long long)n);
+    return MOE_OK;
+}
+
+/* ------------------------------------------------------------------ GELU */
+
+static __global__ void gelu_forward_kernel(void *out, const void *inp, int64_t n, moe_dtype dt, moe_gelu_kind kind)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        moe_cuda_st(out, dt, i, moe_cuda_gelu(moe_cuda_ld(inp, dt, i), kind));
+}
+
+static __global__ void gelu_backward_kernel(void *dinp, const void *inp, const void *dout, int64_t n, moe_dtype dt,
+                                            moe_gelu_kind kind)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        moe_cuda_st(dinp, dt, i, moe_cuda_ld(dout, dt, i) * moe_cuda_gelu_grad(moe_cuda_ld(inp, dt, i), kind));
+}
+
+static moe_status check_gelu(moe_ctx *c, const char *op, moe_dtype dt, int64_t n, moe_gelu_kind kind)
+{
+    MOE_TRY(check_float(c, op, dt, n));
+    if (kind != MOE_GELU_TANH && kind != MOE_GELU_ERF)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda %s: unknown gelu kind %d; expected MOE_GELU_TANH or MOE_GELU_ERF", op, (int)kind);
+    return MOE_OK;
+}
+
+moe_status moe_cuda_gelu_forward(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, moe_gelu_kind kind)
+{
+    MOE_TRY(check_gelu(c, "gelu_forward", dt, n, kind));
+    if (n == 0)
+        return MOE_OK;
+    gelu_forward_kernel<<<moe_cuda_blocks(c, n, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(out, inp, n, dt,
+                                                                                                    kind);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    return MOE_OK;
+}
+
+moe_status moe_cuda_gelu_backward(moe_ctx *c, void *dinp, const void *inp, const void *dout, int64_t n, moe_dtype dt,
+                                  moe_gelu_kind kind)
+{
+    MOE_TRY(check_gelu(c, "gelu_backward", dt, n, kind));
+    if (n == 0)
+        return MOE_OK;
+    gelu_backward_kernel<<<moe_cuda_blocks(c, n, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
+        dinp, inp, dout, n, dt, kind);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    return MOE_OK;
+}
+
+/* --------------------------------------------------------------- dropout */
+
+static __global__ void dropout_kernel(void *out, const void *in, int64_t n, moe_dtype dt, float p, float scale,
+                                      uint64_t seed, uint64_t stream)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        int keep = moe_philox_uniform(seed, stream, (uint64_t)i) >= p;
+        moe_cuda_st(out, dt, i, keep ? moe_cuda_ld(in, dt, i) * scale : 0.0f);
+    }
+}
+
+static moe_status dropout_apply(moe_ctx *c, const char *op, void *out, const void *in, int64_t n, moe_dtype dt,
+                                float p, uint64_t seed, uint64_t stream)
+{
+    MOE_TRY(check_float(c, op, dt, n));
+    if (!(p >= 0.0f && p <= 1.0f))
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda %s: expected a probability 0 <= p <= 1, found %g", op,
+                             (double)p);
+    if (n == 0)
+        return MOE_OK;
+    if (p == 0.0f) {
+        if (out != in)
+            MOE_CUDA_TRY(c, cudaMemcpyAsync(out, in, (size_t)n * moe_dtype_size(dt), cudaMemcpyDeviceToDevice,
+                                            c->stream));
+        return MOE_OK;
+    }
+    if (p == 1.0f) {
+        MOE_CUDA_TRY(c, cudaMemsetAsync(out, 0, (size_t)n * moe_dtype_size(dt), c->stream));
+        return MOE_OK;
+    }
+    dropout_kernel<<<moe_cuda_blocks(c, n, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
+        out, in, n, dt, p, 1.0f / (1.0f - p), seed, stream);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    return MOE_OK;
+}
+
+moe_status moe_cuda_dropout_forward(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, float p,
+                                    uint64_t seed, uint64_t stream)
+{
+    return dropout_apply(c, "dropout_forward", out, inp, n, dt, p, seed, stream);
+}
+
+moe_status moe_cuda_dropout_backward(moe_ctx *c, void *din, const void *dout, int64_t n, moe_dtype dt, float p,
+                                     uint64_t seed, uint64_t stream)
+{
+    return dropout_apply(c, "dropout_backward", din, dout, n, dt, p, seed, stream);
+}
+
+/* ------------------------------------------------------------ layer norm */
+
+#define LN_WARPS 8
+
+/* one warp per row */
+static __global__ void layernorm_forward_kernel(void *out, float *mean, float *rstd, const void *inp,
+                                                const void *weight, const void *bias, int64_t N, int64_t C, float eps,
+                                                moe_dtype dt)
+{
+    int lane = threadIdx.x & 31;
+    int64_t r = (int64_t)blockIdx.x * LN_WARPS + (threadIdx.x >> 5);
+    if (r >= N)
+        return;
+    const int64_t base = r * C;
+    double s = 0.0;
+    for (int64_t j = lane; j < C; j += 32)
+        s += (double)moe_cuda_ld(inp, dt, base + j);
+    const double m = moe_cuda_warp_sum_d(s) / (double)C;
+    double v = 0.0;
+    for (int64_t j = lane; j < C; j += 32) {
+        double d = (double)moe_cuda_ld(inp, dt, base + j) - m;
+        v += d * d;
+    }
+    v = moe_cuda_warp_sum_d(v);
+    const float mf = (float)m, rf = (float)(1.0 / sqrt(v / (double)C + (double)eps));
+    for (int64_t j = lane; j < C; j += 32) {
+        float y = (moe_cuda_ld(inp, dt, base + j) - mf) * rf;
+        if (weight != NULL)
+            y *= moe_cuda_ld(weight, dt, j);
+        if (bias != NULL)
+            y += moe_cuda_ld(bias, dt, j);
+        moe_cuda_st(out, dt, base + j, y);
+    }
+    if (lane == 0) {
+        if (mean != NULL)
+            mean[r] = mf;
+        if (rstd != NULL)
+            rstd[r] = rf;
+    }
+}
+
+/* dinp += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), one warp per row */
+static __global__ void layernorm_dinp_kernel(void *dinp, const void *dout, const void *inp, const void *weight,
+                                             const float *mean, const float *rstd, int64_t N, int64_t C, moe_dtype dt)
+{
+    int lane = threadIdx.x & 31;
+    int64_t r = (int64_t)blockIdx.x * LN_WARPS + (threadIdx.x >> 5);
+    if (r >= N)
+        return;
+    const int64_t base = r * C;
+    const float mf = mean[r], rf = rstd[r];
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t j = lane; j < C; j += 32) {
+        float g = moe_cuda_ld(dout, dt, base + j);
+        float xhat = (moe_cuda_ld(inp, dt, base + j) - mf) * rf;
+        float dxhat = weight != NULL ? g * moe_cuda_ld(weight, dt, j) : g;
+        s1 += (double)dxhat;
+        s2 += (double)dxhat * (double)xhat;
+    }
+    s1 = moe_cuda_warp_sum_d(s1);
+    s2 = moe_cuda_warp_sum_d(s2);
+    const float m1 = (float)(s1 / (double)C), m2 = (float)(s2 / (double)C);
+    for (int64_t j = lane; j < C; j += 32) {
+        float g = moe_cuda_ld(dout, dt, base + j);
+        float xhat = (moe_cuda_ld(inp, dt, base + j) - mf) * rf;
+        float dxhat = weight != NULL ? g * moe_cuda_ld(weight, dt, j) : g;
+        float d = rf * (dxhat - m1 - xhat * m2);
+        moe_cuda_st(dinp, dt, base + j, moe_cuda_ld(dinp, dt, base + j) + d);
+    }
+}
+
+#define COL_W 32
+#define COL_H 8
+
+/* partial[(0|1)*R*C + r*C + col] = sums over rows of chunk r of dout*xhat and dout */
+static __global__ void layernorm_dparam_partial_kernel(double *partial, const void *dout, const void *inp,
+                                                       const float *mean, const float *rstd, int64_t N, int64_t C,
+                                                       int64_t rows_per, int64_t R, moe_dtype dt)
+{
+    __shared__ double shw[COL_H][COL_W + 1], shb[COL_H][COL_W + 1];
+    int64_t col = (int64_t)blockIdx.x * COL_W + threadIdx.x;
+    int64_t r0 = (int64_t)blockIdx.y * rows_per, r1 = r0 + rows_per < N ? r0 + rows_per : N;
+    double sw = 0.0, sb = 0.0;
+    if (col < C)
+        for (int64_t r = r0 + threadIdx.y; r < r1; r += COL_H) {
+            float g = moe_cuda_ld(dout, dt, r * C + col);
+            float xhat = (moe_cuda_ld(inp, dt, r * C + col) - mean[r]) * rstd[r];
+            sw += (double)g * (double)xhat;
+            sb += (double)g;
+        }
+    shw[threadIdx.y][threadIdx.x] = sw;
+    shb[threadIdx.y][threadIdx.x] = sb;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < C) {
+        double tw = 0.0, tb = 0.0;
+        for (int y = 0; y < COL_H; y++) {
+            tw += shw[y][threadIdx.x];
+            tb += shb[y][threadIdx.x];
+        }
+        partial[blockIdx.y * C + col] = tw;
+        partial[R * C + blockIdx.y * C + col] = tb;
+    }
+}
+
+static __global__ void layernorm_dparam_final_kernel(void *dweight, void *dbias, const double *partial, int64_t R,
+                                                     int64_t C, moe_dtype dt)
+{
+    for (int64_t col = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; col < C; col += (int64_t)gridDim.x * blockDim.x) {
+        double sw = 0.0, sb = 0.0;
+        for (int64_t r = 0; r < R; r++) {
+            sw += partial[r * C + col];
+            sb += partial[R * C + r * C + col];
+        }
+        if (dweight != NULL)
+            moe_cuda_st(dweight, dt, col, (float)((double)moe_cuda_ld(dweight, dt, col) + sw));
+        if (dbias != NULL)
+            moe_cuda_st(dbias, dt, col, (float)((double)moe_cuda_ld(dbias, dt, col) + sb));
+    }
+}
+
+moe_status moe_cuda_layernorm_forward(moe_ctx *c, void *out, float *mean, float *rstd, const void *inp,
+                                      const void *weight, const void *bias, int64_t N, int64_t C, float eps,
+                                      moe_dtype dt)
+{
+    MOE_TRY(check_float(c, "layernorm_forward", dt, N));
+    if (C < 1 || !(eps >= 0.0f))
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda layernorm_forward: expected C >= 1 and eps >= 0, found C %lld, eps %g",
+                             (long long)C, (double)eps);
+    if (N == 0)
+        return MOE_OK;
+    unsigned blocks = (unsigned)((N + LN_WARPS - 1) / LN_WARPS);
+    layernorm_forward_kernel<<<blocks, LN_WARPS * 32, 0, c->stream>>>(out, mean, rstd, inp, weight, bias, N, C, eps,
+                                                                        dt);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    return MOE_OK;
+}
+
+moe_status moe_cuda_layernorm_backward(moe_ctx *c, void *dinp, void *dweight, void *dbias, const void *dout,
+                                       const void *inp, const void *weight, const float *mean, const float *rstd,
+                                       int64_t N, int64_t C, moe_dtype dt)
+{
+    MOE_TRY(check_float(c, "layernorm_backward", dt, N));
+    if (C < 1)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda layernorm_backward: expected C >= 1, found %lld",
+                             (long long)C);
+    if (N == 0)
+        return MOE_OK;
+    if (dinp != NULL) {
+        unsigned blocks = (unsigned)((N + LN_WARPS - 1) / LN_WARPS);
+        layernorm_dinp_kernel<<<blocks, LN_WARPS * 32, 0, c->stream>>>(dinp, dout, inp, weight, mean, rstd, N, C,
+                                                                         dt);
+        MOE_CUDA_CHECK_LAUNCH(c);
+    }
+    if (dweight == NULL && dbias == NULL)
+        return MOE_OK;
+    int64_t R = (N + 63) / 64;
+    if (R > 128)
+        R = 128;
+    int64_t rows_per = (N + R - 1) / R;
+    R = (N + rows_per - 1) / rows_per;
+    double *partial = NULL;
+    MOE_TRY(moe_cuda_scratch_alloc(c, (uint64_t)(2 * R * C) * sizeof(double), "layernorm_backward partials",
+                                   (void **)&partial));
+    dim3 grid((unsigned)((C + COL_W - 1) / COL_W), (unsigned)R), block(COL_W, COL_H);
+    layernorm_dparam_partial_kernel<<<grid, block, 0, c->stream>>>(partial, dout, inp, mean, rstd, N, C, rows_per, R,
+                                                                    dt);
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) {
+        layernorm_dparam_final_kernel<<<moe_cuda_blocks(c, C, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
+            dweight, dbias, partial, R, C, dt);
+        e = cudaGetLastError();
+    }
+    moe_cuda_scratch_free(c, partial);
+    MOE_CUDA_TRY(c, e);
+    return MOE_OK;
+}
+
+/* ------------------------------------------------------------- embedding */
+
+static __global__ void embedding_forward_kernel(void *out, const int32_t *tokens, const void *table, int64_t NT,
+                                                int64_t T, int64_t C, float scale, int padding_idx, int sinusoidal,
+                                                float neg_e, moe_dtype dt)
+{
+    const int64_t half = C / 2;
+    for (int64_t x = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; x < NT * C; x += (int64_t)gridDim.x * blockDim.x) {
+        int64_t n = x / C, j = x % C;
+        int32_t tok = tokens[n];
+        float v = tok >= 0 ? scale * moe_cuda_ld(table, dt, (int64_t)tok * C + j) : __int_as_float(0x7fc00000);
+        if (sinusoidal && tok != padding_idx && j < 2 * half) {
+            float pos = (float)((int64_t)padding_idx + 1 + n % T);
+            int64_t kk = j < half ? j : j - half;
+            float freq = expf((float)kk * neg_e);
+            v += j < half ? sinf(pos * freq) : cosf(pos * freq);
+        }
+        moe_cuda_st(out, dt, x, v);
+    }
+}
+
+/* One block per run of equal keys in the sorted tokens: sums dout over the
+ * run's positions in order and adds scale * sum to the table row once. */
+static __global__ void embedding_backward_kernel(void *dtable, const void *dout, const int32_t *sorted_tok,
+                                                 const int32_t *sorted_pos, int64_t NT, int64_t C, int64_t V,
+                                                 float scale, int padding_idx, moe_dtype dt)
+{
+    for (int64_t q = blockIdx.x; q < NT; q += gridDim.x) {
+        int32_t v = sorted_tok[q];
+        if ((q > 0 && sorted_tok[q - 1] == v) || v < 0 || v >= V || v == padding_idx)
+            continue;
+        int64_t end = q + 1;
+        while (end < NT && sorted_tok[end] == v)
+            end++;
+        for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+            float acc = 0.0f;
+            for (int64_t r = q; r < end; r++)
+                acc += moe_cuda_ld(dout, dt, (int64_t)sorted_pos[r] * C + j);
+            moe_cuda_st(dtable, dt, (int64_t)v * C + j, moe_cuda_ld(dtable, dt, (int64_t)v * C + j) + scale * acc);
+        }
+    }
+}
+
+static __global__ void iota_kernel(int32_t *x, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        x[i] = (int32_t)i;
+}
+
+moe_status moe_cuda_embedding_forward(moe_ctx *c, void *out, const int32_t *tokens, const void *table, int64_t B,
+                                      int64_t T, int64_t C, float scale, int padding_idx, int sinusoidal,
+                                      moe_dtype dt)
+{
+    MOE_TRY(check_float(c, "embedding_forward", dt, B));
+    if (T < 0 || C < 1)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda embedding_forward: expected T >= 0 and C >= 1, found T %lld, C %lld", (long long)T,
+                             (long long)C);
+    const int64_t half = C / 2;
+    if (sinusoidal && half < 2)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda embedding_forward: sinusoidal positions need C >= 4 (half-1 divides the frequency "
+                             "exponent), found C %lld",
+                             (long long)C);
+    const int64_t NT = B * T;
+    if (NT == 0)
+        return MOE_OK;
+    /* fp32 as fairseq: freq_k = exp(k * -(ln(10000)/(half-1))) */
+    const float e = sinusoidal ? (float)(log(10000.0) / (double)(half - 1)) : 0.0f;
+    embedding_forward_kernel<<<moe_cuda_blocks(c, NT * C, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
+        out, tokens, table, NT, T, C, scale, padding_idx, sinusoidal, -e, dt);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    return MOE_OK;
+}
+
+moe_status moe_cuda_embedding_backward(moe_ctx *c, void *dtable, const void *dout, const int32_t *tokens, int64_t B,
+                                       int64_t T, int64_t C, int64_t V, float scale, int padding_idx, moe_dtype dt)
+{
+    MOE_TRY(check_float(c, "embedding_backward", dt, B));
+    if (T < 0 || C < 1 || V < 1)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda embedding_backward: expected T >= 0, C >= 1, V >= 1, found T %lld, C %lld, V %lld",
+                             (long long)T, (long long)C, (long long)V);
+    const int64_t NT = B * T;
+    if (NT == 0)
+        return MOE_OK;
+    if (NT > INT32_MAX)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda embedding_backward: expected at most %d tokens, found %lld; split the batch",
+                             INT32_MAX, (long long)NT);
+    const int n = (int)NT;
+    size_t temp_bytes = 0;
+    if (cub::DeviceRadixSort::SortPairs(NULL, temp_bytes, (const int32_t *)NULL, (int32_t *)NULL,
+                                        (const int32_t *)NULL, (int32_t *)NULL, n, 0, 32, c->stream) != cudaSuccess)
+        return moe_cuda_fail(c, MOE_ERR_BACKEND, "cuda embedding_backward: sizing the token sort failed");
+    const size_t arr = ((size_t)n * sizeof(int32_t) + 255) & ~(size_t)255;
+    unsigned char *buf = NULL;
+    MOE_TRY(moe_cuda_scratch_alloc(c, 3 * arr + temp_bytes, "embedding_backward token sort", (void **)&buf));
+    int32_t *pos_in = (int32_t *)buf, *tok_out = (int32_t *)(buf + arr), *pos_out = (int32_t *)(buf + 2 * arr);
+    void *temp = buf + 3 * arr;
+    iota_kernel<<<moe_cuda_blocks(c, n, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(pos_in, n);
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) /* stable: equal tokens keep position order */
+        e = cub::DeviceRadixSort::SortPairs(temp, temp_bytes, tokens, tok_out, pos_in, pos_out, n, 0, 32, c->stream);
+    if (e == cudaSuccess) {
+        unsigned blocks = (unsigned)(n < 65535 * 4 ? n : 65535 * 4);
+        int threads = C >= 256 ? 256 : (int)((C + 31) / 32 * 32);
+        embedding_backward_kernel<<<blocks, threads, 0, c->stream>>>(dtable, dout, tok_out, pos_out, NT, C, V, scale,
+                                                                    padding_idx, dt);
+        e = cudaGetLastError();
+    }
+    moe_cuda_scratch_free(c, buf);
+    MOE_CUDA_TRY(c, e);
+    return MOE_OK;
+}
+
+/* --------------------------------------------------------- cross-entropy */
+
+#define CE_THREADS 256
+
+/* (m, s) pairs of an online softmax: s = sum exp(x - m) */
+static __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2)
+{
+    float mn = fmaxf(m, m2);
+    if (mn == -INFINITY) /* both empty */
+        return;
+    s = (m == -INFINITY ? 0.0f : s * expf(m - mn)) + (m2 == -INFINITY ? 0.0f : s2 * expf(m2 - mn));
+    m = mn;
+}
+
+static __global__ void cross_entropy_kernel(float *losses, void *logits, const int32_t *targets, int64_t N, int64_t V,
+                                            int ignore_index, float grad_scale, moe_dtype dt)
+{
+    __shared__ float shm[32], shs[32];
+    __shared__ float sh_lse;
+    const int64_t r = blockIdx.x;
+    const int32_t t = targets[r];
+    const int64_t base = r * V;
+    if (t == ignore_index) {
+        if (threadIdx.x == 0)
+            losses[r] = 0.0f;
+        if (grad_scale != 0.0f)
+            for (int64_t j = threadIdx.x; j < V; j += blockDim.x)
+                moe_cuda_st(logits, dt, base + j, 0.0f);
+        return;
+    }
+    float m = -INFINITY, s = 0.0f;
+    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+        float x = moe_cuda_ld(logits, dt, base + j);
+        if (x > m) {
+            s = (m == -INFINITY ? 0.0f : s * expf(m - x)) + 1.0f;
+            m = x;
+        } else {
+            s += expf(x - m);
+        }
+    }
+    /* warp then block combine, in a fixed order */
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        lse_merge(m, s, m2, s2);
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        shm[warp] = m;
+        shs[warp] = s;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x >> 5;
+        m = lane < nw ? shm[lane] : -INFINITY;
+        s = lane < nw ? shs[lane] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) {
+            float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            lse_merge(m, s, m2, s2);
+        }
+        if (lane == 0) {
+            float lse = m + logf(s);
+            sh_lse = lse;
+            losses[r] = (t >= 0 && t < V) ? lse - moe_cuda_ld(logits, dt, base + t) : __int_as_float(0x7fc00000);
+        }
+    }
+    __syncthreads();
+    if (grad_scale == 0.0f)
+        return;
+    const float lse = sh_lse;
+    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+        float p = expf(moe_cuda_ld(logits, dt, base + j) - lse);
+        moe_cuda_st(logits, dt, base + j, grad_scale * (j == t ? p - 1.0f : p));
+    }
+}
+
+moe_status moe_cuda_cross_entropy(moe_ctx *c, float *losses, void *logits, const int32_t *targets, int64_t N,
+                                  int64_t V, int ignore_index, float grad_scale, moe_dtype dt)
+{
+    MOE_TRY(check_float(c, "cross_entropy", dt, N));
+    if (V < 1)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda cross_entropy: expected V >= 1, found %lld", (long long)V);
+    for (int64_t r0 = 0; r0 < N; r0 += INT32_MAX) {
+        int64_t rows = N - r0 < INT32_MAX ? N - r0 : INT32_MAX;
+        cross_entropy_kernel<<<(unsigned)rows, CE_THREADS, 0, c->stream>>>(losses + r0, (char *)logits +
+                                                                                              r0 * V * moe_dtype_size(dt),
+                                                                          targets + r0, rows, V, ignore_index,
+                                                                          grad_scale, dt);
+        MOE_CUDA_CHECK_LAUNCH(c);
+    }
+    return MOE_OK;
+}

@@ -1,0 +1,1318 @@
+/* transformer_lm.c: fairseq's transformer_lm decoder family with MoE layers
+ * (FAIRSEQ_SPEC.md §1, §2.4): one source, built once per named architecture
+ * (libmoe-arch-<variant>.so, -DMOE_ARCH_VARIANT="<variant>"), whose defaults
+ * are those of fairseq's register_model_architecture functions. Options given
+ * on the command line win over the variant's defaults.
+ *
+ * What it is: parameter registration (build), activation buffers (setup), the
+ * explicit forward and backward of the pre-LN decoder, the MoE layer's gate
+ * projection, dispatch, all-to-all, local experts and combine. Every number is
+ * computed by host->ops on memory from host->backend->alloc; nothing here
+ * reads tensor memory, so the same code runs on the cpu and cuda backends.
+ * What it is not: the routing policy (the gate plugin, host->gate_ops), the
+ * loss (the criterion), gradient reduction or the optimizer (the trainer).
+ *
+ * Conventions a reader would trip over:
+ *  - Activations are token-major (N, d) with N = B*T batch-major (n = b*T+t)
+ *    throughout, which is fairseq's MoE token order; fairseq's (T, B, d)
+ *    transposes are layout only and change no number.
+ *  - q, k and v weights are registered [k; v; q] (then their biases), so the
+ *    projection is one (N, 3d) buffer [k | v | q] per token that attention
+ *    reads at row stride 3d. k|v is one GEMM, q another with alpha =
+ *    head_dim^-0.5 and a bias pre-scaled by the same factor (exact when
+ *    head_dim is a power of 4, as in every named variant but gpt2_big and
+ *    gpt3_2_7, and within one rounding otherwise).
+ *  - Dropout streams: every site draws from Philox with seed =
+ *    host->step_seed() and stream = tlm_stream(layer, site, micro, sub):
+ *        micro << 48 | layer << 32 | site << 24 | sub
+ *    where layer is 0 for the embedding and i+1 for decoder layer i, site is a
+ *    tlm_site below, and sub is the global expert id for expert sites (0
+ *    otherwise). Sites, layers, micro-batches and experts therefore never
+ *    share masks, and a recomputed layer (--checkpoint-activations) draws the
+ *    same ones, so gradients are bit-identical with and without it.
+ *  - GELU: fairseq's "gelu" runs Megatron's fused bias-GELU, the tanh
+ *    approximation (FAIRSEQ_SPEC.md §1.8); "gelu_accurate" is the same tanh
+ *    formula. --gelu-erf selects the exact erf GELU instead.
+ *  - Gate: logits = x wg^T in the activation dtype, cast to fp32; all routing
+ *    math is fp32 whether or not --moe-gating-use-fp32 is given.
+ *  - Expert-parallel layout (§2.4): the dispatched (E*C, d) buffer is rank-
+ *    major, so the all-to-all moves contiguous chunks; each local expert
+ *    processes the W*C slots it receives from the W ranks of its all-to-all
+ *    group. With several local experts and several ranks the received buffer
+ *    is permuted to expert-major and back with plain copies.
+ *  - With --checkpoint-activations all layers share one set of activation
+ *    buffers; only each layer's input stays, and backward recomputes a layer
+ *    before differentiating it (the last layer's activations are still in
+ *    place after forward, so it is not recomputed).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "moe/plugin.h"
+
+#ifndef MOE_ARCH_VARIANT
+#define MOE_ARCH_VARIANT "transformer_lm"
+#endif
+
+#define TLM_LOG "fairseq.models.transformer_lm"
+#define TLM_LN_EPS 1e-5f
+
+/* ------------------------------------------------------------- variants */
+
+/* Defaults of fairseq's named architectures (fairseq/models/transformer_lm.py). */
+typedef struct tlm_variant {
+    const char *name;
+    int64_t d, f, layers, heads;   /* f == 0: 4*d (the gpt3 family) */
+    double dropout, attention_dropout, activation_dropout;
+    const char *activation;
+    int no_final_norm;             /* the arch function forces no_decoder_final_norm */
+    int force_share;               /* the arch function forces tied embeddings (gpt3) */
+    int learned_pos;               /* fairseq defaults to learned positions (gpt3) */
+    int adaptive;                  /* fairseq defaults to adaptive input/softmax (wiki103) */
+} tlm_variant;
+
+static const tlm_variant tlm_variants[] = {
+    {"transformer_lm", 512, 2048, 6, 8, 0.1, 0.0, 0.0, "relu", 0, 0, 0, 0},
+    {"transformer_lm_big", 1024, 4096, 12, 16, 0.1, 0.0, 0.0, "relu", 0, 0, 0, 0},
+    {"transformer_lm_baevski_wiki103", 1024, 4096, 16, 8, 0.3, 0.1, 0.1, "relu", 1, 0, 0, 1},
+    {"transformer_lm_wiki103", 1024, 4096, 16, 8, 0.3, 0.1, 0.1, "relu", 1, 0, 0, 1},
+    {"transformer_lm_baevski_gbw", 512, 4096, 12, 16, 0.1, 0.1, 0.0, "relu", 1, 0, 0, 0},
+    {"transformer_lm_gbw", 512, 4096, 12, 16, 0.1, 0.1, 0.0, "relu", 1, 0, 0, 0},
+    {"transformer_lm_gpt", 768, 3072, 12, 12, 0.1, 0.1, 0.0, "gelu", 0, 0, 0, 0},
+    {"transformer_lm_gpt2_small", 1024, 4096, 24, 16, 0.1, 0.1, 0.0, "gelu", 0, 0, 0, 0},
+    {"transformer_lm_gpt2_tiny", 64, 64, 2, 1, 0.1, 0.1, 0.0, "gelu", 0, 0, 0, 0},
+    {"transformer_lm_gpt2_medium", 1280, 5120, 36, 20, 0.1, 0.1, 0.0, "gelu", 0, 0, 0, 0},
+    {"transformer_lm_gpt2_big", 1600, 6400, 48, 25, 0.1, 0.1, 0.0, "gelu", 0, 0, 0, 0},
+    {"transformer_lm_gpt3_small", 768, 0, 12, 12, 0.0, 0.0, 0.0, "gelu", 0, 1, 1, 0},
+    {"transformer_lm_gpt3_medium", 1024, 0, 24, 16, 0.0, 0.0, 0.0, "gelu", 0, 1, 1, 0},
+    {"transformer_lm_gpt3_large", 1536, 0, 24, 16, 0.0, 0.0, 0.0, "gelu", 0, 1, 1, 0},
+    {"transformer_lm_gpt3_xl", 2048, 0, 24, 32, 0.0, 0.0, 0.0, "gelu", 0, 1, 1, 0},
+    {"transformer_lm_gpt3_2_7", 2560, 0, 32, 32, 0.0, 0.0, 0.0, "gelu", 0, 1, 1, 0},
+    {"transformer_lm_gpt3_6_7", 4096, 0, 32, 32, 0.0, 0.0, 0.0, "gelu", 0, 1, 1, 0},
+    {"transformer_lm_gpt3_13", 5120, 0, 40, 40, 0.0, 0.0, 0.0, "gelu", 0, 1, 1, 0},
+    {"transformer_lm_gpt3_175", 12288, 0, 96, 96, 0.0, 0.0, 0.0, "gelu", 0, 1, 1, 0},
+};
+
+static const tlm_variant *tlm_variant_find(const char *name)
+{
+    for (size_t i = 0; i < sizeof tlm_variants / sizeof tlm_variants[0]; i++)
+        if (strcmp(tlm_variants[i].name, name) == 0)
+            return &tlm_variants[i];
+    return NULL;
+}
+
+/* --------------------------------------------------------------- options */
+
+enum {
+    OPT_EMBED_DIM = 0,
+    OPT_FFN_DIM,
+    OPT_LAYERS,
+    OPT_HEADS,
+    OPT_DROPOUT,
+    OPT_ATTN_DROPOUT,
+    OPT_ACT_DROPOUT,
+    OPT_ACT_FN,
+    OPT_VARIANT_COUNT, /* the options above take the variant's defaults */
+    OPT_RELU_DROPOUT = OPT_VARIANT_COUNT,
+    OPT_GELU_ERF,
+    OPT_SHARE,
+    OPT_NO_SCALE,
+    OPT_LEARNED_POS,
+    OPT_NO_FINAL_NORM,
+    OPT_CKPT,
+    OPT_EXPERTS,
+    OPT_MOE_FREQ,
+    OPT_DECODER_MOE_FREQ,
+    OPT_GATING_FP32,
+    OPT_EXPERT_FFN,
+    OPT_PAD_MASK,
+    OPT_ALT_FFN,
+    OPT_COUNT
+};
+
+#define TLM_NOLIMIT 0, 0
+
+/* Not const: the variant's defaults are written into the first
+ * OPT_VARIANT_COUNT entries when the descriptor is first asked for. */
+static moe_option tlm_options[OPT_COUNT] = {
+    {"decoder-embed-dim", MOE_OPT_INT, NULL, "decoder embedding dimension", 1, 1 << 20, NULL},
+    {"decoder-ffn-embed-dim", MOE_OPT_INT, NULL,
+     "decoder embedding dimension for FFN (dense layers, and experts unless --moe-expert-ffn-dim)", 1, 1 << 22, NULL},
+    {"decoder-layers", MOE_OPT_INT, NULL, "num decoder layers", 1, 4096, NULL},
+    {"decoder-attention-heads", MOE_OPT_INT, NULL, "num decoder attention heads", 1, 4096, NULL},
+    {"dropout", MOE_OPT_FLOAT, NULL, "dropout probability (embedding, attention output, FFN and expert output)", 0,
+     1, NULL},
+    {"attention-dropout", MOE_OPT_FLOAT, NULL, "dropout probability for attention weights", 0, 1, NULL},
+    {"activation-dropout", MOE_OPT_FLOAT, NULL, "dropout probability after activation in FFN", 0, 1, NULL},
+    {"activation-fn", MOE_OPT_CHOICE, NULL,
+     "activation function: gelu and gelu_accurate both compute the tanh approximation, as fairseq's fused "
+     "Megatron kernel does (--gelu-erf for the exact erf GELU); relu is not implemented",
+     TLM_NOLIMIT, "relu|gelu|gelu_accurate"},
+    {"relu-dropout", MOE_OPT_FLOAT, NULL,
+     "dropout probability after activation in FFN, used when --activation-dropout is 0 (fairseq's alias)", 0, 1,
+     NULL},
+    {"gelu-erf", MOE_OPT_FLAG, NULL, "compute GELU exactly with erf instead of the tanh approximation (moelm)",
+     TLM_NOLIMIT, NULL},
+    {"share-decoder-input-output-embed", MOE_OPT_FLAG, NULL, "share decoder input and output embeddings",
+     TLM_NOLIMIT, NULL},
+    {"no-scale-embedding", MOE_OPT_FLAG, NULL, "if True, dont scale embeddings by sqrt(embed dim)", TLM_NOLIMIT,
+     NULL},
+    {"decoder-learned-pos", MOE_OPT_FLAG, NULL,
+     "use learned positional embeddings in the decoder (not supported: moelm uses sinusoidal positions)",
+     TLM_NOLIMIT, NULL},
+    {"no-decoder-final-norm", MOE_OPT_FLAG, NULL, "don't add an extra layernorm after the last decoder block",
+     TLM_NOLIMIT, NULL},
+    {"checkpoint-activations", MOE_OPT_FLAG, NULL,
+     "checkpoint activations at each layer: keep each layer's input, recompute the layer in backward",
+     TLM_NOLIMIT, NULL},
+    {"moe-expert-count", MOE_OPT_INT, "0", "number of experts in each MoE layer (global, over all ranks)", 0,
+     1 << 20, NULL},
+    {"moe-freq", MOE_OPT_INT, "0", "frequency at which to insert MoE layers: layer i is MoE when (i+1) % freq == 0",
+     0, 4096, NULL},
+    {"decoder-moe-freq", MOE_OPT_INT, "0", "like --moe-freq for the decoder; the larger of the two is used", 0, 4096,
+     NULL},
+    {"moe-gating-use-fp32", MOE_OPT_FLAG, NULL,
+     "use fp32 for the gate's routing math (accepted for compatibility: moelm always routes in fp32)", TLM_NOLIMIT,
+     NULL},
+    {"moe-expert-ffn-dim", MOE_OPT_INT, NULL,
+     "expert FFN hidden dimension; default: --decoder-ffn-embed-dim. Unlike fairseq, which declares this flag but "
+     "never uses it, moelm does use it",
+     1, 1 << 22, NULL},
+    {"use-moe-pad-mask", MOE_OPT_FLAG, NULL,
+     "don't route padding tokens to any expert (costs a host round trip of the tokens per forward)", TLM_NOLIMIT,
+     NULL},
+    {"alternate-decoder-ffn-embed-dim", MOE_OPT_INT, "0",
+     "if > 0, layers that would be MoE are dense FFNs of this width instead (dense baseline with matched FLOPs)", 0,
+     1 << 22, NULL},
+};
+
+/* ----------------------------------------------------------------- model */
+
+enum tlm_site {
+    SITE_EMBED = 0,
+    SITE_ATTN_PROBS,
+    SITE_ATTN_OUT,
+    SITE_FFN_ACT,
+    SITE_FFN_OUT,
+    SITE_EXPERT_ACT,
+    SITE_EXPERT_OUT,
+    SITE_GATE
+};
+
+static uint64_t tlm_stream(int layer, int site, int micro, int sub)
+{
+    return ((uint64_t)(micro & 0xFFFF) << 48) | ((uint64_t)(layer & 0xFFFF) << 32) | ((uint64_t)(site & 0xFF) << 24) |
+           (uint64_t)(sub & 0xFFFFFF);
+}
+
+typedef struct tlm_expert {
+    int gid;                  /* global expert id */
+    int unit;
+    int fc1_w, fc1_b, fc2_w, fc2_b;
+} tlm_expert;
+
+typedef struct tlm_layer {
+    int moe;                  /* gate + experts instead of a dense FFN */
+    int moe_index;            /* index among MoE layers, -1 for dense */
+    int64_t ffn;              /* dense FFN width */
+    int unit;
+    int wk, wv, wq, bk, bv, bq, wo, bo, ln1_w, ln1_b;
+    int fc1_w, fc1_b, fc2_w, fc2_b; /* dense */
+    int wg;                         /* MoE gate projection (E, d) */
+    int ln2_w, ln2_b;
+    tlm_expert *experts;      /* local experts (MoE) */
+    void *gate;               /* the gate plugin's state (MoE) */
+} tlm_layer;
+
+/* What backward needs of one layer (one shared set with checkpointing). */
+typedef struct tlm_acts {
+    void *h1;                 /* (N,d) self_attn_layer_norm output */
+    float *mean1, *rstd1;     /* (N) */
+    void *qkv;                /* (N,3d) [k | v | q], q scaled */
+    void *att;                /* (N,d) attention output before out_proj */
+    float *lse;               /* (B,H,T) */
+    void *xmid;               /* (N,d) residual stream after attention */
+    void *h2;                 /* (N,d) final_layer_norm output */
+    float *mean2, *rstd2;     /* (N) */
+    void *pre, *act;          /* (N,f) dense fc1 pre-activation, activation after dropout */
+    /* MoE */
+    moe_route_args route;     /* as the gate's forward left it */
+    float *logits;            /* (N,E) fp32 */
+    float *probs;             /* (N,E) */
+    int32_t *expert, *slot;   /* (N,2) */
+    float *weight;            /* (N,2) */
+    void *route_ws;
+    void *xe;                 /* (E*C,d) expert inputs, expert-major */
+    void *epre, *eact;        /* (E*C,fe) */
+    void *eback;              /* (E*C,d) expert outputs back in the global (dispatch) layout */
+} tlm_acts;
+
+typedef struct tlm_alloc {
+    void **ptrs;
+    int n, cap;
+} tlm_alloc;
+
+typedef struct tlm {
+    const moe_host *h;
+    const tlm_variant *variant;
+    const moe_gate_ops *gate_ops;
+    moe_dtype dt;
+    /* configuration */
+    int64_t V, d, f, fe, L, H, D;
+    int pad;
+    float p_drop, p_attn, p_act;
+    moe_gelu_kind gelu;
+    int tied, scale_embed, final_norm, ckpt, pad_mask;
+    int E, moe_freq, n_moe, local_experts;
+    int a2a_world;            /* W: ranks in this rank's all-to-all group */
+    float emb_scale, q_scale;
+    /* parameters */
+    int root_unit, emb, out_proj, lnf_w, lnf_b;
+    tlm_layer *layers;
+    /* buffers (setup) */
+    int ready;
+    int64_t Bmax, Tmax, Nmax, C;  /* C: capacity the MoE buffers hold */
+    moe_group *a2a_group;
+    tlm_alloc allocs;
+    void **xs;                /* (L+1) x (N,d): layer inputs, xs[L] the last output */
+    void *xf;                 /* (N,d) after the final norm */
+    float *meanf, *rstdf;
+    void *logits;             /* (N,V) */
+    float *l_aux, *metrics;   /* (n_moe), (n_moe, MOE_NUM_METRICS) */
+    void *ones;               /* (N) ones: column sums of strided gradients */
+    void *bq_scaled;          /* (d) q bias times q_scale */
+    void *tmp;                /* (N,d) a branch's output before the residual add */
+    tlm_acts *acts;           /* L sets, or 1 with checkpointing */
+    /* MoE scratch shared by layers */
+    void *glog;               /* (N,E) gate logits in the act dtype (fp16/bf16 only) */
+    void *disp, *recv, *eout, *eperm; /* (E*C,d), each NULL when it is aliased (see setup) */
+    uint8_t *pad_dev;         /* (N) 1 = pad token */
+    int32_t *tok_host;
+    uint8_t *pad_host;
+    /* backward scratch */
+    void *dres, *dtmp, *dh, *datt; /* (N,d) */
+    void *dqkv;               /* (N,3d) */
+    void *dpre;               /* (N, max dense f) */
+    void *d_a, *d_b, *d_c, *d_e; /* MoE (E*C,d): combine grad, received, expert-major, expert input grads */
+    void *depre;              /* (W*C, fe) */
+    float *dweight, *dlogits; /* (N,2), (N,E) fp32 */
+    void *dlog;               /* (N,E) act dtype (fp16/bf16 only) */
+    /* the last forward */
+    const int32_t *tokens;
+    int64_t B, T, N;
+    int train, micro;
+    uint64_t seed;
+    int ws_layer;             /* checkpointing: layer whose activations the shared set holds */
+} tlm;
+
+/* ------------------------------------------------------------ utilities */
+
+static void *off(const void *p, int64_t elems, moe_dtype dt)
+{
+    return (char *)(uintptr_t)p + (size_t)elems * moe_dtype_size(dt);
+}
+
+static void *P(const tlm *m, int id) { return m->h->param_data(m->h, id); }
+static void *G(const tlm *m, int id) { return m->h->grad_data(m->h, id); }
+
+static moe_status dev_alloc(tlm *m, uint64_t bytes, const char *what, void **out)
+{
+    *out = NULL;
+    if (bytes == 0)
+        return MOE_OK;
+    if (m->allocs.n == m->allocs.cap) {
+        int cap = m->allocs.cap ? 2 * m->allocs.cap : 64;
+        void **p = realloc(m->allocs.ptrs, (size_t)cap * sizeof *p);
+        if (!p)
+            return m->h->error(m->h, MOE_ERR_NOMEM, "%s: out of host memory tracking buffers", MOE_ARCH_VARIANT);
+        m->allocs.ptrs = p;
+        m->allocs.cap = cap;
+    }
+    MOE_TRY(m->h->backend->alloc(m->h->ctx, bytes, what, out));
+    m->allocs.ptrs[m->allocs.n++] = *out;
+    return MOE_OK;
+}
+
+static moe_status act_alloc(tlm *m, int64_t elems, const char *what, void **out)
+{
+    return dev_alloc(m, (uint64_t)elems * moe_dtype_size(m->dt), what, out);
+}
+
+static moe_status f32_alloc(tlm *m, int64_t elems, const char *what, float **out)
+{
+    return dev_alloc(m, (uint64_t)elems * 4u, what, (void **)out);
+}
+
+/* C(M,Nc) = alpha op(A) op(B) + beta C [+ bias [gelu]] in the model's dtypes */
+static moe_status mm(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_t K, float alpha, const void *a,
+                     int64_t lda, const void *b, int64_t ldb, float beta, void *c, int64_t ldc, moe_dtype ab_dt,
+                     moe_dtype c_dt, moe_epilogue epi, const void *bias, void *aux)
+{
+    moe_matmul_desc d;
+    memset(&d, 0, sizeof d);
+    d.trans_a = ta;
+    d.trans_b = tb;
+    d.m = M;
+    d.n = Nc;
+    d.k = K;
+    d.alpha = alpha;
+    d.beta = beta;
+    d.a = a;
+    d.lda = lda;
+    d.b = b;
+    d.ldb = ldb;
+    d.c = c;
+    d.ldc = ldc;
+    d.ab_dtype = ab_dt;
+    d.c_dtype = c_dt;
+    d.batch = 1;
+    d.epilogue = epi;
+    d.bias = bias;
+    d.aux = aux;
+    d.gelu = m->gelu;
+    return m->h->ops->matmul(m->h->ctx, &d);
+}
+
+/* plain activation-dtype product without epilogue */
+static moe_status mmp(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_t K, float alpha, const void *a,
+                      int64_t lda, const void *b, int64_t ldb, float beta, void *c, int64_t ldc)
+{
+    return mm(m, ta, tb, M, Nc, K, alpha, a, lda, b, ldb, beta, c, ldc, m->dt, m->dt, MOE_EPI_NONE, NULL, NULL);
+}
+
+static moe_status dropout_fwd(const tlm *m, void *x, int64_t n, float p, int layer, int site, int sub)
+{
+    if (!m->train || p <= 0.0f)
+        return MOE_OK;
+    return m->h->ops->dropout_forward(m->h->ctx, x, x, n, m->dt, p, m->seed, tlm_stream(layer, site, m->micro, sub));
+}
+
+/* dx = dropout'(dy) into `out`, or dy itself when no dropout applied */
+static moe_status dropout_bwd(const tlm *m, const void *dy, void *out, int64_t n, float p, int layer, int site,
+                              int sub, const void **dx)
+{
+    if (p <= 0.0f) {
+        *dx = dy;
+        return MOE_OK;
+    }
+    *dx = out;
+    return m->h->ops->dropout_backward(m->h->ctx, out, dy, n, m->dt, p, m->seed,
+                                       tlm_stream(layer, site, m->micro, sub));
+}
+
+/* ----------------------------------------------------------------- build */
+
+static moe_status add_param(tlm *m, int unit, const char *name, int64_t rows, int64_t cols, moe_init_kind init,
+                            float a, int64_t zero_row, int *id)
+{
+    moe_param_def def;
+    memset(&def, 0, sizeof def);
+    def.name = name;
+    def.ndim = cols > 0 ? 2 : 1;
+    def.shape[0] = rows;
+    def.shape[1] = cols > 0 ? cols : 0;
+    def.init = init;
+    def.a = a;
+    def.zero_row = zero_row;
+    return m->h->param_add(m->h, unit, &def, id);
+}
+
+static moe_status add_ffn(tlm *m, int unit, const char *prefix, int64_t width, int *w1, int *b1, int *w2, int *b2)
+{
+    char name[200];
+    float a1 = (float)(1.0 / sqrt((double)m->d)), a2 = (float)(1.0 / sqrt((double)width));
+    snprintf(name, sizeof name, "%s.fc1.weight", prefix);
+    MOE_TRY(add_param(m, unit, name, width, m->d, MOE_INIT_UNIFORM, a1, -1, w1));
+    snprintf(name, sizeof name, "%s.fc1.bias", prefix);
+    MOE_TRY(add_param(m, unit, name, width, 0, MOE_INIT_UNIFORM, a1, -1, b1));
+    snprintf(name, sizeof name, "%s.fc2.weight", prefix);
+    MOE_TRY(add_param(m, unit, name, m->d, width, MOE_INIT_UNIFORM, a2, -1, w2));
+    snprintf(name, sizeof name, "%s.fc2.bias", prefix);
+    MOE_TRY(add_param(m, unit, name, m->d, 0, MOE_INIT_UNIFORM, a2, -1, b2));
+    return MOE_OK;
+}
+
+static moe_status register_layer(tlm *m, int i)
+{
+    const moe_host *h = m->h;
+    tlm_layer *ly = &m->layers[i];
+    char pfx[96], name[200];
+    snprintf(pfx, sizeof pfx, "decoder.layers.%d", i);
+    MOE_TRY(h->unit_add(h, pfx, -1, &ly->unit));
+    const double d = (double)m->d;
+    const float qkv_bound = (float)(sqrt(6.0 / (2.0 * d)) / sqrt(2.0)); /* xavier_uniform, gain 1/sqrt(2) */
+    const float out_bound = (float)sqrt(6.0 / (2.0 * d));               /* xavier_uniform, gain 1 */
+    const float bias_bound = (float)(1.0 / sqrt(d));                    /* nn.Linear default */
+    static const char *const proj[3] = {"k_proj", "v_proj", "q_proj"};
+    int *wid[3] = {&ly->wk, &ly->wv, &ly->wq}, *bid[3] = {&ly->bk, &ly->bv, &ly->bq};
+    for (int j = 0; j < 3; j++) {
+        snprintf(name, sizeof name, "%s.self_attn.%s.weight", pfx, proj[j]);
+        MOE_TRY(add_param(m, ly->unit, name, m->d, m->d, MOE_INIT_UNIFORM, qkv_bound, -1, wid[j]));
+    }
+    for (int j = 0; j < 3; j++) {
+        snprintf(name, sizeof name, "%s.self_attn.%s.bias", pfx, proj[j]);
+        MOE_TRY(add_param(m, ly->unit, name, m->d, 0, MOE_INIT_UNIFORM, bias_bound, -1, bid[j]));
+    }
+    snprintf(name, sizeof name, "%s.self_attn.out_proj.weight", pfx);
+    MOE_TRY(add_param(m, ly->unit, name, m->d, m->d, MOE_INIT_UNIFORM, out_bound, -1, &ly->wo));
+    snprintf(name, sizeof name, "%s.self_attn.out_proj.bias", pfx);
+    MOE_TRY(add_param(m, ly->unit, name, m->d, 0, MOE_INIT_ZERO, 0.0f, -1, &ly->bo));
+    snprintf(name, sizeof name, "%s.self_attn_layer_norm.weight", pfx);
+    MOE_TRY(add_param(m, ly->unit, name, m->d, 0, MOE_INIT_ONE, 0.0f, -1, &ly->ln1_w));
+    snprintf(name, sizeof name, "%s.self_attn_layer_norm.bias", pfx);
+    MOE_TRY(add_param(m, ly->unit, name, m->d, 0, MOE_INIT_ZERO, 0.0f, -1, &ly->ln1_b));
+    if (ly->moe) {
+        snprintf(name, sizeof name, "%s.moe_layer.gate.wg.weight", pfx);
+        MOE_TRY(add_param(m, ly->unit, name, m->E, m->d, MOE_INIT_UNIFORM, bias_bound, -1, &ly->wg));
+    } else {
+        MOE_TRY(add_ffn(m, ly->unit, pfx, ly->ffn, &ly->fc1_w, &ly->fc1_b, &ly->fc2_w, &ly->fc2_b));
+    }
+    snprintf(name, sizeof name, "%s.final_layer_norm.weight", pfx);
+    MOE_TRY(add_param(m, ly->unit, name, m->d, 0, MOE_INIT_ONE, 0.0f, -1, &ly->ln2_w));
+    snprintf(name, sizeof name, "%s.final_layer_norm.bias", pfx);
+    MOE_TRY(add_param(m, ly->unit, name, m->d, 0, MOE_INIT_ZERO, 0.0f, -1, &ly->ln2_b));
+
+    if (ly->moe) {
+        ly->experts = calloc((size_t)m->local_experts, sizeof *ly->experts);
+        if (!ly->experts)
+            return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for layer %d's experts", MOE_ARCH_VARIANT, i);
+        for (int j = 0; j < m->local_experts; j++) {
+            tlm_expert *x = &ly->experts[j];
+            /* FAIRSEQ_SPEC.md §2.4: E >= world: rank r holds experts r*L..r*L+L-1;
+             * E < world: rank r holds a replica of expert r mod E */
+            x->gid = m->E >= h->world ? h->rank * m->local_experts + j : h->rank % m->E;
+            char epfx[128];
+            snprintf(epfx, sizeof epfx, "%s.moe_layer.experts.%d", pfx, x->gid);
+            MOE_TRY(h->unit_add(h, epfx, x->gid, &x->unit));
+            MOE_TRY(add_ffn(m, x->unit, epfx, m->fe, &x->fc1_w, &x->fc1_b, &x->fc2_w, &x->fc2_b));
+        }
+    }
+    return MOE_OK;
+}
+
+static moe_status init_gates(tlm *m)
+{
+    if (m->n_moe == 0 || m->gate_ops)
+        return MOE_OK;
+    const moe_host *h = m->h;
+    if (!h->gate_ops)
+        return MOE_OK; /* resolved later; setup checks again */
+    m->gate_ops = h->gate_ops;
+    for (int i = 0; i < m->L; i++)
+        if (m->layers[i].moe)
+            MOE_TRY(m->gate_ops->init(h, m->E, &m->layers[i].gate));
+    return MOE_OK;
+}
+
+static void tlm_destroy(void *model);
+
+static moe_status read_options(tlm *m)
+{
+    const moe_host *h = m->h;
+    const tlm_variant *v = m->variant;
+    m->d = h->opt_set(h, "decoder-embed-dim") ? h->opt_int(h, "decoder-embed-dim") : v->d;
+    m->L = h->opt_set(h, "decoder-layers") ? h->opt_int(h, "decoder-layers") : v->layers;
+    m->H = h->opt_set(h, "decoder-attention-heads") ? h->opt_int(h, "decoder-attention-heads") : v->heads;
+    if (h->opt_set(h, "decoder-ffn-embed-dim"))
+        m->f = h->opt_int(h, "decoder-ffn-embed-dim");
+    else
+        m->f = v->f > 0 ? v->f : 4 * m->d;
+    double p_drop = h->opt_set(h, "dropout") ? h->opt_float(h, "dropout") : v->dropout;
+    double p_attn = h->opt_set(h, "attention-dropout") ? h->opt_float(h, "attention-dropout") : v->attention_dropout;
+    double p_act = h->opt_set(h, "activation-dropout") ? h->opt_float(h, "activation-dropout") : v->activation_dropout;
+    if (p_act == 0.0 && h->opt_set(h, "relu-dropout"))
+        p_act = h->opt_float(h, "relu-dropout"); /* fairseq's FeedForwardNetwork falls back to relu_dropout */
+    m->p_drop = (float)p_drop;
+    m->p_attn = (float)p_attn;
+    m->p_act = (float)p_act;
+    const char *act = h->opt_set(h, "activation-fn") ? h->opt_str(h, "activation-fn") : v->activation;
+    if (act == NULL || (strcmp(act, "gelu") != 0 && strcmp(act, "gelu_accurate") != 0))
+        return h->error(h, MOE_ERR_UNSUPPORTED,
+                        "%s: activation '%s' is not implemented (the ops table has GELU only); pass "
+                        "--activation-fn gelu",
+                        MOE_ARCH_VARIANT, act ? act : "None");
+    m->gelu = h->opt_flag(h, "gelu-erf") ? MOE_GELU_ERF : MOE_GELU_TANH;
+    if (h->opt_flag(h, "decoder-learned-pos"))
+        return h->error(h, MOE_ERR_UNSUPPORTED,
+                        "%s: --decoder-learned-pos is not supported: moelm implements sinusoidal positions only; "
+                        "drop the flag",
+                        MOE_ARCH_VARIANT);
+    m->tied = v->force_share || h->opt_flag(h, "share-decoder-input-output-embed");
+    m->scale_embed = !h->opt_flag(h, "no-scale-embedding");
+    m->final_norm = !(v->no_final_norm || h->opt_flag(h, "no-decoder-final-norm"));
+    m->ckpt = h->opt_flag(h, "checkpoint-activations");
+    m->pad_mask = h->opt_flag(h, "use-moe-pad-mask");
+    m->E = (int)h->opt_int(h, "moe-expert-count");
+    int64_t f1 = h->opt_int(h, "moe-freq"), f2 = h->opt_int(h, "decoder-moe-freq");
+    m->moe_freq = (int)(f1 > f2 ? f1 : f2);
+    m->fe = h->opt_set(h, "moe-expert-ffn-dim") ? h->opt_int(h, "moe-expert-ffn-dim") : m->f;
+    (void)h->opt_flag(h, "moe-gating-use-fp32"); /* accepted: routing is always fp32 here */
+
+    if (m->d < 1 || m->H < 1 || m->d % m->H != 0)
+        return h->error(h, MOE_ERR_INVALID_ARG,
+                        "%s: expected --decoder-embed-dim divisible by --decoder-attention-heads, found %lld and %lld",
+                        MOE_ARCH_VARIANT, (long long)m->d, (long long)m->H);
+    if (m->L < 1 || m->f < 1)
+        return h->error(h, MOE_ERR_INVALID_ARG, "%s: expected at least one layer and an FFN width >= 1, found %lld, %lld",
+                        MOE_ARCH_VARIANT, (long long)m->L, (long long)m->f);
+    if (m->moe_freq > 0 && m->E < 1)
+        return h->error(h, MOE_ERR_INVALID_ARG,
+                        "%s: --moe-freq %d asks for MoE layers but --moe-expert-count is %d; give the number of experts",
+                        MOE_ARCH_VARIANT, m->moe_freq, m->E);
+    return MOE_OK;
+}
+
+static moe_status tlm_build(const moe_host *h, int64_t vocab, int padding_idx, void **model)
+{
+    *model = NULL;
+    const tlm_variant *v = tlm_variant_find(MOE_ARCH_VARIANT);
+    if (!v)
+        return h->error(h, MOE_ERR_INTERNAL, "arch plugin built for unknown variant '%s'; rebuild with a name from "
+                                             "fairseq's transformer_lm architectures", MOE_ARCH_VARIANT);
+    if (h->grad_dtype != h->act_dtype)
+        return h->error(h, MOE_ERR_UNSUPPORTED,
+                        "%s: expected gradients in the activation dtype, found dtypes %d and %d; use one precision mode",
+                        MOE_ARCH_VARIANT, (int)h->grad_dtype, (int)h->act_dtype);
+    if (vocab < 1 || padding_idx < 0 || padding_idx >= vocab)
+        return h->error(h, MOE_ERR_INVALID_ARG, "%s: expected a vocabulary containing padding index %d, found size %lld",
+                        MOE_ARCH_VARIANT, padding_idx, (long long)vocab);
+    tlm *m = calloc(1, sizeof *m);
+    if (!m)
+        return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for the model", MOE_ARCH_VARIANT);
+    m->h = h;
+    m->variant = v;
+    m->dt = h->act_dtype;
+    m->V = vocab;
+    m->pad = padding_idx;
+    m->ws_layer = -1;
+    moe_status st;
+    MOE_TRY_GOTO(st, read_options(m), fail);
+    m->D = m->d / m->H;
+    m->q_scale = (float)(1.0 / sqrt((double)m->D));
+    m->emb_scale = m->scale_embed ? (float)sqrt((double)m->d) : 1.0f;
+    if (v->learned_pos)
+        h->log(h, MOE_LOG_WARNING, TLM_LOG,
+               "%s: fairseq defaults this architecture to learned positions; moelm uses sinusoidal positions "
+               "(no position parameters)", MOE_ARCH_VARIANT);
+    if (v->adaptive)
+        h->log(h, MOE_LOG_WARNING, TLM_LOG,
+               "%s: fairseq defaults this architecture to adaptive input and softmax; moelm uses a plain "
+               "embedding and a full softmax", MOE_ARCH_VARIANT);
+
+    /* layer kinds and the expert layout */
+    m->layers = calloc((size_t)m->L, sizeof *m->layers);
+    if (!m->layers) {
+        st = h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for %lld layers", MOE_ARCH_VARIANT, (long long)m->L);
+        goto fail;
+    }
+    int64_t alt = h->opt_int(h, "alternate-decoder-ffn-embed-dim");
+    for (int i = 0; i < m->L; i++) {
+        tlm_layer *ly = &m->layers[i];
+        int is_moe = m->moe_freq > 0 && m->E > 0 && (i + 1) % m->moe_freq == 0;
+        ly->moe_index = -1;
+        ly->ffn = m->f;
+        if (is_moe && alt > 0) {
+            ly->ffn = alt; /* fairseq's dense baseline: the MoE layer becomes an FFN of this width */
+        } else if (is_moe) {
+            ly->moe = 1;
+            ly->moe_index = m->n_moe++;
+        }
+    }
+    if (m->n_moe > 0) {
+        int world = h->world > 0 ? h->world : 1;
+        if (m->E >= world) {
+            if (m->E % world != 0) {
+                st = h->error(h, MOE_ERR_INVALID_ARG,
+                              "%s: expected --moe-expert-count divisible by the world size, found %d experts over %d "
+                              "ranks; choose a multiple or a divisor of the world size",
+                              MOE_ARCH_VARIANT, m->E, world);
+                goto fail;
+            }
+            m->local_experts = m->E / world;
+            m->a2a_world = world;
+        } else {
+            if (world % m->E != 0) {
+                st = h->error(h, MOE_ERR_INVALID_ARG,
+                              "%s: expected the world size divisible by --moe-expert-count, found %d ranks for %d "
+                              "experts; choose a multiple or a divisor of the world size",
+                              MOE_ARCH_VARIANT, world, m->E);
+                goto fail;
+            }
+            m->local_experts = 1;
+            m->a2a_world = m->E;
+        }
+    }
+
+    /* root unit: embedding, final norm, untied output projection */
+    MOE_TRY_GOTO(st, h->unit_add(h, "decoder", -1, &m->root_unit), fail);
+    MOE_TRY_GOTO(st, add_param(m, m->root_unit, "decoder.embed_tokens.weight", m->V, m->d, MOE_INIT_NORMAL,
+                               (float)(1.0 / sqrt((double)m->d)), m->pad, &m->emb), fail);
+    m->lnf_w = m->lnf_b = m->out_proj = -1;
+    if (m->final_norm) {
+        MOE_TRY_GOTO(st, add_param(m, m->root_unit, "decoder.layer_norm.weight", m->d, 0, MOE_INIT_ONE, 0.0f, -1,
+                                   &m->lnf_w), fail);
+        MOE_TRY_GOTO(st, add_param(m, m->root_unit, "decoder.layer_norm.bias", m->d, 0, MOE_INIT_ZERO, 0.0f, -1,
+                                   &m->lnf_b), fail);
+    }
+    if (!m->tied)
+        MOE_TRY_GOTO(st, add_param(m, m->root_unit, "decoder.output_projection.weight", m->V, m->d, MOE_INIT_NORMAL,
+                                   (float)(1.0 / sqrt((double)m->d)), -1, &m->out_proj), fail);
+    for (int i = 0; i < m->L; i++)
+        MOE_TRY_GOTO(st, register_layer(m, i), fail);
+    MOE_TRY_GOTO(st, init_gates(m), fail);
+    *model = m;
+    return MOE_OK;
+fail:
+    tlm_destroy(m);
+    return st;
+}
+
+static void tlm_destroy(void *model)
+{
+    tlm *m = model;
+    if (!m)
+        return;
+    for (int i = 0; i < m->allocs.n; i++)
+        m->h->backend->free(m->h->ctx, m->allocs.ptrs[i]);
+    free(m->allocs.ptrs);
+    if (m->layers) {
+        for (int i = 0; i < m->L; i++) {
+            if (m->layers[i].gate && m->gate_ops)
+                m->gate_ops->destroy(m->layers[i].gate);
+            free(m->layers[i].experts);
+        }
+    }
+    free(m->layers);
+    free(m->acts);
+    free(m->xs);
+    free(m->tok_host);
+    free(m->pad_host);
+    free(m);
+}
+
+/* ------------------------------------------------------------------ info */
+
+/* Model FLOPs per token, forward: per layer 2*(4d^2) for the q, k, v and out
+ * projections, 2*2*T*d for the scores and the weighted sum of values over the
+ * full T (no causal halving), then 2*2*d*f for a dense FFN or, for a MoE layer,
+ * k*2*2*d*fe for the k experts a token visits plus 2*d*E for the gate; plus
+ * 2*d*V for the output projection. Training is three times the forward. */
+static void tlm_info(void *model, int64_t tokens_per_sample, moe_model_info *out)
+{
+    tlm *m = model;
+    const moe_host *h = m->h;
+    int k = 2;
+    if (m->n_moe > 0 && m->gate_ops) {
+        moe_route_args a;
+        memset(&a, 0, sizeof a);
+        for (int i = 0; i < m->L; i++)
+            if (m->layers[i].moe) {
+                if (m->gate_ops->configure(m->layers[i].gate, tokens_per_sample > 0 ? tokens_per_sample : 1, 1,
+                                           &a) == MOE_OK)
+                    k = a.k;
+                break;
+            }
+    } else if (h->opt_set(h, "moe-top1-expert") && h->opt_flag(h, "moe-top1-expert")) {
+        k = 1;
+    }
+    const double d = (double)m->d, T = (double)(tokens_per_sample > 0 ? tokens_per_sample : 0);
+    double fwd = 0.0;
+    for (int i = 0; i < m->L; i++) {
+        const tlm_layer *ly = &m->layers[i];
+        fwd += 2.0 * 4.0 * d * d + 2.0 * 2.0 * T * d;
+        if (ly->moe)
+            fwd += (double)k * 2.0 * 2.0 * d * (double)m->fe + 2.0 * d * (double)m->E;
+        else
+            fwd += 2.0 * 2.0 * d * (double)ly->ffn;
+    }
+    fwd += 2.0 * d * (double)m->V;
+    memset(out, 0, sizeof *out);
+    out->num_layers = m->L;
+    out->embed_dim = m->d;
+    out->ffn_dim = m->f;
+    out->heads = m->H;
+    out->num_moe_layers = m->n_moe;
+    out->experts = m->n_moe > 0 ? m->E : 0;
+    out->local_experts = m->n_moe > 0 ? m->local_experts : 0;
+    out->flops_per_token = 3.0 * fwd;
+}
+
+/* ----------------------------------------------------------------- setup */
+
+static moe_status alloc_acts(tlm *m, tlm_acts *a, int dense, int moe, int64_t fmax)
+{
+    const int64_t N = m->Nmax, d = m->d, EC = (int64_t)m->E * m->C;
+    MOE_TRY(act_alloc(m, N * d, "attention layer norm output", &a->h1));
+    MOE_TRY(f32_alloc(m, N, "layer norm mean", &a->mean1));
+    MOE_TRY(f32_alloc(m, N, "layer norm rstd", &a->rstd1));
+    MOE_TRY(act_alloc(m, N * 3 * d, "q, k, v projections", &a->qkv));
+    MOE_TRY(act_alloc(m, N * d, "attention output", &a->att));
+    MOE_TRY(f32_alloc(m, N * m->H, "attention log-sum-exp", &a->lse));
+    MOE_TRY(act_alloc(m, N * d, "residual after attention", &a->xmid));
+    MOE_TRY(act_alloc(m, N * d, "FFN layer norm output", &a->h2));
+    MOE_TRY(f32_alloc(m, N, "layer norm mean", &a->mean2));
+    MOE_TRY(f32_alloc(m, N, "layer norm rstd", &a->rstd2));
+    if (dense) {
+        MOE_TRY(act_alloc(m, N * fmax, "FFN pre-activation", &a->pre));
+        MOE_TRY(act_alloc(m, N * fmax, "FFN activation", &a->act));
+    }
+    if (moe) {
+        MOE_TRY(f32_alloc(m, N * m->E, "gate logits", &a->logits));
+        MOE_TRY(f32_alloc(m, N * m->E, "gate probabilities", &a->probs));
+        MOE_TRY(dev_alloc(m, (uint64_t)N * 8u, "routing experts", (void **)&a->expert));
+        MOE_TRY(dev_alloc(m, (uint64_t)N * 8u, "routing slots", (void **)&a->slot));
+        MOE_TRY(f32_alloc(m, N * 2, "routing weights", &a->weight));
+        int64_t wsb = m->h->ops->route_workspace_bytes(N, m->E);
+        MOE_TRY(dev_alloc(m, (uint64_t)(wsb > 0 ? wsb : 0), "routing workspace", &a->route_ws));
+        MOE_TRY(act_alloc(m, EC * d, "expert inputs", &a->xe));
+        MOE_TRY(act_alloc(m, EC * m->fe, "expert pre-activations", &a->epre));
+        MOE_TRY(act_alloc(m, EC * m->fe, "expert activations", &a->eact));
+        MOE_TRY(act_alloc(m, EC * d, "expert outputs", &a->eback));
+    }
+    return MOE_OK;
+}
+
+static moe_status tlm_setup(void *model, int64_t B, int64_t T)
+{
+    tlm *m = model;
+    const moe_host *h = m->h;
+    const moe_ops *ops = h->ops;
+    if (m->ready)
+        return h->error(h, MOE_ERR_INTERNAL, "%s: setup called twice", MOE_ARCH_VARIANT);
+    if (B < 1 || T < 1)
+        return h->error(h, MOE_ERR_INVALID_ARG, "%s: expected a batch of at least 1 x 1 tokens, found %lld x %lld",
+                        MOE_ARCH_VARIANT, (long long)B, (long long)T);
+    if (h->opt_set(h, "tokens-per-sample") && T > h->opt_int(h, "tokens-per-sample"))
+        return h->error(h, MOE_ERR_INVALID_ARG,
+                        "%s: sequences of %lld tokens exceed the model's max positions (--tokens-per-sample %lld)",
+                        MOE_ARCH_VARIANT, (long long)T, (long long)h->opt_int(h, "tokens-per-sample"));
+    m->Bmax = B;
+    m->Tmax = T;
+    m->Nmax = B * T;
+    const int64_t N = m->Nmax, d = m->d;
+
+    /* MoE: the gate, capacity for the largest batch in training and in evaluation, the all-to-all group */
+    m->C = 0;
+    if (m->n_moe > 0) {
+        MOE_TRY(init_gates(m));
+        if (!m->gate_ops)
+            return h->error(h, MOE_ERR_INTERNAL,
+                            "%s: the model has MoE layers but no gate was resolved (host->gate_ops is NULL); load a "
+                            "gate plugin (--moe-gate) before building the model",
+                            MOE_ARCH_VARIANT);
+        for (int train = 0; train < 2; train++) {
+            moe_route_args a;
+            memset(&a, 0, sizeof a);
+            int g = 0;
+            while (!m->layers[g].moe)
+                g++;
+            MOE_TRY(m->gate_ops->configure(m->layers[g].gate, N, train, &a));
+            if (a.capacity > m->C)
+                m->C = a.capacity;
+        }
+        if (m->C < 1)
+            m->C = 1;
+        if (h->world > 1 && m->E < h->world) {
+            /* all-to-all groups are contiguous blocks of E ranks (§2.4); every rank creates all of them */
+            int *ranks = malloc((size_t)m->E * sizeof *ranks);
+            if (!ranks)
+                return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory", MOE_ARCH_VARIANT);
+            moe_status st = MOE_OK;
+            for (int g = 0; g < h->world / m->E && st == MOE_OK; g++) {
+                moe_group *grp = NULL;
+                for (int j = 0; j < m->E; j++)
+                    ranks[j] = g * m->E + j;
+                st = h->comm_ops->group_create(h->comm, ranks, m->E, &grp);
+                if (st == MOE_OK && h->rank / m->E == g)
+                    m->a2a_group = grp;
+            }
+            free(ranks);
+            MOE_TRY(st);
+        }
+    }
+
+    int64_t fmax = 0;
+    int any_dense = 0;
+    for (int i = 0; i < m->L; i++)
+        if (!m->layers[i].moe) {
+            any_dense = 1;
+            if (m->layers[i].ffn > fmax)
+                fmax = m->layers[i].ffn;
+        }
+
+    m->xs = calloc((size_t)m->L + 1, sizeof *m->xs);
+    m->acts = calloc(m->ckpt ? 1u : (size_t)m->L, sizeof *m->acts);
+    if (!m->xs || !m->acts)
+        return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory", MOE_ARCH_VARIANT);
+    for (int i = 0; i <= m->L; i++)
+        MOE_TRY(act_alloc(m, N * d, "layer inputs", &m->xs[i]));
+    if (m->ckpt) {
+        MOE_TRY(alloc_acts(m, &m->acts[0], any_dense, m->n_moe > 0, fmax));
+    } else {
+        for (int i = 0; i < m->L; i++)
+            MOE_TRY(alloc_acts(m, &m->acts[i], !m->layers[i].moe, m->layers[i].moe, m->layers[i].ffn));
+    }
+    if (m->final_norm) {
+        MOE_TRY(act_alloc(m, N * d, "final layer norm output", &m->xf));
+        MOE_TRY(f32_alloc(m, N, "layer norm mean", &m->meanf));
+        MOE_TRY(f32_alloc(m, N, "layer norm rstd", &m->rstdf));
+    }
+    MOE_TRY(act_alloc(m, N * m->V, "logits", &m->logits));
+    int nm = m->n_moe > 0 ? m->n_moe : 1;
+    MOE_TRY(f32_alloc(m, nm, "MoE auxiliary losses", &m->l_aux));
+    MOE_TRY(f32_alloc(m, (int64_t)nm * MOE_NUM_METRICS, "MoE metrics", &m->metrics));
+    MOE_TRY(act_alloc(m, N, "ones", &m->ones));
+    MOE_TRY(ops->fill(h->ctx, m->ones, m->dt, N, 1.0f));
+    MOE_TRY(act_alloc(m, d, "scaled q bias", &m->bq_scaled));
+    MOE_TRY(ops->fill(h->ctx, m->bq_scaled, m->dt, d, 0.0f)); /* axpby reads it with b = 0 */
+    MOE_TRY(act_alloc(m, N * d, "branch output", &m->tmp));
+    MOE_TRY(act_alloc(m, N * d, "residual gradient", &m->dres));
+    MOE_TRY(act_alloc(m, N * d, "dropout gradient", &m->dtmp));
+    MOE_TRY(act_alloc(m, N * d, "layer norm output gradient", &m->dh));
+    MOE_TRY(act_alloc(m, N * d, "attention output gradient", &m->datt));
+    MOE_TRY(act_alloc(m, N * 3 * d, "q, k, v gradient", &m->dqkv));
+    if (any_dense)
+        MOE_TRY(act_alloc(m, N * fmax, "FFN activation gradient", &m->dpre));
+
+    if (m->n_moe > 0) {
+        const int64_t EC = (int64_t)m->E * m->C, W = m->a2a_world;
+        const int perm = W > 1 && m->local_experts > 1;
+        if (m->dt != MOE_F32) {
+            MOE_TRY(act_alloc(m, N * m->E, "gate logits", &m->glog));
+            MOE_TRY(act_alloc(m, N * m->E, "gate logits gradient", &m->dlog));
+        }
+        /* Forward scratch, NULL where aliased: with W == 1 the dispatch writes the
+         * expert inputs directly and the experts write the combine's input. */
+        if (W > 1) {
+            MOE_TRY(act_alloc(m, EC * d, "dispatched tokens", &m->disp));
+            MOE_TRY(act_alloc(m, EC * d, "expert outputs (expert-major)", &m->eout));
+            if (perm) {
+                MOE_TRY(act_alloc(m, EC * d, "received tokens", &m->recv));
+                MOE_TRY(act_alloc(m, EC * d, "expert outputs (rank-major)", &m->eperm));
+            }
+        }
+        MOE_TRY(act_alloc(m, EC * d, "expert output gradient", &m->d_a));
+        if (W > 1)
+            MOE_TRY(act_alloc(m, EC * d, "received expert output gradient", &m->d_b));
+        if (perm)
+            MOE_TRY(act_alloc(m, EC * d, "expert output gradient (expert-major)", &m->d_c));
+        MOE_TRY(act_alloc(m, EC * d, "expert input gradient", &m->d_e));
+        MOE_TRY(act_alloc(m, W * m->C * m->fe, "expert activation gradient", &m->depre));
+        MOE_TRY(f32_alloc(m, N * 2, "routing weight gradient", &m->dweight));
+        MOE_TRY(f32_alloc(m, N * m->E, "gate logits gradient", &m->dlogits));
+        if (m->pad_mask) {
+            MOE_TRY(dev_alloc(m, (uint64_t)N, "padding mask", (void **)&m->pad_dev));
+            m->tok_host = malloc((size_t)N * sizeof *m->tok_host);
+            m->pad_host = malloc((size_t)N);
+            if (!m->tok_host || !m->pad_host)
+                return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for the padding mask", MOE_ARCH_VARIANT);
+        }
+    }
+    m->ready = 1;
+    return MOE_OK;
+}
+
+/* --------------------------------------------------------------- forward */
+
+static tlm_acts *acts_of(tlm *m, int i) { return &m->acts[m->ckpt ? 0 : i]; }
+
+/* Rank-major (W, L, C, d) <-> expert-major (L, W, C, d), one copy per block. */
+static moe_status permute(const tlm *m, void *dst, const void *src, int64_t C, int to_expert_major)
+{
+    const int W = m->a2a_world, Le = m->local_experts;
+    const uint64_t block = (uint64_t)C * (uint64_t)m->d * moe_dtype_size(m->dt);
+    for (int w = 0; w < W; w++)
+        for (int l = 0; l < Le; l++) {
+            int64_t rm = (int64_t)w * Le + l, em = (int64_t)l * W + w;
+            int64_t s = to_expert_major ? rm : em, t = to_expert_major ? em : rm;
+            MOE_TRY(m->h->backend->copy(m->h->ctx, (char *)dst + (uint64_t)t * block,
+                                        (const char *)src + (uint64_t)s * block, block));
+        }
+    return MOE_OK;
+}
+
+static moe_status all_to_all(const tlm *m, void *recv, const void *send, int64_t C)
+{
+    const moe_host *h = m->h;
+    return h->comm_ops->all_to_all(h->comm, m->a2a_group, recv, send, (int64_t)m->local_experts * C * m->d, m->dt);
+}
+
+/* y (N,d) = MoE(h2): gate, dispatch, all-to-all, local experts, all-to-all, combine */
+static moe_status moe_forward(tlm *m, int i, tlm_acts *a, void *y)
+{
+    const moe_host *h = m->h;
+    const moe_ops *ops = h->ops;
+    tlm_layer *ly = &m->layers[i];
+    const int64_t N = m->N, d = m->d, fe = m->fe;
+    const int E = m->E, W = m->a2a_world;
+
+    if (m->dt == MOE_F32) {
+        MOE_TRY(mm(m, 0, 1, N, E, d, 1.0f, a->h2, d, P(m, ly->wg), d, 0.0f, a->logits, E, m->dt, MOE_F32,
+                   MOE_EPI_NONE, NULL, NULL));
+    } else {
+        MOE_TRY(mmp(m, 0, 1, N, E, d, 1.0f, a->h2, d, P(m, ly->wg), d, 0.0f, m->glog, E));
+        MOE_TRY(ops->cast(h->ctx, a->logits, MOE_F32, m->glog, m->dt, N * E));
+    }
+    moe_route_args *r = &a->route;
+    memset(r, 0, sizeof *r);
+    MOE_TRY(m->gate_ops->configure(ly->gate, N, m->train, r));
+    if (r->capacity < 1 || r->capacity > m->C)
+        return h->error(h, MOE_ERR_INTERNAL,
+                        "%s: the gate asked for capacity %lld, buffers hold 1..%lld (setup for %lld tokens, now %lld)",
+                        MOE_ARCH_VARIANT, (long long)r->capacity, (long long)m->C, (long long)m->Nmax, (long long)N);
+    r->S = N;
+    r->E = E;
+    r->seed = m->seed;
+    r->stream = tlm_stream(i + 1, SITE_GATE, m->micro, 0);
+    r->logits = a->logits;
+    r->pad = m->pad_mask ? m->pad_dev : NULL;
+    r->probs = a->probs;
+    r->expert = a->expert;
+    r->slot = a->slot;
+    r->weight = a->weight;
+    r->l_aux = m->l_aux + ly->moe_index;
+    r->metrics = m->metrics + (int64_t)ly->moe_index * MOE_NUM_METRICS;
+    r->workspace = a->route_ws;
+    MOE_TRY(m->gate_ops->forward(ly->gate, r));
+    const int64_t C = r->capacity, R = (int64_t)W * C; /* rows each local expert processes */
+
+    void *disp = W > 1 ? m->disp : a->xe;
+    MOE_TRY(ops->dispatch_forward(h->ctx, disp, a->h2, a->expert, a->slot, N, E, C, d, m->dt));
+    if (W > 1) {
+        void *recv = m->recv ? m->recv : a->xe;
+        MOE_TRY(all_to_all(m, recv, disp, C));
+        if (m->recv)
+            MOE_TRY(permute(m, a->xe, recv, C, 1));
+    }
+    void *eout = W > 1 ? m->eout : a->eback;
+    for (int l = 0; l < m->local_experts; l++) {
+        const tlm_expert *x = &ly->experts[l];
+        void *xin = off(a->xe, l * R * d, m->dt), *pre = off(a->epre, l * R * fe, m->dt);
+        void *act = off(a->eact, l * R * fe, m->dt), *o = off(eout, l * R * d, m->dt);
+        MOE_TRY(mm(m, 0, 1, R, fe, d, 1.0f, xin, d, P(m, x->fc1_w), d, 0.0f, act, fe, m->dt, m->dt,
+                   MOE_EPI_BIAS_GELU, P(m, x->fc1_b), pre));
+        MOE_TRY(dropout_fwd(m, act, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid));
+        MOE_TRY(mm(m, 0, 1, R, d, fe, 1.0f, act, fe, P(m, x->fc2_w), fe, 0.0f, o, d, m->dt, m->dt, MOE_EPI_BIAS,
+                   P(m, x->fc2_b), NULL));
+        MOE_TRY(dropout_fwd(m, o, R * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid));
+    }
+    if (W > 1) {
+        void *send = eout;
+        if (m->eperm) {
+            MOE_TRY(permute(m, m->eperm, eout, C, 0));
+            send = m->eperm;
+        }
+        MOE_TRY(all_to_all(m, a->eback, send, C));
+    }
+    return ops->combine_forward(h->ctx, y, a->eback, a->expert, a->slot, a->weight, N, E, C, d, m->dt);
+}
+
+/* xs[i] -> xs[i+1] for decoder layer i (pre-LN block, FAIRSEQ_SPEC.md §1.2 step 6) */
+static moe_status layer_forward(tlm *m, int i)
+{
+    const moe_host *h = m->h;
+    const moe_ops *ops = h->ops;
+    const tlm_layer *ly = &m->layers[i];
+    tlm_acts *a = acts_of(m, i);
+    const int64_t N = m->N, d = m->d;
+    void *xin = m->xs[i], *xout = m->xs[i + 1];
+
+    MOE_TRY(ops->layernorm_forward(h->ctx, a->h1, a->mean1, a->rstd1, xin, P(m, ly->ln1_w), P(m, ly->ln1_b), N, d,
+                                   TLM_LN_EPS, m->dt));
+    /* [k | v] = h1 [Wk; Wv]^T + [bk; bv];  q = s (h1 Wq^T + bq) */
+    MOE_TRY(mm(m, 0, 1, N, 2 * d, d, 1.0f, a->h1, d, P(m, ly->wk), d, 0.0f, a->qkv, 3 * d, m->dt, m->dt,
+               MOE_EPI_BIAS, P(m, ly->bk), NULL));
+    MOE_TRY(ops->axpby(h->ctx, m->bq_scaled, P(m, ly->bq), m->dt, d, m->q_scale, 0.0f));
+    MOE_TRY(mm(m, 0, 1, N, d, d, m->q_scale, a->h1, d, P(m, ly->wq), d, 0.0f, off(a->qkv, 2 * d, m->dt), 3 * d,
+               m->dt, m->dt, MOE_EPI_BIAS, m->bq_scaled, NULL));
+    MOE_TRY(ops->attention_forward(h->ctx, a->att, a->lse, off(a->qkv, 2 * d, m->dt), a->qkv, off(a->qkv, d, m->dt),
+                                   3 * d, m->B, m->T, m->H, m->D, m->train ? m->p_attn : 0.0f, m->seed,
+                                   tlm_stream(i + 1, SITE_ATTN_PROBS, m->micro, 0), m->dt));
+    MOE_TRY(mm(m, 0, 1, N, d, d, 1.0f, a->att, d, P(m, ly->wo), d, 0.0f, m->tmp, d, m->dt, m->dt, MOE_EPI_BIAS,
+               P(m, ly->bo), NULL));
+    MOE_TRY(dropout_fwd(m, m->tmp, N * d, m->p_drop, i + 1, SITE_ATTN_OUT, 0));
+    MOE_TRY(ops->add(h->ctx, a->xmid, xin, m->tmp, m->dt, N * d));
+
+    MOE_TRY(ops->layernorm_forward(h->ctx, a->h2, a->mean2, a->rstd2, a->xmid, P(m, ly->ln2_w), P(m, ly->ln2_b), N,
+                                   d, TLM_LN_EPS, m->dt));
+    if (ly->moe) {
+        MOE_TRY(moe_forward(m, i, a, m->tmp)); /* dropout sits inside the experts */
+    } else {
+        const int64_t f = ly->ffn;
+        MOE_TRY(mm(m, 0, 1, N, f, d, 1.0f, a->h2, d, P(m, ly->fc1_w), d, 0.0f, a->act, f, m->dt, m->dt,
+                   MOE_EPI_BIAS_GELU, P(m, ly->fc1_b), a->pre));
+        MOE_TRY(dropout_fwd(m, a->act, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0));
+        MOE_TRY(mm(m, 0, 1, N, d, f, 1.0f, a->act, f, P(m, ly->fc2_w), f, 0.0f, m->tmp, d, m->dt, m->dt,
+                   MOE_EPI_BIAS, P(m, ly->fc2_b), NULL));
+        MOE_TRY(dropout_fwd(m, m->tmp, N * d, m->p_drop, i + 1, SITE_FFN_OUT, 0));
+    }
+    MOE_TRY(ops->add(h->ctx, xout, a->xmid, m->tmp, m->dt, N * d));
+    m->ws_layer = i;
+    return MOE_OK;
+}
+
+static moe_status build_pad_mask(tlm *m)
+{
+    const moe_host *h = m->h;
+    const int64_t N = m->N;
+    MOE_TRY(h->backend->copy_to_host(h->ctx, m->tok_host, m->tokens, (uint64_t)N * sizeof(int32_t)));
+    for (int64_t n = 0; n < N; n++)
+        m->pad_host[n] = m->tok_host[n] == m->pad ? 1u : 0u;
+    return h->backend->copy_from_host(h->ctx, m->pad_dev, m->pad_host, (uint64_t)N);
+}
+
+static moe_status tlm_forward(void *model, const int32_t *tokens, int64_t B, int64_t T, int train, int micro,
+                              moe_fwd_out *out)
+{
+    tlm *m = model;
+    const moe_host *h = m->h;
+    const moe_ops *ops = h->ops;
+    if (!m->ready)
+        return h->error(h, MOE_ERR_INTERNAL, "%s: forward called before setup", MOE_ARCH_VARIANT);
+    if (B < 1 || T < 1 || B > m->Bmax || T > m->Tmax)
+        return h->error(h, MOE_ERR_INVALID_ARG,
+                        "%s: expected a batch within the %lld x %lld set up, found %lld x %lld; call setup with the "
+                        "largest batch",
+                        MOE_ARCH_VARIANT, (long long)m->Bmax, (long long)m->Tmax, (long long)B, (long long)T);
+    m->tokens = tokens;
+    m->B = B;
+    m->T = T;
+    m->N = B * T;
+    m->train = train;
+    m->micro = micro;
+    m->seed = h->step_seed(h);
+    const int64_t N = m->N, d = m->d;
+    int nm = m->n_moe > 0 ? m->n_moe : 1;
+    MOE_TRY(ops->fill(h->ctx, m->l_aux, MOE_F32, nm, 0.0f));
+    MOE_TRY(ops->fill(h->ctx, m->metrics, MOE_F32, (int64_t)nm * MOE_NUM_METRICS, 0.0f));
+    if (m->pad_mask && m->n_moe > 0)
+        MOE_TRY(build_pad_mask(m));
+
+    MOE_TRY(ops->embedding_forward(h->ctx, m->xs[0], tokens, P(m, m->emb), B, T, d, m->emb_scale, m->pad, 1, m->dt));
+    MOE_TRY(dropout_fwd(m, m->xs[0], N * d, m->p_drop, 0, SITE_EMBED, 0));
+    for (int i = 0; i < m->L; i++)
+        MOE_TRY(layer_forward(m, i));
+    const void *xf = m->xs[m->L];
+    if (m->final_norm) {
+        MOE_TRY(ops->layernorm_forward(h->ctx, m->xf, m->meanf, m->rstdf, m->xs[m->L], P(m, m->lnf_w),
+                                       P(m, m->lnf_b), N, d, TLM_LN_EPS, m->dt));
+        xf = m->xf;
+    }
+    const void *wout = P(m, m->tied ? m->emb : m->out_proj);
+    MOE_TRY(mmp(m, 0, 1, N, m->V, d, 1.0f, xf, d, wout, d, 0.0f, m->logits, m->V));
+    out->logits = m->logits;
+    out->N = N;
+    out->V = m->V;
+    out->n_moe_layers = m->n_moe;
+    out->l_aux = m->l_aux;
+    out->metrics = m->metrics;
+    return MOE_OK;
+}
+
+/* -------------------------------------------------------------- backward */
+
+/* dh (N,d) = d loss / d h2 through the MoE layer, given dy = m->dres */
+static moe_status moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
+{
+    const moe_host *h = m->h;
+    const moe_ops *ops = h->ops;
+    tlm_layer *ly = &m->layers[i];
+    const int64_t N = m->N, d = m->d, fe = m->fe;
+    const int E = m->E, W = m->a2a_world;
+    const moe_route_args *r = &a->route;
+    const int64_t C = r->capacity, R = (int64_t)W * C;
+
+    /* combine -> all-to-all -> expert-major */
+    MOE_TRY(ops->combine_backward(h->ctx, m->d_a, m->dweight, m->dres, a->eback, a->expert, a->slot, a->weight, N, E,
+                                  C, d, m->dt));
+    void *dxo = m->d_a;
+    if (W > 1) {
+        MOE_TRY(all_to_all(m, m->d_b, m->d_a, C));
+        dxo = m->d_b;
+        if (m->d_c) {
+            MOE_TRY(permute(m, m->d_c, m->d_b, C, 1));
+            dxo = m->d_c;
+        }
+    }
+    for (int l = 0; l < m->local_experts; l++) {
+        const tlm_expert *x = &ly->experts[l];
+        void *dyo = off(dxo, l * R * d, m->dt);
+        const void *xin = off(a->xe, l * R * d, m->dt), *pre = off(a->epre, l * R * fe, m->dt);
+        const void *act = off(a->eact, l * R * fe, m->dt);
+        const void *dy;
+        MOE_TRY(dropout_bwd(m, dyo, dyo, R * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid, &dy));
+        MOE_TRY(mmp(m, 1, 0, d, fe, R, 1.0f, dy, d, act, fe, 1.0f, G(m, x->fc2_w), fe));
+        MOE_TRY(ops->bias_backward(h->ctx, G(m, x->fc2_b), dy, R, d, m->dt));
+        MOE_TRY(mmp(m, 0, 0, R, fe, d, 1.0f, dy, d, P(m, x->fc2_w), fe, 0.0f, m->depre, fe));
+        const void *dact;
+        MOE_TRY(dropout_bwd(m, m->depre, m->depre, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid, &dact));
+        MOE_TRY(ops->gelu_backward(h->ctx, m->depre, pre, dact, R * fe, m->dt, m->gelu));
+        MOE_TRY(mmp(m, 1, 0, fe, d, R, 1.0f, m->depre, fe, xin, d, 1.0f, G(m, x->fc1_w), d));
+        MOE_TRY(ops->bias_backward(h->ctx, G(m, x->fc1_b), m->depre, R, fe, m->dt));
+        MOE_TRY(mmp(m, 0, 0, R, d, fe, 1.0f, m->depre, fe, P(m, x->fc1_w), d, 0.0f, off(m->d_e, l * R * d, m->dt), d));
+    }
+    /* expert-major -> all-to-all back -> dispatch */
+    const void *dxg = m->d_e;
+    if (W > 1) {
+        const void *send = m->d_e;
+        if (m->d_c) {
+            MOE_TRY(permute(m, m->d_b, m->d_e, C, 0));
+            send = m->d_b;
+        }
+        MOE_TRY(all_to_all(m, m->d_a, send, C));
+        dxg = m->d_a;
+    }
+    MOE_TRY(ops->fill(h->ctx, m->dh, m->dt, N * d, 0.0f));
+    MOE_TRY(ops->dispatch_backward(h->ctx, m->dh, dxg, a->expert, a->slot, N, E, C, d, m->dt));
+
+    /* gate: routing weights and l_aux -> logits -> x and wg */
+    MOE_TRY(m->gate_ops->backward(ly->gate, r, m->dweight, dl_aux, m->dlogits));
+    const void *dlog = m->dlogits;
+    if (m->dt != MOE_F32) {
+        MOE_TRY(ops->cast(h->ctx, m->dlog, m->dt, m->dlogits, MOE_F32, N * E));
+        dlog = m->dlog;
+    }
+    MOE_TRY(mmp(m, 0, 0, N, d, E, 1.0f, dlog, E, P(m, ly->wg), d, 1.0f, m->dh, d));
+    MOE_TRY(mmp(m, 1, 0, E, d, N, 1.0f, dlog, E, a->h2, d, 1.0f, G(m, ly->wg), d));
+    return MOE_OK;
+}
+
+/* m->dres: d loss / d xs[i+1] on entry, d loss / d xs[i] on return */
+static moe_status layer_backward(tlm *m, int i, float dl_aux)
+{
+    const moe_host *h = m->h;
+    const moe_ops *ops = h->ops;
+    const tlm_layer *ly = &m->layers[i];
+    tlm_acts *a = acts_of(m, i);
+    const int64_t N = m->N, d = m->d;
+    const void *dy;
+
+    /* FFN / MoE branch: d xmid = dres + LN2'(branch'(dres)) */
+    if (ly->moe) {
+        MOE_TRY(moe_backward(m, i, a, dl_aux));
+    } else {
+        const int64_t f = ly->ffn;
+        MOE_TRY(dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, i + 1, SITE_FFN_OUT, 0, &dy));
+        MOE_TRY(mmp(m, 1, 0, d, f, N, 1.0f, dy, d, a->act, f, 1.0f, G(m, ly->fc2_w), f));
+        MOE_TRY(ops->bias_backward(h->ctx, G(m, ly->fc2_b), dy, N, d, m->dt));
+        MOE_TRY(mmp(m, 0, 0, N, f, d, 1.0f, dy, d, P(m, ly->fc2_w), f, 0.0f, m->dpre, f));
+        const void *dact;
+        MOE_TRY(dropout_bwd(m, m->dpre, m->dpre, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0, &dact));
+        MOE_TRY(ops->gelu_backward(h->ctx, m->dpre, a->pre, dact, N * f, m->dt, m->gelu));
+        MOE_TRY(mmp(m, 1, 0, f, d, N, 1.0f, m->dpre, f, a->h2, d, 1.0f, G(m, ly->fc1_w), d));
+        MOE_TRY(ops->bias_backward(h->ctx, G(m, ly->fc1_b), m->dpre, N, f, m->dt));
+        MOE_TRY(mmp(m, 0, 0, N, d, f, 1.0f, m->dpre, f, P(m, ly->fc1_w), d, 0.0f, m->dh, d));
+    }
+    MOE_TRY(ops->layernorm_backward(h->ctx, m->dres, G(m, ly->ln2_w), G(m, ly->ln2_b), m->dh, a->xmid,
+                                    P(m, ly->ln2_w), a->mean2, a->rstd2, N, d, m->dt));
+
+    /* attention branch: d xin = dres + LN1'(attn'(dres)) */
+    MOE_TRY(dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, i + 1, SITE_ATTN_OUT, 0, &dy));
+    MOE_TRY(mmp(m, 1, 0, d, d, N, 1.0f, dy, d, a->att, d, 1.0f, G(m, ly->wo), d));
+    MOE_TRY(ops->bias_backward(h->ctx, G(m, ly->bo), dy, N, d, m->dt));
+    MOE_TRY(mmp(m, 0, 0, N, d, d, 1.0f, dy, d, P(m, ly->wo), d, 0.0f, m->datt, d));
+    void *dq = off(m->dqkv, 2 * d, m->dt), *dk = m->dqkv, *dv = off(m->dqkv, d, m->dt);
+    MOE_TRY(ops->attention_backward(h->ctx, dq, dk, dv, 3 * d, m->datt, a->att, a->lse, off(a->qkv, 2 * d, m->dt),
+                                    a->qkv, off(a->qkv, d, m->dt), 3 * d, m->B, m->T, m->H, m->D, m->p_attn, m->seed,
+                                    tlm_stream(i + 1, SITE_ATTN_PROBS, m->micro, 0), m->dt));
+    /* dq is the gradient of the scaled q: the unscaled projection gets q_scale * dq */
+    const float s = m->q_scale;
+    MOE_TRY(mmp(m, 1, 0, 2 * d, d, N, 1.0f, m->dqkv, 3 * d, a->h1, d, 1.0f, G(m, ly->wk), d));
+    MOE_TRY(mmp(m, 1, 0, d, d, N, s, dq, 3 * d, a->h1, d, 1.0f, G(m, ly->wq), d));
+    MOE_TRY(mmp(m, 0, 0, 1, 2 * d, N, 1.0f, m->ones, N, m->dqkv, 3 * d, 1.0f, G(m, ly->bk), 2 * d));
+    MOE_TRY(mmp(m, 0, 0, 1, d, N, s, m->ones, N, dq, 3 * d, 1.0f, G(m, ly->bq), d));
+    MOE_TRY(mmp(m, 0, 0, N, d, 2 * d, 1.0f, m->dqkv, 3 * d, P(m, ly->wk), d, 0.0f, m->dh, d));
+    MOE_TRY(mmp(m, 0, 0, N, d, d, s, dq, 3 * d, P(m, ly->wq), d, 1.0f, m->dh, d));
+    MOE_TRY(ops->layernorm_backward(h->ctx, m->dres, G(m, ly->ln1_w), G(m, ly->ln1_b), m->dh, m->xs[i],
+                                    P(m, ly->ln1_w), a->mean1, a->rstd1, N, d, m->dt));
+    return MOE_OK;
+}
+
+static moe_status tlm_backward(void *model, float dl_aux)
+{
+    tlm *m = model;
+    const moe_host *h = m->h;
+    const moe_ops *ops = h->ops;
+    if (!m->ready || !m->tokens)
+        return h->error(h, MOE_ERR_INTERNAL, "%s: backward called before a forward", MOE_ARCH_VARIANT);
+    if (!m->train)
+        return h->error(h, MOE_ERR_INTERNAL,
+                        "%s: backward after an evaluation forward (train = 0); run forward with train = 1",
+                        MOE_ARCH_VARIANT);
+    const int64_t N = m->N, d = m->d, V = m->V;
+    const int wid = m->tied ? m->emb : m->out_proj;
+    const void *xf = m->final_norm ? m->xf : m->xs[m->L];
+
+    /* logits = xf W^T: dW += dlogits^T xf, dxf = dlogits W */
+    MOE_TRY(mmp(m, 1, 0, V, d, N, 1.0f, m->logits, V, xf, d, 1.0f, G(m, wid), d));
+    if (m->final_norm) {
+        MOE_TRY(mmp(m, 0, 0, N, d, V, 1.0f, m->logits, V, P(m, wid), d, 0.0f, m->dh, d));
+        MOE_TRY(ops->fill(h->ctx, m->dres, m->dt, N * d, 0.0f));
+        MOE_TRY(ops->layernorm_backward(h->ctx, m->dres, G(m, m->lnf_w), G(m, m->lnf_b), m->dh, m->xs[m->L],
+                                        P(m, m->lnf_w), m->meanf, m->rstdf, N, d, m->dt));
+    } else {
+        MOE_TRY(mmp(m, 0, 0, N, d, V, 1.0f, m->logits, V, P(m, wid), d, 0.0f, m->dres, d));
+    }
+    for (int i = m->L - 1; i >= 0; i--) {
+        if (m->ckpt && m->ws_layer != i)
+            MOE_TRY(layer_forward(m, i)); /* same seed, micro and inputs: the same activations and masks */
+        MOE_TRY(layer_backward(m, i, dl_aux));
+    }
+    const void *demb;
+    MOE_TRY(dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, 0, SITE_EMBED, 0, &demb));
+    MOE_TRY(ops->embedding_backward(h->ctx, G(m, m->emb), demb, m->tokens, m->B, m->T, d, V, m->emb_scale, m->pad,
+                                    m->dt));
+    m->ws_layer = -1; /* recomputation overwrote the shared activations */
+    return MOE_OK;
+}
+
+/* ------------------------------------------------------------ descriptor */
+
+static const moe_arch_ops tlm_ops = {tlm_build, tlm_destroy, tlm_info, tlm_setup, tlm_forward, tlm_backward};
+
+static char tlm_defaults[OPT_VARIANT_COUNT][32];
+static moe_plugin_desc tlm_desc;
+
+/* The descriptor carries the variant's defaults in its option table, so --help
+ * shows them. It is filled on the first call, which the loader makes once,
+ * right after dlopen and before anything else in the plugin runs. */
+MOE_EXPORT const moe_plugin_desc *moe_plugin_descriptor(void);
+const moe_plugin_desc *moe_plugin_descriptor(void)
+{
+    static int ready;
+    if (!ready) {
+        const tlm_variant *v = tlm_variant_find(MOE_ARCH_VARIANT);
+        if (v) {
+            snprintf(tlm_defaults[OPT_EMBED_DIM], 32, "%lld", (long long)v->d);
+            if (v->f > 0)
+                snprintf(tlm_defaults[OPT_FFN_DIM], 32, "%lld", (long long)v->f);
+            snprintf(tlm_defaults[OPT_LAYERS], 32, "%lld", (long long)v->layers);
+            snprintf(tlm_defaults[OPT_HEADS], 32, "%lld", (long long)v->heads);
+            snprintf(tlm_defaults[OPT_DROPOUT], 32, "%g", v->dropout);
+            snprintf(tlm_defaults[OPT_ATTN_DROPOUT], 32, "%g", v->attention_dropout);
+            snprintf(tlm_defaults[OPT_ACT_DROPOUT], 32, "%g", v->activation_dropout);
+            snprintf(tlm_defaults[OPT_ACT_FN], 32, "%s", v->activation);
+            for (int i = 0; i < OPT_VARIANT_COUNT; i++)
+                tlm_options[i].default_value = tlm_defaults[i][0] ? tlm_defaults[i] : NULL; /* gpt3 f: 4*d */
+        }
+        moe_plugin_desc d = {MOE_ABI_MAJOR,
+                             MOE_ABI_MINOR,
+                             (uint32_t)sizeof(moe_plugin_desc),
+                             (uint32_t)sizeof(moe_host),
+                             (uint32_t)sizeof(moe_arch_ops),
+                             MOE_KIND_ARCH,
+                             MOE_ARCH_VARIANT,
+                             "1.0",
+                             "fairseq transformer_lm decoder (pre-LN, sinusoidal positions) with MoE layers",
+                             tlm_options,
+                             OPT_COUNT,
+                             NULL,
+                             NULL,
+                             &tlm_ops};
+        tlm_desc = d;
+        ready = 1;
+    }
+    return &tlm_desc;
+}

@@ -1,0 +1,8 @@
+# MoE routing: the cpu backend's route/dispatch/combine (kernels/cpu/route.c,
+# compiled into the test) and the top1/top2 gate plugins, which the test loads
+# from the build tree with a fake host.
+moe_add_test(test_route LABELS unit plugin
+  SOURCES test_route.c ${PROJECT_SOURCE_DIR}/kernels/cpu/route.c
+  LIBS ${CMAKE_DL_LIBS}
+  TIMEOUT 60)
+add_dependencies(test_route moe-gate-top1 moe-gate-top2)
