@@ -365,7 +365,7 @@ static void test_cpu_ops_init_distributions(void **state)
     assert_int_equal(moe_cpu_init_uniform(g_ctx, x, MOE_F32, N, -2.0f, 3.0f, 42, 7), MOE_OK);
     double s = 0, ss = 0;
     for (int i = 0; i < N; i++) {
-        assert_true(x[i] >= -2.0f && x[i] < 3.0f);
+        assert_true(x[i] >= -2.0f && x[i] <= 3.0f);
         s += x[i];
         ss += (double)x[i] * x[i];
     }
