@@ -43,10 +43,21 @@ static int fail(moe_status st, int usage_error)
 }
 
 /* The component names the command line selects (fairseq's defaults where it
- * has one; an arch is required, as in fairseq). */
+ * has one; an arch is required, as in fairseq). Copies: option values move
+ * when the command line is parsed again. */
+#define NAME_MAX_LEN 128
 typedef struct selection {
     const char *arch, *task, *criterion, *optimizer, *lr_scheduler, *gate, *normalizer, *backend, *communicator;
+    char store[9][NAME_MAX_LEN];
 } selection;
+
+static const char *keep(selection *sel, int slot, const char *name)
+{
+    if (!name)
+        return NULL;
+    snprintf(sel->store[slot], NAME_MAX_LEN, "%s", name);
+    return sel->store[slot];
+}
 
 static moe_status backend_choice(cli_state *s, const char **out)
 {
@@ -73,24 +84,26 @@ static moe_status backend_choice(cli_state *s, const char **out)
 static moe_status select_components(cli_state *s, const moe_launch *l, selection *sel)
 {
     moe_opts *o = s->opts;
-    sel->arch = moe_opts_str(o, "arch");
-    sel->task = moe_opts_str(o, "task");
-    sel->criterion = moe_opts_str(o, "criterion");
-    sel->optimizer = moe_opts_str(o, "optimizer");
-    sel->lr_scheduler = moe_opts_str(o, "lr-scheduler");
-    sel->gate = moe_opts_str(o, "moe-gate");
+    sel->arch = keep(sel, 0, moe_opts_str(o, "arch"));
+    sel->task = keep(sel, 1, moe_opts_str(o, "task"));
+    sel->criterion = keep(sel, 2, moe_opts_str(o, "criterion"));
+    sel->optimizer = keep(sel, 3, moe_opts_str(o, "optimizer"));
+    sel->lr_scheduler = keep(sel, 4, moe_opts_str(o, "lr-scheduler"));
+    sel->gate = keep(sel, 5, moe_opts_str(o, "moe-gate"));
     if (!sel->gate)
         sel->gate = moe_opts_flag(o, "moe-top1-expert") ? "top1" : "top2";
-    sel->normalizer = moe_opts_str(o, "moe-normalize-expert-grad");
+    sel->normalizer = keep(sel, 6, moe_opts_str(o, "moe-normalize-expert-grad"));
     if (l->world <= 1)
         sel->communicator = "single";
     else if (l->method == MOE_LAUNCH_MPI && strcmp(sel->backend, "cpu") == 0)
         sel->communicator = "mpi";
     else if (moe_opts_given(o, "distributed-backend"))
-        sel->communicator = moe_opts_str(o, "distributed-backend");
+        sel->communicator = keep(sel, 7, moe_opts_str(o, "distributed-backend"));
     else
         sel->communicator = strcmp(sel->backend, "cuda") == 0 ? "nccl" : "mpi";
-    if (l->world > 1 && strcmp(sel->communicator, "mpi") == 0 && l->method != MOE_LAUNCH_MPI)
+    /* (a dry run plans a world without launching one: method SINGLE) */
+    if (l->world > 1 && strcmp(sel->communicator, "mpi") == 0 && l->method != MOE_LAUNCH_MPI &&
+        l->method != MOE_LAUNCH_SINGLE)
         return moe_error_set(MOE_ERR_INVALID_ARG, "the mpi communicator needs an MPI launcher: start %d ranks with "
                                                   "mpirun -np %d moelm-train ...",
                              l->world, l->world);

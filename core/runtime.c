@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/config.h"
 #include "core/internal.h"
 #include "core/log.h"
 
@@ -545,14 +546,8 @@ moe_status moe_runtime_create_for_test(int nargs, const char *const *args, moe_r
     cfg.communicator = "single";
     cfg.device_id = -1;
     cfg.seed = (uint64_t)moe_opts_int(opts, "seed");
-    cfg.act_dtype = cfg.grad_dtype = MOE_F32;
-    if (moe_opts_flag(opts, "bf16") || moe_opts_flag(opts, "memory-efficient-bf16"))
-        cfg.act_dtype = cfg.grad_dtype = MOE_BF16;
-    if (moe_opts_flag(opts, "fp16") || moe_opts_flag(opts, "memory-efficient-fp16"))
-        cfg.act_dtype = cfg.grad_dtype = MOE_F16;
-    cfg.master_weights = (moe_opts_flag(opts, "fp16") || moe_opts_flag(opts, "bf16")) &&
-                         !moe_opts_flag(opts, "memory-efficient-fp16") &&
-                         !moe_opts_flag(opts, "memory-efficient-bf16");
+    int loss_scaling;
+    moe_config_precision(opts, &cfg.act_dtype, &cfg.grad_dtype, &cfg.master_weights, &loss_scaling);
     moe_runtime *rt;
     MOE_TRY_GOTO(st, moe_runtime_create(opts, reg, &cfg, &rt), fail);
     rt->owns_opts = 1;

@@ -316,35 +316,6 @@ static void test_registry_unknown_name_lists_closest_first(void **state)
     moe_registry_destroy(r);
 }
 
-static void test_registry_unknown_name_none_installed(void **state)
-{
-    (void)state;
-    moe_registry *r = registry_at(ORDER_USER);
-    /* a kind nothing provides in this tree, if there is one */
-    int kind = -1;
-    for (int k = 0; k < MOE_KIND_COUNT && kind < 0; k++) {
-        char **names;
-        int n = moe_registry_names(r, (moe_plugin_kind)k, &names);
-        moe_registry_free_names(names, n);
-        if (n == 0)
-            kind = k;
-    }
-    if (kind < 0) {
-        moe_registry_destroy(r);
-        skip(); /* every kind has a plugin installed */
-    }
-    const moe_plugin_desc *d;
-    assert_int_equal(moe_registry_load(r, (moe_plugin_kind)kind, "anything", &d), MOE_ERR_PLUGIN);
-    char want[128];
-    snprintf(want, sizeof want, "unknown %s 'anything'; no %s is installed", moe_kind_name((moe_plugin_kind)kind),
-             moe_kind_name((moe_plugin_kind)kind));
-    assert_contains(moe_error_message(), want);
-    assert_contains(moe_error_message(), ORDER_USER);
-    assert_contains(moe_error_message(), "--user-dir");
-    moe_error_clear();
-    moe_registry_destroy(r);
-}
-
 /* ----------------------------------------------------------- search order */
 
 static const char *load_version(moe_registry *r, moe_plugin_kind kind, const char *name)
@@ -680,7 +651,6 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup(test_registry_rejects_bad_names, setup),
         cmocka_unit_test_setup(test_registry_user_dir_must_be_a_directory, setup),
         cmocka_unit_test_setup(test_registry_unknown_name_lists_closest_first, setup),
-        cmocka_unit_test_setup(test_registry_unknown_name_none_installed, setup),
         cmocka_unit_test_setup(test_registry_search_order_user_dir_then_path, setup),
         cmocka_unit_test_setup(test_registry_search_order_before_build_tree, setup),
         cmocka_unit_test_setup(test_registry_names_in_search_order, setup),

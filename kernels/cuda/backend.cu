@@ -392,6 +392,9 @@ static moe_status cuda_copy(moe_ctx *c, void *dst, const void *src, uint64_t byt
     return MOE_OK;
 }
 
+/* the stream every op is queued on, so a communicator can queue after them */
+static void *cuda_native_stream(moe_ctx *c) { return (void *)c->stream; }
+
 static moe_status cuda_synchronize(moe_ctx *c)
 {
     MOE_CUDA_TRY(c, cudaStreamSynchronize(c->stream));
@@ -442,7 +445,7 @@ static const moe_ops cuda_ops_table = make_ops();
 static const moe_backend_ops cuda_backend = {
     cuda_create,      cuda_destroy,      cuda_available,    cuda_alloc,        cuda_free,
     cuda_copy_to_host, cuda_copy_from_host, cuda_copy,       cuda_synchronize,  cuda_memory_stats,
-    cuda_reset_peak,  &cuda_ops_table,
+    cuda_reset_peak,  &cuda_ops_table,   cuda_native_stream,
 };
 
 extern "C" {

@@ -28,6 +28,9 @@ typedef struct top1_gate {
 } top1_gate;
 
 static const moe_option top1_options[] = {
+    {"moe-second-expert-policy", MOE_OPT_CHOICE, "sampling",
+     "policy for the second expert (top-2 only; accepted with --moe-top1-expert as fairseq does)", 0, 0,
+     "sampling|all|random"},
     {"moe-normalize-gate-prob-before-dropping", MOE_OPT_FLAG, NULL,
      "normalize the two gate probabilities before capacity and random dropping, and not after (top-2 only)", 0,
      0, NULL},
