@@ -79,6 +79,15 @@ static moe_status dummy_init(const moe_host *h, void **out)
     d->h = h;
     int64_t n = DUMMY_NSPECIAL + dict;
     d->vocab = (n + 7) / 8 * 8; /* Dictionary.pad_to_multiple_(8) */
+    if (T + 2 >= d->vocab) {
+        /* the fixed sequence holds ids 2..T+2, all of which must be words of the dictionary */
+        int64_t need = T + 3 - DUMMY_NSPECIAL;
+        free(d);
+        return h->error(h, MOE_ERR_INVALID_ARG,
+                        "dummy_lm: --tokens-per-sample %lld needs token ids up to %lld, but the dictionary has %lld "
+                        "entries; use --dict-size %lld or more",
+                        (long long)T, (long long)(T + 2), (long long)(n + 7) / 8 * 8, (long long)need);
+    }
     d->T = T;
     d->dataset_size = size;
     d->bsz = bsz;

@@ -1,0 +1,190 @@
+/* test_cli.c: moelm-train's answers to bad input, run as a user would: one
+ * line on stderr starting "moelm-train: error: ", a non-zero exit, no crash;
+ * plus --help, --list-plugins and --version. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "runcmd.h"
+
+#define MODEL                                                                                                    \
+    "--cpu --task dummy_lm --tokens-per-sample 16 --dict-size 28 --arch transformer_lm_gpt "                     \
+    "--decoder-layers 2 --decoder-embed-dim 16 --decoder-ffn-embed-dim 32 --decoder-attention-heads 2 "          \
+    "--moe-expert-count 4 --moe-freq 2 --criterion moe_cross_entropy --optimizer adam --batch-size 2 "           \
+    "--max-update 1 "
+
+/* runs args, expects a failure whose stderr is one error line containing every needle */
+static void expect_error(const char *args, const char *const *needles, int n)
+{
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train(args, &r), 0);
+    if (r.status == 0 || r.status < 0)
+        fail_msg("expected a clean failure for: %s\nstatus %d\nstdout:\n%s\nstderr:\n%s", args, r.status, r.out, r.err);
+    assert_int_equal(moe_count_lines(r.err, ""), 1);
+    if (strncmp(r.err, "moelm-train: error: ", 20) != 0)
+        fail_msg("stderr does not start with the error prefix: %s", r.err);
+    for (int i = 0; i < n; i++)
+        if (!strstr(r.err, needles[i]))
+            fail_msg("stderr lacks \"%s\": %s", needles[i], r.err);
+    moe_cmd_result_free(&r);
+}
+
+static void test_cli_unknown_flag_suggests_closest(void **s)
+{
+    (void)s;
+    const char *n[] = {"--moe-expert-cout", "did you mean --moe-expert-count"};
+    expect_error(MODEL "--moe-expert-cout 8 --dry-run", n, 2);
+}
+
+static void test_cli_unknown_component_lists_installed(void **s)
+{
+    (void)s;
+    const char *n[] = {"moe_cros_entropy", "moe_cross_entropy", "cross_entropy"};
+    expect_error(MODEL "--criterion moe_cros_entropy --dry-run", n, 3);
+    /* closest first */
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train(MODEL "--criterion moe_cros_entropy --dry-run", &r), 0);
+    const char *a = strstr(r.err, "installed");
+    assert_non_null(a);
+    const char *first = strstr(a, "moe_cross_entropy"), *second = strstr(a, " cross_entropy");
+    assert_non_null(first);
+    assert_true(second == NULL || first < second);
+    moe_cmd_result_free(&r);
+}
+
+static void test_cli_wrong_type_and_range(void **s)
+{
+    (void)s;
+    const char *n1[] = {"--max-update", "abc"};
+    expect_error(MODEL "--max-update abc --dry-run", n1, 2);
+    const char *n2[] = {"--lr", "x"};
+    expect_error(MODEL "--lr x --dry-run", n2, 2);
+    const char *n3[] = {"--moe-second-expert-policy", "everything", "sampling"};
+    expect_error(MODEL "--moe-second-expert-policy everything --dry-run", n3, 3);
+    const char *n4[] = {"--batch-size", "0"};
+    expect_error(MODEL "--batch-size 0 --dry-run", n4, 2);
+}
+
+static void test_cli_contradictory_flags(void **s)
+{
+    (void)s;
+    const char *n1[] = {"--fp16", "--bf16"};
+    expect_error(MODEL "--fp16 --bf16 --dry-run", n1, 2);
+    const char *n2[] = {"6", "4"};
+    expect_error(MODEL "--moe-expert-count 6 --distributed-world-size 4 --dry-run", n2, 2);
+}
+
+static void test_cli_broken_plugins(void **s)
+{
+    (void)s;
+    char args[1024];
+    struct {
+        const char *name, *needle;
+    } cases[] = {
+        {"not_elf", "libmoe-criterion-not_elf.so"},
+        {"fixture_no_symbol", "moe_plugin_descriptor"},
+        {"fixture_abi_major", "ABI"},
+        {"fixture_undefined", "libmoe-criterion-fixture_undefined.so"},
+        {"fixture_wrong_kind", "libmoe-criterion-fixture_wrong_kind.so"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(args, sizeof args, MODEL "--user-dir %s --criterion %s --dry-run", MOE_TEST_FIXTURE_DIR,
+                 cases[i].name);
+        const char *n[] = {cases[i].needle};
+        expect_error(args, n, 1);
+    }
+}
+
+static void test_cli_help_shows_selected_plugin_options(void **s)
+{
+    (void)s;
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train("--help", &r), 0);
+    assert_int_equal(r.status, 0);
+    assert_non_null(strstr(r.out, "--max-update"));
+    assert_null(strstr(r.out, "--decoder-embed-dim"));
+    moe_cmd_result_free(&r);
+    assert_int_equal(moe_run_train("--arch transformer_lm_gpt --optimizer adam --help", &r), 0);
+    assert_int_equal(r.status, 0);
+    assert_non_null(strstr(r.out, "--decoder-embed-dim"));
+    assert_non_null(strstr(r.out, "--adam-betas"));
+    moe_cmd_result_free(&r);
+}
+
+static void test_cli_list_plugins_and_version(void **s)
+{
+    (void)s;
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train("--list-plugins", &r), 0);
+    assert_int_equal(r.status, 0);
+    const char *names[] = {"transformer_lm_gpt", "dummy_lm", "moe_cross_entropy", "adam", "fixed", "top2",
+                           "sqrt_world_size", "cpu", "single", "libmoe-criterion-moe_cross_entropy.so"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (!strstr(r.out, names[i]))
+            fail_msg("--list-plugins lacks %s:\n%s", names[i], r.out);
+    moe_cmd_result_free(&r);
+    assert_int_equal(moe_run_train("--version", &r), 0);
+    assert_int_equal(r.status, 0);
+    assert_non_null(strstr(r.out, "moelm "));
+    moe_cmd_result_free(&r);
+}
+
+static void test_cli_key_equals_value_and_tuple(void **s)
+{
+    (void)s;
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train(MODEL "--max-update=1 --adam-betas='(0.9, 0.98)' --dry-run", &r), 0);
+    if (r.status != 0)
+        fprintf(stderr, "%s\n", r.err);
+    assert_int_equal(r.status, 0);
+    moe_cmd_result_free(&r);
+}
+
+static void test_cli_task_vocabulary_too_small(void **s)
+{
+    (void)s;
+    const char *n[] = {"--tokens-per-sample 16", "--dict-size"};
+    expect_error(MODEL "--dict-size 12 --dry-run", n, 2);
+}
+
+static void test_cli_validation_line(void **s)
+{
+    (void)s;
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train("--cpu --task dummy_lm --tokens-per-sample 16 --dict-size 28 --arch "
+                                   "transformer_lm_gpt --decoder-layers 2 --decoder-embed-dim 16 "
+                                   "--decoder-ffn-embed-dim 32 --decoder-attention-heads 2 --moe-expert-count 4 "
+                                   "--moe-freq 2 --criterion moe_cross_entropy --optimizer adam --batch-size 2 "
+                                   "--max-update 4 --validate-interval-updates 2 --max-sentences-valid 1 "
+                                   "--max-valid-steps 3 --log-format json --log-interval 2",
+                                   &r),
+                     0);
+    if (r.status != 0)
+        fprintf(stderr, "%s\n%s\n", r.out, r.err);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(moe_count_lines(r.out, "| valid | {\"epoch\": 1, \"valid_loss\": "), 2);
+    assert_int_equal(moe_count_lines(r.out, "\"valid_num_updates\": \"4\""), 1);
+    moe_cmd_result_free(&r);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_cli_unknown_flag_suggests_closest),
+        cmocka_unit_test(test_cli_unknown_component_lists_installed),
+        cmocka_unit_test(test_cli_wrong_type_and_range),
+        cmocka_unit_test(test_cli_contradictory_flags),
+        cmocka_unit_test(test_cli_broken_plugins),
+        cmocka_unit_test(test_cli_help_shows_selected_plugin_options),
+        cmocka_unit_test(test_cli_list_plugins_and_version),
+        cmocka_unit_test(test_cli_key_equals_value_and_tuple),
+        cmocka_unit_test(test_cli_task_vocabulary_too_small),
+        cmocka_unit_test(test_cli_validation_line),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
