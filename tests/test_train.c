@@ -143,12 +143,53 @@ static void test_train_reference_precision_flags(void **state)
     moe_cmd_result_free(&r);
 }
 
+/* every precision mode trains on the CPU backend, with gradient accumulation */
+static void test_train_precision_modes(void **state)
+{
+    (void)state;
+    const char *modes[] = {"--fp16", "--bf16", "--memory-efficient-bf16", "--update-freq 2"};
+    for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++) {
+        char args[2048];
+        snprintf(args, sizeof args, TINY "--lr 0.003 --warmup-updates 2 --max-update 10 %s", modes[i]);
+        moe_cmd_result r;
+        assert_int_equal(moe_run_train(args, &r), 0);
+        if (r.status != 0)
+            fail_msg("%s failed:\n%s\n%s", modes[i], r.out, r.err);
+        double l = loss_of_line(r.out, 0);
+        if (!(l > 0 && l < 20))
+            fail_msg("%s: first loss %f", modes[i], l);
+        assert_int_equal(moe_count_lines(r.out, "\"loss_scale\": "), strstr(modes[i], "fp16") ? 1 : 0);
+        moe_cmd_result_free(&r);
+    }
+}
+
+/* fp16 gradients overflow at a loss scale of 2^16 (the target's dlogit is
+ * scale * (p - 1)): fairseq's NOTE line at each halving, then the minimum
+ * loss scale stops the run with fairseq's message. */
+static void test_train_loss_scaler_overflow_and_minimum(void **state)
+{
+    (void)state;
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train(TINY "--memory-efficient-fp16 --fp16-init-scale 1048576 --min-loss-scale 65536 "
+                                        "--lr 0.003 --warmup-updates 2 --max-update 10",
+                                   &r),
+                     0);
+    assert_true(r.status != 0);
+    assert_non_null(strstr(r.out, "| fairseq.trainer | NOTE: gradient overflow detected, ignoring gradient, "
+                                  "setting loss scale to: 524288.0"));
+    assert_non_null(strstr(r.out, "setting loss scale to: 131072.0"));
+    assert_non_null(strstr(r.err, "Minimum loss scale reached"));
+    moe_cmd_result_free(&r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_train_tiny_model_learns),
         cmocka_unit_test(test_train_identical_runs_identical_logs),
         cmocka_unit_test(test_train_reference_precision_flags),
+        cmocka_unit_test(test_train_precision_modes),
+        cmocka_unit_test(test_train_loss_scaler_overflow_and_minimum),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
