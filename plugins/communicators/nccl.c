@@ -219,8 +219,8 @@ static moe_status comm_init(const moe_host *h, moe_comm **out)
         if (ncclGetUniqueId(&id) != ncclSuccess)
             st = h->error(h, MOE_ERR_COMM, "ncclGetUniqueId failed");
     } else {
-        char host[256];
-        int port;
+        char host[256] = "";
+        int port = 0;
         st = parse_init_method(c, h->opt_str(h, "distributed-init-method"), host, sizeof host, &port);
         if (st == MOE_OK) {
             if (c->world.rank == 0) {
