@@ -147,8 +147,11 @@ static int run(cli_state *s)
 
     selection sel;
     memset(&sel, 0, sizeof sel);
-    MOE_TRY_GOTO(st, backend_choice(s, &sel.backend), usage);
     int dry_run = moe_opts_flag(s->opts, "dry-run");
+    if (dry_run)
+        sel.backend = "cpu"; /* a plan needs no device (and probing one can take a second) */
+    else
+        MOE_TRY_GOTO(st, backend_choice(s, &sel.backend), usage);
     moe_launch launch;
     if (dry_run) {
         /* plan for the requested world without joining one */

@@ -7,8 +7,9 @@
  * the full backward against central finite differences of the loss
  * (sum of token NLL + w * sum of l_aux) for every kind of parameter, bit-
  * identical gradients with and without --checkpoint-activations under
- * dropout, and dropout masks that depend on the step seed and the micro-batch
- * but not on the call.
+ * dropout, fp16/bf16 runs that track fp32, dropout masks that depend on the
+ * step seed and the micro-batch but not on the call, --use-moe-pad-mask, and
+ * batches smaller or larger than the one set up.
  *
  * Layout knowledge: the finite-difference test walks the parameters in the
  * order build() registers them (documented in transformer_lm.c) and checks
@@ -29,6 +30,7 @@
 
 #include "core/internal.h"
 #include "core/runtime.h"
+#include "kernels/half.h"
 #include "moe/plugin.h"
 
 #define MAX_ARGS 64
@@ -312,10 +314,10 @@ static double step(run *r, int train, int micro, double w_aux, int grad, float *
     assert_int_equal(out.N, NTOK);
     assert_int_equal(out.V, VOCAB);
     r->n_moe = out.n_moe_layers;
-    if (logits_copy)
+    if (logits_copy) /* fp32 runs only */
         check_ok(h->backend->copy_to_host(h->ctx, logits_copy, out.logits, NTOK * VOCAB * 4), "copy");
     check_ok(h->ops->cross_entropy(h->ctx, r->losses, out.logits, r->targets, NTOK, VOCAB, PAD, grad ? 1.0f : 0.0f,
-                                   MOE_F32),
+                                   h->act_dtype),
              "cross_entropy");
     float loss[NTOK], aux[8];
     check_ok(h->backend->copy_to_host(h->ctx, loss, r->losses, sizeof loss), "copy");
@@ -341,15 +343,23 @@ static float *grads_copy(run *r, int64_t *n_out)
         moe_runtime_unit(r->fx.rt, i, &u);
         n += u.numel;
     }
+    const moe_dtype dt = r->fx.h->grad_dtype;
     float *g = malloc((size_t)n * sizeof *g);
+    uint16_t *half = malloc((size_t)n * sizeof *half);
     assert_non_null(g);
+    assert_non_null(half);
     int64_t o = 0;
     for (int i = 0; i < nu; i++) {
         moe_unit_info u;
         moe_runtime_unit(r->fx.rt, i, &u);
-        check_ok(r->fx.h->backend->copy_to_host(r->fx.h->ctx, g + o, u.grad, (uint64_t)u.numel * 4), "copy");
+        void *dst = dt == MOE_F32 ? (void *)(g + o) : (void *)(half + o);
+        check_ok(r->fx.h->backend->copy_to_host(r->fx.h->ctx, dst, u.grad, (uint64_t)u.numel * moe_dtype_size(dt)),
+                 "copy");
         o += u.numel;
     }
+    for (int64_t i = 0; dt != MOE_F32 && i < n; i++)
+        g[i] = dt == MOE_F16 ? moe_f16_to_f32(half[i]) : moe_bf16_to_f32(half[i]);
+    free(half);
     *n_out = n;
     return g;
 }
@@ -529,6 +539,76 @@ static void test_arch_gradients_untied_with_dropout(void **state)
                              0, 0, 24);
 }
 
+static double cosine(const float *a, const float *b, int64_t n)
+{
+    double ab = 0, aa = 0, bb = 0;
+    for (int64_t i = 0; i < n; i++) {
+        ab += (double)a[i] * b[i];
+        aa += (double)a[i] * a[i];
+        bb += (double)b[i] * b[i];
+    }
+    return ab / sqrt(aa * bb);
+}
+
+/* fp16 and bf16 storage (the gate logits and their gradient go through casts
+ * there, which fp32 skips): the loss and the gradient track the fp32 run of
+ * the same model. Bounds: a few roundings of each format's unit roundoff
+ * (2^-11, 2^-8) through two layers, about ten times what is measured (loss
+ * within 5e-5 / 7e-4 relative, gradient cosines 0.99999 / 0.99997); a wrong
+ * cast or a dtype mix-up gives garbage far outside them. */
+static void test_arch_half_precision_tracks_fp32(void **state)
+{
+    (void)state;
+    const char *base = TINY "--share-decoder-input-output-embed --moe-second-expert-policy all --dropout 0 "
+                            "--attention-dropout 0";
+    tensor_ref t[64];
+    int64_t unit_sizes[7], unit_base[7] = {0};
+    int nt = tiny_layout(t, unit_sizes, 1, 1, 32);
+    for (int i = 1; i < 7; i++)
+        unit_base[i] = unit_base[i - 1] + unit_sizes[i - 1];
+    int wg = -1;
+    for (int k = 0; k < nt; k++)
+        if (strcmp(t[k].name, "moe_layer.gate.wg") == 0)
+            wg = k;
+    assert_true(wg >= 0);
+    const int64_t wg_at = unit_base[t[wg].unit] + t[wg].offset, wg_n = t[wg].numel;
+
+    run r;
+    open_run(&r, base);
+    check_ok(moe_runtime_zero_grads(r.fx.rt), "zero grads");
+    double loss32 = step(&r, 1, 0, 0.7, 1, NULL);
+    int64_t n32;
+    float *g32 = grads_copy(&r, &n32);
+    close_run(&r);
+
+    static const struct {
+        const char *flag;
+        moe_dtype dt;
+        double loss_rel, cos_all, cos_gate;
+    } modes[] = {{"--memory-efficient-fp16", MOE_F16, 5e-4, 0.9999, 0.999},
+                 {"--memory-efficient-bf16", MOE_BF16, 5e-3, 0.999, 0.999}};
+    for (size_t m = 0; m < sizeof modes / sizeof modes[0]; m++) {
+        char args[512];
+        snprintf(args, sizeof args, "%s %s", base, modes[m].flag);
+        open_run(&r, args);
+        assert_int_equal(r.fx.h->act_dtype, modes[m].dt);
+        check_ok(moe_runtime_zero_grads(r.fx.rt), "zero grads");
+        double loss = step(&r, 1, 0, 0.7, 1, NULL);
+        int64_t n;
+        float *g = grads_copy(&r, &n);
+        assert_int_equal(n, n32);
+        double c_all = cosine(g, g32, n), c_gate = cosine(g + wg_at, g32 + wg_at, wg_n);
+        fprintf(stderr, "%s: loss %.6f vs fp32 %.6f, gradient cosine %.6f, gate %.6f\n", modes[m].flag, loss, loss32,
+                c_all, c_gate);
+        assert_true(fabs(loss - loss32) <= modes[m].loss_rel * fabs(loss32));
+        assert_true(c_all >= modes[m].cos_all);
+        assert_true(c_gate >= modes[m].cos_gate);
+        free(g);
+        close_run(&r);
+    }
+    free(g32);
+}
+
 /* --checkpoint-activations recomputes every layer with the same masks and
  * routing noise: gradients (two micro-batches accumulated) are bit-identical */
 static void test_arch_checkpointing_bit_identical(void **state)
@@ -588,6 +668,52 @@ static void test_arch_dropout_depends_on_seed_and_micro(void **state)
     close_run(&r);
 }
 
+static void l_aux_and_logits(run *r, float *l_aux, float *logits)
+{
+    moe_fwd_out out;
+    check_ok(r->fx.arch->forward(r->fx.model, r->tokens, B, T, 1, 0, &out), "forward");
+    check_ok(r->fx.h->backend->copy_to_host(r->fx.h->ctx, l_aux, out.l_aux, 4), "copy");
+    check_ok(r->fx.h->backend->copy_to_host(r->fx.h->ctx, logits, out.logits, NTOK * VOCAB * 4), "copy");
+}
+
+/* --use-moe-pad-mask keeps pad tokens out of routing (and so out of the load-
+ * balancing loss); without pads it changes nothing. Batches smaller than the
+ * one set up run (validation), larger ones are refused. */
+static void test_arch_pad_mask_and_batch_shapes(void **state)
+{
+    (void)state;
+    const char *base = TINY "--share-decoder-input-output-embed --moe-second-expert-policy all --dropout 0 "
+                            "--attention-dropout 0";
+    char with[512];
+    snprintf(with, sizeof with, "%s --use-moe-pad-mask", base);
+    static float logits[2][2][NTOK * VOCAB];
+    float aux[2][2];
+    for (int c = 0; c < 2; c++) {
+        run r;
+        open_run(&r, c ? with : base);
+        l_aux_and_logits(&r, &aux[c][0], logits[c][0]);
+        int32_t tok[NTOK];
+        memcpy(tok, r.tok, sizeof tok);
+        for (int i = T - 3; i < T; i++) /* right padding of the second sequence */
+            tok[T + i] = PAD;
+        check_ok(r.fx.h->backend->copy_from_host(r.fx.h->ctx, r.tokens, tok, sizeof tok), "copy");
+        l_aux_and_logits(&r, &aux[c][1], logits[c][1]);
+        if (c == 1) {
+            moe_fwd_out out;
+            check_ok(r.fx.arch->forward(r.fx.model, r.tokens, 1, T, 0, 0, &out), "forward B = 1");
+            assert_int_equal(out.N, T);
+            moe_error_clear();
+            assert_int_equal(r.fx.arch->forward(r.fx.model, r.tokens, B + 1, T, 0, 0, &out), MOE_ERR_INVALID_ARG);
+            assert_non_null(strstr(moe_error_message(), "largest batch"));
+        }
+        close_run(&r);
+    }
+    /* no pads: identical; pads: the routing, hence l_aux, differs */
+    assert_true(aux[0][0] == aux[1][0]);
+    assert_memory_equal(logits[0][0], logits[1][0], sizeof logits[0][0]);
+    assert_true(aux[0][1] != aux[1][1]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -597,8 +723,10 @@ int main(void)
         cmocka_unit_test(test_arch_rejects_unsupported),
         cmocka_unit_test(test_arch_gradients_match_finite_differences),
         cmocka_unit_test(test_arch_gradients_untied_with_dropout),
+        cmocka_unit_test(test_arch_half_precision_tracks_fp32),
         cmocka_unit_test(test_arch_checkpointing_bit_identical),
         cmocka_unit_test(test_arch_dropout_depends_on_seed_and_micro),
+        cmocka_unit_test(test_arch_pad_mask_and_batch_shapes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -275,7 +275,7 @@ static void test_components_dummy_lm_batch(void **state)
     env_close(&e);
 
     /* padding to a multiple of 8: 4 + 5 words -> 16 */
-    env_open(&e, ARGS("--batch-size", "2", "--dict-size", "5"));
+    env_open(&e, ARGS("--batch-size", "2", "--dict-size", "5", "--tokens-per-sample", "8"));
     ops = load(&e, MOE_KIND_TASK, "dummy_lm");
     assert_int_equal(ops->init(e.h, &t), MOE_OK);
     assert_int_equal(ops->vocab_size(t), 16);

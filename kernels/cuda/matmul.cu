@@ -267,6 +267,20 @@ moe_status moe_cuda_matmul(moe_ctx *c, const moe_matmul_desc *d)
                              d ? (long long)d->m : -1LL, d ? (long long)d->n : -1LL, d ? (long long)d->k : -1LL,
                              d ? (long long)d->batch : -1LL, d ? moe_cuda_dtype_name(d->ab_dtype) : "?",
                              d ? moe_cuda_dtype_name(d->ab_dtype) : "?", d ? moe_cuda_dtype_name(d->c_dtype) : "?");
+    if (d->epilogue != MOE_EPI_NONE && d->epilogue != MOE_EPI_BIAS && d->epilogue != MOE_EPI_BIAS_GELU)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda matmul: unknown epilogue %d; expected NONE, BIAS or BIAS_GELU",
+                             (int)d->epilogue);
+    if (d->epilogue != MOE_EPI_NONE && d->bias == NULL)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda matmul: epilogue %s needs a bias, found NULL; pass the bias or use MOE_EPI_NONE",
+                             d->epilogue == MOE_EPI_BIAS ? "BIAS" : "BIAS_GELU");
+    if (d->epilogue == MOE_EPI_BIAS_GELU && d->beta != 0.0f)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda matmul: BIAS_GELU expects beta == 0 (C is overwritten with gelu(pre)), found beta %g",
+                             (double)d->beta);
+    if (d->epilogue == MOE_EPI_BIAS_GELU && d->gelu != MOE_GELU_TANH && d->gelu != MOE_GELU_ERF)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda matmul: unknown gelu kind %d; expected TANH or ERF",
+                             (int)d->gelu);
     if (d->m == 0 || d->n == 0)
         return MOE_OK;
     const int has_bias = d->epilogue != MOE_EPI_NONE && d->bias != NULL;

@@ -16,12 +16,23 @@
  *  - Activations are token-major (N, d) with N = B*T batch-major (n = b*T+t)
  *    throughout, which is fairseq's MoE token order; fairseq's (T, B, d)
  *    transposes are layout only and change no number.
- *  - q, k and v weights are registered [k; v; q] (then their biases), so the
- *    projection is one (N, 3d) buffer [k | v | q] per token that attention
- *    reads at row stride 3d. k|v is one GEMM, q another with alpha =
- *    head_dim^-0.5 and a bias pre-scaled by the same factor (exact when
- *    head_dim is a power of 4, as in every named variant but gpt2_big and
- *    gpt3_2_7, and within one rounding otherwise).
+ *  - Registration (one flat unit each, FAIRSEQ_SPEC.md §1.3-1.10): unit
+ *    "decoder" = embed_tokens.weight, layer_norm.{weight,bias} (unless
+ *    --no-decoder-final-norm), output_projection.weight (untied only); unit
+ *    "decoder.layers.i" = self_attn.{k,v,q}_proj.weight, then their biases,
+ *    out_proj.{weight,bias}, self_attn_layer_norm.{weight,bias}, then
+ *    fc1/fc2.{weight,bias} (dense) or moe_layer.gate.wg.weight (MoE), then
+ *    final_layer_norm.{weight,bias}; after a MoE layer one unit per local
+ *    expert, "decoder.layers.i.moe_layer.experts.<global id>", holding
+ *    fc1/fc2.{weight,bias}.
+ *  - Because k, v, q weights are consecutive, the projection is one (N, 3d)
+ *    buffer [k | v | q] per token that attention reads at row stride 3d. k|v
+ *    is one GEMM, q another with alpha = head_dim^-0.5 and a bias pre-scaled
+ *    by the same factor (exact when head_dim is a power of 4, within one
+ *    rounding otherwise).
+ *  - No key padding mask in attention: language-model batches are right-
+ *    padded, so the causal mask already hides every pad key from every real
+ *    query; outputs at pad positions are never scored (their target is pad).
  *  - Dropout streams: every site draws from Philox with seed =
  *    host->step_seed() and stream = tlm_stream(layer, site, micro, sub):
  *        micro << 48 | layer << 32 | site << 24 | sub
@@ -40,6 +51,13 @@
  *    processes the W*C slots it receives from the W ranks of its all-to-all
  *    group. With several local experts and several ranks the received buffer
  *    is permuted to expert-major and back with plain copies.
+ *  - Where fairseq's defaults need what moelm lacks: the gpt3 variants
+ *    (learned positions) and wiki103 (adaptive input and softmax) build with
+ *    sinusoidal positions and a plain embedding, and say so in a warning;
+ *    relu (the default of transformer_lm, _big, _wiki103 and _gbw) is
+ *    refused with a message asking for --activation-fn gelu.
+ *  - --use-moe-pad-mask builds the mask on the host from a copy of the tokens
+ *    (one small round trip per forward, only with the flag).
  *  - With --checkpoint-activations all layers share one set of activation
  *    buffers; only each layer's input stays, and backward recomputes a layer
  *    before differentiating it (the last layer's activations are still in
@@ -139,7 +157,9 @@ enum {
 static moe_option tlm_options[OPT_COUNT] = {
     {"decoder-embed-dim", MOE_OPT_INT, NULL, "decoder embedding dimension", 1, 1 << 20, NULL},
     {"decoder-ffn-embed-dim", MOE_OPT_INT, NULL,
-     "decoder embedding dimension for FFN (dense layers, and experts unless --moe-expert-ffn-dim)", 1, 1 << 22, NULL},
+     "decoder embedding dimension for FFN (dense layers, and experts unless --moe-expert-ffn-dim); None: 4 x "
+     "--decoder-embed-dim",
+     1, 1 << 22, NULL},
     {"decoder-layers", MOE_OPT_INT, NULL, "num decoder layers", 1, 4096, NULL},
     {"decoder-attention-heads", MOE_OPT_INT, NULL, "num decoder attention heads", 1, 4096, NULL},
     {"dropout", MOE_OPT_FLOAT, NULL, "dropout probability (embedding, attention output, FFN and expert output)", 0,
