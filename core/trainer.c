@@ -47,6 +47,8 @@ typedef struct trainer {
     int loss_scaling;
     moe_scaler scaler;
     double expert_grad_factor;/* world / (expert group size * normalizer divisor) */
+    moe_group *expert_group;  /* replicas of this rank's expert (E < world), or NULL */
+    int expert_group_size;
     int32_t *tokens, *targets;/* device (B,T) */
     float *red;               /* device RED_COUNT */
     float *scratch;           /* device (B*T) fp32 */
@@ -171,11 +173,25 @@ static moe_status setup(trainer *t)
      * data-parallel ranks; with E >= world every expert group has one rank. */
     int E = moe_opts_known(o, "moe-expert-count") ? (int)moe_opts_int(o, "moe-expert-count") : 0;
     int group = (E > 0 && E < h->world) ? h->world / E : 1;
-    if (group > 1)
-        return moe_error_set(MOE_ERR_UNSUPPORTED,
-                             "replicated experts (%d experts over %d ranks) are not supported by this trainer yet; "
-                             "use a world size that divides --moe-expert-count",
-                             E, h->world);
+    if (group > 1) {
+        /* E < world: expert i lives on ranks i, i+E, i+2E, ... (§2.4); every rank
+         * creates every group, in the same order */
+        int *ranks = malloc((size_t)group * sizeof *ranks);
+        if (!ranks)
+            return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+        moe_status gst = MOE_OK;
+        for (int i = 0; i < E && gst == MOE_OK; i++) {
+            for (int j = 0; j < group; j++)
+                ranks[j] = i + j * E;
+            moe_group *g = NULL;
+            gst = h->comm_ops->group_create(h->comm, ranks, group, &g);
+            if (g)
+                t->expert_group = g;
+        }
+        free(ranks);
+        MOE_TRY(gst);
+    }
+    t->expert_group_size = group;
     int num_experts_norm = h->world / group;
     t->expert_grad_factor = (double)h->world / ((double)group * t->c->normalizer->divisor(num_experts_norm));
 
@@ -233,7 +249,8 @@ static moe_status run_batch(trainer *t, const char *split, int64_t index, int tr
     return MOE_OK;
 }
 
-/* all-reduce non-expert gradients (sum) and the statistics over ranks */
+/* all-reduce non-expert gradients (sum) over all ranks, and expert gradients
+ * over the replicas of each expert when E < world */
 static moe_status reduce_gradients(trainer *t)
 {
     const moe_host *h = t->h;
@@ -243,8 +260,13 @@ static moe_status reduce_gradients(trainer *t)
     for (int i = 0; i < n; i++) {
         moe_unit_info u;
         moe_runtime_unit(t->rt, i, &u);
-        if (u.expert_index < 0 && u.numel > 0)
+        if (u.numel == 0)
+            continue;
+        if (u.expert_index < 0)
             MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, u.grad, u.numel, h->grad_dtype, MOE_REDUCE_SUM));
+        else if (t->expert_group_size > 1)
+            MOE_TRY(h->comm_ops->all_reduce(h->comm, t->expert_group, u.grad, u.numel, h->grad_dtype,
+                                            MOE_REDUCE_SUM));
     }
     return MOE_OK;
 }
@@ -426,6 +448,8 @@ static moe_status train_loop(trainer *t)
         if (h->world > 1)
             MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red, MOE_STAT_COUNT, MOE_F32, MOE_REDUCE_SUM));
         MOE_TRY(grad_norms(t));
+        /* the expert part sums over every rank, replicas included, as fairseq's
+         * clip_grad_norm_ does (§5.5) */
         if (h->world > 1)
             MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red + RED_NORM_EXPERT, 1, MOE_F32, MOE_REDUCE_SUM));
         float redf[RED_COUNT];

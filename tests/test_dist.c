@@ -106,6 +106,14 @@ static void test_dist_experts_4_over_4(void **s)
                        "--moe-expert-count 4 --update-freq 1 --moe-normalize-expert-grad world_size");
 }
 
+static void test_dist_replicated_experts_2_over_4(void **s)
+{
+    (void)s;
+    expect_same_losses(4, "--moe-expert-count 2 --update-freq 4 --moe-normalize-expert-grad world_size",
+                       "--moe-expert-count 2 --update-freq 1 --moe-normalize-expert-grad world_size "
+                       "--ddp-backend fully_sharded");
+}
+
 static void test_dist_fully_sharded_2(void **s)
 {
     (void)s;
@@ -159,7 +167,8 @@ int main(void)
     have_mpirun = system("command -v mpirun >/dev/null 2>&1") == 0;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dist_data_parallel_2),  cmocka_unit_test(test_dist_experts_4_over_2),
-        cmocka_unit_test(test_dist_experts_4_over_4), cmocka_unit_test(test_dist_fully_sharded_2),
+        cmocka_unit_test(test_dist_experts_4_over_4), cmocka_unit_test(test_dist_replicated_experts_2_over_4),
+        cmocka_unit_test(test_dist_fully_sharded_2),
         cmocka_unit_test(test_dist_normalizer_scaling),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

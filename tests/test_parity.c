@@ -24,7 +24,8 @@
  *
  * Without a visible GPU the program prints "SKIP: no CUDA device visible"
  * and exits 77, which CTest reports as skipped. Every comparison prints one
- * "PARITY" line (op, dtype, error, tolerance, verdict).
+ * "PARITY" line (op, dtype, error, tolerance, verdict); MOE_PARITY_FILTER
+ * (a cmocka test-name pattern) runs a subset, e.g. under compute-sanitizer.
  */
 #include <dlfcn.h>
 #include <math.h>
@@ -1178,5 +1179,9 @@ int main(void)
         cmocka_unit_test(test_parity_optim),         cmocka_unit_test(test_parity_memory_and_copies),
         cmocka_unit_test(test_parity_determinism),
     };
+    /* MOE_PARITY_FILTER=test_parity_attention runs the matching cases only */
+    const char *filter = getenv("MOE_PARITY_FILTER");
+    if (filter != NULL && filter[0] != '\0')
+        cmocka_set_test_filter(filter);
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

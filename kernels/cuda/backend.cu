@@ -5,10 +5,10 @@
  * Not here: the ops themselves (one .cu per family, see cuda.h), and any
  * notion of several streams: everything is ordered on the context's stream.
  *
- * The allocator keeps every block it ever got from cudaMalloc. Requests below
- * MOE_CUDA_LARGE_BYTES are rounded up to a size class (four classes per
- * power of two, at least 512 bytes) with one free list per class; larger ones
- * are rounded to 2 MiB and reuse a cached block at most 1/8 bigger. A block
+ * The allocator keeps every block it ever got from cudaMalloc. Requests up to
+ * 7/8 of MOE_CUDA_LARGE_BYTES are rounded up to a size class (four classes
+ * per power of two, at least 512 bytes) with one free list per class; larger
+ * ones are rounded to 2 MiB and reuse a cached block at most 1/8 bigger. A block
  * freed goes back to its list at once: later work on the same stream is
  * ordered after the work that used it. "allocated" counts the rounded sizes
  * of live blocks (what torch.cuda.memory_allocated counts), "reserved" every
@@ -159,7 +159,7 @@ static moe_status cuda_alloc(moe_ctx *c, uint64_t bytes, const char *what, void 
     const char *name = what != NULL ? what : "(unnamed)";
     uint64_t rounded;
     int cls = -1;
-    if (bytes < MOE_CUDA_LARGE_BYTES) {
+    if (bytes <= MOE_CUDA_LARGE_BYTES / 8 * 7) { /* its class size stays below LARGE */
         cls = size_class(bytes, &rounded);
     } else {
         if (bytes > (1ull << 48))
@@ -198,6 +198,7 @@ static moe_status cuda_alloc(moe_ctx *c, uint64_t bytes, const char *what, void 
         }
         b->ptr = p;
         b->size = rounded;
+        b->cls = cls;
         c->reserved += rounded;
         if (c->reserved > c->peak_reserved)
             c->peak_reserved = c->reserved;
@@ -222,11 +223,9 @@ static void cuda_free(moe_ctx *c, void *ptr)
         return;
     }
     c->allocated -= b->size;
-    if (b->size < MOE_CUDA_LARGE_BYTES) {
-        uint64_t rounded;
-        int cls = size_class(b->size, &rounded);
-        b->next = c->free_class[cls];
-        c->free_class[cls] = b;
+    if (b->cls >= 0) {
+        b->next = c->free_class[b->cls];
+        c->free_class[b->cls] = b;
     } else {
         b->next = c->free_large;
         c->free_large = b;

@@ -38,6 +38,7 @@
 typedef struct moe_cuda_block {
     void *ptr;
     uint64_t size;                /* rounded size actually held */
+    int cls;                      /* size class, or -1 for the large list */
     struct moe_cuda_block *next;  /* free list or live-table chain */
 } moe_cuda_block;
 
