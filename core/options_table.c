@@ -75,6 +75,10 @@ const moe_option moe_core_options[] = {
      "data-parallel backend; fully_sharded shards non-expert parameters and is required when experts < GPUs",
      NOLIMIT, "pytorch_ddp|c10d|legacy_ddp|no_c10d|fully_sharded"},
     {"bucket-cap-mb", MOE_OPT_INT, "25", "bucket size for reduction", AT_LEAST(0), NULL},
+    {"distributed-timeout", MOE_OPT_FLOAT, "1800",
+     "seconds a rendezvous or collective may wait for the other ranks before every rank fails, naming what "
+     "is missing",
+     AT_LEAST(1), NULL},
 
     /* dataset */
     {"num-workers", MOE_OPT_INT, "1", "how many subprocesses to use for data loading", AT_LEAST(0), NULL},

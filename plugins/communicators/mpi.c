@@ -99,11 +99,27 @@ static moe_status wait_req(moe_comm *c, MPI_Request *req, const char *what, cons
             return c->h->error(c->h, MOE_ERR_COMM, "MPI %s failed on rank %d (MPI error %d)", what, c->world.rank, rc);
         if (done)
             return MOE_OK;
-        if (now_s() > deadline)
+        if (now_s() > deadline) {
+            /* With two ranks the missing one is known; in larger groups MPI
+             * cannot tell which peer has not entered the collective. */
+            if (g->size == 2) {
+                MPI_Group mine, world;
+                MPI_Comm_group(g->comm, &mine);
+                MPI_Comm_group(MPI_COMM_WORLD, &world);
+                int other = 1 - g->rank, other_world = -1;
+                MPI_Group_translate_ranks(mine, 1, &other, world, &other_world);
+                MPI_Group_free(&mine);
+                MPI_Group_free(&world);
+                return c->h->error(c->h, MOE_ERR_COMM,
+                                   "MPI %s timed out after %.0f s on rank %d: rank %d died or stalled (raise "
+                                   "--distributed-timeout if it is only slow)",
+                                   what, c->timeout_s, c->world.rank, other_world);
+            }
             return c->h->error(c->h, MOE_ERR_COMM,
                                "MPI %s timed out after %.0f s on rank %d of a group of %d: another rank died or "
                                "stalled (raise --distributed-timeout if it is only slow)",
                                what, c->timeout_s, c->world.rank, g->size);
+        }
         struct timespec ts = {0, 200000}; /* 0.2 ms */
         nanosleep(&ts, NULL);
     }

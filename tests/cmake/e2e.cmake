@@ -4,3 +4,5 @@ moe_add_test(test_train LABELS e2e SOURCES test_train.c runcmd.c TIMEOUT 600)
 # Multi-rank runs through mpirun on the CPU backend.
 moe_add_test(test_dist LABELS dist SOURCES test_dist.c runcmd.c TIMEOUT 900)
 moe_add_test(test_cli LABELS e2e SOURCES test_cli.c runcmd.c TIMEOUT 120)
+add_test(NAME test_dist_stalled_rank COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/dist_stall.sh ${CMAKE_BINARY_DIR}/bin/moelm-train)
+set_tests_properties(test_dist_stalled_rank PROPERTIES LABELS dist TIMEOUT 120 SKIP_RETURN_CODE 77)
