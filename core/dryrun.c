@@ -1,12 +1,13 @@
 /* dryrun.c: the planner behind --dry-run (see dryrun.h).
  *
- * Byte counts per GPU follow the layout the trainer uses: parameters and
- * gradients in the compute dtype, plus an fp32 master copy with --fp16/--bf16
- * (not with the memory-efficient variants), plus the optimizer's own state.
- * With --ddp-backend fully_sharded the non-expert units are sharded over the
- * data-parallel ranks (each unit padded to a multiple of the world size, as
- * torch.chunk does), so parameters, gradients and optimizer state of those
- * units shrink by the world size; expert units are never sharded (§7.2).
+ * Byte counts per GPU are what the runtime allocates (core/runtime.h):
+ * parameters and gradients in the compute dtype, plus an fp32 master copy with
+ * --fp16/--bf16 (not with the memory-efficient variants), plus the optimizer's
+ * own state. With --ddp-backend fully_sharded over W > 1 ranks each
+ * non-expert unit is padded to W equal shards (torch.chunk): the master copy
+ * and the optimizer state exist for this rank's shard only, and a gradient
+ * shard receives the reduce-scatter; parameters and gradients stay whole
+ * between updates. Expert units are never sharded (§7.2).
  */
 #include "core/dryrun.h"
 
@@ -58,22 +59,25 @@ moe_status moe_plan_compute(moe_runtime *rt, const moe_components *c, moe_plan *
     double state_per_param = c->optimizer->state_bytes_per_param(h);
 
     int n = moe_runtime_num_units(rt);
+    int W = plan->sharded && plan->world > 1 ? plan->world : 1;
     for (int i = 0; i < n; i++) {
         moe_unit_info u;
         moe_runtime_unit(rt, i, &u);
-        int64_t local = u.numel;
+        int64_t padded = u.numel, shard = u.numel;
         if (u.expert_index >= 0) {
             plan->expert_params += u.numel;
         } else {
             plan->non_expert_params += u.numel;
-            if (plan->sharded)
-                local = (u.numel + plan->world - 1) / plan->world;
+            if (W > 1) {
+                padded = (u.numel + W - 1) / W * W;
+                shard = padded / W;
+            }
         }
-        /* unsharded units hold whole params and grads; sharded ones only their shard
-         * between uses (the gathered copy is transient) */
-        plan->param_bytes += (double)local * (double)moe_dtype_size(act);
-        plan->grad_bytes += (double)local * (double)moe_dtype_size(grad);
-        plan->optim_bytes += (double)local * (state_per_param + (master ? 4.0 : 0.0));
+        plan->param_bytes += (double)padded * (double)moe_dtype_size(act);
+        plan->grad_bytes += (double)padded * (double)moe_dtype_size(grad);
+        if (shard != padded)
+            plan->grad_bytes += (double)shard * (double)moe_dtype_size(grad);
+        plan->optim_bytes += (double)shard * (state_per_param + (master ? 4.0 : 0.0));
     }
     moe_model_info info;
     int64_t T = moe_opts_known(o, "tokens-per-sample") ? moe_opts_int(o, "tokens-per-sample") : 0;

@@ -237,6 +237,7 @@ static int run(cli_state *s)
                                                                 : -1;
     cfg.seed = (uint64_t)moe_opts_int(s->opts, "seed");
     cfg.dry_run = dry_run;
+    cfg.fully_sharded = strcmp(moe_opts_str(s->opts, "ddp-backend"), "fully_sharded") == 0;
     int loss_scaling;
     moe_config_precision(s->opts, &cfg.act_dtype, &cfg.grad_dtype, &cfg.master_weights, &loss_scaling);
     MOE_TRY_GOTO(st, moe_runtime_create(s->opts, s->reg, &cfg, &s->rt), failure);

@@ -33,7 +33,9 @@ typedef struct moe_unit_entry {
     char *name;
     int expert_index;
     int64_t numel;
-    void *param, *grad, *master;
+    int64_t padded;          /* numel rounded up to a multiple of the shard count */
+    int64_t shard;           /* elements per shard (== padded when not sharded) */
+    void *param, *grad, *master, *grad_shard;
 } moe_unit_entry;
 
 struct moe_runtime {
@@ -326,6 +328,8 @@ void moe_runtime_destroy(moe_runtime *rt)
                 rt->be->free(rt->ctx, u->grad);
             if (u->master)
                 rt->be->free(rt->ctx, u->master);
+            if (u->grad_shard)
+                rt->be->free(rt->ctx, u->grad_shard);
         }
         free(u->name);
     }
@@ -411,9 +415,13 @@ void moe_runtime_unit(const moe_runtime *rt, int unit, moe_unit_info *out)
     out->name = u->name;
     out->expert_index = u->expert_index;
     out->numel = u->numel;
+    out->padded = u->padded;
+    out->shard = u->shard;
+    out->sharded = u->grad_shard != NULL;
     out->param = u->param;
     out->grad = u->grad;
     out->master = u->master;
+    out->grad_shard = u->grad_shard;
 }
 
 void moe_runtime_param_counts(const moe_runtime *rt, int64_t *non_expert, int64_t *expert)
@@ -482,31 +490,62 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
     if (rt->cfg.dry_run)
         return moe_error_set(MOE_ERR_INTERNAL, "parameters cannot be allocated in a dry run");
     char what[200];
+    const int W = rt->cfg.fully_sharded && rt->host.world > 1 ? rt->host.world : 1;
+    const moe_dtype act = rt->cfg.act_dtype, gdt = rt->cfg.grad_dtype;
     for (int i = 0; i < rt->n_units; i++) {
         moe_unit_entry *u = &rt->units[i];
         if (u->numel == 0)
             continue;
+        /* fully sharded: non-expert units padded to W equal shards (torch.chunk) */
+        int sharded = W > 1 && u->expert_index < 0;
+        u->padded = sharded ? (u->numel + W - 1) / W * W : u->numel;
+        u->shard = sharded ? u->padded / W : u->numel;
         snprintf(what, sizeof what, "parameters of %s", u->name);
-        MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->numel * moe_dtype_size(rt->cfg.act_dtype), what, &u->param));
+        MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(act), what, &u->param));
         snprintf(what, sizeof what, "gradients of %s", u->name);
-        MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->numel * moe_dtype_size(rt->cfg.grad_dtype), what, &u->grad));
+        MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(gdt), what, &u->grad));
+        if (sharded) {
+            snprintf(what, sizeof what, "gradient shard of %s", u->name);
+            MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->shard * moe_dtype_size(gdt), what, &u->grad_shard));
+            MOE_TRY(rt->host.ops->fill(rt->ctx, u->param, act, u->padded, 0.0f)); /* the padding stays 0 */
+        }
         if (rt->cfg.master_weights) {
             snprintf(what, sizeof what, "fp32 master weights of %s", u->name);
-            MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->numel * 4u, what, &u->master));
+            MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->shard * 4u, what, &u->master));
         }
     }
     rt->allocated = 1;
-    for (int i = 0; i < rt->n_params; i++) {
-        const moe_param_entry *p = &rt->params[i];
-        const moe_unit_entry *u = &rt->units[p->unit];
+    /* initialise in fp32 when there is a master copy (then round once into the
+     * params), else straight into the parameter dtype */
+    for (int i = 0; i < rt->n_units; i++) {
+        moe_unit_entry *u = &rt->units[i];
+        if (u->numel == 0)
+            continue;
+        void *full32 = NULL;
         if (u->master) {
-            void *m = offset_ptr(u->master, p->offset, MOE_F32);
-            MOE_TRY(init_tensor(rt, p, m, MOE_F32));
-            MOE_TRY(rt->host.ops->cast(rt->ctx, offset_ptr(u->param, p->offset, rt->cfg.act_dtype),
-                                       rt->cfg.act_dtype, m, MOE_F32, p->numel));
-        } else {
-            MOE_TRY(init_tensor(rt, p, offset_ptr(u->param, p->offset, rt->cfg.act_dtype), rt->cfg.act_dtype));
+            snprintf(what, sizeof what, "initialisation of %s", u->name);
+            MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * 4u, what, &full32));
+            MOE_TRY(rt->host.ops->fill(rt->ctx, full32, MOE_F32, u->padded, 0.0f));
         }
+        moe_status st = MOE_OK;
+        for (int k = 0; k < rt->n_params && st == MOE_OK; k++) {
+            const moe_param_entry *p = &rt->params[k];
+            if (p->unit != i)
+                continue;
+            if (full32)
+                st = init_tensor(rt, p, offset_ptr(full32, p->offset, MOE_F32), MOE_F32);
+            else
+                st = init_tensor(rt, p, offset_ptr(u->param, p->offset, act), act);
+        }
+        if (full32 && st == MOE_OK)
+            st = rt->host.ops->cast(rt->ctx, u->param, act, full32, MOE_F32, u->padded);
+        if (full32 && st == MOE_OK) {
+            int64_t first = u->shard < u->padded ? (int64_t)rt->host.rank * u->shard : 0;
+            st = rt->be->copy(rt->ctx, u->master, offset_ptr(full32, first, MOE_F32), (uint64_t)u->shard * 4u);
+        }
+        if (full32)
+            rt->be->free(rt->ctx, full32);
+        MOE_TRY(st);
     }
     return moe_runtime_zero_grads(rt);
 }
@@ -515,7 +554,7 @@ moe_status moe_runtime_zero_grads(moe_runtime *rt)
 {
     for (int i = 0; i < rt->n_units; i++)
         if (rt->units[i].grad)
-            MOE_TRY(rt->host.ops->fill(rt->ctx, rt->units[i].grad, rt->cfg.grad_dtype, rt->units[i].numel, 0.0f));
+            MOE_TRY(rt->host.ops->fill(rt->ctx, rt->units[i].grad, rt->cfg.grad_dtype, rt->units[i].padded, 0.0f));
     return MOE_OK;
 }
 

@@ -21,6 +21,7 @@ typedef struct moe_runtime_config {
     moe_dtype act_dtype;        /* parameters as the model computes with them, activations */
     moe_dtype grad_dtype;       /* gradients */
     int master_weights;         /* keep an fp32 master copy (--fp16/--bf16 without memory-efficient) */
+    int fully_sharded;          /* --ddp-backend fully_sharded: shard non-expert units over the ranks */
     uint64_t seed;
     int dry_run;                /* no backend memory for parameters */
 } moe_runtime_config;
@@ -48,13 +49,22 @@ void moe_runtime_set_gate(moe_runtime *rt, const moe_gate_ops *gate);
 /* ---- parameter store ----
  * Units are registered by the arch through host->unit_add/param_add. A unit's
  * tensors are consecutive in its flat buffer, in registration order. */
+/* With --ddp-backend fully_sharded over W > 1 ranks, a non-expert unit is
+ * padded to W equal shards; rank r owns elements [r*shard, (r+1)*shard): its
+ * reduce-scattered gradient (grad_shard), its fp32 master and its optimizer
+ * state. Parameters and gradients are still held whole between updates (the
+ * all-gather after each step refreshes them): ZeRO stage 2, not 3. */
 typedef struct moe_unit_info {
     const char *name;
     int expert_index;        /* global expert id, -1 for non-expert units */
     int64_t numel;
-    void *param;             /* act_dtype */
-    void *grad;              /* grad_dtype */
-    void *master;            /* fp32 master copy or NULL */
+    int64_t padded;          /* allocated elements of param and grad */
+    int64_t shard;           /* elements this rank updates (== numel unless sharded) */
+    int sharded;
+    void *param;             /* act_dtype, padded */
+    void *grad;              /* grad_dtype, padded */
+    void *master;            /* fp32 master copy of this rank's shard, or NULL */
+    void *grad_shard;        /* grad_dtype (shard), sharded units only */
 } moe_unit_info;
 
 int moe_runtime_num_units(const moe_runtime *rt);

@@ -31,7 +31,7 @@ static const char *const metric_keys[MOE_NUM_METRICS] = {
     "unused_expert2_count",   "all_to_all_cpu_time_ms", "all_to_all_cuda_time_ms"};
 
 /* host copy of the per-update reductions: stats then the two squared norms */
-enum { RED_NORM_DENSE = MOE_STAT_COUNT, RED_NORM_EXPERT, RED_COUNT };
+enum { RED_NORM_DENSE = MOE_STAT_COUNT, RED_NORM_EXPERT, RED_NORM_SHARDED, RED_COUNT };
 
 typedef struct trainer {
     moe_runtime *rt;
@@ -48,6 +48,9 @@ typedef struct trainer {
     moe_scaler scaler;
     double expert_grad_factor;/* world / (expert group size * normalizer divisor) */
     moe_group *expert_group;  /* replicas of this rank's expert (E < world), or NULL */
+    int sharded;              /* some units are fully sharded */
+    int64_t max_shard;
+    void *shard_staging;      /* (max_shard) act dtype: a shard on its way to the all-gather */
     int expert_group_size;
     int32_t *tokens, *targets;/* device (B,T) */
     float *red;               /* device RED_COUNT */
@@ -136,22 +139,32 @@ static moe_status setup(trainer *t)
         if (u.numel == 0)
             continue;
         moe_opt_tensor *x = &ts[k++];
-        x->n = u.numel;
-        x->grad = u.grad;
+        /* a sharded unit: this rank updates its shard only */
+        void *param = u.sharded ? (char *)u.param + (size_t)(h->rank * u.shard) * moe_dtype_size(h->act_dtype)
+                                : u.param;
+        x->n = u.shard;
+        x->grad = u.sharded ? u.grad_shard : u.grad;
         x->grad_dtype = h->grad_dtype;
         if (u.master) {
             x->param = u.master;
             x->param_dtype = MOE_F32;
-            x->param_copy = u.param;
+            x->param_copy = param;
             x->copy_dtype = h->act_dtype;
         } else {
-            x->param = u.param;
+            x->param = param;
             x->param_dtype = h->act_dtype;
         }
+        if (u.sharded && u.shard > t->max_shard)
+            t->max_shard = u.shard;
     }
     moe_status st = t->c->optimizer->init(h, ts, k, &t->opt);
     free(ts);
     MOE_TRY(st);
+    if (t->max_shard > 0) {
+        MOE_TRY(dev_alloc(t, (uint64_t)t->max_shard * moe_dtype_size(h->act_dtype), "parameter shard staging",
+                          &t->shard_staging));
+        t->sharded = 1;
+    }
     MOE_TRY(t->c->lr_scheduler->init(h, &t->sched));
     MOE_TRY(t->c->criterion->init(h, &t->crit));
     t->lr = t->c->lr_scheduler->lr_at(t->sched, 0);
@@ -211,7 +224,7 @@ static void teardown(trainer *t)
         t->c->lr_scheduler->destroy(t->sched);
     if (t->crit)
         t->c->criterion->destroy(t->crit);
-    void *bufs[] = {t->tokens, t->targets, t->scratch, t->red};
+    void *bufs[] = {t->tokens, t->targets, t->scratch, t->red, t->shard_staging};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i])
             h->backend->free(h->ctx, bufs[i]);
@@ -262,7 +275,10 @@ static moe_status reduce_gradients(trainer *t)
         moe_runtime_unit(t->rt, i, &u);
         if (u.numel == 0)
             continue;
-        if (u.expert_index < 0)
+        if (u.sharded)
+            MOE_TRY(h->comm_ops->reduce_scatter(h->comm, NULL, u.grad_shard, u.grad, u.shard, h->grad_dtype,
+                                                MOE_REDUCE_SUM));
+        else if (u.expert_index < 0)
             MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, u.grad, u.numel, h->grad_dtype, MOE_REDUCE_SUM));
         else if (t->expert_group_size > 1)
             MOE_TRY(h->comm_ops->all_reduce(h->comm, t->expert_group, u.grad, u.numel, h->grad_dtype,
@@ -271,11 +287,29 @@ static moe_status reduce_gradients(trainer *t)
     return MOE_OK;
 }
 
+/* after the step: every rank's updated shard back into the whole parameters */
+static moe_status gather_params(trainer *t)
+{
+    const moe_host *h = t->h;
+    size_t es = moe_dtype_size(h->act_dtype);
+    int n = moe_runtime_num_units(t->rt);
+    for (int i = 0; i < n; i++) {
+        moe_unit_info u;
+        moe_runtime_unit(t->rt, i, &u);
+        if (!u.sharded)
+            continue;
+        MOE_TRY(h->backend->copy(h->ctx, t->shard_staging, (char *)u.param + (size_t)(h->rank * u.shard) * es,
+                                 (uint64_t)u.shard * es));
+        MOE_TRY(h->comm_ops->all_gather(h->comm, NULL, u.param, t->shard_staging, u.shard, h->act_dtype));
+    }
+    return MOE_OK;
+}
+
 static moe_status grad_norms(trainer *t)
 {
     const moe_host *h = t->h;
     const moe_ops *ops = h->ops;
-    MOE_TRY(ops->fill(h->ctx, t->red + RED_NORM_DENSE, MOE_F32, 2, 0.0f));
+    MOE_TRY(ops->fill(h->ctx, t->red + RED_NORM_DENSE, MOE_F32, 3, 0.0f));
     int n = moe_runtime_num_units(t->rt);
     for (int i = 0; i < n; i++) {
         moe_unit_info u;
@@ -287,6 +321,8 @@ static moe_status grad_norms(trainer *t)
                 MOE_TRY(ops->axpby(h->ctx, u.grad, u.grad, h->grad_dtype, u.numel, 0.0f,
                                    (float)t->expert_grad_factor));
             MOE_TRY(ops->sumsq(h->ctx, t->red + RED_NORM_EXPERT, u.grad, h->grad_dtype, u.numel));
+        } else if (u.sharded) {
+            MOE_TRY(ops->sumsq(h->ctx, t->red + RED_NORM_SHARDED, u.grad_shard, h->grad_dtype, u.shard));
         } else {
             MOE_TRY(ops->sumsq(h->ctx, t->red + RED_NORM_DENSE, u.grad, h->grad_dtype, u.numel));
         }
@@ -450,8 +486,8 @@ static moe_status train_loop(trainer *t)
         MOE_TRY(grad_norms(t));
         /* the expert part sums over every rank, replicas included, as fairseq's
          * clip_grad_norm_ does (§5.5) */
-        if (h->world > 1)
-            MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red + RED_NORM_EXPERT, 1, MOE_F32, MOE_REDUCE_SUM));
+        if (h->world > 1) /* expert and sharded parts */
+            MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red + RED_NORM_EXPERT, 2, MOE_F32, MOE_REDUCE_SUM));
         float redf[RED_COUNT];
         MOE_TRY(h->backend->copy_to_host(h->ctx, redf, t->red, sizeof redf));
         double red[RED_COUNT];
@@ -462,7 +498,7 @@ static moe_status train_loop(trainer *t)
         double batch_count = (double)t->update_freq * h->world;
 
         double multiply = 1.0 / ((double)scale * ntokens);
-        double gnorm = multiply * sqrt(red[RED_NORM_DENSE] + red[RED_NORM_EXPERT]);
+        double gnorm = multiply * sqrt(red[RED_NORM_DENSE] + red[RED_NORM_EXPERT] + red[RED_NORM_SHARDED]);
         if (!isfinite(gnorm)) {
             if (!t->loss_scaling)
                 return moe_error_set(MOE_ERR_OVERFLOW, "gradients are NaN/Inf at update %lld; lower the "
@@ -488,6 +524,8 @@ static moe_status train_loop(trainer *t)
             clipped = 1;
         }
         MOE_TRY(t->c->optimizer->step(t->opt, t->lr, 1.0 / multiply, t->num_updates + 1));
+        if (t->sharded)
+            MOE_TRY(gather_params(t));
         if (t->loss_scaling)
             moe_scaler_update(&t->scaler);
         t->num_updates++;

@@ -121,6 +121,14 @@ static void test_dist_fully_sharded_2(void **s)
                        "--moe-expert-count 2 --update-freq 1 --ddp-backend fully_sharded");
 }
 
+/* fp32 master weights sharded with the optimizer state */
+static void test_dist_fully_sharded_fp16_master_4(void **s)
+{
+    (void)s;
+    expect_same_losses(4, "--moe-expert-count 4 --update-freq 4 --fp16",
+                       "--moe-expert-count 4 --update-freq 1 --fp16 --ddp-backend fully_sharded");
+}
+
 /* §2.9: sqrt_world_size leaves expert gradients sqrt(N) times the exact ones
  * (N = world / expert group size), world_size leaves them exact. At update 1
  * the norms are of the same global gradient, so
@@ -168,7 +176,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dist_data_parallel_2),  cmocka_unit_test(test_dist_experts_4_over_2),
         cmocka_unit_test(test_dist_experts_4_over_4), cmocka_unit_test(test_dist_replicated_experts_2_over_4),
-        cmocka_unit_test(test_dist_fully_sharded_2),
+        cmocka_unit_test(test_dist_fully_sharded_2),  cmocka_unit_test(test_dist_fully_sharded_fp16_master_4),
         cmocka_unit_test(test_dist_normalizer_scaling),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

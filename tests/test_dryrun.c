@@ -54,11 +54,16 @@ static void test_dryrun_single_node_counts(void **state)
     assert_int_equal(r.status, 0);
     assert_non_null(strstr(r.out, "num. non-expert model params: 908,423,168 (num. trained: 908,423,168)"));
     assert_non_null(strstr(r.out, "num. expert model params: 402,776,064 (num. trained: 402,776,064)"));
-    /* fully sharded over 8 ranks: every non-expert unit divides by 8 exactly here
-     * (908,423,168 / 8 = 113,552,896); experts whole; fp16 = 2 bytes each */
-    long long params = (113552896LL + 402776064LL) * 2;
+    /* fp16 parameters are held whole (2 bytes each); with fully_sharded over 8
+     * ranks every non-expert unit divides by 8 exactly here (908,423,168 / 8 =
+     * 113,552,896), and Adam's fp16 moments (4 bytes, no master copy with
+     * memory-efficient fp16) exist for that shard and the local experts only */
+    long long params = (908423168LL + 402776064LL) * 2;
+    long long optim = (113552896LL + 402776064LL) * 4;
     char want[96];
     snprintf(want, sizeof want, "parameters %lld ", params);
+    assert_non_null(strstr(r.out, want));
+    snprintf(want, sizeof want, "optimizer state %lld ", optim);
     assert_non_null(strstr(r.out, want));
     assert_non_null(strstr(r.out, "model FLOPs per token"));
     assert_true(r.seconds < 1.0);

@@ -25,7 +25,9 @@
  * Without a visible GPU the program prints "SKIP: no CUDA device visible"
  * and exits 77, which CTest reports as skipped. Every comparison prints one
  * "PARITY" line (op, dtype, error, tolerance, verdict); MOE_PARITY_FILTER
- * (a cmocka test-name pattern) runs a subset, e.g. under compute-sanitizer.
+ * (a cmocka test-name pattern) runs a subset, e.g. under compute-sanitizer;
+ * MOE_PARITY_BENCH=1 instead times the hot ops at the reference model's
+ * sizes (printed "BENCH" lines, no verdict).
  */
 #include <dlfcn.h>
 #include <math.h>
@@ -36,6 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cmocka.h>
 
@@ -1140,6 +1143,126 @@ static void test_parity_determinism(void **state)
     free(r2);
 }
 
+/* ---------------------------------------------------- opt-in timing */
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+/* Mean milliseconds of `reps` launches of op after two warm-ups; the ops
+ * table has no events, so this is host time around a synchronize. */
+#define BENCH(name, reps, work, unit, CALL)                                                         \
+    do {                                                                                            \
+        for (int w_ = 0; w_ < 2; w_++)                                                              \
+            assert_int_equal((CALL), MOE_OK);                                                       \
+        assert_int_equal(be->synchronize(cx), MOE_OK);                                              \
+        double t0_ = now_ms();                                                                      \
+        for (int r_ = 0; r_ < (reps); r_++)                                                         \
+            assert_int_equal((CALL), MOE_OK);                                                       \
+        assert_int_equal(be->synchronize(cx), MOE_OK);                                              \
+        double ms_ = (now_ms() - t0_) / (reps);                                                     \
+        printf("BENCH %-52s %9.3f ms %8.1f %s\n", (name), ms_, (work) / (ms_ * 1e-3) / 1e12, (unit)); \
+        fflush(stdout);                                                                             \
+    } while (0)
+
+/* MOE_PARITY_BENCH=1: the hot ops at the reference model's per-GPU sizes
+ * (FAIRSEQ_SPEC.md §2.6: 8192 tokens, d 2048, ffn 8192, 32 heads of 64,
+ * vocabulary 50000, 8 experts), fp16. Not part of the parity verdict. */
+static void test_parity_bench(void **state)
+{
+    (void)state;
+    const moe_backend_ops *be = g_gpu.be;
+    const moe_ops *o = g_gpu.ops;
+    moe_ctx *cx = g_gpu.ctx;
+    const int64_t N = 8192, Cm = 2048, F = 8192, B = 4, T = 2048, H = 32, D = 64, V = 50000;
+    void *x, *w, *y, *aux, *bias, *qkv, *att, *dqkv, *lse, *logits, *loss, *tg, *st;
+    assert_int_equal(be->alloc(cx, (uint64_t)(N * Cm) * 2, "x", &x), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(F * Cm) * 2, "w", &w), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(N * F) * 2, "y", &y), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(N * F) * 2, "aux", &aux), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)F * 2, "bias", &bias), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(N * 3 * Cm) * 2, "qkv", &qkv), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(N * 3 * Cm) * 2, "dqkv", &dqkv), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(N * Cm) * 2, "att", &att), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(B * H * T) * 4, "lse", &lse), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(N * V) * 2, "logits", &logits), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)N * 4, "loss", &loss), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)N * 4, "targets", &tg), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)N * 8 + 1024, "stats", &st), MOE_OK);
+    assert_int_equal(o->init_uniform(cx, x, MOE_F16, N * Cm, -1.0f, 1.0f, 1u, 1u), MOE_OK);
+    assert_int_equal(o->init_uniform(cx, w, MOE_F16, F * Cm, -0.02f, 0.02f, 1u, 2u), MOE_OK);
+    assert_int_equal(o->init_uniform(cx, bias, MOE_F16, F, -0.02f, 0.02f, 1u, 3u), MOE_OK);
+    assert_int_equal(o->init_uniform(cx, qkv, MOE_F16, N * 3 * Cm, -0.5f, 0.5f, 1u, 4u), MOE_OK);
+    assert_int_equal(o->init_uniform(cx, logits, MOE_F16, N * V, -4.0f, 4.0f, 1u, 5u), MOE_OK);
+    assert_int_equal(o->fill(cx, tg, MOE_I32, N, 7.0f), MOE_OK);
+
+    moe_matmul_desc d;
+    memset(&d, 0, sizeof d);
+    d.trans_b = 1; /* y(N,F) = x(N,C) w(F,C)^T, as a Linear */
+    d.m = N; d.n = F; d.k = Cm; d.alpha = 1.0f;
+    d.a = x; d.lda = Cm; d.b = w; d.ldb = Cm; d.c = y; d.ldc = F;
+    d.ab_dtype = MOE_F16; d.c_dtype = MOE_F16; d.batch = 1;
+    d.epilogue = MOE_EPI_BIAS_GELU; d.bias = bias; d.aux = aux; d.gelu = MOE_GELU_TANH;
+    double mm = 2.0 * (double)N * (double)F * (double)Cm;
+    BENCH("matmul fc1 8192x8192x2048 bias+gelu(aux) f16", 10, mm, "TFLOP/s", o->matmul(cx, &d));
+    const int64_t ld = 3 * Cm;
+    const char *q = (const char *)qkv, *k = q + Cm * 2, *v = q + 2 * Cm * 2;
+    char *dq = (char *)dqkv;
+    double af = 2.0 * 2.0 * (double)(B * H) * (double)T * (double)T * (double)D / 2.0; /* causal */
+    BENCH("attention_forward B4 T2048 H32 D64 p0.1 f16", 10, af, "TFLOP/s",
+          o->attention_forward(cx, att, (float *)lse, q, k, v, ld, B, T, H, D, 0.1f, 1u, 2u, MOE_F16));
+    BENCH("attention_backward B4 T2048 H32 D64 p0.1 f16", 5, 2.5 * af, "TFLOP/s",
+          o->attention_backward(cx, dq, dq + Cm * 2, dq + 2 * Cm * 2, ld, att, att, (float *)lse, q, k, v, ld, B, T,
+                                H, D, 0.1f, 1u, 2u, MOE_F16));
+    double ce_bytes = 3.0 * (double)N * (double)V * 2.0;
+    BENCH("cross_entropy N8192 V50000 f16 (+grad in place)", 5, ce_bytes, "TB/s",
+          o->cross_entropy(cx, (float *)loss, logits, (const int32_t *)tg, N, V, 1, 1.0f, MOE_F16));
+    float *mean = (float *)st, *rstd = mean + N;
+    double ln_bytes = 2.0 * (double)N * (double)Cm * 2.0;
+    BENCH("layernorm_forward 8192x2048 f16", 10, ln_bytes, "TB/s",
+          o->layernorm_forward(cx, att, mean, rstd, x, bias, bias, N, Cm, 1e-5f, MOE_F16));
+    BENCH("layernorm_backward 8192x2048 f16", 10, 2.0 * ln_bytes, "TB/s",
+          o->layernorm_backward(cx, y, aux, (char *)aux + Cm * 2, att, x, bias, mean, rstd, N, Cm, MOE_F16));
+    BENCH("gelu_forward 8192x8192 f16", 10, 2.0 * (double)(N * F) * 2.0, "TB/s",
+          o->gelu_forward(cx, y, aux, N * F, MOE_F16, MOE_GELU_TANH));
+    BENCH("dropout_forward 8192x8192 f16", 10, 2.0 * (double)(N * F) * 2.0, "TB/s",
+          o->dropout_forward(cx, y, aux, N * F, MOE_F16, 0.1f, 3u, 4u));
+    /* routing of 8192 tokens over 8 experts, top-2 */
+    moe_route_args ra;
+    memset(&ra, 0, sizeof ra);
+    ra.S = N; ra.E = 8; ra.capacity = 2 * N / 8; ra.k = 2; ra.policy = MOE_ROUTE_SAMPLING; ra.seed = 1; ra.stream = 2;
+    void *rbuf, *rws;
+    assert_int_equal(be->alloc(cx, (uint64_t)N * 8 * 4 * 2 + (uint64_t)N * 2 * 12 + 4096, "route", &rbuf), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)o->route_workspace_bytes(N, 8), "route ws", &rws), MOE_OK);
+    float *rl = (float *)rbuf;
+    assert_int_equal(o->init_uniform(cx, rl, MOE_F32, N * 8, -2.0f, 2.0f, 1u, 6u), MOE_OK);
+    ra.logits = rl; ra.probs = rl + N * 8; ra.expert = (int32_t *)(rl + 2 * N * 8); ra.slot = ra.expert + 2 * N;
+    ra.weight = (float *)(ra.slot + 2 * N); ra.l_aux = ra.weight + 2 * N; ra.metrics = ra.l_aux + 1; ra.workspace = rws;
+    BENCH("route_forward S8192 E8 top2 sampling", 10, 0.0, "-", o->route_forward(cx, &ra));
+    /* dispatch of 8192 tokens of 2048 into 8 x 2048 slots, and combine */
+    BENCH("dispatch_forward S8192 d2048 E8 C2048 f16", 10, 2.0 * 2.0 * (double)(N * Cm) * 2.0, "TB/s",
+          o->dispatch_forward(cx, y, x, ra.expert, ra.slot, N, 8, 2048, Cm, MOE_F16));
+    BENCH("combine_forward S8192 d2048 f16", 10, 3.0 * (double)(N * Cm) * 2.0, "TB/s",
+          o->combine_forward(cx, att, y, ra.expert, ra.slot, ra.weight, N, 8, 2048, Cm, MOE_F16));
+    /* Adam over 16M fp16 parameters with fp16 moments (one expert's FFN is 33.5M) */
+    const int64_t np = 16 << 20;
+    moe_adam_args aa;
+    memset(&aa, 0, sizeof aa);
+    aa.n = np; aa.param = y; aa.param_dtype = MOE_F16; aa.grad = aux; aa.grad_dtype = MOE_F16;
+    aa.exp_avg = logits; aa.exp_avg_sq = (char *)logits + np * 2; aa.state_dtype = MOE_F16;
+    aa.scale_avg = (float *)st; aa.scale_avg_sq = (float *)st + 1;
+    aa.lr = 1e-4f; aa.beta1 = 0.9f; aa.beta2 = 0.98f; aa.eps = 1e-8f; aa.grad_scale = 1.0f; aa.step = 1;
+    assert_int_equal(o->fill(cx, st, MOE_F32, 2, 1.0f), MOE_OK);
+    BENCH("adam_step 16M f16 params, f16 moments", 10, (double)np * 2.0 * (3.0 + 3.0 + 2.0), "TB/s",
+          o->adam_step(cx, &aa));
+    void *bufs[] = {x, w, y, aux, bias, qkv, att, dqkv, lse, logits, loss, tg, st, rbuf, rws};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        be->free(cx, bufs[i]);
+}
+
 /* ------------------------------------------------------------- main */
 
 static int group_setup(void **state)
@@ -1179,6 +1302,11 @@ int main(void)
         cmocka_unit_test(test_parity_optim),         cmocka_unit_test(test_parity_memory_and_copies),
         cmocka_unit_test(test_parity_determinism),
     };
+    const char *bench = getenv("MOE_PARITY_BENCH");
+    if (bench != NULL && bench[0] == '1') {
+        const struct CMUnitTest timing[] = {cmocka_unit_test(test_parity_bench)};
+        return cmocka_run_group_tests(timing, group_setup, group_teardown);
+    }
     /* MOE_PARITY_FILTER=test_parity_attention runs the matching cases only */
     const char *filter = getenv("MOE_PARITY_FILTER");
     if (filter != NULL && filter[0] != '\0')
