@@ -30,7 +30,26 @@ typedef struct cli_state {
     moe_runtime *rt;
     int argc;
     char **argv;
+    moe_components c;               /* built components, torn down before the runtime */
+    const moe_plugin_desc *loaded[16]; /* plugins whose load hook ran */
+    int n_loaded;
 } cli_state;
+
+/* Components go first (they free backend memory through the host), then the
+ * plugins' unload hooks, then the runtime, the registry and the options. */
+static void cleanup(cli_state *s)
+{
+    if (s->c.model)
+        s->c.arch->destroy(s->c.model);
+    if (s->c.task_state)
+        s->c.task->destroy(s->c.task_state);
+    for (int i = s->n_loaded - 1; i >= 0; i--)
+        if (s->loaded[i]->unload)
+            s->loaded[i]->unload();
+    moe_runtime_destroy(s->rt);
+    moe_registry_destroy(s->reg);
+    moe_opts_destroy(s->opts);
+}
 
 static int fail(moe_status st, int usage_error)
 {
@@ -246,10 +265,12 @@ static int run(cli_state *s)
     moe_log_configure(stdout, h->rank, h->world, MOE_LOG_INFO, fmt);
     moe_runtime_set_gate(s->rt, d_gate->ops);
     for (size_t i = 0; i < sizeof comp / sizeof comp[0]; i++)
-        if (*comp[i].d && (*comp[i].d)->load)
+        if (*comp[i].d && (*comp[i].d)->load) {
             MOE_TRY_GOTO(st, (*comp[i].d)->load(h), failure);
+            s->loaded[s->n_loaded++] = *comp[i].d;
+        }
 
-    moe_components c = {0};
+    moe_components *cp = &s->c, c = {0};
     c.arch = d_arch->ops;
     c.task = d_task->ops;
     c.criterion = d_crit->ops;
@@ -257,12 +278,14 @@ static int run(cli_state *s)
     c.optimizer = d_opt->ops;
     c.lr_scheduler = d_sched->ops;
     c.normalizer = d_norm->ops;
-    MOE_TRY_GOTO(st, c.task->init(h, &c.task_state), failure);
-    MOE_TRY_GOTO(st, c.arch->build(h, c.task->vocab_size(c.task_state), c.task->padding_idx(c.task_state), &c.model),
+    *cp = c;
+    MOE_TRY_GOTO(st, cp->task->init(h, &cp->task_state), failure);
+    MOE_TRY_GOTO(st, cp->arch->build(h, cp->task->vocab_size(cp->task_state), cp->task->padding_idx(cp->task_state),
+                                     &cp->model),
                  failure);
 
     if (dry_run) {
-        MOE_TRY_GOTO(st, moe_dry_run(s->rt, &c, stdout), failure);
+        MOE_TRY_GOTO(st, moe_dry_run(s->rt, cp, stdout), failure);
     } else {
         moe_log(MOE_LOG_INFO, "fairseq_cli.train", "model %s, criterion %s, optimizer %s, lr scheduler %s, gate %s",
                 sel.arch, sel.criterion, sel.optimizer, sel.lr_scheduler, sel.gate);
@@ -270,10 +293,8 @@ static int run(cli_state *s)
         moe_log(MOE_LOG_INFO, "fairseq_cli.train", "training on %d devices (%s)", h->world,
                 strcmp(sel.backend, "cpu") == 0 ? "CPUs" : "GPUs/TPUs");
         MOE_TRY_GOTO(st, moe_runtime_alloc_params(s->rt), failure);
-        MOE_TRY_GOTO(st, moe_train(s->rt, &c), failure);
+        MOE_TRY_GOTO(st, moe_train(s->rt, cp), failure);
     }
-    c.arch->destroy(c.model);
-    c.task->destroy(c.task_state);
     return 0;
 usage:
     return fail(st, 1);
@@ -288,8 +309,6 @@ int main(int argc, char **argv)
     s.argv = argv;
     int rc = run(&s);
     fflush(stdout);
-    moe_runtime_destroy(s.rt);
-    moe_registry_destroy(s.reg);
-    moe_opts_destroy(s.opts);
+    cleanup(&s);
     return rc;
 }
