@@ -1,14 +1,14 @@
 /* attention.cu: causal multi-head attention of the cuda backend, forward and
  * backward, flash-style: the scores of a (query tile, key tile) pair live
- * only in shared memory and registers, softmax statistics are carried
- * online, and nothing of size T x T ever reaches global memory.
+ * only in registers (and shared memory on the fp32 path), softmax statistics
+ * are carried online, and nothing of size T x T ever reaches global memory.
  *
  * Two paths with the same math (kernels/cpu/attention.c is the reference):
- *  - fp16/bf16 with head_dim 32, 64 or 128: tensor cores through WMMA, tiles
- *    of 64 queries x 64 keys, 4 warps of 16 rows each. Scores and their
- *    gradients are kept in fp32; the probabilities and dS that feed the P.V,
- *    dS.K and dS^T.Q products are rounded to the storage dtype, as in
- *    FlashAttention-2.
+ *  - fp16/bf16 with head_dim 32, 64 or 128: tensor cores, FlashAttention-2
+ *    style (mma.sync with ldmatrix operands, tiles of 64 x 64, 4 warps of 16
+ *    rows). Scores and their gradients are fp32 in registers; the
+ *    probabilities and dS that feed the P.V, dS.K and dS^T.Q products are
+ *    rounded to the storage dtype, as in FlashAttention-2.
  *  - every other case (fp32, other head sizes up to 256): CUDA cores in fp32,
  *    one warp per query (or key) row over key (or query) tiles of 32 staged
  *    in shared memory.
@@ -19,14 +19,11 @@
  *
  * Dropout on the probabilities uses the counter ((b*H + h)*T + i)*T + j, the
  * same Philox draw as the cpu, so masks match exactly in both directions.
+ * One Philox evaluation per score is most of the cost of a dropout tile.
  */
-#include <mma.h>
-
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda.h"
 
-#define WM_TILE 64    /* queries and keys per tile on the tensor-core path */
-#define WM_THREADS 128
 #define SA_ROWS 8     /* warps (rows) per block on the simple path */
 #define SA_TILE 32    /* keys or queries staged per step on the simple path */
 #define SA_DMAX 256
@@ -266,337 +263,403 @@ static __global__ void attn_bwd_dq_simple_kernel(void *dq, int64_t ldd, const vo
     }
 }
 
-/* ================================================ tensor cores (WMMA) */
+/* ========================================= tensor cores (mma.sync, FA2) */
 
-namespace wm = nvcuda::wmma;
+/* FlashAttention-2 layout: a block of 4 warps owns 64 rows (queries, or keys
+ * in the dK/dV pass), 16 per warp; the other side streams through shared
+ * memory in tiles of 64. Products are mma.sync.m16n8k16 with fp32
+ * accumulators; operands come from shared memory through ldmatrix. The
+ * accumulator fragment of two adjacent n8 tiles has the register layout of
+ * an m16k16 A operand, so probabilities (and dS) go from one product into
+ * the next without leaving registers, rounded once to the storage dtype.
+ * Fragment layouts (PTX ISA, mma.m16n8k16): with g = lane/4, c = lane%4,
+ * accumulator c0,c1 are (row g, cols 2c, 2c+1), c2,c3 (row g+8, same cols). */
 
-template <typename T, int D> struct wm_cfg {
-    static constexpr int LD = D + 8;          /* T row stride of Q/K/V/dO tiles */
-    static constexpr int LDS = WM_TILE + 4;   /* fp32 row stride of score tiles */
-    static constexpr int LDP = WM_TILE + 8;   /* T row stride of P / dS tiles */
-    static constexpr int LDO = D + 4;         /* fp32 row stride of output tiles */
-    static constexpr size_t tile_t = (size_t)WM_TILE * LD * sizeof(T);
-    static constexpr size_t tile_s = (size_t)WM_TILE * LDS * sizeof(float);
-    static constexpr size_t tile_p = (size_t)WM_TILE * LDP * sizeof(T);
-    static constexpr size_t tile_o = (size_t)WM_TILE * LDO * sizeof(float);
-    static constexpr size_t fwd_bytes = 3 * tile_t + tile_s + tile_p + tile_o + 2 * WM_TILE * sizeof(float);
-    static constexpr size_t bwd_bytes = 4 * tile_t + 2 * tile_s + tile_p + 2 * WM_TILE * sizeof(float);
+#define MMA_ROWS 64
+#define MMA_THREADS 128
+
+template <typename T, int D> struct mma_cfg {
+    static constexpr int LD = D + 8; /* row stride in elements: ldmatrix rows hit distinct banks */
+    static constexpr size_t tile = (size_t)MMA_ROWS * LD * sizeof(T);
+    static constexpr size_t fwd_bytes = 3 * tile;
+    static constexpr size_t bwd_bytes = 4 * tile + 2 * MMA_ROWS * sizeof(float);
 };
 
-typedef wm::fragment<wm::accumulator, 16, 16, 16, float> wm_acc;
-
-/* rows r0..r0+63 of one head of a (B,T,H,D) tensor at row stride ld into a
- * [64][LD] tile, zero rows past T */
-template <typename T, int D>
-static __device__ __forceinline__ void wm_load_tile(T *dst, const T *src, int64_t ld, int64_t b, int64_t h,
-                                                    int64_t r0, int64_t T_)
+static __device__ __forceinline__ uint32_t smem_addr(const void *p)
 {
-    constexpr int LD = wm_cfg<T, D>::LD;
-    for (int e = threadIdx.x; e < WM_TILE * D; e += blockDim.x) {
-        int r = e / D, d = e % D;
-        int64_t t = r0 + r;
-        dst[r * LD + d] = t < T_ ? src[(b * T_ + t) * ld + h * D + d] : moe_cuda_from_f32<T>(0.0f);
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+static __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+static __device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+template <typename T> static __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0,
+                                                                     uint32_t b1);
+template <> __device__ __forceinline__ void mma16816<__half>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* two floats as one register of two T, x in the low half (the lower column) */
+template <typename T> static __device__ __forceinline__ uint32_t pack2(float x, float y);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float x, float y)
+{
+    __half2 h = __floats2half2_rn(x, y);
+    return *(uint32_t *)&h;
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y)
+{
+    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    return *(uint32_t *)&h;
+}
+
+/* two adjacent elements; separate stores, since row strides may be odd */
+template <typename T> static __device__ __forceinline__ void store2(T *p, float x, float y)
+{
+    p[0] = moe_cuda_from_f32<T>(x);
+    p[1] = moe_cuda_from_f32<T>(y);
+}
+
+/* rows r0..r0+63 of one head of a (B,T,H,D) tensor (row stride ld) into a
+ * [64][LD] tile, zero past T; 16-byte copies when vec (pointer and ld allow) */
+template <typename T, int D>
+static __device__ __forceinline__ void mma_load_tile(T *dst, const T *src, int64_t ld, int64_t b, int64_t h,
+                                                     int64_t r0, int64_t T_, bool vec)
+{
+    constexpr int LD = mma_cfg<T, D>::LD;
+    if (vec) {
+        constexpr int CH = D / 8;
+        for (int e = threadIdx.x; e < MMA_ROWS * CH; e += blockDim.x) {
+            int r = e / CH, ch = e % CH;
+            int64_t t = r0 + r;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (t < T_)
+                v = *(const uint4 *)(src + (b * T_ + t) * ld + h * D + ch * 8);
+            *(uint4 *)(dst + r * LD + ch * 8) = v;
+        }
+    } else {
+        for (int e = threadIdx.x; e < MMA_ROWS * D; e += blockDim.x) {
+            int r = e / D, d = e % D;
+            int64_t t = r0 + r;
+            dst[r * LD + d] = t < T_ ? src[(b * T_ + t) * ld + h * D + d] : moe_cuda_from_f32<T>(0.0f);
+        }
     }
 }
 
-/* acc(16x16) = A(16 rows at a, row-major lda) . B^T where B's 16 rows start at
- * bt (row-major ldb): products against a transposed tile, over D */
-template <typename T, int D>
-static __device__ __forceinline__ void wm_abt(wm_acc &acc, const T *a, const T *bt, int lda)
+/* A operand (16 x 16 at rows r0.., cols k0..) of a row-major [rows][LD] tile */
+template <int LD, typename T>
+static __device__ __forceinline__ void frag_a(uint32_t a[4], const T *tile, int r0, int k0)
 {
-    wm::fill_fragment(acc, 0.0f);
+    const int lane = threadIdx.x & 31;
+    ldsm_x4(a, tile + (r0 + (lane & 15)) * LD + k0 + (lane >> 4) * 8);
+}
+
+/* B operands of two n8 tiles (n0.., n0+8..) x k16 (k0..) from a tile stored
+ * [n][k] (keys x head dim): b[0], b[1] for n0, b[2], b[3] for n0+8 */
+template <int LD, typename T>
+static __device__ __forceinline__ void frag_b_nk(uint32_t b[4], const T *tile, int n0, int k0)
+{
+    const int lane = threadIdx.x & 31;
+    ldsm_x4(b, tile + (n0 + (lane & 7) + (lane >> 4) * 8) * LD + k0 + ((lane >> 3) & 1) * 8);
+}
+
+/* the same from a tile stored [k][n] (keys x head dim, keys the k side) */
+template <int LD, typename T>
+static __device__ __forceinline__ void frag_b_kn(uint32_t b[4], const T *tile, int k0, int n0)
+{
+    const int lane = threadIdx.x & 31;
+    ldsm_x4_t(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + n0 + (lane >> 4) * 8);
+}
+
+/* acc[8][4] (16 rows x 64 cols) = A(16 x D rows r0 of ta) . B^T(64 rows of tb, [n][k]) */
+template <typename T, int D>
+static __device__ __forceinline__ void mma_abt(float acc[8][4], const T *ta, int r0, const T *tb)
+{
+    constexpr int LD = mma_cfg<T, D>::LD;
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
-        wm::fragment<wm::matrix_a, 16, 16, 16, T, wm::row_major> fa;
-        wm::fragment<wm::matrix_b, 16, 16, 16, T, wm::col_major> fb;
-        wm::load_matrix_sync(fa, a + kk * 16, lda);
-        wm::load_matrix_sync(fb, bt + kk * 16, lda);
-        wm::mma_sync(acc, fa, fb, acc);
+        uint32_t a[4];
+        frag_a<LD>(a, ta, r0, kk * 16);
+#pragma unroll
+        for (int np = 0; np < 4; np++) {
+            uint32_t b[4];
+            frag_b_nk<LD>(b, tb, np * 16, kk * 16);
+            mma16816<T>(acc[2 * np], a, b[0], b[1]);
+            mma16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+        }
     }
 }
 
-/* acc(16x16) += P(16x64 at p, row-major ldp) . X(64 rows x 16 cols at x, row-major ldx) */
-template <typename T>
-static __device__ __forceinline__ void wm_pv(wm_acc &acc, const T *p, int ldp, const T *x, int ldx)
+/* out[D/8][4] (16 x D) += P(16 x 64, accumulator layout) . X(64 x D tile, [k][n]) */
+template <typename T, int D>
+static __device__ __forceinline__ void mma_px(float out[D / 8][4], const float p[8][4], const T *tx)
 {
+    constexpr int LD = mma_cfg<T, D>::LD;
 #pragma unroll
-    for (int kk = 0; kk < WM_TILE / 16; kk++) {
-        wm::fragment<wm::matrix_a, 16, 16, 16, T, wm::row_major> fa;
-        wm::fragment<wm::matrix_b, 16, 16, 16, T, wm::row_major> fb;
-        wm::load_matrix_sync(fa, p + kk * 16, ldp);
-        wm::load_matrix_sync(fb, x + kk * 16 * ldx, ldx);
-        wm::mma_sync(acc, fa, fb, acc);
+    for (int kk = 0; kk < 4; kk++) {
+        uint32_t a[4];
+        a[0] = pack2<T>(p[2 * kk][0], p[2 * kk][1]);
+        a[1] = pack2<T>(p[2 * kk][2], p[2 * kk][3]);
+        a[2] = pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+        a[3] = pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; dp++) {
+            uint32_t b[4];
+            frag_b_kn<LD>(b, tx, kk * 16, dp * 16);
+            mma16816<T>(out[2 * dp], a, b[0], b[1]);
+            mma16816<T>(out[2 * dp + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+/* stores a 16 x D accumulator (rows row0 + g, +8) to a (B,T,H,D) view */
+template <typename T, int D>
+static __device__ __forceinline__ void mma_store_rows(T *dst, int64_t ld, int64_t b, int64_t h, int64_t row0,
+                                                      int64_t T_, const float acc[D / 8][4], float sa, float sb)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, cq = lane & 3;
+    const int64_t ra = row0 + g, rb = ra + 8;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; nt++) {
+        const int d = nt * 8 + 2 * cq;
+        if (ra < T_)
+            store2<T>(dst + (b * T_ + ra) * ld + h * D + d, acc[nt][0] * sa, acc[nt][1] * sa);
+        if (rb < T_)
+            store2<T>(dst + (b * T_ + rb) * ld + h * D + d, acc[nt][2] * sb, acc[nt][3] * sb);
     }
 }
 
 template <typename T, int D>
-static __global__ void __launch_bounds__(WM_THREADS)
-    attn_fwd_wmma_kernel(T *out, float *lse, const T *q, const T *k, const T *v, int64_t ld, int64_t T_, int64_t H,
-                         float p, float scale, uint64_t seed, uint64_t stream)
+static __global__ void __launch_bounds__(MMA_THREADS)
+    attn_fwd_mma_kernel(T *out, float *lse, const T *q, const T *k, const T *v, int64_t ld, int64_t T_, int64_t H,
+                        float p, float scale, uint64_t seed, uint64_t stream, bool vec)
 {
-    typedef wm_cfg<T, D> cfg;
-    constexpr int LD = cfg::LD, LDS = cfg::LDS, LDP = cfg::LDP, LDO = cfg::LDO;
+    constexpr int LD = mma_cfg<T, D>::LD;
     extern __shared__ __align__(128) unsigned char smem[];
-    T *Qs = (T *)smem, *Ks = Qs + WM_TILE * LD, *Vs = Ks + WM_TILE * LD;
-    float *Ss = (float *)(Vs + WM_TILE * LD);
-    T *Ps = (T *)(Ss + WM_TILE * LDS);
-    float *Os = (float *)(Ps + WM_TILE * LDP);
-    float *rm = Os + WM_TILE * LDO, *rl = rm + WM_TILE;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    T *Qs = (T *)smem, *Ks = Qs + MMA_ROWS * LD, *Vs = Ks + MMA_ROWS * LD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, cq = lane & 3;
     const int64_t bh = blockIdx.x, b = bh / H, h = bh % H;
     const int qt = blockIdx.y;
-    const int64_t i0 = (int64_t)qt * WM_TILE;
+    const int64_t i0 = (int64_t)qt * MMA_ROWS;
+    const int64_t ia = i0 + warp * 16 + g, ib = ia + 8;
 
-    wm_load_tile<T, D>(Qs, q, ld, b, h, i0, T_);
-    for (int e = threadIdx.x; e < WM_TILE * LDO; e += blockDim.x)
-        Os[e] = 0.0f;
-    if (threadIdx.x < WM_TILE) {
-        rm[threadIdx.x] = -INFINITY;
-        rl[threadIdx.x] = 0.0f;
-    }
+    mma_load_tile<T, D>(Qs, q, ld, b, h, i0, T_, vec);
+    float o[D / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < D / 8; nt++)
+        o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    float ma = -INFINITY, mb = -INFINITY, la = 0.0f, lb = 0.0f; /* l: this thread's partial sums */
     for (int kt = 0; kt <= qt; kt++) {
-        const int64_t j0 = (int64_t)kt * WM_TILE;
+        const int64_t j0 = (int64_t)kt * MMA_ROWS;
         __syncthreads();
-        wm_load_tile<T, D>(Ks, k, ld, b, h, j0, T_);
-        wm_load_tile<T, D>(Vs, v, ld, b, h, j0, T_);
+        mma_load_tile<T, D>(Ks, k, ld, b, h, j0, T_, vec);
+        mma_load_tile<T, D>(Vs, v, ld, b, h, j0, T_, vec);
         __syncthreads();
-        /* S(16x64) of this warp's rows */
+        float s[8][4];
+        mma_abt<T, D>(s, Qs, warp * 16, Ks);
+        /* masks: the diagonal tile and the tile holding T; key j0 <= i is valid
+         * in every row, so each row max is finite */
+        if (kt == qt || j0 + MMA_ROWS > T_) {
 #pragma unroll
-        for (int cc = 0; cc < WM_TILE / 16; cc++) {
-            wm_acc acc;
-            wm_abt<T, D>(acc, Qs + warp * 16 * LD, Ks + cc * 16 * LD, LD);
-            wm::store_matrix_sync(Ss + warp * 16 * LDS + cc * 16, acc, LDS, wm::mem_row_major);
-        }
-        __syncwarp();
-        /* online softmax; key j0 <= i0 <= i is valid in every row, so the max is finite */
-        for (int r = 0; r < 16; r++) {
-            const int row = warp * 16 + r;
-            const int64_t i = i0 + row, ja = j0 + lane, jb = ja + 32;
-            const bool va = ja <= i && ja < T_, vb = jb <= i && jb < T_;
-            const float s0 = va ? Ss[row * LDS + lane] : -INFINITY;
-            const float s1 = vb ? Ss[row * LDS + lane + 32] : -INFINITY;
-            const float mo = rm[row];
-            const float mn = fmaxf(mo, moe_cuda_warp_max(fmaxf(s0, s1)));
-            float p0 = expf(s0 - mn), p1 = expf(s1 - mn);
-            const float alpha = expf(mo - mn);
-            const float sum = moe_cuda_warp_sum(p0 + p1);
-            if (p > 0.0f) {
-                p0 = va ? p0 * drop_factor(p, scale, seed, stream, bh, T_, i, ja) : 0.0f;
-                p1 = vb ? p1 * drop_factor(p, scale, seed, stream, bh, T_, i, jb) : 0.0f;
-            }
-            Ps[row * LDP + lane] = moe_cuda_from_f32<T>(p0);
-            Ps[row * LDP + lane + 32] = moe_cuda_from_f32<T>(p1);
-            for (int d = lane; d < D; d += 32)
-                Os[row * LDO + d] *= alpha;
-            __syncwarp();
-            if (lane == 0) {
-                rm[row] = mn;
-                rl[row] = rl[row] * alpha + sum;
+            for (int nt = 0; nt < 8; nt++) {
+                const int64_t j = j0 + nt * 8 + 2 * cq;
+                if (j > ia || j >= T_) s[nt][0] = -INFINITY;
+                if (j + 1 > ia || j + 1 >= T_) s[nt][1] = -INFINITY;
+                if (j > ib || j >= T_) s[nt][2] = -INFINITY;
+                if (j + 1 > ib || j + 1 >= T_) s[nt][3] = -INFINITY;
             }
         }
-        __syncwarp();
-        /* O(16xD) += P(16x64) V(64xD) */
+        float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
-        for (int cc = 0; cc < D / 16; cc++) {
-            wm_acc acc;
-            wm::load_matrix_sync(acc, Os + warp * 16 * LDO + cc * 16, LDO, wm::mem_row_major);
-            wm_pv<T>(acc, Ps + warp * 16 * LDP, LDP, Vs + cc * 16, LD);
-            wm::store_matrix_sync(Os + warp * 16 * LDO + cc * 16, acc, LDO, wm::mem_row_major);
+        for (int nt = 0; nt < 8; nt++) {
+            xa = fmaxf(xa, fmaxf(s[nt][0], s[nt][1]));
+            xb = fmaxf(xb, fmaxf(s[nt][2], s[nt][3]));
         }
-        __syncwarp();
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 1));
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 2));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 1));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 2));
+        const float na = fmaxf(ma, xa), nb = fmaxf(mb, xb);
+        const float alpha_a = expf(ma - na), alpha_b = expf(mb - nb);
+        ma = na;
+        mb = nb;
+        float sa = 0.0f, sb = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            s[nt][0] = expf(s[nt][0] - na);
+            s[nt][1] = expf(s[nt][1] - na);
+            s[nt][2] = expf(s[nt][2] - nb);
+            s[nt][3] = expf(s[nt][3] - nb);
+            sa += s[nt][0] + s[nt][1];
+            sb += s[nt][2] + s[nt][3];
+        }
+        la = la * alpha_a + sa;
+        lb = lb * alpha_b + sb;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; nt++) {
+            o[nt][0] *= alpha_a;
+            o[nt][1] *= alpha_a;
+            o[nt][2] *= alpha_b;
+            o[nt][3] *= alpha_b;
+        }
+        if (p > 0.0f) {
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                const int64_t j = j0 + nt * 8 + 2 * cq;
+                s[nt][0] *= drop_factor(p, scale, seed, stream, bh, T_, ia, j);
+                s[nt][1] *= drop_factor(p, scale, seed, stream, bh, T_, ia, j + 1);
+                s[nt][2] *= drop_factor(p, scale, seed, stream, bh, T_, ib, j);
+                s[nt][3] *= drop_factor(p, scale, seed, stream, bh, T_, ib, j + 1);
+            }
+        }
+        mma_px<T, D>(o, s, Vs);
     }
-    for (int r = 0; r < 16; r++) {
-        const int row = warp * 16 + r;
-        const int64_t i = i0 + row;
-        if (i >= T_)
-            break;
-        const float l = rl[row], inv = 1.0f / l;
-        for (int d = lane; d < D; d += 32)
-            out[(b * T_ + i) * H * D + h * D + d] = moe_cuda_from_f32<T>(Os[row * LDO + d] * inv);
-        if (lane == 0)
-            lse[bh * T_ + i] = rm[row] + logf(l);
+    la += __shfl_xor_sync(0xffffffffu, la, 1);
+    la += __shfl_xor_sync(0xffffffffu, la, 2);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+    mma_store_rows<T, D>(out, H * D, b, h, i0 + warp * 16, T_, o, 1.0f / la, 1.0f / lb);
+    if (cq == 0) {
+        if (ia < T_)
+            lse[bh * T_ + ia] = ma + logf(la);
+        if (ib < T_)
+            lse[bh * T_ + ib] = mb + logf(lb);
     }
 }
 
 /* Backward, dK and dV of one key tile: warp w owns keys 16w..16w+15 and keeps
- * their gradients in fragments over every query tile at or after the keys. */
+ * their gradients in registers over every query tile at or after them. The
+ * products are transposed: S^T = K Q^T, dPd^T = V dO^T, then dV += Pd^T dO
+ * and dK += dS^T Q. */
 template <typename T, int D>
-static __global__ void __launch_bounds__(WM_THREADS)
-    attn_bwd_dkdv_wmma_kernel(T *dk, T *dv, int64_t ldd, const T *dout, const float *lse, const float *delta,
-                              const T *q, const T *k, const T *v, int64_t ld, int64_t T_, int64_t H, float p,
-                              float scale, uint64_t seed, uint64_t stream)
+static __global__ void __launch_bounds__(MMA_THREADS)
+    attn_bwd_dkdv_mma_kernel(T *dk, T *dv, int64_t ldd, const T *dout, const float *lse, const float *delta,
+                             const T *q, const T *k, const T *v, int64_t ld, int64_t T_, int64_t H, float p,
+                             float scale, uint64_t seed, uint64_t stream, bool vec, bool vec_o)
 {
-    typedef wm_cfg<T, D> cfg;
-    constexpr int LD = cfg::LD, LDS = cfg::LDS, LDP = cfg::LDP, LDO = cfg::LDO;
+    constexpr int LD = mma_cfg<T, D>::LD;
     extern __shared__ __align__(128) unsigned char smem[];
-    T *Ks = (T *)smem, *Vs = Ks + WM_TILE * LD, *Qs = Vs + WM_TILE * LD, *dOs = Qs + WM_TILE * LD;
-    float *St = (float *)(dOs + WM_TILE * LD), *dPt = St + WM_TILE * LDS;
-    T *Ph = (T *)(dPt + WM_TILE * LDS);
-    float *ls = (float *)(Ph + WM_TILE * LDP), *dls = ls + WM_TILE;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    T *Ks = (T *)smem, *Vs = Ks + MMA_ROWS * LD, *Qs = Vs + MMA_ROWS * LD, *dOs = Qs + MMA_ROWS * LD;
+    float *ls = (float *)(dOs + MMA_ROWS * LD), *dls = ls + MMA_ROWS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, cq = lane & 3;
     const int64_t bh = blockIdx.x, b = bh / H, h = bh % H, C = H * D;
     const int kt = blockIdx.y;
-    const int64_t j0 = (int64_t)kt * WM_TILE;
+    const int64_t j0 = (int64_t)kt * MMA_ROWS;
+    const int64_t ja = j0 + warp * 16 + g, jb = ja + 8;
 
-    wm_load_tile<T, D>(Ks, k, ld, b, h, j0, T_);
-    wm_load_tile<T, D>(Vs, v, ld, b, h, j0, T_);
-    wm_acc gk[D / 16], gv[D / 16];
+    mma_load_tile<T, D>(Ks, k, ld, b, h, j0, T_, vec);
+    mma_load_tile<T, D>(Vs, v, ld, b, h, j0, T_, vec);
+    float gk[D / 8][4], gv[D / 8][4];
 #pragma unroll
-    for (int cc = 0; cc < D / 16; cc++) {
-        wm::fill_fragment(gk[cc], 0.0f);
-        wm::fill_fragment(gv[cc], 0.0f);
-    }
-    for (int64_t i0 = j0; i0 < T_; i0 += WM_TILE) {
+    for (int nt = 0; nt < D / 8; nt++)
+        gk[nt][0] = gk[nt][1] = gk[nt][2] = gk[nt][3] = gv[nt][0] = gv[nt][1] = gv[nt][2] = gv[nt][3] = 0.0f;
+    for (int64_t i0 = j0; i0 < T_; i0 += MMA_ROWS) {
         __syncthreads();
-        wm_load_tile<T, D>(Qs, q, ld, b, h, i0, T_);
-        wm_load_tile<T, D>(dOs, dout, C, b, h, i0, T_);
-        if (threadIdx.x < WM_TILE) {
+        mma_load_tile<T, D>(Qs, q, ld, b, h, i0, T_, vec);
+        mma_load_tile<T, D>(dOs, dout, C, b, h, i0, T_, vec_o);
+        if (threadIdx.x < MMA_ROWS) {
             int64_t i = i0 + threadIdx.x;
             ls[threadIdx.x] = i < T_ ? lse[bh * T_ + i] : 0.0f;
             dls[threadIdx.x] = i < T_ ? delta[bh * T_ + i] : 0.0f;
         }
         __syncthreads();
-        /* S^T and dPd^T (16 keys x 64 queries) of this warp's keys */
+        float st[8][4], dp[8][4];
+        mma_abt<T, D>(st, Ks, warp * 16, Qs);
+        mma_abt<T, D>(dp, Vs, warp * 16, dOs);
+        const bool edge = i0 == j0 || i0 + MMA_ROWS > T_;
 #pragma unroll
-        for (int cc = 0; cc < WM_TILE / 16; cc++) {
-            wm_acc acc;
-            wm_abt<T, D>(acc, Ks + warp * 16 * LD, Qs + cc * 16 * LD, LD);
-            wm::store_matrix_sync(St + warp * 16 * LDS + cc * 16, acc, LDS, wm::mem_row_major);
-            wm_abt<T, D>(acc, Vs + warp * 16 * LD, dOs + cc * 16 * LD, LD);
-            wm::store_matrix_sync(dPt + warp * 16 * LDS + cc * 16, acc, LDS, wm::mem_row_major);
-        }
-        __syncwarp();
-        for (int r = 0; r < 16; r++) {
-            const int row = warp * 16 + r;
-            const int64_t j = j0 + row;
-            for (int col = lane; col < WM_TILE; col += 32) {
-                const int64_t i = i0 + col;
-                const bool valid = i >= j && i < T_ && j < T_;
-                const float pr = valid ? expf(St[row * LDS + col] - ls[col]) : 0.0f;
+        for (int nt = 0; nt < 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int col = nt * 8 + 2 * cq + (e & 1);
+                const int64_t i = i0 + col, j = e < 2 ? ja : jb;
+                const bool valid = !edge || (i >= j && i < T_ && j < T_);
+                const float pr = valid ? expf(st[nt][e] - ls[col]) : 0.0f;
                 const float z = valid ? drop_factor(p, scale, seed, stream, bh, T_, i, j) : 0.0f;
-                Ph[row * LDP + col] = moe_cuda_from_f32<T>(pr * z);
-                St[row * LDS + col] = pr * (z * dPt[row * LDS + col] - dls[col]);
+                st[nt][e] = pr * z;                           /* Pd^T */
+                dp[nt][e] = pr * (z * dp[nt][e] - dls[col]);  /* dS^T */
             }
         }
-        __syncwarp();
-        /* dV(16xD) += Pd^T(16x64) dO(64xD) */
-#pragma unroll
-        for (int cc = 0; cc < D / 16; cc++)
-            wm_pv<T>(gv[cc], Ph + warp * 16 * LDP, LDP, dOs + cc * 16, LD);
-        __syncwarp();
-        for (int r = 0; r < 16; r++) {
-            const int row = warp * 16 + r;
-            for (int col = lane; col < WM_TILE; col += 32)
-                Ph[row * LDP + col] = moe_cuda_from_f32<T>(St[row * LDS + col]);
-        }
-        __syncwarp();
-        /* dK(16xD) += dS^T(16x64) Q(64xD) */
-#pragma unroll
-        for (int cc = 0; cc < D / 16; cc++)
-            wm_pv<T>(gk[cc], Ph + warp * 16 * LDP, LDP, Qs + cc * 16, LD);
-        __syncwarp();
+        mma_px<T, D>(gv, st, dOs);
+        mma_px<T, D>(gk, dp, Qs);
     }
-    /* out through fp32 staging: St and dPt together hold 64 rows of LDO, rows
-     * that other warps used for scores, hence the barrier */
-    __syncthreads();
-    float *Og = St;
-#pragma unroll
-    for (int pass = 0; pass < 2; pass++) {
-        __syncwarp();
-#pragma unroll
-        for (int cc = 0; cc < D / 16; cc++)
-            wm::store_matrix_sync(Og + warp * 16 * LDO + cc * 16, pass == 0 ? gk[cc] : gv[cc], LDO,
-                                  wm::mem_row_major);
-        __syncwarp();
-        T *dst = pass == 0 ? dk : dv;
-        for (int r = 0; r < 16; r++) {
-            const int row = warp * 16 + r;
-            const int64_t j = j0 + row;
-            if (j >= T_)
-                break;
-            for (int d = lane; d < D; d += 32)
-                dst[(b * T_ + j) * ldd + h * D + d] = moe_cuda_from_f32<T>(Og[row * LDO + d]);
-        }
-    }
+    mma_store_rows<T, D>(dk, ldd, b, h, j0 + warp * 16, T_, gk, 1.0f, 1.0f);
+    mma_store_rows<T, D>(dv, ldd, b, h, j0 + warp * 16, T_, gv, 1.0f, 1.0f);
 }
 
 /* Backward, dQ of one query tile: warp w owns queries 16w..16w+15. */
 template <typename T, int D>
-static __global__ void __launch_bounds__(WM_THREADS)
-    attn_bwd_dq_wmma_kernel(T *dq, int64_t ldd, const T *dout, const float *lse, const float *delta, const T *q,
-                            const T *k, const T *v, int64_t ld, int64_t T_, int64_t H, float p, float scale,
-                            uint64_t seed, uint64_t stream)
+static __global__ void __launch_bounds__(MMA_THREADS)
+    attn_bwd_dq_mma_kernel(T *dq, int64_t ldd, const T *dout, const float *lse, const float *delta, const T *q,
+                           const T *k, const T *v, int64_t ld, int64_t T_, int64_t H, float p, float scale,
+                           uint64_t seed, uint64_t stream, bool vec, bool vec_o)
 {
-    typedef wm_cfg<T, D> cfg;
-    constexpr int LD = cfg::LD, LDS = cfg::LDS, LDP = cfg::LDP, LDO = cfg::LDO;
+    constexpr int LD = mma_cfg<T, D>::LD;
     extern __shared__ __align__(128) unsigned char smem[];
-    T *Qs = (T *)smem, *dOs = Qs + WM_TILE * LD, *Ks = dOs + WM_TILE * LD, *Vs = Ks + WM_TILE * LD;
-    float *Ss = (float *)(Vs + WM_TILE * LD), *dPs = Ss + WM_TILE * LDS;
-    T *Ph = (T *)(dPs + WM_TILE * LDS);
-    float *ls = (float *)(Ph + WM_TILE * LDP), *dls = ls + WM_TILE;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    T *Qs = (T *)smem, *dOs = Qs + MMA_ROWS * LD, *Ks = dOs + MMA_ROWS * LD, *Vs = Ks + MMA_ROWS * LD;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, cq = lane & 3;
     const int64_t bh = blockIdx.x, b = bh / H, h = bh % H, C = H * D;
     const int qt = blockIdx.y;
-    const int64_t i0 = (int64_t)qt * WM_TILE;
+    const int64_t i0 = (int64_t)qt * MMA_ROWS;
+    const int64_t ia = i0 + warp * 16 + g, ib = ia + 8;
+    const float lse_a = ia < T_ ? lse[bh * T_ + ia] : 0.0f, lse_b = ib < T_ ? lse[bh * T_ + ib] : 0.0f;
+    const float dl_a = ia < T_ ? delta[bh * T_ + ia] : 0.0f, dl_b = ib < T_ ? delta[bh * T_ + ib] : 0.0f;
 
-    wm_load_tile<T, D>(Qs, q, ld, b, h, i0, T_);
-    wm_load_tile<T, D>(dOs, dout, C, b, h, i0, T_);
-    if (threadIdx.x < WM_TILE) {
-        int64_t i = i0 + threadIdx.x;
-        ls[threadIdx.x] = i < T_ ? lse[bh * T_ + i] : 0.0f;
-        dls[threadIdx.x] = i < T_ ? delta[bh * T_ + i] : 0.0f;
-    }
-    wm_acc gq[D / 16];
+    mma_load_tile<T, D>(Qs, q, ld, b, h, i0, T_, vec);
+    mma_load_tile<T, D>(dOs, dout, C, b, h, i0, T_, vec_o);
+    float gq[D / 8][4];
 #pragma unroll
-    for (int cc = 0; cc < D / 16; cc++)
-        wm::fill_fragment(gq[cc], 0.0f);
+    for (int nt = 0; nt < D / 8; nt++)
+        gq[nt][0] = gq[nt][1] = gq[nt][2] = gq[nt][3] = 0.0f;
     for (int kt = 0; kt <= qt; kt++) {
-        const int64_t j0 = (int64_t)kt * WM_TILE;
+        const int64_t j0 = (int64_t)kt * MMA_ROWS;
         __syncthreads();
-        wm_load_tile<T, D>(Ks, k, ld, b, h, j0, T_);
-        wm_load_tile<T, D>(Vs, v, ld, b, h, j0, T_);
+        mma_load_tile<T, D>(Ks, k, ld, b, h, j0, T_, vec);
+        mma_load_tile<T, D>(Vs, v, ld, b, h, j0, T_, vec);
         __syncthreads();
+        float s[8][4], dp[8][4];
+        mma_abt<T, D>(s, Qs, warp * 16, Ks);
+        mma_abt<T, D>(dp, dOs, warp * 16, Vs);
+        const bool edge = kt == qt || j0 + MMA_ROWS > T_;
 #pragma unroll
-        for (int cc = 0; cc < WM_TILE / 16; cc++) {
-            wm_acc acc;
-            wm_abt<T, D>(acc, Qs + warp * 16 * LD, Ks + cc * 16 * LD, LD);
-            wm::store_matrix_sync(Ss + warp * 16 * LDS + cc * 16, acc, LDS, wm::mem_row_major);
-            wm_abt<T, D>(acc, dOs + warp * 16 * LD, Vs + cc * 16 * LD, LD);
-            wm::store_matrix_sync(dPs + warp * 16 * LDS + cc * 16, acc, LDS, wm::mem_row_major);
-        }
-        __syncwarp();
-        for (int r = 0; r < 16; r++) {
-            const int row = warp * 16 + r;
-            const int64_t i = i0 + row;
-            for (int col = lane; col < WM_TILE; col += 32) {
-                const int64_t j = j0 + col;
-                const bool valid = j <= i && j < T_ && i < T_;
-                const float pr = valid ? expf(Ss[row * LDS + col] - ls[row]) : 0.0f;
+        for (int nt = 0; nt < 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int64_t j = j0 + nt * 8 + 2 * cq + (e & 1), i = e < 2 ? ia : ib;
+                const bool valid = (!edge || (j <= i && j < T_)) && i < T_;
+                const float pr = valid ? expf(s[nt][e] - (e < 2 ? lse_a : lse_b)) : 0.0f;
                 const float z = valid ? drop_factor(p, scale, seed, stream, bh, T_, i, j) : 0.0f;
-                Ph[row * LDP + col] = moe_cuda_from_f32<T>(pr * (z * dPs[row * LDS + col] - dls[row]));
+                dp[nt][e] = pr * (z * dp[nt][e] - (e < 2 ? dl_a : dl_b)); /* dS */
             }
         }
-        __syncwarp();
-        /* dQ(16xD) += dS(16x64) K(64xD) */
-#pragma unroll
-        for (int cc = 0; cc < D / 16; cc++)
-            wm_pv<T>(gq[cc], Ph + warp * 16 * LDP, LDP, Ks + cc * 16, LD);
-        __syncwarp();
+        mma_px<T, D>(gq, dp, Ks);
     }
-    __syncthreads();
-    float *Og = Ss; /* Ss and dPs together hold 64 rows of LDO (other warps' score rows) */
-#pragma unroll
-    for (int cc = 0; cc < D / 16; cc++)
-        wm::store_matrix_sync(Og + warp * 16 * LDO + cc * 16, gq[cc], LDO, wm::mem_row_major);
-    __syncwarp();
-    for (int r = 0; r < 16; r++) {
-        const int row = warp * 16 + r;
-        const int64_t i = i0 + row;
-        if (i >= T_)
-            break;
-        for (int d = lane; d < D; d += 32)
-            dq[(b * T_ + i) * ldd + h * D + d] = moe_cuda_from_f32<T>(Og[row * LDO + d]);
-    }
+    mma_store_rows<T, D>(dq, ldd, b, h, i0 + warp * 16, T_, gq, 1.0f, 1.0f);
 }
 
 /* ------------------------------------------------------------ dispatch */
@@ -630,7 +693,7 @@ static moe_status check_args(moe_ctx *c, const char *op, int64_t ld, int64_t ldd
     return MOE_OK;
 }
 
-static int use_wmma(moe_dtype dt, int64_t D) { return (dt == MOE_F16 || dt == MOE_BF16) && (D == 32 || D == 64 || D == 128); }
+static int use_mma(moe_dtype dt, int64_t D) { return (dt == MOE_F16 || dt == MOE_BF16) && (D == 32 || D == 64 || D == 128); }
 
 template <typename K> static moe_status set_smem(moe_ctx *c, K kernel, size_t bytes)
 {
@@ -639,42 +702,53 @@ template <typename K> static moe_status set_smem(moe_ctx *c, K kernel, size_t by
     return MOE_OK;
 }
 
-template <typename T, int D>
-static moe_status fwd_wmma(moe_ctx *c, void *out, float *lse, const void *q, const void *k, const void *v, int64_t ld,
-                           int64_t B, int64_t T_, int64_t H, float p, uint64_t seed, uint64_t stream)
+/* 16-byte tile copies need 16-byte aligned rows */
+static bool rows_aligned16(const void *p, int64_t ld, size_t es)
 {
-    const size_t bytes = wm_cfg<T, D>::fwd_bytes;
-    MOE_TRY(set_smem(c, attn_fwd_wmma_kernel<T, D>, bytes));
-    dim3 grid((unsigned)(B * H), (unsigned)((T_ + WM_TILE - 1) / WM_TILE));
-    attn_fwd_wmma_kernel<T, D><<<grid, WM_THREADS, bytes, c->stream>>>(
+    return ((uintptr_t)p % 16u) == 0 && ((uint64_t)ld * es) % 16u == 0;
+}
+
+template <typename T, int D>
+static moe_status fwd_mma(moe_ctx *c, void *out, float *lse, const void *q, const void *k, const void *v, int64_t ld,
+                          int64_t B, int64_t T_, int64_t H, float p, uint64_t seed, uint64_t stream)
+{
+    const size_t bytes = mma_cfg<T, D>::fwd_bytes;
+    const bool vec = rows_aligned16(q, ld, sizeof(T)) && rows_aligned16(k, ld, sizeof(T)) &&
+                     rows_aligned16(v, ld, sizeof(T));
+    MOE_TRY(set_smem(c, attn_fwd_mma_kernel<T, D>, bytes));
+    dim3 grid((unsigned)(B * H), (unsigned)((T_ + MMA_ROWS - 1) / MMA_ROWS));
+    attn_fwd_mma_kernel<T, D><<<grid, MMA_THREADS, bytes, c->stream>>>(
         (T *)out, lse, (const T *)q, (const T *)k, (const T *)v, ld, T_, H, p, p > 0.0f ? 1.0f / (1.0f - p) : 1.0f,
-        seed, stream);
+        seed, stream, vec);
     MOE_CUDA_CHECK_LAUNCH(c);
     return MOE_OK;
 }
 
 template <typename T, int D>
-static moe_status bwd_wmma(moe_ctx *c, void *dq, void *dk, void *dv, int64_t ldd, const void *dout,
-                           const float *lse, const float *delta, const void *q, const void *k, const void *v,
-                           int64_t ld, int64_t B, int64_t T_, int64_t H, float p, uint64_t seed, uint64_t stream)
+static moe_status bwd_mma(moe_ctx *c, void *dq, void *dk, void *dv, int64_t ldd, const void *dout,
+                          const float *lse, const float *delta, const void *q, const void *k, const void *v,
+                          int64_t ld, int64_t B, int64_t T_, int64_t H, float p, uint64_t seed, uint64_t stream)
 {
-    const size_t bytes = wm_cfg<T, D>::bwd_bytes;
+    const size_t bytes = mma_cfg<T, D>::bwd_bytes;
     const float scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
-    dim3 grid((unsigned)(B * H), (unsigned)((T_ + WM_TILE - 1) / WM_TILE));
-    MOE_TRY(set_smem(c, attn_bwd_dkdv_wmma_kernel<T, D>, bytes));
-    attn_bwd_dkdv_wmma_kernel<T, D><<<grid, WM_THREADS, bytes, c->stream>>>(
+    const bool vec = rows_aligned16(q, ld, sizeof(T)) && rows_aligned16(k, ld, sizeof(T)) &&
+                     rows_aligned16(v, ld, sizeof(T));
+    const bool vec_o = rows_aligned16(dout, H * D, sizeof(T));
+    dim3 grid((unsigned)(B * H), (unsigned)((T_ + MMA_ROWS - 1) / MMA_ROWS));
+    MOE_TRY(set_smem(c, attn_bwd_dkdv_mma_kernel<T, D>, bytes));
+    attn_bwd_dkdv_mma_kernel<T, D><<<grid, MMA_THREADS, bytes, c->stream>>>(
         (T *)dk, (T *)dv, ldd, (const T *)dout, lse, delta, (const T *)q, (const T *)k, (const T *)v, ld, T_, H, p,
-        scale, seed, stream);
+        scale, seed, stream, vec, vec_o);
     MOE_CUDA_CHECK_LAUNCH(c);
-    MOE_TRY(set_smem(c, attn_bwd_dq_wmma_kernel<T, D>, bytes));
-    attn_bwd_dq_wmma_kernel<T, D><<<grid, WM_THREADS, bytes, c->stream>>>(
+    MOE_TRY(set_smem(c, attn_bwd_dq_mma_kernel<T, D>, bytes));
+    attn_bwd_dq_mma_kernel<T, D><<<grid, MMA_THREADS, bytes, c->stream>>>(
         (T *)dq, ldd, (const T *)dout, lse, delta, (const T *)q, (const T *)k, (const T *)v, ld, T_, H, p, scale,
-        seed, stream);
+        seed, stream, vec, vec_o);
     MOE_CUDA_CHECK_LAUNCH(c);
     return MOE_OK;
 }
 
-#define WM_DISPATCH(dt, D, CALL_T_D)                                       \
+#define MMA_DISPATCH(dt, D, CALL_T_D)                                      \
     do {                                                                   \
         if ((dt) == MOE_F16) {                                             \
             if ((D) == 32) CALL_T_D(__half, 32);                           \
@@ -694,10 +768,10 @@ moe_status moe_cuda_attention_forward(moe_ctx *c, void *out, float *lse, const v
     MOE_TRY(check_args(c, "attention_forward", ld, ld, B, T, H, D, dropout_p, dt));
     if (B == 0 || T == 0)
         return MOE_OK;
-    if (use_wmma(dt, D)) {
+    if (use_mma(dt, D)) {
 #define FWD_CALL(TT, DD) \
-    return fwd_wmma<TT, DD>(c, out, lse, q, k, v, ld, B, T, H, dropout_p, seed, stream)
-        WM_DISPATCH(dt, D, FWD_CALL);
+    return fwd_mma<TT, DD>(c, out, lse, q, k, v, ld, B, T, H, dropout_p, seed, stream)
+        MMA_DISPATCH(dt, D, FWD_CALL);
 #undef FWD_CALL
     }
     const size_t bytes = (size_t)(SA_TILE * (D + 1) + SA_TILE * D + SA_ROWS * D) * sizeof(float);
@@ -731,14 +805,14 @@ moe_status moe_cuda_attention_backward(moe_ctx *c, void *dq, void *dk, void *dv,
             goto done;
         }
     }
-    if (use_wmma(dt, D)) {
+    if (use_mma(dt, D)) {
 #define BWD_CALL(TT, DD)                                                                                   \
     do {                                                                                                   \
-        st = bwd_wmma<TT, DD>(c, dq, dk, dv, ldd, dout, lse, delta, q, k, v, ld, B, T, H, dropout_p, seed, \
+        st = bwd_mma<TT, DD>(c, dq, dk, dv, ldd, dout, lse, delta, q, k, v, ld, B, T, H, dropout_p, seed, \
                               stream);                                                                     \
         goto done;                                                                                         \
     } while (0)
-        WM_DISPATCH(dt, D, BWD_CALL);
+        MMA_DISPATCH(dt, D, BWD_CALL);
 #undef BWD_CALL
     }
     {
