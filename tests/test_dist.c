@@ -121,6 +121,29 @@ static void test_dist_fully_sharded_2(void **s)
                        "--moe-expert-count 2 --update-freq 1 --ddp-backend fully_sharded");
 }
 
+/* §2.5: the forward all-to-alls are timed only when asked */
+static void test_dist_a2a_perf_stats(void **s)
+{
+    (void)s;
+    if (!have_mpirun) {
+        printf("SKIP: mpirun not found\n");
+        skip();
+    }
+    moe_cmd_result r;
+    assert_int_equal(run_ranks(2, "--moe-expert-count 2 --record-a2a-perf-stats", &r), 0);
+    assert_int_equal(r.status, 0);
+    double v[NUPD];
+    assert_int_equal(values(r.out, "all_to_all_cpu_time_ms", v, NUPD), NUPD);
+    assert_true(v[0] > 0);
+    assert_int_equal(values(r.out, "all_to_all_cuda_time_ms", v, NUPD), NUPD);
+    assert_true(v[0] > 0);
+    moe_cmd_result_free(&r);
+    assert_int_equal(run_ranks(2, "--moe-expert-count 2", &r), 0);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(moe_count_lines(r.out, "\"all_to_all_cpu_time_ms\": \"0\""), NUPD);
+    moe_cmd_result_free(&r);
+}
+
 /* fp32 master weights sharded with the optimizer state */
 static void test_dist_fully_sharded_fp16_master_4(void **s)
 {
@@ -177,7 +200,7 @@ int main(void)
         cmocka_unit_test(test_dist_data_parallel_2),  cmocka_unit_test(test_dist_experts_4_over_2),
         cmocka_unit_test(test_dist_experts_4_over_4), cmocka_unit_test(test_dist_replicated_experts_2_over_4),
         cmocka_unit_test(test_dist_fully_sharded_2),  cmocka_unit_test(test_dist_fully_sharded_fp16_master_4),
-        cmocka_unit_test(test_dist_normalizer_scaling),
+        cmocka_unit_test(test_dist_normalizer_scaling), cmocka_unit_test(test_dist_a2a_perf_stats),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

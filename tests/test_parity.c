@@ -1217,6 +1217,11 @@ static void test_parity_bench(void **state)
     BENCH("attention_backward B4 T2048 H32 D64 p0.1 f16", 5, 2.5 * af, "TFLOP/s",
           o->attention_backward(cx, dq, dq + Cm * 2, dq + 2 * Cm * 2, ld, att, att, (float *)lse, q, k, v, ld, B, T,
                                 H, D, 0.1f, 1u, 2u, MOE_F16));
+    BENCH("attention_forward B4 T2048 H32 D64 p0 f16", 10, af, "TFLOP/s",
+          o->attention_forward(cx, att, (float *)lse, q, k, v, ld, B, T, H, D, 0.0f, 1u, 2u, MOE_F16));
+    BENCH("attention_backward B4 T2048 H32 D64 p0 f16", 5, 2.5 * af, "TFLOP/s",
+          o->attention_backward(cx, dq, dq + Cm * 2, dq + 2 * Cm * 2, ld, att, att, (float *)lse, q, k, v, ld, B, T,
+                                H, D, 0.0f, 1u, 2u, MOE_F16));
     double ce_bytes = 3.0 * (double)N * (double)V * 2.0;
     BENCH("cross_entropy N8192 V50000 f16 (+grad in place)", 5, ce_bytes, "TB/s",
           o->cross_entropy(cx, (float *)loss, logits, (const int32_t *)tg, N, V, 1, 1.0f, MOE_F16));

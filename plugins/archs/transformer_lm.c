@@ -67,6 +67,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "moe/plugin.h"
 
@@ -285,6 +286,8 @@ typedef struct tlm {
     float p_drop, p_attn, p_act;
     moe_gelu_kind gelu;
     int tied, scale_embed, final_norm, ckpt, pad_mask;
+    int record_a2a;           /* --record-a2a-perf-stats */
+    float a2a_ms[2];          /* this layer's forward all-to-alls: host ms, completed ms */
     int E, moe_freq, n_moe, local_experts;
     int a2a_world;            /* W: ranks in this rank's all-to-all group */
     float emb_scale, q_scale;
@@ -564,6 +567,7 @@ static moe_status read_options(tlm *m)
     m->final_norm = !(v->no_final_norm || h->opt_flag(h, "no-decoder-final-norm"));
     m->ckpt = h->opt_flag(h, "checkpoint-activations");
     m->pad_mask = h->opt_flag(h, "use-moe-pad-mask");
+    m->record_a2a = h->opt_set(h, "record-a2a-perf-stats") && h->opt_flag(h, "record-a2a-perf-stats");
     m->E = (int)h->opt_int(h, "moe-expert-count");
     int64_t f1 = h->opt_int(h, "moe-freq"), f2 = h->opt_int(h, "decoder-moe-freq");
     m->moe_freq = (int)(f1 > f2 ? f1 : f2);
@@ -953,10 +957,31 @@ static moe_status permute(const tlm *m, void *dst, const void *src, int64_t C, i
     return MOE_OK;
 }
 
-static moe_status all_to_all(const tlm *m, void *recv, const void *send, int64_t C)
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+/* With --record-a2a-perf-stats (§2.5) the forward all-to-alls are timed: the
+ * host time of the call (fairseq's CPU launch time) and, with the device
+ * drained before and after, the time until it completed (its CUDA event
+ * interval). Both are summed per layer into a2a_ms. */
+static moe_status all_to_all(tlm *m, void *recv, const void *send, int64_t C, int timed)
 {
     const moe_host *h = m->h;
-    return h->comm_ops->all_to_all(h->comm, m->a2a_group, recv, send, (int64_t)m->local_experts * C * m->d, m->dt);
+    if (!(timed && m->record_a2a))
+        return h->comm_ops->all_to_all(h->comm, m->a2a_group, recv, send, (int64_t)m->local_experts * C * m->d,
+                                       m->dt);
+    MOE_TRY(h->backend->synchronize(h->ctx));
+    double t0 = now_ms();
+    MOE_TRY(h->comm_ops->all_to_all(h->comm, m->a2a_group, recv, send, (int64_t)m->local_experts * C * m->d, m->dt));
+    double t1 = now_ms();
+    MOE_TRY(h->backend->synchronize(h->ctx));
+    m->a2a_ms[0] += (float)(t1 - t0);
+    m->a2a_ms[1] += (float)(now_ms() - t0);
+    return MOE_OK;
 }
 
 /* y (N,d) = MoE(h2): gate, dispatch, all-to-all, local experts, all-to-all, combine */
@@ -1000,9 +1025,10 @@ static moe_status moe_forward(tlm *m, int i, tlm_acts *a, void *y)
 
     void *disp = W > 1 ? m->disp : a->xe;
     MOE_TRY(ops->dispatch_forward(h->ctx, disp, a->h2, a->expert, a->slot, N, E, C, d, m->dt));
+    m->a2a_ms[0] = m->a2a_ms[1] = 0.0f;
     if (W > 1) {
         void *recv = m->recv ? m->recv : a->xe;
-        MOE_TRY(all_to_all(m, recv, disp, C));
+        MOE_TRY(all_to_all(m, recv, disp, C, 1));
         if (m->recv)
             MOE_TRY(permute(m, a->xe, recv, C, 1));
     }
@@ -1024,8 +1050,10 @@ static moe_status moe_forward(tlm *m, int i, tlm_acts *a, void *y)
             MOE_TRY(permute(m, m->eperm, eout, C, 0));
             send = m->eperm;
         }
-        MOE_TRY(all_to_all(m, a->eback, send, C));
+        MOE_TRY(all_to_all(m, a->eback, send, C, 1));
     }
+    if (m->record_a2a) /* into this layer's metrics, after the gate wrote the others */
+        MOE_TRY(h->backend->copy_from_host(h->ctx, r->metrics + MOE_METRIC_A2A_CPU_MS, m->a2a_ms, sizeof m->a2a_ms));
     return ops->combine_forward(h->ctx, y, a->eback, a->expert, a->slot, a->weight, N, E, C, d, m->dt);
 }
 
@@ -1149,7 +1177,7 @@ static moe_status moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
                                   C, d, m->dt));
     void *dxo = m->d_a;
     if (W > 1) {
-        MOE_TRY(all_to_all(m, m->d_b, m->d_a, C));
+        MOE_TRY(all_to_all(m, m->d_b, m->d_a, C, 0));
         dxo = m->d_b;
         if (m->d_c) {
             MOE_TRY(permute(m, m->d_c, m->d_b, C, 1));
@@ -1181,7 +1209,7 @@ static moe_status moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
             MOE_TRY(permute(m, m->d_b, m->d_e, C, 0));
             send = m->d_b;
         }
-        MOE_TRY(all_to_all(m, m->d_a, send, C));
+        MOE_TRY(all_to_all(m, m->d_a, send, C, 0));
         dxg = m->d_a;
     }
     MOE_TRY(ops->fill(h->ctx, m->dh, m->dt, N * d, 0.0f));
