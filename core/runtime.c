@@ -116,6 +116,16 @@ static const char *host_opt_str(const moe_host *h, const char *name)
     return host_check_opt(h, name) ? moe_opts_str(rt_of(h)->opts, name) : NULL;
 }
 
+static int host_opt_floats(const moe_host *h, const char *name, double *out, int max)
+{
+    if (!host_check_opt(h, name))
+        return -1;
+    int n = 0;
+    if (moe_opts_float_list(rt_of(h)->opts, name, out, max, &n) != MOE_OK)
+        return -1;
+    return n;
+}
+
 static char *dup_str(const char *s)
 {
     size_t n = strlen(s) + 1;
@@ -262,6 +272,7 @@ moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runti
     h->opt_float = host_opt_float;
     h->opt_flag = host_opt_flag;
     h->opt_str = host_opt_str;
+    h->opt_floats = host_opt_floats;
     h->act_dtype = cfg->act_dtype;
     h->grad_dtype = cfg->grad_dtype;
     h->unit_add = host_unit_add;

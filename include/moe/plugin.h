@@ -190,6 +190,10 @@ typedef struct moe_host {
     double (*opt_float)(const struct moe_host *h, const char *name);
     int (*opt_flag)(const struct moe_host *h, const char *name);
     const char *(*opt_str)(const struct moe_host *h, const char *name); /* NULL if None */
+    /* a list of numbers ("0.0005,0.0003", "(0.9, 0.98)"): writes up to `max`
+     * values and returns how many the list has; a malformed list (or more than
+     * `max`) records an error naming the option and returns -1 */
+    int (*opt_floats)(const struct moe_host *h, const char *name, double *out, int max);
 
     /* compute: the active backend, its context and ops */
     const moe_backend_ops *backend;

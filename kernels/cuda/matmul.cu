@@ -15,7 +15,7 @@
  * keeping its own transpose flag; the bias runs along cuBLASLt's rows.
  *
  * bias_backward is a deterministic column sum: row chunks write fp32 partials,
- * then one pass adds the partials of each column in chunk order.
+ * then a second pass adds each column's partials in a fixed order.
  */
 #include <string.h>
 
@@ -334,16 +334,24 @@ static __global__ void bias_partial_kernel(float *partial, const void *dy, moe_d
     }
 }
 
-/* out[col] (+)= sum over r of partial[r*C + col], r in order */
-static __global__ void column_final_kernel(void *out, moe_dtype dt, const float *partial, int R, int64_t C,
-                                           int accumulate)
+/* dbias[col] += sum over chunks r of partial[r*C + col]: a block of BB_COLS
+ * columns x BB_ROWS groups, group y adding chunks y, y+BB_ROWS, ..., then the
+ * group sums added in order (a fixed order, with every SM busy) */
+static __global__ void bias_final_kernel(void *dbias, moe_dtype dt, const float *partial, int64_t R, int64_t C)
 {
-    for (int64_t col = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; col < C; col += (int64_t)gridDim.x * blockDim.x) {
-        float s = 0.0f;
-        for (int r = 0; r < R; r++)
-            s += partial[(int64_t)r * C + col];
-        moe_cuda_st(out, dt, col, accumulate ? moe_cuda_ld(out, dt, col) + s : s);
-    }
+    __shared__ float sh[BB_ROWS][BB_COLS + 1];
+    const int64_t col = (int64_t)blockIdx.x * BB_COLS + threadIdx.x;
+    float s = 0.0f;
+    if (col < C)
+        for (int64_t r = threadIdx.y; r < R; r += BB_ROWS)
+            s += partial[r * C + col];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y != 0 || col >= C)
+        return;
+    for (int y = 1; y < BB_ROWS; y++)
+        s += sh[y][threadIdx.x];
+    moe_cuda_st(dbias, dt, col, moe_cuda_ld(dbias, dt, col) + s);
 }
 
 moe_status moe_cuda_bias_backward(moe_ctx *c, void *dbias, const void *dy, int64_t N, int64_t C, moe_dtype dt)
@@ -354,9 +362,9 @@ moe_status moe_cuda_bias_backward(moe_ctx *c, void *dbias, const void *dy, int64
                              moe_cuda_dtype_name(dt), (long long)N, (long long)C);
     if (N == 0 || C == 0)
         return MOE_OK;
-    int64_t R = (N + 63) / 64;
-    if (R > 128)
-        R = 128;
+    int64_t R = (N + 127) / 128;
+    if (R > 64)
+        R = 64;
     int64_t rows_per = (N + R - 1) / R;
     R = (N + rows_per - 1) / rows_per;
     float *partial = NULL;
@@ -365,8 +373,7 @@ moe_status moe_cuda_bias_backward(moe_ctx *c, void *dbias, const void *dy, int64
     bias_partial_kernel<<<grid, block, 0, c->stream>>>(partial, dy, dt, N, C, rows_per);
     cudaError_t e1 = cudaGetLastError();
     if (e1 == cudaSuccess)
-        column_final_kernel<<<moe_cuda_blocks(c, C, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
-            dbias, dt, partial, (int)R, C, 1);
+        bias_final_kernel<<<grid.x, block, 0, c->stream>>>(dbias, dt, partial, R, C);
     moe_cuda_scratch_free(c, partial);
     MOE_CUDA_TRY(c, e1);
     MOE_CUDA_CHECK_LAUNCH(c);

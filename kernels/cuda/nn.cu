@@ -183,6 +183,7 @@ static __global__ void layernorm_dinp_kernel(void *dinp, const void *dout, const
     const int64_t base = r * C;
     const float mf = mean[r], rf = rstd[r];
     double s1 = 0.0, s2 = 0.0;
+#pragma unroll 4
     for (int64_t j = lane; j < C; j += 32) {
         float g = moe_cuda_ld(dout, dt, base + j);
         float xhat = (moe_cuda_ld(inp, dt, base + j) - mf) * rf;
@@ -193,6 +194,7 @@ static __global__ void layernorm_dinp_kernel(void *dinp, const void *dout, const
     s1 = moe_cuda_warp_sum_d(s1);
     s2 = moe_cuda_warp_sum_d(s2);
     const float m1 = (float)(s1 / (double)C), m2 = (float)(s2 / (double)C);
+#pragma unroll 4
     for (int64_t j = lane; j < C; j += 32) {
         float g = moe_cuda_ld(dout, dt, base + j);
         float xhat = (moe_cuda_ld(inp, dt, base + j) - mf) * rf;
@@ -215,6 +217,7 @@ static __global__ void layernorm_dparam_partial_kernel(double *partial, const vo
     int64_t r0 = (int64_t)blockIdx.y * rows_per, r1 = r0 + rows_per < N ? r0 + rows_per : N;
     double sw = 0.0, sb = 0.0;
     if (col < C)
+#pragma unroll 4
         for (int64_t r = r0 + threadIdx.y; r < r1; r += COL_H) {
             float g = moe_cuda_ld(dout, dt, r * C + col);
             float xhat = (moe_cuda_ld(inp, dt, r * C + col) - mean[r]) * rstd[r];
@@ -235,20 +238,33 @@ static __global__ void layernorm_dparam_partial_kernel(double *partial, const vo
     }
 }
 
+/* dweight, dbias (+)= sums of the R chunk partials of each column: a block of
+ * COL_W columns x COL_H row groups, group y adding chunks y, y+COL_H, ...,
+ * then the group sums added in order (fixed order, every SM busy) */
 static __global__ void layernorm_dparam_final_kernel(void *dweight, void *dbias, const double *partial, int64_t R,
                                                      int64_t C, moe_dtype dt)
 {
-    for (int64_t col = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; col < C; col += (int64_t)gridDim.x * blockDim.x) {
-        double sw = 0.0, sb = 0.0;
-        for (int64_t r = 0; r < R; r++) {
+    __shared__ double shw[COL_H][COL_W + 1], shb[COL_H][COL_W + 1];
+    const int64_t col = (int64_t)blockIdx.x * COL_W + threadIdx.x;
+    double sw = 0.0, sb = 0.0;
+    if (col < C)
+        for (int64_t r = threadIdx.y; r < R; r += COL_H) {
             sw += partial[r * C + col];
             sb += partial[R * C + r * C + col];
         }
-        if (dweight != NULL)
-            moe_cuda_st(dweight, dt, col, (float)((double)moe_cuda_ld(dweight, dt, col) + sw));
-        if (dbias != NULL)
-            moe_cuda_st(dbias, dt, col, (float)((double)moe_cuda_ld(dbias, dt, col) + sb));
+    shw[threadIdx.y][threadIdx.x] = sw;
+    shb[threadIdx.y][threadIdx.x] = sb;
+    __syncthreads();
+    if (threadIdx.y != 0 || col >= C)
+        return;
+    for (int y = 1; y < COL_H; y++) {
+        sw += shw[y][threadIdx.x];
+        sb += shb[y][threadIdx.x];
     }
+    if (dweight != NULL)
+        moe_cuda_st(dweight, dt, col, (float)((double)moe_cuda_ld(dweight, dt, col) + sw));
+    if (dbias != NULL)
+        moe_cuda_st(dbias, dt, col, (float)((double)moe_cuda_ld(dbias, dt, col) + sb));
 }
 
 moe_status moe_cuda_layernorm_forward(moe_ctx *c, void *out, float *mean, float *rstd, const void *inp,
@@ -287,9 +303,9 @@ moe_status moe_cuda_layernorm_backward(moe_ctx *c, void *dinp, void *dweight, vo
     }
     if (dweight == NULL && dbias == NULL)
         return MOE_OK;
-    int64_t R = (N + 63) / 64;
-    if (R > 128)
-        R = 128;
+    int64_t R = (N + 127) / 128;
+    if (R > 64)
+        R = 64;
     int64_t rows_per = (N + R - 1) / R;
     R = (N + rows_per - 1) / rows_per;
     double *partial = NULL;
@@ -300,8 +316,8 @@ moe_status moe_cuda_layernorm_backward(moe_ctx *c, void *dinp, void *dweight, vo
                                                                     dt);
     cudaError_t e = cudaGetLastError();
     if (e == cudaSuccess) {
-        layernorm_dparam_final_kernel<<<moe_cuda_blocks(c, C, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
-            dweight, dbias, partial, R, C, dt);
+        layernorm_dparam_final_kernel<<<(unsigned)((C + COL_W - 1) / COL_W), block, 0, c->stream>>>(dweight, dbias,
+                                                                                                    partial, R, C, dt);
         e = cudaGetLastError();
     }
     moe_cuda_scratch_free(c, partial);

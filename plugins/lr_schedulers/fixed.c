@@ -26,47 +26,16 @@ typedef struct fixed_sched {
     int64_t warmup_updates; /* W */
 } fixed_sched;
 
-/* --lr is a comma list ("0.25", "0.0005,0.0003", "[0.0005]"): the first value
- * and the count. Returns 0 on malformed input. */
-static int parse_lr_list(const char *s, double *first, int *count)
-{
-    const char *p = s;
-    int n = 0;
-    while (*p == ' ' || *p == '[' || *p == '(')
-        p++;
-    for (;;) {
-        char *end;
-        errno = 0;
-        double v = strtod(p, &end);
-        if (end == p || errno)
-            return 0;
-        if (n == 0)
-            *first = v;
-        n++;
-        p = end;
-        while (*p == ' ')
-            p++;
-        if (*p != ',')
-            break;
-        p++;
-        while (*p == ' ')
-            p++;
-    }
-    while (*p == ' ' || *p == ']' || *p == ')')
-        p++;
-    *count = n;
-    return *p == '\0';
-}
-
 static moe_status fixed_init(const moe_host *h, void **out)
 {
     *out = NULL;
-    const char *lrs = h->opt_str(h, "lr");
-    double lr = 0.0;
-    int count = 0;
-    if (!lrs || !parse_lr_list(lrs, &lr, &count))
-        return h->error(h, MOE_ERR_INVALID_ARG, "--lr: expected a comma-separated list of floats like 0.0005, got '%s'",
-                        lrs ? lrs : "None");
+    double lrs[64];
+    int count = h->opt_floats(h, "lr", lrs, 64);
+    if (count < 0)
+        return MOE_ERR_INVALID_ARG; /* the message names the option and the text */
+    if (count == 0)
+        return h->error(h, MOE_ERR_INVALID_ARG, "--lr: expected at least one learning rate, found an empty list");
+    double lr = lrs[0];
     int64_t W = h->opt_int(h, "warmup-updates");
     if (W < 0)
         return h->error(h, MOE_ERR_INVALID_ARG, "--warmup-updates: expected a count >= 0, got %lld", (long long)W);

@@ -27,46 +27,14 @@ typedef struct inverse_sqrt_sched {
     double warmup_init_lr, lr_step, decay_factor;
 } inverse_sqrt_sched;
 
-/* --lr is a comma list ("0.25", "[0.0005]"): the first value and the count.
- * Returns 0 on malformed input. */
-static int parse_lr_list(const char *s, double *first, int *count)
-{
-    const char *p = s;
-    int n = 0;
-    while (*p == ' ' || *p == '[' || *p == '(')
-        p++;
-    for (;;) {
-        char *end;
-        errno = 0;
-        double v = strtod(p, &end);
-        if (end == p || errno)
-            return 0;
-        if (n == 0)
-            *first = v;
-        n++;
-        p = end;
-        while (*p == ' ')
-            p++;
-        if (*p != ',')
-            break;
-        p++;
-        while (*p == ' ')
-            p++;
-    }
-    while (*p == ' ' || *p == ']' || *p == ')')
-        p++;
-    *count = n;
-    return *p == '\0';
-}
-
 static moe_status inverse_sqrt_init(const moe_host *h, void **out)
 {
     *out = NULL;
-    const char *lrs = h->opt_str(h, "lr");
-    double peak = 0.0;
-    int count = 0;
-    if (!lrs || !parse_lr_list(lrs, &peak, &count))
-        return h->error(h, MOE_ERR_INVALID_ARG, "--lr: expected a float like 0.0005, got '%s'", lrs ? lrs : "None");
+    double lrs[64];
+    int count = h->opt_floats(h, "lr", lrs, 64);
+    if (count < 0)
+        return MOE_ERR_INVALID_ARG; /* the message names the option and the text */
+    double peak = count > 0 ? lrs[0] : 0.0;
     if (count != 1)
         return h->error(h, MOE_ERR_INVALID_ARG,
                         "--lr has %d values; cannot use a fixed learning rate schedule with inverse_sqrt. Consider "

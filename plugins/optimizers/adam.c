@@ -40,37 +40,6 @@ typedef struct adam_state {
     float *scales; /* (2n) device: scale of exp_avg, scale of exp_avg_sq, per tensor */
 } adam_state;
 
-/* A Python tuple or list of two floats: '(0.9, 0.98)', '[0.9,0.98]', '0.9, 0.98'. */
-static int parse_betas(const char *s, float out[2])
-{
-    const char *p = s;
-    while (*p == ' ' || *p == '(' || *p == '[')
-        p++;
-    for (int k = 0; k < 2; k++) {
-        char *end;
-        errno = 0;
-        double v = strtod(p, &end);
-        if (end == p || errno)
-            return 0;
-        out[k] = (float)v;
-        p = end;
-        while (*p == ' ')
-            p++;
-        if (k == 0) {
-            if (*p != ',')
-                return 0;
-            p++;
-            while (*p == ' ')
-                p++;
-        }
-    }
-    if (*p == ',') /* Python allows a trailing comma */
-        p++;
-    while (*p == ' ' || *p == ')' || *p == ']')
-        p++;
-    return *p == '\0';
-}
-
 static void adam_destroy(void *opt)
 {
     adam_state *a = opt;
@@ -92,16 +61,17 @@ static void adam_destroy(void *opt)
 static moe_status adam_init(const moe_host *h, const moe_opt_tensor *tensors, int n, void **opt)
 {
     *opt = NULL;
-    float betas[2];
-    const char *bs = h->opt_str(h, "adam-betas");
-    if (!bs || !parse_betas(bs, betas))
-        return h->error(h, MOE_ERR_INVALID_ARG,
-                        "--adam-betas: expected a tuple of two floats like '(0.9, 0.98)', got '%s'",
-                        bs ? bs : "None");
+    double b[2];
+    int nb = h->opt_floats(h, "adam-betas", b, 2);
+    if (nb < 0)
+        return MOE_ERR_INVALID_ARG; /* the message names the option and the text */
+    if (nb != 2)
+        return h->error(h, MOE_ERR_INVALID_ARG, "--adam-betas: expected two floats like '(0.9, 0.98)', got %d", nb);
+    float betas[2] = {(float)b[0], (float)b[1]};
     for (int k = 0; k < 2; k++)
         if (!(betas[k] >= 0.0f && betas[k] < 1.0f))
-            return h->error(h, MOE_ERR_INVALID_ARG, "--adam-betas: each beta must be in [0, 1), got %g in '%s'",
-                            (double)betas[k], bs);
+            return h->error(h, MOE_ERR_INVALID_ARG, "--adam-betas: each beta must be in [0, 1), got %g",
+                            (double)betas[k]);
     double eps = h->opt_float(h, "adam-eps");
     if (!(eps >= 0.0))
         return h->error(h, MOE_ERR_INVALID_ARG, "--adam-eps: expected a value >= 0, got %g", eps);
