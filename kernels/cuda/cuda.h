@@ -1,8 +1,8 @@
 /* cuda.h: what the cuda backend's files share: the context (stream, cuBLASLt
- * handle, caching allocator), error helpers, element load/store on the
- * device, launch helpers, and the moe_cuda_* functions of each op family.
- * Op families keep their own header (elementwise.h, matmul.h, nn.h,
- * attention.h, route.h, optim.h) for the functions the ops table points at.
+ * handle, caching allocator), error helpers, scratch memory, element
+ * load/store on the device, reductions and launch helpers. Each op family
+ * declares its moe_cuda_* functions, the ones the ops table points at, in its
+ * own header (elementwise.h, matmul.h, nn.h, attention.h, route.h, optim.h).
  *
  * Not here: anything a plugin or the core sees. The backend is reached only
  * through its moe_backend_ops table; every symbol of this .so but the

@@ -172,7 +172,13 @@ static __global__ void layernorm_forward_kernel(void *out, float *mean, float *r
     }
 }
 
-/* dinp += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), one warp per row */
+/* dinp += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), one warp
+ * per row. Columns go LN_BATCH at a time with every load of a batch before
+ * any store: the pointers may alias, so the compiler could not move a later
+ * load above a store, and one column per step would wait a full memory round
+ * trip each time. (Each element is read before it is written by the same
+ * thread, so dinp == dout stays correct.) */
+#define LN_BATCH 4
 static __global__ void layernorm_dinp_kernel(void *dinp, const void *dout, const void *inp, const void *weight,
                                              const float *mean, const float *rstd, int64_t N, int64_t C, moe_dtype dt)
 {
@@ -183,24 +189,45 @@ static __global__ void layernorm_dinp_kernel(void *dinp, const void *dout, const
     const int64_t base = r * C;
     const float mf = mean[r], rf = rstd[r];
     double s1 = 0.0, s2 = 0.0;
-#pragma unroll 4
-    for (int64_t j = lane; j < C; j += 32) {
-        float g = moe_cuda_ld(dout, dt, base + j);
-        float xhat = (moe_cuda_ld(inp, dt, base + j) - mf) * rf;
-        float dxhat = weight != NULL ? g * moe_cuda_ld(weight, dt, j) : g;
-        s1 += (double)dxhat;
-        s2 += (double)dxhat * (double)xhat;
+    for (int64_t j0 = lane; j0 < C; j0 += 32 * LN_BATCH) {
+        float g[LN_BATCH], x[LN_BATCH], w[LN_BATCH];
+#pragma unroll
+        for (int u = 0; u < LN_BATCH; u++) {
+            const int64_t j = j0 + 32 * u;
+            g[u] = j < C ? moe_cuda_ld(dout, dt, base + j) : 0.0f;
+            x[u] = j < C ? moe_cuda_ld(inp, dt, base + j) : 0.0f;
+            w[u] = j < C && weight != NULL ? moe_cuda_ld(weight, dt, j) : 1.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < LN_BATCH; u++) {
+            if (j0 + 32 * u >= C)
+                break;
+            const float xhat = (x[u] - mf) * rf, dxhat = g[u] * w[u];
+            s1 += (double)dxhat;
+            s2 += (double)dxhat * (double)xhat;
+        }
     }
     s1 = moe_cuda_warp_sum_d(s1);
     s2 = moe_cuda_warp_sum_d(s2);
     const float m1 = (float)(s1 / (double)C), m2 = (float)(s2 / (double)C);
-#pragma unroll 4
-    for (int64_t j = lane; j < C; j += 32) {
-        float g = moe_cuda_ld(dout, dt, base + j);
-        float xhat = (moe_cuda_ld(inp, dt, base + j) - mf) * rf;
-        float dxhat = weight != NULL ? g * moe_cuda_ld(weight, dt, j) : g;
-        float d = rf * (dxhat - m1 - xhat * m2);
-        moe_cuda_st(dinp, dt, base + j, moe_cuda_ld(dinp, dt, base + j) + d);
+    for (int64_t j0 = lane; j0 < C; j0 += 32 * LN_BATCH) {
+        float g[LN_BATCH], x[LN_BATCH], w[LN_BATCH], acc[LN_BATCH];
+#pragma unroll
+        for (int u = 0; u < LN_BATCH; u++) {
+            const int64_t j = j0 + 32 * u;
+            g[u] = j < C ? moe_cuda_ld(dout, dt, base + j) : 0.0f;
+            x[u] = j < C ? moe_cuda_ld(inp, dt, base + j) : 0.0f;
+            w[u] = j < C && weight != NULL ? moe_cuda_ld(weight, dt, j) : 1.0f;
+            acc[u] = j < C ? moe_cuda_ld(dinp, dt, base + j) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < LN_BATCH; u++) {
+            const int64_t j = j0 + 32 * u;
+            if (j >= C)
+                break;
+            const float xhat = (x[u] - mf) * rf, dxhat = g[u] * w[u];
+            moe_cuda_st(dinp, dt, base + j, acc[u] + rf * (dxhat - m1 - xhat * m2));
+        }
     }
 }
 
