@@ -112,7 +112,7 @@ static moe_status select_components(cli_state *s, const moe_launch *l, selection
     if (!sel->gate)
         sel->gate = moe_opts_flag(o, "moe-top1-expert") ? "top1" : "top2";
     sel->normalizer = keep(sel, 6, moe_opts_str(o, "moe-normalize-expert-grad"));
-    if (l->world <= 1)
+    if (l->world <= 1 && !moe_opts_given(o, "distributed-backend"))
         sel->communicator = "single";
     else if (l->method == MOE_LAUNCH_MPI && strcmp(sel->backend, "cpu") == 0)
         sel->communicator = "mpi";

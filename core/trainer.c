@@ -481,8 +481,8 @@ static moe_status train_loop(trainer *t)
             t->iter++;
         }
         MOE_TRY(reduce_gradients(t));
-        if (h->world > 1)
-            MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red, MOE_STAT_COUNT, MOE_F32, MOE_REDUCE_SUM));
+        /* (always through the communicator: a no-op for one rank of `single`) */
+        MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red, MOE_STAT_COUNT, MOE_F32, MOE_REDUCE_SUM));
         MOE_TRY(grad_norms(t));
         /* the expert part sums over every rank, replicas included, as fairseq's
          * clip_grad_norm_ does (§5.5) */

@@ -285,7 +285,7 @@ static moe_group *grp(moe_comm *c, moe_group *g) { return g ? g : &c->world; }
 static moe_status comm_all_reduce(moe_comm *c, moe_group *g, void *buf, int64_t n, moe_dtype dt, moe_reduce_op op)
 {
     g = grp(c, g);
-    if (g->size == 1 || n == 0)
+    if (n == 0)
         return MOE_OK;
     NCCL_TRY(c, ncclAllReduce(buf, buf, (size_t)n, nccl_type(dt), op == MOE_REDUCE_SUM ? ncclSum : ncclMax, g->comm,
                               c->stream));
