@@ -54,6 +54,7 @@ typedef struct trainer {
     int expert_group_size;
     int32_t *tokens, *targets;/* device (B,T) */
     float *red;               /* device RED_COUNT */
+    double *red64;            /* device MOE_STAT_COUNT: the statistics on their way across ranks */
     float *scratch;           /* device (B*T) fp32 */
     void *opt, *sched, *crit;
     moe_meters *inner, *epoch_m;
@@ -126,6 +127,7 @@ static moe_status setup(trainer *t)
     MOE_TRY(dev_alloc(t, (uint64_t)N * 4u, "target tokens", (void **)&t->targets));
     MOE_TRY(dev_alloc(t, (uint64_t)N * 4u, "per-token losses", (void **)&t->scratch));
     MOE_TRY(dev_alloc(t, RED_COUNT * 4u, "training statistics", (void **)&t->red));
+    MOE_TRY(dev_alloc(t, MOE_STAT_COUNT * 8u, "training statistics (fp64)", (void **)&t->red64));
 
     /* optimizer over every unit: the fp32 master when there is one, the params otherwise */
     int n = moe_runtime_num_units(t->rt);
@@ -224,7 +226,7 @@ static void teardown(trainer *t)
         t->c->lr_scheduler->destroy(t->sched);
     if (t->crit)
         t->c->criterion->destroy(t->crit);
-    void *bufs[] = {t->tokens, t->targets, t->scratch, t->red, t->shard_staging};
+    void *bufs[] = {t->tokens, t->targets, t->scratch, t->red, t->red64, t->shard_staging};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i])
             h->backend->free(h->ctx, bufs[i]);
@@ -260,6 +262,20 @@ static moe_status run_batch(trainer *t, const char *split, int64_t index, int tr
     if (train)
         MOE_TRY(t->c->arch->backward(t->c->model, dl_aux));
     return MOE_OK;
+}
+
+/* The per-update reductions to the host: statistics summed over ranks in
+ * fp64 (fairseq's _fast_stat_sync_sum, §5.4), norms as the device left them. */
+static moe_status fetch_reductions(trainer *t, double *red)
+{
+    const moe_host *h = t->h;
+    float redf[RED_COUNT];
+    MOE_TRY(h->backend->copy_to_host(h->ctx, redf, t->red, sizeof redf));
+    for (int k = 0; k < RED_COUNT; k++)
+        red[k] = redf[k];
+    MOE_TRY(h->backend->copy_from_host(h->ctx, t->red64, red, MOE_STAT_COUNT * sizeof *red));
+    MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red64, MOE_STAT_COUNT, MOE_F64, MOE_REDUCE_SUM));
+    return h->backend->copy_to_host(h->ctx, red, t->red64, MOE_STAT_COUNT * sizeof *red);
 }
 
 /* all-reduce non-expert gradients (sum) over all ranks, and expert gradients
@@ -400,7 +416,6 @@ static moe_status validate(trainer *t)
     if (!m)
         return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
     double red[RED_COUNT];
-    float redf[RED_COUNT];
     moe_status st = MOE_OK;
     for (int64_t i = 0; i < nb && st == MOE_OK; i++) {
         st = h->ops->fill(h->ctx, t->red, MOE_F32, RED_COUNT, 0.0f);
@@ -411,14 +426,9 @@ static moe_status validate(trainer *t)
             break;
         double ntok = (double)b.ntokens, nsent = (double)b.nsentences;
         t->c->task->free_batch(t->c->task_state, &b);
-        if (h->world > 1)
-            st = h->comm_ops->all_reduce(h->comm, NULL, t->red, MOE_STAT_COUNT, MOE_F32, MOE_REDUCE_SUM);
-        if (st == MOE_OK)
-            st = h->backend->copy_to_host(h->ctx, redf, t->red, sizeof redf);
+        st = fetch_reductions(t, red);
         if (st != MOE_OK)
             break;
-        for (int k = 0; k < RED_COUNT; k++)
-            red[k] = redf[k];
         const double ln2 = log(2.0);
         ntok *= h->world;
         nsent *= h->world;
@@ -481,18 +491,13 @@ static moe_status train_loop(trainer *t)
             t->iter++;
         }
         MOE_TRY(reduce_gradients(t));
-        /* (always through the communicator: a no-op for one rank of `single`) */
-        MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red, MOE_STAT_COUNT, MOE_F32, MOE_REDUCE_SUM));
         MOE_TRY(grad_norms(t));
         /* the expert part sums over every rank, replicas included, as fairseq's
          * clip_grad_norm_ does (§5.5) */
         if (h->world > 1) /* expert and sharded parts */
             MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red + RED_NORM_EXPERT, 2, MOE_F32, MOE_REDUCE_SUM));
-        float redf[RED_COUNT];
-        MOE_TRY(h->backend->copy_to_host(h->ctx, redf, t->red, sizeof redf));
         double red[RED_COUNT];
-        for (int k = 0; k < RED_COUNT; k++)
-            red[k] = redf[k];
+        MOE_TRY(fetch_reductions(t, red));
         ntokens *= h->world;
         nsentences *= h->world;
         double batch_count = (double)t->update_freq * h->world;

@@ -21,6 +21,7 @@ typedef enum moe_dtype {
     MOE_F16,
     MOE_BF16,
     MOE_I32,
+    MOE_F64,          /* communication only (statistics summed across ranks); no op takes it */
     MOE_DTYPE_COUNT
 } moe_dtype;
 
@@ -28,7 +29,7 @@ typedef enum moe_dtype {
  * component, and too small to deserve a symbol of its own). */
 static inline size_t moe_dtype_size(moe_dtype t)
 {
-    return t == MOE_F32 || t == MOE_I32 ? 4u : 2u;
+    return t == MOE_F64 ? 8u : t == MOE_F32 || t == MOE_I32 ? 4u : 2u;
 }
 
 #define MOE_MAX_DIMS 4

@@ -68,6 +68,7 @@ static MPI_Datatype mpi_type(moe_dtype dt)
     switch (dt) {
     case MOE_F32: return MPI_FLOAT;
     case MOE_I32: return MPI_INT;
+    case MOE_F64: return MPI_DOUBLE;
     default: return MPI_UINT16_T;
     }
 }

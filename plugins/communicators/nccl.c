@@ -60,6 +60,7 @@ static ncclDataType_t nccl_type(moe_dtype dt)
     case MOE_F16: return ncclFloat16;
     case MOE_BF16: return ncclBfloat16;
     case MOE_I32: return ncclInt32;
+    case MOE_F64: return ncclFloat64;
     default: return ncclFloat32;
     }
 }
