@@ -172,6 +172,21 @@ static void test_cli_validation_line(void **s)
     moe_cmd_result_free(&r);
 }
 
+/* the core links neither CUDA, NCCL nor MPI: those live in plugins */
+static void test_cli_core_links_no_device_libraries(void **s)
+{
+    (void)s;
+    moe_cmd_result r;
+    assert_int_equal(moe_run_shell("ldd " MOE_TEST_BIN_DIR "/moelm-train", &r), 0);
+    assert_int_equal(r.status, 0);
+    const char *banned[] = {"libcuda", "libcudart", "libcublas", "libnccl", "libmpi"};
+    for (size_t i = 0; i < sizeof banned / sizeof banned[0]; i++)
+        if (strstr(r.out, banned[i]))
+            fail_msg("moelm-train links %s:\n%s", banned[i], r.out);
+    assert_non_null(strstr(r.out, "libjansson"));
+    moe_cmd_result_free(&r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -185,6 +200,7 @@ int main(void)
         cmocka_unit_test(test_cli_key_equals_value_and_tuple),
         cmocka_unit_test(test_cli_task_vocabulary_too_small),
         cmocka_unit_test(test_cli_validation_line),
+        cmocka_unit_test(test_cli_core_links_no_device_libraries),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
