@@ -24,8 +24,9 @@
  * both derived exactly as fairseq does. Only the second form carries what the
  * simple inner line needs; with a literal it prints "update 0.004" instead.
  *
- * Live progress is a terminal nicety, not a log: when the stream is a
- * terminal (and the format is not none, and this rank prints INFO) one line is
+ * Live progress is a terminal nicety, not a log: when the log stream is a
+ * terminal, or else stderr is one (and the format is not none, and this rank
+ * prints INFO), one line there is
  * rewritten in place with "\r" + erase-line, cut to the terminal width so the
  * rewrite stays on one row. A log line erases it first and redraws it after,
  * so it stays at the bottom; nothing of it reaches a file or a pipe.
@@ -198,9 +199,19 @@ static void erase_line(FILE *out)
     fputs("\r\033[K", out);
 }
 
-static void write_line(moe_log_level level, const char *component, const char *message)
+/* Where the live progress line goes: the log stream when it is a terminal,
+ * else stderr when that is one (logs redirected to a file), else nowhere. */
+static FILE *progress_out(void)
 {
     FILE *out = log_out();
+    if (isatty(fileno(out)))
+        return out;
+    return isatty(fileno(stderr)) ? stderr : NULL;
+}
+
+static void write_line(moe_log_level level, const char *component, const char *message)
+{
+    FILE *out = log_out(), *pout = g_log.progress_shown ? progress_out() : NULL;
     char stamp[32];
     time_t now = time(NULL);
     struct tm tm;
@@ -211,13 +222,17 @@ static void write_line(moe_log_level level, const char *component, const char *m
         snprintf(rank_prefix, sizeof rank_prefix, "[rank %d] ", g_log.rank);
 
     flockfile(out);
-    if (g_log.progress_shown)
-        erase_line(out);
+    if (pout) {
+        erase_line(pout);
+        fflush(pout);
+    }
     fprintf(out, "%s | %s | %s%s | %s\n", stamp, level_name(level), rank_prefix, component ? component : "moelm",
             message);
-    if (g_log.progress_shown)
-        fputs(g_log.progress, out);
     fflush(out);
+    if (pout) {
+        fputs(g_log.progress, pout);
+        fflush(pout);
+    }
     funlockfile(out);
 }
 
@@ -551,8 +566,8 @@ static int terminal_columns(FILE *out)
 
 void moe_progress_update(const char *text)
 {
-    FILE *out = log_out();
-    if (!text || g_log.fmt == MOE_LOG_FORMAT_NONE || !level_passes(MOE_LOG_INFO) || !isatty(fileno(out)))
+    FILE *out = progress_out();
+    if (!text || g_log.fmt == MOE_LOG_FORMAT_NONE || !level_passes(MOE_LOG_INFO) || !out)
         return;
     /* one row: no line breaks, and short of the last column so no wrap */
     size_t max = (size_t)terminal_columns(out) - 1;
@@ -572,7 +587,11 @@ void moe_progress_update(const char *text)
 
 void moe_progress_clear(void)
 {
-    FILE *out = log_out();
+    FILE *out = progress_out();
+    if (!out) {
+        g_log.progress_shown = 0;
+        return;
+    }
     flockfile(out);
     if (g_log.progress_shown) {
         erase_line(out);
