@@ -5,8 +5,16 @@
  *
  * Definitions live here (static inline) because the same code must compile as
  * C for the cpu backend and as CUDA device code; nothing else does this.
- * Mapping: key = seed, counter = (index, stream); one 32-bit output per draw
- * (word 0), uniform = (x >> 8) * 2^-24 in [0, 1).
+ *
+ * Mapping: key = seed; one evaluation at counter (group, stream) yields four
+ * 32-bit words, and group g serves the four consecutive indices 4g .. 4g+3:
+ * index i draws word (i & 3) of moe_philox4x32(seed, stream, i >> 2), and
+ * uniform = (word >> 8) * 2^-24 in [0, 1). A kernel that owns the indices of
+ * a whole group (or half of one) evaluates Philox once for all of them
+ * (moe_philox_uniform4); moe_philox_uniform is the same draw one index at a
+ * time, so every caller agrees whatever its access pattern.
+ * Normals (moe_philox_uniform2, Box-Muller): normal i uses the uniforms of
+ * indices 2i and 2i+1, i.e. words 2(i & 1) and 2(i & 1) + 1 of group i >> 1.
  */
 #ifndef MOE_KERNELS_PHILOX_H
 #define MOE_KERNELS_PHILOX_H
@@ -47,18 +55,39 @@ MOE_HD moe_philox_out moe_philox4x32(uint64_t seed, uint64_t stream, uint64_t in
     return o;
 }
 
-/* uniform in [0, 1) with 24 random bits: exact in fp32 on every backend */
-MOE_HD float moe_philox_uniform(uint64_t seed, uint64_t stream, uint64_t index)
+/* a word as a uniform in [0, 1) with 24 random bits: exact in fp32 on every backend */
+MOE_HD float moe_philox_u24(uint32_t x)
 {
-    return (float)(moe_philox4x32(seed, stream, index).v[0] >> 8) * (1.0f / 16777216.0f);
+    return (float)(x >> 8) * (1.0f / 16777216.0f);
 }
 
-/* two uniforms in (0, 1] and [0, 1) for Box-Muller */
+/* the uniforms of indices 4*group .. 4*group + 3 (u[w] is index 4*group + w) */
+MOE_HD void moe_philox_uniform4(uint64_t seed, uint64_t stream, uint64_t group, float u[4])
+{
+    moe_philox_out o = moe_philox4x32(seed, stream, group);
+    u[0] = moe_philox_u24(o.v[0]);
+    u[1] = moe_philox_u24(o.v[1]);
+    u[2] = moe_philox_u24(o.v[2]);
+    u[3] = moe_philox_u24(o.v[3]);
+}
+
+/* the uniform of one index: word (index & 3) of group index >> 2 */
+MOE_HD float moe_philox_uniform(uint64_t seed, uint64_t stream, uint64_t index)
+{
+    const moe_philox_out o = moe_philox4x32(seed, stream, index >> 2);
+    const unsigned w = (unsigned)(index & 3); /* selects, not o.v[w]: a run-time index would put o in memory */
+    return moe_philox_u24(w == 0 ? o.v[0] : w == 1 ? o.v[1] : w == 2 ? o.v[2] : o.v[3]);
+}
+
+/* two uniforms in (0, 1] and [0, 1) for Box-Muller: normal `index` takes the
+ * words of uniform indices 2*index and 2*index + 1 (one evaluation serves two
+ * normals) */
 MOE_HD void moe_philox_uniform2(uint64_t seed, uint64_t stream, uint64_t index, float *u1, float *u2)
 {
-    moe_philox_out o = moe_philox4x32(seed, stream, index);
-    *u1 = (float)((o.v[0] >> 8) + 1u) * (1.0f / 16777216.0f);
-    *u2 = (float)(o.v[1] >> 8) * (1.0f / 16777216.0f);
+    const moe_philox_out o = moe_philox4x32(seed, stream, index >> 1);
+    const int hi = (int)(index & 1);
+    *u1 = (float)(((hi ? o.v[2] : o.v[0]) >> 8) + 1u) * (1.0f / 16777216.0f);
+    *u2 = moe_philox_u24(hi ? o.v[3] : o.v[1]);
 }
 
 #endif

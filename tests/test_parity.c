@@ -389,6 +389,12 @@ static void test_parity_elementwise(void **state)
             compare(what, &out, dt, n, tol);
 #undef DROPB
         }
+        /* n % 4 == 0 with aligned buffers: the vectorised dropout (whole Philox groups) */
+        pb_poison(&out, dt, n);
+#define DROPV(o, cx, s) (o)->dropout_forward((cx), out.s, x.s, (int64_t)(n - 1), dt, 0.3f, 1234u, 78u)
+        BOTH("dropout_forward n % 4 == 0", DROPV);
+        compare("dropout_forward p=0.3, n % 4 == 0", &out, dt, n - 1, tol);
+#undef DROPV
 
         pb_poison(&out, dt, n);
 #define INITU(o, cx, s) (o)->init_uniform((cx), out.s, dt, (int64_t)n, -0.2f, 0.3f, 7u, 3u)
@@ -726,6 +732,8 @@ static void test_parity_attention(void **state)
         {MOE_F32, 2, 70, 2, 16, 0.0f},  {MOE_F32, 1, 40, 3, 24, 0.2f},  {MOE_F16, 2, 70, 2, 64, 0.0f},
         {MOE_BF16, 2, 70, 2, 64, 0.1f}, {MOE_F16, 1, 130, 2, 32, 0.2f}, {MOE_BF16, 1, 65, 1, 128, 0.0f},
         {MOE_F16, 2, 33, 2, 40, 0.1f},  {MOE_BF16, 1, 64, 2, 64, 0.0f},
+        /* T % 4 == 0 with dropout: one Philox evaluation per group of four keys */
+        {MOE_BF16, 2, 132, 2, 64, 0.1f}, {MOE_F16, 1, 96, 3, 32, 0.2f}, {MOE_BF16, 1, 64, 1, 128, 0.3f},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         run_attention_case(&cases[i]);
@@ -923,13 +931,15 @@ static void test_parity_optim(void **state)
 {
     (void)state;
     begin_case();
-    const int64_t n = 3000;
+    const int64_t n = 3003; /* not a multiple of 8: the vectorised Adam's scalar tail */
     const adam_case cases[] = {
         {MOE_F32, MOE_DTYPE_COUNT, MOE_F32, MOE_F32, 0.0f},
         {MOE_F32, MOE_F16, MOE_F16, MOE_F16, 0.0f},
         {MOE_F16, MOE_DTYPE_COUNT, MOE_F16, MOE_F16, 0.01f},
         {MOE_BF16, MOE_DTYPE_COUNT, MOE_BF16, MOE_F32, 0.0f},
         {MOE_F32, MOE_BF16, MOE_F32, MOE_F16, 0.1f},
+        {MOE_F32, MOE_BF16, MOE_BF16, MOE_F32, 0.01f}, /* --bf16: fp32 master, bf16 copy and grads */
+        {MOE_F32, MOE_F16, MOE_F16, MOE_F32, 0.0f},
     };
     char what[128];
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -1262,6 +1272,20 @@ static void test_parity_bench(void **state)
     aa.lr = 1e-4f; aa.beta1 = 0.9f; aa.beta2 = 0.98f; aa.eps = 1e-8f; aa.grad_scale = 1.0f; aa.step = 1;
     assert_int_equal(o->fill(cx, st, MOE_F32, 2, 1.0f), MOE_OK);
     BENCH("adam_step 16M f16 params, f16 moments", 10, (double)np * 2.0 * (3.0 + 3.0 + 2.0), "TB/s",
+          o->adam_step(cx, &aa));
+    /* --bf16's case: 64M fp32 master params with a bf16 copy, bf16 grads, fp32 moments
+     * (read p, g, m, v; write p, copy, m, v: 28 bytes a parameter) */
+    const int64_t nb16 = 64 << 20;
+    memset(&aa, 0, sizeof aa);
+    aa.n = nb16; aa.param = logits; aa.param_dtype = MOE_F32; aa.param_copy = y; aa.copy_dtype = MOE_BF16;
+    aa.grad = aux; aa.grad_dtype = MOE_BF16; aa.exp_avg = (char *)logits + nb16 * 4;
+    aa.exp_avg_sq = (char *)logits + 2 * nb16 * 4; aa.state_dtype = MOE_F32;
+    aa.lr = 1e-4f; aa.beta1 = 0.9f; aa.beta2 = 0.98f; aa.eps = 1e-8f; aa.grad_scale = 1.0f; aa.step = 1;
+    assert_int_equal(o->init_uniform(cx, logits, MOE_F32, nb16, -1.0f, 1.0f, 1u, 7u), MOE_OK);
+    assert_int_equal(o->init_uniform(cx, aa.exp_avg, MOE_F32, nb16, -1e-3f, 1e-3f, 1u, 8u), MOE_OK);
+    assert_int_equal(o->init_uniform(cx, aa.exp_avg_sq, MOE_F32, nb16, 0.0f, 1e-6f, 1u, 9u), MOE_OK);
+    assert_int_equal(o->init_uniform(cx, aux, MOE_BF16, nb16, -1e-2f, 1e-2f, 1u, 10u), MOE_OK);
+    BENCH("adam_step 64M f32+bf16 copy, bf16 grad, f32 moments", 10, (double)nb16 * 28.0, "TB/s",
           o->adam_step(cx, &aa));
     void *bufs[] = {x, w, y, aux, bias, qkv, att, dqkv, lse, logits, loss, tg, st, rbuf, rws};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)

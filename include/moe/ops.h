@@ -14,7 +14,9 @@
  *    N = B*T tokens ordered batch-major (n = b*T + t), as fairseq's MoE layer
  *    flattens them.
  *  - Randomness is counter-based (kernels/philox.h): a value is a pure function
- *    of (seed, stream, index), so cpu and cuda draw the same dropout masks and
+ *    of (seed, stream, index); index i is word (i & 3) of the Philox4x32-10
+ *    evaluation at counter (i >> 2, stream), so one evaluation serves four
+ *    consecutive indices. cpu and cuda draw the same dropout masks and
  *    recomputation (--checkpoint-activations) reproduces them exactly.
  *  - Nothing here is a mock: the cpu backend is the oracle the cuda backend is
  *    tested against op by op.
@@ -143,10 +145,10 @@ typedef struct moe_ops {
     moe_status (*axpby)(moe_ctx *c, void *y, const void *x, moe_dtype dt, int64_t n, float a, float b);
     /* out[i] = x[i] + y[i]   (out may alias x or y) */
     moe_status (*add)(moe_ctx *c, void *out, const void *x, const void *y, moe_dtype dt, int64_t n);
-    /* x ~ U(lo, hi) from (seed, stream), element i uses counter i */
+    /* x ~ U(lo, hi) from (seed, stream), element i uses uniform index i */
     moe_status (*init_uniform)(moe_ctx *c, void *x, moe_dtype dt, int64_t n, float lo, float hi,
                                uint64_t seed, uint64_t stream);
-    /* x ~ N(mean, std) from (seed, stream) */
+    /* x ~ N(mean, std) from (seed, stream), element i from uniform indices 2i, 2i+1 */
     moe_status (*init_normal)(moe_ctx *c, void *x, moe_dtype dt, int64_t n, float mean, float std,
                               uint64_t seed, uint64_t stream);
     /* *out += scale * sum_i x[i*stride]  (fp32 in/out, fixed summation order) */
@@ -197,8 +199,9 @@ typedef struct moe_ops {
      * q, k, v: (B,T,H,D) at row stride ld (elements between consecutive tokens),
      * so they can point into one packed projection output. q is already scaled.
      * out: (B,T,H*D) contiguous. lse: (B,H,T) fp32 log-sum-exp of each score row,
-     * saved for backward. Dropout p on the probabilities, mask counter
-     * ((b*H + h)*T + i)*T + j. */
+     * saved for backward. Dropout p on the probabilities, mask index
+     * ((b*H + h)*T + i)*T + j (uniform index: four consecutive keys j of a row
+     * share one Philox evaluation when T % 4 == 0). */
     moe_status (*attention_forward)(moe_ctx *c, void *out, float *lse, const void *q, const void *k,
                                     const void *v, int64_t ld, int64_t B, int64_t T, int64_t H, int64_t D,
                                     float dropout_p, uint64_t seed, uint64_t stream, moe_dtype dt);

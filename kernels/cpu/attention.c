@@ -62,7 +62,8 @@ static float dot(const float *x, const float *y, int64_t n)
     return s;
 }
 
-/* keep/(1-p) for score (b,h,i,j): the dropout factor z_ij */
+/* keep/(1-p) for score (b,h,i,j): the dropout factor z_ij, uniform index
+ * ((b*H + h)*T + i)*T + j (word index & 3 of Philox group index >> 2) */
 static float drop_factor(float p, float scale, uint64_t seed, uint64_t stream, int64_t b, int64_t h, int64_t i,
                          int64_t j, int64_t H, int64_t T)
 {

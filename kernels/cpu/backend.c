@@ -224,7 +224,7 @@ moe_status moe_cpu_init_normal(moe_ctx *c, void *x, moe_dtype dt, int64_t n, flo
         return CPU_ERROR(c, MOE_ERR_INVALID_ARG, "cpu init_normal: expected std >= 0, found %g", (double)std);
     const double two_pi = 6.283185307179586476925286766559;
     for (int64_t i = 0; i < n; i++) {
-        /* Box-Muller, cosine branch only: one normal per counter, u1 in (0, 1] so log(u1) is finite */
+        /* Box-Muller, cosine branch only: normal i from uniforms 2i, 2i+1; u1 in (0, 1] so log(u1) is finite */
         float u1, u2;
         moe_philox_uniform2(seed, stream, (uint64_t)i, &u1, &u2);
         double z = sqrt(-2.0 * log((double)u1)) * cos(two_pi * (double)u2);

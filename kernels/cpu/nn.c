@@ -11,8 +11,9 @@
  *  - GELU tanh is Megatron's bias_gelu formula, erf is the exact GELU
  *    (FAIRSEQ_SPEC.md §1.8); each backward is the analytic derivative of its
  *    own forward formula.
- *  - Dropout keeps element i iff moe_philox_uniform(seed, stream, i) >= p and
- *    scales kept values by 1/(1-p) computed in fp32; p == 1 drops everything.
+ *  - Dropout keeps element i iff moe_philox_uniform(seed, stream, i) >= p
+ *    (word i & 3 of the Philox group i >> 2, kernels/philox.h) and scales
+ *    kept values by 1/(1-p) computed in fp32; p == 1 drops everything.
  *  - Sinusoidal positions follow FAIRSEQ_SPEC.md §1.4 computed in fp32 as
  *    fairseq does: half = C/2, freq_k = exp(-k*ln(10000)/(half-1)), the row is
  *    [sin(p*freq) | cos(p*freq)] (concatenated, a zero last column when C is

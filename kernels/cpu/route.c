@@ -24,7 +24,7 @@
  *  - overflow_expertk is 0 when no token made a k-th choice (all pads, or the
  *    random policy dropped every second choice); fairseq divides 0 by 0 there
  *    and logs nan, which helps nobody.
- *  - Randomness (kernels/philox.h), a pure function of (seed, stream, counter):
+ *  - Randomness (kernels/philox.h), a pure function of (seed, stream, index):
  *      sampling policy: Gumbel noise for logit (s, e) is -log(-log(u)),
  *        evaluated in double and rounded to fp32, with
  *        u = moe_philox_uniform(seed, stream, s*E + e) kept within

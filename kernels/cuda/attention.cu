@@ -17,9 +17,14 @@
  * gradient element has a single writer and no atomics are needed. D_i =
  * dO_i . O_i comes first from its own small kernel.
  *
- * Dropout on the probabilities uses the counter ((b*H + h)*T + i)*T + j, the
- * same Philox draw as the cpu, so masks match exactly in both directions.
- * One Philox evaluation per score is most of the cost of a dropout tile.
+ * Dropout on the probabilities uses the uniform index ((b*H + h)*T + i)*T + j,
+ * the same Philox draw as the cpu, so masks match exactly in both directions.
+ * With T % 4 == 0 the four keys 4m .. 4m+3 of a row are one Philox group
+ * (kernels/philox.h), and the tensor-core path evaluates each group once: in
+ * the row-major tiles (forward, dQ) the two lanes sharing a group split its
+ * two rows and swap keep bits; in the transposed dK/dV tile the four lanes
+ * holding a group's keys split the four groups they touch and gather the
+ * bits. Other T (and the fp32 path) draw per score with moe_philox_uniform.
  */
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda.h"
@@ -37,6 +42,48 @@ static __device__ __forceinline__ float drop_factor(float p, float scale, uint64
         return 1.0f;
     uint64_t counter = (uint64_t)((bh * T + i) * T + j);
     return moe_philox_uniform(seed, stream, counter) >= p ? scale : 0.0f;
+}
+
+/* keep bits of Philox group `group`: bit w set iff uniform w >= p */
+static __device__ __forceinline__ unsigned keep4(float p, uint64_t seed, uint64_t stream, uint64_t group)
+{
+    const moe_philox_out o = moe_philox4x32(seed, stream, group);
+    return (unsigned)(moe_philox_u24(o.v[0]) >= p) | (unsigned)(moe_philox_u24(o.v[1]) >= p) << 1 |
+           (unsigned)(moe_philox_u24(o.v[2]) >= p) << 2 | (unsigned)(moe_philox_u24(o.v[3]) >= p) << 3;
+}
+
+/* Row-major mma tile (rows ia, ib = ia + 8; this lane's keys jt + 2cq, +1 of
+ * the 8-key column block at jt), T % 4 == 0: keep bits in accumulator order,
+ * bit e for element e (0, 1: row ia; 2, 3: row ib). Lanes cq and cq ^ 1 share
+ * the group of keys jt + 4(cq >> 1) .. +3: the even lane draws it for row ia,
+ * the odd one for row ib. Every lane of the warp must call this. */
+static __device__ __forceinline__ unsigned keep_rows(float p, uint64_t seed, uint64_t stream, int64_t bh, int64_t T,
+                                                     int64_t ia, int64_t ib, int64_t jt, int cq)
+{
+    const int odd = cq & 1, sh = 2 * odd;
+    const int64_t row = odd ? ib : ia, jg = jt + 4 * (cq >> 1);
+    const unsigned mine = keep4(p, seed, stream, (uint64_t)((bh * T + row) * T + jg) >> 2);
+    const unsigned other = __shfl_xor_sync(0xffffffffu, mine, 1);
+    const unsigned ka = ((odd ? other : mine) >> sh) & 3u, kb = ((odd ? mine : other) >> sh) & 3u;
+    return ka | kb << 2;
+}
+
+/* Transposed mma tile (rows: keys ja = jq + (g & 3) and ja + 8, jq = the
+ * first of g's four keys; columns: this lane's queries i, i + 1), T % 4 == 0:
+ * keep bits in accumulator order (e = 0: (i, ja), 1: (i+1, ja), 2: (i, jb),
+ * 3: (i+1, jb)). The lanes g = 4q .. 4q+3 of one cq hold every key of four
+ * groups, one element of each: lane r draws group r, the four swap nibbles.
+ * Every lane of the warp must call this. */
+static __device__ __forceinline__ unsigned keep_cols(float p, uint64_t seed, uint64_t stream, int64_t bh, int64_t T,
+                                                     int64_t i, int64_t jq, int g)
+{
+    const int r = g & 3;
+    const int64_t row = i + (r & 1), jg = jq + 8 * (r >> 1);
+    unsigned all = keep4(p, seed, stream, (uint64_t)((bh * T + row) * T + jg) >> 2) << (4 * r);
+    all |= __shfl_xor_sync(0xffffffffu, all, 4);
+    all |= __shfl_xor_sync(0xffffffffu, all, 8);
+    return ((all >> r) & 1u) | ((all >> (4 + r)) & 1u) << 1 | ((all >> (8 + r)) & 1u) << 2 |
+           ((all >> (12 + r)) & 1u) << 3;
 }
 
 /* D_i = dO_i . O_i, one warp per (b, t, h) row */
@@ -527,7 +574,15 @@ static __global__ void __launch_bounds__(MMA_THREADS)
             o[nt][2] *= alpha_b;
             o[nt][3] *= alpha_b;
         }
-        if (p > 0.0f) {
+        if (p > 0.0f && (T_ & 3) == 0) {
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                const unsigned keep = keep_rows(p, seed, stream, bh, T_, ia, ib, j0 + nt * 8, cq);
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    s[nt][e] *= (keep >> e) & 1u ? scale : 0.0f;
+            }
+        } else if (p > 0.0f) {
 #pragma unroll
             for (int nt = 0; nt < 8; nt++) {
                 const int64_t j = j0 + nt * 8 + 2 * cq;
@@ -552,11 +607,18 @@ static __global__ void __launch_bounds__(MMA_THREADS)
     }
 }
 
+/* How a backward kernel draws the dropout mask, fixed at compile time so
+ * the variant without dropout carries none of the Philox code: none (p == 0),
+ * whole groups (T % 4 == 0: keep_rows / keep_cols), or score by score. */
+#define DROP_NONE 0
+#define DROP_GROUPS 1
+#define DROP_SCORES 2
+
 /* Backward, dK and dV of one key tile: warp w owns keys 16w..16w+15 and keeps
  * their gradients in registers over every query tile at or after them. The
  * products are transposed: S^T = K Q^T, dPd^T = V dO^T, then dV += Pd^T dO
  * and dK += dS^T Q. */
-template <typename T, int D>
+template <typename T, int D, int DROP>
 static __global__ void __launch_bounds__(MMA_THREADS)
     attn_bwd_dkdv_mma_kernel(T *dk, T *dv, int64_t ldd, const T *dout, const float *lse, const float *delta,
                              const T *q, const T *k, const T *v, int64_t ld, int64_t T_, int64_t H, float p,
@@ -594,13 +656,20 @@ static __global__ void __launch_bounds__(MMA_THREADS)
         const bool edge = i0 == j0 || i0 + MMA_ROWS > T_;
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
+            const unsigned keep =
+                DROP == DROP_GROUPS
+                    ? keep_cols(p, seed, stream, bh, T_, i0 + nt * 8 + 2 * cq, j0 + warp * 16 + (g & ~3), g)
+                    : 0xFu;
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int col = nt * 8 + 2 * cq + (e & 1);
                 const int64_t i = i0 + col, j = e < 2 ? ja : jb;
                 const bool valid = !edge || (i >= j && i < T_ && j < T_);
                 const float pr = valid ? expf(st[nt][e] - ls[col]) : 0.0f;
-                const float z = valid ? drop_factor(p, scale, seed, stream, bh, T_, i, j) : 0.0f;
+                const float z = !valid                 ? 0.0f
+                                : DROP == DROP_NONE    ? 1.0f
+                                : DROP == DROP_GROUPS  ? ((keep >> e) & 1u ? scale : 0.0f)
+                                                       : drop_factor(p, scale, seed, stream, bh, T_, i, j);
                 st[nt][e] = pr * z;                           /* Pd^T */
                 dp[nt][e] = pr * (z * dp[nt][e] - dls[col]);  /* dS^T */
             }
@@ -613,7 +682,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
 }
 
 /* Backward, dQ of one query tile: warp w owns queries 16w..16w+15. */
-template <typename T, int D>
+template <typename T, int D, int DROP>
 static __global__ void __launch_bounds__(MMA_THREADS)
     attn_bwd_dq_mma_kernel(T *dq, int64_t ldd, const T *dout, const float *lse, const float *delta, const T *q,
                            const T *k, const T *v, int64_t ld, int64_t T_, int64_t H, float p, float scale,
@@ -648,12 +717,17 @@ static __global__ void __launch_bounds__(MMA_THREADS)
         const bool edge = kt == qt || j0 + MMA_ROWS > T_;
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
+            const unsigned keep =
+                DROP == DROP_GROUPS ? keep_rows(p, seed, stream, bh, T_, ia, ib, j0 + nt * 8, cq) : 0xFu;
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int64_t j = j0 + nt * 8 + 2 * cq + (e & 1), i = e < 2 ? ia : ib;
                 const bool valid = (!edge || (j <= i && j < T_)) && i < T_;
                 const float pr = valid ? expf(s[nt][e] - (e < 2 ? lse_a : lse_b)) : 0.0f;
-                const float z = valid ? drop_factor(p, scale, seed, stream, bh, T_, i, j) : 0.0f;
+                const float z = !valid                 ? 0.0f
+                                : DROP == DROP_NONE    ? 1.0f
+                                : DROP == DROP_GROUPS  ? ((keep >> e) & 1u ? scale : 0.0f)
+                                                       : drop_factor(p, scale, seed, stream, bh, T_, i, j);
                 dp[nt][e] = pr * (z * dp[nt][e] - (e < 2 ? dl_a : dl_b)); /* dS */
             }
         }
@@ -735,13 +809,20 @@ static moe_status bwd_mma(moe_ctx *c, void *dq, void *dk, void *dv, int64_t ldd,
                      rows_aligned16(v, ld, sizeof(T));
     const bool vec_o = rows_aligned16(dout, H * D, sizeof(T));
     dim3 grid((unsigned)(B * H), (unsigned)((T_ + MMA_ROWS - 1) / MMA_ROWS));
-    MOE_TRY(set_smem(c, attn_bwd_dkdv_mma_kernel<T, D>, bytes));
-    attn_bwd_dkdv_mma_kernel<T, D><<<grid, MMA_THREADS, bytes, c->stream>>>(
+    const int drop = p == 0.0f ? DROP_NONE : (T_ & 3) == 0 ? DROP_GROUPS : DROP_SCORES;
+    auto dkdv = drop == DROP_NONE     ? attn_bwd_dkdv_mma_kernel<T, D, DROP_NONE>
+                : drop == DROP_GROUPS ? attn_bwd_dkdv_mma_kernel<T, D, DROP_GROUPS>
+                                      : attn_bwd_dkdv_mma_kernel<T, D, DROP_SCORES>;
+    auto dqk = drop == DROP_NONE     ? attn_bwd_dq_mma_kernel<T, D, DROP_NONE>
+               : drop == DROP_GROUPS ? attn_bwd_dq_mma_kernel<T, D, DROP_GROUPS>
+                                     : attn_bwd_dq_mma_kernel<T, D, DROP_SCORES>;
+    MOE_TRY(set_smem(c, dkdv, bytes));
+    dkdv<<<grid, MMA_THREADS, bytes, c->stream>>>(
         (T *)dk, (T *)dv, ldd, (const T *)dout, lse, delta, (const T *)q, (const T *)k, (const T *)v, ld, T_, H, p,
         scale, seed, stream, vec, vec_o);
     MOE_CUDA_CHECK_LAUNCH(c);
-    MOE_TRY(set_smem(c, attn_bwd_dq_mma_kernel<T, D>, bytes));
-    attn_bwd_dq_mma_kernel<T, D><<<grid, MMA_THREADS, bytes, c->stream>>>(
+    MOE_TRY(set_smem(c, dqk, bytes));
+    dqk<<<grid, MMA_THREADS, bytes, c->stream>>>(
         (T *)dq, ldd, (const T *)dout, lse, delta, (const T *)q, (const T *)k, (const T *)v, ld, T_, H, p, scale,
         seed, stream, vec, vec_o);
     MOE_CUDA_CHECK_LAUNCH(c);

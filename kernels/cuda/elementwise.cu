@@ -69,9 +69,16 @@ static __global__ void add_kernel(void *out, const void *x, const void *y, moe_d
 static __global__ void init_uniform_kernel(void *x, moe_dtype dt, int64_t n, float lo, float width, uint64_t seed,
                                            uint64_t stream)
 {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        float u = moe_philox_uniform(seed, stream, (uint64_t)i);
-        moe_cuda_st(x, dt, i, __fadd_rn(lo, __fmul_rn(width, u)));
+    /* one thread per Philox group of four elements */
+    const int64_t groups = (n + 3) >> 2;
+    for (int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < groups;
+         g += (int64_t)gridDim.x * blockDim.x) {
+        float u[4];
+        moe_philox_uniform4(seed, stream, (uint64_t)g, u);
+#pragma unroll
+        for (int w = 0; w < 4; w++)
+            if (4 * g + w < n)
+                moe_cuda_st(x, dt, 4 * g + w, __fadd_rn(lo, __fmul_rn(width, u[w])));
     }
 }
 
@@ -80,7 +87,7 @@ static __global__ void init_normal_kernel(void *x, moe_dtype dt, int64_t n, floa
 {
     const double two_pi = 6.283185307179586476925286766559;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        /* Box-Muller, cosine branch, one normal per counter, as the cpu */
+        /* Box-Muller, cosine branch, normal i from uniforms 2i, 2i+1, as the cpu */
         float u1, u2;
         moe_philox_uniform2(seed, stream, (uint64_t)i, &u1, &u2);
         double z = __dmul_rn(sqrt(__dmul_rn(-2.0, log((double)u1))), cos(__dmul_rn(two_pi, (double)u2)));
@@ -187,7 +194,7 @@ moe_status moe_cuda_init_uniform(moe_ctx *c, void *x, moe_dtype dt, int64_t n, f
                              (double)lo, (double)hi);
     if (n == 0)
         return MOE_OK;
-    init_uniform_kernel<<<moe_cuda_blocks(c, n, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
+    init_uniform_kernel<<<moe_cuda_blocks(c, (n + 3) / 4, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
         x, dt, n, lo, hi - lo, seed, stream);
     MOE_CUDA_CHECK_LAUNCH(c);
     return MOE_OK;

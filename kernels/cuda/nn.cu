@@ -8,8 +8,10 @@
  * NaN loss, a token outside the table gets no gradient.
  *
  * Conventions, the same as kernels/cpu/nn.c so the two agree to rounding:
- *  - dropout keeps element i iff philox_uniform(seed, stream, i) >= p and
- *    scales by 1/(1-p) computed in fp32; p == 1 drops everything.
+ *  - dropout keeps element i iff philox_uniform(seed, stream, i) >= p (word
+ *    i & 3 of the Philox group i >> 2) and scales by 1/(1-p) computed in
+ *    fp32; p == 1 drops everything. Each thread owns whole groups of four
+ *    elements, so one Philox evaluation serves four.
  *  - layer-norm statistics and parameter-gradient sums accumulate in double;
  *    dweight/dbias are column sums over row chunks (fp64 partials) added in
  *    chunk order: deterministic, no atomics.
@@ -22,6 +24,7 @@
  *    fp32 copy of the (N,V) logits.
  */
 #include <cub/device/device_radix_sort.cuh>
+#include <type_traits>
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/nn.h"
@@ -85,12 +88,46 @@ moe_status moe_cuda_gelu_backward(moe_ctx *c, void *dinp, const void *inp, const
 
 /* --------------------------------------------------------------- dropout */
 
+/* one thread per Philox group: elements 4g .. 4g+3 (any storage alignment) */
 static __global__ void dropout_kernel(void *out, const void *in, int64_t n, moe_dtype dt, float p, float scale,
                                       uint64_t seed, uint64_t stream)
 {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        int keep = moe_philox_uniform(seed, stream, (uint64_t)i) >= p;
-        moe_cuda_st(out, dt, i, keep ? moe_cuda_ld(in, dt, i) * scale : 0.0f);
+    const int64_t groups = (n + 3) >> 2;
+    for (int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < groups;
+         g += (int64_t)gridDim.x * blockDim.x) {
+        float u[4];
+        moe_philox_uniform4(seed, stream, (uint64_t)g, u);
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            const int64_t i = 4 * g + w;
+            if (i < n)
+                moe_cuda_st(out, dt, i, u[w] >= p ? moe_cuda_ld(in, dt, i) * scale : 0.0f);
+        }
+    }
+}
+
+/* 4 elements of T as one aligned vector (8 bytes for 16-bit types, 16 for fp32) */
+template <typename T> struct drop_vec4 {
+    typedef typename std::conditional<sizeof(T) == 4, float4, uint2>::type type;
+};
+
+/* the same for n % 4 == 0 and 4-element-aligned pointers: one vector load and
+ * store per group */
+template <typename T>
+static __global__ void dropout_vec_kernel(T *out, const T *in, int64_t groups, float p, float scale, uint64_t seed,
+                                          uint64_t stream)
+{
+    typedef typename drop_vec4<T>::type V;
+    for (int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < groups;
+         g += (int64_t)gridDim.x * blockDim.x) {
+        float u[4];
+        moe_philox_uniform4(seed, stream, (uint64_t)g, u);
+        V v = ((const V *)in)[g];
+        T *e = (T *)&v;
+#pragma unroll
+        for (int w = 0; w < 4; w++)
+            e[w] = moe_cuda_from_f32<T>(u[w] >= p ? moe_cuda_f32(e[w]) * scale : 0.0f);
+        ((V *)out)[g] = v;
     }
 }
 
@@ -113,8 +150,23 @@ static moe_status dropout_apply(moe_ctx *c, const char *op, void *out, const voi
         MOE_CUDA_TRY(c, cudaMemsetAsync(out, 0, (size_t)n * moe_dtype_size(dt), c->stream));
         return MOE_OK;
     }
-    dropout_kernel<<<moe_cuda_blocks(c, n, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
-        out, in, n, dt, p, 1.0f / (1.0f - p), seed, stream);
+    const float scale = 1.0f / (1.0f - p);
+    const int64_t groups = (n + 3) / 4;
+    const unsigned blocks = moe_cuda_blocks(c, groups, MOE_CUDA_THREADS);
+    const size_t vb = 4 * moe_dtype_size(dt);
+    if (n % 4 == 0 && (uintptr_t)out % vb == 0 && (uintptr_t)in % vb == 0) {
+        if (dt == MOE_BF16)
+            dropout_vec_kernel<__nv_bfloat16><<<blocks, MOE_CUDA_THREADS, 0, c->stream>>>(
+                (__nv_bfloat16 *)out, (const __nv_bfloat16 *)in, groups, p, scale, seed, stream);
+        else if (dt == MOE_F16)
+            dropout_vec_kernel<__half><<<blocks, MOE_CUDA_THREADS, 0, c->stream>>>(
+                (__half *)out, (const __half *)in, groups, p, scale, seed, stream);
+        else
+            dropout_vec_kernel<float><<<blocks, MOE_CUDA_THREADS, 0, c->stream>>>((float *)out, (const float *)in,
+                                                                                  groups, p, scale, seed, stream);
+    } else {
+        dropout_kernel<<<blocks, MOE_CUDA_THREADS, 0, c->stream>>>(out, in, n, dt, p, scale, seed, stream);
+    }
     MOE_CUDA_CHECK_LAUNCH(c);
     return MOE_OK;
 }

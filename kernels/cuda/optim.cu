@@ -15,7 +15,13 @@
  *    the old ones aside; pass 2 recomputes the same moments (bit-identical)
  *    and stores them against the new scales. Maxima are order-independent,
  *    so the result does not depend on the grid.
+ *  - fp32 moments with every pointer 16-byte aligned (the flat buffers) take
+ *    a templated kernel per (param, copy, grad) dtype: eight elements per
+ *    thread through 16-byte loads and stores, the same per-element arithmetic
+ *    (adam_elem) as the generic kernel, so results are bit-identical.
  */
+#include <type_traits>
+
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/optim.h"
 
@@ -67,6 +73,115 @@ static __device__ __forceinline__ void adam_moments(const adam_k &a, int64_t i, 
     *m_out = __fadd_rn(__fmul_rn(a.beta1, m), __fmul_rn(__fsub_rn(1.0f, a.beta1), g));
     *v_out = __fadd_rn(__fmul_rn(a.beta2, v), __fmul_rn(__fmul_rn(__fsub_rn(1.0f, a.beta2), g), g));
 }
+
+/* one element of the fp32-moment step from its loaded values: the same
+ * operations, in the same order, as adam_moments + adam_update_kernel with
+ * unit moment scales */
+static __device__ __forceinline__ void adam_elem(const adam_k &a, float graw, float *m, float *v, float *p)
+{
+    const float g = graw / a.grad_scale;
+    const float m0 = __fmul_rn(*m, 1.0f), v0 = __fmul_rn(*v, 1.0f);
+    *m = __fadd_rn(__fmul_rn(a.beta1, m0), __fmul_rn(__fsub_rn(1.0f, a.beta1), g));
+    *v = __fadd_rn(__fmul_rn(a.beta2, v0), __fmul_rn(__fmul_rn(__fsub_rn(1.0f, a.beta2), g), g));
+    const float update = __fadd_rn(*m / __fadd_rn(sqrtf(*v), a.eps), __fmul_rn(a.wd, *p));
+    *p = __fsub_rn(*p, __fmul_rn(a.step_size, update));
+}
+
+/* 8 consecutive elements as floats through 16-byte accesses (index i8 counts
+ * groups of 8; the pointer is 16-byte aligned) */
+template <typename T> static __device__ __forceinline__ void ld8(const void *p, int64_t i8, float f[8])
+{
+    if (sizeof(T) == 4) {
+        const float4 a = ((const float4 *)p)[2 * i8], b = ((const float4 *)p)[2 * i8 + 1];
+        f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+        f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+    } else {
+        uint4 r = ((const uint4 *)p)[i8];
+        const T *e = (const T *)&r;
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            f[k] = moe_cuda_f32(e[k]);
+    }
+}
+
+template <typename T> static __device__ __forceinline__ void st8(void *p, int64_t i8, const float f[8])
+{
+    if (sizeof(T) == 4) {
+        ((float4 *)p)[2 * i8] = make_float4(f[0], f[1], f[2], f[3]);
+        ((float4 *)p)[2 * i8 + 1] = make_float4(f[4], f[5], f[6], f[7]);
+    } else {
+        uint4 r;
+        T *e = (T *)&r;
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            e[k] = moe_cuda_from_f32<T>(f[k]);
+        ((uint4 *)p)[i8] = r;
+    }
+}
+
+struct adam_no_copy {}; /* CT of adam_vec_kernel when there is no parameter copy */
+
+/* fp32 moments, every pointer 16-byte aligned: groups of 8 elements, then a
+ * scalar tail (n % 8 elements) done by the first threads */
+template <typename PT, typename CT, typename GT>
+static __global__ void __launch_bounds__(OPT_THREADS) adam_vec_kernel(adam_k a)
+{
+    const int64_t n8 = a.n / 8;
+    const int64_t first = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i8 = first; i8 < n8; i8 += stride) {
+        float p[8], g[8], m[8], v[8];
+        ld8<GT>(a.grad, i8, g);
+        ld8<float>(a.exp_avg, i8, m);
+        ld8<float>(a.exp_avg_sq, i8, v);
+        ld8<PT>(a.param, i8, p);
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            adam_elem(a, g[k], &m[k], &v[k], &p[k]);
+        st8<PT>(a.param, i8, p);
+        if (!std::is_same<CT, adam_no_copy>::value)
+            st8<typename std::conditional<std::is_same<CT, adam_no_copy>::value, float, CT>::type>(a.param_copy, i8,
+                                                                                                    p);
+        st8<float>(a.exp_avg, i8, m);
+        st8<float>(a.exp_avg_sq, i8, v);
+    }
+    for (int64_t i = 8 * n8 + first; i < a.n; i += stride) {
+        float m = ((const float *)a.exp_avg)[i], v = ((const float *)a.exp_avg_sq)[i];
+        float p = moe_cuda_ld(a.param, a.param_dtype, i);
+        adam_elem(a, moe_cuda_ld(a.grad, a.grad_dtype, i), &m, &v, &p);
+        moe_cuda_st(a.param, a.param_dtype, i, p);
+        if (a.param_copy != NULL)
+            moe_cuda_st(a.param_copy, a.copy_dtype, i, p);
+        ((float *)a.exp_avg)[i] = m;
+        ((float *)a.exp_avg_sq)[i] = v;
+    }
+}
+
+typedef void (*adam_vec_fn)(adam_k);
+
+template <typename PT, typename CT> static adam_vec_fn adam_vec_pick_grad(moe_dtype g)
+{
+    return g == MOE_BF16 ? adam_vec_kernel<PT, CT, __nv_bfloat16>
+           : g == MOE_F16 ? adam_vec_kernel<PT, CT, __half>
+                          : adam_vec_kernel<PT, CT, float>;
+}
+
+template <typename PT> static adam_vec_fn adam_vec_pick_copy(const adam_k &k)
+{
+    if (k.param_copy == NULL)
+        return adam_vec_pick_grad<PT, adam_no_copy>(k.grad_dtype);
+    return k.copy_dtype == MOE_BF16 ? adam_vec_pick_grad<PT, __nv_bfloat16>(k.grad_dtype)
+           : k.copy_dtype == MOE_F16 ? adam_vec_pick_grad<PT, __half>(k.grad_dtype)
+                                     : adam_vec_pick_grad<PT, float>(k.grad_dtype);
+}
+
+static adam_vec_fn adam_vec_pick(const adam_k &k)
+{
+    return k.param_dtype == MOE_BF16 ? adam_vec_pick_copy<__nv_bfloat16>(k)
+           : k.param_dtype == MOE_F16 ? adam_vec_pick_copy<__half>(k)
+                                      : adam_vec_pick_copy<float>(k);
+}
+
+static bool aligned16(const void *p) { return p == NULL || (uintptr_t)p % 16u == 0; }
 
 /* scales: the per-tensor scale pointers, or NULL for fp32 moments;
  * partial: 2 floats per block (max|m|, max|v|) when fp16 */
@@ -179,6 +294,13 @@ moe_status moe_cuda_adam_step(moe_ctx *c, const moe_adam_args *a)
     k.beta1 = a->beta1; k.beta2 = a->beta2; k.eps = a->eps; k.wd = a->weight_decay; k.grad_scale = a->grad_scale;
     k.step_size = a->lr * sqrtf(bc2) / bc1;
 
+    if (!fp16_state && aligned16(k.param) && aligned16(k.param_copy) && aligned16(k.grad) && aligned16(k.exp_avg) &&
+        aligned16(k.exp_avg_sq)) {
+        const adam_vec_fn fn = adam_vec_pick(k);
+        fn<<<moe_cuda_blocks(c, a->n / 8 > 0 ? a->n / 8 : a->n, OPT_THREADS), OPT_THREADS, 0, c->stream>>>(k);
+        MOE_CUDA_CHECK_LAUNCH(c);
+        return MOE_OK;
+    }
     int64_t nb = (a->n + OPT_THREADS - 1) / OPT_THREADS;
     unsigned blocks = (unsigned)(nb > OPT_MAX_BLOCKS ? OPT_MAX_BLOCKS : nb);
     float *partial = c->scratch, *saved = c->scratch + 2 * OPT_MAX_BLOCKS;
