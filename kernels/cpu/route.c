@@ -39,6 +39,7 @@
 #include <string.h>
 
 #include "kernels/cpu/cpu.h"
+#include "kernels/route_args.h"
 
 /* Records a one-line error through the host (when there is one) and returns st. */
 #define ROUTE_ERROR(c, st, ...)                                                               \
@@ -99,29 +100,9 @@ static route_ws ws_carve(void *base, int64_t S, int E)
 
 static moe_status check_route_args(moe_ctx *c, const char *op, const moe_route_args *a)
 {
-    if (a == NULL)
-        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected route arguments, found NULL", op);
-    if (a->k != 1 && a->k != 2)
-        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected k = 1 (top-1) or 2 (top-2), found %d", op,
-                           a->k);
-    if (a->E < a->k)
-        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
-                           "cpu %s: expected at least %d experts for top-%d gating, found E = %d; raise "
-                           "--moe-expert-count",
-                           op, a->k, a->k, a->E);
-    if (a->S < 1 || a->S > INT32_MAX)
-        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected 1 <= S <= %d tokens, found S = %lld", op,
-                           INT32_MAX, (long long)a->S);
-    if (a->capacity < 0 || a->capacity > INT32_MAX)
-        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected 0 <= capacity <= %d, found %lld", op,
-                           INT32_MAX, (long long)a->capacity);
-    if (a->k == 2 && a->policy != MOE_ROUTE_SAMPLING && a->policy != MOE_ROUTE_ALL && a->policy != MOE_ROUTE_RANDOM)
-        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
-                           "cpu %s: expected second-expert policy sampling, all or random (0..2), found %d", op,
-                           (int)a->policy);
-    if (a->probs == NULL || a->expert == NULL || a->slot == NULL)
-        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected probs, expert and slot buffers, found NULL",
-                           op);
+    char msg[256];
+    if (moe_route_args_problem(a, "cpu", op, msg, sizeof msg) != NULL)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "%s", msg);
     if (moe_cpu_route_workspace_bytes(a->S, a->E) > 0 && a->workspace == NULL)
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
                            "cpu %s: expected a workspace of route_workspace_bytes(%lld, %d) = %lld bytes, found "

@@ -32,6 +32,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/route_args.h"
 #include "kernels/cuda/route.h"
 
 #define ROUTE_RANDOM_STREAM 0x52414E44ull
@@ -108,29 +109,9 @@ int64_t moe_cuda_route_workspace_bytes(int64_t S, int E)
 
 static moe_status check_route_args(moe_ctx *c, const char *op, const moe_route_args *a)
 {
-    if (a == NULL)
-        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda %s: expected route arguments, found NULL", op);
-    if (a->k != 1 && a->k != 2)
-        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda %s: expected k = 1 (top-1) or 2 (top-2), found %d", op,
-                             a->k);
-    if (a->E < a->k)
-        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
-                             "cuda %s: expected at least %d experts for top-%d gating, found E = %d; raise "
-                             "--moe-expert-count",
-                             op, a->k, a->k, a->E);
-    if (a->S < 1 || a->S > INT32_MAX)
-        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda %s: expected 1 <= S <= %d tokens, found S = %lld", op,
-                             INT32_MAX, (long long)a->S);
-    if (a->capacity < 0 || a->capacity > INT32_MAX)
-        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda %s: expected 0 <= capacity <= %d, found %lld", op,
-                             INT32_MAX, (long long)a->capacity);
-    if (a->k == 2 && a->policy != MOE_ROUTE_SAMPLING && a->policy != MOE_ROUTE_ALL && a->policy != MOE_ROUTE_RANDOM)
-        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
-                             "cuda %s: expected second-expert policy sampling, all or random (0..2), found %d", op,
-                             (int)a->policy);
-    if (a->probs == NULL || a->expert == NULL || a->slot == NULL)
-        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda %s: expected probs, expert and slot buffers, found NULL",
-                             op);
+    char msg[256];
+    if (moe_route_args_problem(a, "cuda", op, msg, sizeof msg) != NULL)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "%s", msg);
     if (a->workspace == NULL)
         return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
                              "cuda %s: expected a workspace of route_workspace_bytes(%lld, %d) = %lld bytes, found "
