@@ -39,7 +39,7 @@
 #include <string.h>
 
 #include "kernels/cpu/cpu.h"
-#include "kernels/route_args.h"
+#include "kernels/route_common.h"
 
 /* Records a one-line error through the host (when there is one) and returns st. */
 #define ROUTE_ERROR(c, st, ...)                                                               \
@@ -142,42 +142,6 @@ static float gumbel_noise(uint64_t seed, uint64_t stream, int64_t s, int E, int 
     if (u > 1.0f - FLT_EPSILON)
         u = 1.0f - FLT_EPSILON;
     return (float)-log(-log((double)u));
-}
-
-/* 100 * count / S as fairseq's float32 histogram holds it. */
-static float hist_percent(int64_t count, int64_t S) { return (100.0f * (float)count) / (float)S; }
-
-/* unused count, top and bottom sums of one argmax histogram (§2.2 step 15) */
-static void hist_metrics(int64_t *hist, int64_t *scratch, int E, int64_t S, float *unused, float *top,
-                         float *bottom)
-{
-    int n_unused = 0;
-    for (int e = 0; e < E; e++) {
-        n_unused += hist[e] == 0;
-        scratch[e] = hist[e];
-    }
-    for (int i = 1; i < E; i++) { /* descending insertion sort; E is small */
-        int64_t v = scratch[i];
-        int j = i - 1;
-        while (j >= 0 && scratch[j] < v) {
-            scratch[j + 1] = scratch[j];
-            j--;
-        }
-        scratch[j + 1] = v;
-    }
-    /* n = max(ceil(0.2 E), 1), evaluated in double as fairseq does */
-    int n = (int)ceil((double)E * 0.2);
-    if (n < 1)
-        n = 1;
-    double t = 0.0, b = 0.0;
-    for (int i = 0; i < n; i++) {
-        /* fairseq adds float32's smallest normal to every sorted entry */
-        t += (double)(hist_percent(scratch[i], S) + FLT_MIN);
-        b += (double)(hist_percent(scratch[E - 1 - i], S) + FLT_MIN);
-    }
-    *unused = (float)n_unused;
-    *top = (float)t;
-    *bottom = (float)b;
 }
 
 /* ------------------------------------------------------------- forward */
@@ -349,11 +313,11 @@ moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
     m[MOE_METRIC_OVERFLOW_EXPERT1] = k == 2 && claims1 > 0 ? (100.0f * (float)over1) / (float)claims1 : 0.0f;
     m[MOE_METRIC_OVERFLOW_EXPERT2] = k == 2 && claims2 > 0 ? (100.0f * (float)over2) / (float)claims2 : 0.0f;
     m[MOE_METRIC_ENTROPY_GATING] = (float)(entropy / (double)S);
-    hist_metrics(w.hist1, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT], &m[MOE_METRIC_EXPERT1_BALANCE_TOP],
-                 &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
+    moe_route_hist_metrics(w.hist1, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT],
+                           &m[MOE_METRIC_EXPERT1_BALANCE_TOP], &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
     if (k == 2) {
-        hist_metrics(w.hist2, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT],
-                     &m[MOE_METRIC_EXPERT2_BALANCE_TOP], &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
+        moe_route_hist_metrics(w.hist2, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT],
+                               &m[MOE_METRIC_EXPERT2_BALANCE_TOP], &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
     } else {
         m[MOE_METRIC_UNUSED_EXPERT2_COUNT] = 0.0f;
         m[MOE_METRIC_EXPERT2_BALANCE_TOP] = 0.0f;

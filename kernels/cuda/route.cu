@@ -32,7 +32,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "kernels/cuda/cuda.h"
-#include "kernels/route_args.h"
+#include "kernels/route_common.h"
 #include "kernels/cuda/route.h"
 
 #define ROUTE_RANDOM_STREAM 0x52414E44ull
@@ -348,38 +348,6 @@ static __global__ void route_weight_kernel(route_k a)
     }
 }
 
-static __device__ float hist_percent(int64_t count, int64_t S) { return (100.0f * (float)count) / (float)S; }
-
-static __device__ void hist_metrics(const int64_t *hist, int64_t *sorted, int E, int64_t S, float *unused,
-                                    float *top, float *bottom)
-{
-    int n_unused = 0;
-    for (int e = 0; e < E; e++) {
-        n_unused += hist[e] == 0;
-        sorted[e] = hist[e];
-    }
-    for (int i = 1; i < E; i++) { /* descending insertion sort; E is small */
-        int64_t v = sorted[i];
-        int j = i - 1;
-        while (j >= 0 && sorted[j] < v) {
-            sorted[j + 1] = sorted[j];
-            j--;
-        }
-        sorted[j + 1] = v;
-    }
-    int n = (int)ceil((double)E * 0.2);
-    if (n < 1)
-        n = 1;
-    double t = 0.0, b = 0.0;
-    for (int i = 0; i < n; i++) {
-        t += (double)(hist_percent(sorted[i], S) + FLT_MIN);
-        b += (double)(hist_percent(sorted[E - 1 - i], S) + FLT_MIN);
-    }
-    *unused = (float)n_unused;
-    *top = (float)t;
-    *bottom = (float)b;
-}
-
 /* step 6: l_aux and metrics, one thread */
 static __global__ void route_finish_kernel(route_k a, route_ws w, const double *ent_sum, float *l_aux, float *m)
 {
@@ -400,11 +368,11 @@ static __global__ void route_finish_kernel(route_k a, route_ws w, const double *
     m[MOE_METRIC_OVERFLOW_EXPERT1] = a.k == 2 && claims1 > 0 ? (100.0f * (float)over1) / (float)claims1 : 0.0f;
     m[MOE_METRIC_OVERFLOW_EXPERT2] = a.k == 2 && claims2 > 0 ? (100.0f * (float)over2) / (float)claims2 : 0.0f;
     m[MOE_METRIC_ENTROPY_GATING] = (float)(*ent_sum / (double)S);
-    hist_metrics(w.hist1, w.sorted, E, S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT], &m[MOE_METRIC_EXPERT1_BALANCE_TOP],
-                 &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
+    moe_route_hist_metrics(w.hist1, w.sorted, E, S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT],
+                           &m[MOE_METRIC_EXPERT1_BALANCE_TOP], &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
     if (a.k == 2) {
-        hist_metrics(w.hist2, w.sorted, E, S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT], &m[MOE_METRIC_EXPERT2_BALANCE_TOP],
-                     &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
+        moe_route_hist_metrics(w.hist2, w.sorted, E, S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT],
+                               &m[MOE_METRIC_EXPERT2_BALANCE_TOP], &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
     } else {
         m[MOE_METRIC_UNUSED_EXPERT2_COUNT] = 0.0f;
         m[MOE_METRIC_EXPERT2_BALANCE_TOP] = 0.0f;
