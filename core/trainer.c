@@ -354,9 +354,9 @@ static double mem_total_bytes(const moe_mem_stats *m)
     return pages > 0 && size > 0 ? (double)pages * (double)size : 0.0;
 }
 
-/* record one successful update in both aggregators (§8.2) */
-static void log_update(trainer *t, moe_meters *m, const double *red, double ntokens, double nsentences,
-                       double batch_count, double gnorm, int clipped, double wall_seconds, double now)
+/* the criterion's fields (§3.3): loss and, for MoE criteria, the gate loss,
+ * the routing metrics and inner_loss; then ppl */
+static void log_losses(const trainer *t, moe_meters *m, const double *red, double ntokens, double batch_count)
 {
     const double ln2 = log(2.0);
     double ss = ntokens; /* sample_size == ntokens for these criteria */
@@ -370,6 +370,13 @@ static void log_update(trainer *t, moe_meters *m, const double *red, double ntok
     } else {
         moe_meters_ppl(m, "ppl", "loss", 20);
     }
+}
+
+/* record one successful update in both aggregators (§8.2) */
+static void log_update(trainer *t, moe_meters *m, const double *red, double ntokens, double nsentences,
+                       double batch_count, double gnorm, int clipped, double wall_seconds, double now)
+{
+    log_losses(t, m, red, ntokens, batch_count);
     moe_meters_speed(m, "wps", ntokens, now, 90, 1);
     moe_meters_speed(m, "ups", 1.0, now, 100, 2);
     moe_meters_scalar(m, "wpb", ntokens, 1, 180, 1);
@@ -429,19 +436,9 @@ static moe_status validate(trainer *t)
         st = fetch_reductions(t, red);
         if (st != MOE_OK)
             break;
-        const double ln2 = log(2.0);
         ntok *= h->world;
         nsent *= h->world;
-        moe_meters_scalar(m, "loss", red[MOE_STAT_LOSS] / ntok / ln2, ntok, 10, 3);
-        if (t->log_moe) {
-            moe_meters_scalar(m, "moe_gate_loss", red[MOE_STAT_MOE_LOSS] / ntok, ntok, 10, 8);
-            for (int k = 0; k < MOE_NUM_METRICS; k++)
-                moe_meters_scalar(m, metric_keys[k], red[MOE_STAT_METRICS + k] / h->world, h->world, 10, 3);
-            moe_meters_scalar(m, "inner_loss", red[MOE_STAT_INNER_LOSS] / ntok / ln2, ntok, 10, 3);
-            moe_meters_ppl(m, "ppl", "inner_loss", 20);
-        } else {
-            moe_meters_ppl(m, "ppl", "loss", 20);
-        }
+        log_losses(t, m, red, ntok, h->world);
         moe_meters_speed(m, "wps", ntok, now_s(), 90, 1);
         moe_meters_scalar(m, "wpb", ntok, 1, 180, 1);
         moe_meters_scalar(m, "bsz", nsent, 1, 190, 1);
