@@ -263,6 +263,9 @@ static int run(cli_state *s)
     MOE_TRY_GOTO(st, moe_runtime_set_args(s->rt, s->argc - 1, (const char *const *)s->argv + 1), failure);
     const moe_host *h = moe_runtime_host(s->rt);
     moe_log_configure(stdout, h->rank, h->world, MOE_LOG_INFO, fmt);
+    if (h->world > 1)
+        moe_log(MOE_LOG_INFO, "fairseq.distributed.utils", "distributed init (rank %d of %d, launched by %s)", h->rank,
+                h->world, moe_launch_method_name(launch.method));
     moe_runtime_set_gate(s->rt, d_gate->ops);
     for (size_t i = 0; i < sizeof comp / sizeof comp[0]; i++)
         if (*comp[i].d && (*comp[i].d)->load) {
