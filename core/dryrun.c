@@ -4,10 +4,13 @@
  * parameters and gradients in the compute dtype, plus an fp32 master copy with
  * --fp16/--bf16 (not with the memory-efficient variants), plus the optimizer's
  * own state. With --ddp-backend fully_sharded over W > 1 ranks each
- * non-expert unit is padded to W equal shards (torch.chunk): the master copy
- * and the optimizer state exist for this rank's shard only, and a gradient
- * shard receives the reduce-scatter; parameters and gradients stay whole
- * between updates. Expert units are never sharded (§7.2).
+ * non-expert unit is padded to W equal shards (torch.chunk) and only this
+ * rank's shard of its parameters, gradient, master copy and optimizer state
+ * stays between updates; the arch gathers whole units around their use, at
+ * most two at a time (the root unit, held from forward to backward, and one
+ * layer), so the plan adds the two largest sharded units whole, parameters
+ * and gradients, and the staging shard a release reduce-scatters into.
+ * Expert units are never sharded (§7.2).
  */
 #include "core/dryrun.h"
 
@@ -60,25 +63,35 @@ moe_status moe_plan_compute(moe_runtime *rt, const moe_components *c, moe_plan *
 
     int n = moe_runtime_num_units(rt);
     int W = plan->sharded && plan->world > 1 ? plan->world : 1;
+    int64_t largest[2] = {0, 0}, max_shard = 0; /* sharded units gathered whole at the same time */
     for (int i = 0; i < n; i++) {
         moe_unit_info u;
         moe_runtime_unit(rt, i, &u);
-        int64_t padded = u.numel, shard = u.numel;
+        int64_t kept = u.numel; /* elements of this unit held between updates */
         if (u.expert_index >= 0) {
             plan->expert_params += u.numel;
         } else {
             plan->non_expert_params += u.numel;
             if (W > 1) {
-                padded = (u.numel + W - 1) / W * W;
-                shard = padded / W;
+                int64_t padded = (u.numel + W - 1) / W * W;
+                kept = padded / W;
+                if (padded > largest[0]) {
+                    largest[1] = largest[0];
+                    largest[0] = padded;
+                } else if (padded > largest[1]) {
+                    largest[1] = padded;
+                }
+                if (kept > max_shard)
+                    max_shard = kept;
             }
         }
-        plan->param_bytes += (double)padded * (double)moe_dtype_size(act);
-        plan->grad_bytes += (double)padded * (double)moe_dtype_size(grad);
-        if (shard != padded)
-            plan->grad_bytes += (double)shard * (double)moe_dtype_size(grad);
-        plan->optim_bytes += (double)shard * (state_per_param + (master ? 4.0 : 0.0));
+        plan->param_bytes += (double)kept * (double)moe_dtype_size(act);
+        plan->grad_bytes += (double)kept * (double)moe_dtype_size(grad);
+        plan->optim_bytes += (double)kept * (state_per_param + (master ? 4.0 : 0.0));
     }
+    double gathered = (double)(largest[0] + largest[1]);
+    plan->param_bytes += gathered * (double)moe_dtype_size(act);
+    plan->grad_bytes += (gathered + (double)max_shard) * (double)moe_dtype_size(grad);
     moe_model_info info;
     int64_t T = moe_opts_known(o, "tokens-per-sample") ? moe_opts_int(o, "tokens-per-sample") : 0;
     c->arch->info(c->model, T, &info);

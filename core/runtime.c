@@ -35,7 +35,12 @@ typedef struct moe_unit_entry {
     int64_t numel;
     int64_t padded;          /* numel rounded up to a multiple of the shard count */
     int64_t shard;           /* elements per shard (== padded when not sharded) */
-    void *param, *grad, *master, *grad_shard;
+    int sharded;
+    int gathers;             /* sharded: open unit_gather calls; param/grad exist while > 0 */
+    /* whole param and grad; for a sharded unit only while gathered (grad once asked for) */
+    void *param, *grad;
+    void *param_shard, *grad_shard; /* sharded: this rank's shard, persistent */
+    void *master;
 } moe_unit_entry;
 
 struct moe_runtime {
@@ -51,6 +56,7 @@ struct moe_runtime {
     int n_units, cap_units;
     moe_param_entry *params;
     int n_params, cap_params;
+    void *grad_staging;   /* (largest shard) grad dtype: a reduce-scatter on its way into a shard */
     uint64_t step_seed;
     int allocated;
     int owns_opts;        /* created by moe_runtime_create_for_test */
@@ -202,13 +208,38 @@ static void *offset_ptr(void *base, int64_t offset, moe_dtype dt)
     return base ? (char *)base + (size_t)offset * moe_dtype_size(dt) : NULL;
 }
 
+/* A sharded unit's whole buffers exist only while it is gathered: a tensor
+ * asked for outside unit_gather/unit_release is a bug in the arch, named here
+ * (the op that receives the NULL would only say "null pointer"). */
+static void *outside_gather(const moe_unit_entry *u, const moe_param_entry *p, const char *what)
+{
+    moe_log(MOE_LOG_ERROR, "moelm.params", "%s '%s' asked for outside unit_gather/unit_release of its fully "
+            "sharded unit '%s'", what, p->name, u->name);
+    return NULL;
+}
+
 static void *host_param_data(const moe_host *h, int param_id)
 {
     moe_runtime *rt = rt_of(h);
     if (param_id < 0 || param_id >= rt->n_params)
         return NULL;
     moe_param_entry *p = &rt->params[param_id];
-    return offset_ptr(rt->units[p->unit].param, p->offset, rt->cfg.act_dtype);
+    moe_unit_entry *u = &rt->units[p->unit];
+    if (u->sharded && !u->param)
+        return outside_gather(u, p, "parameter");
+    return offset_ptr(u->param, p->offset, rt->cfg.act_dtype);
+}
+
+/* The whole gradient of a gathered sharded unit, allocated and zeroed when
+ * first asked for; unit_release reduces it into this rank's shard. */
+static moe_status full_grad(moe_runtime *rt, moe_unit_entry *u)
+{
+    if (u->grad)
+        return MOE_OK;
+    char what[200];
+    snprintf(what, sizeof what, "gathered gradients of %s", u->name);
+    MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(rt->cfg.grad_dtype), what, &u->grad));
+    return rt->host.ops->fill(rt->ctx, u->grad, rt->cfg.grad_dtype, u->padded, 0.0f);
 }
 
 static void *host_grad_data(const moe_host *h, int param_id)
@@ -217,7 +248,16 @@ static void *host_grad_data(const moe_host *h, int param_id)
     if (param_id < 0 || param_id >= rt->n_params)
         return NULL;
     moe_param_entry *p = &rt->params[param_id];
-    return offset_ptr(rt->units[p->unit].grad, p->offset, rt->cfg.grad_dtype);
+    moe_unit_entry *u = &rt->units[p->unit];
+    if (u->sharded) {
+        if (!u->gathers)
+            return outside_gather(u, p, "the gradient of parameter");
+        if (full_grad(rt, u) != MOE_OK) {
+            moe_log(MOE_LOG_ERROR, "moelm.params", "%s", moe_error_message());
+            return NULL;
+        }
+    }
+    return offset_ptr(u->grad, p->offset, rt->cfg.grad_dtype);
 }
 
 static void *host_unit_data(const moe_host *h, int unit_id)
@@ -229,23 +269,75 @@ static void *host_unit_data(const moe_host *h, int unit_id)
 static void *host_unit_grad(const moe_host *h, int unit_id)
 {
     moe_runtime *rt = rt_of(h);
-    return unit_id >= 0 && unit_id < rt->n_units ? rt->units[unit_id].grad : NULL;
+    if (unit_id < 0 || unit_id >= rt->n_units)
+        return NULL;
+    moe_unit_entry *u = &rt->units[unit_id];
+    if (u->sharded && (!u->gathers || full_grad(rt, u) != MOE_OK))
+        return NULL;
+    return u->grad;
 }
 
-/* Parameters are held whole on every rank (the sharded unit layout is a
- * memory plan that --dry-run reports); gathering is therefore a no-op. */
+static moe_status check_unit(const moe_runtime *rt, int unit_id, const char *fn)
+{
+    if (unit_id < 0 || unit_id >= rt->n_units)
+        return moe_error_set(MOE_ERR_INVALID_ARG, "%s: no unit with id %d (%d registered)", fn, unit_id,
+                             rt->n_units);
+    if (!rt->allocated)
+        return moe_error_set(MOE_ERR_INTERNAL, "%s of unit '%s' before parameters were allocated", fn,
+                             rt->units[unit_id].name);
+    return MOE_OK;
+}
+
+/* --ddp-backend fully_sharded (FAIRSEQ_SPEC.md §7.2): the first gather of a
+ * sharded unit all-gathers its whole parameters from every rank's shard;
+ * nested gathers (a layer recomputed inside its backward) only count. */
 static moe_status host_unit_gather(const moe_host *h, int unit_id)
 {
-    (void)h;
-    (void)unit_id;
-    return MOE_OK;
+    moe_runtime *rt = rt_of(h);
+    MOE_TRY(check_unit(rt, unit_id, "unit_gather"));
+    moe_unit_entry *u = &rt->units[unit_id];
+    if (!u->sharded || u->gathers++ > 0)
+        return MOE_OK;
+    char what[200];
+    snprintf(what, sizeof what, "gathered parameters of %s", u->name);
+    moe_status st = rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(rt->cfg.act_dtype), what, &u->param);
+    if (st == MOE_OK)
+        st = rt->comm_ops->all_gather(rt->comm, NULL, u->param, u->param_shard, u->shard, rt->cfg.act_dtype);
+    if (st != MOE_OK) {
+        if (u->param)
+            rt->be->free(rt->ctx, u->param);
+        u->param = NULL;
+        u->gathers = 0;
+    }
+    return st;
 }
 
+/* The release that closes the first gather frees the whole parameters; a
+ * gradient written meanwhile is reduce-scattered (summed over the ranks) and
+ * added to this rank's gradient shard, then freed too. */
 static moe_status host_unit_release(const moe_host *h, int unit_id)
 {
-    (void)h;
-    (void)unit_id;
-    return MOE_OK;
+    moe_runtime *rt = rt_of(h);
+    MOE_TRY(check_unit(rt, unit_id, "unit_release"));
+    moe_unit_entry *u = &rt->units[unit_id];
+    if (!u->sharded)
+        return MOE_OK;
+    if (u->gathers == 0)
+        return moe_error_set(MOE_ERR_INTERNAL, "unit_release of '%s' without a matching unit_gather", u->name);
+    if (--u->gathers > 0)
+        return MOE_OK;
+    moe_status st = MOE_OK;
+    if (u->grad) {
+        const moe_dtype gdt = rt->cfg.grad_dtype;
+        st = rt->comm_ops->reduce_scatter(rt->comm, NULL, rt->grad_staging, u->grad, u->shard, gdt, MOE_REDUCE_SUM);
+        if (st == MOE_OK)
+            st = rt->host.ops->add(rt->ctx, u->grad_shard, u->grad_shard, rt->grad_staging, gdt, u->shard);
+        rt->be->free(rt->ctx, u->grad);
+        u->grad = NULL;
+    }
+    rt->be->free(rt->ctx, u->param);
+    u->param = NULL;
+    return st;
 }
 
 static uint64_t host_step_seed(const moe_host *h) { return rt_of(h)->step_seed; }
@@ -341,11 +433,15 @@ void moe_runtime_destroy(moe_runtime *rt)
                 rt->be->free(rt->ctx, u->master);
             if (u->grad_shard)
                 rt->be->free(rt->ctx, u->grad_shard);
+            if (u->param_shard)
+                rt->be->free(rt->ctx, u->param_shard);
         }
         free(u->name);
     }
     for (int i = 0; i < rt->n_params; i++)
         free(rt->params[i].name);
+    if (rt->grad_staging)
+        rt->be->free(rt->ctx, rt->grad_staging);
     free(rt->units);
     free(rt->params);
     if (rt->comm_ops && rt->comm)
@@ -428,10 +524,11 @@ void moe_runtime_unit(const moe_runtime *rt, int unit, moe_unit_info *out)
     out->numel = u->numel;
     out->padded = u->padded;
     out->shard = u->shard;
-    out->sharded = u->grad_shard != NULL;
+    out->sharded = u->sharded;
     out->param = u->param;
     out->grad = u->grad;
     out->master = u->master;
+    out->param_shard = u->param_shard;
     out->grad_shard = u->grad_shard;
 }
 
@@ -503,42 +600,57 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
     char what[200];
     const int W = rt->cfg.fully_sharded && rt->host.world > 1 ? rt->host.world : 1;
     const moe_dtype act = rt->cfg.act_dtype, gdt = rt->cfg.grad_dtype;
+    int64_t max_shard = 0;
     for (int i = 0; i < rt->n_units; i++) {
         moe_unit_entry *u = &rt->units[i];
         if (u->numel == 0)
             continue;
         /* fully sharded: non-expert units padded to W equal shards (torch.chunk) */
-        int sharded = W > 1 && u->expert_index < 0;
-        u->padded = sharded ? (u->numel + W - 1) / W * W : u->numel;
-        u->shard = sharded ? u->padded / W : u->numel;
-        snprintf(what, sizeof what, "parameters of %s", u->name);
-        MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(act), what, &u->param));
-        snprintf(what, sizeof what, "gradients of %s", u->name);
-        MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(gdt), what, &u->grad));
-        if (sharded) {
+        u->sharded = W > 1 && u->expert_index < 0;
+        u->padded = u->sharded ? (u->numel + W - 1) / W * W : u->numel;
+        u->shard = u->sharded ? u->padded / W : u->numel;
+        if (u->sharded) {
+            snprintf(what, sizeof what, "parameter shard of %s", u->name);
+            MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->shard * moe_dtype_size(act), what, &u->param_shard));
             snprintf(what, sizeof what, "gradient shard of %s", u->name);
             MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->shard * moe_dtype_size(gdt), what, &u->grad_shard));
-            MOE_TRY(rt->host.ops->fill(rt->ctx, u->param, act, u->padded, 0.0f)); /* the padding stays 0 */
+            if (u->shard > max_shard)
+                max_shard = u->shard;
+        } else {
+            snprintf(what, sizeof what, "parameters of %s", u->name);
+            MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(act), what, &u->param));
+            snprintf(what, sizeof what, "gradients of %s", u->name);
+            MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(gdt), what, &u->grad));
         }
         if (rt->cfg.master_weights) {
             snprintf(what, sizeof what, "fp32 master weights of %s", u->name);
             MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->shard * 4u, what, &u->master));
         }
     }
+    if (max_shard > 0)
+        MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)max_shard * moe_dtype_size(gdt), "gradient shard staging",
+                              &rt->grad_staging));
     rt->allocated = 1;
-    /* initialise in fp32 when there is a master copy (then round once into the
-     * params), else straight into the parameter dtype */
+    /* Every rank initialises whole units (the values do not depend on the
+     * rank) and keeps its shard: in fp32 when there is a master copy (then
+     * rounded once into the params), else straight in the parameter dtype. */
     for (int i = 0; i < rt->n_units; i++) {
         moe_unit_entry *u = &rt->units[i];
         if (u->numel == 0)
             continue;
-        void *full32 = NULL;
-        if (u->master) {
-            snprintf(what, sizeof what, "initialisation of %s", u->name);
-            MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * 4u, what, &full32));
-            MOE_TRY(rt->host.ops->fill(rt->ctx, full32, MOE_F32, u->padded, 0.0f));
-        }
+        void *full = u->param, *full32 = NULL;
         moe_status st = MOE_OK;
+        if (u->sharded) {
+            snprintf(what, sizeof what, "initialisation of %s", u->name);
+            MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(act), what, &full));
+            st = rt->host.ops->fill(rt->ctx, full, act, u->padded, 0.0f); /* the padding stays 0 */
+        }
+        if (st == MOE_OK && u->master) {
+            snprintf(what, sizeof what, "fp32 initialisation of %s", u->name);
+            st = rt->be->alloc(rt->ctx, (uint64_t)u->padded * 4u, what, &full32);
+            if (st == MOE_OK)
+                st = rt->host.ops->fill(rt->ctx, full32, MOE_F32, u->padded, 0.0f);
+        }
         for (int k = 0; k < rt->n_params && st == MOE_OK; k++) {
             const moe_param_entry *p = &rt->params[k];
             if (p->unit != i)
@@ -546,26 +658,36 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
             if (full32)
                 st = init_tensor(rt, p, offset_ptr(full32, p->offset, MOE_F32), MOE_F32);
             else
-                st = init_tensor(rt, p, offset_ptr(u->param, p->offset, act), act);
+                st = init_tensor(rt, p, offset_ptr(full, p->offset, act), act);
         }
+        const int64_t first = u->sharded ? (int64_t)rt->host.rank * u->shard : 0;
         if (full32 && st == MOE_OK)
-            st = rt->host.ops->cast(rt->ctx, u->param, act, full32, MOE_F32, u->padded);
-        if (full32 && st == MOE_OK) {
-            int64_t first = u->shard < u->padded ? (int64_t)rt->host.rank * u->shard : 0;
+            st = rt->host.ops->cast(rt->ctx, full, act, full32, MOE_F32, u->padded);
+        if (full32 && st == MOE_OK)
             st = rt->be->copy(rt->ctx, u->master, offset_ptr(full32, first, MOE_F32), (uint64_t)u->shard * 4u);
-        }
+        if (u->sharded && st == MOE_OK)
+            st = rt->be->copy(rt->ctx, u->param_shard, offset_ptr(full, first, act),
+                              (uint64_t)u->shard * moe_dtype_size(act));
         if (full32)
             rt->be->free(rt->ctx, full32);
+        if (u->sharded)
+            rt->be->free(rt->ctx, full);
         MOE_TRY(st);
     }
     return moe_runtime_zero_grads(rt);
 }
 
+/* Gradients between updates: whole for unsharded units, the shard for sharded
+ * ones (their whole gradients live only inside a gather). */
 moe_status moe_runtime_zero_grads(moe_runtime *rt)
 {
-    for (int i = 0; i < rt->n_units; i++)
-        if (rt->units[i].grad)
-            MOE_TRY(rt->host.ops->fill(rt->ctx, rt->units[i].grad, rt->cfg.grad_dtype, rt->units[i].padded, 0.0f));
+    for (int i = 0; i < rt->n_units; i++) {
+        moe_unit_entry *u = &rt->units[i];
+        if (u->sharded)
+            MOE_TRY(rt->host.ops->fill(rt->ctx, u->grad_shard, rt->cfg.grad_dtype, u->shard, 0.0f));
+        else if (u->grad)
+            MOE_TRY(rt->host.ops->fill(rt->ctx, u->grad, rt->cfg.grad_dtype, u->padded, 0.0f));
+    }
     return MOE_OK;
 }
 
@@ -593,7 +715,10 @@ moe_status moe_runtime_create_for_test(int nargs, const char *const *args, moe_r
     MOE_TRY_GOTO(st, moe_registry_create(moe_opts_str(opts, "user-dir"), &reg), fail);
     moe_runtime_config cfg = {0};
     cfg.backend = "cpu";
-    cfg.communicator = "single";
+    /* --distributed-backend mpi joins the MPI job the test runs in */
+    cfg.communicator = moe_opts_given(opts, "distributed-backend") ? moe_opts_str(opts, "distributed-backend")
+                                                                   : "single";
+    cfg.fully_sharded = strcmp(moe_opts_str(opts, "ddp-backend"), "fully_sharded") == 0;
     cfg.device_id = -1;
     cfg.seed = (uint64_t)moe_opts_int(opts, "seed");
     int loss_scaling;

@@ -50,20 +50,24 @@ void moe_runtime_set_gate(moe_runtime *rt, const moe_gate_ops *gate);
  * Units are registered by the arch through host->unit_add/param_add. A unit's
  * tensors are consecutive in its flat buffer, in registration order. */
 /* With --ddp-backend fully_sharded over W > 1 ranks, a non-expert unit is
- * padded to W equal shards; rank r owns elements [r*shard, (r+1)*shard): its
- * reduce-scattered gradient (grad_shard), its fp32 master and its optimizer
- * state. Parameters and gradients are still held whole between updates (the
- * all-gather after each step refreshes them): ZeRO stage 2, not 3. */
+ * padded to W equal shards; rank r owns elements [r*shard, (r+1)*shard) and
+ * keeps only those between updates: its parameters (param_shard), its
+ * gradient (grad_shard, summed over micro-batches and ranks), its fp32 master
+ * and its optimizer state. The whole parameters exist only between
+ * host->unit_gather and unit_release (all-gathered, then freed), and so does
+ * the whole gradient, which the release reduce-scatters into grad_shard:
+ * ZeRO stage 3, as fairseq's FSDP. Expert units are never sharded. */
 typedef struct moe_unit_info {
     const char *name;
     int expert_index;        /* global expert id, -1 for non-expert units */
     int64_t numel;
-    int64_t padded;          /* allocated elements of param and grad */
+    int64_t padded;          /* elements of the whole param and grad */
     int64_t shard;           /* elements this rank updates (== numel unless sharded) */
     int sharded;
-    void *param;             /* act_dtype, padded */
-    void *grad;              /* grad_dtype, padded */
+    void *param;             /* act_dtype, padded; sharded: NULL unless gathered */
+    void *grad;              /* grad_dtype, padded; sharded: NULL unless gathered and written */
     void *master;            /* fp32 master copy of this rank's shard, or NULL */
+    void *param_shard;       /* act_dtype (shard), sharded units only */
     void *grad_shard;        /* grad_dtype (shard), sharded units only */
 } moe_unit_info;
 
@@ -79,7 +83,8 @@ moe_status moe_runtime_zero_grads(moe_runtime *rt);
 
 /* For tests: parse `args` (argv-style without argv[0]) leniently, open the
  * registry on the build tree, and create a cpu runtime in fp32 (or as the
- * args say: --fp16, --bf16, --memory-efficient-fp16). */
+ * args say: --fp16, --bf16, --memory-efficient-fp16), on one process (or the
+ * communicator --distributed-backend names, with --ddp-backend). */
 moe_status moe_runtime_create_for_test(int nargs, const char *const *args, moe_runtime **out);
 
 #endif

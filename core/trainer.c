@@ -48,9 +48,6 @@ typedef struct trainer {
     moe_scaler scaler;
     double expert_grad_factor;/* world / (expert group size * normalizer divisor) */
     moe_group *expert_group;  /* replicas of this rank's expert (E < world), or NULL */
-    int sharded;              /* some units are fully sharded */
-    int64_t max_shard;
-    void *shard_staging;      /* (max_shard) act dtype: a shard on its way to the all-gather */
     int expert_group_size;
     int32_t *tokens, *targets;/* device (B,T) */
     float *red;               /* device RED_COUNT */
@@ -142,8 +139,7 @@ static moe_status setup(trainer *t)
             continue;
         moe_opt_tensor *x = &ts[k++];
         /* a sharded unit: this rank updates its shard only */
-        void *param = u.sharded ? (char *)u.param + (size_t)(h->rank * u.shard) * moe_dtype_size(h->act_dtype)
-                                : u.param;
+        void *param = u.sharded ? u.param_shard : u.param;
         x->n = u.shard;
         x->grad = u.sharded ? u.grad_shard : u.grad;
         x->grad_dtype = h->grad_dtype;
@@ -156,17 +152,10 @@ static moe_status setup(trainer *t)
             x->param = param;
             x->param_dtype = h->act_dtype;
         }
-        if (u.sharded && u.shard > t->max_shard)
-            t->max_shard = u.shard;
     }
     moe_status st = t->c->optimizer->init(h, ts, k, &t->opt);
     free(ts);
     MOE_TRY(st);
-    if (t->max_shard > 0) {
-        MOE_TRY(dev_alloc(t, (uint64_t)t->max_shard * moe_dtype_size(h->act_dtype), "parameter shard staging",
-                          &t->shard_staging));
-        t->sharded = 1;
-    }
     MOE_TRY(t->c->lr_scheduler->init(h, &t->sched));
     MOE_TRY(t->c->criterion->init(h, &t->crit));
     t->lr = t->c->lr_scheduler->lr_at(t->sched, 0);
@@ -226,7 +215,7 @@ static void teardown(trainer *t)
         t->c->lr_scheduler->destroy(t->sched);
     if (t->crit)
         t->c->criterion->destroy(t->crit);
-    void *bufs[] = {t->tokens, t->targets, t->scratch, t->red, t->red64, t->shard_staging};
+    void *bufs[] = {t->tokens, t->targets, t->scratch, t->red, t->red64};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i])
             h->backend->free(h->ctx, bufs[i]);
@@ -279,7 +268,8 @@ static moe_status fetch_reductions(trainer *t, double *red)
 }
 
 /* all-reduce non-expert gradients (sum) over all ranks, and expert gradients
- * over the replicas of each expert when E < world */
+ * over the replicas of each expert when E < world; sharded units were
+ * reduce-scattered into their shards as the arch released them */
 static moe_status reduce_gradients(trainer *t)
 {
     const moe_host *h = t->h;
@@ -289,34 +279,13 @@ static moe_status reduce_gradients(trainer *t)
     for (int i = 0; i < n; i++) {
         moe_unit_info u;
         moe_runtime_unit(t->rt, i, &u);
-        if (u.numel == 0)
+        if (u.numel == 0 || u.sharded)
             continue;
-        if (u.sharded)
-            MOE_TRY(h->comm_ops->reduce_scatter(h->comm, NULL, u.grad_shard, u.grad, u.shard, h->grad_dtype,
-                                                MOE_REDUCE_SUM));
-        else if (u.expert_index < 0)
+        if (u.expert_index < 0)
             MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, u.grad, u.numel, h->grad_dtype, MOE_REDUCE_SUM));
         else if (t->expert_group_size > 1)
             MOE_TRY(h->comm_ops->all_reduce(h->comm, t->expert_group, u.grad, u.numel, h->grad_dtype,
                                             MOE_REDUCE_SUM));
-    }
-    return MOE_OK;
-}
-
-/* after the step: every rank's updated shard back into the whole parameters */
-static moe_status gather_params(trainer *t)
-{
-    const moe_host *h = t->h;
-    size_t es = moe_dtype_size(h->act_dtype);
-    int n = moe_runtime_num_units(t->rt);
-    for (int i = 0; i < n; i++) {
-        moe_unit_info u;
-        moe_runtime_unit(t->rt, i, &u);
-        if (!u.sharded)
-            continue;
-        MOE_TRY(h->backend->copy(h->ctx, t->shard_staging, (char *)u.param + (size_t)(h->rank * u.shard) * es,
-                                 (uint64_t)u.shard * es));
-        MOE_TRY(h->comm_ops->all_gather(h->comm, NULL, u.param, t->shard_staging, u.shard, h->act_dtype));
     }
     return MOE_OK;
 }
@@ -526,8 +495,6 @@ static moe_status train_loop(trainer *t)
             clipped = 1;
         }
         MOE_TRY(t->c->optimizer->step(t->opt, t->lr, 1.0 / multiply, t->num_updates + 1));
-        if (t->sharded)
-            MOE_TRY(gather_params(t));
         if (t->loss_scaling)
             moe_scaler_update(&t->scaler);
         t->num_updates++;

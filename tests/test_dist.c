@@ -16,45 +16,53 @@
 
 #include "runcmd.h"
 
-#define TINY                                                                                                     \
+#define TINY_MODEL                                                                                               \
     "--cpu --task dummy_lm --tokens-per-sample 32 --dict-size 96 "                                               \
     "--arch transformer_lm_gpt --share-decoder-input-output-embed "                                              \
     "--decoder-layers 2 --decoder-embed-dim 32 --decoder-ffn-embed-dim 64 --decoder-attention-heads 2 "          \
     "--moe-freq 2 --moe-second-expert-policy all "                                                              \
     "--criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum "                 \
     "--optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.002 --warmup-updates 2 "                                 \
-    "--dropout 0 --attention-dropout 0 --batch-size 2 --disable-validation "                                     \
+    "--dropout 0 --attention-dropout 0 --batch-size 2 "                                                          \
     "--log-format json --log-interval 1 --max-update 6 "
+#define TINY TINY_MODEL "--disable-validation "
 
 #define NUPD 6
 
 static int have_mpirun;
 
-static int run_ranks(int ranks, const char *extra, moe_cmd_result *r)
+static int run_ranks_on(int ranks, const char *base, const char *extra, moe_cmd_result *r)
 {
     char args[2048];
     if (ranks == 1) {
-        snprintf(args, sizeof args, TINY "%s", extra);
+        snprintf(args, sizeof args, "%s%s", base, extra);
         return moe_run_train(args, r);
     }
-    snprintf(args, sizeof args, "mpirun --oversubscribe -np %d %s/moelm-train " TINY "%s", ranks, MOE_TEST_BIN_DIR,
+    snprintf(args, sizeof args, "mpirun --oversubscribe -np %d %s/moelm-train %s%s", ranks, MOE_TEST_BIN_DIR, base,
              extra);
     return moe_run_shell(args, r);
 }
 
-/* every "key": "value" of train_inner lines, in order */
-static int values(const char *out, const char *key, double *v, int max)
+static int run_ranks(int ranks, const char *extra, moe_cmd_result *r) { return run_ranks_on(ranks, TINY, extra, r); }
+
+/* every "key": "value" of the lines tagged `tag` ("| train_inner | "), in order */
+static int tagged_values(const char *out, const char *tag, const char *key, double *v, int max)
 {
     char pat[64];
     snprintf(pat, sizeof pat, "\"%s\": \"", key);
     int n = 0;
-    for (const char *p = strstr(out, "| train_inner | "); p && n < max; p = strstr(p + 1, "| train_inner | ")) {
+    for (const char *p = strstr(out, tag); p && n < max; p = strstr(p + 1, tag)) {
         const char *eol = strchr(p, '\n');
         const char *q = strstr(p, pat);
         if (q && (!eol || q < eol))
             v[n++] = atof(q + strlen(pat));
     }
     return n;
+}
+
+static int values(const char *out, const char *key, double *v, int max)
+{
+    return tagged_values(out, "| train_inner | ", key, v, max);
 }
 
 static void expect_same_losses(int ranks, const char *one_rank_extra, const char *n_rank_extra)
@@ -119,6 +127,44 @@ static void test_dist_fully_sharded_2(void **s)
     (void)s;
     expect_same_losses(2, "--moe-expert-count 2 --update-freq 2",
                        "--moe-expert-count 2 --update-freq 1 --ddp-backend fully_sharded");
+}
+
+/* ZeRO-3 against plain data parallel on the same 2 ranks: layers gathered
+ * again for their recomputation (--checkpoint-activations), and validation
+ * forwards that gather and free the root unit between updates */
+static void test_dist_fully_sharded_checkpoint_validation(void **s)
+{
+    (void)s;
+    if (!have_mpirun) {
+        printf("SKIP: mpirun not found\n");
+        skip();
+    }
+    const char *common = "--moe-expert-count 2 --validate-interval-updates 3 --max-valid-steps 2 ";
+    char ddp[512], fsdp[512];
+    snprintf(ddp, sizeof ddp, "%s--ddp-backend pytorch_ddp", common);
+    snprintf(fsdp, sizeof fsdp, "%s--ddp-backend fully_sharded --checkpoint-activations", common);
+    moe_cmd_result a, b;
+    assert_int_equal(run_ranks_on(2, TINY_MODEL, ddp, &a), 0);
+    assert_int_equal(run_ranks_on(2, TINY_MODEL, fsdp, &b), 0);
+    if (a.status != 0 || b.status != 0)
+        fprintf(stderr, "%s\n%s\n%s\n%s\n", a.out, a.err, b.out, b.err);
+    assert_int_equal(a.status, 0);
+    assert_int_equal(b.status, 0);
+    double la[NUPD], lb[NUPD];
+    assert_int_equal(values(a.out, "loss", la, NUPD), NUPD);
+    assert_int_equal(values(b.out, "loss", lb, NUPD), NUPD);
+    for (int i = 0; i < NUPD; i++)
+        if (fabs(la[i] - lb[i]) > 0.0025)
+            fail_msg("update %d: pytorch_ddp loss %.3f, fully_sharded %.3f", i + 1, la[i], lb[i]);
+    double va[4], vb[4];
+    int n = tagged_values(a.out, "| valid | ", "valid_loss", va, 4);
+    assert_true(n >= 2);
+    assert_int_equal(tagged_values(b.out, "| valid | ", "valid_loss", vb, 4), n);
+    for (int i = 0; i < n; i++)
+        if (fabs(va[i] - vb[i]) > 0.0025)
+            fail_msg("validation %d: pytorch_ddp loss %.3f, fully_sharded %.3f", i + 1, va[i], vb[i]);
+    moe_cmd_result_free(&a);
+    moe_cmd_result_free(&b);
 }
 
 /* §2.5: the forward all-to-alls are timed only when asked */
@@ -201,6 +247,7 @@ int main(void)
         cmocka_unit_test(test_dist_experts_4_over_4), cmocka_unit_test(test_dist_replicated_experts_2_over_4),
         cmocka_unit_test(test_dist_fully_sharded_2),  cmocka_unit_test(test_dist_fully_sharded_fp16_master_4),
         cmocka_unit_test(test_dist_normalizer_scaling), cmocka_unit_test(test_dist_a2a_perf_stats),
+        cmocka_unit_test(test_dist_fully_sharded_checkpoint_validation),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

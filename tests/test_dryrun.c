@@ -54,14 +54,27 @@ static void test_dryrun_single_node_counts(void **state)
     assert_int_equal(r.status, 0);
     assert_non_null(strstr(r.out, "num. non-expert model params: 908,423,168 (num. trained: 908,423,168)"));
     assert_non_null(strstr(r.out, "num. expert model params: 402,776,064 (num. trained: 402,776,064)"));
-    /* fp16 parameters are held whole (2 bytes each); with fully_sharded over 8
-     * ranks every non-expert unit divides by 8 exactly here (908,423,168 / 8 =
-     * 113,552,896), and Adam's fp16 moments (4 bytes, no master copy with
-     * memory-efficient fp16) exist for that shard and the local experts only */
-    long long params = (908423168LL + 402776064LL) * 2;
-    long long optim = (113552896LL + 402776064LL) * 4;
+    /* fully_sharded over 8 ranks, memory-efficient fp16 (2-byte params and
+     * grads, no master copy, Adam's fp16 moments 4 bytes). V = 50000, d 2048:
+     *   root "decoder"   embed 50000*2048 + final LN 2*2048 = 102,404,096
+     *   dense layer      attn 4*(d*d+d) + 2 LNs 4*d + FFN 2*d*8192 + 8192 + d = 50,358,272
+     *   MoE layer        attn + 2 LNs + gate 8*d = 16,809,984
+     * 102,404,096 + 12 * 50,358,272 + 12 * 16,809,984 = 908,423,168, and each
+     * unit divides by 8 exactly, so this rank keeps 113,552,896 non-expert
+     * elements plus its local experts (one per MoE layer: the 402,776,064 of
+     * fairseq's log line are this rank's). The arch gathers the root
+     * and one layer at a time: the two largest units whole, 102,404,096 +
+     * 50,358,272; gradients also get the largest shard (12,800,512) as the
+     * reduce-scatter staging. */
+    const long long kept = 113552896LL + 402776064LL, gathered = 102404096LL + 50358272LL;
+    assert_true(102404096LL + 12 * 50358272LL + 12 * 16809984LL == 908423168LL);
+    long long params = (kept + gathered) * 2;
+    long long grads = (kept + gathered + 12800512LL) * 2;
+    long long optim = kept * 4;
     char want[96];
     snprintf(want, sizeof want, "parameters %lld ", params);
+    assert_non_null(strstr(r.out, want));
+    snprintf(want, sizeof want, "gradients %lld ", grads);
     assert_non_null(strstr(r.out, want));
     snprintf(want, sizeof want, "optimizer state %lld ", optim);
     assert_non_null(strstr(r.out, want));

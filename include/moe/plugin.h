@@ -212,9 +212,17 @@ typedef struct moe_host {
     void *(*grad_data)(const struct moe_host *h, int param_id);
     void *(*unit_data)(const struct moe_host *h, int unit_id);  /* the unit's flat param buffer */
     void *(*unit_grad)(const struct moe_host *h, int unit_id);
-    /* --ddp-backend fully_sharded: a unit's full parameters exist only between
-     * unit_gather (all-gather of the shards) and unit_release; the arch brackets
-     * each layer's forward and backward with them. No-ops otherwise. */
+    /* --ddp-backend fully_sharded over several ranks: a non-expert unit's whole
+     * parameters exist only between unit_gather (an all-gather of every rank's
+     * shard) and the matching unit_release (which frees them); param_data,
+     * grad_data, unit_data and unit_grad return NULL outside. Gathers nest (a
+     * count): only the outermost pair communicates. The whole gradient is
+     * allocated, zeroed, when grad_data/unit_grad first asks for it inside a
+     * gather; the outermost release reduce-scatters it (sum over ranks) into
+     * this rank's gradient shard and frees it. The arch brackets each layer's
+     * forward, and its backward (with any recomputation), with them. Every rank
+     * must gather and release in the same order. No-ops for expert units and
+     * without fully_sharded. */
     moe_status (*unit_gather)(const struct moe_host *h, int unit_id);
     moe_status (*unit_release)(const struct moe_host *h, int unit_id);
 

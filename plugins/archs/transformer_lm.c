@@ -62,6 +62,14 @@
  *    buffers; only each layer's input stays, and backward recomputes a layer
  *    before differentiating it (the last layer's activations are still in
  *    place after forward, so it is not recomputed).
+ *  - Fully sharded units (--ddp-backend fully_sharded): each layer's unit is
+ *    gathered around its forward and again around its backward (recompute
+ *    included), as fairseq's FSDP wrapping of every layer; the root unit
+ *    (embedding, final norm, output projection) is used at both ends of the
+ *    model, so a training forward gathers it once and its backward releases
+ *    it, as FSDP keeps the root's parameters between forward and backward.
+ *    Expert units are never sharded; the host makes gather/release no-ops
+ *    for them and for every unit without fully_sharded.
  */
 #include <math.h>
 #include <stdio.h>
@@ -328,6 +336,7 @@ typedef struct tlm {
     int train, micro;
     uint64_t seed;
     int ws_layer;             /* checkpointing: layer whose activations the shared set holds */
+    int root_gathered;        /* a training forward holds the root unit until its backward */
 } tlm;
 
 /* ------------------------------------------------------------ utilities */
@@ -1137,11 +1146,18 @@ static moe_status tlm_forward(void *model, const int32_t *tokens, int64_t B, int
     MOE_TRY(ops->fill(h->ctx, m->metrics, MOE_F32, (int64_t)nm * MOE_NUM_METRICS, 0.0f));
     if (m->pad_mask && m->n_moe > 0)
         MOE_TRY(build_pad_mask(m));
+    if (!m->root_gathered) {
+        MOE_TRY(h->unit_gather(h, m->root_unit));
+        m->root_gathered = 1;
+    }
 
     MOE_TRY(ops->embedding_forward(h->ctx, m->xs[0], tokens, P(m, m->emb), B, T, d, m->emb_scale, m->pad, 1, m->dt));
     MOE_TRY(dropout_fwd(m, m->xs[0], N * d, m->p_drop, 0, SITE_EMBED, 0));
-    for (int i = 0; i < m->L; i++)
+    for (int i = 0; i < m->L; i++) {
+        MOE_TRY(h->unit_gather(h, m->layers[i].unit));
         MOE_TRY(layer_forward(m, i));
+        MOE_TRY(h->unit_release(h, m->layers[i].unit));
+    }
     const void *xf = m->xs[m->L];
     if (m->final_norm) {
         MOE_TRY(ops->layernorm_forward(h->ctx, m->xf, m->meanf, m->rstdf, m->xs[m->L], P(m, m->lnf_w),
@@ -1150,6 +1166,10 @@ static moe_status tlm_forward(void *model, const int32_t *tokens, int64_t B, int
     }
     const void *wout = P(m, m->tied ? m->emb : m->out_proj);
     MOE_TRY(mmp(m, 0, 1, N, m->V, d, 1.0f, xf, d, wout, d, 0.0f, m->logits, m->V));
+    if (!train) {
+        m->root_gathered = 0;
+        MOE_TRY(h->unit_release(h, m->root_unit));
+    }
     out->logits = m->logits;
     out->N = N;
     out->V = m->V;
@@ -1304,16 +1324,19 @@ static moe_status tlm_backward(void *model, float dl_aux)
         MOE_TRY(mmp(m, 0, 0, N, d, V, 1.0f, m->logits, V, P(m, wid), d, 0.0f, m->dres, d));
     }
     for (int i = m->L - 1; i >= 0; i--) {
+        MOE_TRY(h->unit_gather(h, m->layers[i].unit));
         if (m->ckpt && m->ws_layer != i)
             MOE_TRY(layer_forward(m, i)); /* same seed, micro and inputs: the same activations and masks */
         MOE_TRY(layer_backward(m, i, dl_aux));
+        MOE_TRY(h->unit_release(h, m->layers[i].unit));
     }
     const void *demb;
     MOE_TRY(dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, 0, SITE_EMBED, 0, &demb));
     MOE_TRY(ops->embedding_backward(h->ctx, G(m, m->emb), demb, m->tokens, m->B, m->T, d, V, m->emb_scale, m->pad,
                                     m->dt));
     m->ws_layer = -1; /* recomputation overwrote the shared activations */
-    return MOE_OK;
+    m->root_gathered = 0;
+    return h->unit_release(h, m->root_unit);
 }
 
 /* ------------------------------------------------------------ descriptor */

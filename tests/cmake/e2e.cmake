@@ -3,6 +3,9 @@ moe_add_test(test_dryrun LABELS e2e SOURCES test_dryrun.c runcmd.c TIMEOUT 60)
 moe_add_test(test_train LABELS e2e SOURCES test_train.c runcmd.c TIMEOUT 600)
 # Multi-rank runs through mpirun on the CPU backend.
 moe_add_test(test_dist LABELS dist SOURCES test_dist.c runcmd.c TIMEOUT 900)
+# The fully sharded parameter store on 2 ranks (starts itself under mpirun).
+moe_add_test(test_fsdp LABELS dist SOURCES test_fsdp.c TIMEOUT 120)
+set_tests_properties(test_fsdp PROPERTIES SKIP_RETURN_CODE 77)
 moe_add_test(test_cli LABELS e2e SOURCES test_cli.c runcmd.c TIMEOUT 120)
 add_test(NAME test_dist_stalled_rank COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/dist_stall.sh ${CMAKE_BINARY_DIR}/bin/moelm-train)
 set_tests_properties(test_dist_stalled_rank PROPERTIES LABELS dist TIMEOUT 120 SKIP_RETURN_CODE 77)
