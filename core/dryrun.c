@@ -6,10 +6,12 @@
  * own state. With --ddp-backend fully_sharded over W > 1 ranks each
  * non-expert unit is padded to W equal shards (torch.chunk) and only this
  * rank's shard of its parameters, gradient, master copy and optimizer state
- * stays between updates; the arch gathers whole units around their use, at
- * most two at a time (the root unit, held from forward to backward, and one
- * layer), so the plan adds the two largest sharded units whole, parameters
- * and gradients, and the staging shard a release reduce-scatters into.
+ * stays between updates; the arch gathers whole units around their use: the
+ * root unit, held from forward to backward, the layer being computed and the
+ * next one on its way (prefetch), of which only the root and the current
+ * layer have whole gradients. The plan adds the three largest sharded units
+ * whole as parameters, the two largest as gradients, and the staging shard a
+ * release reduce-scatters into.
  * Expert units are never sharded (§7.2).
  */
 #include "core/dryrun.h"
@@ -63,7 +65,7 @@ moe_status moe_plan_compute(moe_runtime *rt, const moe_components *c, moe_plan *
 
     int n = moe_runtime_num_units(rt);
     int W = plan->sharded && plan->world > 1 ? plan->world : 1;
-    int64_t largest[2] = {0, 0}, max_shard = 0; /* sharded units gathered whole at the same time */
+    int64_t largest[3] = {0, 0, 0}, max_shard = 0; /* sharded units gathered whole at the same time */
     for (int i = 0; i < n; i++) {
         moe_unit_info u;
         moe_runtime_unit(rt, i, &u);
@@ -75,12 +77,12 @@ moe_status moe_plan_compute(moe_runtime *rt, const moe_components *c, moe_plan *
             if (W > 1) {
                 int64_t padded = (u.numel + W - 1) / W * W;
                 kept = padded / W;
-                if (padded > largest[0]) {
-                    largest[1] = largest[0];
-                    largest[0] = padded;
-                } else if (padded > largest[1]) {
-                    largest[1] = padded;
-                }
+                for (int k = 0; k < 3; k++) /* insert into the three largest, descending */
+                    if (padded > largest[k]) {
+                        int64_t t = largest[k];
+                        largest[k] = padded;
+                        padded = t;
+                    }
                 if (kept > max_shard)
                     max_shard = kept;
             }
@@ -89,9 +91,8 @@ moe_status moe_plan_compute(moe_runtime *rt, const moe_components *c, moe_plan *
         plan->grad_bytes += (double)kept * (double)moe_dtype_size(grad);
         plan->optim_bytes += (double)kept * (state_per_param + (master ? 4.0 : 0.0));
     }
-    double gathered = (double)(largest[0] + largest[1]);
-    plan->param_bytes += gathered * (double)moe_dtype_size(act);
-    plan->grad_bytes += (gathered + (double)max_shard) * (double)moe_dtype_size(grad);
+    plan->param_bytes += (double)(largest[0] + largest[1] + largest[2]) * (double)moe_dtype_size(act);
+    plan->grad_bytes += (double)(largest[0] + largest[1] + max_shard) * (double)moe_dtype_size(grad);
     moe_model_info info;
     int64_t T = moe_opts_known(o, "tokens-per-sample") ? moe_opts_int(o, "tokens-per-sample") : 0;
     c->arch->info(c->model, T, &info);

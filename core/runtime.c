@@ -37,6 +37,8 @@ typedef struct moe_unit_entry {
     int64_t shard;           /* elements per shard (== padded when not sharded) */
     int sharded;
     int gathers;             /* sharded: open unit_gather calls; param/grad exist while > 0 */
+    int prefetched;          /* sharded: param allocated and its all-gather started, not yet gathered */
+    moe_comm_req *inflight;  /* that all-gather (NULL once complete) */
     /* whole param and grad; for a sharded unit only while gathered (grad once asked for) */
     void *param, *grad;
     void *param_shard, *grad_shard; /* sharded: this rank's shard, persistent */
@@ -289,8 +291,41 @@ static moe_status check_unit(const moe_runtime *rt, int unit_id, const char *fn)
 }
 
 /* --ddp-backend fully_sharded (FAIRSEQ_SPEC.md §7.2): the first gather of a
- * sharded unit all-gathers its whole parameters from every rank's shard;
- * nested gathers (a layer recomputed inside its backward) only count. */
+ * sharded unit all-gathers its whole parameters from every rank's shard, or
+ * waits for the all-gather unit_prefetch started; nested gathers (a layer
+ * recomputed inside its backward) only count. */
+static moe_status gather_start(moe_runtime *rt, moe_unit_entry *u, moe_comm_req **req)
+{
+    char what[200];
+    snprintf(what, sizeof what, "gathered parameters of %s", u->name);
+    MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(rt->cfg.act_dtype), what, &u->param));
+    moe_status st;
+    if (req)
+        st = rt->comm_ops->all_gather_start(rt->comm, NULL, u->param, u->param_shard, u->shard, rt->cfg.act_dtype,
+                                            req);
+    else
+        st = rt->comm_ops->all_gather(rt->comm, NULL, u->param, u->param_shard, u->shard, rt->cfg.act_dtype);
+    if (st != MOE_OK) {
+        rt->be->free(rt->ctx, u->param);
+        u->param = NULL;
+    }
+    return st;
+}
+
+/* the all-gather a prefetch started: completed (wait), then the unit is
+ * either gathered or (drop) freed unused */
+static moe_status prefetch_finish(moe_runtime *rt, moe_unit_entry *u, int drop)
+{
+    moe_status st = rt->comm_ops->wait(rt->comm, u->inflight);
+    u->inflight = NULL;
+    u->prefetched = 0;
+    if (st != MOE_OK || drop) {
+        rt->be->free(rt->ctx, u->param);
+        u->param = NULL;
+    }
+    return st;
+}
+
 static moe_status host_unit_gather(const moe_host *h, int unit_id)
 {
     moe_runtime *rt = rt_of(h);
@@ -298,18 +333,22 @@ static moe_status host_unit_gather(const moe_host *h, int unit_id)
     moe_unit_entry *u = &rt->units[unit_id];
     if (!u->sharded || u->gathers++ > 0)
         return MOE_OK;
-    char what[200];
-    snprintf(what, sizeof what, "gathered parameters of %s", u->name);
-    moe_status st = rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(rt->cfg.act_dtype), what, &u->param);
-    if (st == MOE_OK)
-        st = rt->comm_ops->all_gather(rt->comm, NULL, u->param, u->param_shard, u->shard, rt->cfg.act_dtype);
-    if (st != MOE_OK) {
-        if (u->param)
-            rt->be->free(rt->ctx, u->param);
-        u->param = NULL;
+    moe_status st = u->prefetched ? prefetch_finish(rt, u, 0) : gather_start(rt, u, NULL);
+    if (st != MOE_OK)
         u->gathers = 0;
-    }
     return st;
+}
+
+static moe_status host_unit_prefetch(const moe_host *h, int unit_id)
+{
+    moe_runtime *rt = rt_of(h);
+    MOE_TRY(check_unit(rt, unit_id, "unit_prefetch"));
+    moe_unit_entry *u = &rt->units[unit_id];
+    if (!u->sharded || u->gathers > 0 || u->prefetched)
+        return MOE_OK;
+    MOE_TRY(gather_start(rt, u, &u->inflight));
+    u->prefetched = 1;
+    return MOE_OK;
 }
 
 /* The release that closes the first gather frees the whole parameters; a
@@ -375,6 +414,7 @@ moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runti
     h->unit_grad = host_unit_grad;
     h->unit_gather = host_unit_gather;
     h->unit_release = host_unit_release;
+    h->unit_prefetch = host_unit_prefetch;
     h->seed = cfg->seed;
     h->step_seed = host_step_seed;
     h->rank = 0;
@@ -424,6 +464,8 @@ void moe_runtime_destroy(moe_runtime *rt)
         return;
     for (int i = 0; i < rt->n_units; i++) {
         moe_unit_entry *u = &rt->units[i];
+        if (u->prefetched)
+            prefetch_finish(rt, u, 1);
         if (rt->be && rt->ctx) {
             if (u->param)
                 rt->be->free(rt->ctx, u->param);
@@ -678,11 +720,15 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
 }
 
 /* Gradients between updates: whole for unsharded units, the shard for sharded
- * ones (their whole gradients live only inside a gather). */
+ * ones (their whole gradients live only inside a gather). A prefetch the
+ * last update left unused read shards the optimizer has changed since: it is
+ * dropped. */
 moe_status moe_runtime_zero_grads(moe_runtime *rt)
 {
     for (int i = 0; i < rt->n_units; i++) {
         moe_unit_entry *u = &rt->units[i];
+        if (u->prefetched)
+            MOE_TRY(prefetch_finish(rt, u, 1));
         if (u->sharded)
             MOE_TRY(rt->host.ops->fill(rt->ctx, u->grad_shard, rt->cfg.grad_dtype, u->shard, 0.0f));
         else if (u->grad)

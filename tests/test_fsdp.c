@@ -8,8 +8,10 @@
  * gathers communicate once; the whole gradient appears zeroed when first
  * asked for, and the outermost release reduce-scatters it (summed over the
  * ranks) into the shard, adding to what is there, and frees everything it
- * gathered; a gather that wrote no gradient leaves the shard alone; expert
- * units are never sharded; misuse is refused with a message.
+ * gathered; a gather that wrote no gradient leaves the shard alone; a
+ * prefetch starts the all-gather that the next gather completes, and one left
+ * unused is dropped when the next update zeroes the gradients; expert units
+ * are never sharded; misuse is refused with a message.
  *
  * Run by CTest without MPI around it, the binary starts itself under
  * `mpirun -np 2` (or skips, saying so, when there is no mpirun).
@@ -163,11 +165,31 @@ static void test_fsdp_gather_release(void **state)
         assert_true(gs[i] == (float)(6 * (rank * 16 + i + 1)));
     assert_int_equal(allocated(&s), base);
 
-    /* zeroing between updates clears the shard */
+    /* a prefetch starts the gather; the gather that follows waits for it */
+    check_ok(h->unit_prefetch(h, s.dense), "prefetch");
+    assert_int_equal(allocated(&s) - base, 32 * 4);
+    check_ok(h->unit_prefetch(h, s.dense), "prefetch again");
+    assert_int_equal(allocated(&s) - base, 32 * 4);
+    check_ok(h->unit_gather(h, s.dense), "gather after prefetch");
+    assert_int_equal(allocated(&s) - base, 32 * 4);
+    check_ok(h->backend->copy_to_host(h->ctx, got, h->unit_data(h, s.dense), sizeof got), "copy prefetched");
+    assert_memory_equal(got, want, sizeof got);
+    check_ok(h->unit_prefetch(h, s.dense), "prefetch while gathered");
+    check_ok(h->unit_release(h, s.dense), "release after prefetch");
+    assert_int_equal(allocated(&s), base);
+    check_ok(h->unit_prefetch(h, s.expert), "prefetch expert");
+    assert_int_equal(allocated(&s), base);
+    /* a prefetch no gather used is dropped at the next update */
+    check_ok(h->unit_prefetch(h, s.dense), "unused prefetch");
+    assert_int_equal(allocated(&s) - base, 32 * 4);
+
+    /* zeroing between updates clears the shard (and drops that prefetch) */
     check_ok(moe_runtime_zero_grads(s.rt), "zero grads");
     check_ok(h->backend->copy_to_host(h->ctx, gs, u.grad_shard, sizeof gs), "copy zeroed shard");
     for (int i = 0; i < 16; i++)
         assert_true(gs[i] == 0.0f);
+    assert_int_equal(allocated(&s), base);
+    assert_null(h->unit_data(h, s.dense));
 
     /* misuse */
     moe_error_clear();

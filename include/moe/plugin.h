@@ -29,7 +29,7 @@ extern "C" {
 #endif
 
 #define MOE_ABI_MAJOR 1
-#define MOE_ABI_MINOR 0
+#define MOE_ABI_MINOR 1
 #define MOE_PLUGIN_SYMBOL "moe_plugin_descriptor"
 
 #if defined(__GNUC__)
@@ -137,6 +137,7 @@ typedef enum moe_reduce_op { MOE_REDUCE_SUM = 0, MOE_REDUCE_MAX } moe_reduce_op;
 
 typedef struct moe_comm moe_comm;   /* a communicator instance, opaque */
 typedef struct moe_group moe_group; /* a subgroup of ranks; NULL = all ranks */
+typedef struct moe_comm_req moe_comm_req; /* a collective in flight */
 
 /* Kind MOE_KIND_COMMUNICATOR. Buffers are backend memory of the active backend.
  * Collectives are issued in the same order on every rank of the group. */
@@ -162,6 +163,15 @@ typedef struct moe_comm_ops {
                               const int64_t *send_displs, moe_dtype dt);
     moe_status (*broadcast)(moe_comm *comm, moe_group *g, void *buf, int64_t n, moe_dtype dt, int root);
     moe_status (*barrier)(moe_comm *comm, moe_group *g);
+    /* (ABI 1.1) all_gather that overlaps what the caller queues next: it reads
+     * `send` as the compute queued so far leaves it, and `recv` holds the
+     * result only once wait(req) has returned (on a GPU: once the compute
+     * stream has been made to wait for it; no host block). Until then neither
+     * buffer may be touched. *req may be NULL when it already completed;
+     * every non-NULL request is waited for exactly once. */
+    moe_status (*all_gather_start)(moe_comm *comm, moe_group *g, void *recv, const void *send, int64_t n,
+                                   moe_dtype dt, moe_comm_req **req);
+    moe_status (*wait)(moe_comm *comm, moe_comm_req *req);
 } moe_comm_ops;
 
 /* ------------------------------------------------------------- host services */
@@ -237,6 +247,13 @@ typedef struct moe_host {
 
     /* other components the arch drives (NULL until resolved) */
     const void *gate_ops;      /* const moe_gate_ops * */
+
+    /* (ABI 1.1) fully_sharded: start gathering a unit the arch will gather
+     * next, so the all-gather overlaps the compute queued meanwhile; the
+     * unit_gather that follows waits for it instead of communicating. A hint:
+     * a no-op where unit_gather is one, or when the unit is already gathered
+     * or on its way. At most one unit should be on its way at a time. */
+    moe_status (*unit_prefetch)(const struct moe_host *h, int unit_id);
 } moe_host;
 
 /* --------------------------------------------------------- kind: data batch */

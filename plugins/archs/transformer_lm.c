@@ -68,7 +68,9 @@
  *    (embedding, final norm, output projection) is used at both ends of the
  *    model, so a training forward gathers it once and its backward releases
  *    it, as FSDP keeps the root's parameters between forward and backward.
- *    Expert units are never sharded; the host makes gather/release no-ops
+ *    The next layer's gather is started (host->unit_prefetch) before a
+ *    layer's compute is queued, so it overlaps it: forward and backward
+ *    prefetch as fairseq's FSDP does. Expert units are never sharded; the host makes gather/release no-ops
  *    for them and for every unit without fully_sharded.
  */
 #include <math.h>
@@ -1150,11 +1152,14 @@ static moe_status tlm_forward(void *model, const int32_t *tokens, int64_t B, int
         MOE_TRY(h->unit_gather(h, m->root_unit));
         m->root_gathered = 1;
     }
+    MOE_TRY(h->unit_prefetch(h, m->layers[0].unit)); /* overlaps the embedding */
 
     MOE_TRY(ops->embedding_forward(h->ctx, m->xs[0], tokens, P(m, m->emb), B, T, d, m->emb_scale, m->pad, 1, m->dt));
     MOE_TRY(dropout_fwd(m, m->xs[0], N * d, m->p_drop, 0, SITE_EMBED, 0));
     for (int i = 0; i < m->L; i++) {
         MOE_TRY(h->unit_gather(h, m->layers[i].unit));
+        if (i + 1 < m->L)
+            MOE_TRY(h->unit_prefetch(h, m->layers[i + 1].unit)); /* overlaps layer i */
         MOE_TRY(layer_forward(m, i));
         MOE_TRY(h->unit_release(h, m->layers[i].unit));
     }
@@ -1325,6 +1330,8 @@ static moe_status tlm_backward(void *model, float dl_aux)
     }
     for (int i = m->L - 1; i >= 0; i--) {
         MOE_TRY(h->unit_gather(h, m->layers[i].unit));
+        if (i > 0)
+            MOE_TRY(h->unit_prefetch(h, m->layers[i - 1].unit)); /* overlaps layer i's backward */
         if (m->ckpt && m->ws_layer != i)
             MOE_TRY(layer_forward(m, i)); /* same seed, micro and inputs: the same activations and masks */
         MOE_TRY(layer_backward(m, i, dl_aux));

@@ -247,6 +247,39 @@ static moe_status comm_all_gather(moe_comm *c, moe_group *g, void *recv, const v
     return wait_req(c, &req, "all_gather", g);
 }
 
+struct moe_comm_req {
+    MPI_Request req;
+    moe_group *g;
+};
+
+static moe_status comm_all_gather_start(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n,
+                                        moe_dtype dt, moe_comm_req **out)
+{
+    *out = NULL;
+    g = grp(c, g);
+    if (g->size == 1 || !count_ok(n))
+        return comm_all_gather(c, g, recv, send, n, dt); /* a copy, or the count error */
+    moe_comm_req *r = malloc(sizeof *r);
+    if (!r)
+        return c->h->error(c->h, MOE_ERR_NOMEM, "out of host memory starting an all_gather");
+    r->g = g;
+    if (MPI_Iallgather(send, (int)n, mpi_type(dt), recv, (int)n, mpi_type(dt), g->comm, &r->req) != MPI_SUCCESS) {
+        free(r);
+        return c->h->error(c->h, MOE_ERR_COMM, "MPI all_gather could not start on rank %d", c->world.rank);
+    }
+    *out = r;
+    return MOE_OK;
+}
+
+static moe_status comm_wait(moe_comm *c, moe_comm_req *r)
+{
+    if (!r)
+        return MOE_OK;
+    moe_status st = wait_req(c, &r->req, "all_gather", r->g);
+    free(r);
+    return st;
+}
+
 static moe_status comm_all_to_all(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n, moe_dtype dt)
 {
     g = grp(c, g);
@@ -314,7 +347,7 @@ static moe_status comm_barrier(moe_comm *c, moe_group *g)
 static const moe_comm_ops mpi_ops = {
     comm_init,       comm_destroy,        comm_rank,       comm_world,       comm_group_create,
     comm_all_reduce, comm_reduce_scatter, comm_all_gather, comm_all_to_all,  comm_all_to_allv,
-    comm_broadcast,  comm_barrier,
+    comm_broadcast,  comm_barrier,        comm_all_gather_start, comm_wait,
 };
 
 MOE_PLUGIN_DEFINE(MOE_KIND_COMMUNICATOR, moe_comm_ops, "mpi", "1.0",

@@ -131,10 +131,27 @@ static moe_status single_broadcast(moe_comm *comm, moe_group *g, void *buf, int6
 
 static moe_status single_barrier(moe_comm *comm, moe_group *g) { return check_group(comm, g, "barrier"); }
 
+/* nothing to overlap: the copy is done before it returns */
+static moe_status single_all_gather_start(moe_comm *comm, moe_group *g, void *recv, const void *send, int64_t n,
+                                          moe_dtype dt, moe_comm_req **req)
+{
+    *req = NULL;
+    return single_all_gather(comm, g, recv, send, n, dt);
+}
+
+static moe_status single_wait(moe_comm *comm, moe_comm_req *req)
+{
+    if (req)
+        return comm->h->error(comm->h, MOE_ERR_INVALID_ARG,
+                              "single communicator: wait for a request it never started");
+    return MOE_OK;
+}
+
 static const moe_comm_ops single_ops = {
     single_init,       single_destroy,        single_rank,       single_world,
     single_group_create, single_all_reduce,   single_reduce_scatter, single_all_gather,
     single_all_to_all, single_all_to_allv,    single_broadcast,  single_barrier,
+    single_all_gather_start, single_wait,
 };
 
 MOE_PLUGIN_DEFINE(MOE_KIND_COMMUNICATOR, moe_comm_ops, "single", "1.0",
