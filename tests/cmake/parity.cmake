@@ -6,3 +6,9 @@ if(TARGET moe-backend-cuda)
   set_tests_properties(test_parity PROPERTIES SKIP_RETURN_CODE 77)
   add_dependencies(test_parity moe-backend-cpu moe-backend-cuda)
 endif()
+# Two NCCL ranks on the GPU(s): fully_sharded and data parallel against one rank.
+if(TARGET moe-communicator-nccl)
+  add_test(NAME test_dist_gpu COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/dist_gpu.sh ${CMAKE_BINARY_DIR}/bin/moelm-train)
+  set_tests_properties(test_dist_gpu PROPERTIES LABELS "parity;dist" TIMEOUT 300 SKIP_RETURN_CODE 77
+    ENVIRONMENT "MOE_PLUGIN_PATH=")
+endif()
