@@ -109,11 +109,18 @@ static double dot_wd(const float *w, const float *y, int64_t n)
     return s;
 }
 
-static double gelu_ref(double x, moe_gelu_kind kind)
+static double gelu_ref(double x, moe_act_kind kind)
 {
-    if (kind == MOE_GELU_ERF)
+    if (kind == MOE_ACT_GELU_ERF)
         return 0.5 * x * (1.0 + erf(x / sqrt(2.0)));
     return 0.5 * x * (1.0 + tanh(0.7978845608 * (x + 0.044715 * x * x * x)));
+}
+
+static double act_ref(double x, moe_act_kind kind)
+{
+    if (kind == MOE_ACT_RELU)
+        return x > 0.0 ? x : 0.0;
+    return gelu_ref(x, kind);
 }
 
 /* ------------------------------------------------------ plugin, memory */
@@ -141,8 +148,8 @@ static void test_cpu_ops_plugin_descriptor(void **state)
     assert_ptr_equal(o->sumsq, moe_cpu_sumsq);
     assert_ptr_equal(o->matmul, moe_cpu_matmul);
     assert_ptr_equal(o->bias_backward, moe_cpu_bias_backward);
-    assert_ptr_equal(o->gelu_forward, moe_cpu_gelu_forward);
-    assert_ptr_equal(o->gelu_backward, moe_cpu_gelu_backward);
+    assert_ptr_equal(o->act_forward, moe_cpu_act_forward);
+    assert_ptr_equal(o->act_backward, moe_cpu_act_backward);
     assert_ptr_equal(o->dropout_forward, moe_cpu_dropout_forward);
     assert_ptr_equal(o->dropout_backward, moe_cpu_dropout_backward);
     assert_ptr_equal(o->layernorm_forward, moe_cpu_layernorm_forward);
@@ -408,8 +415,8 @@ static void test_cpu_ops_init_distributions(void **state)
 /* C = alpha*op(A)op(B) + beta*C (+ epilogue) on random data with padded
  * leading dimensions and batch strides, against a double reference computed
  * from the stored (rounded) inputs. */
-static int check_matmul(int ta, int tb, int64_t m, int64_t n, int64_t k, int64_t batch, moe_dtype dt,
-                        moe_epilogue epi, float alpha, float beta, double tol)
+static int check_matmul_act(int ta, int tb, int64_t m, int64_t n, int64_t k, int64_t batch, moe_dtype dt,
+                            moe_epilogue epi, float alpha, float beta, double tol, moe_act_kind act)
 {
     moe_test_rng r = moe_test_rng_make((uint64_t)(1000 + ta * 2 + tb + m * 7 + n * 13 + k * 17 + epi * 31 + dt));
     const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
@@ -457,8 +464,8 @@ static int check_matmul(int ta, int tb, int64_t m, int64_t n, int64_t k, int64_t
     d.epilogue = epi;
     d.bias = epi != MOE_EPI_NONE ? tbias : NULL;
     d.stride_bias = sbias;
-    d.aux = epi == MOE_EPI_BIAS_GELU ? taux : NULL;
-    d.gelu = MOE_GELU_TANH;
+    d.aux = epi == MOE_EPI_BIAS_ACT ? taux : NULL;
+    d.act = act;
     int ok = moe_cpu_matmul(g_ctx, &d) == MOE_OK;
 
     const int64_t total = batch * m * n;
@@ -481,14 +488,14 @@ static int check_matmul(int ta, int tb, int64_t m, int64_t n, int64_t k, int64_t
                 const int64_t o = (bt * m + i) * n + j, at = bt * sc + i * ldc + j;
                 ref_aux[o] = v;
                 got_aux[o] = moe_cpu_load(taux, dt, at);
-                ref[o] = epi == MOE_EPI_BIAS_GELU ? gelu_ref(v, MOE_GELU_TANH) : v;
+                ref[o] = epi == MOE_EPI_BIAS_ACT ? act_ref(v, act) : v;
                 got[o] = moe_cpu_load(tc, dt, at);
             }
     char label[96];
-    snprintf(label, sizeof label, "matmul ta=%d tb=%d %lldx%lldx%lld batch %lld dt %d epi %d", ta, tb, (long long)m,
-             (long long)n, (long long)k, (long long)batch, (int)dt, (int)epi);
+    snprintf(label, sizeof label, "matmul ta=%d tb=%d %lldx%lldx%lld batch %lld dt %d epi %d act %d", ta, tb,
+             (long long)m, (long long)n, (long long)k, (long long)batch, (int)dt, (int)epi, (int)act);
     ok = ok && moe_test_close(label, got, ref, total, tol);
-    if (epi == MOE_EPI_BIAS_GELU)
+    if (epi == MOE_EPI_BIAS_ACT)
         ok = ok && moe_test_close("matmul aux", got_aux, ref_aux, total, tol);
     /* C's padding columns are untouched */
     for (int64_t bt = 0; bt < batch && ok; bt++)
@@ -514,6 +521,12 @@ static int check_matmul(int ta, int tb, int64_t m, int64_t n, int64_t k, int64_t
     return ok;
 }
 
+static int check_matmul(int ta, int tb, int64_t m, int64_t n, int64_t k, int64_t batch, moe_dtype dt,
+                        moe_epilogue epi, float alpha, float beta, double tol)
+{
+    return check_matmul_act(ta, tb, m, n, k, batch, dt, epi, alpha, beta, tol, MOE_ACT_GELU_TANH);
+}
+
 static void test_cpu_ops_matmul_reference(void **state)
 {
     (void)state;
@@ -528,8 +541,13 @@ static void test_cpu_ops_matmul_reference(void **state)
             assert_true(check_matmul(ta, tb, 6, 5, 11, 2, MOE_BF16, MOE_EPI_NONE, 1.0f, 0.5f, 0x1p-7));
         }
     assert_true(check_matmul(0, 1, 9, 6, 4, 3, MOE_F32, MOE_EPI_BIAS, 1.0f, 0.5f, 1e-6));
-    assert_true(check_matmul(1, 0, 9, 6, 4, 2, MOE_F32, MOE_EPI_BIAS_GELU, 1.5f, 0.0f, 1e-6));
-    assert_true(check_matmul(0, 0, 9, 300, 4, 1, MOE_BF16, MOE_EPI_BIAS_GELU, 1.0f, 0.0f, 0x1p-7));
+    assert_true(check_matmul(1, 0, 9, 6, 4, 2, MOE_F32, MOE_EPI_BIAS_ACT, 1.5f, 0.0f, 1e-6));
+    assert_true(check_matmul(0, 0, 9, 300, 4, 1, MOE_BF16, MOE_EPI_BIAS_ACT, 1.0f, 0.0f, 0x1p-7));
+    assert_true(check_matmul_act(0, 1, 9, 6, 4, 2, MOE_F32, MOE_EPI_BIAS_ACT, 1.0f, 0.0f, 1e-6, MOE_ACT_GELU_ERF));
+    /* relu: about half the pre-activations are negative and must come out 0, aux keeps them */
+    assert_true(check_matmul_act(1, 0, 9, 6, 4, 2, MOE_F32, MOE_EPI_BIAS_ACT, 1.5f, 0.0f, 1e-6, MOE_ACT_RELU));
+    assert_true(check_matmul_act(0, 1, 70, 260, 5, 1, MOE_F16, MOE_EPI_BIAS_ACT, 1.0f, 0.0f, 0x1p-10, MOE_ACT_RELU));
+    assert_true(check_matmul_act(0, 0, 9, 300, 4, 1, MOE_BF16, MOE_EPI_BIAS_ACT, 1.0f, 0.0f, 0x1p-7, MOE_ACT_RELU));
     /* k == 0: C = beta*C + bias */
     assert_true(check_matmul(0, 0, 3, 4, 0, 1, MOE_F32, MOE_EPI_BIAS, 1.0f, 2.0f, 1e-6));
 }
@@ -674,20 +692,20 @@ static void test_cpu_ops_matmul_throughput(void **state)
     free(c);
 }
 
-/* ------------------------------------------------------- gelu, dropout */
+/* ------------------------------------------------ activations, dropout */
 
 typedef struct ew_fd {
     int64_t n;
     float *x, *w, *y;
-    moe_gelu_kind kind;
+    moe_act_kind kind;
     float p;
     uint64_t seed, stream;
 } ew_fd;
 
-static double gelu_loss(void *ctx)
+static double act_loss(void *ctx)
 {
     ew_fd *e = ctx;
-    assert_int_equal(moe_cpu_gelu_forward(g_ctx, e->y, e->x, e->n, MOE_F32, e->kind), MOE_OK);
+    assert_int_equal(moe_cpu_act_forward(g_ctx, e->y, e->x, e->n, MOE_F32, e->kind), MOE_OK);
     return dot_wd(e->w, e->y, e->n);
 }
 
@@ -697,32 +715,32 @@ static void test_cpu_ops_gelu(void **state)
     /* known values: gelu_erf(1) = Phi(1) = 0.841344746...; tanh form by its formula */
     const float pts[] = {1.0f, -1.0f, 0.0f, 3.0f};
     float y[4];
-    assert_int_equal(moe_cpu_gelu_forward(g_ctx, y, pts, 4, MOE_F32, MOE_GELU_ERF), MOE_OK);
+    assert_int_equal(moe_cpu_act_forward(g_ctx, y, pts, 4, MOE_F32, MOE_ACT_GELU_ERF), MOE_OK);
     assert_true(fabs(y[0] - 0.8413447460685429) < 1e-6);
     assert_true(fabs(y[1] - (-0.15865525393145707)) < 1e-6);
     assert_true(y[2] == 0.0f);
-    assert_int_equal(moe_cpu_gelu_forward(g_ctx, y, pts, 4, MOE_F32, MOE_GELU_TANH), MOE_OK);
+    assert_int_equal(moe_cpu_act_forward(g_ctx, y, pts, 4, MOE_F32, MOE_ACT_GELU_TANH), MOE_OK);
     assert_true(fabs(y[0] - 0.8411919906082768) < 1e-6); /* 0.5*(1+tanh(0.7978845608*1.044715)) */
-    assert_true(fabs(y[3] - gelu_ref(3.0, MOE_GELU_TANH)) < 1e-6);
+    assert_true(fabs(y[3] - gelu_ref(3.0, MOE_ACT_GELU_TANH)) < 1e-6);
 
     for (int kind = 0; kind < 2; kind++) {
         moe_test_rng r = moe_test_rng_make((uint64_t)(40 + kind));
         enum { N = 64 };
-        ew_fd e = {N, fbuf(N), fbuf(N), fbuf(N), (moe_gelu_kind)kind, 0, 0, 0};
+        ew_fd e = {N, fbuf(N), fbuf(N), fbuf(N), (moe_act_kind)kind, 0, 0, 0};
         moe_test_fill_signed(&r, e.x, N, 0.05f, 3.0f);
         moe_test_fill_signed(&r, e.w, N, 0.1f, 1.0f);
         double *fd = dbuf(N);
         double ref[N];
-        moe_test_fd_grad(gelu_loss, &e, e.x, N, 1e-2f, fd);
+        moe_test_fd_grad(act_loss, &e, e.x, N, 1e-2f, fd);
         /* dinp may alias dout */
         float *g = fbuf(N);
         memcpy(g, e.w, N * sizeof(float));
-        assert_int_equal(moe_cpu_gelu_backward(g_ctx, g, e.x, g, N, MOE_F32, (moe_gelu_kind)kind), MOE_OK);
+        assert_int_equal(moe_cpu_act_backward(g_ctx, g, e.x, g, N, MOE_F32, (moe_act_kind)kind), MOE_OK);
         /* elementwise: difference error is h^2 |gelu'''|/6 ~ 1e-5 */
         assert_true(moe_test_close(kind ? "gelu erf backward" : "gelu tanh backward", g, fd, N, 2e-4));
         for (int i = 0; i < N; i++)
-            ref[i] = gelu_ref(e.x[i], (moe_gelu_kind)kind);
-        assert_int_equal(moe_cpu_gelu_forward(g_ctx, e.y, e.x, N, MOE_F32, (moe_gelu_kind)kind), MOE_OK);
+            ref[i] = gelu_ref(e.x[i], (moe_act_kind)kind);
+        assert_int_equal(moe_cpu_act_forward(g_ctx, e.y, e.x, N, MOE_F32, (moe_act_kind)kind), MOE_OK);
         assert_true(moe_test_close("gelu forward", e.y, ref, N, 1e-6));
         free(e.x);
         free(e.w);
@@ -730,6 +748,82 @@ static void test_cpu_ops_gelu(void **state)
         free(fd);
         free(g);
     }
+}
+
+/* relu: max(0, x), derivative 0 at x == 0; backward selects, so an inf dout
+ * where the input is negative gives 0 (not inf * 0 = NaN); NaN passes through
+ * both ways, as torch.relu and its threshold_backward do. */
+static void test_cpu_ops_relu(void **state)
+{
+    (void)state;
+    const float pts[] = {-2.0f, -0.5f, 0.0f, -0.0f, 0.25f, 3.0f, -INFINITY, INFINITY, NAN};
+    const float dpts[] = {1.5f, INFINITY, 2.0f, 2.0f, -0.75f, 4.0f, 1.0f, 1.0f, 1.0f};
+    enum { P = sizeof pts / sizeof pts[0] };
+    float y[P], g[P];
+    assert_int_equal(moe_cpu_act_forward(g_ctx, y, pts, P, MOE_F32, MOE_ACT_RELU), MOE_OK);
+    const float want_y[P] = {0.0f, 0.0f, 0.0f, 0.0f, 0.25f, 3.0f, 0.0f, INFINITY, NAN};
+    assert_int_equal(moe_cpu_act_backward(g_ctx, g, pts, dpts, P, MOE_F32, MOE_ACT_RELU), MOE_OK);
+    const float want_g[P] = {0.0f, 0.0f, 0.0f, 0.0f, -0.75f, 4.0f, 0.0f, 1.0f, 1.0f};
+    for (int i = 0; i < P - 1; i++) {
+        assert_true(y[i] == want_y[i]);
+        assert_true(g[i] == want_g[i]);
+    }
+    assert_true(isnan(y[P - 1]));
+    assert_true(g[P - 1] == want_g[P - 1]);
+
+    /* away from 0 (|x| >= 0.05 > h) relu is linear on [x - h, x + h]: differences are exact up to rounding */
+    moe_test_rng r = moe_test_rng_make(45);
+    enum { N = 64 };
+    ew_fd e = {N, fbuf(N), fbuf(N), fbuf(N), MOE_ACT_RELU, 0, 0, 0};
+    moe_test_fill_signed(&r, e.x, N, 0.05f, 3.0f);
+    moe_test_fill_signed(&r, e.w, N, 0.1f, 1.0f);
+    double *fd = dbuf(N);
+    double ref[N];
+    moe_test_fd_grad(act_loss, &e, e.x, N, 1e-2f, fd);
+    int positive = 0;
+    for (int i = 0; i < N; i++) {
+        ref[i] = act_ref(e.x[i], MOE_ACT_RELU);
+        positive += e.x[i] > 0.0f;
+    }
+    assert_true(positive > N / 4 && positive < 3 * N / 4); /* both pieces are exercised */
+    float *gb = fbuf(N);
+    memcpy(gb, e.w, N * sizeof(float));
+    assert_int_equal(moe_cpu_act_backward(g_ctx, gb, e.x, gb, N, MOE_F32, MOE_ACT_RELU), MOE_OK); /* in place */
+    assert_true(moe_test_close("relu backward", gb, fd, N, 1e-5));
+    for (int i = 0; i < N; i++)
+        assert_true(gb[i] == (e.x[i] > 0.0f ? e.w[i] : 0.0f));
+    assert_int_equal(moe_cpu_act_forward(g_ctx, e.y, e.x, N, MOE_F32, MOE_ACT_RELU), MOE_OK);
+    assert_true(moe_test_close("relu forward", e.y, ref, N, 0.0));
+
+    /* half storage: relu of a stored value is that value or 0, nothing to round */
+    for (int t = 0; t < 2; t++) {
+        const moe_dtype dt = t ? MOE_BF16 : MOE_F16;
+        uint16_t hx[N], hw[N], hy[N];
+        float xr[N], back[N];
+        memcpy(xr, e.x, sizeof xr);
+        round_to(xr, N, dt);
+        store_all(hx, dt, xr, N);
+        store_all(hw, dt, e.w, N);
+        assert_int_equal(moe_cpu_act_forward(g_ctx, hy, hx, N, dt, MOE_ACT_RELU), MOE_OK);
+        load_all(back, hy, dt, N);
+        for (int i = 0; i < N; i++)
+            assert_true(back[i] == (xr[i] > 0.0f ? xr[i] : 0.0f));
+        assert_int_equal(moe_cpu_act_backward(g_ctx, hy, hx, hw, N, dt, MOE_ACT_RELU), MOE_OK);
+        load_all(back, hy, dt, N);
+        for (int i = 0; i < N; i++)
+            assert_true(back[i] == (xr[i] > 0.0f ? moe_cpu_load(hw, dt, i) : 0.0f));
+    }
+
+    /* an unknown kind is refused */
+    moe_test_clear_error();
+    assert_int_equal(moe_cpu_act_forward(g_ctx, y, pts, P, MOE_F32, (moe_act_kind)3), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_test_last_error(), "MOE_ACT_RELU"));
+    moe_test_clear_error();
+    free(e.x);
+    free(e.w);
+    free(e.y);
+    free(fd);
+    free(gb);
 }
 
 static double dropout_loss(void *ctx)
@@ -776,7 +870,7 @@ static void test_cpu_ops_dropout(void **state)
 
     /* backward: the same mask and scale on dout, checked by differences on a slice */
     enum { M = 50 };
-    ew_fd e = {M, x, fbuf(M), fbuf(M), MOE_GELU_TANH, p, 9, 4};
+    ew_fd e = {M, x, fbuf(M), fbuf(M), MOE_ACT_GELU_TANH, p, 9, 4};
     moe_test_fill_signed(&r, e.w, M, 0.1f, 1.0f);
     double *fd = dbuf(M);
     moe_test_fd_grad(dropout_loss, &e, x, M, 1e-2f, fd);
@@ -1192,8 +1286,8 @@ static void check_half_storage(moe_dtype dt, double tol)
     store_all(hb, dt, b, C);
 
     /* gelu */
-    assert_int_equal(moe_cpu_gelu_forward(g_ctx, y32, x, N * C, MOE_F32, MOE_GELU_TANH), MOE_OK);
-    assert_int_equal(moe_cpu_gelu_forward(g_ctx, hy, hx, N * C, dt, MOE_GELU_TANH), MOE_OK);
+    assert_int_equal(moe_cpu_act_forward(g_ctx, y32, x, N * C, MOE_F32, MOE_ACT_GELU_TANH), MOE_OK);
+    assert_int_equal(moe_cpu_act_forward(g_ctx, hy, hx, N * C, dt, MOE_ACT_GELU_TANH), MOE_OK);
     load_all(y16f, hy, dt, N * C);
     assert_true(moe_test_close_f("gelu, half storage", y16f, y32, N * C, tol));
 
@@ -1255,12 +1349,15 @@ static void test_cpu_ops_invalid_arguments(void **state)
     d.ldb = 2;
     expect_error(moe_cpu_matmul(g_ctx, &d), "ldb >= 4");
     d = mm_desc(0, 0, 4, 4, 4, a, b, c, 1.0f);
-    d.epilogue = MOE_EPI_BIAS_GELU;
+    d.epilogue = MOE_EPI_BIAS_ACT;
     d.bias = b;
     expect_error(moe_cpu_matmul(g_ctx, &d), "beta == 0");
     d.beta = 0.0f;
     d.bias = NULL;
     expect_error(moe_cpu_matmul(g_ctx, &d), "needs a bias");
+    d.bias = b;
+    d.act = (moe_act_kind)3;
+    expect_error(moe_cpu_matmul(g_ctx, &d), "unknown activation kind 3");
     expect_error(moe_cpu_fill(g_ctx, a, MOE_DTYPE_COUNT, 4, 1.0f), "dtype");
     expect_error(moe_cpu_axpby(g_ctx, a, b, MOE_I32, 4, 1.0f, 1.0f), "dtype");
     expect_error(moe_cpu_dropout_backward(g_ctx, a, b, 4, MOE_F32, -0.1f, 1, 1), "0 <= p <= 1");
@@ -1286,6 +1383,7 @@ int main(void)
         cmocka_unit_test(test_cpu_ops_matmul_backward_fd),
         cmocka_unit_test(test_cpu_ops_matmul_throughput),
         cmocka_unit_test(test_cpu_ops_gelu),
+        cmocka_unit_test(test_cpu_ops_relu),
         cmocka_unit_test(test_cpu_ops_dropout),
         cmocka_unit_test(test_cpu_ops_layernorm),
         cmocka_unit_test(test_cpu_ops_embedding),

@@ -72,6 +72,16 @@ static const char *dt_name(moe_dtype dt)
     }
 }
 
+static const char *act_name(moe_act_kind act)
+{
+    switch (act) {
+    case MOE_ACT_GELU_TANH: return "gelu tanh";
+    case MOE_ACT_GELU_ERF: return "gelu erf";
+    case MOE_ACT_RELU: return "relu";
+    default: return "?";
+    }
+}
+
 static double tol_of(moe_dtype dt)
 {
     switch (dt) {
@@ -350,26 +360,27 @@ static void test_parity_elementwise(void **state)
         compare("add in place", &x, dt, n, tol);
 #undef ADDIP
 
-        for (int kind = 0; kind < 2; kind++) {
-            moe_gelu_kind gk = kind == 0 ? MOE_GELU_TANH : MOE_GELU_ERF;
+        static const moe_act_kind acts[3] = {MOE_ACT_GELU_TANH, MOE_ACT_GELU_ERF, MOE_ACT_RELU};
+        for (int kind = 0; kind < 3; kind++) {
+            const moe_act_kind ak = acts[kind];
             pb_poison(&out, dt, n);
-#define GELUF(o, cx, s) (o)->gelu_forward((cx), out.s, x.s, (int64_t)n, dt, gk)
-            BOTH("gelu_forward", GELUF);
-            snprintf(what, sizeof what, "gelu_forward %s", kind == 0 ? "tanh" : "erf");
+#define ACTF(o, cx, s) (o)->act_forward((cx), out.s, x.s, (int64_t)n, dt, ak)
+            BOTH("act_forward", ACTF);
+            snprintf(what, sizeof what, "act_forward %s", act_name(ak));
             compare(what, &out, dt, n, tol);
-#undef GELUF
+#undef ACTF
             pbuf dout = pb_rand(dt, n, -1.0f, 1.0f);
             pb_poison(&out, dt, n);
-#define GELUB(o, cx, s) (o)->gelu_backward((cx), out.s, x.s, dout.s, (int64_t)n, dt, gk)
-            BOTH("gelu_backward", GELUB);
-            snprintf(what, sizeof what, "gelu_backward %s", kind == 0 ? "tanh" : "erf");
+#define ACTB(o, cx, s) (o)->act_backward((cx), out.s, x.s, dout.s, (int64_t)n, dt, ak)
+            BOTH("act_backward", ACTB);
+            snprintf(what, sizeof what, "act_backward %s", act_name(ak));
             compare(what, &out, dt, n, tol);
-#undef GELUB
-#define GELUBIP(o, cx, s) (o)->gelu_backward((cx), dout.s, x.s, dout.s, (int64_t)n, dt, gk)
-            BOTH("gelu_backward in place", GELUBIP);
-            snprintf(what, sizeof what, "gelu_backward %s in place", kind == 0 ? "tanh" : "erf");
+#undef ACTB
+#define ACTBIP(o, cx, s) (o)->act_backward((cx), dout.s, x.s, dout.s, (int64_t)n, dt, ak)
+            BOTH("act_backward in place", ACTBIP);
+            snprintf(what, sizeof what, "act_backward %s in place", act_name(ak));
             compare(what, &dout, dt, n, tol);
-#undef GELUBIP
+#undef ACTBIP
             pb_free(&dout);
         }
 
@@ -472,7 +483,7 @@ typedef struct mm_case {
     int64_t m, n, k, batch;
     float alpha, beta;
     moe_epilogue epi;
-    moe_gelu_kind gelu;
+    moe_act_kind act;
     int with_aux;
     moe_dtype ab, cd;
     int64_t ldc_pad;
@@ -511,7 +522,7 @@ static void run_matmul_case(const mm_case *mc)
     d.batch = mc->batch;
     d.epilogue = mc->epi;
     d.stride_bias = sbias;
-    d.gelu = mc->gelu;
+    d.act = mc->act;
     moe_matmul_desc dc = d, dg = d;
     dc.a = a.c; dc.b = b.c; dc.c = c.c; dc.bias = mc->epi != MOE_EPI_NONE ? bias.c : NULL;
     dc.aux = mc->with_aux ? aux.c : NULL;
@@ -519,11 +530,10 @@ static void run_matmul_case(const mm_case *mc)
     dg.aux = mc->with_aux ? aux.g : NULL;
     check_ok("matmul", g_cpu.ops->matmul(g_cpu.ctx, &dc), g_gpu.ops->matmul(g_gpu.ctx, &dg));
     char what[128];
-    const char *epi = mc->epi == MOE_EPI_NONE ? "none" : mc->epi == MOE_EPI_BIAS ? "bias" : "bias_gelu";
+    const char *epi = mc->epi == MOE_EPI_NONE ? "none" : mc->epi == MOE_EPI_BIAS ? "bias" : "bias_act/";
     snprintf(what, sizeof what, "matmul %s%s %lldx%lldx%lld b%lld %s%s %s->%s ldc%lld", mc->ta ? "T" : "N",
              mc->tb ? "T" : "N", (long long)mc->m, (long long)mc->n, (long long)mc->k, (long long)mc->batch, epi,
-             mc->epi == MOE_EPI_BIAS_GELU ? (mc->gelu == MOE_GELU_TANH ? "/tanh" : "/erf") : "", dt_name(mc->ab),
-             dt_name(mc->cd), (long long)ldc);
+             mc->epi == MOE_EPI_BIAS_ACT ? act_name(mc->act) : "", dt_name(mc->ab), dt_name(mc->cd), (long long)ldc);
     compare(what, &c, mc->cd, nc, tol_of(mc->cd));
     if (mc->with_aux) {
         snprintf(what, sizeof what, "matmul aux (pre-activation) %s", dt_name(mc->ab));
@@ -541,16 +551,23 @@ static void test_parity_matmul(void **state)
     (void)state;
     begin_case();
     const mm_case cases[] = {
-        {0, 0, 37, 45, 70, 1, 1.0f, 0.0f, MOE_EPI_NONE, MOE_GELU_TANH, 0, MOE_F32, MOE_F32, 0, 0},
-        {1, 0, 37, 45, 70, 3, 0.5f, 0.75f, MOE_EPI_BIAS, MOE_GELU_TANH, 0, MOE_F32, MOE_F32, 2, 0},
-        {0, 1, 37, 45, 70, 1, 1.0f, 0.0f, MOE_EPI_BIAS_GELU, MOE_GELU_TANH, 1, MOE_F16, MOE_F16, 3, 0},
-        {1, 1, 37, 45, 70, 2, 1.0f, 0.0f, MOE_EPI_BIAS_GELU, MOE_GELU_ERF, 1, MOE_BF16, MOE_BF16, 0, 0},
-        {0, 0, 37, 45, 70, 2, 1.0f, 1.0f, MOE_EPI_BIAS, MOE_GELU_TANH, 0, MOE_F16, MOE_F32, 0, 1},
-        {0, 1, 37, 45, 70, 1, 1.0f, 0.0f, MOE_EPI_BIAS_GELU, MOE_GELU_TANH, 0, MOE_F32, MOE_F16, 0, 0},
-        {0, 0, 37, 45, 70, 1, 1.0f, 0.0f, MOE_EPI_BIAS_GELU, MOE_GELU_TANH, 1, MOE_BF16, MOE_F32, 1, 0},
-        {0, 0, 37, 45, 0, 1, 1.0f, 0.5f, MOE_EPI_BIAS, MOE_GELU_TANH, 0, MOE_F32, MOE_F32, 0, 0},
-        {0, 0, 128, 256, 512, 1, 1.0f, 0.0f, MOE_EPI_NONE, MOE_GELU_TANH, 0, MOE_F16, MOE_F16, 0, 0},
-        {1, 0, 64, 96, 128, 4, 1.0f, 0.0f, MOE_EPI_BIAS, MOE_GELU_TANH, 0, MOE_BF16, MOE_BF16, 0, 0},
+        {0, 0, 37, 45, 70, 1, 1.0f, 0.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 0, MOE_F32, MOE_F32, 0, 0},
+        {1, 0, 37, 45, 70, 3, 0.5f, 0.75f, MOE_EPI_BIAS, MOE_ACT_GELU_TANH, 0, MOE_F32, MOE_F32, 2, 0},
+        {0, 1, 37, 45, 70, 1, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_GELU_TANH, 1, MOE_F16, MOE_F16, 3, 0},
+        {1, 1, 37, 45, 70, 2, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_GELU_ERF, 1, MOE_BF16, MOE_BF16, 0, 0},
+        {0, 0, 37, 45, 70, 2, 1.0f, 1.0f, MOE_EPI_BIAS, MOE_ACT_GELU_TANH, 0, MOE_F16, MOE_F32, 0, 1},
+        {0, 1, 37, 45, 70, 1, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_GELU_TANH, 0, MOE_F32, MOE_F16, 0, 0},
+        {0, 0, 37, 45, 70, 1, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_GELU_TANH, 1, MOE_BF16, MOE_F32, 1, 0},
+        {0, 0, 37, 45, 0, 1, 1.0f, 0.5f, MOE_EPI_BIAS, MOE_ACT_GELU_TANH, 0, MOE_F32, MOE_F32, 0, 0},
+        {0, 0, 128, 256, 512, 1, 1.0f, 0.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 0, MOE_F16, MOE_F16, 0, 0},
+        {1, 0, 64, 96, 128, 4, 1.0f, 0.0f, MOE_EPI_BIAS, MOE_ACT_GELU_TANH, 0, MOE_BF16, MOE_BF16, 0, 0},
+        /* relu: cuBLASLt's BIAS epilogue into aux (or C) and the activation pass, never RELU_AUX_BIAS
+         * (whose aux is a bitmask); f32 x f32 -> f16 takes the tiled fallback */
+        {0, 1, 37, 45, 70, 1, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_RELU, 1, MOE_F16, MOE_F16, 3, 0},
+        {1, 1, 37, 45, 70, 2, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_RELU, 1, MOE_BF16, MOE_BF16, 0, 0},
+        {0, 0, 37, 45, 70, 2, 0.5f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_RELU, 0, MOE_F32, MOE_F32, 1, 1},
+        {0, 1, 37, 45, 70, 1, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_RELU, 1, MOE_F32, MOE_F16, 0, 0},
+        {0, 0, 128, 256, 512, 1, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_RELU, 1, MOE_F16, MOE_F16, 0, 0},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         run_matmul_case(&cases[i]);
@@ -1215,9 +1232,11 @@ static void test_parity_bench(void **state)
     d.m = N; d.n = F; d.k = Cm; d.alpha = 1.0f;
     d.a = x; d.lda = Cm; d.b = w; d.ldb = Cm; d.c = y; d.ldc = F;
     d.ab_dtype = MOE_F16; d.c_dtype = MOE_F16; d.batch = 1;
-    d.epilogue = MOE_EPI_BIAS_GELU; d.bias = bias; d.aux = aux; d.gelu = MOE_GELU_TANH;
+    d.epilogue = MOE_EPI_BIAS_ACT; d.bias = bias; d.aux = aux; d.act = MOE_ACT_GELU_TANH;
     double mm = 2.0 * (double)N * (double)F * (double)Cm;
     BENCH("matmul fc1 8192x8192x2048 bias+gelu(aux) f16", 10, mm, "TFLOP/s", o->matmul(cx, &d));
+    d.act = MOE_ACT_RELU; /* BIAS epilogue into aux, then the relu pass */
+    BENCH("matmul fc1 8192x8192x2048 bias+relu(aux) f16", 10, mm, "TFLOP/s", o->matmul(cx, &d));
     const int64_t ld = 3 * Cm;
     const char *q = (const char *)qkv, *k = q + Cm * 2, *v = q + 2 * Cm * 2;
     char *dq = (char *)dqkv;
@@ -1241,8 +1260,8 @@ static void test_parity_bench(void **state)
           o->layernorm_forward(cx, att, mean, rstd, x, bias, bias, N, Cm, 1e-5f, MOE_F16));
     BENCH("layernorm_backward 8192x2048 f16", 10, 2.0 * ln_bytes, "TB/s",
           o->layernorm_backward(cx, y, aux, (char *)aux + Cm * 2, att, x, bias, mean, rstd, N, Cm, MOE_F16));
-    BENCH("gelu_forward 8192x8192 f16", 10, 2.0 * (double)(N * F) * 2.0, "TB/s",
-          o->gelu_forward(cx, y, aux, N * F, MOE_F16, MOE_GELU_TANH));
+    BENCH("act_forward gelu tanh 8192x8192 f16", 10, 2.0 * (double)(N * F) * 2.0, "TB/s",
+          o->act_forward(cx, y, aux, N * F, MOE_F16, MOE_ACT_GELU_TANH));
     BENCH("dropout_forward 8192x8192 f16", 10, 2.0 * (double)(N * F) * 2.0, "TB/s",
           o->dropout_forward(cx, y, aux, N * F, MOE_F16, 0.1f, 3u, 4u));
     /* routing of 8192 tokens over 8 experts, top-2 */

@@ -35,12 +35,15 @@ extern "C" {
 
 typedef struct moe_ctx moe_ctx; /* a backend's stream/context, opaque */
 
-typedef enum moe_gelu_kind { MOE_GELU_TANH = 0, MOE_GELU_ERF = 1 } moe_gelu_kind;
+/* The FFN activation: GELU in its tanh (Megatron's fused bias-GELU) or exact erf
+ * form (FAIRSEQ_SPEC.md §1.8), or relu = max(0, x) with derivative 0 at x == 0;
+ * relu passes NaN through forward and backward, as torch.relu does. */
+typedef enum moe_act_kind { MOE_ACT_GELU_TANH = 0, MOE_ACT_GELU_ERF = 1, MOE_ACT_RELU = 2 } moe_act_kind;
 
 typedef enum moe_epilogue {
     MOE_EPI_NONE = 0,
-    MOE_EPI_BIAS,      /* C = alpha*op(A)op(B) + beta*C + bias                  */
-    MOE_EPI_BIAS_GELU  /* pre = alpha*op(A)op(B) + bias; C = gelu(pre); aux = pre */
+    MOE_EPI_BIAS,      /* C = alpha*op(A)op(B) + beta*C + bias                    */
+    MOE_EPI_BIAS_ACT   /* pre = alpha*op(A)op(B) + bias; C = act(pre); aux = pre  */
 } moe_epilogue;
 
 /* C(m,n) = alpha * op(A)(m,k) * op(B)(k,n) + beta * C, row-major, for `batch`
@@ -58,8 +61,8 @@ typedef struct moe_matmul_desc {
     moe_epilogue epilogue;
     const void *bias;          /* (n) per batch at stride_bias, or NULL */
     int64_t stride_bias;
-    void *aux;                 /* BIAS_GELU: pre-activation (m,n) like C, or NULL */
-    moe_gelu_kind gelu;
+    void *aux;                 /* BIAS_ACT: pre-activation (m,n) like C, or NULL */
+    moe_act_kind act;          /* BIAS_ACT: the activation */
 } moe_matmul_desc;
 
 /* Second-expert policies of top-2 gating (FAIRSEQ_SPEC.md §2.7). */
@@ -162,10 +165,12 @@ typedef struct moe_ops {
     moe_status (*bias_backward)(moe_ctx *c, void *dbias, const void *dy, int64_t N, int64_t C, moe_dtype dt);
 
     /* ---- activations and regularisation ---- */
-    moe_status (*gelu_forward)(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, moe_gelu_kind kind);
-    /* dinp = dout * gelu'(inp)   (writes; dinp may alias dout) */
-    moe_status (*gelu_backward)(moe_ctx *c, void *dinp, const void *inp, const void *dout, int64_t n,
-                                moe_dtype dt, moe_gelu_kind kind);
+    /* out = act(inp) */
+    moe_status (*act_forward)(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, moe_act_kind kind);
+    /* dinp = dout * act'(inp)   (writes; dinp may alias dout). relu selects rather than
+     * multiplies: dinp = inp > 0 ? dout : 0 (an inf dout at inp <= 0 gives 0, not NaN) */
+    moe_status (*act_backward)(moe_ctx *c, void *dinp, const void *inp, const void *dout, int64_t n, moe_dtype dt,
+                               moe_act_kind kind);
     /* out = inp * keep / (1-p), keep = uniform(seed, stream, i) >= p. In place allowed.
      * p == 0 is a plain copy (or nothing, in place). */
     moe_status (*dropout_forward)(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, float p,

@@ -3,7 +3,8 @@
  * fp32/fp16/bf16 storage through load/store helpers. Files by family:
  *   backend.c  context, memory, the ops table, elementwise and utility ops
  *   matmul.c   matmul (+ epilogues), bias_backward
- *   nn.c       gelu, dropout, layernorm, embedding, cross_entropy
+ *   nn.c       activations (gelu, relu), dropout, layernorm, embedding,
+ *              cross_entropy
  *   attention.c causal attention forward/backward
  *   route.c    MoE routing, dispatch, combine
  *   optim.c    adam_step, sgd_step
@@ -59,10 +60,10 @@ moe_status moe_cpu_matmul(moe_ctx *c, const moe_matmul_desc *d);
 moe_status moe_cpu_bias_backward(moe_ctx *c, void *dbias, const void *dy, int64_t N, int64_t C, moe_dtype dt);
 
 /* nn.c */
-float moe_cpu_gelu(float x, moe_gelu_kind kind);
-moe_status moe_cpu_gelu_forward(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, moe_gelu_kind kind);
-moe_status moe_cpu_gelu_backward(moe_ctx *c, void *dinp, const void *inp, const void *dout, int64_t n, moe_dtype dt,
-                                 moe_gelu_kind kind);
+float moe_cpu_act(float x, moe_act_kind kind); /* one element: the forward of act_forward */
+moe_status moe_cpu_act_forward(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, moe_act_kind kind);
+moe_status moe_cpu_act_backward(moe_ctx *c, void *dinp, const void *inp, const void *dout, int64_t n, moe_dtype dt,
+                                 moe_act_kind kind);
 moe_status moe_cpu_dropout_forward(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, float p,
                                    uint64_t seed, uint64_t stream);
 moe_status moe_cpu_dropout_backward(moe_ctx *c, void *din, const void *dout, int64_t n, moe_dtype dt, float p,

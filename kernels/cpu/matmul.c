@@ -1,5 +1,5 @@
 /* matmul.c: the cpu matmul (C = alpha*op(A)op(B) + beta*C, batched, with the
- * bias and bias+GELU epilogues of ops.h) and bias_backward.
+ * bias and bias+activation epilogues of ops.h) and bias_backward.
  *
  * A blocked i-k-j loop, not a BLAS: blocks of op(A) and op(B) are converted
  * (transposed and widened from fp16/bf16 as needed) into fp32 scratch panels,
@@ -11,8 +11,9 @@
  *
  * Conventions a reader would trip over:
  *  - beta == 0 does not read C (BLAS convention): C may be uninitialised.
- *  - BIAS_GELU requires beta == 0: pre = alpha*op(A)op(B) + bias, C = gelu(pre)
- *    and aux (when given) = pre rounded to c_dtype. aux uses C's ldc/stride_c.
+ *  - BIAS_ACT requires beta == 0: pre = alpha*op(A)op(B) + bias, C = act(pre)
+ *    (GELU tanh or erf, or relu, d->act) and aux (when given) = pre rounded to
+ *    c_dtype. aux uses C's ldc/stride_c.
  *  - Strides and leading dimensions are in elements; stride 0 broadcasts.
  */
 #include <stdlib.h>
@@ -108,20 +109,21 @@ static moe_status check_desc(moe_ctx *c, const moe_matmul_desc *d)
     if (d->ldc < d->n || d->ldc < 1)
         return CPU_ERROR(c, MOE_ERR_INVALID_ARG, "cpu matmul: expected ldc >= n = %lld, found %lld",
                          (long long)d->n, (long long)d->ldc);
-    if (d->epilogue != MOE_EPI_NONE && d->epilogue != MOE_EPI_BIAS && d->epilogue != MOE_EPI_BIAS_GELU)
-        return CPU_ERROR(c, MOE_ERR_INVALID_ARG, "cpu matmul: unknown epilogue %d; expected NONE, BIAS or BIAS_GELU",
+    if (d->epilogue != MOE_EPI_NONE && d->epilogue != MOE_EPI_BIAS && d->epilogue != MOE_EPI_BIAS_ACT)
+        return CPU_ERROR(c, MOE_ERR_INVALID_ARG, "cpu matmul: unknown epilogue %d; expected NONE, BIAS or BIAS_ACT",
                          (int)d->epilogue);
     if (d->epilogue != MOE_EPI_NONE && d->bias == NULL)
         return CPU_ERROR(c, MOE_ERR_INVALID_ARG,
                          "cpu matmul: epilogue %s needs a bias, found NULL; pass the bias or use MOE_EPI_NONE",
-                         d->epilogue == MOE_EPI_BIAS ? "BIAS" : "BIAS_GELU");
-    if (d->epilogue == MOE_EPI_BIAS_GELU && d->beta != 0.0f)
+                         d->epilogue == MOE_EPI_BIAS ? "BIAS" : "BIAS_ACT");
+    if (d->epilogue == MOE_EPI_BIAS_ACT && d->beta != 0.0f)
         return CPU_ERROR(c, MOE_ERR_INVALID_ARG,
-                         "cpu matmul: BIAS_GELU expects beta == 0 (C is overwritten with gelu(pre)), found beta %g",
+                         "cpu matmul: BIAS_ACT expects beta == 0 (C is overwritten with act(pre)), found beta %g",
                          (double)d->beta);
-    if (d->epilogue == MOE_EPI_BIAS_GELU && d->gelu != MOE_GELU_TANH && d->gelu != MOE_GELU_ERF)
-        return CPU_ERROR(c, MOE_ERR_INVALID_ARG, "cpu matmul: unknown gelu kind %d; expected TANH or ERF",
-                         (int)d->gelu);
+    if (d->epilogue == MOE_EPI_BIAS_ACT && d->act != MOE_ACT_GELU_TANH && d->act != MOE_ACT_GELU_ERF &&
+        d->act != MOE_ACT_RELU)
+        return CPU_ERROR(c, MOE_ERR_INVALID_ARG,
+                         "cpu matmul: unknown activation kind %d; expected GELU_TANH, GELU_ERF or RELU", (int)d->act);
     if (d->m > 0 && d->n > 0 && (d->c == NULL || (d->k > 0 && (d->a == NULL || d->b == NULL))))
         return CPU_ERROR(c, MOE_ERR_INVALID_ARG, "cpu matmul: expected non-NULL a, b and c for a %lldx%lldx%lld product",
                          (long long)d->m, (long long)d->n, (long long)d->k);
@@ -142,10 +144,10 @@ static void epilogue(const moe_matmul_desc *d, const float *acc, void *cb, void 
                 v += d->beta * moe_cpu_load(cb, dt, base + j);
             if (d->epilogue != MOE_EPI_NONE)
                 v += moe_cpu_load(biasb, dt, j0 + j);
-            if (d->epilogue == MOE_EPI_BIAS_GELU) {
+            if (d->epilogue == MOE_EPI_BIAS_ACT) {
                 if (auxb != NULL)
                     moe_cpu_store(auxb, dt, base + j, v);
-                v = moe_cpu_gelu(v, d->gelu);
+                v = moe_cpu_act(v, d->act);
             }
             moe_cpu_store(cb, dt, base + j, v);
         }

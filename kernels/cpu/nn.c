@@ -1,6 +1,6 @@
-/* nn.c: the cpu reference of the layer ops: GELU (tanh and erf), dropout,
- * layer norm, token embedding with fairseq's sinusoidal positions, and
- * softmax cross-entropy over the vocabulary.
+/* nn.c: the cpu reference of the layer ops: activations (GELU tanh and erf,
+ * relu), dropout, layer norm, token embedding with fairseq's sinusoidal
+ * positions, and softmax cross-entropy over the vocabulary.
  *
  * Plain loops in fp32 on fp32/fp16/bf16 storage; reductions (layer-norm
  * statistics, parameter-gradient sums, softmax denominators) accumulate in
@@ -10,7 +10,9 @@
  * Conventions a reader would trip over:
  *  - GELU tanh is Megatron's bias_gelu formula, erf is the exact GELU
  *    (FAIRSEQ_SPEC.md §1.8); each backward is the analytic derivative of its
- *    own forward formula.
+ *    own forward formula. relu is max(0, x) with derivative 0 at x == 0, and
+ *    its backward selects dout (inp > 0) or 0 rather than multiplying, as
+ *    PyTorch's threshold_backward; NaN passes through both, as in torch.relu.
  *  - Dropout keeps element i iff moe_philox_uniform(seed, stream, i) >= p
  *    (word i & 3 of the Philox group i >> 2, kernels/philox.h) and scales
  *    kept values by 1/(1-p) computed in fp32; p == 1 drops everything.
@@ -45,21 +47,27 @@ static moe_status check_float(moe_ctx *c, const char *op, moe_dtype dt, int64_t 
     return MOE_OK;
 }
 
-/* ------------------------------------------------------------------ GELU */
+/* ----------------------------------------------------------- activations */
 
 #define GELU_TANH_K 0.7978845608f /* sqrt(2/pi) */
 #define GELU_TANH_C 0.044715f
 
-float moe_cpu_gelu(float x, moe_gelu_kind kind)
+/* relu lets x through where x > 0 or x is NaN (torch.relu propagates NaN) */
+static int relu_pass(float x) { return x > 0.0f || isnan(x); }
+
+float moe_cpu_act(float x, moe_act_kind kind)
 {
-    if (kind == MOE_GELU_ERF)
+    if (kind == MOE_ACT_RELU)
+        return relu_pass(x) ? x : 0.0f;
+    if (kind == MOE_ACT_GELU_ERF)
         return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
     return 0.5f * x * (1.0f + tanhf(GELU_TANH_K * (x + GELU_TANH_C * x * x * x)));
 }
 
-static float gelu_grad(float x, moe_gelu_kind kind)
+/* d act / dx for the GELUs (relu selects instead, see moe_cpu_act_backward) */
+static float gelu_grad(float x, moe_act_kind kind)
 {
-    if (kind == MOE_GELU_ERF) {
+    if (kind == MOE_ACT_GELU_ERF) {
         /* Phi(x) + x * phi(x) */
         const float inv_sqrt_2pi = 0.39894228040143268f;
         return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) + x * inv_sqrt_2pi * expf(-0.5f * x * x);
@@ -68,27 +76,34 @@ static float gelu_grad(float x, moe_gelu_kind kind)
     return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_TANH_K * (1.0f + 3.0f * GELU_TANH_C * x * x);
 }
 
-static moe_status check_gelu(moe_ctx *c, const char *op, moe_dtype dt, int64_t n, moe_gelu_kind kind)
+static moe_status check_act(moe_ctx *c, const char *op, moe_dtype dt, int64_t n, moe_act_kind kind)
 {
     MOE_TRY(check_float(c, op, dt, n));
-    if (kind != MOE_GELU_TANH && kind != MOE_GELU_ERF)
-        return CPU_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: unknown gelu kind %d; expected MOE_GELU_TANH or MOE_GELU_ERF",
+    if (kind != MOE_ACT_GELU_TANH && kind != MOE_ACT_GELU_ERF && kind != MOE_ACT_RELU)
+        return CPU_ERROR(c, MOE_ERR_INVALID_ARG,
+                         "cpu %s: unknown activation kind %d; expected MOE_ACT_GELU_TANH, MOE_ACT_GELU_ERF or "
+                         "MOE_ACT_RELU",
                          op, (int)kind);
     return MOE_OK;
 }
 
-moe_status moe_cpu_gelu_forward(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, moe_gelu_kind kind)
+moe_status moe_cpu_act_forward(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, moe_act_kind kind)
 {
-    MOE_TRY(check_gelu(c, "gelu_forward", dt, n, kind));
+    MOE_TRY(check_act(c, "act_forward", dt, n, kind));
     for (int64_t i = 0; i < n; i++)
-        moe_cpu_store(out, dt, i, moe_cpu_gelu(moe_cpu_load(inp, dt, i), kind));
+        moe_cpu_store(out, dt, i, moe_cpu_act(moe_cpu_load(inp, dt, i), kind));
     return MOE_OK;
 }
 
-moe_status moe_cpu_gelu_backward(moe_ctx *c, void *dinp, const void *inp, const void *dout, int64_t n, moe_dtype dt,
-                                 moe_gelu_kind kind)
+moe_status moe_cpu_act_backward(moe_ctx *c, void *dinp, const void *inp, const void *dout, int64_t n, moe_dtype dt,
+                                 moe_act_kind kind)
 {
-    MOE_TRY(check_gelu(c, "gelu_backward", dt, n, kind));
+    MOE_TRY(check_act(c, "act_backward", dt, n, kind));
+    if (kind == MOE_ACT_RELU) {
+        for (int64_t i = 0; i < n; i++) /* dout[i] is read before dinp[i] is written: aliasing is safe */
+            moe_cpu_store(dinp, dt, i, relu_pass(moe_cpu_load(inp, dt, i)) ? moe_cpu_load(dout, dt, i) : 0.0f);
+        return MOE_OK;
+    }
     for (int64_t i = 0; i < n; i++) /* dout[i] is read before dinp[i] is written: aliasing is safe */
         moe_cpu_store(dinp, dt, i, moe_cpu_load(dout, dt, i) * gelu_grad(moe_cpu_load(inp, dt, i), kind));
     return MOE_OK;

@@ -416,8 +416,8 @@ static moe_ops make_ops(void)
     o.sumsq = moe_cuda_sumsq;
     o.matmul = moe_cuda_matmul;
     o.bias_backward = moe_cuda_bias_backward;
-    o.gelu_forward = moe_cuda_gelu_forward;
-    o.gelu_backward = moe_cuda_gelu_backward;
+    o.act_forward = moe_cuda_act_forward;
+    o.act_backward = moe_cuda_act_backward;
     o.dropout_forward = moe_cuda_dropout_forward;
     o.dropout_backward = moe_cuda_dropout_backward;
     o.layernorm_forward = moe_cuda_layernorm_forward;

@@ -206,26 +206,36 @@ static __device__ __forceinline__ float moe_cuda_block_max(float v, float *sh)
     return moe_cuda_warp_max(v);
 }
 
-/* ------------------------------------------------------------- GELU */
+/* ------------------------------------------------------- activations */
 
-/* tanh approximation (Megatron's fused bias-GELU, FAIRSEQ_SPEC.md §1.8) or erf */
-static __device__ __forceinline__ float moe_cuda_gelu(float x, moe_gelu_kind kind)
+/* relu lets x through where x > 0 or x is NaN (torch.relu propagates NaN); the
+ * same predicate selects dout in backward, so the derivative at 0 is 0 */
+static __device__ __forceinline__ bool moe_cuda_relu_pass(float x) { return x > 0.0f || isnan(x); }
+
+/* GELU tanh approximation (Megatron's fused bias-GELU, FAIRSEQ_SPEC.md §1.8),
+ * GELU erf, or relu */
+static __device__ __forceinline__ float moe_cuda_act(float x, moe_act_kind kind)
 {
-    if (kind == MOE_GELU_TANH)
+    if (kind == MOE_ACT_RELU)
+        return moe_cuda_relu_pass(x) ? x : 0.0f;
+    if (kind == MOE_ACT_GELU_TANH)
         return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
     return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
 }
 
-/* d gelu / dx, the analytic derivative of the same formula */
-static __device__ __forceinline__ float moe_cuda_gelu_grad(float x, moe_gelu_kind kind)
+/* dout * d act / dx at x, the analytic derivative of the same formula; relu
+ * selects (x > 0 ? dout : 0) rather than multiplying, as the cpu does */
+static __device__ __forceinline__ float moe_cuda_act_backward_one(float dout, float x, moe_act_kind kind)
 {
-    if (kind == MOE_GELU_TANH) {
+    if (kind == MOE_ACT_RELU)
+        return moe_cuda_relu_pass(x) ? dout : 0.0f;
+    if (kind == MOE_ACT_GELU_TANH) {
         const float k0 = 0.7978845608028654f, k1 = 0.044715f;
         float u = k0 * (x + k1 * x * x * x);
         float t = tanhf(u);
-        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * k0 * (1.0f + 3.0f * k1 * x * x);
+        return dout * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * k0 * (1.0f + 3.0f * k1 * x * x));
     }
-    return 0.5f * (1.0f + erff(x * 0.7071067811865476f)) + x * 0.3989422804014327f * expf(-0.5f * x * x);
+    return dout * (0.5f * (1.0f + erff(x * 0.7071067811865476f)) + x * 0.3989422804014327f * expf(-0.5f * x * x));
 }
 
 #endif /* __CUDACC__ */

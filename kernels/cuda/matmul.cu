@@ -4,10 +4,13 @@
  * inputs with fp32 accumulation (CUBLAS_COMPUTE_32F, never TF32, so fp32
  * results stay within rounding of the cpu), C in the input dtype or fp32,
  * batched at the given strides, with the BIAS epilogue, and GELU_AUX_BIAS /
- * GELU_BIAS when the GELU is the tanh form (cuBLASLt's GELU is tanh). An erf
- * GELU, an aux buffer cuBLASLt cannot write (leading dimension not a multiple
- * of 8) or a combination with no cuBLASLt algorithm takes a plain tiled kernel
- * or a separate GELU pass; results are the same up to rounding.
+ * GELU_BIAS when the activation is the tanh GELU (cuBLASLt's GELU is tanh). An
+ * erf GELU, a relu, an aux buffer cuBLASLt cannot write (leading dimension not
+ * a multiple of 8) or a combination with no cuBLASLt algorithm takes the BIAS
+ * epilogue writing the pre-activation (to aux, or C) and a separate activation
+ * pass, or a plain tiled kernel; results are the same up to rounding. relu
+ * never uses cuBLASLt's RELU_AUX_BIAS: its aux is a bitmask, not the
+ * pre-activation that act_backward reads.
  *
  * Row-major to cuBLASLt's column-major: a row-major X(r,c) with leading
  * dimension ld is the column-major X^T(c,r) with the same ld, so
@@ -36,7 +39,7 @@ typedef struct gemm_params {
     moe_dtype ab, cd;
     const void *bias; int64_t stride_bias;
     void *aux;
-    int gelu; /* 0 none, else 1 + moe_gelu_kind */
+    int act; /* 0 none, else 1 + moe_act_kind */
 } gemm_params;
 
 static __global__ void gemm_tiled_kernel(gemm_params p, int64_t batch0)
@@ -70,23 +73,23 @@ static __global__ void gemm_tiled_kernel(gemm_params p, int64_t batch0)
         v += p.beta * moe_cuda_ld(p.c, p.cd, ci);
     if (p.bias != NULL)
         v += moe_cuda_ld(p.bias, p.cd, bt * p.stride_bias + j);
-    if (p.gelu) {
+    if (p.act) {
         if (p.aux != NULL)
             moe_cuda_st(p.aux, p.cd, ci, v);
-        v = moe_cuda_gelu(v, (moe_gelu_kind)(p.gelu - 1));
+        v = moe_cuda_act(v, (moe_act_kind)(p.act - 1));
     }
     moe_cuda_st(p.c, p.cd, ci, v);
 }
 
-/* C = gelu(pre) over a strided batch of (m,n) matrices; pre may be C itself */
-static __global__ void gelu_strided_kernel(void *c, const void *pre, moe_dtype dt, int64_t m, int64_t n, int64_t ld,
-                                           int64_t stride, int64_t batch, moe_gelu_kind kind)
+/* C = act(pre) over a strided batch of (m,n) matrices; pre may be C itself */
+static __global__ void act_strided_kernel(void *c, const void *pre, moe_dtype dt, int64_t m, int64_t n, int64_t ld,
+                                          int64_t stride, int64_t batch, moe_act_kind kind)
 {
     int64_t total = batch * m * n;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
         int64_t bt = e / (m * n), r = (e / n) % m, col = e % n;
         int64_t idx = bt * stride + r * ld + col;
-        moe_cuda_st(c, dt, idx, moe_cuda_gelu(moe_cuda_ld(pre, dt, idx), kind));
+        moe_cuda_st(c, dt, idx, moe_cuda_act(moe_cuda_ld(pre, dt, idx), kind));
     }
 }
 
@@ -105,9 +108,9 @@ static moe_status gemm_fallback(moe_ctx *c, const moe_matmul_desc *d)
         p.bias = d->bias;
         p.stride_bias = d->stride_bias;
     }
-    if (d->epilogue == MOE_EPI_BIAS_GELU) {
+    if (d->epilogue == MOE_EPI_BIAS_ACT) {
         p.aux = d->aux;
-        p.gelu = 1 + (int)d->gelu;
+        p.act = 1 + (int)d->act;
     }
     dim3 block(TILE, TILE);
     for (int64_t b0 = 0; b0 < d->batch; b0 += 65535) {
@@ -143,9 +146,9 @@ static uint32_t align_of(const void *p, int64_t stride_elems, size_t esize, int6
     } while (0)
 
 /* Runs d on cuBLASLt with the given epilogue; `out` receives the result
- * (C, or aux when the GELU is done separately). *ran = 0 when cuBLASLt has
- * no algorithm for it (the caller falls back); an error only when a chosen
- * algorithm fails to run. */
+ * (C, or aux when the activation is done separately). *ran = 0 when cuBLASLt
+ * has no algorithm for it (the caller falls back); an error only when a
+ * chosen algorithm fails to run. */
 static moe_status lt_matmul(moe_ctx *c, const moe_matmul_desc *d, cublasLtEpilogue_t epi, void *out, int *ran)
 {
     *ran = 0;
@@ -248,11 +251,11 @@ static int lt_supports(const moe_matmul_desc *d)
     return d->c_dtype == d->ab_dtype || d->c_dtype == MOE_F32;
 }
 
-static moe_status gelu_pass(moe_ctx *c, const moe_matmul_desc *d, const void *pre)
+static moe_status act_pass(moe_ctx *c, const moe_matmul_desc *d, const void *pre)
 {
     int64_t total = d->batch * d->m * d->n;
-    gelu_strided_kernel<<<moe_cuda_blocks(c, total, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
-        d->c, pre, d->c_dtype, d->m, d->n, d->ldc, d->stride_c, d->batch, d->gelu);
+    act_strided_kernel<<<moe_cuda_blocks(c, total, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
+        d->c, pre, d->c_dtype, d->m, d->n, d->ldc, d->stride_c, d->batch, d->act);
     MOE_CUDA_CHECK_LAUNCH(c);
     return MOE_OK;
 }
@@ -267,38 +270,41 @@ moe_status moe_cuda_matmul(moe_ctx *c, const moe_matmul_desc *d)
                              d ? (long long)d->m : -1LL, d ? (long long)d->n : -1LL, d ? (long long)d->k : -1LL,
                              d ? (long long)d->batch : -1LL, d ? moe_cuda_dtype_name(d->ab_dtype) : "?",
                              d ? moe_cuda_dtype_name(d->ab_dtype) : "?", d ? moe_cuda_dtype_name(d->c_dtype) : "?");
-    if (d->epilogue != MOE_EPI_NONE && d->epilogue != MOE_EPI_BIAS && d->epilogue != MOE_EPI_BIAS_GELU)
-        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda matmul: unknown epilogue %d; expected NONE, BIAS or BIAS_GELU",
+    if (d->epilogue != MOE_EPI_NONE && d->epilogue != MOE_EPI_BIAS && d->epilogue != MOE_EPI_BIAS_ACT)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda matmul: unknown epilogue %d; expected NONE, BIAS or BIAS_ACT",
                              (int)d->epilogue);
     if (d->epilogue != MOE_EPI_NONE && d->bias == NULL)
         return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
                              "cuda matmul: epilogue %s needs a bias, found NULL; pass the bias or use MOE_EPI_NONE",
-                             d->epilogue == MOE_EPI_BIAS ? "BIAS" : "BIAS_GELU");
-    if (d->epilogue == MOE_EPI_BIAS_GELU && d->beta != 0.0f)
+                             d->epilogue == MOE_EPI_BIAS ? "BIAS" : "BIAS_ACT");
+    if (d->epilogue == MOE_EPI_BIAS_ACT && d->beta != 0.0f)
         return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
-                             "cuda matmul: BIAS_GELU expects beta == 0 (C is overwritten with gelu(pre)), found beta %g",
+                             "cuda matmul: BIAS_ACT expects beta == 0 (C is overwritten with act(pre)), found beta %g",
                              (double)d->beta);
-    if (d->epilogue == MOE_EPI_BIAS_GELU && d->gelu != MOE_GELU_TANH && d->gelu != MOE_GELU_ERF)
-        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda matmul: unknown gelu kind %d; expected TANH or ERF",
-                             (int)d->gelu);
+    if (d->epilogue == MOE_EPI_BIAS_ACT && d->act != MOE_ACT_GELU_TANH && d->act != MOE_ACT_GELU_ERF &&
+        d->act != MOE_ACT_RELU)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda matmul: unknown activation kind %d; expected GELU_TANH, GELU_ERF or RELU",
+                             (int)d->act);
     if (d->m == 0 || d->n == 0)
         return MOE_OK;
     const int has_bias = d->epilogue != MOE_EPI_NONE && d->bias != NULL;
     if (lt_supports(d)) {
         int ran = 0;
-        if (d->epilogue == MOE_EPI_BIAS_GELU) {
-            if (d->gelu == MOE_GELU_TANH && has_bias && (d->aux == NULL || (d->ldc % 8 == 0 && (d->batch == 1 ||
+        if (d->epilogue == MOE_EPI_BIAS_ACT) {
+            if (d->act == MOE_ACT_GELU_TANH && has_bias && (d->aux == NULL || (d->ldc % 8 == 0 && (d->batch == 1 ||
                                                                             d->stride_c % 8 == 0)))) {
                 cublasLtEpilogue_t e = d->aux != NULL ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_BIAS;
                 MOE_TRY(lt_matmul(c, d, e, d->c, &ran));
                 if (ran)
                     return MOE_OK;
             }
-            /* pre-activation into aux (or C), then the GELU as its own pass */
+            /* erf GELU, relu, or what cuBLASLt's GELU epilogue did not take: the
+             * pre-activation into aux (or C), then the activation as its own pass */
             void *pre = d->aux != NULL ? d->aux : d->c;
             MOE_TRY(lt_matmul(c, d, has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, pre, &ran));
             if (ran)
-                return gelu_pass(c, d, pre);
+                return act_pass(c, d, pre);
         } else {
             MOE_TRY(lt_matmul(c, d, has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, d->c, &ran));
             if (ran)

@@ -1,11 +1,12 @@
-/* nn.cu: the cuda backend's layer ops: GELU, dropout, layer norm, token
- * embedding with sinusoidal positions, and softmax cross-entropy.
+/* nn.cu: the cuda backend's layer ops: activations (GELU, relu), dropout,
+ * layer norm, token embedding with sinusoidal positions, and softmax
+ * cross-entropy.
  *
- * Not here: fusions across ops (bias+GELU lives in the matmul epilogue) and
- * anything that needs the host to look at data: arguments the cpu oracle
- * checks element by element (token ids inside the table, targets inside the
- * vocabulary) are not checked here; a target outside the vocabulary gives a
- * NaN loss, a token outside the table gets no gradient.
+ * Not here: fusions across ops (bias+activation lives in the matmul
+ * epilogue) and anything that needs the host to look at data: arguments the
+ * cpu oracle checks element by element (token ids inside the table, targets
+ * inside the vocabulary) are not checked here; a target outside the
+ * vocabulary gives a NaN loss, a token outside the table gets no gradient.
  *
  * Conventions, the same as kernels/cpu/nn.c so the two agree to rounding:
  *  - dropout keeps element i iff philox_uniform(seed, stream, i) >= p (word
@@ -39,48 +40,50 @@ static moe_status check_float(moe_ctx *c, const char *op, moe_dtype dt, int64_t 
     return MOE_OK;
 }
 
-/* ------------------------------------------------------------------ GELU */
+/* ----------------------------------------------------------- activations */
 
-static __global__ void gelu_forward_kernel(void *out, const void *inp, int64_t n, moe_dtype dt, moe_gelu_kind kind)
+static __global__ void act_forward_kernel(void *out, const void *inp, int64_t n, moe_dtype dt, moe_act_kind kind)
 {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        moe_cuda_st(out, dt, i, moe_cuda_gelu(moe_cuda_ld(inp, dt, i), kind));
+        moe_cuda_st(out, dt, i, moe_cuda_act(moe_cuda_ld(inp, dt, i), kind));
 }
 
-static __global__ void gelu_backward_kernel(void *dinp, const void *inp, const void *dout, int64_t n, moe_dtype dt,
-                                            moe_gelu_kind kind)
+static __global__ void act_backward_kernel(void *dinp, const void *inp, const void *dout, int64_t n, moe_dtype dt,
+                                           moe_act_kind kind)
 {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        moe_cuda_st(dinp, dt, i, moe_cuda_ld(dout, dt, i) * moe_cuda_gelu_grad(moe_cuda_ld(inp, dt, i), kind));
+        moe_cuda_st(dinp, dt, i, moe_cuda_act_backward_one(moe_cuda_ld(dout, dt, i), moe_cuda_ld(inp, dt, i), kind));
 }
 
-static moe_status check_gelu(moe_ctx *c, const char *op, moe_dtype dt, int64_t n, moe_gelu_kind kind)
+static moe_status check_act(moe_ctx *c, const char *op, moe_dtype dt, int64_t n, moe_act_kind kind)
 {
     MOE_TRY(check_float(c, op, dt, n));
-    if (kind != MOE_GELU_TANH && kind != MOE_GELU_ERF)
+    if (kind != MOE_ACT_GELU_TANH && kind != MOE_ACT_GELU_ERF && kind != MOE_ACT_RELU)
         return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
-                             "cuda %s: unknown gelu kind %d; expected MOE_GELU_TANH or MOE_GELU_ERF", op, (int)kind);
+                             "cuda %s: unknown activation kind %d; expected MOE_ACT_GELU_TANH, MOE_ACT_GELU_ERF or "
+                             "MOE_ACT_RELU",
+                             op, (int)kind);
     return MOE_OK;
 }
 
-moe_status moe_cuda_gelu_forward(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, moe_gelu_kind kind)
+moe_status moe_cuda_act_forward(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, moe_act_kind kind)
 {
-    MOE_TRY(check_gelu(c, "gelu_forward", dt, n, kind));
+    MOE_TRY(check_act(c, "act_forward", dt, n, kind));
     if (n == 0)
         return MOE_OK;
-    gelu_forward_kernel<<<moe_cuda_blocks(c, n, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(out, inp, n, dt,
-                                                                                                    kind);
+    act_forward_kernel<<<moe_cuda_blocks(c, n, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(out, inp, n, dt,
+                                                                                                   kind);
     MOE_CUDA_CHECK_LAUNCH(c);
     return MOE_OK;
 }
 
-moe_status moe_cuda_gelu_backward(moe_ctx *c, void *dinp, const void *inp, const void *dout, int64_t n, moe_dtype dt,
-                                  moe_gelu_kind kind)
+moe_status moe_cuda_act_backward(moe_ctx *c, void *dinp, const void *inp, const void *dout, int64_t n, moe_dtype dt,
+                                 moe_act_kind kind)
 {
-    MOE_TRY(check_gelu(c, "gelu_backward", dt, n, kind));
+    MOE_TRY(check_act(c, "act_backward", dt, n, kind));
     if (n == 0)
         return MOE_OK;
-    gelu_backward_kernel<<<moe_cuda_blocks(c, n, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
+    act_backward_kernel<<<moe_cuda_blocks(c, n, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
         dinp, inp, dout, n, dt, kind);
     MOE_CUDA_CHECK_LAUNCH(c);
     return MOE_OK;

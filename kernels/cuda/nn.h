@@ -1,14 +1,14 @@
-/* nn.h: the cuda backend's layer ops: GELU, dropout, layer norm, embedding
- * with sinusoidal positions, softmax cross-entropy. ops.h says what each
- * computes. Defined in nn.cu. */
+/* nn.h: the cuda backend's layer ops: activations (GELU, relu), dropout,
+ * layer norm, embedding with sinusoidal positions, softmax cross-entropy.
+ * ops.h says what each computes. Defined in nn.cu. */
 #ifndef MOE_KERNELS_CUDA_NN_H
 #define MOE_KERNELS_CUDA_NN_H
 
 #include "moe/ops.h"
 
-moe_status moe_cuda_gelu_forward(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, moe_gelu_kind kind);
-moe_status moe_cuda_gelu_backward(moe_ctx *c, void *dinp, const void *inp, const void *dout, int64_t n, moe_dtype dt,
-                                  moe_gelu_kind kind);
+moe_status moe_cuda_act_forward(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, moe_act_kind kind);
+moe_status moe_cuda_act_backward(moe_ctx *c, void *dinp, const void *inp, const void *dout, int64_t n, moe_dtype dt,
+                                 moe_act_kind kind);
 moe_status moe_cuda_dropout_forward(moe_ctx *c, void *out, const void *inp, int64_t n, moe_dtype dt, float p,
                                     uint64_t seed, uint64_t stream);
 moe_status moe_cuda_dropout_backward(moe_ctx *c, void *din, const void *dout, int64_t n, moe_dtype dt, float p,

@@ -41,9 +41,13 @@
  *    otherwise). Sites, layers, micro-batches and experts therefore never
  *    share masks, and a recomputed layer (--checkpoint-activations) draws the
  *    same ones, so gradients are bit-identical with and without it.
- *  - GELU: fairseq's "gelu" runs Megatron's fused bias-GELU, the tanh
- *    approximation (FAIRSEQ_SPEC.md §1.8); "gelu_accurate" is the same tanh
- *    formula. --gelu-erf selects the exact erf GELU instead.
+ *  - Activation (--activation-fn, default the variant's): fairseq's "gelu"
+ *    runs Megatron's fused bias-GELU, the tanh approximation (FAIRSEQ_SPEC.md
+ *    §1.8); "gelu_accurate" is the same tanh formula; --gelu-erf selects the
+ *    exact erf GELU instead (and is ignored with relu). "relu" is max(0, x)
+ *    with gradient 0 at x == 0, as torch.relu. Whatever the activation, the
+ *    activation dropout is --activation-dropout, or --relu-dropout when that
+ *    is 0 (fairseq's FeedForwardNetwork), and it runs after the activation.
  *  - Gate: logits = x wg^T in the activation dtype, cast to fp32; all routing
  *    math is fp32 whether or not --moe-gating-use-fp32 is given.
  *  - Expert-parallel layout (§2.4): the dispatched (E*C, d) buffer is rank-
@@ -53,9 +57,7 @@
  *    is permuted to expert-major and back with plain copies.
  *  - Where fairseq's defaults need what moelm lacks: the gpt3 variants
  *    (learned positions) and wiki103 (adaptive input and softmax) build with
- *    sinusoidal positions and a plain embedding, and say so in a warning;
- *    relu (the default of transformer_lm, _big, _wiki103 and _gbw) is
- *    refused with a message asking for --activation-fn gelu.
+ *    sinusoidal positions and a plain embedding, and say so in a warning.
  *  - --use-moe-pad-mask builds the mask on the host from a copy of the tokens
  *    (one small round trip per forward, only with the flag).
  *  - With --checkpoint-activations all layers share one set of activation
@@ -178,13 +180,14 @@ static moe_option tlm_options[OPT_COUNT] = {
     {"attention-dropout", MOE_OPT_FLOAT, NULL, "dropout probability for attention weights", 0, 1, NULL},
     {"activation-dropout", MOE_OPT_FLOAT, NULL, "dropout probability after activation in FFN", 0, 1, NULL},
     {"activation-fn", MOE_OPT_CHOICE, NULL,
-     "activation function: gelu and gelu_accurate both compute the tanh approximation, as fairseq's fused "
-     "Megatron kernel does (--gelu-erf for the exact erf GELU); relu is not implemented",
+     "activation function to use: relu, or gelu and gelu_accurate, which both compute the tanh approximation, "
+     "as fairseq's fused Megatron kernel does (--gelu-erf for the exact erf GELU)",
      TLM_NOLIMIT, "relu|gelu|gelu_accurate"},
     {"relu-dropout", MOE_OPT_FLOAT, NULL,
      "dropout probability after activation in FFN, used when --activation-dropout is 0 (fairseq's alias)", 0, 1,
      NULL},
-    {"gelu-erf", MOE_OPT_FLAG, NULL, "compute GELU exactly with erf instead of the tanh approximation (moelm)",
+    {"gelu-erf", MOE_OPT_FLAG, NULL,
+     "compute GELU exactly with erf instead of the tanh approximation (moelm; no effect with relu)",
      TLM_NOLIMIT, NULL},
     {"share-decoder-input-output-embed", MOE_OPT_FLAG, NULL, "share decoder input and output embeddings",
      TLM_NOLIMIT, NULL},
@@ -294,7 +297,7 @@ typedef struct tlm {
     int64_t V, d, f, fe, L, H, D;
     int pad;
     float p_drop, p_attn, p_act;
-    moe_gelu_kind gelu;
+    moe_act_kind act_kind;    /* the FFN activation (dense and experts) */
     int tied, scale_embed, final_norm, ckpt, pad_mask;
     int record_a2a;           /* --record-a2a-perf-stats */
     float a2a_ms[2];          /* this layer's forward all-to-alls: host ms, completed ms */
@@ -379,7 +382,7 @@ static moe_status f32_alloc(tlm *m, int64_t elems, const char *what, float **out
     return dev_alloc(m, (uint64_t)elems * 4u, what, (void **)out);
 }
 
-/* C(M,Nc) = alpha op(A) op(B) + beta C [+ bias [gelu]] in the model's dtypes */
+/* C(M,Nc) = alpha op(A) op(B) + beta C [+ bias [act]] in the model's dtypes */
 static moe_status mm(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_t K, float alpha, const void *a,
                      int64_t lda, const void *b, int64_t ldb, float beta, void *c, int64_t ldc, moe_dtype ab_dt,
                      moe_dtype c_dt, moe_epilogue epi, const void *bias, void *aux)
@@ -405,7 +408,7 @@ static moe_status mm(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_
     d.epilogue = epi;
     d.bias = bias;
     d.aux = aux;
-    d.gelu = m->gelu;
+    d.act = m->act_kind;
     return m->h->ops->matmul(m->h->ctx, &d);
 }
 
@@ -562,12 +565,14 @@ static moe_status read_options(tlm *m)
     m->p_attn = (float)p_attn;
     m->p_act = (float)p_act;
     const char *act = h->opt_set(h, "activation-fn") ? h->opt_str(h, "activation-fn") : v->activation;
-    if (act == NULL || (strcmp(act, "gelu") != 0 && strcmp(act, "gelu_accurate") != 0))
-        return h->error(h, MOE_ERR_UNSUPPORTED,
-                        "%s: activation '%s' is not implemented (the ops table has GELU only); pass "
-                        "--activation-fn gelu",
+    const int gelu_erf = h->opt_flag(h, "gelu-erf");
+    if (act != NULL && strcmp(act, "relu") == 0)
+        m->act_kind = MOE_ACT_RELU;
+    else if (act != NULL && (strcmp(act, "gelu") == 0 || strcmp(act, "gelu_accurate") == 0))
+        m->act_kind = gelu_erf ? MOE_ACT_GELU_ERF : MOE_ACT_GELU_TANH;
+    else /* the option parser allows only the choices above */
+        return h->error(h, MOE_ERR_INVALID_ARG, "%s: unknown activation '%s'; expected relu, gelu or gelu_accurate",
                         MOE_ARCH_VARIANT, act ? act : "None");
-    m->gelu = h->opt_flag(h, "gelu-erf") ? MOE_GELU_ERF : MOE_GELU_TANH;
     if (h->opt_flag(h, "decoder-learned-pos"))
         return h->error(h, MOE_ERR_UNSUPPORTED,
                         "%s: --decoder-learned-pos is not supported: moelm implements sinusoidal positions only; "
@@ -1049,7 +1054,7 @@ static moe_status moe_forward(tlm *m, int i, tlm_acts *a, void *y)
         void *xin = off(a->xe, l * R * d, m->dt), *pre = off(a->epre, l * R * fe, m->dt);
         void *act = off(a->eact, l * R * fe, m->dt), *o = off(eout, l * R * d, m->dt);
         MOE_TRY(mm(m, 0, 1, R, fe, d, 1.0f, xin, d, P(m, x->fc1_w), d, 0.0f, act, fe, m->dt, m->dt,
-                   MOE_EPI_BIAS_GELU, P(m, x->fc1_b), pre));
+                   MOE_EPI_BIAS_ACT, P(m, x->fc1_b), pre));
         MOE_TRY(dropout_fwd(m, act, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid));
         MOE_TRY(mm(m, 0, 1, R, d, fe, 1.0f, act, fe, P(m, x->fc2_w), fe, 0.0f, o, d, m->dt, m->dt, MOE_EPI_BIAS,
                    P(m, x->fc2_b), NULL));
@@ -1101,7 +1106,7 @@ static moe_status layer_forward(tlm *m, int i)
     } else {
         const int64_t f = ly->ffn;
         MOE_TRY(mm(m, 0, 1, N, f, d, 1.0f, a->h2, d, P(m, ly->fc1_w), d, 0.0f, a->act, f, m->dt, m->dt,
-                   MOE_EPI_BIAS_GELU, P(m, ly->fc1_b), a->pre));
+                   MOE_EPI_BIAS_ACT, P(m, ly->fc1_b), a->pre));
         MOE_TRY(dropout_fwd(m, a->act, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0));
         MOE_TRY(mm(m, 0, 1, N, d, f, 1.0f, a->act, f, P(m, ly->fc2_w), f, 0.0f, m->tmp, d, m->dt, m->dt,
                    MOE_EPI_BIAS, P(m, ly->fc2_b), NULL));
@@ -1221,7 +1226,7 @@ static moe_status moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
         MOE_TRY(mmp(m, 0, 0, R, fe, d, 1.0f, dy, d, P(m, x->fc2_w), fe, 0.0f, m->depre, fe));
         const void *dact;
         MOE_TRY(dropout_bwd(m, m->depre, m->depre, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid, &dact));
-        MOE_TRY(ops->gelu_backward(h->ctx, m->depre, pre, dact, R * fe, m->dt, m->gelu));
+        MOE_TRY(ops->act_backward(h->ctx, m->depre, pre, dact, R * fe, m->dt, m->act_kind));
         MOE_TRY(mmp(m, 1, 0, fe, d, R, 1.0f, m->depre, fe, xin, d, 1.0f, G(m, x->fc1_w), d));
         MOE_TRY(ops->bias_backward(h->ctx, G(m, x->fc1_b), m->depre, R, fe, m->dt));
         MOE_TRY(mmp(m, 0, 0, R, d, fe, 1.0f, m->depre, fe, P(m, x->fc1_w), d, 0.0f, off(m->d_e, l * R * d, m->dt), d));
@@ -1273,7 +1278,7 @@ static moe_status layer_backward(tlm *m, int i, float dl_aux)
         MOE_TRY(mmp(m, 0, 0, N, f, d, 1.0f, dy, d, P(m, ly->fc2_w), f, 0.0f, m->dpre, f));
         const void *dact;
         MOE_TRY(dropout_bwd(m, m->dpre, m->dpre, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0, &dact));
-        MOE_TRY(ops->gelu_backward(h->ctx, m->dpre, a->pre, dact, N * f, m->dt, m->gelu));
+        MOE_TRY(ops->act_backward(h->ctx, m->dpre, a->pre, dact, N * f, m->dt, m->act_kind));
         MOE_TRY(mmp(m, 1, 0, f, d, N, 1.0f, m->dpre, f, a->h2, d, 1.0f, G(m, ly->fc1_w), d));
         MOE_TRY(ops->bias_backward(h->ctx, G(m, ly->fc1_b), m->dpre, N, f, m->dt));
         MOE_TRY(mmp(m, 0, 0, N, d, f, 1.0f, m->dpre, f, P(m, ly->fc1_w), d, 0.0f, m->dh, d));
