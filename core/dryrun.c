@@ -8,10 +8,10 @@
  * rank's shard of its parameters, gradient, master copy and optimizer state
  * stays between updates; the arch gathers whole units around their use: the
  * root unit, held from forward to backward, the layer being computed and the
- * next one on its way (prefetch), of which only the root and the current
- * layer have whole gradients. The plan adds the three largest sharded units
- * whole as parameters, the two largest as gradients, and the staging shard a
- * release reduce-scatters into.
+ * next one on its way (prefetch); whole gradients exist for the root, the
+ * current layer and the previous one, whose reduce-scatter into a staging
+ * shard is still in flight. The plan adds the three largest sharded units
+ * whole, as parameters and as gradients, and the largest shard.
  * Expert units are never sharded (§7.2).
  */
 #include "core/dryrun.h"
@@ -92,7 +92,7 @@ moe_status moe_plan_compute(moe_runtime *rt, const moe_components *c, moe_plan *
         plan->optim_bytes += (double)kept * (state_per_param + (master ? 4.0 : 0.0));
     }
     plan->param_bytes += (double)(largest[0] + largest[1] + largest[2]) * (double)moe_dtype_size(act);
-    plan->grad_bytes += (double)(largest[0] + largest[1] + max_shard) * (double)moe_dtype_size(grad);
+    plan->grad_bytes += (double)(largest[0] + largest[1] + largest[2] + max_shard) * (double)moe_dtype_size(grad);
     moe_model_info info;
     int64_t T = moe_opts_known(o, "tokens-per-sample") ? moe_opts_int(o, "tokens-per-sample") : 0;
     c->arch->info(c->model, T, &info);

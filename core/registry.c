@@ -98,7 +98,7 @@ static const required_slot communicator_required[] = {
     FN(moe_comm_ops, world),        FN(moe_comm_ops, group_create),   FN(moe_comm_ops, all_reduce),
     FN(moe_comm_ops, reduce_scatter), FN(moe_comm_ops, all_gather),   FN(moe_comm_ops, all_to_all),
     FN(moe_comm_ops, all_to_allv),  FN(moe_comm_ops, broadcast),      FN(moe_comm_ops, barrier),
-    FN(moe_comm_ops, all_gather_start), FN(moe_comm_ops, wait),
+    FN(moe_comm_ops, all_gather_start), FN(moe_comm_ops, reduce_scatter_start), FN(moe_comm_ops, wait),
 };
 
 #undef FN

@@ -39,6 +39,8 @@ typedef struct moe_unit_entry {
     int gathers;             /* sharded: open unit_gather calls; param/grad exist while > 0 */
     int prefetched;          /* sharded: param allocated and its all-gather started, not yet gathered */
     moe_comm_req *inflight;  /* that all-gather (NULL once complete) */
+    void *rs_staging;        /* sharded, released: the reduce-scatter of grad on its way into grad_shard */
+    moe_comm_req *rs_req;
     /* whole param and grad; for a sharded unit only while gathered (grad once asked for) */
     void *param, *grad;
     void *param_shard, *grad_shard; /* sharded: this rank's shard, persistent */
@@ -58,7 +60,7 @@ struct moe_runtime {
     int n_units, cap_units;
     moe_param_entry *params;
     int n_params, cap_params;
-    void *grad_staging;   /* (largest shard) grad dtype: a reduce-scatter on its way into a shard */
+    int rs_unit;          /* the unit whose gradient reduce-scatter is in flight, or -1 */
     uint64_t step_seed;
     int allocated;
     int owns_opts;        /* created by moe_runtime_create_for_test */
@@ -234,8 +236,12 @@ static void *host_param_data(const moe_host *h, int param_id)
 
 /* The whole gradient of a gathered sharded unit, allocated and zeroed when
  * first asked for; unit_release reduces it into this rank's shard. */
+static moe_status reduce_finish(moe_runtime *rt);
+
 static moe_status full_grad(moe_runtime *rt, moe_unit_entry *u)
 {
+    if (u->rs_staging) /* the last backward's gradient is still on its way */
+        MOE_TRY(reduce_finish(rt));
     if (u->grad)
         return MOE_OK;
     char what[200];
@@ -351,9 +357,32 @@ static moe_status host_unit_prefetch(const moe_host *h, int unit_id)
     return MOE_OK;
 }
 
+/* The reduce-scatter in flight, if any: waited for, added into its unit's
+ * gradient shard, and its buffers (the whole gradient, the staging shard)
+ * freed. */
+static moe_status reduce_finish(moe_runtime *rt)
+{
+    if (rt->rs_unit < 0)
+        return MOE_OK;
+    moe_unit_entry *u = &rt->units[rt->rs_unit];
+    rt->rs_unit = -1;
+    moe_status st = rt->comm_ops->wait(rt->comm, u->rs_req);
+    if (st == MOE_OK)
+        st = rt->host.ops->add(rt->ctx, u->grad_shard, u->grad_shard, u->rs_staging, rt->cfg.grad_dtype, u->shard);
+    rt->be->free(rt->ctx, u->rs_staging);
+    rt->be->free(rt->ctx, u->grad);
+    u->rs_req = NULL;
+    u->rs_staging = NULL;
+    u->grad = NULL;
+    return st;
+}
+
 /* The release that closes the first gather frees the whole parameters; a
- * gradient written meanwhile is reduce-scattered (summed over the ranks) and
- * added to this rank's gradient shard, then freed too. */
+ * gradient written meanwhile is reduce-scattered (summed over the ranks) into
+ * this rank's gradient shard. That reduce-scatter is left in flight, so it
+ * overlaps the next layer's backward; the next release (or a gather of the
+ * same unit, or moe_runtime_finish_reductions) completes it: one in flight at
+ * a time, as FSDP's post-backward reduction. */
 static moe_status host_unit_release(const moe_host *h, int unit_id)
 {
     moe_runtime *rt = rt_of(h);
@@ -365,19 +394,31 @@ static moe_status host_unit_release(const moe_host *h, int unit_id)
         return moe_error_set(MOE_ERR_INTERNAL, "unit_release of '%s' without a matching unit_gather", u->name);
     if (--u->gathers > 0)
         return MOE_OK;
-    moe_status st = MOE_OK;
-    if (u->grad) {
-        const moe_dtype gdt = rt->cfg.grad_dtype;
-        st = rt->comm_ops->reduce_scatter(rt->comm, NULL, rt->grad_staging, u->grad, u->shard, gdt, MOE_REDUCE_SUM);
-        if (st == MOE_OK)
-            st = rt->host.ops->add(rt->ctx, u->grad_shard, u->grad_shard, rt->grad_staging, gdt, u->shard);
-        rt->be->free(rt->ctx, u->grad);
-        u->grad = NULL;
-    }
     rt->be->free(rt->ctx, u->param);
     u->param = NULL;
-    return st;
+    MOE_TRY(reduce_finish(rt));
+    if (!u->grad)
+        return MOE_OK;
+    char what[200];
+    snprintf(what, sizeof what, "gradient shard of %s on its way", u->name);
+    const moe_dtype gdt = rt->cfg.grad_dtype;
+    moe_status st = rt->be->alloc(rt->ctx, (uint64_t)u->shard * moe_dtype_size(gdt), what, &u->rs_staging);
+    if (st == MOE_OK)
+        st = rt->comm_ops->reduce_scatter_start(rt->comm, NULL, u->rs_staging, u->grad, u->shard, gdt,
+                                                MOE_REDUCE_SUM, &u->rs_req);
+    if (st != MOE_OK) {
+        if (u->rs_staging)
+            rt->be->free(rt->ctx, u->rs_staging);
+        rt->be->free(rt->ctx, u->grad);
+        u->rs_staging = NULL;
+        u->grad = NULL;
+        return st;
+    }
+    rt->rs_unit = unit_id;
+    return MOE_OK;
 }
+
+moe_status moe_runtime_finish_reductions(moe_runtime *rt) { return reduce_finish(rt); }
 
 static uint64_t host_step_seed(const moe_host *h) { return rt_of(h)->step_seed; }
 
@@ -393,6 +434,7 @@ moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runti
     rt->reg = reg;
     rt->cfg = *cfg;
     rt->step_seed = cfg->seed;
+    rt->rs_unit = -1;
 
     moe_host *h = &rt->host;
     h->size = sizeof *h;
@@ -462,6 +504,8 @@ void moe_runtime_destroy(moe_runtime *rt)
 {
     if (!rt)
         return;
+    if (rt->rs_unit >= 0)
+        reduce_finish(rt);
     for (int i = 0; i < rt->n_units; i++) {
         moe_unit_entry *u = &rt->units[i];
         if (u->prefetched)
@@ -482,8 +526,6 @@ void moe_runtime_destroy(moe_runtime *rt)
     }
     for (int i = 0; i < rt->n_params; i++)
         free(rt->params[i].name);
-    if (rt->grad_staging)
-        rt->be->free(rt->ctx, rt->grad_staging);
     free(rt->units);
     free(rt->params);
     if (rt->comm_ops && rt->comm)
@@ -642,7 +684,6 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
     char what[200];
     const int W = rt->cfg.fully_sharded && rt->host.world > 1 ? rt->host.world : 1;
     const moe_dtype act = rt->cfg.act_dtype, gdt = rt->cfg.grad_dtype;
-    int64_t max_shard = 0;
     for (int i = 0; i < rt->n_units; i++) {
         moe_unit_entry *u = &rt->units[i];
         if (u->numel == 0)
@@ -656,8 +697,6 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
             MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->shard * moe_dtype_size(act), what, &u->param_shard));
             snprintf(what, sizeof what, "gradient shard of %s", u->name);
             MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->shard * moe_dtype_size(gdt), what, &u->grad_shard));
-            if (u->shard > max_shard)
-                max_shard = u->shard;
         } else {
             snprintf(what, sizeof what, "parameters of %s", u->name);
             MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(act), what, &u->param));
@@ -669,9 +708,6 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
             MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->shard * 4u, what, &u->master));
         }
     }
-    if (max_shard > 0)
-        MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)max_shard * moe_dtype_size(gdt), "gradient shard staging",
-                              &rt->grad_staging));
     rt->allocated = 1;
     /* Every rank initialises whole units (the values do not depend on the
      * rank) and keeps its shard: in fp32 when there is a master copy (then
@@ -725,6 +761,7 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
  * dropped. */
 moe_status moe_runtime_zero_grads(moe_runtime *rt)
 {
+    MOE_TRY(reduce_finish(rt));
     for (int i = 0; i < rt->n_units; i++) {
         moe_unit_entry *u = &rt->units[i];
         if (u->prefetched)

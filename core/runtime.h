@@ -55,7 +55,8 @@ void moe_runtime_set_gate(moe_runtime *rt, const moe_gate_ops *gate);
  * gradient (grad_shard, summed over micro-batches and ranks), its fp32 master
  * and its optimizer state. The whole parameters exist only between
  * host->unit_gather and unit_release (all-gathered, then freed), and so does
- * the whole gradient, which the release reduce-scatters into grad_shard:
+ * the whole gradient, which the release reduce-scatters into grad_shard
+ * (left in flight until the next release or moe_runtime_finish_reductions):
  * ZeRO stage 3, as fairseq's FSDP. Expert units are never sharded. */
 typedef struct moe_unit_info {
     const char *name;
@@ -80,6 +81,9 @@ void moe_runtime_param_counts(const moe_runtime *rt, int64_t *non_expert, int64_
  * seed = --seed, or fairseq's per-expert seed for expert units). */
 moe_status moe_runtime_alloc_params(moe_runtime *rt);
 moe_status moe_runtime_zero_grads(moe_runtime *rt);
+/* Complete the gradient reduce-scatter a unit_release left in flight: call
+ * before reading grad_shard (the trainer, after the last backward). */
+moe_status moe_runtime_finish_reductions(moe_runtime *rt);
 
 /* For tests: parse `args` (argv-style without argv[0]) leniently, open the
  * registry on the build tree, and create a cpu runtime in fp32 (or as the

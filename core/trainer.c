@@ -273,6 +273,7 @@ static moe_status fetch_reductions(trainer *t, double *red)
 static moe_status reduce_gradients(trainer *t)
 {
     const moe_host *h = t->h;
+    MOE_TRY(moe_runtime_finish_reductions(t->rt));
     if (h->world <= 1)
         return MOE_OK;
     int n = moe_runtime_num_units(t->rt);

@@ -62,14 +62,15 @@ static void test_dryrun_single_node_counts(void **state)
      * 102,404,096 + 12 * 50,358,272 + 12 * 16,809,984 = 908,423,168, and each
      * unit divides by 8 exactly, so this rank keeps 113,552,896 non-expert
      * elements plus its local experts (one per MoE layer: the 402,776,064 of
-     * fairseq's log line are this rank's). Whole at once: the root, the
-     * layer computed and the next one prefetched (root + 2 dense layers) as
-     * parameters; the root and one layer as gradients, plus the largest
-     * shard (12,800,512) as the reduce-scatter staging. */
-    const long long kept = 113552896LL + 402776064LL;
+     * fairseq's log line are this rank's). Whole at once: the root and two
+     * layers (root + 2 dense layers), as parameters (the layer computed and
+     * the next one prefetched) and as gradients (the layer computed and the
+     * previous one, its reduce-scatter in flight into the largest shard,
+     * 12,800,512). */
+    const long long kept = 113552896LL + 402776064LL, whole = 102404096LL + 2 * 50358272LL;
     assert_true(102404096LL + 12 * 50358272LL + 12 * 16809984LL == 908423168LL);
-    long long params = (kept + 102404096LL + 2 * 50358272LL) * 2;
-    long long grads = (kept + 102404096LL + 50358272LL + 12800512LL) * 2;
+    long long params = (kept + whole) * 2;
+    long long grads = (kept + whole + 12800512LL) * 2;
     long long optim = kept * 4;
     char want[96];
     snprintf(want, sizeof want, "parameters %lld ", params);

@@ -7,11 +7,12 @@
  * the parameters a one-process runtime initialises (padding zero); nested
  * gathers communicate once; the whole gradient appears zeroed when first
  * asked for, and the outermost release reduce-scatters it (summed over the
- * ranks) into the shard, adding to what is there, and frees everything it
- * gathered; a gather that wrote no gradient leaves the shard alone; a
- * prefetch starts the all-gather that the next gather completes, and one left
- * unused is dropped when the next update zeroes the gradients; expert units
- * are never sharded; misuse is refused with a message.
+ * ranks) into the shard, adding to what is there, left in flight until the
+ * next release (or finish_reductions, or the unit's next gradient), then
+ * everything it gathered is freed; a gather that wrote no gradient leaves
+ * the shard alone; a prefetch starts the all-gather that the next gather
+ * completes, and one left unused is dropped when the next update zeroes the
+ * gradients; expert units are never sharded; misuse is refused with a message.
  *
  * Run by CTest without MPI around it, the binary starts itself under
  * `mpirun -np 2` (or skips, saying so, when there is no mpirun).
@@ -146,23 +147,52 @@ static void test_fsdp_gather_release(void **state)
     check_ok(h->unit_release(h, s.dense), "outer release");
     assert_null(h->unit_data(h, s.dense));
     assert_null(h->param_data(h, s.w));
-    assert_int_equal(allocated(&s), base);
+    /* the reduce-scatter is in flight: the whole gradient and the staging
+     * shard live on, the shard is not yet touched */
+    assert_int_equal(allocated(&s) - base, (32 + 16) * 4);
     float gs[16];
     check_ok(h->backend->copy_to_host(h->ctx, gs, u.grad_shard, sizeof gs), "copy grad shard");
     for (int i = 0; i < 16; i++)
-        assert_true(gs[i] == (float)(3 * (rank * 16 + i + 1))); /* (1 + 2) * (i + 1), summed over ranks */
+        assert_true(gs[i] == 0.0f);
 
-    /* a gather that writes no gradient leaves the shard alone; one that does adds */
+    /* the next release completes it; a gather that writes no gradient adds nothing */
     check_ok(h->unit_gather(h, s.dense), "gather 2");
     check_ok(h->unit_release(h, s.dense), "release 2");
+    assert_int_equal(allocated(&s), base);
+    check_ok(h->backend->copy_to_host(h->ctx, gs, u.grad_shard, sizeof gs), "copy grad shard 2");
+    for (int i = 0; i < 16; i++)
+        assert_true(gs[i] == (float)(3 * (rank * 16 + i + 1))); /* (1 + 2) * (i + 1), summed over ranks */
+
+    /* one that does adds, once the trainer finishes the reductions */
     check_ok(h->unit_gather(h, s.dense), "gather 3");
     float *g3 = h->unit_grad(h, s.dense);
     assert_non_null(g3);
     check_ok(h->backend->copy_from_host(h->ctx, g3, gh, sizeof gh), "write grad 3");
     check_ok(h->unit_release(h, s.dense), "release 3");
+    check_ok(moe_runtime_finish_reductions(s.rt), "finish reductions");
     check_ok(h->backend->copy_to_host(h->ctx, gs, u.grad_shard, sizeof gs), "copy grad shard 3");
     for (int i = 0; i < 16; i++)
         assert_true(gs[i] == (float)(6 * (rank * 16 + i + 1)));
+    assert_int_equal(allocated(&s), base);
+
+    /* a gradient asked for again while the last one is on its way waits for it */
+    check_ok(h->unit_gather(h, s.dense), "gather 4");
+    check_ok(h->backend->copy_from_host(h->ctx, h->unit_grad(h, s.dense), gh, sizeof gh), "write grad 4");
+    check_ok(h->unit_release(h, s.dense), "release 4");
+    check_ok(h->unit_gather(h, s.dense), "gather 5");
+    float *g5 = h->unit_grad(h, s.dense);
+    assert_non_null(g5);
+    check_ok(h->backend->copy_to_host(h->ctx, gh, g5, sizeof gh), "copy grad 5");
+    for (int i = 0; i < 32; i++)
+        assert_true(gh[i] == 0.0f); /* a fresh whole gradient */
+    check_ok(h->unit_release(h, s.dense), "release 5");
+    check_ok(h->backend->copy_to_host(h->ctx, gs, u.grad_shard, sizeof gs), "copy grad shard 5");
+    for (int i = 0; i < 16; i++)
+        assert_true(gs[i] == (float)(9 * (rank * 16 + i + 1)));
+    check_ok(moe_runtime_finish_reductions(s.rt), "finish reductions 5"); /* the zero gradient of gather 5 */
+    check_ok(h->backend->copy_to_host(h->ctx, gs, u.grad_shard, sizeof gs), "copy grad shard 5b");
+    for (int i = 0; i < 16; i++)
+        assert_true(gs[i] == (float)(9 * (rank * 16 + i + 1)));
     assert_int_equal(allocated(&s), base);
 
     /* a prefetch starts the gather; the gather that follows waits for it */

@@ -163,14 +163,16 @@ typedef struct moe_comm_ops {
                               const int64_t *send_displs, moe_dtype dt);
     moe_status (*broadcast)(moe_comm *comm, moe_group *g, void *buf, int64_t n, moe_dtype dt, int root);
     moe_status (*barrier)(moe_comm *comm, moe_group *g);
-    /* (ABI 1.1) all_gather that overlaps what the caller queues next: it reads
-     * `send` as the compute queued so far leaves it, and `recv` holds the
-     * result only once wait(req) has returned (on a GPU: once the compute
-     * stream has been made to wait for it; no host block). Until then neither
-     * buffer may be touched. *req may be NULL when it already completed;
-     * every non-NULL request is waited for exactly once. */
+    /* (ABI 1.1) all_gather and reduce_scatter that overlap what the caller
+     * queues next: they read `send` as the compute queued so far leaves it,
+     * and `recv` holds the result only once wait(req) has returned (on a GPU:
+     * once the compute stream has been made to wait for it; no host block).
+     * Until then neither buffer may be touched or freed. *req may be NULL when
+     * it already completed; every non-NULL request is waited for exactly once. */
     moe_status (*all_gather_start)(moe_comm *comm, moe_group *g, void *recv, const void *send, int64_t n,
                                    moe_dtype dt, moe_comm_req **req);
+    moe_status (*reduce_scatter_start)(moe_comm *comm, moe_group *g, void *recv, const void *send, int64_t n,
+                                       moe_dtype dt, moe_reduce_op op, moe_comm_req **req);
     moe_status (*wait)(moe_comm *comm, moe_comm_req *req);
 } moe_comm_ops;
 

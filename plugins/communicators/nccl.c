@@ -10,8 +10,9 @@
  * backend's compute stream (backend->native_stream) by events and never by a
  * host synchronisation: the comm stream waits for an event recorded on the
  * compute stream before each collective, and the compute stream for the
- * collective's completion event after it. all_gather_start leaves that second
- * wait to wait(), so the gather overlaps the compute queued in between.
+ * collective's completion event after it. all_gather_start and
+ * reduce_scatter_start leave that second wait to wait(), so the collective
+ * overlaps the compute queued in between.
  *
  * Watchdog. A rank that dies or stalls inside a collective blocks NCCL, and
  * at the next host read the main thread, for good. So every collective's
@@ -627,30 +628,47 @@ static moe_status comm_all_gather(moe_comm *c, moe_group *g, void *recv, const v
     return op_end(c, "all_gather", 1, NULL);
 }
 
-static moe_status comm_all_gather_start(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n,
-                                        moe_dtype dt, moe_comm_req **out)
+/* A started collective: queued like the others, but the compute stream's
+ * wait for it is left to comm_wait. `reduce`: reduce-scatter, else all-gather. */
+static moe_status start_op(moe_comm *c, moe_group *g, int reduce, void *recv, const void *send, int64_t n,
+                           moe_dtype dt, moe_reduce_op op, moe_comm_req **out)
 {
     *out = NULL;
     g = grp(c, g);
+    const char *name = reduce ? "reduce_scatter" : "all_gather";
     moe_comm_req *req = malloc(sizeof *req);
     if (!req)
-        return c->h->error(c->h, MOE_ERR_NOMEM, "out of host memory starting an all_gather");
+        return c->h->error(c->h, MOE_ERR_NOMEM, "out of host memory starting an NCCL %s", name);
     moe_status st = op_begin(c);
     if (st == MOE_OK) {
         pthread_rwlock_rdlock(&c->life);
-        ncclResult_t r = ncclAllGather(send, recv, (size_t)n, nccl_type(dt), g->comm, c->stream);
+        ncclResult_t r = reduce ? ncclReduceScatter(send, recv, (size_t)n, nccl_type(dt),
+                                                    op == MOE_REDUCE_SUM ? ncclSum : ncclMax, g->comm, c->stream)
+                                : ncclAllGather(send, recv, (size_t)n, nccl_type(dt), g->comm, c->stream);
         pthread_rwlock_unlock(&c->life);
         if (r != ncclSuccess)
-            st = c->h->error(c->h, MOE_ERR_COMM, "ncclAllGather (started) failed: %s", ncclGetErrorString(r));
+            st = c->h->error(c->h, MOE_ERR_COMM, "NCCL %s (started) failed: %s", name, ncclGetErrorString(r));
     }
     if (st == MOE_OK)
-        st = op_end(c, "all_gather", 0, &req->done);
+        st = op_end(c, name, 0, &req->done);
     if (st != MOE_OK) {
         free(req);
         return st;
     }
     *out = req;
     return MOE_OK;
+}
+
+static moe_status comm_all_gather_start(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n,
+                                        moe_dtype dt, moe_comm_req **out)
+{
+    return start_op(c, g, 0, recv, send, n, dt, MOE_REDUCE_SUM, out);
+}
+
+static moe_status comm_reduce_scatter_start(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n,
+                                            moe_dtype dt, moe_reduce_op op, moe_comm_req **out)
+{
+    return start_op(c, g, 1, recv, send, n, dt, op, out);
 }
 
 /* the compute stream waits for the gather; the host does not */
@@ -755,7 +773,7 @@ static moe_status comm_barrier(moe_comm *c, moe_group *g)
 static const moe_comm_ops nccl_ops = {
     comm_init,       comm_destroy,        comm_rank,       comm_world,      comm_group_create,
     comm_all_reduce, comm_reduce_scatter, comm_all_gather, comm_all_to_all, comm_all_to_allv,
-    comm_broadcast,  comm_barrier,        comm_all_gather_start, comm_wait,
+    comm_broadcast,  comm_barrier,        comm_all_gather_start, comm_reduce_scatter_start, comm_wait,
 };
 
 MOE_PLUGIN_DEFINE(MOE_KIND_COMMUNICATOR, moe_comm_ops, "nccl", "1.0",

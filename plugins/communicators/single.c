@@ -139,6 +139,13 @@ static moe_status single_all_gather_start(moe_comm *comm, moe_group *g, void *re
     return single_all_gather(comm, g, recv, send, n, dt);
 }
 
+static moe_status single_reduce_scatter_start(moe_comm *comm, moe_group *g, void *recv, const void *send,
+                                              int64_t n, moe_dtype dt, moe_reduce_op op, moe_comm_req **req)
+{
+    *req = NULL;
+    return single_reduce_scatter(comm, g, recv, send, n, dt, op);
+}
+
 static moe_status single_wait(moe_comm *comm, moe_comm_req *req)
 {
     if (req)
@@ -151,7 +158,7 @@ static const moe_comm_ops single_ops = {
     single_init,       single_destroy,        single_rank,       single_world,
     single_group_create, single_all_reduce,   single_reduce_scatter, single_all_gather,
     single_all_to_all, single_all_to_allv,    single_broadcast,  single_barrier,
-    single_all_gather_start, single_wait,
+    single_all_gather_start, single_reduce_scatter_start, single_wait,
 };
 
 MOE_PLUGIN_DEFINE(MOE_KIND_COMMUNICATOR, moe_comm_ops, "single", "1.0",

@@ -7,5 +7,9 @@ moe_add_test(test_dist LABELS dist SOURCES test_dist.c runcmd.c TIMEOUT 900)
 moe_add_test(test_fsdp LABELS dist SOURCES test_fsdp.c TIMEOUT 120)
 set_tests_properties(test_fsdp PROPERTIES SKIP_RETURN_CODE 77)
 moe_add_test(test_cli LABELS e2e SOURCES test_cli.c runcmd.c TIMEOUT 120)
-add_test(NAME test_dist_stalled_rank COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/dist_stall.sh ${CMAKE_BINARY_DIR}/bin/moelm-train)
+# A stopped rank is named by the others (the MPI communicator's watchdog):
+# rank 1 of 2, and rank 2 of 4 (a group where MPI alone cannot tell who is missing).
+add_test(NAME test_dist_stalled_rank COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/dist_stall.sh ${CMAKE_BINARY_DIR}/bin/moelm-train 2 1)
 set_tests_properties(test_dist_stalled_rank PROPERTIES LABELS dist TIMEOUT 120 SKIP_RETURN_CODE 77)
+add_test(NAME test_dist_stalled_rank4 COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/dist_stall.sh ${CMAKE_BINARY_DIR}/bin/moelm-train 4 2)
+set_tests_properties(test_dist_stalled_rank4 PROPERTIES LABELS dist TIMEOUT 120 SKIP_RETURN_CODE 77)
