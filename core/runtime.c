@@ -366,9 +366,12 @@ static moe_status reduce_finish(moe_runtime *rt)
         return MOE_OK;
     moe_unit_entry *u = &rt->units[rt->rs_unit];
     rt->rs_unit = -1;
+    double pre, post;
+    moe_reduce_factors(rt->host.world, &pre, &post);
     moe_status st = rt->comm_ops->wait(rt->comm, u->rs_req);
     if (st == MOE_OK)
-        st = rt->host.ops->add(rt->ctx, u->grad_shard, u->grad_shard, u->rs_staging, rt->cfg.grad_dtype, u->shard);
+        st = rt->host.ops->axpby(rt->ctx, u->grad_shard, u->rs_staging, rt->cfg.grad_dtype, u->shard,
+                                 (float)(1.0 / post), 1.0f);
     rt->be->free(rt->ctx, u->rs_staging);
     rt->be->free(rt->ctx, u->grad);
     u->rs_req = NULL;
@@ -378,8 +381,8 @@ static moe_status reduce_finish(moe_runtime *rt)
 }
 
 /* The release that closes the first gather frees the whole parameters; a
- * gradient written meanwhile is reduce-scattered (summed over the ranks) into
- * this rank's gradient shard. That reduce-scatter is left in flight, so it
+ * gradient written meanwhile is reduce-scattered (averaged over the ranks,
+ * moe_reduce_factors) into this rank's gradient shard. That reduce-scatter is left in flight, so it
  * overlaps the next layer's backward; the next release (or a gather of the
  * same unit, or moe_runtime_finish_reductions) completes it: one in flight at
  * a time, as FSDP's post-backward reduction. */
@@ -402,7 +405,11 @@ static moe_status host_unit_release(const moe_host *h, int unit_id)
     char what[200];
     snprintf(what, sizeof what, "gradient shard of %s on its way", u->name);
     const moe_dtype gdt = rt->cfg.grad_dtype;
+    double pre, post;
+    moe_reduce_factors(rt->host.world, &pre, &post);
     moe_status st = rt->be->alloc(rt->ctx, (uint64_t)u->shard * moe_dtype_size(gdt), what, &u->rs_staging);
+    if (st == MOE_OK && pre != 1.0)
+        st = rt->host.ops->axpby(rt->ctx, u->grad, u->grad, gdt, u->padded, 0.0f, (float)(1.0 / pre));
     if (st == MOE_OK)
         st = rt->comm_ops->reduce_scatter_start(rt->comm, NULL, u->rs_staging, u->grad, u->shard, gdt,
                                                 MOE_REDUCE_SUM, &u->rs_req);
@@ -459,6 +466,7 @@ moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runti
     h->unit_prefetch = host_unit_prefetch;
     h->seed = cfg->seed;
     h->step_seed = host_step_seed;
+    h->expert_grad_scale = 1.0f;
     h->rank = 0;
     h->world = 1;
 
@@ -547,6 +555,16 @@ moe_opts *moe_runtime_opts(const moe_runtime *rt) { return rt->opts; }
 moe_registry *moe_runtime_registry(const moe_runtime *rt) { return rt->reg; }
 void moe_runtime_set_step_seed(moe_runtime *rt, uint64_t step_seed) { rt->step_seed = step_seed; }
 void moe_runtime_set_gate(moe_runtime *rt, const moe_gate_ops *gate) { rt->host.gate_ops = gate; }
+void moe_runtime_set_expert_grad_scale(moe_runtime *rt, float scale) { rt->host.expert_grad_scale = scale; }
+
+void moe_reduce_factors(int n, double *pre, double *post)
+{
+    int f = 1;
+    while (n % f == 0 && n / f > f)
+        f *= 2;
+    *pre = f;
+    *post = (double)n / f;
+}
 
 moe_status moe_runtime_set_args(moe_runtime *rt, int nargs, const char *const *args)
 {

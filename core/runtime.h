@@ -45,6 +45,14 @@ moe_status moe_runtime_load_plugin(moe_runtime *rt, moe_plugin_kind kind, const 
 void moe_runtime_set_step_seed(moe_runtime *rt, uint64_t step_seed);
 /* The gate the arch will drive (host->gate_ops). */
 void moe_runtime_set_gate(moe_runtime *rt, const moe_gate_ops *gate);
+/* host->expert_grad_scale (1 until set). */
+void moe_runtime_set_expert_grad_scale(moe_runtime *rt, float scale);
+
+/* Gradients are reduced over n ranks as fairseq's FSDP does (FAIRSEQ_SPEC.md
+ * §5.4): divided by *pre before the sum and by *post after it, pre * post = n,
+ * pre the smallest power of two with pre >= n / pre (8 ranks: 4 and 2), so the
+ * result is the mean and an fp16 sum stays in range. */
+void moe_reduce_factors(int n, double *pre, double *post);
 
 /* ---- parameter store ----
  * Units are registered by the arch through host->unit_add/param_add. A unit's

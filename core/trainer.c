@@ -1,12 +1,14 @@
 /* trainer.c: the update loop of FAIRSEQ_SPEC.md §10 and the log lines of §8.
  *
- * Gradient convention: gradients are accumulated as plain sums over the
- * tokens of every micro-batch (times the loss scale); non-expert gradients are
- * all-reduced as sums over ranks. Everything else (1/loss_scale, 1/sample_size,
- * clipping) is one lazy multiply factor handed to the optimizer as grad_scale,
- * exactly as fairseq's multiply_factor (§5.4). Expert gradients get the
- * normalizer's factor eagerly, before the norm, so the logged gnorm includes it
- * as in fairseq (§2.9).
+ * Gradient convention, fairseq's (§5.4), so fp16 gradients hold the same
+ * values and overflow alike: gradients are accumulated as sums over the tokens
+ * of every micro-batch (times the loss scale); non-expert gradients are then
+ * averaged over the ranks (pre- and post-divided around the sum, as FSDP), and
+ * expert gradients averaged over their replicas (E < world), each expert
+ * contribution having been multiplied by the normalizer's 1/N in the arch
+ * (host->expert_grad_scale, fairseq's gradient hook, §2.9). Everything else
+ * (1/loss_scale, world/sample_size, clipping) is one lazy multiply factor
+ * handed to the optimizer as grad_scale, as fairseq's multiply_factor.
  *
  * Host synchronisation: one copy of the statistics and the two squared norms
  * per update (the overflow decision needs them), none inside micro-batches.
@@ -46,7 +48,6 @@ typedef struct trainer {
     int log_moe;              /* the criterion logs MoE metrics and inner_loss */
     int loss_scaling;
     moe_scaler scaler;
-    double expert_grad_factor;/* world / (expert group size * normalizer divisor) */
     moe_group *expert_group;  /* replicas of this rank's expert (E < world), or NULL */
     int expert_group_size;
     int32_t *tokens, *targets;/* device (B,T) */
@@ -197,7 +198,7 @@ static moe_status setup(trainer *t)
     }
     t->expert_group_size = group;
     int num_experts_norm = h->world / group;
-    t->expert_grad_factor = (double)h->world / ((double)group * t->c->normalizer->divisor(num_experts_norm));
+    moe_runtime_set_expert_grad_scale(t->rt, (float)(1.0 / t->c->normalizer->divisor(num_experts_norm)));
 
     t->inner = moe_meters_create(now_s());
     t->epoch_m = moe_meters_create(now_s());
@@ -267,9 +268,23 @@ static moe_status fetch_reductions(trainer *t, double *red)
     return h->backend->copy_to_host(h->ctx, red, t->red64, MOE_STAT_COUNT * sizeof *red);
 }
 
-/* all-reduce non-expert gradients (sum) over all ranks, and expert gradients
- * over the replicas of each expert when E < world; sharded units were
- * reduce-scattered into their shards as the arch released them */
+/* sum over the group's ranks, pre- and post-divided: the mean (fairseq's FSDP) */
+static moe_status all_reduce_mean(trainer *t, moe_group *g, int n, void *grad, int64_t numel)
+{
+    const moe_host *h = t->h;
+    double pre, post;
+    moe_reduce_factors(n, &pre, &post);
+    if (pre != 1.0)
+        MOE_TRY(h->ops->axpby(h->ctx, grad, grad, h->grad_dtype, numel, 0.0f, (float)(1.0 / pre)));
+    MOE_TRY(h->comm_ops->all_reduce(h->comm, g, grad, numel, h->grad_dtype, MOE_REDUCE_SUM));
+    if (post != 1.0)
+        MOE_TRY(h->ops->axpby(h->ctx, grad, grad, h->grad_dtype, numel, 0.0f, (float)(1.0 / post)));
+    return MOE_OK;
+}
+
+/* average non-expert gradients over all ranks, and expert gradients over the
+ * replicas of each expert when E < world; sharded units were reduce-scattered
+ * into their shards as the arch released them */
 static moe_status reduce_gradients(trainer *t)
 {
     const moe_host *h = t->h;
@@ -283,10 +298,9 @@ static moe_status reduce_gradients(trainer *t)
         if (u.numel == 0 || u.sharded)
             continue;
         if (u.expert_index < 0)
-            MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, u.grad, u.numel, h->grad_dtype, MOE_REDUCE_SUM));
+            MOE_TRY(all_reduce_mean(t, NULL, h->world, u.grad, u.numel));
         else if (t->expert_group_size > 1)
-            MOE_TRY(h->comm_ops->all_reduce(h->comm, t->expert_group, u.grad, u.numel, h->grad_dtype,
-                                            MOE_REDUCE_SUM));
+            MOE_TRY(all_reduce_mean(t, t->expert_group, t->expert_group_size, u.grad, u.numel));
     }
     return MOE_OK;
 }
@@ -303,9 +317,6 @@ static moe_status grad_norms(trainer *t)
         if (u.numel == 0)
             continue;
         if (u.expert_index >= 0) {
-            if (t->expert_grad_factor != 1.0)
-                MOE_TRY(ops->axpby(h->ctx, u.grad, u.grad, h->grad_dtype, u.numel, 0.0f,
-                                   (float)t->expert_grad_factor));
             MOE_TRY(ops->sumsq(h->ctx, t->red + RED_NORM_EXPERT, u.grad, h->grad_dtype, u.numel));
         } else if (u.sharded) {
             MOE_TRY(ops->sumsq(h->ctx, t->red + RED_NORM_SHARDED, u.grad_shard, h->grad_dtype, u.shard));
@@ -469,7 +480,7 @@ static moe_status train_loop(trainer *t)
         nsentences *= h->world;
         double batch_count = (double)t->update_freq * h->world;
 
-        double multiply = 1.0 / ((double)scale * ntokens);
+        double multiply = (double)h->world / ((double)scale * ntokens); /* ntokens: all ranks' */
         double gnorm = multiply * sqrt(red[RED_NORM_DENSE] + red[RED_NORM_EXPERT] + red[RED_NORM_SHARDED]);
         if (!isfinite(gnorm)) {
             if (!t->loss_scaling)

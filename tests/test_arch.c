@@ -760,6 +760,43 @@ static void test_arch_checkpointing_bit_identical(void **state)
     free(g[1]);
 }
 
+/* host->expert_grad_scale (fairseq's 1/N hook, §2.9) multiplies the expert
+ * units' gradients only, weights and biases; the rest is bit-identical */
+static void test_arch_expert_grad_scale(void **state)
+{
+    (void)state;
+    float *g[2];
+    int64_t n = 0;
+    for (int k = 0; k < 2; k++) {
+        run r;
+        open_run(&r, TINY);
+        if (k == 1)
+            moe_runtime_set_expert_grad_scale(r.fx.rt, 0.25f);
+        step(&r, 1, 0, 0.01, 1, NULL);
+        g[k] = grads_copy(&r, &n);
+        if (k == 1) {
+            int64_t o = 0, expert_elems = 0;
+            for (int i = 0; i < moe_runtime_num_units(r.fx.rt); i++) {
+                moe_unit_info u;
+                moe_runtime_unit(r.fx.rt, i, &u);
+                for (int64_t j = o; j < o + u.numel; j++) {
+                    float want = u.expert_index >= 0 ? 0.25f * g[0][j] : g[0][j];
+                    if (fabsf(g[1][j] - want) > 1e-6f * (1.0f + fabsf(want)))
+                        fail_msg("unit %s element %lld: %g with scale 0.25, %g without", u.name, (long long)(j - o),
+                                 g[1][j], g[0][j]);
+                }
+                if (u.expert_index >= 0)
+                    expert_elems += u.numel;
+                o += u.numel;
+            }
+            assert_true(expert_elems > 0);
+        }
+        close_run(&r);
+    }
+    free(g[0]);
+    free(g[1]);
+}
+
 static void test_arch_dropout_depends_on_seed_and_micro(void **state)
 {
     (void)state;
@@ -847,6 +884,7 @@ int main(void)
         cmocka_unit_test(test_arch_relu_default_and_relu_dropout),
         cmocka_unit_test(test_arch_half_precision_tracks_fp32),
         cmocka_unit_test(test_arch_checkpointing_bit_identical),
+        cmocka_unit_test(test_arch_expert_grad_scale),
         cmocka_unit_test(test_arch_dropout_depends_on_seed_and_micro),
         cmocka_unit_test(test_arch_pad_mask_and_batch_shapes),
     };

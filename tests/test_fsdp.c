@@ -6,8 +6,8 @@
  * says so, and the whole buffers are NULL); unit_gather all-gathers exactly
  * the parameters a one-process runtime initialises (padding zero); nested
  * gathers communicate once; the whole gradient appears zeroed when first
- * asked for, and the outermost release reduce-scatters it (summed over the
- * ranks) into the shard, adding to what is there, left in flight until the
+ * asked for, and the outermost release reduce-scatters it (averaged over the
+ * ranks, fairseq's FSDP) into the shard, adding to what is there, left in flight until the
  * next release (or finish_reductions, or the unit's next gradient), then
  * everything it gathered is freed; a gather that wrote no gradient leaves
  * the shard alone; a prefetch starts the all-gather that the next gather
@@ -161,7 +161,7 @@ static void test_fsdp_gather_release(void **state)
     assert_int_equal(allocated(&s), base);
     check_ok(h->backend->copy_to_host(h->ctx, gs, u.grad_shard, sizeof gs), "copy grad shard 2");
     for (int i = 0; i < 16; i++)
-        assert_true(gs[i] == (float)(3 * (rank * 16 + i + 1))); /* (1 + 2) * (i + 1), summed over ranks */
+        assert_true(gs[i] == 1.5f * (float)(rank * 16 + i + 1)); /* (1 + 2) * (i + 1) / 2: the mean over ranks */
 
     /* one that does adds, once the trainer finishes the reductions */
     check_ok(h->unit_gather(h, s.dense), "gather 3");
@@ -172,7 +172,7 @@ static void test_fsdp_gather_release(void **state)
     check_ok(moe_runtime_finish_reductions(s.rt), "finish reductions");
     check_ok(h->backend->copy_to_host(h->ctx, gs, u.grad_shard, sizeof gs), "copy grad shard 3");
     for (int i = 0; i < 16; i++)
-        assert_true(gs[i] == (float)(6 * (rank * 16 + i + 1)));
+        assert_true(gs[i] == 3.0f * (float)(rank * 16 + i + 1));
     assert_int_equal(allocated(&s), base);
 
     /* a gradient asked for again while the last one is on its way waits for it */
@@ -188,11 +188,11 @@ static void test_fsdp_gather_release(void **state)
     check_ok(h->unit_release(h, s.dense), "release 5");
     check_ok(h->backend->copy_to_host(h->ctx, gs, u.grad_shard, sizeof gs), "copy grad shard 5");
     for (int i = 0; i < 16; i++)
-        assert_true(gs[i] == (float)(9 * (rank * 16 + i + 1)));
+        assert_true(gs[i] == 4.5f * (float)(rank * 16 + i + 1));
     check_ok(moe_runtime_finish_reductions(s.rt), "finish reductions 5"); /* the zero gradient of gather 5 */
     check_ok(h->backend->copy_to_host(h->ctx, gs, u.grad_shard, sizeof gs), "copy grad shard 5b");
     for (int i = 0; i < 16; i++)
-        assert_true(gs[i] == (float)(9 * (rank * 16 + i + 1)));
+        assert_true(gs[i] == 4.5f * (float)(rank * 16 + i + 1));
     assert_int_equal(allocated(&s), base);
 
     /* a prefetch starts the gather; the gather that follows waits for it */
@@ -233,6 +233,20 @@ static void test_fsdp_gather_release(void **state)
     moe_runtime_destroy(s.rt);
 }
 
+/* fairscale's pre/post division: the mean, with the largest partial sum small */
+static void test_fsdp_reduce_factors(void **state)
+{
+    (void)state;
+    static const int n[] = {1, 2, 4, 8, 16, 64, 512, 6, 12};
+    static const double pre[] = {1, 2, 2, 4, 4, 8, 32, 4, 4};
+    for (size_t i = 0; i < sizeof n / sizeof n[0]; i++) {
+        double a, b;
+        moe_reduce_factors(n[i], &a, &b);
+        if (a != pre[i] || a * b != n[i])
+            fail_msg("%d ranks: pre %g post %g, expected pre %g, post %g", n[i], a, b, pre[i], n[i] / pre[i]);
+    }
+}
+
 int main(int argc, char **argv)
 {
     if (!getenv("OMPI_COMM_WORLD_SIZE") && !getenv("PMI_SIZE")) {
@@ -251,6 +265,7 @@ int main(int argc, char **argv)
     (void)argc;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fsdp_gather_release),
+        cmocka_unit_test(test_fsdp_reduce_factors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

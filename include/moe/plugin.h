@@ -230,7 +230,7 @@ typedef struct moe_host {
      * grad_data, unit_data and unit_grad return NULL outside. Gathers nest (a
      * count): only the outermost pair communicates. The whole gradient is
      * allocated, zeroed, when grad_data/unit_grad first asks for it inside a
-     * gather; the outermost release reduce-scatters it (sum over ranks) into
+     * gather; the outermost release reduce-scatters it (mean over ranks) into
      * this rank's gradient shard and frees it. The arch brackets each layer's
      * forward, and its backward (with any recomputation), with them. Every rank
      * must gather and release in the same order. No-ops for expert units and
@@ -256,6 +256,11 @@ typedef struct moe_host {
      * a no-op where unit_gather is one, or when the unit is already gathered
      * or on its way. At most one unit should be on its way at a time. */
     moe_status (*unit_prefetch)(const struct moe_host *h, int unit_id);
+    /* (ABI 1.1) what the arch multiplies each expert parameter's gradient
+     * contribution by as it accumulates it: 1/N of --moe-normalize-expert-grad
+     * (FAIRSEQ_SPEC.md §2.9), as fairseq's gradient hook does, so fp16
+     * gradients hold the values fairseq's do. 1 on one rank. */
+    float expert_grad_scale;
 } moe_host;
 
 /* --------------------------------------------------------- kind: data batch */

@@ -334,6 +334,7 @@ typedef struct tlm {
     void *d_a, *d_b, *d_c, *d_e; /* MoE (E*C,d): combine grad, received, expert-major, expert input grads */
     void *depre;              /* (W*C, fe) */
     float *dweight, *dlogits; /* (N,2), (N,E) fp32 */
+    void *ebias;              /* (max(d, fe)) an expert's bias gradient before host->expert_grad_scale */
     void *dlog;               /* (N,E) act dtype (fp16/bf16 only) */
     /* the last forward */
     const int32_t *tokens;
@@ -942,6 +943,7 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
         MOE_TRY(act_alloc(m, W * m->C * m->fe, "expert activation gradient", &m->depre));
         MOE_TRY(f32_alloc(m, N * 2, "routing weight gradient", &m->dweight));
         MOE_TRY(f32_alloc(m, N * m->E, "gate logits gradient", &m->dlogits));
+        MOE_TRY(act_alloc(m, d > m->fe ? d : m->fe, "expert bias gradient", &m->ebias));
         if (m->pad_mask) {
             MOE_TRY(dev_alloc(m, (uint64_t)N, "padding mask", (void **)&m->pad_dev));
             m->tok_host = malloc((size_t)N * sizeof *m->tok_host);
@@ -1191,6 +1193,21 @@ static moe_status tlm_forward(void *model, const int32_t *tokens, int64_t B, int
 
 /* -------------------------------------------------------------- backward */
 
+/* dbias(C) += s * column sums of dy(R,C), s = host->expert_grad_scale: an
+ * expert's gradient contribution is scaled as it arrives, as fairseq's hook
+ * does (the weight GEMMs take s as alpha) */
+static moe_status expert_bias_backward(const tlm *m, void *dbias, const void *dy, int64_t R, int64_t C)
+{
+    const moe_host *h = m->h;
+    const moe_ops *ops = h->ops;
+    const float s = h->expert_grad_scale;
+    if (s == 1.0f)
+        return ops->bias_backward(h->ctx, dbias, dy, R, C, m->dt);
+    MOE_TRY(ops->fill(h->ctx, m->ebias, m->dt, C, 0.0f));
+    MOE_TRY(ops->bias_backward(h->ctx, m->ebias, dy, R, C, m->dt));
+    return ops->axpby(h->ctx, dbias, m->ebias, m->dt, C, s, 1.0f);
+}
+
 /* dh (N,d) = d loss / d h2 through the MoE layer, given dy = m->dres */
 static moe_status moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
 {
@@ -1201,6 +1218,7 @@ static moe_status moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
     const int E = m->E, W = m->a2a_world;
     const moe_route_args *r = &a->route;
     const int64_t C = r->capacity, R = (int64_t)W * C;
+    const float gs = h->expert_grad_scale;
 
     /* combine -> all-to-all -> expert-major */
     MOE_TRY(ops->combine_backward(h->ctx, m->d_a, m->dweight, m->dres, a->eback, a->expert, a->slot, a->weight, N, E,
@@ -1221,14 +1239,14 @@ static moe_status moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
         const void *act = off(a->eact, l * R * fe, m->dt);
         const void *dy;
         MOE_TRY(dropout_bwd(m, dyo, dyo, R * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid, &dy));
-        MOE_TRY(mmp(m, 1, 0, d, fe, R, 1.0f, dy, d, act, fe, 1.0f, G(m, x->fc2_w), fe));
-        MOE_TRY(ops->bias_backward(h->ctx, G(m, x->fc2_b), dy, R, d, m->dt));
+        MOE_TRY(mmp(m, 1, 0, d, fe, R, gs, dy, d, act, fe, 1.0f, G(m, x->fc2_w), fe));
+        MOE_TRY(expert_bias_backward(m, G(m, x->fc2_b), dy, R, d));
         MOE_TRY(mmp(m, 0, 0, R, fe, d, 1.0f, dy, d, P(m, x->fc2_w), fe, 0.0f, m->depre, fe));
         const void *dact;
         MOE_TRY(dropout_bwd(m, m->depre, m->depre, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid, &dact));
         MOE_TRY(ops->act_backward(h->ctx, m->depre, pre, dact, R * fe, m->dt, m->act_kind));
-        MOE_TRY(mmp(m, 1, 0, fe, d, R, 1.0f, m->depre, fe, xin, d, 1.0f, G(m, x->fc1_w), d));
-        MOE_TRY(ops->bias_backward(h->ctx, G(m, x->fc1_b), m->depre, R, fe, m->dt));
+        MOE_TRY(mmp(m, 1, 0, fe, d, R, gs, m->depre, fe, xin, d, 1.0f, G(m, x->fc1_w), d));
+        MOE_TRY(expert_bias_backward(m, G(m, x->fc1_b), m->depre, R, fe));
         MOE_TRY(mmp(m, 0, 0, R, d, fe, 1.0f, m->depre, fe, P(m, x->fc1_w), d, 0.0f, off(m->d_e, l * R * d, m->dt), d));
     }
     /* expert-major -> all-to-all back -> dispatch */
