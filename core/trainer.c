@@ -198,7 +198,12 @@ static moe_status setup(trainer *t)
     }
     t->expert_group_size = group;
     int num_experts_norm = h->world / group;
-    moe_runtime_set_expert_grad_scale(t->rt, (float)(1.0 / t->c->normalizer->divisor(num_experts_norm)));
+    /* legacy_ddp divides expert gradients by the world size whatever
+     * --moe-normalize-expert-grad says (§2.9) */
+    const char *ddp = moe_opts_str(o, "ddp-backend");
+    double divisor = ddp && strcmp(ddp, "legacy_ddp") == 0 ? (double)h->world
+                                                          : t->c->normalizer->divisor(num_experts_norm);
+    moe_runtime_set_expert_grad_scale(t->rt, (float)(1.0 / divisor));
 
     t->inner = moe_meters_create(now_s());
     t->epoch_m = moe_meters_create(now_s());

@@ -167,6 +167,38 @@ static void test_dist_fully_sharded_checkpoint_validation(void **s)
     moe_cmd_result_free(&b);
 }
 
+/* §2.9: legacy_ddp divides expert gradients by the world size and does not
+ * consult --moe-normalize-expert-grad: sqrt_world_size logs the gnorm of
+ * world_size there, and a different one with pytorch_ddp */
+static void test_dist_legacy_ddp_ignores_normalizer(void **s)
+{
+    (void)s;
+    if (!have_mpirun) {
+        printf("SKIP: mpirun not found\n");
+        skip();
+    }
+    static const char *const extra[3] = {
+        "--moe-expert-count 4 --ddp-backend legacy_ddp --moe-normalize-expert-grad world_size",
+        "--moe-expert-count 4 --ddp-backend legacy_ddp --moe-normalize-expert-grad sqrt_world_size",
+        "--moe-expert-count 4 --ddp-backend pytorch_ddp --moe-normalize-expert-grad sqrt_world_size"};
+    double g[3];
+    for (int k = 0; k < 3; k++) {
+        moe_cmd_result r;
+        assert_int_equal(run_ranks(4, extra[k], &r), 0);
+        if (r.status != 0)
+            fprintf(stderr, "%s\n%s\n", r.out, r.err);
+        assert_int_equal(r.status, 0);
+        double v[NUPD];
+        assert_int_equal(values(r.out, "gnorm", v, NUPD), NUPD);
+        g[k] = v[0];
+        moe_cmd_result_free(&r);
+    }
+    if (g[0] != g[1] || fabs(g[2] - g[1]) < 1e-3)
+        fail_msg("gnorm at update 1: legacy_ddp world_size %.3f, legacy_ddp sqrt_world_size %.3f, pytorch_ddp "
+                 "sqrt_world_size %.3f",
+                 g[0], g[1], g[2]);
+}
+
 /* §2.5: the forward all-to-alls are timed only when asked */
 static void test_dist_a2a_perf_stats(void **s)
 {
@@ -248,6 +280,7 @@ int main(void)
         cmocka_unit_test(test_dist_fully_sharded_2),  cmocka_unit_test(test_dist_fully_sharded_fp16_master_4),
         cmocka_unit_test(test_dist_normalizer_scaling), cmocka_unit_test(test_dist_a2a_perf_stats),
         cmocka_unit_test(test_dist_fully_sharded_checkpoint_validation),
+        cmocka_unit_test(test_dist_legacy_ddp_ignores_normalizer),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
