@@ -19,7 +19,7 @@ model=(--task dummy_lm --tokens-per-sample 1024 --arch transformer_lm_gpt --shar
   --moe-expert-count 2 --moe-freq 2 --moe-second-expert-policy all --criterion moe_cross_entropy
   --moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum --optimizer adam --fp16-adam-stats
   --lr 0.0005 --warmup-updates 750 --memory-efficient-fp16 --checkpoint-activations --batch-size 2
-  --disable-validation --log-format json --log-interval 1 --max-update "$updates")
+  --disable-validation --no-save --log-format json --log-interval 1 --max-update "$updates")
 for ddp in pytorch_ddp fully_sharded; do
   port=$((20000 + RANDOM % 20000))
   out=$(mktemp)

@@ -25,7 +25,7 @@ model=(--task dummy_lm --tokens-per-sample 2048
   --criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum
   --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 0.0
   --lr 0.0005 --warmup-updates 750 --dropout 0.1 --attention-dropout 0.1
-  --batch-size 4 --disable-validation --log-format json --log-interval 10)
+  --batch-size 4 --disable-validation --no-save --log-format json --log-interval 10)
 
 flops=$("$train" "${model[@]}" --max-update 1 --dry-run | sed -n 's/.*model FLOPs per token (forward + backward): //p')
 

@@ -25,7 +25,7 @@ model=(--task dummy_lm --tokens-per-sample 2048
   --lr 0.0005 --warmup-updates 750 --dropout 0.1 --attention-dropout 0.1
   --ddp-backend fully_sharded --memory-efficient-fp16 --checkpoint-activations
   --batch-size 4 --update-freq $((8 / ranks)) --max-update "$updates" --disable-validation
-  --log-format json --log-interval 10 --distributed-timeout 600)
+  --no-save --log-format json --log-interval 10 --distributed-timeout 600)
 port=$((20000 + RANDOM % 20000))
 log=${LOG_DIR:-$(mktemp -d)}
 for ((r = 0; r < ranks; r++)); do

@@ -112,6 +112,24 @@ const moe_option moe_core_options[] = {
     /* checkpoint */
     {"save-dir", MOE_OPT_STRING, "checkpoints", "path to save checkpoints", NOLIMIT, NULL},
     {"no-save", MOE_OPT_FLAG, NULL, "don't save models or checkpoints", NOLIMIT, NULL},
+    {"restore-file", MOE_OPT_STRING, "checkpoint_last.pt",
+     "filename from which to load checkpoint (default: <save-dir>/checkpoint_last.pt; each rank reads its "
+     "<name>-rank-<r>.pt)",
+     NOLIMIT, NULL},
+    {"reset-dataloader", MOE_OPT_FLAG, NULL, "if set, does not reload dataloader state from the checkpoint",
+     NOLIMIT, NULL},
+    {"reset-lr-scheduler", MOE_OPT_FLAG, NULL, "if set, does not load lr scheduler state from the checkpoint",
+     NOLIMIT, NULL},
+    {"reset-meters", MOE_OPT_FLAG, NULL, "if set, does not load meters from the checkpoint", NOLIMIT, NULL},
+    {"reset-optimizer", MOE_OPT_FLAG, NULL, "if set, does not load optimizer state from the checkpoint", NOLIMIT,
+     NULL},
+    {"save-interval", MOE_OPT_INT, "1", "save a checkpoint every N epochs", AT_LEAST(1), NULL},
+    {"save-interval-updates", MOE_OPT_INT, "0", "save a checkpoint (and validate) every N updates",
+     AT_LEAST(0), NULL},
+    {"keep-interval-updates", MOE_OPT_INT, "-1",
+     "keep the last N checkpoints saved with --save-interval-updates", AT_LEAST(-1), NULL},
+    {"no-epoch-checkpoints", MOE_OPT_FLAG, NULL, "only store last and best checkpoints", NOLIMIT, NULL},
+    {"no-last-checkpoints", MOE_OPT_FLAG, NULL, "don't store last checkpoints", NOLIMIT, NULL},
 
     /* MoE runtime (the layer's own flags belong to the arch) */
     {"record-a2a-perf-stats", MOE_OPT_FLAG, NULL, "record all-to-all CPU and CUDA times in the logs", NOLIMIT, NULL},

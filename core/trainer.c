@@ -19,8 +19,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <dirent.h>
 #include <unistd.h>
 
+#include "core/checkpoint.h"
 #include "core/config.h"
 #include "core/internal.h"
 #include "core/log.h"
@@ -63,6 +65,8 @@ typedef struct trainer {
     int epoch;
     double lr;
     double best_valid_loss;
+    double valid_loss_now;    /* the validation loss of this update, NAN when it did not validate */
+    int64_t saved_updates;    /* num_updates of the last checkpoint written or loaded (0 at a fresh start) */
 } trainer;
 
 static double now_s(void)
@@ -433,6 +437,7 @@ static moe_status validate(trainer *t)
         double loss = moe_meters_value(m, "loss", now_s());
         if (loss < t->best_valid_loss)
             t->best_valid_loss = loss;
+        t->valid_loss_now = loss;
         moe_meters_scalar(m, "num_updates", (double)t->num_updates, 0, 200, -1);
         moe_meters_scalar(m, "best_loss", t->best_valid_loss, 0, 300, 3);
         moe_stat_kv kv[64];
@@ -441,6 +446,199 @@ static moe_status validate(trainer *t)
     }
     moe_meters_destroy(m);
     return st;
+}
+
+/* ------------------------------------------------------------ checkpoints */
+
+static moe_ckpt_run ckpt_run(const trainer *t)
+{
+    moe_ckpt_run run = {t->rt, moe_opts_str(t->o, "arch"), moe_opts_str(t->o, "optimizer"), t->c->optimizer,
+                        t->opt};
+    return run;
+}
+
+typedef struct interval_ckpt {
+    int64_t updates;
+    char name[256];
+} interval_ckpt;
+
+static int by_updates_desc(const void *a, const void *b)
+{
+    int64_t x = ((const interval_ckpt *)a)->updates, y = ((const interval_ckpt *)b)->updates;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* --keep-interval-updates N: this rank's checkpoint_<E>_<U> files beyond
+ * the N with the most updates are deleted (fairseq's order) */
+static void prune_interval_checkpoints(trainer *t, const char *dir, int64_t keep)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    interval_ckpt *list = NULL;
+    size_t n = 0, cap = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        long long ep, up;
+        int rank, end = 0;
+        if (sscanf(e->d_name, "checkpoint_%lld_%lld-rank-%d.pt%n", &ep, &up, &rank, &end) != 3 ||
+            e->d_name[end] != '\0' || end == 0 || rank != t->h->rank)
+            continue;
+        if (n == cap) {
+            cap = cap ? 2 * cap : 16;
+            interval_ckpt *l = realloc(list, cap * sizeof *l);
+            if (!l)
+                break;
+            list = l;
+        }
+        list[n].updates = up;
+        snprintf(list[n].name, sizeof list[n].name, "%s", e->d_name);
+        n++;
+    }
+    closedir(d);
+    if (n > 0)
+        qsort(list, n, sizeof *list, by_updates_desc);
+    for (size_t i = (size_t)keep; i < n; i++) {
+        char path[4400];
+        snprintf(path, sizeof path, "%s/%s", dir, list[i].name);
+        if (unlink(path) == 0)
+            moe_log(MOE_LOG_DEBUG, "fairseq.checkpoint_utils", "removed old checkpoint %s", path);
+    }
+    free(list);
+}
+
+/* fairseq's save_checkpoint: the names this save writes, the first written
+ * in full, the others hard links (or written again where links fail), every
+ * one replaced atomically */
+static moe_status save_checkpoints(trainer *t, int end_of_epoch)
+{
+    moe_opts *o = t->o;
+    if (moe_opts_flag(o, "no-save"))
+        return MOE_OK;
+    const int rank = t->h->rank;
+    const char *dir = moe_opts_str(o, "save-dir");
+    if (!dir || !*dir)
+        dir = ".";
+    int64_t siu = moe_opts_int(o, "save-interval-updates");
+    char names[3][4400];
+    int n = 0;
+    char name[64];
+    if (end_of_epoch && !moe_opts_flag(o, "no-epoch-checkpoints") && t->epoch % moe_opts_int(o, "save-interval") == 0) {
+        snprintf(name, sizeof name, "checkpoint%d.pt", t->epoch);
+        moe_ckpt_rank_path(names[n++], sizeof names[0], dir, name, rank);
+    }
+    int interval = !end_of_epoch && siu > 0 && t->num_updates % siu == 0;
+    if (interval) {
+        snprintf(name, sizeof name, "checkpoint_%d_%lld.pt", t->epoch, (long long)t->num_updates);
+        moe_ckpt_rank_path(names[n++], sizeof names[0], dir, name, rank);
+    }
+    if (!moe_opts_flag(o, "no-last-checkpoints"))
+        moe_ckpt_rank_path(names[n++], sizeof names[0], dir, "checkpoint_last.pt", rank);
+    if (n == 0)
+        return MOE_OK;
+    double start = now_s();
+    MOE_TRY(moe_ckpt_mkdirs(dir));
+    moe_ckpt_state s;
+    memset(&s, 0, sizeof s);
+    s.num_updates = t->num_updates;
+    s.epoch = t->epoch;
+    s.iter = t->iter;
+    s.end_of_epoch = end_of_epoch;
+    s.best_valid_loss = t->best_valid_loss;
+    s.has_scaler = t->loss_scaling;
+    if (t->loss_scaling)
+        s.scaler = t->scaler;
+    moe_ckpt_run run = ckpt_run(t);
+    MOE_TRY(moe_ckpt_save(&run, &s, names[0]));
+    for (int i = 1; i < n; i++) {
+        char tmp[9000];
+        snprintf(tmp, sizeof tmp, "%s.tmp", names[i]);
+        unlink(tmp);
+        if (link(names[0], tmp) == 0 && rename(tmp, names[i]) == 0)
+            continue;
+        unlink(tmp);
+        MOE_TRY(moe_ckpt_save(&run, &s, names[i]));
+    }
+    t->saved_updates = t->num_updates;
+    char score[40], took[40];
+    if (isnan(t->valid_loss_now))
+        snprintf(score, sizeof score, "None");
+    else
+        moe_format_pyfloat(score, sizeof score, t->valid_loss_now);
+    moe_format_pyfloat(took, sizeof took, now_s() - start);
+    moe_log(MOE_LOG_INFO, "fairseq.checkpoint_utils",
+            "saved checkpoint %s (epoch %d @ %lld updates, score %s) (writing took %s seconds)", names[0], t->epoch,
+            (long long)t->num_updates, score, took);
+    int64_t keep = moe_opts_int(o, "keep-interval-updates");
+    if (interval && keep >= 0)
+        prune_interval_checkpoints(t, dir, keep);
+    return MOE_OK;
+}
+
+/* fairseq's load_checkpoint: --restore-file (in --save-dir when relative),
+ * this rank's file; every rank must find one or none */
+static moe_status load_checkpoint(trainer *t)
+{
+    const moe_host *h = t->h;
+    moe_opts *o = t->o;
+    const char *dir = moe_opts_str(o, "save-dir");
+    const char *restore = moe_opts_str(o, "restore-file");
+    if (!restore || !*restore)
+        return MOE_OK;
+    char path[4400];
+    moe_ckpt_rank_path(path, sizeof path, dir && *dir ? dir : ".", restore, h->rank);
+    int found = access(path, F_OK) == 0;
+    if (h->world > 1) {
+        float v = (float)found;
+        MOE_TRY(h->backend->copy_from_host(h->ctx, t->red, &v, sizeof v));
+        MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red, 1, MOE_F32, MOE_REDUCE_SUM));
+        MOE_TRY(h->backend->copy_to_host(h->ctx, &v, t->red, sizeof v));
+        if ((int)v != 0 && (int)v != h->world)
+            return moe_error_set(MOE_ERR_IO, "checkpoint found on %d of %d ranks; rank %d %s %s", (int)v, h->world,
+                                 h->rank, found ? "has" : "misses", path);
+    }
+    if (!found) {
+        moe_log(MOE_LOG_INFO, "fairseq.trainer", "No existing checkpoint found %s", path);
+        return MOE_OK;
+    }
+    int reset_optimizer = moe_opts_flag(o, "reset-optimizer");
+    moe_ckpt_run run = ckpt_run(t);
+    moe_ckpt_state s;
+    MOE_TRY(moe_ckpt_load(&run, path, !reset_optimizer, &s));
+    t->num_updates = s.num_updates;
+    if (moe_opts_flag(o, "reset-dataloader")) {
+        t->epoch = 1;
+        t->iter = 0;
+    } else if (s.end_of_epoch) {
+        t->epoch = (int)s.epoch + 1;
+        t->iter = 0;
+    } else {
+        t->epoch = (int)s.epoch;
+        t->iter = s.iter;
+    }
+    if (t->iter >= t->batches_per_epoch) {
+        t->epoch++;
+        t->iter = 0;
+    }
+    t->best_valid_loss = s.best_valid_loss;
+    if (t->loss_scaling && s.has_scaler && !reset_optimizer) {
+        /* fairseq keeps the loss scale with the optimizer state */
+        t->scaler.scale = s.scaler.scale;
+        t->scaler.iter = s.scaler.iter;
+        t->scaler.last_overflow_iter = s.scaler.last_overflow_iter;
+        t->scaler.last_rescale_iter = s.scaler.last_rescale_iter;
+        t->scaler.overflows_since_rescale = s.scaler.overflows_since_rescale;
+    }
+    if (!reset_optimizer && !t->c->optimizer->load_state)
+        moe_log(MOE_LOG_WARNING, "fairseq.trainer", "optimizer %s cannot restore its state; it starts afresh",
+                run.optimizer);
+    /* the schedule is a function of num_updates: nothing else to restore
+     * (--reset-lr-scheduler changes nothing) */
+    t->lr = t->c->lr_scheduler->lr_at(t->sched, t->num_updates);
+    t->saved_updates = t->num_updates;
+    moe_log(MOE_LOG_INFO, "fairseq.trainer", "loaded checkpoint %s (epoch %lld @ %lld updates)", path,
+            (long long)s.epoch, (long long)t->num_updates);
+    return MOE_OK;
 }
 
 static moe_status end_of_epoch(trainer *t)
@@ -460,6 +658,7 @@ static moe_status train_loop(trainer *t)
         if (t->max_epoch > 0 && t->epoch > t->max_epoch)
             break;
         double step_start = now_s();
+        t->valid_loss_now = NAN;
         moe_runtime_set_step_seed(t->rt, h->seed + (uint64_t)t->num_updates);
         MOE_TRY(moe_runtime_zero_grads(t->rt));
         MOE_TRY(ops->fill(h->ctx, t->red, MOE_F32, RED_COUNT, 0.0f));
@@ -499,6 +698,8 @@ static moe_status train_loop(trainer *t)
                 wall_pending += now_s() - step_start;
                 if (t->iter >= t->batches_per_epoch) {
                     MOE_TRY(end_of_epoch(t));
+                    if (t->epoch % moe_opts_int(t->o, "save-interval") == 0)
+                        MOE_TRY(save_checkpoints(t, 1));
                     t->epoch++;
                     t->iter = 0;
                 }
@@ -535,15 +736,25 @@ static moe_status train_loop(trainer *t)
         if (!t->disable_validation && t->validate_interval_updates > 0 &&
             t->num_updates % t->validate_interval_updates == 0)
             MOE_TRY(validate(t));
+        int64_t siu = moe_opts_int(t->o, "save-interval-updates");
         if (t->iter >= t->batches_per_epoch) {
             MOE_TRY(end_of_epoch(t));
             if (!t->disable_validation)
                 MOE_TRY(validate(t));
+            if (t->epoch % moe_opts_int(t->o, "save-interval") == 0)
+                MOE_TRY(save_checkpoints(t, 1));
             t->epoch++;
             t->iter = 0;
+        } else if (siu > 0 && t->num_updates % siu == 0) {
+            MOE_TRY(save_checkpoints(t, 0));
         }
     }
     moe_progress_clear();
+    /* the end of training (fairseq's should_stop): checkpoint_last */
+    if (t->num_updates != t->saved_updates) {
+        t->valid_loss_now = NAN;
+        MOE_TRY(save_checkpoints(t, 0));
+    }
     if (t->iter > 0)
         MOE_TRY(end_of_epoch(t));
     return MOE_OK;
@@ -559,7 +770,11 @@ moe_status moe_train(moe_runtime *rt, const moe_components *c)
     t.o = moe_runtime_opts(rt);
     t.t0 = now_s();
     t.log_moe = c->criterion_name && strncmp(c->criterion_name, "moe_", 4) == 0;
+    t.saved_updates = 0; /* nothing to save before the first update */
+    t.valid_loss_now = NAN;
     moe_status st = setup(&t);
+    if (st == MOE_OK)
+        st = load_checkpoint(&t);
     if (st == MOE_OK)
         st = train_loop(&t);
     if (st == MOE_OK)

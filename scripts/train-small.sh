@@ -25,5 +25,5 @@ exec build/bin/moelm-train \
   --lr 0.003 --warmup-updates 20 \
   --dropout 0.1 --attention-dropout 0.1 \
   --batch-size 4 --update-freq 1 \
-  --max-update 200 --disable-validation \
+  --max-update 200 --disable-validation --no-save \
   --log-format json --log-interval 10 "${precision[@]}" "$@"

@@ -17,7 +17,7 @@ args="--task dummy_lm --tokens-per-sample 64 --dict-size 496 --arch transformer_
   --moe-normalize-expert-grad world_size --criterion moe_cross_entropy --moe-gate-loss-wt 0.01
   --moe-gate-loss-combine-method sum --optimizer adam --adam-betas (0.9,0.98) --lr 0.002 --warmup-updates 2
   --dropout 0 --attention-dropout 0 --batch-size 4 --disable-validation --log-format json --log-interval 1
-  --max-update 8 --distributed-timeout 60"
+  --max-update 8 --distributed-timeout 60 --no-save"
 losses() { grep -o '"loss": "[0-9.]*"' "$1" | grep -o '[0-9.]*' | tr '\n' ' '; }
 two_ranks() { # <out> <extra...>
   local out=$1 port=$((20000 + RANDOM % 20000)) pids=() r

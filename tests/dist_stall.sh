@@ -21,7 +21,7 @@ mpirun --oversubscribe -np "$np" "$train" --cpu --task dummy_lm --tokens-per-sam
   --arch transformer_lm_gpt --decoder-layers 2 --decoder-embed-dim 32 --decoder-ffn-embed-dim 64 \
   --decoder-attention-heads 2 --moe-expert-count "$np" --moe-freq 2 --criterion moe_cross_entropy \
   --optimizer adam --lr 0.001 --batch-size 2 --max-update 100000 --disable-validation \
-  --log-format json --log-interval 1 --distributed-timeout 5 >"$out" 2>&1 &
+  --log-format json --log-interval 1 --distributed-timeout 5 --no-save >"$out" 2>&1 &
 launcher=$!
 # wait until rank 0 has logged an update, then stop the victim
 for _ in $(seq 1 300); do

@@ -16,7 +16,7 @@
     "--cpu --task dummy_lm --tokens-per-sample 16 --dict-size 28 --arch transformer_lm_gpt "                     \
     "--decoder-layers 2 --decoder-embed-dim 16 --decoder-ffn-embed-dim 32 --decoder-attention-heads 2 "          \
     "--moe-expert-count 4 --moe-freq 2 --criterion moe_cross_entropy --optimizer adam --batch-size 2 "           \
-    "--max-update 1 "
+    "--max-update 1 --no-save "
 
 /* runs args, expects a failure whose stderr is one error line containing every needle */
 static void expect_error(const char *args, const char *const *needles, int n)
@@ -161,7 +161,7 @@ static void test_cli_validation_line(void **s)
                                    "--decoder-ffn-embed-dim 32 --decoder-attention-heads 2 --moe-expert-count 4 "
                                    "--moe-freq 2 --criterion moe_cross_entropy --optimizer adam --batch-size 2 "
                                    "--max-update 4 --validate-interval-updates 2 --max-sentences-valid 1 "
-                                   "--max-valid-steps 3 --log-format json --log-interval 2",
+                                   "--max-valid-steps 3 --log-format json --log-interval 2 --no-save",
                                    &r),
                      0);
     if (r.status != 0)

@@ -24,7 +24,7 @@
     "--criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum "                 \
     "--optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.002 --warmup-updates 2 "                                 \
     "--dropout 0 --attention-dropout 0 --batch-size 2 "                                                          \
-    "--log-format json --log-interval 1 --max-update 6 "
+    "--log-format json --log-interval 1 --max-update 6 --no-save "
 #define TINY TINY_MODEL "--disable-validation "
 
 #define NUPD 6

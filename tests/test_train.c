@@ -28,7 +28,7 @@
     "--criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum "                 \
     "--optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 0.0 "                                               \
     "--dropout 0.1 --attention-dropout 0.1 --batch-size 4 --update-freq 1 --disable-validation "                 \
-    "--log-format json --log-interval 10 "
+    "--log-format json --log-interval 10 --no-save "
 
 static const char *const fields[] = {
     "\"epoch\": 1",       "\"update\": ",          "\"loss\": ",                  "\"moe_gate_loss\": ",

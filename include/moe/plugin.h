@@ -384,6 +384,17 @@ typedef struct moe_optimizer_ops {
     moe_status (*step)(void *opt, double lr, double grad_scale, int64_t step);
     /* bytes of optimizer state per parameter element (for --dry-run) */
     double (*state_bytes_per_param)(const moe_host *h);
+    /* (ABI 1.1) checkpoints: the optimizer's state (moments, scales, buffers)
+     * as one byte string of state_bytes(opt) bytes, in an order the plugin
+     * fixes (its own tensors in init order). save_state copies the bytes
+     * [offset, offset + bytes) of it to host memory, load_state overwrites
+     * them from host memory, so the core streams the state through a bounded
+     * host buffer in chunks. Little-endian as the host's memory; the core
+     * adds the header and checksum. All three may be NULL (no state to save:
+     * a resumed run then starts the optimizer afresh, with a warning). */
+    uint64_t (*state_bytes)(void *opt);
+    moe_status (*save_state)(void *opt, uint64_t offset, void *host, uint64_t bytes);
+    moe_status (*load_state)(void *opt, uint64_t offset, const void *host, uint64_t bytes);
 } moe_optimizer_ops;
 
 /* ---------------------------------------------------- kind: lr_scheduler */

@@ -117,11 +117,59 @@ static double sgd_state_bytes_per_param(const moe_host *h)
     return h->opt_float(h, "momentum") != 0.0 ? 4.0 : 0.0;
 }
 
+/* Checkpoint state (ABI 1.1): the fp32 momentum buffers of the tensors of
+ * init, in order (nothing without momentum). */
+static uint64_t sgd_state_bytes(void *opt)
+{
+    const sgd_state *s = opt;
+    uint64_t total = 0;
+    for (int i = 0; i < s->n; i++)
+        if (s->ts[i].buf)
+            total += (uint64_t)s->ts[i].t.n * sizeof(float);
+    return total;
+}
+
+static moe_status sgd_state_io(sgd_state *s, uint64_t offset, void *host, uint64_t bytes, int save)
+{
+    const moe_host *h = s->h;
+    uint64_t pos = 0;
+    char *hp = host;
+    for (int i = 0; i < s->n && bytes > 0; i++) {
+        if (!s->ts[i].buf)
+            continue;
+        uint64_t len = (uint64_t)s->ts[i].t.n * sizeof(float);
+        if (offset < pos + len) {
+            uint64_t in = offset - pos, m = len - in < bytes ? len - in : bytes;
+            char *d = (char *)s->ts[i].buf + in;
+            moe_status st = save ? h->backend->copy_to_host(h->ctx, hp, d, m)
+                                 : h->backend->copy_from_host(h->ctx, d, hp, m);
+            if (st != MOE_OK)
+                return st;
+            hp += m;
+            offset += m;
+            bytes -= m;
+        }
+        pos += len;
+    }
+    if (bytes > 0)
+        return h->error(h, MOE_ERR_INVALID_ARG, "sgd: state range ends %llu bytes past its %llu bytes",
+                        (unsigned long long)bytes, (unsigned long long)sgd_state_bytes(s));
+    return MOE_OK;
+}
+
+static moe_status sgd_save_state(void *opt, uint64_t offset, void *host, uint64_t bytes)
+{
+    return sgd_state_io(opt, offset, host, bytes, 1);
+}
+
+static moe_status sgd_load_state(void *opt, uint64_t offset, const void *host, uint64_t bytes)
+{
+    return sgd_state_io(opt, offset, (void *)(uintptr_t)host, bytes, 0);
+}
+
 static const moe_optimizer_ops sgd_ops = {
-    sgd_init,
-    sgd_destroy,
-    sgd_step,
-    sgd_state_bytes_per_param,
+    sgd_init,        sgd_destroy,    sgd_step, sgd_state_bytes_per_param, sgd_state_bytes,
+    sgd_save_state,  sgd_load_state,
 };
 
 MOE_PLUGIN_DEFINE(MOE_KIND_OPTIMIZER, moe_optimizer_ops, "sgd", "1.0",
