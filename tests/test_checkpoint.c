@@ -29,9 +29,15 @@
     "--decoder-layers 2 --decoder-embed-dim 32 --decoder-ffn-embed-dim 64 --decoder-attention-heads 2 "          \
     "--moe-expert-count 2 --moe-freq 2 --moe-second-expert-policy all "                                         \
     "--criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum "                 \
-    "--optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.002 --warmup-updates 4 "                                 \
+    "--lr 0.002 --warmup-updates 4 "                                                                             \
     "--dropout 0.1 --attention-dropout 0.1 --batch-size 2 --disable-validation "                                 \
     "--log-format json --log-interval 1 "
+
+/* the optimizer unless `extra` names one */
+static const char *optimizer_of(const char *extra)
+{
+    return strstr(extra, "--optimizer ") ? "" : "--optimizer adam --adam-betas '(0.9, 0.98)' ";
+}
 
 static int have_mpirun;
 
@@ -60,11 +66,11 @@ static void train(int ranks, const char *dir, const char *extra, moe_cmd_result 
 {
     char args[4096];
     if (ranks > 1) {
-        snprintf(args, sizeof args, "mpirun --oversubscribe -np %d %s/moelm-train " TINY "--save-dir %s %s", ranks,
-                 MOE_TEST_BIN_DIR, dir, extra);
+        snprintf(args, sizeof args, "mpirun --oversubscribe -np %d %s/moelm-train " TINY "%s--save-dir %s %s", ranks,
+                 MOE_TEST_BIN_DIR, optimizer_of(extra), dir, extra);
         assert_int_equal(moe_run_shell(args, r), 0);
     } else {
-        snprintf(args, sizeof args, TINY "--save-dir %s %s", dir, extra);
+        snprintf(args, sizeof args, TINY "%s--save-dir %s %s", optimizer_of(extra), dir, extra);
         assert_int_equal(moe_run_train(args, r), 0);
     }
 }
@@ -184,6 +190,14 @@ static void test_ckpt_resume_fp16(void **s)
     static const char *const at6[] = {"checkpoint_last-rank-0.pt"};
     resume_matches(1, "--fp16 --fp16-adam-stats --fp16-init-scale 4096 --fp16-scale-window 3", 6, at6, 1);
     resume_matches(1, "--memory-efficient-fp16 --fp16-adam-stats --fp16-scale-window 3", 5, at6, 1);
+}
+
+/* sgd's momentum buffers come back too */
+static void test_ckpt_resume_sgd_momentum(void **s)
+{
+    (void)s;
+    static const char *const at6[] = {"checkpoint_last-rank-0.pt"};
+    resume_matches(1, "--optimizer sgd --momentum 0.9", 6, at6, 1);
 }
 
 /* 2 ranks, fully sharded: each rank writes and reads its shards */
@@ -380,12 +394,15 @@ static void test_ckpt_no_save(void **s)
 
 int main(void)
 {
+    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+    setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
     have_mpirun = system("command -v mpirun >/dev/null 2>&1") == 0;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ckpt_resume_fp32),       cmocka_unit_test(test_ckpt_resume_fp16),
         cmocka_unit_test(test_ckpt_resume_fully_sharded_2), cmocka_unit_test(test_ckpt_refuses_bad_files),
         cmocka_unit_test(test_ckpt_leftover_temporary), cmocka_unit_test(test_ckpt_names_and_pruning),
-        cmocka_unit_test(test_ckpt_no_save),
+        cmocka_unit_test(test_ckpt_no_save),          cmocka_unit_test(test_ckpt_resume_sgd_momentum),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "moe/plugin.h"
+#include "state_io.h"
 
 static const moe_option adam_options[] = {
     {"adam-betas", MOE_OPT_STRING, "(0.9, 0.999)", "betas for Adam optimizer", 0, 0, NULL},
@@ -173,8 +174,9 @@ static double adam_state_bytes_per_param(const moe_host *h)
 /* Checkpoint state (ABI 1.1): per tensor of init, exp_avg then exp_avg_sq
  * (fp32, or fp16 with --fp16-adam-stats), then with --fp16-adam-stats the 2n
  * fp32 moment scales. `k`-th segment of that byte string, or 0 past the end. */
-static uint64_t adam_segment(const adam_state *a, int k, void **ptr)
+static uint64_t adam_segment(const void *opt, int k, void **ptr)
 {
+    const adam_state *a = opt;
     uint64_t sd = a->fp16_stats ? 2u : 4u;
     if (k < 2 * a->n) {
         const adam_tensor *t = &a->ts[k / 2];
@@ -189,52 +191,24 @@ static uint64_t adam_segment(const adam_state *a, int k, void **ptr)
     return 0;
 }
 
+static int adam_segments(const adam_state *a) { return 2 * a->n + 1; }
+
 static uint64_t adam_state_bytes(void *opt)
 {
-    const adam_state *a = opt;
-    uint64_t total = 0;
-    void *p;
-    for (int k = 0; k <= 2 * a->n; k++)
-        total += adam_segment(a, k, &p);
-    return total;
-}
-
-/* copy [offset, offset + bytes) of the state to (save) or from host memory */
-static moe_status adam_state_io(adam_state *a, uint64_t offset, void *host, uint64_t bytes, int save)
-{
-    const moe_host *h = a->h;
-    uint64_t pos = 0;
-    char *hp = host;
-    for (int k = 0; k <= 2 * a->n && bytes > 0; k++) {
-        void *dev;
-        uint64_t len = adam_segment(a, k, &dev);
-        if (offset < pos + len) {
-            uint64_t in = offset - pos, m = len - in < bytes ? len - in : bytes;
-            char *d = (char *)dev + in;
-            moe_status st = save ? h->backend->copy_to_host(h->ctx, hp, d, m)
-                                 : h->backend->copy_from_host(h->ctx, d, hp, m);
-            if (st != MOE_OK)
-                return st;
-            hp += m;
-            offset += m;
-            bytes -= m;
-        }
-        pos += len;
-    }
-    if (bytes > 0)
-        return h->error(h, MOE_ERR_INVALID_ARG, "adam: state range ends %llu bytes past its %llu bytes",
-                        (unsigned long long)bytes, (unsigned long long)adam_state_bytes(a));
-    return MOE_OK;
+    return moe_state_total(opt, adam_segments(opt), adam_segment);
 }
 
 static moe_status adam_save_state(void *opt, uint64_t offset, void *host, uint64_t bytes)
 {
-    return adam_state_io(opt, offset, host, bytes, 1);
+    const adam_state *a = opt;
+    return moe_state_io(a->h, "adam", opt, adam_segments(a), adam_segment, offset, host, bytes, 1);
 }
 
 static moe_status adam_load_state(void *opt, uint64_t offset, const void *host, uint64_t bytes)
 {
-    return adam_state_io(opt, offset, (void *)(uintptr_t)host, bytes, 0);
+    const adam_state *a = opt;
+    return moe_state_io(a->h, "adam", opt, adam_segments(a), adam_segment, offset, (void *)(uintptr_t)host, bytes,
+                        0);
 }
 
 static const moe_optimizer_ops adam_ops = {

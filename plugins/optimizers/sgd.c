@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "moe/plugin.h"
+#include "state_io.h"
 
 static const moe_option sgd_options[] = {
     {"momentum", MOE_OPT_FLOAT, "0.0", "momentum factor", 0, 0, NULL},
@@ -119,52 +120,29 @@ static double sgd_state_bytes_per_param(const moe_host *h)
 
 /* Checkpoint state (ABI 1.1): the fp32 momentum buffers of the tensors of
  * init, in order (nothing without momentum). */
+static uint64_t sgd_segment(const void *opt, int k, void **ptr)
+{
+    const sgd_state *s = opt;
+    *ptr = s->ts[k].buf;
+    return s->ts[k].buf ? (uint64_t)s->ts[k].t.n * sizeof(float) : 0u;
+}
+
 static uint64_t sgd_state_bytes(void *opt)
 {
     const sgd_state *s = opt;
-    uint64_t total = 0;
-    for (int i = 0; i < s->n; i++)
-        if (s->ts[i].buf)
-            total += (uint64_t)s->ts[i].t.n * sizeof(float);
-    return total;
-}
-
-static moe_status sgd_state_io(sgd_state *s, uint64_t offset, void *host, uint64_t bytes, int save)
-{
-    const moe_host *h = s->h;
-    uint64_t pos = 0;
-    char *hp = host;
-    for (int i = 0; i < s->n && bytes > 0; i++) {
-        if (!s->ts[i].buf)
-            continue;
-        uint64_t len = (uint64_t)s->ts[i].t.n * sizeof(float);
-        if (offset < pos + len) {
-            uint64_t in = offset - pos, m = len - in < bytes ? len - in : bytes;
-            char *d = (char *)s->ts[i].buf + in;
-            moe_status st = save ? h->backend->copy_to_host(h->ctx, hp, d, m)
-                                 : h->backend->copy_from_host(h->ctx, d, hp, m);
-            if (st != MOE_OK)
-                return st;
-            hp += m;
-            offset += m;
-            bytes -= m;
-        }
-        pos += len;
-    }
-    if (bytes > 0)
-        return h->error(h, MOE_ERR_INVALID_ARG, "sgd: state range ends %llu bytes past its %llu bytes",
-                        (unsigned long long)bytes, (unsigned long long)sgd_state_bytes(s));
-    return MOE_OK;
+    return moe_state_total(opt, s->n, sgd_segment);
 }
 
 static moe_status sgd_save_state(void *opt, uint64_t offset, void *host, uint64_t bytes)
 {
-    return sgd_state_io(opt, offset, host, bytes, 1);
+    const sgd_state *s = opt;
+    return moe_state_io(s->h, "sgd", opt, s->n, sgd_segment, offset, host, bytes, 1);
 }
 
 static moe_status sgd_load_state(void *opt, uint64_t offset, const void *host, uint64_t bytes)
 {
-    return sgd_state_io(opt, offset, (void *)(uintptr_t)host, bytes, 0);
+    const sgd_state *s = opt;
+    return moe_state_io(s->h, "sgd", opt, s->n, sgd_segment, offset, (void *)(uintptr_t)host, bytes, 0);
 }
 
 static const moe_optimizer_ops sgd_ops = {
