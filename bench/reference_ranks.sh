@@ -14,18 +14,10 @@ updates=${2:-30}
 build=${BUILD_DIR:-build}
 train="$build/bin/moelm-train"
 ngpu=$(nvidia-smi -L | grep -c GPU)
-model=(--task dummy_lm --tokens-per-sample 2048
-  --arch transformer_lm_gpt --share-decoder-input-output-embed
-  --decoder-layers 24 --decoder-embed-dim 2048 --decoder-ffn-embed-dim 8192 --decoder-attention-heads 32
-  --moe-expert-count 8 --moe-freq 2 --moe-gating-use-fp32 --moe-second-expert-policy all
-  --moe-normalize-expert-grad sqrt_world_size --moe-eval-capacity-token-fraction -1.0
-  --max-sentences-valid 1 --num-workers-valid 0
-  --criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum
-  --optimizer adam --fp16-adam-stats --adam-betas '(0.9, 0.98)' --clip-norm 0.0
-  --lr 0.0005 --warmup-updates 750 --dropout 0.1 --attention-dropout 0.1
+. bench/reference_model.sh
+model=("${reference_model[@]}" --fp16-adam-stats
   --ddp-backend fully_sharded --memory-efficient-fp16 --checkpoint-activations
-  --batch-size 4 --update-freq $((8 / ranks)) --max-update "$updates" --disable-validation
-  --no-save --log-format json --log-interval 10 --distributed-timeout 600)
+  --update-freq $((8 / ranks)) --max-update "$updates" --distributed-timeout 600)
 port=$((20000 + RANDOM % 20000))
 log=${LOG_DIR:-$(mktemp -d)}
 for ((r = 0; r < ranks; r++)); do
