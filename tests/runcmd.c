@@ -76,6 +76,14 @@ void moe_cmd_result_free(moe_cmd_result *r)
     memset(r, 0, sizeof *r);
 }
 
+int moe_mpirun_prepare(void)
+{
+    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+    setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
+    return system("command -v mpirun >/dev/null 2>&1") == 0;
+}
+
 int moe_count_lines(const char *text, const char *needle)
 {
     int n = 0;

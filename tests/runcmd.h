@@ -15,6 +15,9 @@ int moe_run_train(const char *args, moe_cmd_result *r);
 /* Runs a shell command line the same way. */
 int moe_run_shell(const char *cmdline, moe_cmd_result *r);
 void moe_cmd_result_free(moe_cmd_result *r);
+/* Lets mpirun run here (as root too, without the shared-memory single copy
+ * that containers refuse) and says whether it is installed. */
+int moe_mpirun_prepare(void);
 /* The number of lines of `text` containing `needle`. */
 int moe_count_lines(const char *text, const char *needle);
 

@@ -394,10 +394,7 @@ static void test_ckpt_no_save(void **s)
 
 int main(void)
 {
-    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-    setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
-    have_mpirun = system("command -v mpirun >/dev/null 2>&1") == 0;
+    have_mpirun = moe_mpirun_prepare();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ckpt_resume_fp32),       cmocka_unit_test(test_ckpt_resume_fp16),
         cmocka_unit_test(test_ckpt_resume_fully_sharded_2), cmocka_unit_test(test_ckpt_refuses_bad_files),

@@ -65,6 +65,20 @@ static int values(const char *out, const char *key, double *v, int max)
     return tagged_values(out, "| train_inner | ", key, v, max);
 }
 
+/* the gnorm logged at update 1 of a run on `ranks` ranks */
+static double first_gnorm(int ranks, const char *extra)
+{
+    moe_cmd_result r;
+    assert_int_equal(run_ranks(ranks, extra, &r), 0);
+    if (r.status != 0)
+        fprintf(stderr, "%s\n%s\n", r.out, r.err);
+    assert_int_equal(r.status, 0);
+    double v[NUPD];
+    assert_int_equal(values(r.out, "gnorm", v, NUPD), NUPD);
+    moe_cmd_result_free(&r);
+    return v[0];
+}
+
 static void expect_same_losses(int ranks, const char *one_rank_extra, const char *n_rank_extra)
 {
     if (!have_mpirun) {
@@ -183,15 +197,7 @@ static void test_dist_legacy_ddp_ignores_normalizer(void **s)
         "--moe-expert-count 4 --ddp-backend pytorch_ddp --moe-normalize-expert-grad sqrt_world_size"};
     double g[3];
     for (int k = 0; k < 3; k++) {
-        moe_cmd_result r;
-        assert_int_equal(run_ranks(4, extra[k], &r), 0);
-        if (r.status != 0)
-            fprintf(stderr, "%s\n%s\n", r.out, r.err);
-        assert_int_equal(r.status, 0);
-        double v[NUPD];
-        assert_int_equal(values(r.out, "gnorm", v, NUPD), NUPD);
-        g[k] = v[0];
-        moe_cmd_result_free(&r);
+        g[k] = first_gnorm(4, extra[k]);
     }
     if (g[0] != g[1] || fabs(g[2] - g[1]) < 1e-3)
         fail_msg("gnorm at update 1: legacy_ddp world_size %.3f, legacy_ddp sqrt_world_size %.3f, pytorch_ddp "
@@ -250,15 +256,7 @@ static void test_dist_normalizer_scaling(void **s)
             char extra[256];
             snprintf(extra, sizeof extra, "--moe-expert-count 4 --update-freq 1 --moe-normalize-expert-grad %s",
                      m == 0 ? "world_size" : "sqrt_world_size");
-            moe_cmd_result r;
-            assert_int_equal(run_ranks(ranks, extra, &r), 0);
-            if (r.status != 0)
-                fprintf(stderr, "%s\n%s\n", r.out, r.err);
-            assert_int_equal(r.status, 0);
-            double v[NUPD];
-            assert_int_equal(values(r.out, "gnorm", v, NUPD), NUPD);
-            g[m] = v[0];
-            moe_cmd_result_free(&r);
+            g[m] = first_gnorm(ranks, extra);
         }
         d[k] = g[1] * g[1] - g[0] * g[0];
         assert_true(d[k] > 0);
@@ -270,10 +268,7 @@ static void test_dist_normalizer_scaling(void **s)
 
 int main(void)
 {
-    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-    setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
-    have_mpirun = system("command -v mpirun >/dev/null 2>&1") == 0;
+    have_mpirun = moe_mpirun_prepare();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dist_data_parallel_2),  cmocka_unit_test(test_dist_experts_4_over_2),
         cmocka_unit_test(test_dist_experts_4_over_4), cmocka_unit_test(test_dist_replicated_experts_2_over_4),
