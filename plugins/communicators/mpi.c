@@ -479,38 +479,6 @@ static moe_status comm_all_reduce(moe_comm *c, moe_group *g, void *buf, int64_t 
     return wait_req(c, &req, "all_reduce", g);
 }
 
-static moe_status comm_reduce_scatter(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n,
-                                      moe_dtype dt, moe_reduce_op op)
-{
-    g = grp(c, g);
-    if (g->size == 1) {
-        memcpy(recv, send, (size_t)n * moe_dtype_size(dt));
-        return MOE_OK;
-    }
-    if (!count_ok(n))
-        return c->h->error(c->h, MOE_ERR_UNSUPPORTED, "reduce_scatter of %lld elements exceeds MPI's int count",
-                           (long long)n);
-    MPI_Request req;
-    MPI_Ireduce_scatter_block(send, recv, (int)n, mpi_type(dt), mpi_op(c, dt, op), g->comm, &req);
-    return wait_req(c, &req, "reduce_scatter", g);
-}
-
-static moe_status comm_all_gather(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n, moe_dtype dt)
-{
-    g = grp(c, g);
-    if (g->size == 1) {
-        if (recv != send)
-            memcpy(recv, send, (size_t)n * moe_dtype_size(dt));
-        return MOE_OK;
-    }
-    if (!count_ok(n))
-        return c->h->error(c->h, MOE_ERR_UNSUPPORTED, "all_gather of %lld elements exceeds MPI's int count",
-                           (long long)n);
-    MPI_Request req;
-    MPI_Iallgather(send, (int)n, mpi_type(dt), recv, (int)n, mpi_type(dt), g->comm, &req);
-    return wait_req(c, &req, "all_gather", g);
-}
-
 struct moe_comm_req {
     MPI_Request req;
     moe_group *g;
@@ -519,11 +487,22 @@ struct moe_comm_req {
 
 /* A started collective: MPI progresses it while the caller computes (as far
  * as OpenMPI progresses nonblocking collectives without a progress thread:
- * at the latest in comm_wait). `reduce`: reduce-scatter, else all-gather. */
+ * at the latest in comm_wait). `reduce`: reduce-scatter, else all-gather.
+ * A group of one is a copy, done at once (*out stays NULL). */
 static moe_status start_op(moe_comm *c, moe_group *g, int reduce, void *recv, const void *send, int64_t n,
                            moe_dtype dt, moe_reduce_op op, moe_comm_req **out)
 {
+    *out = NULL;
+    g = grp(c, g);
     const char *what = reduce ? "reduce_scatter" : "all_gather";
+    if (g->size == 1) {
+        if (recv != send)
+            memcpy(recv, send, (size_t)n * moe_dtype_size(dt));
+        return MOE_OK;
+    }
+    if (!count_ok(n))
+        return c->h->error(c->h, MOE_ERR_UNSUPPORTED, "%s of %lld elements exceeds MPI's int count", what,
+                           (long long)n);
     moe_comm_req *r = malloc(sizeof *r);
     if (!r)
         return c->h->error(c->h, MOE_ERR_NOMEM, "out of host memory starting an MPI %s", what);
@@ -540,26 +519,6 @@ static moe_status start_op(moe_comm *c, moe_group *g, int reduce, void *recv, co
     return MOE_OK;
 }
 
-static moe_status comm_all_gather_start(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n,
-                                        moe_dtype dt, moe_comm_req **out)
-{
-    *out = NULL;
-    g = grp(c, g);
-    if (g->size == 1 || !count_ok(n))
-        return comm_all_gather(c, g, recv, send, n, dt); /* a copy, or the count error */
-    return start_op(c, g, 0, recv, send, n, dt, MOE_REDUCE_SUM, out);
-}
-
-static moe_status comm_reduce_scatter_start(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n,
-                                            moe_dtype dt, moe_reduce_op op, moe_comm_req **out)
-{
-    *out = NULL;
-    g = grp(c, g);
-    if (g->size == 1 || !count_ok(n))
-        return comm_reduce_scatter(c, g, recv, send, n, dt, op); /* a copy, or the count error */
-    return start_op(c, g, 1, recv, send, n, dt, op, out);
-}
-
 static moe_status comm_wait(moe_comm *c, moe_comm_req *r)
 {
     if (!r)
@@ -567,6 +526,34 @@ static moe_status comm_wait(moe_comm *c, moe_comm_req *r)
     moe_status st = wait_req(c, &r->req, r->what, r->g);
     free(r);
     return st;
+}
+
+static moe_status comm_all_gather_start(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n,
+                                        moe_dtype dt, moe_comm_req **out)
+{
+    return start_op(c, g, 0, recv, send, n, dt, MOE_REDUCE_SUM, out);
+}
+
+static moe_status comm_reduce_scatter_start(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n,
+                                            moe_dtype dt, moe_reduce_op op, moe_comm_req **out)
+{
+    return start_op(c, g, 1, recv, send, n, dt, op, out);
+}
+
+/* the blocking forms: started and waited for */
+static moe_status comm_all_gather(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n, moe_dtype dt)
+{
+    moe_comm_req *r;
+    MOE_TRY(start_op(c, g, 0, recv, send, n, dt, MOE_REDUCE_SUM, &r));
+    return comm_wait(c, r);
+}
+
+static moe_status comm_reduce_scatter(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n,
+                                      moe_dtype dt, moe_reduce_op op)
+{
+    moe_comm_req *r;
+    MOE_TRY(start_op(c, g, 1, recv, send, n, dt, op, &r));
+    return comm_wait(c, r);
 }
 
 static moe_status comm_all_to_all(moe_comm *c, moe_group *g, void *recv, const void *send, int64_t n, moe_dtype dt)
