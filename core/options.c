@@ -25,7 +25,6 @@
 #include "core/log.h"
 #include "core/options_table.h"
 
-#define PROG "moelm-train"
 #define HELP_COLUMN 34
 #define HELP_WIDTH 100
 
@@ -36,11 +35,18 @@ typedef struct opt_entry {
     int given;       /* on the command line or set with moe_opts_set */
 } opt_entry;
 
+#define MAX_POSITIONAL 4
+
 struct moe_opts {
     opt_entry *e;
     int n, cap;
     char **groups;   /* help groups: the core's titles, then plugin owners */
     int n_groups, cap_groups;
+    const char *prog;   /* the executable, for messages and help */
+    const char *usage;  /* the usage line after "usage: <prog> " */
+    const char *about;  /* the help's paragraph */
+    char *positional[MAX_POSITIONAL]; /* options bare words fill, in order */
+    int n_positional;
 };
 
 /* ------------------------------------------------------------ small helpers */
@@ -427,12 +433,46 @@ static moe_status add_entries(moe_opts *o, const char *owner, const moe_option *
     return MOE_OK;
 }
 
-moe_status moe_opts_create(moe_opts **out)
+moe_status moe_opts_create_tool(const char *prog, const char *usage, const char *about, moe_opts **out)
 {
     *out = NULL;
     moe_opts *o = calloc(1, sizeof *o);
     if (!o)
         return nomem();
+    o->prog = prog ? prog : "moelm";
+    o->usage = usage ? usage : "[-h] [options]";
+    o->about = about ? about : "";
+    *out = o;
+    return MOE_OK;
+}
+
+moe_status moe_opts_add_positional(moe_opts *o, const char *name)
+{
+    if (!o || !name || find(o, name) < 0 || o->e[find(o, name)].def.type != MOE_OPT_STRING)
+        return moe_error_set(MOE_ERR_INTERNAL, "moe_opts_add_positional: '%s' is not a registered string option",
+                             name ? name : "(null)");
+    if (o->n_positional == MAX_POSITIONAL)
+        return moe_error_set(MOE_ERR_INTERNAL, "moe_opts_add_positional: more than %d positional arguments",
+                             MAX_POSITIONAL);
+    char *c = dup_str(name);
+    if (!c)
+        return nomem();
+    o->positional[o->n_positional++] = c;
+    return MOE_OK;
+}
+
+moe_status moe_opts_create(moe_opts **out)
+{
+    MOE_TRY(moe_opts_create_tool("moelm-train",
+                                 "[-h] --arch ARCH --optimizer OPTIMIZER [--task TASK] [--criterion CRITERION] "
+                                 "[options] [DATA]",
+                                 "Trains Mixture-of-Experts language models with fairseq's command line. The flags "
+                                 "of the selected components (--arch, --task, --criterion, --optimizer, "
+                                 "--lr-scheduler, the gate and the normalizer) follow the core's; --list-plugins "
+                                 "shows what is installed.",
+                                 out));
+    moe_opts *o = *out;
+    *out = NULL;
     moe_status st = MOE_OK;
     /* the core's table, one help group at a time */
     for (int g = 0; g < moe_core_option_groups_count && st == MOE_OK; g++) {
@@ -463,6 +503,8 @@ moe_status moe_opts_create(moe_opts **out)
         if (find(o, moe_core_option_aliases[i].name) < 0)
             st = moe_error_set(MOE_ERR_INTERNAL, "core option aliases: --%s names --%s, which is not in the table",
                                moe_core_option_aliases[i].alias, moe_core_option_aliases[i].name);
+    if (st == MOE_OK)
+        st = moe_opts_add_positional(o, "data");
     if (st != MOE_OK) {
         moe_opts_destroy(o);
         return st;
@@ -484,6 +526,8 @@ void moe_opts_destroy(moe_opts *o)
     }
     for (int i = 0; i < o->n_groups; i++)
         free(o->groups[i]);
+    for (int i = 0; i < o->n_positional; i++)
+        free(o->positional[i]);
     free(o->groups);
     free(o->e);
     free(o);
@@ -548,16 +592,15 @@ static moe_status unknown_error(const moe_opts *o, const char *word, const char 
         return moe_error_set(MOE_ERR_INVALID_ARG, "unrecognized argument: %.*s (did you mean --%s?)", dword, word,
                              best);
     return moe_error_set(MOE_ERR_INVALID_ARG,
-                         "unrecognized argument: %.*s (not a flag of " PROG
-                         " or of the selected components; see --help)",
-                         dword, word);
+                         "unrecognized argument: %.*s (not a flag of %s%s; see --help)", dword, word, o->prog,
+                         strcmp(o->prog, "moelm-train") == 0 ? " or of the selected components" : "");
 }
 
 moe_status moe_opts_parse(moe_opts *o, int argc, char **argv, int strict)
 {
     if (!o || (argc > 1 && !argv))
         return moe_error_set(MOE_ERR_INVALID_ARG, "moe_opts_parse: expected a store and argv, found NULL");
-    int positional_only = 0;
+    int positional_only = 0, n_pos = 0;
     for (int i = 1; i < argc; i++) {
         const char *w = argv[i];
         if (!w)
@@ -567,11 +610,26 @@ moe_status moe_opts_parse(moe_opts *o, int argc, char **argv, int strict)
             continue;
         }
         if (positional_only || !is_option_word(w)) {
-            if (strict)
+            if (n_pos < o->n_positional) {
+                char spelled[300];
+                snprintf(spelled, sizeof spelled, "%s", o->positional[n_pos]);
+                for (char *p = spelled; *p; p++)
+                    *p = (char)toupper((unsigned char)*p);
+                MOE_TRY(store(&o->e[find(o, o->positional[n_pos])], spelled, w));
+                n_pos++;
+                continue;
+            }
+            if (strict) {
+                if (o->n_positional == 0)
+                    return moe_error_set(MOE_ERR_INVALID_ARG,
+                                         "unrecognized argument: '%s' (%s takes no positional arguments; flags "
+                                         "start with --, and a value with spaces needs quotes)",
+                                         w, o->prog);
                 return moe_error_set(MOE_ERR_INVALID_ARG,
-                                     "unrecognized argument: '%s' (" PROG " takes no positional arguments; flags "
-                                     "start with --, and a value with spaces needs quotes)",
-                                     w);
+                                     "unrecognized argument: '%s' (%s takes %d positional argument%s; flags start "
+                                     "with --, and a value with spaces needs quotes)",
+                                     w, o->prog, o->n_positional, o->n_positional == 1 ? "" : "s");
+            }
             continue;
         }
         const char *name, *inline_value = NULL;
@@ -869,13 +927,9 @@ static void print_entry(FILE *out, const opt_entry *e)
 
 void moe_opts_print_help(const moe_opts *o, FILE *out)
 {
-    fprintf(out, "usage: " PROG " [-h] --arch ARCH --optimizer OPTIMIZER [--task TASK] [--criterion CRITERION] "
-                 "[options]\n\n");
-    print_wrapped(out,
-                  "Trains Mixture-of-Experts language models with fairseq's command line. The flags of the "
-                  "selected components (--arch, --task, --criterion, --optimizer, --lr-scheduler, the gate and the "
-                  "normalizer) follow the core's; --list-plugins shows what is installed.",
-                  0);
+    fprintf(out, "usage: %s %s\n\n", o->prog, o->usage);
+    if (*o->about)
+        print_wrapped(out, o->about, 0);
     for (int g = 0; g < o->n_groups; g++) {
         int any = 0;
         for (int i = 0; i < o->n && !any; i++)

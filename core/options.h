@@ -20,8 +20,17 @@
 
 typedef struct moe_opts moe_opts;
 
-/* Creates the store with the core's table registered. */
+/* Creates moelm-train's store: the core's table registered, and the
+ * positional DATA argument (fairseq's task data path) stored as "data". */
 moe_status moe_opts_create(moe_opts **o);
+/* An empty store for another executable: `prog` names it in messages,
+ * `usage` follows "usage: <prog> " in --help, `about` is help's paragraph
+ * (the strings must outlive the store). Add tables with moe_opts_add_table. */
+moe_status moe_opts_create_tool(const char *prog, const char *usage, const char *about, moe_opts **o);
+/* Bare words on the command line fill the registered string options named
+ * here, in the order added (at most 4); a word beyond them is an error in
+ * the strict pass. */
+moe_status moe_opts_add_positional(moe_opts *o, const char *name);
 void moe_opts_destroy(moe_opts *o);
 
 /* Add a plugin's options. owner names it in --help ("criterion moe_cross_entropy").
@@ -31,7 +40,8 @@ moe_status moe_opts_add_table(moe_opts *o, const char *owner, const moe_option *
 /* Parse argv[1..argc-1]. strict = 0: unknown flags are skipped (their value
  * too, when the next word is not a flag). strict = 1: an unknown flag is an
  * error naming the closest known flag. Values are checked against type,
- * range and choices in both passes. Positional words are an error (strict). */
+ * range and choices in both passes. Bare words fill the positional options
+ * (moe_opts_add_positional); any other is an error (strict). */
 moe_status moe_opts_parse(moe_opts *o, int argc, char **argv, int strict);
 
 int moe_opts_known(const moe_opts *o, const char *name);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what moelm needs to build and test on Debian or Ubuntu, when it is
-# missing: a C compiler, CMake, pkg-config, jansson, cmocka and OpenMPI.
+# missing: a C compiler, CMake, pkg-config, jansson, cmocka, PCRE2 and OpenMPI.
 # CUDA is optional: with nvcc on PATH the CUDA backend builds too.
 set -euo pipefail
 need=()
@@ -9,6 +9,7 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 pkg-config --exists jansson 2>/dev/null || need+=(libjansson-dev)
 pkg-config --exists cmocka 2>/dev/null || need+=(libcmocka-dev)
+pkg-config --exists libpcre2-8 2>/dev/null || need+=(libpcre2-dev)
 command -v mpicc >/dev/null 2>&1 || need+=(libopenmpi-dev)
 command -v mpirun >/dev/null 2>&1 || need+=(openmpi-bin)
 if [ ${#need[@]} -gt 0 ]; then

@@ -451,14 +451,37 @@ static void test_options_positional(void **state)
 {
     (void)state;
     moe_opts *o = fresh();
-    expect_error(o, "--seed 3 data-bin", 1, "unrecognized argument: 'data-bin'", "no positional arguments", NULL);
-    expect_error(o, "--cpu 1", 1, "unrecognized argument: '1'", NULL); /* a flag takes no value */
-    expect_error(o, "--seed 3 -- --lr", 1, "unrecognized argument: '--lr'", NULL);
-    ok(o, "data-bin --seed 4", 0);
-    assert_int_equal(moe_opts_int(o, "seed"), 4);
-    ok(o, "--seed 6 -- --seed 7", 0); /* after "--" nothing is a flag */
-    assert_int_equal(moe_opts_int(o, "seed"), 6);
+    /* one bare word is fairseq's DATA; a second is an error */
+    expect_error(o, "--seed 3 data-bin more", 1, "unrecognized argument: 'more'", "takes 1 positional argument",
+                 NULL);
+    expect_error(o, "--cpu 1 data-bin", 1, "unrecognized argument: 'data-bin'", NULL); /* a flag takes no value */
+    expect_error(o, "--seed 3 data-bin -- --lr", 1, "unrecognized argument: '--lr'", NULL);
     moe_opts_destroy(o);
+    o = fresh();
+    ok(o, "data-bin --seed 4", 1);
+    assert_int_equal(moe_opts_int(o, "seed"), 4);
+    assert_string_equal(moe_opts_str(o, "data"), "data-bin");
+    moe_opts_destroy(o);
+    o = fresh();
+    ok(o, "--seed 6 -- --seed", 1); /* after "--" nothing is a flag */
+    assert_int_equal(moe_opts_int(o, "seed"), 6);
+    assert_string_equal(moe_opts_str(o, "data"), "--seed");
+    moe_opts_destroy(o);
+
+    /* a tool's store: its own name in messages, no core table */
+    moe_opts *t = NULL;
+    assert_int_equal(moe_opts_create_tool("moelm-x", "[-h] FILE", "does x", &t), MOE_OK);
+    static const moe_option topts[] = {{"file", MOE_OPT_STRING, NULL, "FILE", 0, 0, NULL},
+                                       {"n", MOE_OPT_INT, "2", "n", 0, 0, NULL}};
+    assert_int_equal(moe_opts_add_table(t, "x", topts, 2), MOE_OK);
+    assert_int_equal(moe_opts_add_positional(t, "n"), MOE_ERR_INTERNAL); /* not a string option */
+    moe_error_clear();
+    assert_int_equal(moe_opts_add_positional(t, "file"), MOE_OK);
+    expect_error(t, "--seed 1", 1, "unrecognized argument: --seed", "not a flag of moelm-x;", NULL);
+    ok(t, "f.txt --n 3", 1);
+    assert_string_equal(moe_opts_str(t, "file"), "f.txt");
+    assert_int_equal(moe_opts_int(t, "n"), 3);
+    moe_opts_destroy(t);
 }
 
 static void test_options_help_and_version(void **state)
