@@ -524,7 +524,11 @@ static void stats_simple(strbuf *b, const char *tag, int epoch, const char *upda
         }
         return;
     }
-    sb_printf(b, "%s | ", prefix);
+    /* fairseq's validation progress bar carries the subset in its prefix */
+    if (tag && strcmp(tag, "train") != 0 && strcmp(tag, "train_inner") != 0)
+        sb_printf(b, "%s%svalid on '%s' subset | ", prefix, *prefix ? " | " : "", tag);
+    else
+        sb_printf(b, "%s | ", prefix);
     size_t tag_len = tag ? strlen(tag) : 0;
     for (int i = 0; i < n; i++) {
         const char *key = kv[i].key;

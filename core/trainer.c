@@ -37,12 +37,16 @@ static const char *const metric_keys[MOE_NUM_METRICS] = {
 /* host copy of the per-update reductions: stats then the two squared norms */
 enum { RED_NORM_DENSE = MOE_STAT_COUNT, RED_NORM_EXPERT, RED_NORM_SHARDED, RED_COUNT };
 
+/* what is summed over the ranks in fp64: the statistics, then this rank's
+ * token, sentence and (non-dummy) batch counts */
+enum { SUM_NTOKENS = MOE_STAT_COUNT, SUM_NSENTENCES, SUM_BATCHES, SUM_COUNT };
+
 typedef struct trainer {
     moe_runtime *rt;
     const moe_host *h;
     const moe_components *c;
     moe_opts *o;
-    int64_t B, T, B_valid;
+    int64_t Nmax, Tmax;       /* the largest batch the task can produce: B*T tokens, T */
     int update_freq;
     int64_t max_update, max_epoch, max_valid_steps;
     int log_interval, validate_interval_updates, disable_validation;
@@ -54,19 +58,24 @@ typedef struct trainer {
     int expert_group_size;
     int32_t *tokens, *targets;/* device (B,T) */
     float *red;               /* device RED_COUNT */
-    double *red64;            /* device MOE_STAT_COUNT: the statistics on their way across ranks */
+    float *red_dummy;         /* device RED_COUNT: where a dummy batch's statistics go (discarded) */
+    char **valid_subsets;     /* --valid-subset, split at commas */
+    int n_valid;
+    double *red64;            /* device SUM_COUNT: the statistics on their way across ranks */
     float *scratch;           /* device (B*T) fp32 */
     void *opt, *sched, *crit;
     moe_meters *inner, *epoch_m;
     double t0;                /* trainer construction time */
     int64_t num_updates;
     int64_t iter;             /* batches consumed in this epoch */
-    int64_t batches_per_epoch;
+    int64_t batches_per_epoch;/* of the current epoch, on this rank */
     int epoch;
     double lr;
     double best_valid_loss;
     double valid_loss_now;    /* the validation loss of this update, NAN when it did not validate */
     int64_t saved_updates;    /* num_updates of the last checkpoint written or loaded (0 at a fresh start) */
+    int64_t validated_at;     /* num_updates of the last validation, -1 before the first */
+    double wall_pending;      /* train_wall of overflowed steps, counted with the next logged update */
 } trainer;
 
 static double now_s(void)
@@ -79,6 +88,78 @@ static double now_s(void)
 static moe_status dev_alloc(trainer *t, uint64_t bytes, const char *what, void **p)
 {
     return t->h->backend->alloc(t->h->ctx, bytes, what, p);
+}
+
+/* --valid-subset "valid,valid1": the subsets validated, in order (the first
+ * one's loss is the one best_loss and checkpoint_best follow) */
+static moe_status split_subsets(trainer *t, const char *list)
+{
+    const char *p = list && *list ? list : "valid";
+    int n = 1;
+    for (const char *q = p; *q; q++)
+        n += *q == ',';
+    t->valid_subsets = calloc((size_t)n, sizeof *t->valid_subsets);
+    if (!t->valid_subsets)
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+    while (*p) {
+        size_t len = strcspn(p, ",");
+        if (len == 0)
+            return moe_error_set(MOE_ERR_INVALID_ARG, "--valid-subset '%s': expected comma-separated split names, "
+                                                      "found an empty one",
+                                 list);
+        char *name = malloc(len + 1);
+        if (!name)
+            return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+        memcpy(name, p, len);
+        name[len] = '\0';
+        t->valid_subsets[t->n_valid++] = name;
+        p += len;
+        if (*p == ',')
+            p++;
+    }
+    return MOE_OK;
+}
+
+/* the largest batch of any split this run reads: the task's bound, or the
+ * shapes of the first batches for a task that gives none */
+static moe_status batch_bound(trainer *t)
+{
+    const moe_task_ops *task = t->c->task;
+    void *ts = t->c->task_state;
+    if (task->set_epoch)
+        MOE_TRY(task->set_epoch(ts, 1));
+    if (task->max_batch) {
+        MOE_TRY(task->max_batch(ts, &t->Nmax, &t->Tmax));
+    } else {
+        int n = t->disable_validation ? 1 : 1 + t->n_valid;
+        for (int i = 0; i < n; i++) {
+            moe_batch b;
+            MOE_TRY(task->get_batch(ts, i == 0 ? "train" : t->valid_subsets[i - 1], 0, &b));
+            if (b.B * b.T > t->Nmax)
+                t->Nmax = b.B * b.T;
+            if (b.T > t->Tmax)
+                t->Tmax = b.T;
+            task->free_batch(ts, &b);
+        }
+    }
+    if (t->Nmax < 1 || t->Tmax < 1 || t->Tmax > t->Nmax)
+        return moe_error_set(MOE_ERR_INTERNAL, "task: batches of at most %lld tokens and %lld per row make no sense",
+                             (long long)t->Nmax, (long long)t->Tmax);
+    return MOE_OK;
+}
+
+/* the epoch's batches: the task follows the epoch (shuffled order, data
+ * shard), and the number of batches may change with it */
+static moe_status begin_epoch(trainer *t)
+{
+    if (t->c->task->set_epoch)
+        MOE_TRY(t->c->task->set_epoch(t->c->task_state, t->epoch));
+    t->batches_per_epoch = t->c->task->num_batches(t->c->task_state, "train");
+    if (t->batches_per_epoch < 0)
+        return MOE_ERR_INVALID_ARG; /* the task set the message */
+    if (t->batches_per_epoch == 0)
+        return moe_error_set(MOE_ERR_INVALID_ARG, "the train split has no batches in epoch %d", t->epoch);
+    return MOE_OK;
 }
 
 static moe_status setup(trainer *t)
@@ -100,36 +181,23 @@ static moe_status setup(trainer *t)
     if (t->max_update <= 0 && t->max_epoch <= 0)
         return moe_error_set(MOE_ERR_INVALID_ARG, "nothing bounds training: give --max-update or --max-epoch");
 
-    /* batch shape from the task's first batches */
-    moe_batch b;
-    MOE_TRY(t->c->task->get_batch(t->c->task_state, "train", 0, &b));
-    t->B = b.B;
-    t->T = b.T;
-    t->c->task->free_batch(t->c->task_state, &b);
-    t->B_valid = t->B;
-    if (!t->disable_validation) {
-        const char *subset = moe_opts_str(o, "valid-subset");
-        MOE_TRY(t->c->task->get_batch(t->c->task_state, subset, 0, &b));
-        if (b.T != t->T)
-            return moe_error_set(MOE_ERR_INVALID_ARG, "valid batches have %lld tokens per sample, train %lld",
-                                 (long long)b.T, (long long)t->T);
-        t->B_valid = b.B;
-        t->c->task->free_batch(t->c->task_state, &b);
-    }
-    t->batches_per_epoch = t->c->task->num_batches(t->c->task_state, "train");
-    if (t->batches_per_epoch <= 0)
-        return moe_error_set(MOE_ERR_INVALID_ARG, "the train split has no batches");
-    moe_log(MOE_LOG_INFO, "fairseq_cli.train", "max tokens per GPU = None and batch size per GPU = %lld",
-            (long long)t->B);
+    MOE_TRY(split_subsets(t, moe_opts_str(o, "valid-subset")));
+    MOE_TRY(batch_bound(t));
+    char max_tok[32] = "None", bsz[32] = "None";
+    if (moe_opts_has_value(o, "max-tokens"))
+        snprintf(max_tok, sizeof max_tok, "%lld", (long long)moe_opts_int(o, "max-tokens"));
+    if (moe_opts_has_value(o, "batch-size"))
+        snprintf(bsz, sizeof bsz, "%lld", (long long)moe_opts_int(o, "batch-size"));
+    moe_log(MOE_LOG_INFO, "fairseq_cli.train", "max tokens per GPU = %s and batch size per GPU = %s", max_tok, bsz);
 
-    int64_t Bmax = t->B > t->B_valid ? t->B : t->B_valid;
-    int64_t N = Bmax * t->T;
-    MOE_TRY(t->c->arch->setup(t->c->model, Bmax, t->T));
+    int64_t N = t->Nmax;
+    MOE_TRY(t->c->arch->setup(t->c->model, (t->Nmax + t->Tmax - 1) / t->Tmax, t->Tmax));
     MOE_TRY(dev_alloc(t, (uint64_t)N * 4u, "input tokens", (void **)&t->tokens));
     MOE_TRY(dev_alloc(t, (uint64_t)N * 4u, "target tokens", (void **)&t->targets));
     MOE_TRY(dev_alloc(t, (uint64_t)N * 4u, "per-token losses", (void **)&t->scratch));
     MOE_TRY(dev_alloc(t, RED_COUNT * 4u, "training statistics", (void **)&t->red));
-    MOE_TRY(dev_alloc(t, MOE_STAT_COUNT * 8u, "training statistics (fp64)", (void **)&t->red64));
+    MOE_TRY(dev_alloc(t, RED_COUNT * 4u, "statistics of dummy batches", (void **)&t->red_dummy));
+    MOE_TRY(dev_alloc(t, SUM_COUNT * 8u, "training statistics (fp64)", (void **)&t->red64));
 
     /* optimizer over every unit: the fp32 master when there is one, the params otherwise */
     int n = moe_runtime_num_units(t->rt);
@@ -225,12 +293,15 @@ static void teardown(trainer *t)
         t->c->lr_scheduler->destroy(t->sched);
     if (t->crit)
         t->c->criterion->destroy(t->crit);
-    void *bufs[] = {t->tokens, t->targets, t->scratch, t->red, t->red64};
+    void *bufs[] = {t->tokens, t->targets, t->scratch, t->red, t->red_dummy, t->red64};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i])
             h->backend->free(h->ctx, bufs[i]);
     moe_meters_destroy(t->inner);
     moe_meters_destroy(t->epoch_m);
+    for (int i = 0; i < t->n_valid; i++)
+        free(t->valid_subsets[i]);
+    free(t->valid_subsets);
 }
 
 /* forward + criterion (+ backward) of one batch; stats accumulate in t->red */
@@ -254,7 +325,7 @@ static moe_status run_batch(trainer *t, const char *split, int64_t index, int tr
     in.targets = t->targets;
     in.sample_size = b->ntokens;
     in.grad_scale = grad_scale;
-    in.stats = t->red;
+    in.stats = b->ntokens > 0 ? t->red : t->red_dummy;
     in.scratch = t->scratch;
     float dl_aux = 0.0f;
     MOE_TRY(t->c->criterion->compute(t->crit, &in, &dl_aux));
@@ -265,16 +336,26 @@ static moe_status run_batch(trainer *t, const char *split, int64_t index, int tr
 
 /* The per-update reductions to the host: statistics summed over ranks in
  * fp64 (fairseq's _fast_stat_sync_sum, §5.4), norms as the device left them. */
-static moe_status fetch_reductions(trainer *t, double *red)
+static moe_status fetch_reductions(trainer *t, double *red, double *counts)
 {
     const moe_host *h = t->h;
     float redf[RED_COUNT];
     MOE_TRY(h->backend->copy_to_host(h->ctx, redf, t->red, sizeof redf));
+    double sum[SUM_COUNT];
     for (int k = 0; k < RED_COUNT; k++)
         red[k] = redf[k];
-    MOE_TRY(h->backend->copy_from_host(h->ctx, t->red64, red, MOE_STAT_COUNT * sizeof *red));
-    MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red64, MOE_STAT_COUNT, MOE_F64, MOE_REDUCE_SUM));
-    return h->backend->copy_to_host(h->ctx, red, t->red64, MOE_STAT_COUNT * sizeof *red);
+    for (int k = 0; k < MOE_STAT_COUNT; k++)
+        sum[k] = red[k];
+    for (int k = 0; k < 3; k++)
+        sum[SUM_NTOKENS + k] = counts[k];
+    MOE_TRY(h->backend->copy_from_host(h->ctx, t->red64, sum, sizeof sum));
+    MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red64, SUM_COUNT, MOE_F64, MOE_REDUCE_SUM));
+    MOE_TRY(h->backend->copy_to_host(h->ctx, sum, t->red64, sizeof sum));
+    for (int k = 0; k < MOE_STAT_COUNT; k++)
+        red[k] = sum[k];
+    for (int k = 0; k < 3; k++)
+        counts[k] = sum[SUM_NTOKENS + k];
+    return MOE_OK;
 }
 
 /* sum over the group's ranks, pre- and post-divided: the mean (fairseq's FSDP) */
@@ -401,11 +482,16 @@ static void emit(trainer *t, moe_meters *m, const char *tag, const char *prefix,
     moe_log_stats(tag, t->epoch, with_update ? update : NULL, kv, n);
 }
 
-static moe_status validate(trainer *t)
+/* One validation subset (fairseq's validate): every batch of it on this
+ * rank (--max-valid-steps N: the first N), statistics summed over the ranks
+ * per batch; logged as "valid on '<subset>' subset", keys <subset>_*. The
+ * first subset's loss is the run's validation loss. */
+static moe_status validate_subset(trainer *t, const char *subset, int first)
 {
     const moe_host *h = t->h;
-    const char *subset = moe_opts_str(t->o, "valid-subset");
     int64_t nb = t->c->task->num_batches(t->c->task_state, subset);
+    if (nb < 0)
+        return MOE_ERR_INVALID_ARG; /* the task set the message */
     if (t->max_valid_steps > 0 && nb > t->max_valid_steps)
         nb = t->max_valid_steps;
     double start = now_s();
@@ -414,6 +500,7 @@ static moe_status validate(trainer *t)
         return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
     double red[RED_COUNT];
     moe_status st = MOE_OK;
+    double total_tokens = 0;
     for (int64_t i = 0; i < nb && st == MOE_OK; i++) {
         st = h->ops->fill(h->ctx, t->red, MOE_F32, RED_COUNT, 0.0f);
         moe_batch b;
@@ -421,31 +508,43 @@ static moe_status validate(trainer *t)
             st = run_batch(t, subset, i, 0, 0, 0.0f, &b);
         if (st != MOE_OK)
             break;
-        double ntok = (double)b.ntokens, nsent = (double)b.nsentences;
+        double counts[3] = {(double)b.ntokens, (double)b.nsentences, b.ntokens > 0 ? 1.0 : 0.0};
         t->c->task->free_batch(t->c->task_state, &b);
-        st = fetch_reductions(t, red);
-        if (st != MOE_OK)
-            break;
-        ntok *= h->world;
-        nsent *= h->world;
-        log_losses(t, m, red, ntok, h->world);
-        moe_meters_speed(m, "wps", ntok, now_s(), 90, 1);
-        moe_meters_scalar(m, "wpb", ntok, 1, 180, 1);
-        moe_meters_scalar(m, "bsz", nsent, 1, 190, 1);
+        st = fetch_reductions(t, red, counts);
+        if (st != MOE_OK || counts[0] <= 0)
+            continue; /* every rank had a dummy batch */
+        total_tokens += counts[0];
+        log_losses(t, m, red, counts[0], counts[2]);
+        moe_meters_speed(m, "wps", counts[0], now_s(), 90, 1);
+        moe_meters_scalar(m, "wpb", counts[0], 1, 180, 1);
+        moe_meters_scalar(m, "bsz", counts[1], 1, 190, 1);
     }
-    if (st == MOE_OK && nb > 0) {
+    if (st == MOE_OK && total_tokens > 0) {
         double loss = moe_meters_value(m, "loss", now_s());
-        if (loss < t->best_valid_loss)
-            t->best_valid_loss = loss;
-        t->valid_loss_now = loss;
+        if (first) {
+            if (loss < t->best_valid_loss)
+                t->best_valid_loss = loss;
+            t->valid_loss_now = loss;
+        }
         moe_meters_scalar(m, "num_updates", (double)t->num_updates, 0, 200, -1);
-        moe_meters_scalar(m, "best_loss", t->best_valid_loss, 0, 300, 3);
+        moe_meters_scalar(m, "best_loss", first ? t->best_valid_loss : loss, 0, 300, 3);
+        char prefix[160];
+        snprintf(prefix, sizeof prefix, "%s_", subset);
         moe_stat_kv kv[64];
-        int n = moe_meters_format(m, "valid_", now_s(), kv, 64);
-        moe_log_stats("valid", t->epoch, NULL, kv, n);
+        int n = moe_meters_format(m, prefix, now_s(), kv, 64);
+        moe_log_stats(subset, t->epoch, NULL, kv, n);
+    } else if (st == MOE_OK && first) {
+        moe_log(MOE_LOG_WARNING, "fairseq_cli.train", "validation subset '%s' has no tokens to score", subset);
     }
     moe_meters_destroy(m);
     return st;
+}
+
+static moe_status validate(trainer *t)
+{
+    for (int i = 0; i < t->n_valid; i++)
+        MOE_TRY(validate_subset(t, t->valid_subsets[i], i == 0));
+    return MOE_OK;
 }
 
 /* ------------------------------------------------------------ checkpoints */
@@ -520,7 +619,7 @@ static moe_status save_checkpoints(trainer *t, int end_of_epoch)
     if (!dir || !*dir)
         dir = ".";
     int64_t siu = moe_opts_int(o, "save-interval-updates");
-    char names[3][4400];
+    char names[4][4400];
     int n = 0;
     char name[64];
     if (end_of_epoch && !moe_opts_flag(o, "no-epoch-checkpoints") && t->epoch % moe_opts_int(o, "save-interval") == 0) {
@@ -532,6 +631,9 @@ static moe_status save_checkpoints(trainer *t, int end_of_epoch)
         snprintf(name, sizeof name, "checkpoint_%d_%lld.pt", t->epoch, (long long)t->num_updates);
         moe_ckpt_rank_path(names[n++], sizeof names[0], dir, name, rank);
     }
+    /* fairseq's checkpoint_best: this save's validation loss is the best so far */
+    if (!isnan(t->valid_loss_now) && t->valid_loss_now <= t->best_valid_loss)
+        moe_ckpt_rank_path(names[n++], sizeof names[0], dir, "checkpoint_best.pt", rank);
     if (!moe_opts_flag(o, "no-last-checkpoints"))
         moe_ckpt_rank_path(names[n++], sizeof names[0], dir, "checkpoint_last.pt", rank);
     if (n == 0)
@@ -616,10 +718,6 @@ static moe_status load_checkpoint(trainer *t)
         t->epoch = (int)s.epoch;
         t->iter = s.iter;
     }
-    if (t->iter >= t->batches_per_epoch) {
-        t->epoch++;
-        t->iter = 0;
-    }
     t->best_valid_loss = s.best_valid_loss;
     if (t->loss_scaling && s.has_scaler && !reset_optimizer) {
         /* fairseq keeps the loss scale with the optimizer state */
@@ -649,114 +747,158 @@ static moe_status end_of_epoch(trainer *t)
     return MOE_OK;
 }
 
-static moe_status train_loop(trainer *t)
+/* One update: --update-freq micro-batches (fewer at the end of an epoch, as
+ * fairseq's GroupedIterator), gradient reduction, norms, the overflow check,
+ * clipping, the optimizer and scheduler steps. *updated is 0 when the step
+ * overflowed and was skipped. */
+static moe_status train_step(trainer *t, int *updated)
 {
     const moe_host *h = t->h;
     const moe_ops *ops = h->ops;
-    double wall_pending = 0.0; /* train_wall of overflowed steps, counted with the next logged update */
-    while (t->max_update <= 0 || t->num_updates < t->max_update) {
-        if (t->max_epoch > 0 && t->epoch > t->max_epoch)
-            break;
-        double step_start = now_s();
-        t->valid_loss_now = NAN;
-        moe_runtime_set_step_seed(t->rt, h->seed + (uint64_t)t->num_updates);
-        MOE_TRY(moe_runtime_zero_grads(t->rt));
-        MOE_TRY(ops->fill(h->ctx, t->red, MOE_F32, RED_COUNT, 0.0f));
-        float scale = t->loss_scaling ? (float)t->scaler.scale : 1.0f;
-        double ntokens = 0, nsentences = 0;
-        for (int micro = 0; micro < t->update_freq; micro++) {
-            moe_batch b;
-            MOE_TRY(run_batch(t, "train", t->iter, 1, micro, scale, &b));
-            ntokens += (double)b.ntokens;
-            nsentences += (double)b.nsentences;
-            t->c->task->free_batch(t->c->task_state, &b);
-            t->iter++;
-        }
-        MOE_TRY(reduce_gradients(t));
-        MOE_TRY(grad_norms(t));
-        /* the expert part sums over every rank, replicas included, as fairseq's
-         * clip_grad_norm_ does (§5.5) */
-        if (h->world > 1) /* expert and sharded parts */
-            MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red + RED_NORM_EXPERT, 2, MOE_F32, MOE_REDUCE_SUM));
-        double red[RED_COUNT];
-        MOE_TRY(fetch_reductions(t, red));
-        ntokens *= h->world;
-        nsentences *= h->world;
-        double batch_count = (double)t->update_freq * h->world;
+    double step_start = now_s();
+    *updated = 0;
+    moe_runtime_set_step_seed(t->rt, h->seed + (uint64_t)t->num_updates);
+    MOE_TRY(moe_runtime_zero_grads(t->rt));
+    MOE_TRY(ops->fill(h->ctx, t->red, MOE_F32, RED_COUNT, 0.0f));
+    float scale = t->loss_scaling ? (float)t->scaler.scale : 1.0f;
+    double counts[3] = {0, 0, 0}; /* ntokens, nsentences, non-dummy batches */
+    for (int micro = 0; micro < t->update_freq && t->iter < t->batches_per_epoch; micro++) {
+        moe_batch b;
+        MOE_TRY(run_batch(t, "train", t->iter, 1, micro, scale, &b));
+        counts[0] += (double)b.ntokens;
+        counts[1] += (double)b.nsentences;
+        counts[2] += b.ntokens > 0 ? 1.0 : 0.0;
+        t->c->task->free_batch(t->c->task_state, &b);
+        t->iter++;
+    }
+    MOE_TRY(reduce_gradients(t));
+    MOE_TRY(grad_norms(t));
+    /* the expert part sums over every rank, replicas included, as fairseq's
+     * clip_grad_norm_ does (§5.5) */
+    if (h->world > 1) /* expert and sharded parts */
+        MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red + RED_NORM_EXPERT, 2, MOE_F32, MOE_REDUCE_SUM));
+    double red[RED_COUNT];
+    MOE_TRY(fetch_reductions(t, red, counts));
+    double ntokens = counts[0], nsentences = counts[1], batch_count = counts[2];
 
-        double multiply = (double)h->world / ((double)scale * ntokens); /* ntokens: all ranks' */
-        double gnorm = multiply * sqrt(red[RED_NORM_DENSE] + red[RED_NORM_EXPERT] + red[RED_NORM_SHARDED]);
-        if (!isfinite(gnorm)) {
-            if (!t->loss_scaling)
-                return moe_error_set(MOE_ERR_OVERFLOW, "gradients are NaN/Inf at update %lld; lower the "
-                                                       "learning rate or enable --clip-norm",
-                                     (long long)t->num_updates + 1);
-            char note[160];
-            moe_status st = moe_scaler_check_overflow(&t->scaler, gnorm, note, sizeof note);
-            if (st == MOE_ERR_OVERFLOW) {
-                moe_log(MOE_LOG_INFO, "fairseq.trainer", "NOTE: %s", note);
-                wall_pending += now_s() - step_start;
-                if (t->iter >= t->batches_per_epoch) {
-                    MOE_TRY(end_of_epoch(t));
-                    if (t->epoch % moe_opts_int(t->o, "save-interval") == 0)
-                        MOE_TRY(save_checkpoints(t, 1));
-                    t->epoch++;
-                    t->iter = 0;
-                }
-                continue;
-            }
-            return st; /* minimum loss scale reached: message already set */
+    /* ntokens: all ranks'; fairseq divides by 1 when a step has none */
+    double multiply = (double)h->world / ((double)scale * (ntokens > 0 ? ntokens : 1.0));
+    double gnorm = multiply * sqrt(red[RED_NORM_DENSE] + red[RED_NORM_EXPERT] + red[RED_NORM_SHARDED]);
+    if (!isfinite(gnorm)) {
+        if (!t->loss_scaling)
+            return moe_error_set(MOE_ERR_OVERFLOW, "gradients are NaN/Inf at update %lld; lower the "
+                                                   "learning rate or enable --clip-norm",
+                                 (long long)t->num_updates + 1);
+        char note[160];
+        moe_status st = moe_scaler_check_overflow(&t->scaler, gnorm, note, sizeof note);
+        if (st == MOE_ERR_OVERFLOW) {
+            moe_log(MOE_LOG_INFO, "fairseq.trainer", "NOTE: %s", note);
+            t->wall_pending += now_s() - step_start;
+            return MOE_OK;
         }
-        int clipped = 0;
-        if (t->clip_norm > 0 && gnorm > t->clip_norm) {
-            multiply *= t->clip_norm / gnorm;
-            clipped = 1;
-        }
-        MOE_TRY(t->c->optimizer->step(t->opt, t->lr, 1.0 / multiply, t->num_updates + 1));
-        if (t->loss_scaling)
-            moe_scaler_update(&t->scaler);
-        t->num_updates++;
-        t->lr = t->c->lr_scheduler->lr_at(t->sched, t->num_updates);
+        return st; /* minimum loss scale reached: message already set */
+    }
+    int clipped = 0;
+    if (t->clip_norm > 0 && gnorm > t->clip_norm) {
+        multiply *= t->clip_norm / gnorm;
+        clipped = 1;
+    }
+    MOE_TRY(t->c->optimizer->step(t->opt, t->lr, 1.0 / multiply, t->num_updates + 1));
+    if (t->loss_scaling)
+        moe_scaler_update(&t->scaler);
+    t->num_updates++;
+    t->lr = t->c->lr_scheduler->lr_at(t->sched, t->num_updates);
+    *updated = 1;
 
-        double now = now_s();
-        double wall = now - step_start + wall_pending;
-        wall_pending = 0.0;
+    double now = now_s();
+    double wall = now - step_start + t->wall_pending;
+    t->wall_pending = 0.0;
+    if (ntokens > 0) {
         log_update(t, t->inner, red, ntokens, nsentences, batch_count, gnorm, clipped, wall, now);
         log_update(t, t->epoch_m, red, ntokens, nsentences, batch_count, gnorm, clipped, wall, now);
-        h->backend->reset_peak(h->ctx);
-        char progress[96];
-        snprintf(progress, sizeof progress, "epoch %03d: %lld / %lld updates, loss %.3f", t->epoch,
-                 (long long)t->num_updates, (long long)t->max_update,
-                 red[MOE_STAT_LOSS] / ntokens / log(2.0));
-        moe_progress_update(progress);
-        if (t->log_interval > 0 && t->num_updates % t->log_interval == 0) {
-            emit(t, t->inner, "train_inner", "", 1, now);
-            moe_meters_reset(t->inner, now_s());
+    }
+    h->backend->reset_peak(h->ctx);
+    char progress[96];
+    snprintf(progress, sizeof progress, "epoch %03d: %lld / %lld updates, loss %.3f", t->epoch,
+             (long long)t->num_updates, (long long)t->max_update,
+             ntokens > 0 ? red[MOE_STAT_LOSS] / ntokens / log(2.0) : 0.0);
+    moe_progress_update(progress);
+    if (t->log_interval > 0 && t->num_updates % t->log_interval == 0) {
+        emit(t, t->inner, "train_inner", "", 1, now);
+        moe_meters_reset(t->inner, now_s());
+    }
+    return MOE_OK;
+}
+
+/* fairseq's validate_and_save, after every step: validate at the end of every
+ * --validate-interval'th epoch, every --validate-interval-updates updates, at
+ * mid-epoch saves and when training stops; then save. Returns whether
+ * training stops. (fairseq also re-runs the interval checks after a step that
+ * overflowed, validating the same update twice; here they follow successful
+ * updates only.) */
+static moe_status validate_and_save(trainer *t, int end_of_epoch, int updated, int *should_stop)
+{
+    moe_opts *o = t->o;
+    int64_t u = t->num_updates;
+    int64_t siu = moe_opts_int(o, "save-interval-updates"), viu = t->validate_interval_updates;
+    *should_stop = t->max_update > 0 && u >= t->max_update;
+    double stop_min_lr = moe_opts_float(o, "stop-min-lr");
+    if (stop_min_lr >= 0 && t->lr <= stop_min_lr) {
+        moe_log(MOE_LOG_INFO, "fairseq_cli.train",
+                "stopping training because current learning rate (%g) is smaller than or equal to minimum learning "
+                "rate (--stop-min-lr=%g)",
+                t->lr, stop_min_lr);
+        *should_stop = 1;
+    }
+    int do_save = (end_of_epoch && t->epoch % moe_opts_int(o, "save-interval") == 0) || *should_stop ||
+                  (updated && siu > 0 && u > 0 && u % siu == 0);
+    int do_validate = ((!end_of_epoch && do_save) ||
+                       (end_of_epoch && t->epoch % moe_opts_int(o, "validate-interval") == 0) || *should_stop ||
+                       (updated && viu > 0 && u > 0 && u % viu == 0)) &&
+                      !t->disable_validation;
+    t->valid_loss_now = NAN;
+    if (do_validate && t->validated_at != u) {
+        MOE_TRY(validate(t));
+        t->validated_at = u;
+    }
+    if ((do_save || *should_stop) && t->saved_updates != u)
+        MOE_TRY(save_checkpoints(t, end_of_epoch));
+    return MOE_OK;
+}
+
+static moe_status train_loop(trainer *t)
+{
+    int should_stop = 0;
+    MOE_TRY(begin_epoch(t));
+    if (t->iter >= t->batches_per_epoch) { /* resumed at the end of an epoch */
+        t->epoch++;
+        t->iter = 0;
+        MOE_TRY(begin_epoch(t));
+    }
+    while (!should_stop && (t->max_epoch <= 0 || t->epoch <= t->max_epoch)) {
+        if (t->max_update > 0 && t->num_updates >= t->max_update)
+            break;
+        int any = 0;
+        while (t->iter < t->batches_per_epoch) {
+            int updated;
+            MOE_TRY(train_step(t, &updated));
+            any = 1;
+            MOE_TRY(validate_and_save(t, t->iter >= t->batches_per_epoch, updated, &should_stop));
+            if (should_stop)
+                break;
         }
-        if (!t->disable_validation && t->validate_interval_updates > 0 &&
-            t->num_updates % t->validate_interval_updates == 0)
-            MOE_TRY(validate(t));
-        int64_t siu = moe_opts_int(t->o, "save-interval-updates");
-        if (t->iter >= t->batches_per_epoch) {
+        moe_progress_clear();
+        if (any)
             MOE_TRY(end_of_epoch(t));
-            if (!t->disable_validation)
-                MOE_TRY(validate(t));
-            if (t->epoch % moe_opts_int(t->o, "save-interval") == 0)
-                MOE_TRY(save_checkpoints(t, 1));
-            t->epoch++;
-            t->iter = 0;
-        } else if (siu > 0 && t->num_updates % siu == 0) {
-            MOE_TRY(save_checkpoints(t, 0));
-        }
+        if (should_stop)
+            break;
+        t->epoch++;
+        t->iter = 0;
+        if (t->max_epoch > 0 && t->epoch > t->max_epoch)
+            break;
+        MOE_TRY(begin_epoch(t));
     }
     moe_progress_clear();
-    /* the end of training (fairseq's should_stop): checkpoint_last */
-    if (t->num_updates != t->saved_updates) {
-        t->valid_loss_now = NAN;
-        MOE_TRY(save_checkpoints(t, 0));
-    }
-    if (t->iter > 0)
-        MOE_TRY(end_of_epoch(t));
     return MOE_OK;
 }
 
@@ -772,6 +914,7 @@ moe_status moe_train(moe_runtime *rt, const moe_components *c)
     t.log_moe = c->criterion_name && strncmp(c->criterion_name, "moe_", 4) == 0;
     t.saved_updates = 0; /* nothing to save before the first update */
     t.valid_loss_now = NAN;
+    t.validated_at = -1;
     moe_status st = setup(&t);
     if (st == MOE_OK)
         st = load_checkpoint(&t);

@@ -307,7 +307,7 @@ static void test_log_stats_simple(void **state)
         "INFO | train_inner | epoch 001:  123456 / 200000 loss=20.714\n",
         "INFO | train_inner | epoch 001:  update 0.004 loss=20.714\n",
         "INFO | train | epoch 001 | loss 4.2 | ppl 18.38 | wall 300\n",
-        "INFO | valid | epoch 012 | loss 5 | best_loss 5\n",
+        "INFO | valid | epoch 012 | valid on 'valid' subset | loss 5 | best_loss 5\n",
     };
     const char *p = s;
     for (size_t i = 0; i < sizeof expect / sizeof expect[0]; i++) {

@@ -11,7 +11,9 @@
  * communicator that wraps them.
  *
  * ABI rule: adding a field at the end of a struct bumps MOE_ABI_MINOR; any other
- * change bumps MOE_ABI_MAJOR. The loader refuses another major, a newer minor,
+ * change bumps MOE_ABI_MAJOR. History: 1.1 added the comm start/wait ops and
+ * host->unit_prefetch, expert_grad_scale; 1.2 the task's set_epoch and
+ * max_batch. The loader refuses another major, a newer minor,
  * and struct sizes that do not match what the core was built with.
  */
 #ifndef MOE_PLUGIN_H
@@ -29,7 +31,7 @@ extern "C" {
 #endif
 
 #define MOE_ABI_MAJOR 1
-#define MOE_ABI_MINOR 1
+#define MOE_ABI_MINOR 2
 #define MOE_PLUGIN_SYMBOL "moe_plugin_descriptor"
 
 #if defined(__GNUC__)
@@ -265,7 +267,11 @@ typedef struct moe_host {
 
 /* --------------------------------------------------------- kind: data batch */
 
-/* One micro-batch on the host, as a task produces it. */
+/* One micro-batch on the host, as a task produces it. Rows are right-padded
+ * with the padding index (targets too: pad targets are not scored). A batch
+ * with ntokens == 0 is a dummy (fairseq's empty batch at the end of a rank's
+ * shard): the trainer runs it so every rank takes part in the same
+ * collectives, with zero weight and its statistics discarded. */
 typedef struct moe_batch {
     int64_t B, T;
     int32_t *src;       /* (B,T) input tokens */
@@ -286,6 +292,16 @@ typedef struct moe_task_ops {
      * the task allocated; free with free_batch. */
     moe_status (*get_batch)(void *task, const char *split, int64_t index, moe_batch *b);
     void (*free_batch)(void *task, moe_batch *b);
+    /* (ABI 1.2) the training epoch (1-based) that num_batches("train") and
+     * get_batch("train") follow from now on: the trainer calls it before the
+     * first batch of every epoch, and when it resumes one. A task whose
+     * batches do not depend on the epoch may leave it NULL. */
+    moe_status (*set_epoch)(void *task, int64_t epoch);
+    /* (ABI 1.2) a bound on every batch get_batch can return on this rank,
+     * any split: *max_tokens >= B*T and *max_len >= T. The arch is set up for
+     * it. NULL: the first train batch (and first batch of each validation
+     * subset) gives the shape. */
+    moe_status (*max_batch)(void *task, int64_t *max_tokens, int64_t *max_len);
 } moe_task_ops;
 
 /* ------------------------------------------------------------- kind: arch */

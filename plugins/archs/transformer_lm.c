@@ -825,7 +825,11 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
     if (B < 1 || T < 1)
         return h->error(h, MOE_ERR_INVALID_ARG, "%s: expected a batch of at least 1 x 1 tokens, found %lld x %lld",
                         MOE_ARCH_VARIANT, (long long)B, (long long)T);
-    if (h->opt_set(h, "tokens-per-sample") && T > h->opt_int(h, "tokens-per-sample"))
+    /* --add-bos-token makes a full block tokens_per_sample + 1 long (DATA_SPEC.md §3.11) */
+    int64_t max_len = h->opt_set(h, "tokens-per-sample") ? h->opt_int(h, "tokens-per-sample") : 0;
+    if (max_len > 0 && h->opt_set(h, "add-bos-token") && h->opt_flag(h, "add-bos-token"))
+        max_len++;
+    if (max_len > 0 && T > max_len)
         return h->error(h, MOE_ERR_INVALID_ARG,
                         "%s: sequences of %lld tokens exceed the model's max positions (--tokens-per-sample %lld)",
                         MOE_ARCH_VARIANT, (long long)T, (long long)h->opt_int(h, "tokens-per-sample"));
@@ -1137,11 +1141,11 @@ static moe_status tlm_forward(void *model, const int32_t *tokens, int64_t B, int
     const moe_ops *ops = h->ops;
     if (!m->ready)
         return h->error(h, MOE_ERR_INTERNAL, "%s: forward called before setup", MOE_ARCH_VARIANT);
-    if (B < 1 || T < 1 || B > m->Bmax || T > m->Tmax)
+    if (B < 1 || T < 1 || B * T > m->Nmax || T > m->Tmax)
         return h->error(h, MOE_ERR_INVALID_ARG,
-                        "%s: expected a batch within the %lld x %lld set up, found %lld x %lld; call setup with the "
-                        "largest batch",
-                        MOE_ARCH_VARIANT, (long long)m->Bmax, (long long)m->Tmax, (long long)B, (long long)T);
+                        "%s: expected a batch of at most %lld tokens and %lld per row (as set up), found %lld x %lld; "
+                        "call setup with the largest batch",
+                        MOE_ARCH_VARIANT, (long long)m->Nmax, (long long)m->Tmax, (long long)B, (long long)T);
     m->tokens = tokens;
     m->B = B;
     m->T = T;

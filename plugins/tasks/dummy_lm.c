@@ -177,7 +177,7 @@ static void dummy_free_batch(void *task, moe_batch *b)
 
 static const moe_task_ops dummy_lm_ops = {
     dummy_init, dummy_destroy, dummy_vocab_size, dummy_padding_idx, dummy_num_batches, dummy_get_batch,
-    dummy_free_batch,
+    dummy_free_batch, NULL, NULL,
 };
 
 MOE_PLUGIN_DEFINE(MOE_KIND_TASK, moe_task_ops, "dummy_lm", "1.0",
