@@ -1,0 +1,4 @@
+# The data library's indexed datasets, token blocks and batching
+# (data/indexed.c, data/blocks.c, data/batching.c), linked from libmoedata.
+# Label unit; files go to a fresh directory under /tmp.
+moe_add_test(test_indexed LABELS unit SOURCES test_indexed.c LIBS moedata TIMEOUT 60)
