@@ -6,7 +6,8 @@
  * search for the line end are one pass, eight ASCII bytes at a time when it
  * can. Offsets in messages are absolute byte positions in the file (0-based);
  * line numbers are 1-based and absolute too: a reader that starts inside the
- * file counts the lines before its range only when it has an error to report.
+ * file counts the lines before its range only when a number is asked for
+ * (an error to report).
  */
 #include "data/text.h"
 
@@ -33,7 +34,8 @@ struct moe_text_reader {
     int64_t next;    /* file offset of the next read */
     int64_t begin, end;
     int at_end;      /* every byte of the range is in buf */
-    int64_t lineno;
+    int64_t lineno;  /* lines returned */
+    int64_t base;    /* lines before begin; -1 until counted */
 };
 
 static moe_status nomem(const char *what)
@@ -106,6 +108,7 @@ moe_status moe_text_open(const char *path, int64_t begin, int64_t end, moe_text_
     r->buf_off = begin;
     r->next = begin;
     r->at_end = begin >= end;
+    r->base = begin > 0 ? -1 : 0;
     *out = r;
     return MOE_OK;
 }
@@ -121,7 +124,6 @@ void moe_text_close(moe_text_reader *r)
     free(r);
 }
 
-int64_t moe_text_line_number(const moe_text_reader *r) { return r->lineno; }
 
 /* Lines ending in [0, off) of the open file (off is a line start). */
 static int64_t lines_before(int fd, int64_t off)
@@ -194,10 +196,17 @@ static int utf8_len(const unsigned char *s, size_t avail, const char **why)
     return n;
 }
 
+int64_t moe_text_line_number(moe_text_reader *r)
+{
+    if (r->base < 0)
+        r->base = r->begin > 0 ? lines_before(r->fd, r->begin) : 0;
+    return r->base + r->lineno;
+}
+
 static moe_status utf8_error(moe_text_reader *r, size_t at, const char *why)
 {
     int64_t off = r->buf_off + (int64_t)at;
-    int64_t line = (r->begin > 0 ? lines_before(r->fd, r->begin) : 0) + r->lineno + 1;
+    int64_t line = moe_text_line_number(r) + 1;
     return moe_data_fail(MOE_ERR_INVALID_ARG,
                          "'%s' line %lld: invalid UTF-8 at byte offset %lld of the file (byte 0x%02x: %s); the text "
                          "must be UTF-8: convert it (e.g. iconv -f latin1 -t utf-8) or remove the bad bytes",

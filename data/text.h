@@ -42,8 +42,11 @@ moe_status moe_text_open(const char *path, int64_t begin, int64_t end, moe_text_
  * *len bytes without the terminator. At the end of the range *line is NULL
  * and *len 0. An invalid UTF-8 sequence or a read error fails. */
 moe_status moe_text_next(moe_text_reader *r, const char **line, size_t *len);
-/* 1-based number, within the range, of the line last returned (0 before the first). */
-int64_t moe_text_line_number(const moe_text_reader *r);
+/* The 1-based line number in the file of the line last returned (the line
+ * before the range's first one, before the first call to next). For a range
+ * starting inside the file, the first call counts the lines before it (one
+ * read of that part of the file), so ask only when a message needs it. */
+int64_t moe_text_line_number(moe_text_reader *r);
 void moe_text_close(moe_text_reader *r);
 
 /* offsets[0..n] for n >= 1 ranges of `path`: offsets[0] = 0, offsets[n] =

@@ -214,6 +214,12 @@ static void test_text_error_line_in_chunk(void **state)
     assert_non_null(strstr(moe_data_error(), "line 4"));
     assert_non_null(strstr(moe_data_error(), "byte offset 20"));
     moe_text_close(r);
+    /* the number of a line read from a range is the file's */
+    assert_int_equal(moe_text_open(p, 9, 15, &r), MOE_OK);
+    assert_int_equal(moe_text_next(r, &line, &len), MOE_OK);
+    assert_int_equal(len, 5);
+    assert_int_equal(moe_text_line_number(r), 3);
+    moe_text_close(r);
 }
 
 static void test_text_open_errors(void **state)
