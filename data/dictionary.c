@@ -41,33 +41,84 @@ typedef struct strtab {
 
 static moe_status nomem(void) { return moe_data_fail(MOE_ERR_NOMEM, "out of host memory while growing a dictionary"); }
 
-static uint64_t mix64(uint64_t x)
+/* 64x64 -> 128-bit multiply, folded (wyhash's mum). */
+static inline uint64_t mum(uint64_t a, uint64_t b)
 {
-    x ^= x >> 32;
-    x *= 0xD6E8FEB86659FD93ull;
-    x ^= x >> 32;
-    x *= 0xD6E8FEB86659FD93ull;
-    x ^= x >> 32;
-    return x;
+#if defined(__SIZEOF_INT128__)
+    unsigned __int128 r = (unsigned __int128)a * b;
+    return (uint64_t)r ^ (uint64_t)(r >> 64);
+#else
+    uint64_t ha = a >> 32, hb = b >> 32, la = (uint32_t)a, lb = (uint32_t)b;
+    uint64_t rh = ha * hb, rm0 = ha * lb, rm1 = hb * la, rl = la * lb, t = rl + (rm0 << 32), c = t < rl;
+    uint64_t lo = t + (rm1 << 32);
+    c += lo < t;
+    uint64_t hi = rh + (rm0 >> 32) + (rm1 >> 32) + c;
+    return lo ^ hi;
+#endif
 }
 
+static inline uint64_t load8(const unsigned char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline uint64_t load4(const unsigned char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* wyhash's layout: words are short, so up to 16 bytes take two or four
+ * overlapping loads and no loop. */
 static uint64_t hash_bytes(const char *s, size_t n)
 {
-    uint64_t h = 0x9E3779B97F4A7C15ull ^ ((uint64_t)n * 0xFF51AFD7ED558CCDull);
+    const uint64_t k0 = 0xA0761D6478BD642Full, k1 = 0xE7037ED1A0B428DBull, k2 = 0x8EBC6AF09C88C6E3ull;
+    const unsigned char *p = (const unsigned char *)s;
+    uint64_t seed = k0, a, b;
+    if (n <= 16) {
+        if (n >= 4) {
+            size_t q = (n >> 3) << 2;
+            a = load4(p) << 32 | load4(p + q);
+            b = load4(p + n - 4) << 32 | load4(p + n - 4 - q);
+        } else if (n > 0) {
+            a = (uint64_t)p[0] << 16 | (uint64_t)p[n >> 1] << 8 | p[n - 1];
+            b = 0;
+        } else {
+            a = b = 0;
+        }
+    } else {
+        size_t i = n;
+        while (i > 16) {
+            seed = mum(load8(p) ^ k1, load8(p + 8) ^ seed);
+            p += 16;
+            i -= 16;
+        }
+        a = load8(p + i - 16);
+        b = load8(p + i - 8);
+    }
+    return mum(k1 ^ (uint64_t)n, mum(a ^ k1, b ^ seed ^ k2));
+}
+
+/* memcmp(a, b, n) == 0 without a call for the short strings words are. */
+static inline int same_bytes(const char *a, const char *b, size_t n)
+{
+    const unsigned char *x = (const unsigned char *)a, *y = (const unsigned char *)b;
     while (n >= 8) {
-        uint64_t w;
-        memcpy(&w, s, 8);
-        h = (h ^ w) * 0x9FB21C651E98DF25ull;
-        h ^= h >> 29;
-        s += 8;
+        if (load8(x) != load8(y))
+            return 0;
+        x += 8;
+        y += 8;
         n -= 8;
     }
-    if (n > 0) {
-        uint64_t w = 0;
-        memcpy(&w, s, n);
-        h = (h ^ w) * 0x9FB21C651E98DF25ull;
-    }
-    return mix64(h);
+    if (n >= 4)
+        return load4(x) == load4(y) && load4(x + n - 4) == load4(y + n - 4);
+    for (size_t i = 0; i < n; i++)
+        if (x[i] != y[i])
+            return 0;
+    return 1;
 }
 
 static void tab_free(strtab *t)
@@ -105,7 +156,7 @@ static int64_t tab_find(const strtab *t, const char *w, size_t len, uint64_t h, 
         }
         if ((s >> 32) == tag) {
             int64_t idx = (int64_t)(s & 0xFFFFFFFFu) - 1;
-            if (t->len[idx] == len && memcmp(t->pool + t->off[idx], w, len) == 0) {
+            if (t->len[idx] == len && same_bytes(t->pool + t->off[idx], w, len)) {
                 *slot = i;
                 return idx;
             }

@@ -393,26 +393,34 @@ size_t moe_text_space_len(const char *s, size_t n)
     return 0;
 }
 
-/* Bytes that can start a whitespace character: the ASCII ones and the lead
- * bytes of the others. */
-static int maybe_space(unsigned char c)
-{
-    return c <= 0x20 || c == 0xC2 || c == 0xE1 || c == 0xE2 || c == 0xE3;
-}
+/* Per byte: 0 never starts whitespace, 1 is ASCII whitespace, 2 is the lead
+ * byte of a multi-byte whitespace character or of something else. */
+static const unsigned char space_class[256] = {
+    ['\t'] = 1, ['\n'] = 1, ['\v'] = 1, ['\f'] = 1, ['\r'] = 1, [0x1C] = 1, [0x1D] = 1, [0x1E] = 1, [0x1F] = 1,
+    [' '] = 1,   [0xC2] = 2, [0xE1] = 2, [0xE2] = 2, [0xE3] = 2,
+};
 
 int moe_text_next_token(const char *s, size_t n, size_t *pos, const char **tok, size_t *tok_len)
 {
     const unsigned char *u = (const unsigned char *)s;
     size_t i = *pos, sp;
-    while (i < n && maybe_space(u[i]) && (sp = moe_text_space_len(s + i, n - i)) > 0)
-        i += sp;
+    for (; i < n; i += sp) {
+        unsigned c = space_class[u[i]];
+        if (c == 0)
+            break;
+        sp = c == 1 ? 1 : moe_text_space_len(s + i, n - i);
+        if (sp == 0)
+            break;
+    }
     if (i >= n) {
         *pos = n;
         return 0;
     }
     size_t start = i;
-    while (i < n) {
-        if (maybe_space(u[i]) && moe_text_space_len(s + i, n - i) > 0)
+    for (;;) {
+        while (i < n && space_class[u[i]] == 0)
+            i++;
+        if (i >= n || space_class[u[i]] == 1 || moe_text_space_len(s + i, n - i) > 0)
             break;
         i++;
     }
