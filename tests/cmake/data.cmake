@@ -3,3 +3,4 @@
 # Label unit; files go to a fresh directory under /tmp.
 moe_add_test(test_indexed LABELS unit SOURCES test_indexed.c LIBS moedata TIMEOUT 60)
 moe_add_test(test_blocks LABELS unit SOURCES test_blocks.c LIBS moedata TIMEOUT 60)
+moe_add_test(test_batching LABELS unit SOURCES test_batching.c LIBS moedata TIMEOUT 60)
