@@ -13,3 +13,5 @@ add_test(NAME test_dist_stalled_rank COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/dist_st
 set_tests_properties(test_dist_stalled_rank PROPERTIES LABELS dist TIMEOUT 120 SKIP_RETURN_CODE 77)
 add_test(NAME test_dist_stalled_rank4 COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/dist_stall.sh ${CMAKE_BINARY_DIR}/bin/moelm-train 4 2)
 set_tests_properties(test_dist_stalled_rank4 PROPERTIES LABELS dist TIMEOUT 120 SKIP_RETURN_CODE 77)
+# The language_modeling task over data directories the test writes.
+moe_add_test(test_language_modeling LABELS plugin SOURCES test_language_modeling.c LIBS moedata TIMEOUT 120)
