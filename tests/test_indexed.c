@@ -340,6 +340,51 @@ static void test_indexed_builder_refuses_unfit_ids(void **state)
     assert_int_equal(count_files("gone"), 0);
 }
 
+/* resident pages of this process now (Linux), -1 when unknown */
+static long resident_kib(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (!f)
+        return -1;
+    long size = 0, res = -1;
+    if (fscanf(f, "%ld %ld", &size, &res) != 2)
+        res = -1;
+    fclose(f);
+    return res < 0 ? -1 : res * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+/* the builder's memory does not grow with the item count: 4M items would
+ * take 16-32 MiB as a size list */
+static void test_indexed_builder_streams(void **state)
+{
+    (void)state;
+    const int64_t items = 4 << 20;
+    moe_idx_builder *b;
+    assert_int_equal(moe_idx_builder_open(at("many"), 8, &b), MOE_OK);
+    long before = resident_kib();
+    for (int64_t i = 0; i < items; i++) {
+        const int32_t id = (int32_t)(i % 65536);
+        assert_true(moe_idx_builder_add(b, &id, 1) == MOE_OK);
+    }
+    long after = resident_kib();
+    if (before >= 0 && after >= 0) {
+        printf("  %lld items added: resident memory grew by %ld KiB\n", (long long)items, after - before);
+        assert_true(after - before < 4096);
+    }
+    assert_int_equal(moe_idx_builder_finish(b), MOE_OK);
+    moe_idx *ds;
+    assert_int_equal(moe_idx_open(at("many"), &ds), MOE_OK);
+    assert_int_equal(moe_idx_count(ds), items);
+    assert_int_equal(moe_idx_offsets(ds)[items], items);
+    int32_t out[3];
+    assert_int_equal(moe_idx_read(ds, items - 3, 3, 0, out), MOE_OK);
+    for (int k = 0; k < 3; k++)
+        assert_int_equal(out[k], (int32_t)((items - 3 + k) % 65536));
+    moe_idx_close(ds);
+    unlink(at("many.bin"));
+    unlink(at("many.idx"));
+}
+
 /* ------------------------------------------------------------ merge */
 
 static void test_indexed_append_equals_direct_build(void **state)
@@ -719,6 +764,7 @@ int main(void)
         cmocka_unit_test(test_indexed_round_trip_every_dtype),
         cmocka_unit_test(test_indexed_dtype_cut_at_65500),
         cmocka_unit_test(test_indexed_builder_refuses_unfit_ids),
+        cmocka_unit_test(test_indexed_builder_streams),
         cmocka_unit_test(test_indexed_append_equals_direct_build),
         cmocka_unit_test(test_indexed_megatron_layouts),
         cmocka_unit_test(test_indexed_refusals),
