@@ -23,14 +23,17 @@
 
 #include "runcmd.h"
 
+/* the task: dummy_lm, or language_modeling over a corpus the test writes */
+#define DUMMY_TASK "--task dummy_lm --tokens-per-sample 32 --dict-size 96 --batch-size 2 "
+static char task_args[512] = DUMMY_TASK;
+
 #define TINY                                                                                                     \
-    "--cpu --task dummy_lm --tokens-per-sample 32 --dict-size 96 "                                               \
-    "--arch transformer_lm_gpt --share-decoder-input-output-embed "                                              \
+    "--cpu --arch transformer_lm_gpt --share-decoder-input-output-embed "                                              \
     "--decoder-layers 2 --decoder-embed-dim 32 --decoder-ffn-embed-dim 64 --decoder-attention-heads 2 "          \
     "--moe-expert-count 2 --moe-freq 2 --moe-second-expert-policy all "                                         \
     "--criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum "                 \
     "--lr 0.002 --warmup-updates 4 "                                                                             \
-    "--dropout 0.1 --attention-dropout 0.1 --batch-size 2 --disable-validation "                                 \
+    "--dropout 0.1 --attention-dropout 0.1 --disable-validation "                                                \
     "--log-format json --log-interval 1 "
 
 /* the optimizer unless `extra` names one */
@@ -66,11 +69,11 @@ static void train(int ranks, const char *dir, const char *extra, moe_cmd_result 
 {
     char args[4096];
     if (ranks > 1) {
-        snprintf(args, sizeof args, "mpirun --oversubscribe -np %d %s/moelm-train " TINY "%s--save-dir %s %s", ranks,
-                 MOE_TEST_BIN_DIR, optimizer_of(extra), dir, extra);
+        snprintf(args, sizeof args, "mpirun --oversubscribe -np %d %s/moelm-train %s" TINY "%s--save-dir %s %s", ranks,
+                 MOE_TEST_BIN_DIR, task_args, optimizer_of(extra), dir, extra);
         assert_int_equal(moe_run_shell(args, r), 0);
     } else {
-        snprintf(args, sizeof args, TINY "%s--save-dir %s %s", optimizer_of(extra), dir, extra);
+        snprintf(args, sizeof args, "%s" TINY "%s--save-dir %s %s", task_args, optimizer_of(extra), dir, extra);
         assert_int_equal(moe_run_train(args, r), 0);
     }
 }
@@ -140,14 +143,22 @@ static void resume_matches(int ranks, const char *extra, int stop, const char *c
     snprintf(a1, sizeof a1, "%s --max-update 12 --save-interval-updates 6", extra);
     train_ok(ranks, d1, a1, &full);
     assert_non_null(strstr(full.out, "| fairseq.trainer | No existing checkpoint found "));
+    /* the interval checkpoint at update 6, in whichever epoch that falls */
+    int epoch6 = 0;
     char saved[256];
-    snprintf(saved, sizeof saved, "| saved checkpoint %s/checkpoint_1_6-rank-0.pt (epoch 1 @ 6 updates, score None) "
-                                  "(writing took ", d1);
-    assert_non_null(strstr(full.out, saved));
+    for (int e = 1; e <= 6 && !epoch6; e++) {
+        snprintf(saved, sizeof saved,
+                 "| saved checkpoint %s/checkpoint_%d_6-rank-0.pt (epoch %d @ 6 updates, score None) (writing took ",
+                 d1, e, e);
+        if (strstr(full.out, saved))
+            epoch6 = e;
+    }
+    if (!epoch6)
+        fail_msg("no interval checkpoint at update 6 logged");
     assert_true(exists(d1, "checkpoint_last-rank-0.pt"));
     for (int r = 0; r < ranks; r++) {
         char name[64];
-        snprintf(name, sizeof name, "checkpoint_1_6-rank-%d.pt", r);
+        snprintf(name, sizeof name, "checkpoint_%d_6-rank-%d.pt", epoch6, r);
         assert_true(exists(d1, name));
     }
 
@@ -198,6 +209,65 @@ static void test_ckpt_resume_sgd_momentum(void **s)
     (void)s;
     static const char *const at6[] = {"checkpoint_last-rank-0.pt"};
     resume_matches(1, "--optimizer sgd --momentum 0.9", 6, at6, 1);
+}
+
+/* --task language_modeling over a text of 400 pseudo-random lines (every 9th
+ * empty), prepared by moelm-preprocess: a resumed run continues with exactly
+ * the batches of an unbroken one, mid-epoch and across epoch boundaries
+ * (each epoch shuffles its batches), with --update-freq groups cut short at
+ * an epoch's end, with --max-tokens batches of varying shape, and on 2 ranks
+ * with the experts spread over them (steps padded to a common shape, empty
+ * batches past a rank's share) */
+static void test_ckpt_resume_language_modeling(void **s)
+{
+    (void)s;
+    char d[64], cmd[1024];
+    tmpdir(d, sizeof d);
+    char text[128];
+    snprintf(text, sizeof text, "%s/corpus.txt", d);
+    FILE *f = fopen(text, "w");
+    assert_non_null(f);
+    uint32_t x = 12345;
+    for (int line = 0; line < 400; line++) {
+        if (line % 9 == 8) {
+            fputc('\n', f);
+            continue;
+        }
+        x = x * 1103515245u + 12345u;
+        int words = 1 + (int)((x >> 16) % 17);
+        for (int w = 0; w < words; w++) {
+            x = x * 1103515245u + 12345u;
+            fprintf(f, "%sw%u", w ? " " : "", (x >> 16) % 60u);
+        }
+        fputc('\n', f);
+    }
+    fclose(f);
+    moe_cmd_result r;
+    snprintf(cmd, sizeof cmd,
+             "%s/moelm-preprocess --only-source --trainpref %s --validpref %s --destdir %s/data-bin >/dev/null",
+             MOE_TEST_BIN_DIR, text, text, d);
+    assert_int_equal(moe_run_shell(cmd, &r), 0);
+    if (r.status != 0)
+        fail_msg("moelm-preprocess failed: %s", r.err);
+    moe_cmd_result_free(&r);
+
+    snprintf(task_args, sizeof task_args,
+             "--task language_modeling %s/data-bin --tokens-per-sample 32 --required-batch-size-multiple 1 ", d);
+    static const char *const last[] = {"checkpoint_last-rank-0.pt"};
+    /* 3535 tokens: 111 blocks of 32 (the last 15), 10 batches of at most 12 */
+    resume_matches(1, "--batch-size 12", 5, last, 1);  /* mid-epoch 1 */
+    resume_matches(1, "--batch-size 12", 10, last, 1); /* at the end of epoch 1 */
+    resume_matches(1, "--batch-size 8 --update-freq 3", 7, last, 1); /* 14 batches: updates of 3,3,3,3,2 */
+    resume_matches(1, "--max-tokens 100 --sample-break-mode complete", 7, last, 1);
+    if (have_mpirun) {
+        /* one block per line: 13 batches of up to 31, 7 steps an epoch, rank 1's 7th empty */
+        static const char *const last2[] = {"checkpoint_last-rank-0.pt", "checkpoint_last-rank-1.pt"};
+        resume_matches(2, "--batch-size 31 --sample-break-mode eos --tokens-per-sample 40", 5, last2, 2);
+    } else {
+        printf("SKIP (2 ranks): mpirun not found\n");
+    }
+    snprintf(task_args, sizeof task_args, DUMMY_TASK);
+    rmdir_all(d);
 }
 
 /* 2 ranks, fully sharded: each rank writes and reads its shards */
@@ -400,6 +470,7 @@ int main(void)
         cmocka_unit_test(test_ckpt_resume_fully_sharded_2), cmocka_unit_test(test_ckpt_refuses_bad_files),
         cmocka_unit_test(test_ckpt_leftover_temporary), cmocka_unit_test(test_ckpt_names_and_pruning),
         cmocka_unit_test(test_ckpt_no_save),          cmocka_unit_test(test_ckpt_resume_sgd_momentum),
+        cmocka_unit_test(test_ckpt_resume_language_modeling),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
