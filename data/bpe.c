@@ -28,12 +28,14 @@
  *    out, not PCRE2's \s (which lacks U+0085). In a tokenizer.json Split
  *    pattern, \s and \S are rewritten the same way (Hugging Face runs it with
  *    Oniguruma, whose \s is White_Space); \S inside a [...] class is refused.
- *  - \p{L} and \p{N} come from PCRE2's Unicode tables. PCRE2 10.42 (Debian 12)
- *    carries Unicode 14.0.0; the Python `regex` module that fairseq uses
- *    carries its own tables (2022 releases: 14.0/15.0; 2026.5.9: 17.0.0).
- *    Code points assigned after 14.0 (e.g. CJK extension I, Kawi, Garay) are
- *    letters there and "other" here, so text containing them may split
- *    differently. Everything assigned by 14.0 agrees.
+ *  - \p{L} and \p{N} come from PCRE2's Unicode tables: PCRE2 10.42 (Debian 12)
+ *    carries Unicode 14.0.0. The Python `regex` module that fairseq uses ships
+ *    its own tables and follows new Unicode releases (regex 2026.5.9 has
+ *    17.0.0: Sidetic U+10940 is a letter there). Code points assigned after
+ *    14.0 (Kawi, CJK extension I, Garay, ...) are letters or digits there and
+ *    "other" here, so text containing them may split differently; for code
+ *    points assigned by 14.0 the splits agree. Pin the `regex` version on the
+ *    Python side when ids must match bit for bit.
  *  - Pre-tokenization is "split, keeping matches and the text between them"
  *    (Hugging Face's Isolated). For the GPT-2 pattern nothing lies between
  *    matches, so this is also Python's findall. An empty match is skipped and

@@ -12,6 +12,7 @@
  * Conventions: token and merge strings in this file are raw bytes; the
  * writers turn them into byte-level chars (space -> "Ġ") for the files.
  */
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -417,7 +418,8 @@ static int64_t encode(moe_bpe *b, const char *text, int32_t *out, int64_t max)
     if (st != MOE_OK)
         fail_msg("encode: %s", moe_data_error());
     assert_true(n <= max);
-    memcpy(out, ids, (size_t)n * sizeof *ids);
+    if (n)
+        memcpy(out, ids, (size_t)n * sizeof *ids);
     free(ids);
     moe_bpe_state_destroy(s);
     return n;
@@ -514,7 +516,12 @@ static const split_case gpt2_splits[] = {
     {"123abc 4.5", {"123", "abc", " 4", ".", "5"}},
     {"<|endoftext|>", {"<|", "endoftext", "|>"}},
     {"a\xC2\x85" "b", {"a", "\xC2\x85", "b"}},                     /* U+0085 is White_Space */
-    {"a\x1C" "b", {"a", "\x1C", "b"}},                             /* U+001C is not */
+    {"a\xC2\x85!", {"a", "\xC2\x85", "!"}},
+    {"!\xC2\x85 x", {"!", "\xC2\x85", " x"}},
+    {"a\x1C" "b", {"a", "\x1C", "b"}}, /* U+001C is not */
+    {"x \x1C\x1C y", {"x", " \x1C\x1C", " y"}},
+    {"a\xE2\x80\xA9!", {"a", "\xE2\x80\xA9", "!"}}, /* U+2029 */
+    {"\xC2\xA0\xC2\xA0!", {"\xC2\xA0", "\xC2\xA0", "!"}},
     {"a\xC2\xA0\xC2\xA0" "b", {"a", "\xC2\xA0", "\xC2\xA0", "b"}}, /* NBSP */
     {"x\xE2\x80\xA8y", {"x", "\xE2\x80\xA8", "y"}},                /* U+2028 */
     {"x \xE3\x80\x80y", {"x", " ", "\xE3\x80\x80", "y"}},          /* U+3000 */
@@ -1421,6 +1428,66 @@ static void test_bpe_trained_vocab_round_trip(void **state)
     free(v);
 }
 
+/* one moe_bpe, one state per thread: the same ids on every thread */
+typedef struct thread_job {
+    moe_bpe *b;
+    const char *text;
+    size_t len;
+    const int32_t *want;
+    int64_t n_want;
+    int ok;
+} thread_job;
+
+static void *encode_job(void *arg)
+{
+    thread_job *j = arg;
+    moe_bpe_state *s;
+    if (moe_bpe_state_create(j->b, &s) != MOE_OK)
+        return NULL;
+    int32_t *ids = NULL;
+    int64_t n = 0, cap = 0;
+    j->ok = 1;
+    for (int rep = 0; rep < 20 && j->ok; rep++)
+        j->ok = moe_bpe_encode(s, j->text, j->len, &ids, &n, &cap) == MOE_OK && n == j->n_want &&
+                memcmp(ids, j->want, (size_t)n * sizeof *ids) == 0;
+    free(ids);
+    moe_bpe_state_destroy(s);
+    return NULL;
+}
+
+static void test_bpe_states_share_one_bpe_across_threads(void **state)
+{
+    (void)state;
+    tvocab *v = tv_new();
+    static const char *const m[][2] = {{"t", "h"}, {"th", "e"}, {" ", "the"}, {"e", "r"}, {"\xC3", "\xA9"}};
+    for (size_t i = 0; i < sizeof m / sizeof m[0]; i++)
+        tv_merge(v, m[i][0], m[i][1]);
+    moe_bpe *b = load_gpt2(v);
+    sbuf text = {0};
+    for (int k = 0; k < 200; k++)
+        sb_str(&text, fragments[k % (int)(sizeof fragments / sizeof fragments[0])]);
+    moe_bpe_state *s;
+    assert_int_equal(moe_bpe_state_create(b, &s), MOE_OK);
+    int32_t *want = NULL;
+    int64_t n = 0, cap = 0;
+    assert_int_equal(moe_bpe_encode(s, text.p, text.n, &want, &n, &cap), MOE_OK);
+    moe_bpe_state_destroy(s);
+    thread_job jobs[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        jobs[i] = (thread_job){b, text.p, text.n, want, n, 0};
+        assert_int_equal(pthread_create(&th[i], NULL, encode_job, &jobs[i]), 0);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        assert_true(jobs[i].ok);
+    }
+    free(want);
+    free(text.p);
+    moe_bpe_destroy(b);
+    free(v);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1444,6 +1511,7 @@ int main(void)
         cmocka_unit_test_setup(test_bpe_decode_errors, case_setup),
         cmocka_unit_test_setup(test_bpe_decode_round_trip_random_unicode, case_setup),
         cmocka_unit_test_setup(test_bpe_trained_vocab_round_trip, case_setup),
+        cmocka_unit_test_setup(test_bpe_states_share_one_bpe_across_threads, case_setup),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
