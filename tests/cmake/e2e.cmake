@@ -15,3 +15,5 @@ add_test(NAME test_dist_stalled_rank4 COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/dist_s
 set_tests_properties(test_dist_stalled_rank4 PROPERTIES LABELS dist TIMEOUT 120 SKIP_RETURN_CODE 77)
 # The language_modeling task over data directories the test writes.
 moe_add_test(test_language_modeling LABELS plugin SOURCES test_language_modeling.c LIBS moedata TIMEOUT 120)
+# Real text from raw files to a trained model (license texts, a BPE trained by the test).
+moe_add_test(test_real_text LABELS e2e SOURCES test_real_text.c runcmd.c LIBS moedata TIMEOUT 600)
