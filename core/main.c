@@ -283,6 +283,7 @@ static int run(cli_state *s)
     c.normalizer = d_norm->ops;
     *cp = c;
     MOE_TRY_GOTO(st, cp->task->init(h, &cp->task_state), failure);
+    moe_runtime_set_padding_idx(s->rt, cp->task->padding_idx(cp->task_state));
     MOE_TRY_GOTO(st, cp->arch->build(h, cp->task->vocab_size(cp->task_state), cp->task->padding_idx(cp->task_state),
                                      &cp->model),
                  failure);

@@ -467,6 +467,7 @@ moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runti
     h->seed = cfg->seed;
     h->step_seed = host_step_seed;
     h->expert_grad_scale = 1.0f;
+    h->padding_idx = 1;
     h->rank = 0;
     h->world = 1;
 
@@ -556,6 +557,8 @@ moe_registry *moe_runtime_registry(const moe_runtime *rt) { return rt->reg; }
 void moe_runtime_set_step_seed(moe_runtime *rt, uint64_t step_seed) { rt->step_seed = step_seed; }
 void moe_runtime_set_gate(moe_runtime *rt, const moe_gate_ops *gate) { rt->host.gate_ops = gate; }
 void moe_runtime_set_expert_grad_scale(moe_runtime *rt, float scale) { rt->host.expert_grad_scale = scale; }
+
+void moe_runtime_set_padding_idx(moe_runtime *rt, int padding_idx) { rt->host.padding_idx = padding_idx; }
 
 void moe_reduce_factors(int n, double *pre, double *post)
 {

@@ -47,6 +47,8 @@ void moe_runtime_set_step_seed(moe_runtime *rt, uint64_t step_seed);
 void moe_runtime_set_gate(moe_runtime *rt, const moe_gate_ops *gate);
 /* host->expert_grad_scale (1 until set). */
 void moe_runtime_set_expert_grad_scale(moe_runtime *rt, float scale);
+/* host->padding_idx (1, fairseq's <pad>, until set): the task's. */
+void moe_runtime_set_padding_idx(moe_runtime *rt, int padding_idx);
 
 /* Gradients are reduced over n ranks as fairseq's FSDP does (FAIRSEQ_SPEC.md
  * §5.4): divided by *pre before the sum and by *post after it, pre * post = n,

@@ -437,6 +437,28 @@ static void test_language_modeling_megatron_split(void **s)
     expect_row(&b, 0, (const int32_t[]){2, 18}, (const int32_t[]){18, 2}, 2);
     e.ops->free_batch(e.task, &b);
     env_close(&e);
+
+    /* tokenizer ids without a dict.txt: --vocab-size 30, end of document 2
+     * (so blocks start as with fairseq's eos), padding 30, 32 types */
+    char ids[128];
+    snprintf(ids, sizeof ids, "%s/ids", root);
+    mkdir_p(ids);
+    snprintf(prefix, sizeof prefix, "%s/valid", ids);
+    assert_int_equal(moe_idx_write_megatron(prefix, 8, items, sizes, 5, docs, 3), MOE_OK);
+    snprintf(cmd, sizeof cmd, BASE "--tokens-per-sample 4 --batch-size 2 --vocab-size 30 --eod-id 2 %s", ids);
+    env_ok(&e, cmd);
+    assert_int_equal(e.ops->vocab_size(e.task), 32);
+    assert_int_equal(e.ops->padding_idx(e.task), 30);
+    assert_int_equal(e.ops->get_batch(e.task, "valid", 0, &b), MOE_OK);
+    assert_int_equal(b.B, 2);
+    for (int i = 2; i < 4; i++) /* block 3 (2 tokens) right-padded with 30 */
+        assert_int_equal(b.src[i], 30);
+    e.ops->free_batch(e.task, &b);
+    env_close(&e);
+    snprintf(cmd, sizeof cmd, BASE "--tokens-per-sample 4 --batch-size 2 %s", ids);
+    expect_fail(cmd, NULL, "dict.txt not found", "--vocab-size", NULL);
+    snprintf(cmd, sizeof cmd, BASE "--tokens-per-sample 4 --batch-size 2 --vocab-size 10 %s", ids);
+    expect_fail(cmd, "valid", "valid.bin", "18", NULL); /* ids beyond the vocabulary */
 }
 
 static void test_language_modeling_bad_input(void **s)

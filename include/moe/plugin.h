@@ -263,6 +263,9 @@ typedef struct moe_host {
      * (FAIRSEQ_SPEC.md §2.9), as fairseq's gradient hook does, so fp16
      * gradients hold the values fairseq's do. 1 on one rank. */
     float expert_grad_scale;
+    /* (ABI 1.2) the task's padding index (fairseq's <pad> = 1 by default):
+     * targets equal to it are not scored */
+    int padding_idx;
 } moe_host;
 
 /* --------------------------------------------------------- kind: data batch */

@@ -15,7 +15,6 @@
 
 #include "moe/plugin.h"
 
-#define CE_PADDING_IDX 1 /* fairseq Dictionary: <s>=0, <pad>=1, </s>=2, <unk>=3 */
 
 typedef struct ce_state {
     const moe_host *h;
@@ -44,7 +43,7 @@ static moe_status ce_compute(void *crit, const moe_crit_in *in, float *dl_aux)
                         "cross_entropy: expected logits (N,V) with N, V > 0, targets, stats and scratch; got "
                         "N=%lld V=%lld",
                         f ? (long long)f->N : -1LL, f ? (long long)f->V : -1LL);
-    moe_status st = h->ops->cross_entropy(h->ctx, in->scratch, f->logits, in->targets, f->N, f->V, CE_PADDING_IDX,
+    moe_status st = h->ops->cross_entropy(h->ctx, in->scratch, f->logits, in->targets, f->N, f->V, h->padding_idx,
                                           in->grad_scale, h->act_dtype);
     if (st == MOE_OK)
         st = h->ops->sum_f32(h->ctx, in->stats + MOE_STAT_INNER_LOSS, in->scratch, f->N, 1, 1.0f);

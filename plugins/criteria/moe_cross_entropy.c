@@ -20,7 +20,6 @@
 
 #include "moe/plugin.h"
 
-#define MOE_CE_PADDING_IDX 1 /* fairseq Dictionary: <s>=0, <pad>=1, </s>=2, <unk>=3 */
 
 static const moe_option moe_ce_options[] = {
     {"moe-gate-loss-wt", MOE_OPT_FLOAT, "1.0", "Weight associated with MoE gate loss in the weighted sum of gate loss "
@@ -85,7 +84,7 @@ static moe_status moe_ce_compute(void *crit, const moe_crit_in *in, float *dl_au
 
     float *stats = in->stats;
     moe_status st = ops->cross_entropy(h->ctx, in->scratch, f->logits, in->targets, f->N, f->V,
-                                       MOE_CE_PADDING_IDX, in->grad_scale, h->act_dtype);
+                                       h->padding_idx, in->grad_scale, h->act_dtype);
     if (st == MOE_OK)
         st = ops->sum_f32(h->ctx, stats + MOE_STAT_INNER_LOSS, in->scratch, f->N, 1, 1.0f);
     if (st == MOE_OK)

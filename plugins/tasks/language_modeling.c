@@ -21,6 +21,13 @@
  *    changes from epoch to epoch.
  *  - "train" is train, train1, train2, ... concatenated (fairseq's combine);
  *    a validation subset is exactly the split named.
+ *  - A dataset of tokenizer ids, as Megatron's preprocess_data.py writes it,
+ *    has no dict.txt: --vocab-size N says the ids are 0..N-1; padding is then
+ *    id N, the end-of-document id (--eod-id, default N-1) is what starts a
+ *    block's input at a document boundary, and the model's vocabulary is N+1
+ *    rounded up to a multiple of 8. With a dict.txt (fairseq's data, or a
+ *    Megatron file binarized through a fairseq dictionary) the specials are
+ *    fairseq's: <s> 0, <pad> 1, </s> 2, <unk> 3.
  *  - Order and batches follow fairseq v0.12 and its moe branch, which moelm
  *    reproduces: ordered indices are seeded with --seed (not seed + epoch as in
  *    fairseq's later main branch) and the last batch of a split is kept
@@ -68,6 +75,14 @@ static const moe_option lm_options[] = {
      "raw|lazy|cached|mmap|fasta|huffman"},
     {"ignore-unused-valid-subsets", MOE_OPT_FLAG, NULL,
      "do not complain about valid*N files in DATA that --valid-subset does not list", 0, 0, NULL},
+    {"vocab-size", MOE_OPT_INT, NULL,
+     "a dataset of tokenizer ids without a dict.txt (as Megatron's preprocess_data.py writes): the ids are 0..N-1 "
+     "and padding is id N",
+     1, 2147483647.0, NULL},
+    {"eod-id", MOE_OPT_INT, NULL,
+     "with --vocab-size: the end-of-document id that also starts each block's input (default: N-1, GPT-2's "
+     "<|endoftext|>)",
+     0, 2147483647.0, NULL},
 };
 
 /* one split: its datasets (concatenated), blocks and frozen batches */
@@ -86,8 +101,10 @@ typedef struct lm_split {
 
 typedef struct lm_task {
     const moe_host *h;
-    moe_dict *dict;
+    moe_dict *dict;           /* NULL with --vocab-size (tokenizer ids) */
     int64_t vocab, out_vocab;
+    int64_t id_bound;         /* data ids must be below it */
+    int32_t pad, eos, bos;
     char *paths[MAX_PATHS];
     int n_paths;
     int64_t tps;
@@ -502,14 +519,55 @@ static moe_status lm_init(const moe_host *h, void **out)
 
     char dict_path[4400];
     snprintf(dict_path, sizeof dict_path, "%s/dict.txt", t->paths[0]);
-    if (moe_dict_load(dict_path, &t->dict) != MOE_OK) {
-        st = fail_data(t, MOE_ERR_IO);
+    if (h->opt_set(h, "vocab-size")) {
+        /* tokenizer ids (a Megatron dataset): no dictionary, padding after the
+         * last id, the vocabulary padded to a multiple of 8 as fairseq's */
+        int64_t n = h->opt_int(h, "vocab-size");
+        if (t->add_bos) {
+            st = h->error(h, MOE_ERR_INVALID_ARG,
+                          LM ": --add-bos-token needs a dict.txt (its <s>); with --vocab-size the ids are the "
+                          "tokenizer's");
+            goto fail;
+        }
+        t->id_bound = n;
+        t->pad = (int32_t)n;
+        t->eos = (int32_t)(h->opt_set(h, "eod-id") ? h->opt_int(h, "eod-id") : n - 1);
+        t->bos = t->eos;
+        if (t->eos >= n) {
+            st = h->error(h, MOE_ERR_INVALID_ARG, LM ": --eod-id %d is not below --vocab-size %lld", (int)t->eos,
+                          (long long)n);
+            goto fail;
+        }
+        t->vocab = (n + 1 + 7) / 8 * 8;
+        h->log(h, MOE_LOG_INFO, "fairseq.tasks.language_modeling",
+               "no dictionary: token ids 0..%lld, end of document %d, padding %d (%lld types)", (long long)n - 1,
+               (int)t->eos, (int)t->pad, (long long)t->vocab);
+    } else {
+        if (!file_exists(dict_path)) {
+            st = h->error(h, MOE_ERR_IO,
+                          LM ": %s not found: DATA must hold fairseq's dict.txt (moelm-preprocess or "
+                          "fairseq-preprocess write it); for a dataset of tokenizer ids (Megatron's) give "
+                          "--vocab-size N instead",
+                          dict_path);
+            goto fail;
+        }
+        if (moe_dict_load(dict_path, &t->dict) != MOE_OK) {
+            st = fail_data(t, MOE_ERR_IO);
+            goto fail;
+        }
+        t->vocab = moe_dict_len(t->dict);
+        t->id_bound = t->vocab;
+        t->pad = MOE_DICT_PAD;
+        t->eos = MOE_DICT_EOS;
+        t->bos = MOE_DICT_BOS;
+        h->log(h, MOE_LOG_INFO, "fairseq.tasks.language_modeling", "dictionary: %lld types", (long long)t->vocab);
+    }
+    int64_t ods = h->opt_int(h, "output-dictionary-size");
+    if (ods >= 0 && !t->dict) {
+        st = h->error(h, MOE_ERR_INVALID_ARG, LM ": --output-dictionary-size needs a dict.txt (its <unk>)");
         goto fail;
     }
-    t->vocab = moe_dict_len(t->dict);
-    int64_t ods = h->opt_int(h, "output-dictionary-size");
     t->out_vocab = ods >= 0 && ods < t->vocab ? ods : t->vocab;
-    h->log(h, MOE_LOG_INFO, "fairseq.tasks.language_modeling", "dictionary: %lld types", (long long)t->vocab);
     st = check_unused_valid(t);
     if (st != MOE_OK)
         goto fail;
@@ -522,11 +580,7 @@ fail:
 
 static int64_t lm_vocab_size(void *task) { return ((lm_task *)task)->vocab; }
 
-static int lm_padding_idx(void *task)
-{
-    (void)task;
-    return MOE_DICT_PAD;
-}
+static int lm_padding_idx(void *task) { return ((lm_task *)task)->pad; }
 
 static moe_status lm_set_epoch(void *task, int64_t epoch)
 {
@@ -595,15 +649,15 @@ static moe_status lm_get_batch(void *task, const char *split, int64_t index, moe
                         (long long)T);
     }
     for (int64_t k = 0; k < B * T; k++)
-        src[k] = tgt[k] = MOE_DICT_PAD;
+        src[k] = tgt[k] = t->pad;
     int64_t ntokens = 0, nsent = 0;
     if (b >= 0) {
-        read_ctx rc = {s, t->vocab};
+        read_ctx rc = {s, t->id_bound};
         for (int64_t r = 0; r < s->rows[b]; r++) {
             int64_t blk = s->batches.indices[s->batches.offsets[b] + r];
             int32_t *rs = src + r * T + t->add_bos, *rt = tgt + r * T + t->add_bos;
             int64_t len = 0;
-            moe_status st = moe_blocks_sample(&s->blocks, blk, checked_read, &rc, MOE_DICT_EOS, rs, rt, &len);
+            moe_status st = moe_blocks_sample(&s->blocks, blk, checked_read, &rc, t->eos, rs, rt, &len);
             if (st != MOE_OK) {
                 free(src);
                 free(tgt);
@@ -612,8 +666,8 @@ static moe_status lm_get_batch(void *task, const char *split, int64_t index, moe
                 return st;
             }
             if (t->add_bos) {
-                src[r * T] = MOE_DICT_BOS;
-                tgt[r * T] = MOE_DICT_BOS;
+                src[r * T] = t->bos;
+                tgt[r * T] = t->bos;
                 len++;
             }
             if (t->out_vocab < t->vocab) /* TruncatedDictionary: targets only */
