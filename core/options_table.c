@@ -97,6 +97,8 @@ const moe_option moe_core_options[] = {
      "maximum number of tokens in a validation batch (default: None = --max-tokens)", AT_LEAST(1), NULL},
     {"skip-invalid-size-inputs-valid-test", MOE_OPT_FLAG, NULL,
      "ignore too long or too short lines in valid and test set", NOLIMIT, NULL},
+    {"train-subset", MOE_OPT_STRING, "train", "data subset to use for training (e.g. train, valid, test)", NOLIMIT,
+     NULL},
     {"valid-subset", MOE_OPT_STRING, "valid",
      "comma separated list of data subsets to use for validation (e.g. train, valid, test)", NOLIMIT, NULL},
     {"validate-interval", MOE_OPT_INT, "1", "validate every N epochs", AT_LEAST(1), NULL},

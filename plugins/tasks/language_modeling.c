@@ -19,8 +19,9 @@
  *    dictionary is the first directory's dict.txt (fairseq's shard rotation).
  *    With one directory the train batches are built once and only their order
  *    changes from epoch to epoch.
- *  - "train" is train, train1, train2, ... concatenated (fairseq's combine);
- *    a validation subset is exactly the split named.
+ *  - The trainer's "train" split is --train-subset (default train), read as
+ *    train, train1, train2, ... concatenated (fairseq's combine); a
+ *    validation subset is exactly the split named.
  *  - A dataset of tokenizer ids, as Megatron's preprocess_data.py writes it,
  *    has no dict.txt: --vocab-size N says the ids are 0..N-1; padding is then
  *    id N, the end-of-document id (--eod-id, default N-1) is what starts a
@@ -591,7 +592,8 @@ static moe_status lm_set_epoch(void *task, int64_t epoch)
     if (!t->train || (t->n_paths > 1 && strcmp(t->train->dir, dir) != 0)) {
         split_free(t->train);
         t->train = NULL;
-        MOE_TRY(load_split(t, dir, "train", 1, &t->train));
+        const char *name = t->h->opt_str(t->h, "train-subset");
+        MOE_TRY(load_split(t, dir, name && *name ? name : "train", 1, &t->train));
     }
     free(t->train->order);
     t->train->order = NULL;
