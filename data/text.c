@@ -234,7 +234,9 @@ static moe_status refill(moe_text_reader *r)
         r->cap = cap;
     }
     size_t want = r->cap - r->fill;
-    if ((int64_t)want > r->end - r->next)
+    if (r->next >= r->end)
+        want = 0;
+    else if ((int64_t)want > r->end - r->next)
         want = (size_t)(r->end - r->next);
     ssize_t k = read_at(r->fd, r->buf + r->fill, want, r->next);
     if (k < 0)

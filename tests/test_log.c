@@ -358,6 +358,8 @@ static size_t pty_drain(int master, char *buf, size_t cap)
 {
     size_t n = 0;
     for (;;) {
+        if (n + 1 >= cap)
+            break;
         ssize_t r = read(master, buf + n, cap - 1 - n);
         if (r <= 0)
             break;

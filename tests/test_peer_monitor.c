@@ -183,6 +183,8 @@ static void read_lines(reader *rd, outcome *o, double t0, double deadline, int (
         struct pollfd pf = {rd->fd, POLLIN, 0};
         if (poll(&pf, 1, (int)(left * 1000) + 1) <= 0)
             continue;
+        if (rd->fill + 1 >= sizeof rd->buf)
+            break;
         ssize_t k = read(rd->fd, rd->buf + rd->fill, sizeof rd->buf - rd->fill - 1);
         if (k <= 0) {
             rd->eof = 1;
