@@ -21,6 +21,7 @@
 #include "core/options.h"
 #include "core/registry.h"
 #include "core/runtime.h"
+#include "core/session.h"
 #include "core/trainer.h"
 
 #define PROG "moelm-train"
@@ -45,15 +46,7 @@ static void cleanup(cli_state *s)
     moe_opts_destroy(s->opts);
 }
 
-static int fail(moe_status st, int usage_error)
-{
-    const char *msg = moe_error_message();
-    fprintf(stderr, PROG ": error: %s\n", msg && *msg ? msg : moe_status_name(st));
-    const char *trace = moe_error_trace_text();
-    if (getenv("MOE_DEBUG") && trace && *trace)
-        fprintf(stderr, "%s\n", trace);
-    return usage_error ? 2 : 1;
-}
+static int fail(moe_status st, int usage_error) { return moe_session_fail(PROG, st, usage_error); }
 
 static int run(cli_state *s)
 {

@@ -770,6 +770,37 @@ moe_status moe_opts_set(moe_opts *o, const char *name, const char *value)
     return store(e, spelled, value);
 }
 
+moe_status moe_opts_reset(moe_opts *o, const char *name)
+{
+    int i = find(o, name);
+    if (i < 0)
+        return MOE_OK;
+    opt_entry *e = &o->e[i];
+    const char *def = e->def.default_value;
+    if (e->def.type == MOE_OPT_FLAG) {
+        int on = 0;
+        flag_text(def, &on);
+        def = on ? "1" : NULL;
+    }
+    char *v = NULL;
+    if (def && !(v = dup_str(def)))
+        return nomem();
+    free(e->value);
+    e->value = v;
+    e->given = 0;
+    return MOE_OK;
+}
+
+void moe_opts_set_program(moe_opts *o, const char *prog, const char *usage, const char *about)
+{
+    if (prog)
+        o->prog = prog;
+    if (usage)
+        o->usage = usage;
+    if (about)
+        o->about = about;
+}
+
 /* One element of a list: a token up to ',', ')', ']' or space. */
 static int list_token(const char **pp, double *v)
 {

@@ -55,6 +55,12 @@ int moe_opts_flag(const moe_opts *o, const char *name);
  * --memory-efficient-fp16). Validated like user input. */
 moe_status moe_opts_set(moe_opts *o, const char *name, const char *value);
 
+/* Back to the table's default, as if never given (no-op for an unknown name). */
+moe_status moe_opts_reset(moe_opts *o, const char *name);
+/* Another executable's name, usage line and help paragraph for a store made
+ * by moe_opts_create (NULL keeps one; the strings must outlive the store). */
+void moe_opts_set_program(moe_opts *o, const char *prog, const char *usage, const char *about);
+
 /* --adam-betas '(0.9, 0.98)' and friends: a Python tuple/list of floats. */
 moe_status moe_opts_float_list(const moe_opts *o, const char *name, double *out, int max, int *n);
 

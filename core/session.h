@@ -19,6 +19,7 @@
 #ifndef MOE_CORE_SESSION_H
 #define MOE_CORE_SESSION_H
 
+#include "core/components.h"
 #include "core/options.h"
 #include "core/registry.h"
 #include "core/runtime.h"
@@ -36,6 +37,14 @@ typedef struct moe_session_config {
     int n_positional;
     int need_checkpoint;         /* --path is required (else: random init from the flags) */
     int need_task;               /* build the task (its dictionary; DATA needed) */
+    /* options of the training command line the tool does not inherit (back
+     * to their defaults before its own flags are read), NULL-terminated, or
+     * NULL; the run's distribution and checkpointing flags always are */
+    const char *const *reset;
+    /* called once the options are final, before the runtime and the task are
+     * made (a tool's defaults that depend on what was given), or NULL */
+    moe_status (*prepare)(moe_opts *o, void *arg);
+    void *prepare_arg;
 } moe_session_config;
 
 typedef struct moe_session {
@@ -48,17 +57,21 @@ typedef struct moe_session {
     char ckpt_path[4096];        /* the checkpoint --path named ("" without one) */
     int64_t num_updates;         /* of the checkpoint (0 without one) */
     int usage_error;             /* a failure of moe_session_open was the command line's */
+    int done, exit_code;         /* this process only started the node's ranks; exit with exit_code */
     /* internal */
-    const moe_plugin_desc *loaded[16];
-    int n_loaded;
+    moe_loaded_components lc;
+    char names[3][MOE_SELECTION_NAME_MAX];
 } moe_session;
 
 /* Parses the command line (argv[0] is the program), handles --help, reads
  * the checkpoint's stored command line (--path), loads the plugins, creates
- * the runtime (cpu with --cpu or without a GPU, else cuda), builds the task
- * (when asked) and the model, allocates the parameters and loads them from
- * the checkpoint. *out is set even on failure (close it); st == MOE_OK with
- * (*out)->h == NULL means --help was printed. */
+ * the runtime (cpu with --cpu or without a GPU, else cuda) on the ranks the
+ * process was launched with (--distributed-world-size N on one node starts
+ * N processes, as moelm-train does), builds the task (when asked) and the
+ * model, allocates the parameters and loads them from the checkpoint.
+ * *out is set even on failure (close it); st == MOE_OK with (*out)->h ==
+ * NULL means there is nothing left to do: --help was printed, or (done) the
+ * node's ranks ran as children. */
 moe_status moe_session_open(const moe_session_config *cfg, int argc, char **argv, moe_session **out);
 void moe_session_close(moe_session *s);
 

@@ -34,6 +34,9 @@
  *    fairseq's later main branch) and the last batch of a split is kept
  *    whatever its size (main drops one that is not a multiple of
  *    --required-batch-size-multiple).
+ *  - With --context-window C (moelm-eval-lm's), blocks hold tokens_per_sample
+ *    - C tokens and evaluation splits keep their index order, so the tool can
+ *    hand every block the C tokens before it (fairseq's eval_lm).
  *  - Token ids are checked against the dictionary as each batch is read from
  *    the memory-mapped file (so opening a large dataset reads nothing up front,
  *    and a corrupt file is refused with its name and the offending position
@@ -109,6 +112,7 @@ typedef struct lm_task {
     char *paths[MAX_PATHS];
     int n_paths;
     int64_t tps;
+    int64_t context;          /* eval-lm's --context-window: blocks of tps - context, evaluation splits in index order */
     moe_break_mode mode;
     int add_bos;
     uint32_t seed;
@@ -280,7 +284,15 @@ static moe_status build_split(lm_task *t, lm_split *s)
     }
     const int64_t nblocks = s->blocks.n;
     int64_t *indices = NULL;
-    DATA_TRY(t, moe_order_by_size(s->blocks.size, nblocks, t->seed, 1, &indices));
+    if (t->context > 0 && !s->train) { /* LMContextWindowDataset: index order, each block after its predecessor */
+        indices = malloc((size_t)(nblocks > 0 ? nblocks : 1) * sizeof *indices);
+        if (!indices)
+            return h->error(h, MOE_ERR_NOMEM, LM ": out of host memory");
+        for (int64_t i = 0; i < nblocks; i++)
+            indices[i] = i;
+    } else {
+        DATA_TRY(t, moe_order_by_size(s->blocks.size, nblocks, t->seed, 1, &indices));
+    }
 
     /* filter_indices_by_size: the model's max positions (tokens_per_sample),
      * for train also --max-tokens (fairseq's resolve_max_positions) */
@@ -498,6 +510,13 @@ static moe_status lm_init(const moe_host *h, void **out)
     if (st != MOE_OK)
         goto fail;
     t->tps = h->opt_int(h, "tokens-per-sample");
+    t->context = h->opt_set(h, "context-window") ? h->opt_int(h, "context-window") : 0;
+    if (t->context > 0 && t->context >= t->tps) {
+        st = h->error(h, MOE_ERR_INVALID_ARG, LM ": --context-window %lld must be smaller than --tokens-per-sample %lld",
+                      (long long)t->context, (long long)t->tps);
+        goto fail;
+    }
+    t->tps -= t->context > 0 ? t->context : 0;
     t->add_bos = h->opt_flag(h, "add-bos-token");
     if (moe_break_mode_parse(h->opt_str(h, "sample-break-mode"), &t->mode) != MOE_OK) {
         st = fail_data(t, MOE_ERR_INVALID_ARG);
