@@ -17,6 +17,7 @@
  */
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/internal.h"
@@ -135,4 +136,14 @@ const char *moe_status_name(moe_status st)
     case MOE_ERR_INTERNAL: return "MOE_ERR_INTERNAL";
     }
     return "MOE_ERR_UNKNOWN";
+}
+
+int moe_error_report(const char *prog, moe_status st, int usage_error)
+{
+    const char *msg = moe_error_message();
+    fprintf(stderr, "%s: error: %s\n", prog, msg && *msg ? msg : moe_status_name(st));
+    const char *trace = moe_error_trace_text();
+    if (getenv("MOE_DEBUG") && trace && *trace)
+        fprintf(stderr, "%s\n", trace);
+    return usage_error ? 2 : 1;
 }

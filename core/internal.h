@@ -29,5 +29,9 @@ const char *moe_error_message(void);   /* "" if none */
 const char *moe_error_trace_text(void);/* newline-separated "stmt (file:line)" */
 void moe_error_clear(void);
 const char *moe_status_name(moe_status st);
+/* What every executable does with a failure: prints "<prog>: error: <the
+ * pending message>" on stderr (and the trace with MOE_DEBUG set), returns
+ * the exit status, 2 for command-line mistakes and 1 for the rest. */
+int moe_error_report(const char *prog, moe_status st, int usage_error);
 
 #endif

@@ -21,7 +21,6 @@
 #include "core/options.h"
 #include "core/registry.h"
 #include "core/runtime.h"
-#include "core/session.h"
 #include "core/trainer.h"
 
 #define PROG "moelm-train"
@@ -46,7 +45,7 @@ static void cleanup(cli_state *s)
     moe_opts_destroy(s->opts);
 }
 
-static int fail(moe_status st, int usage_error) { return moe_session_fail(PROG, st, usage_error); }
+static int fail(moe_status st, int usage_error) { return moe_error_report(PROG, st, usage_error); }
 
 static int run(cli_state *s)
 {

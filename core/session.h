@@ -75,8 +75,5 @@ typedef struct moe_session {
 moe_status moe_session_open(const moe_session_config *cfg, int argc, char **argv, moe_session **out);
 void moe_session_close(moe_session *s);
 
-/* The error line every tool prints: "<prog>: error: <message>" on stderr;
- * returns the exit status (2 for command-line mistakes, 1 otherwise). */
-int moe_session_fail(const char *prog, moe_status st, int usage_error);
 
 #endif
