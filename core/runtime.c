@@ -591,6 +591,12 @@ moe_status moe_runtime_set_args(moe_runtime *rt, int nargs, const char *const *a
     return MOE_OK;
 }
 
+int moe_runtime_args(const moe_runtime *rt, const char *const **args)
+{
+    *args = (const char *const *)rt->argv;
+    return rt->argc;
+}
+
 moe_status moe_runtime_load_plugin(moe_runtime *rt, moe_plugin_kind kind, const char *name,
                                    const moe_plugin_desc **out)
 {
@@ -621,20 +627,44 @@ moe_status moe_runtime_load_plugin(moe_runtime *rt, moe_plugin_kind kind, const 
 
 int moe_runtime_num_units(const moe_runtime *rt) { return rt->n_units; }
 
+/* The one place the shard layout is decided. Fully sharded over W > 1 ranks:
+ * a non-expert unit is padded to W equal shards (torch.chunk) and rank r
+ * holds shard r; everything else is held whole. */
+static void unit_layout(const moe_runtime *rt, const moe_unit_entry *u, int *sharded, int64_t *padded, int64_t *shard)
+{
+    const int W = rt->cfg.fully_sharded && rt->host.world > 1 ? rt->host.world : 1;
+    *sharded = W > 1 && u->expert_index < 0 && u->numel > 0;
+    *padded = *sharded ? (u->numel + W - 1) / W * W : u->numel;
+    *shard = *sharded ? *padded / W : u->numel;
+}
+
 void moe_runtime_unit(const moe_runtime *rt, int unit, moe_unit_info *out)
 {
     const moe_unit_entry *u = &rt->units[unit];
     out->name = u->name;
     out->expert_index = u->expert_index;
     out->numel = u->numel;
-    out->padded = u->padded;
-    out->shard = u->shard;
-    out->sharded = u->sharded;
+    unit_layout(rt, u, &out->sharded, &out->padded, &out->shard);
+    out->start = out->sharded ? (int64_t)rt->host.rank * out->shard : 0;
     out->param = u->param;
     out->grad = u->grad;
     out->master = u->master;
     out->param_shard = u->param_shard;
     out->grad_shard = u->grad_shard;
+}
+
+int moe_runtime_num_params(const moe_runtime *rt) { return rt->n_params; }
+
+void moe_runtime_param(const moe_runtime *rt, int param, moe_param_info *out)
+{
+    const moe_param_entry *p = &rt->params[param];
+    out->name = p->name;
+    out->unit = p->unit;
+    out->offset = p->offset;
+    out->numel = p->numel;
+    out->ndim = p->def.ndim;
+    out->shape[0] = p->def.shape[0];
+    out->shape[1] = p->def.ndim > 1 ? p->def.shape[1] : 0;
 }
 
 void moe_runtime_param_counts(const moe_runtime *rt, int64_t *non_expert, int64_t *expert)
@@ -703,16 +733,12 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
     if (rt->cfg.dry_run)
         return moe_error_set(MOE_ERR_INTERNAL, "parameters cannot be allocated in a dry run");
     char what[200];
-    const int W = rt->cfg.fully_sharded && rt->host.world > 1 ? rt->host.world : 1;
     const moe_dtype act = rt->cfg.act_dtype, gdt = rt->cfg.grad_dtype;
     for (int i = 0; i < rt->n_units; i++) {
         moe_unit_entry *u = &rt->units[i];
         if (u->numel == 0)
             continue;
-        /* fully sharded: non-expert units padded to W equal shards (torch.chunk) */
-        u->sharded = W > 1 && u->expert_index < 0;
-        u->padded = u->sharded ? (u->numel + W - 1) / W * W : u->numel;
-        u->shard = u->sharded ? u->padded / W : u->numel;
+        unit_layout(rt, u, &u->sharded, &u->padded, &u->shard);
         if (u->sharded) {
             snprintf(what, sizeof what, "parameter shard of %s", u->name);
             MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->shard * moe_dtype_size(act), what, &u->param_shard));

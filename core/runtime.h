@@ -36,6 +36,9 @@ moe_registry *moe_runtime_registry(const moe_runtime *rt);
 
 /* The command line (without argv[0]) that plugin options are parsed from. */
 moe_status moe_runtime_set_args(moe_runtime *rt, int nargs, const char *const *args);
+/* What moe_runtime_set_args stored (a checkpoint records it): *args stays
+ * owned by the runtime. */
+int moe_runtime_args(const moe_runtime *rt, const char *const **args);
 /* Load a plugin, add its options (owner "<kind> <name>") and give them their
  * values from the command line (lenient pass), then call its load hook. */
 moe_status moe_runtime_load_plugin(moe_runtime *rt, moe_plugin_kind kind, const char *name,
@@ -75,6 +78,7 @@ typedef struct moe_unit_info {
     int64_t padded;          /* elements of the whole param and grad */
     int64_t shard;           /* elements this rank updates (== numel unless sharded) */
     int sharded;
+    int64_t start;           /* first element of the padded unit this rank holds: rank * shard when sharded, else 0 */
     void *param;             /* act_dtype, padded; sharded: NULL unless gathered */
     void *grad;              /* grad_dtype, padded; sharded: NULL unless gathered and written */
     void *master;            /* fp32 master copy of this rank's shard, or NULL */
@@ -83,7 +87,24 @@ typedef struct moe_unit_info {
 } moe_unit_info;
 
 int moe_runtime_num_units(const moe_runtime *rt);
+/* Also in a dry run: numel, padded, shard, sharded and start follow from the
+ * registered tensors, the world and the ddp backend (the layout this rank
+ * would allocate); the pointers are NULL until moe_runtime_alloc_params. */
 void moe_runtime_unit(const moe_runtime *rt, int unit, moe_unit_info *out);
+
+/* A registered tensor: a view of elements [offset, offset + numel) of its
+ * unit's flat buffer (what a checkpoint's tensor table records). */
+typedef struct moe_param_info {
+    const char *name;
+    int unit;
+    int64_t offset, numel;
+    int ndim;
+    int64_t shape[2];
+} moe_param_info;
+
+/* Tensors in registration order (a unit's are consecutive). */
+int moe_runtime_num_params(const moe_runtime *rt);
+void moe_runtime_param(const moe_runtime *rt, int param, moe_param_info *out);
 /* Counts over registered units (fairseq's two log lines). */
 void moe_runtime_param_counts(const moe_runtime *rt, int64_t *non_expert, int64_t *expert);
 /* Allocate param/grad/master buffers and initialise every tensor from its

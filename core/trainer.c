@@ -19,7 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <dirent.h>
 #include <unistd.h>
 
 #include "core/checkpoint.h"
@@ -552,94 +551,29 @@ static moe_status validate(trainer *t)
 static moe_ckpt_run ckpt_run(const trainer *t)
 {
     moe_ckpt_run run = {t->rt, moe_opts_str(t->o, "arch"), moe_opts_str(t->o, "optimizer"), t->c->optimizer,
-                        t->opt};
+                        t->opt, t->c->task->vocab_size(t->c->task_state)};
     return run;
 }
 
-typedef struct interval_ckpt {
-    int64_t updates;
-    char name[256];
-} interval_ckpt;
-
-static int by_updates_desc(const void *a, const void *b)
-{
-    int64_t x = ((const interval_ckpt *)a)->updates, y = ((const interval_ckpt *)b)->updates;
-    return x < y ? 1 : x > y ? -1 : 0;
-}
-
-/* --keep-interval-updates N: this rank's checkpoint_<E>_<U> files beyond
- * the N with the most updates are deleted (fairseq's order) */
-static void prune_interval_checkpoints(trainer *t, const char *dir, int64_t keep)
-{
-    DIR *d = opendir(dir);
-    if (!d)
-        return;
-    interval_ckpt *list = NULL;
-    size_t n = 0, cap = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        long long ep, up;
-        int rank, end = 0;
-        if (sscanf(e->d_name, "checkpoint_%lld_%lld-rank-%d.pt%n", &ep, &up, &rank, &end) != 3 ||
-            e->d_name[end] != '\0' || end == 0 || rank != t->h->rank)
-            continue;
-        if (n == cap) {
-            cap = cap ? 2 * cap : 16;
-            interval_ckpt *l = realloc(list, cap * sizeof *l);
-            if (!l)
-                break;
-            list = l;
-        }
-        list[n].updates = up;
-        snprintf(list[n].name, sizeof list[n].name, "%s", e->d_name);
-        n++;
-    }
-    closedir(d);
-    if (n > 0)
-        qsort(list, n, sizeof *list, by_updates_desc);
-    for (size_t i = (size_t)keep; i < n; i++) {
-        char path[4400];
-        snprintf(path, sizeof path, "%s/%s", dir, list[i].name);
-        if (unlink(path) == 0)
-            moe_log(MOE_LOG_DEBUG, "fairseq.checkpoint_utils", "removed old checkpoint %s", path);
-    }
-    free(list);
-}
-
-/* fairseq's save_checkpoint: the names this save writes, the first written
- * in full, the others hard links (or written again where links fail), every
- * one replaced atomically */
+/* fairseq's save_checkpoint: which names are due is decided here (the
+ * names, links and pruning are the checkpoint module's) */
 static moe_status save_checkpoints(trainer *t, int end_of_epoch)
 {
     moe_opts *o = t->o;
     if (moe_opts_flag(o, "no-save"))
         return MOE_OK;
-    const int rank = t->h->rank;
-    const char *dir = moe_opts_str(o, "save-dir");
-    if (!dir || !*dir)
-        dir = ".";
     int64_t siu = moe_opts_int(o, "save-interval-updates");
-    char names[4][4400];
-    int n = 0;
-    char name[64];
-    if (end_of_epoch && !moe_opts_flag(o, "no-epoch-checkpoints") && t->epoch % moe_opts_int(o, "save-interval") == 0) {
-        snprintf(name, sizeof name, "checkpoint%d.pt", t->epoch);
-        moe_ckpt_rank_path(names[n++], sizeof names[0], dir, name, rank);
-    }
-    int interval = !end_of_epoch && siu > 0 && t->num_updates % siu == 0;
-    if (interval) {
-        snprintf(name, sizeof name, "checkpoint_%d_%lld.pt", t->epoch, (long long)t->num_updates);
-        moe_ckpt_rank_path(names[n++], sizeof names[0], dir, name, rank);
-    }
+    moe_ckpt_save_spec spec;
+    memset(&spec, 0, sizeof spec);
+    spec.dir = moe_opts_str(o, "save-dir");
+    spec.epoch_file = end_of_epoch && !moe_opts_flag(o, "no-epoch-checkpoints") &&
+                      t->epoch % moe_opts_int(o, "save-interval") == 0;
+    spec.interval_file = !end_of_epoch && siu > 0 && t->num_updates % siu == 0;
     /* fairseq's checkpoint_best: this save's validation loss is the best so far */
-    if (!isnan(t->valid_loss_now) && t->valid_loss_now <= t->best_valid_loss)
-        moe_ckpt_rank_path(names[n++], sizeof names[0], dir, "checkpoint_best.pt", rank);
-    if (!moe_opts_flag(o, "no-last-checkpoints"))
-        moe_ckpt_rank_path(names[n++], sizeof names[0], dir, "checkpoint_last.pt", rank);
-    if (n == 0)
-        return MOE_OK;
-    double start = now_s();
-    MOE_TRY(moe_ckpt_mkdirs(dir));
+    spec.best_file = !isnan(t->valid_loss_now) && t->valid_loss_now <= t->best_valid_loss;
+    spec.last_file = !moe_opts_flag(o, "no-last-checkpoints");
+    spec.keep_interval = moe_opts_int(o, "keep-interval-updates");
+    spec.score = t->valid_loss_now;
     moe_ckpt_state s;
     memset(&s, 0, sizeof s);
     s.num_updates = t->num_updates;
@@ -651,34 +585,16 @@ static moe_status save_checkpoints(trainer *t, int end_of_epoch)
     if (t->loss_scaling)
         s.scaler = t->scaler;
     moe_ckpt_run run = ckpt_run(t);
-    MOE_TRY(moe_ckpt_save(&run, &s, names[0]));
-    for (int i = 1; i < n; i++) {
-        char tmp[9000];
-        snprintf(tmp, sizeof tmp, "%s.tmp", names[i]);
-        unlink(tmp);
-        if (link(names[0], tmp) == 0 && rename(tmp, names[i]) == 0)
-            continue;
-        unlink(tmp);
-        MOE_TRY(moe_ckpt_save(&run, &s, names[i]));
-    }
-    t->saved_updates = t->num_updates;
-    char score[40], took[40];
-    if (isnan(t->valid_loss_now))
-        snprintf(score, sizeof score, "None");
-    else
-        moe_format_pyfloat(score, sizeof score, t->valid_loss_now);
-    moe_format_pyfloat(took, sizeof took, now_s() - start);
-    moe_log(MOE_LOG_INFO, "fairseq.checkpoint_utils",
-            "saved checkpoint %s (epoch %d @ %lld updates, score %s) (writing took %s seconds)", names[0], t->epoch,
-            (long long)t->num_updates, score, took);
-    int64_t keep = moe_opts_int(o, "keep-interval-updates");
-    if (interval && keep >= 0)
-        prune_interval_checkpoints(t, dir, keep);
+    int wrote;
+    MOE_TRY(moe_ckpt_save_all(&run, &s, &spec, &wrote));
+    if (wrote)
+        t->saved_updates = t->num_updates;
     return MOE_OK;
 }
 
 /* fairseq's load_checkpoint: --restore-file (in --save-dir when relative),
- * this rank's file; every rank must find one or none */
+ * its per-rank files of any world size or one consolidated file; every rank
+ * must find it or none, and all must read the same save */
 static moe_status load_checkpoint(trainer *t)
 {
     const moe_host *h = t->h;
@@ -687,9 +603,9 @@ static moe_status load_checkpoint(trainer *t)
     const char *restore = moe_opts_str(o, "restore-file");
     if (!restore || !*restore)
         return MOE_OK;
-    char path[4400];
-    moe_ckpt_rank_path(path, sizeof path, dir && *dir ? dir : ".", restore, h->rank);
-    int found = access(path, F_OK) == 0;
+    char path[4400], shown[4400];
+    moe_ckpt_join(path, sizeof path, dir && *dir ? dir : ".", restore);
+    int found = moe_ckpt_exists(path);
     if (h->world > 1) {
         float v = (float)found;
         MOE_TRY(h->backend->copy_from_host(h->ctx, t->red, &v, sizeof v));
@@ -700,13 +616,24 @@ static moe_status load_checkpoint(trainer *t)
                                  h->rank, found ? "has" : "misses", path);
     }
     if (!found) {
-        moe_log(MOE_LOG_INFO, "fairseq.trainer", "No existing checkpoint found %s", path);
+        moe_ckpt_rank_path(shown, sizeof shown, NULL, path, h->rank);
+        moe_log(MOE_LOG_INFO, "fairseq.trainer", "No existing checkpoint found %s", shown);
         return MOE_OK;
     }
     int reset_optimizer = moe_opts_flag(o, "reset-optimizer");
     moe_ckpt_run run = ckpt_run(t);
     moe_ckpt_state s;
-    MOE_TRY(moe_ckpt_load(&run, path, !reset_optimizer, &s));
+    MOE_TRY(moe_ckpt_load(&run, path, !reset_optimizer, &s, shown, sizeof shown));
+    if (h->world > 1) {
+        /* the same save everywhere: its id's max equals minus the max of its negation */
+        double ids[2] = {(double)(s.save_id >> 12), -(double)(s.save_id >> 12)};
+        MOE_TRY(h->backend->copy_from_host(h->ctx, t->red64, ids, sizeof ids));
+        MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red64, 2, MOE_F64, MOE_REDUCE_MAX));
+        MOE_TRY(h->backend->copy_to_host(h->ctx, ids, t->red64, sizeof ids));
+        if (ids[0] != -ids[1])
+            return moe_error_set(MOE_ERR_IO, "the ranks read different checkpoints at %s (each its own --save-dir?); "
+                                             "give every rank the same files", path);
+    }
     t->num_updates = s.num_updates;
     if (moe_opts_flag(o, "reset-dataloader")) {
         t->epoch = 1;
@@ -734,7 +661,7 @@ static moe_status load_checkpoint(trainer *t)
      * (--reset-lr-scheduler changes nothing) */
     t->lr = t->c->lr_scheduler->lr_at(t->sched, t->num_updates);
     t->saved_updates = t->num_updates;
-    moe_log(MOE_LOG_INFO, "fairseq.trainer", "loaded checkpoint %s (epoch %lld @ %lld updates)", path,
+    moe_log(MOE_LOG_INFO, "fairseq.trainer", "loaded checkpoint %s (epoch %lld @ %lld updates)", shown,
             (long long)s.epoch, (long long)t->num_updates);
     return MOE_OK;
 }

@@ -13,8 +13,8 @@
  * ABI rule: adding a field at the end of a struct bumps MOE_ABI_MINOR; any other
  * change bumps MOE_ABI_MAJOR. History: 1.1 added the comm start/wait ops and
  * host->unit_prefetch, expert_grad_scale; 1.2 the task's set_epoch and
- * max_batch. The loader refuses another major, a newer minor,
- * and struct sizes that do not match what the core was built with.
+ * max_batch, the optimizer's state_layout. The loader refuses another major,
+ * a newer minor, and struct sizes that do not match what the core was built with.
  */
 #ifndef MOE_PLUGIN_H
 #define MOE_PLUGIN_H
@@ -395,6 +395,25 @@ typedef struct moe_opt_tensor {
     int64_t n;
 } moe_opt_tensor;
 
+/* (ABI 1.2) The layout of an optimizer's state byte string: for each tensor
+ * i of init, in order, `fields` arrays of n_i elements, array f of dtype
+ * field_dtype[f]; then, after every tensor's arrays, `scalars` fp32 values per
+ * tensor, tensor-major (tensor 0's, then tensor 1's, ...). A stored element of
+ * field f means value * scalar[field_scale[f]] of its tensor when
+ * field_scale[f] >= 0 (fp16 moments with a dynamic scale), itself when -1.
+ * Elements belong to the parameter element of the same index, so the state
+ * of any element range can be cut out and put together again. */
+#define MOE_OPT_MAX_FIELDS 4
+#define MOE_OPT_MAX_SCALARS 4
+typedef struct moe_opt_state_layout {
+    int fields;
+    moe_dtype field_dtype[MOE_OPT_MAX_FIELDS];
+    int field_scale[MOE_OPT_MAX_FIELDS];
+    const char *field_name[MOE_OPT_MAX_FIELDS];   /* "exp_avg" (torch's state names) */
+    int scalars;
+    const char *scalar_name[MOE_OPT_MAX_SCALARS];
+} moe_opt_state_layout;
+
 /* Kind MOE_KIND_OPTIMIZER. */
 typedef struct moe_optimizer_ops {
     moe_status (*init)(const moe_host *h, const moe_opt_tensor *tensors, int n, void **opt);
@@ -414,6 +433,11 @@ typedef struct moe_optimizer_ops {
     uint64_t (*state_bytes)(void *opt);
     moe_status (*save_state)(void *opt, uint64_t offset, void *host, uint64_t bytes);
     moe_status (*load_state)(void *opt, uint64_t offset, const void *host, uint64_t bytes);
+    /* (ABI 1.2) what the bytes of save_state are, so a checkpoint can be cut
+     * at other tensor boundaries (another world size, another sharding):
+     * see moe_opt_state_layout. May be NULL: the state is then opaque and a
+     * checkpoint resumes it only where every tensor is the one it was. */
+    void (*state_layout)(void *opt, moe_opt_state_layout *out);
 } moe_optimizer_ops;
 
 /* ---------------------------------------------------- kind: lr_scheduler */

@@ -173,7 +173,8 @@ static double adam_state_bytes_per_param(const moe_host *h)
 
 /* Checkpoint state (ABI 1.1): per tensor of init, exp_avg then exp_avg_sq
  * (fp32, or fp16 with --fp16-adam-stats), then with --fp16-adam-stats the 2n
- * fp32 moment scales. `k`-th segment of that byte string, or 0 past the end. */
+ * fp32 moment scales (scale of exp_avg, of exp_avg_sq, tensor after tensor):
+ * the layout adam_state_layout describes. `k`-th segment of that byte string, or 0 past the end. */
 static uint64_t adam_segment(const void *opt, int k, void **ptr)
 {
     const adam_state *a = opt;
@@ -211,9 +212,27 @@ static moe_status adam_load_state(void *opt, uint64_t offset, const void *host, 
                         0);
 }
 
+/* That byte string described (ABI 1.2): two fields, torch's names; with
+ * fp16 moments each is stored divided by its tensor's scale (the kernel's
+ * dynamic scale), the two scales being the tensor's scalars. */
+static void adam_state_layout(void *opt, moe_opt_state_layout *out)
+{
+    const adam_state *a = opt;
+    memset(out, 0, sizeof *out);
+    out->fields = 2;
+    out->field_dtype[0] = out->field_dtype[1] = a->fp16_stats ? MOE_F16 : MOE_F32;
+    out->field_name[0] = "exp_avg";
+    out->field_name[1] = "exp_avg_sq";
+    out->field_scale[0] = a->fp16_stats ? 0 : -1;
+    out->field_scale[1] = a->fp16_stats ? 1 : -1;
+    out->scalars = a->fp16_stats ? 2 : 0;
+    out->scalar_name[0] = a->fp16_stats ? "exp_avg_scale" : NULL;
+    out->scalar_name[1] = a->fp16_stats ? "exp_avg_sq_scale" : NULL;
+}
+
 static const moe_optimizer_ops adam_ops = {
     adam_init,        adam_destroy,     adam_step, adam_state_bytes_per_param, adam_state_bytes,
-    adam_save_state,  adam_load_state,
+    adam_save_state,  adam_load_state,  adam_state_layout,
 };
 
 MOE_PLUGIN_DEFINE(MOE_KIND_OPTIMIZER, moe_optimizer_ops, "adam", "1.0",

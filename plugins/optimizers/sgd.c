@@ -145,9 +145,20 @@ static moe_status sgd_load_state(void *opt, uint64_t offset, const void *host, u
     return moe_state_io(s->h, "sgd", opt, s->n, sgd_segment, offset, (void *)(uintptr_t)host, bytes, 0);
 }
 
+/* ABI 1.2: one fp32 field with momentum, none without */
+static void sgd_state_layout(void *opt, moe_opt_state_layout *out)
+{
+    const sgd_state *s = opt;
+    memset(out, 0, sizeof *out);
+    out->fields = s->momentum != 0.0f ? 1 : 0;
+    out->field_dtype[0] = MOE_F32;
+    out->field_scale[0] = -1;
+    out->field_name[0] = "momentum_buffer";
+}
+
 static const moe_optimizer_ops sgd_ops = {
     sgd_init,        sgd_destroy,    sgd_step, sgd_state_bytes_per_param, sgd_state_bytes,
-    sgd_save_state,  sgd_load_state,
+    sgd_save_state,  sgd_load_state, sgd_state_layout,
 };
 
 MOE_PLUGIN_DEFINE(MOE_KIND_OPTIMIZER, moe_optimizer_ops, "sgd", "1.0",
