@@ -166,7 +166,9 @@ moe_status moe_components_build(moe_runtime *rt, const moe_selection *sel, moe_l
         moe_runtime_set_gate(rt, lc->d[MOE_COMP_GATE]->ops);
     for (int i = 0; i < MOE_COMP_COUNT; i++)
         if (lc->d[i] && lc->d[i]->load) {
-            MOE_TRY(lc->d[i]->load(h));
+            moe_status st = lc->d[i]->load(h);
+            if (st != MOE_OK)
+                return moe_registry_hook_error(moe_runtime_registry(rt), lc->d[i], "load", st);
             lc->hooked[lc->n_hooked++] = lc->d[i];
         }
     memset(c, 0, sizeof *c);

@@ -266,7 +266,8 @@ static char *plugin_path(const char *dir, moe_plugin_kind kind, const char *name
 }
 
 /* The first file for kind/name on the search path: MOE_OK with *path set,
- * MOE_OK with *path NULL when there is none, or MOE_ERR_NOMEM. */
+ * MOE_OK with *path NULL when there is none, MOE_ERR_PLUGIN when the first
+ * entry of that name is not a regular file, or MOE_ERR_NOMEM. */
 static moe_status find_file(const moe_registry *r, moe_plugin_kind kind, const char *name, char **path)
 {
     *path = NULL;
@@ -275,9 +276,33 @@ static moe_status find_file(const moe_registry *r, moe_plugin_kind kind, const c
         if (!p)
             return moe_error_set(MOE_ERR_NOMEM, "out of host memory searching for a plugin");
         struct stat sb;
-        if (stat(p, &sb) == 0 && !S_ISDIR(sb.st_mode)) {
+        if (stat(p, &sb) == 0 && S_ISREG(sb.st_mode)) {
             *path = p;
             return MOE_OK;
+        }
+        /* something else under the plugin's name (a directory, a symlink
+         * loop or to nowhere, a fifo) shadows the rest of the path: say what
+         * it is rather than call the name unknown */
+        int err = errno;
+        if (lstat(p, &sb) == 0) {
+            moe_status st;
+            if (S_ISDIR(sb.st_mode))
+                st = moe_error_set(MOE_ERR_PLUGIN,
+                                   "plugin %s: expected a shared object file, found a directory; remove or rename it "
+                                   "(it hides the %s '%s' of the later search directories)",
+                                   p, kinds[kind].name, name);
+            else if (S_ISLNK(sb.st_mode))
+                st = moe_error_set(MOE_ERR_PLUGIN,
+                                   "plugin %s: expected a shared object file, found a symbolic link that cannot be "
+                                   "followed (%s); fix or remove the link",
+                                   p, strerror(err));
+            else
+                st = moe_error_set(MOE_ERR_PLUGIN,
+                                   "plugin %s: expected a shared object file, found a special file (not a regular "
+                                   "file); remove or rename it",
+                                   p);
+            free(p);
+            return st;
         }
         free(p);
     }
@@ -348,8 +373,11 @@ int moe_registry_names(moe_registry *r, moe_plugin_kind kind, char ***names)
             out[n++] = name;
         }
         closedir(dir);
-        /* readdir order is arbitrary: sort within one directory */
-        qsort(out + first, (size_t)(n - first), sizeof *out, cmp_strings);
+        /* readdir order is arbitrary: sort within one directory (qsort
+         * wants a valid pointer even for no elements; out is NULL until the
+         * first name) */
+        if (n - first > 1)
+            qsort(out + first, (size_t)(n - first), sizeof *out, cmp_strings);
     }
     *names = out;
     return n;
@@ -596,6 +624,24 @@ fail:
     dlclose(handle);
     free(path);
     return st;
+}
+
+moe_status moe_registry_hook_error(const moe_registry *r, const moe_plugin_desc *d, const char *hook, moe_status st)
+{
+    const char *path = NULL;
+    for (int i = 0; r && i < r->n_plugins && !path; i++)
+        if (r->plugins[i].desc == d)
+            path = r->plugins[i].path;
+    char own[900];
+    snprintf(own, sizeof own, "%s", moe_error_message());
+    moe_error_clear();
+    if (st == MOE_OK)
+        st = MOE_ERR_PLUGIN;
+    return moe_error_set(st, "plugin %s (%s '%s'): its %s hook failed with %s: %s", path ? path : "(not loaded here)",
+                         d && kind_valid(d->kind) ? kinds[d->kind].name : "plugin", d && d->name ? d->name : "?",
+                         hook ? hook : "load", moe_status_name(st),
+                         own[0] ? own : "the plugin gave no message (it returned the status without calling "
+                                        "host->error); see its documentation");
 }
 
 /* ------------------------------------------------------------------ listing */

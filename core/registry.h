@@ -28,6 +28,13 @@ void moe_registry_destroy(moe_registry *r);
 moe_status moe_registry_load(moe_registry *r, moe_plugin_kind kind, const char *name,
                              const moe_plugin_desc **out);
 
+/* A plugin's lifecycle hook (`hook`: "load") returned `st`: replaces the
+ * pending error with one naming the file, the hook and the plugin's own
+ * message, and returns `st` (MOE_ERR_PLUGIN for MOE_OK). The registry calls
+ * no hook itself; their callers report through this. */
+moe_status moe_registry_hook_error(const moe_registry *r, const moe_plugin_desc *d, const char *hook,
+                                   moe_status st);
+
 /* Path of the file a loaded plugin came from, or NULL. */
 const char *moe_registry_path(const moe_registry *r, moe_plugin_kind kind, const char *name);
 

@@ -100,6 +100,23 @@ static void test_cli_broken_plugins(void **s)
     }
 }
 
+/* a plugin whose load hook fails, and entries named like plugins that are
+ * not files: the error names the file and what is wrong with it */
+static void test_cli_plugin_load_failures_name_file(void **s)
+{
+    (void)s;
+    char args[1024];
+    snprintf(args, sizeof args, MODEL "--user-dir %s --criterion fixture_load_fails --dry-run", MOE_TEST_FIXTURE_DIR);
+    const char *n1[] = {"libmoe-criterion-fixture_load_fails.so", "load hook failed", "cannot open its table"};
+    expect_error(args, n1, 3);
+    snprintf(args, sizeof args, MODEL "--user-dir %s --criterion fixture_dir --dry-run", MOE_TEST_FIXTURE_DIR);
+    const char *n2[] = {"libmoe-criterion-fixture_dir.so", "found a directory"};
+    expect_error(args, n2, 2);
+    snprintf(args, sizeof args, MODEL "--user-dir %s --criterion fixture_loop --dry-run", MOE_TEST_FIXTURE_DIR);
+    const char *n3[] = {"libmoe-criterion-fixture_loop.so", "symbolic link"};
+    expect_error(args, n3, 2);
+}
+
 static void test_cli_help_shows_selected_plugin_options(void **s)
 {
     (void)s;
@@ -195,6 +212,7 @@ int main(void)
         cmocka_unit_test(test_cli_wrong_type_and_range),
         cmocka_unit_test(test_cli_contradictory_flags),
         cmocka_unit_test(test_cli_broken_plugins),
+        cmocka_unit_test(test_cli_plugin_load_failures_name_file),
         cmocka_unit_test(test_cli_help_shows_selected_plugin_options),
         cmocka_unit_test(test_cli_list_plugins_and_version),
         cmocka_unit_test(test_cli_key_equals_value_and_tuple),

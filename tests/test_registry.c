@@ -501,6 +501,68 @@ static void test_registry_print_lists_by_kind(void **state)
     moe_registry_destroy(r);
 }
 
+/* An empty --user-dir: nothing to list there, nothing to sort (qsort must
+ * not see the NULL array of no names: UBSan flags it). */
+static void test_registry_empty_user_dir_lists_nothing(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/moelm-test-empty-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    moe_registry *r = registry_at(dir);
+    /* the empty directory comes first: no names yet when it is sorted */
+    char **names;
+    int n = moe_registry_names(r, MOE_KIND_CRITERION, &names);
+    for (int i = 0; i < n; i++)
+        assert_non_null(names[i]);
+    moe_registry_free_names(names, n);
+    char *text = print_listing(r);
+    assert_contains(text, dir);
+    free(text);
+    moe_registry_destroy(r);
+    rmdir(dir);
+}
+
+/* A directory, a symlink loop and a dangling symlink named like plugins are
+ * reported as what they are, not as unknown names. */
+static void test_registry_rejects_non_files(void **state)
+{
+    (void)state;
+    expect_rejected("fixture_dir", "expected a shared object file, found a directory", NULL);
+    expect_rejected("fixture_loop", "symbolic link that cannot be followed", "Too many levels of symbolic links");
+    expect_rejected("fixture_dangling", "symbolic link that cannot be followed", "No such file or directory");
+    moe_registry *r = registry_at(FIXTURES);
+    const moe_plugin_desc *d;
+    assert_int_equal(moe_registry_load(r, MOE_KIND_CRITERION, "fixture_dir", &d), MOE_ERR_PLUGIN);
+    const char *msg = moe_error_message();
+    if (strstr(msg, "unknown criterion"))
+        fail_msg("a directory reported as an unknown name: %s", msg);
+    moe_error_clear();
+    moe_registry_destroy(r);
+}
+
+/* A load hook's failure names the file, the hook and the plugin's message. */
+static void test_registry_hook_error_names_file_and_message(void **state)
+{
+    (void)state;
+    moe_registry *r = registry_at(FIXTURES);
+    const moe_plugin_desc *d;
+    char path[1024];
+    assert_int_equal(moe_registry_load(r, MOE_KIND_CRITERION, "fixture_load_fails", &d), MOE_OK);
+    assert_non_null(d->load);
+    moe_error_set(MOE_ERR_IO, "fixture: cannot open its table /nonexistent/fixture-table.bin");
+    assert_int_equal(moe_registry_hook_error(r, d, "load", MOE_ERR_IO), MOE_ERR_IO);
+    fixture_path(path, sizeof path, FIXTURES, "criterion", "fixture_load_fails");
+    assert_contains(moe_error_message(), path);
+    assert_contains(moe_error_message(), "load hook failed with MOE_ERR_IO");
+    assert_contains(moe_error_message(), "cannot open its table /nonexistent/fixture-table.bin");
+    moe_error_clear();
+    assert_int_equal(moe_registry_load(r, MOE_KIND_CRITERION, "fixture_load_silent", &d), MOE_OK);
+    assert_int_equal(moe_registry_hook_error(r, d, "load", MOE_ERR_IO), MOE_ERR_IO);
+    assert_contains(moe_error_message(), "the plugin gave no message");
+    moe_error_clear();
+    moe_registry_destroy(r);
+}
+
 /* ------------------------------------------------- the out-of-tree example */
 
 /* A fake host: options from a table, errors into a buffer. */
@@ -655,6 +717,9 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup(test_registry_search_order_before_build_tree, setup),
         cmocka_unit_test_setup(test_registry_names_in_search_order, setup),
         cmocka_unit_test_setup(test_registry_print_lists_by_kind, setup),
+        cmocka_unit_test_setup(test_registry_empty_user_dir_lists_nothing, setup),
+        cmocka_unit_test_setup(test_registry_rejects_non_files, setup),
+        cmocka_unit_test_setup(test_registry_hook_error_names_file_and_message, setup),
     };
     const struct CMUnitTest example_tests[] = {
         cmocka_unit_test_setup(test_registry_loads_example_from_user_dir, setup),
