@@ -475,8 +475,10 @@ moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runti
     const moe_plugin_desc *d;
     MOE_TRY_GOTO(st, moe_registry_load(reg, MOE_KIND_BACKEND, cfg->backend, &d), fail);
     rt->be = d->ops;
-    if (d->load)
-        MOE_TRY_GOTO(st, d->load(h), fail);
+    if (d->load && (st = d->load(h)) != MOE_OK) {
+        st = moe_registry_hook_error(reg, d, "load", st);
+        goto fail;
+    }
     if (!rt->be->available()) {
         st = moe_error_set(MOE_ERR_BACKEND, "backend '%s' cannot run on this machine (no device visible); use --cpu",
                            cfg->backend);
@@ -490,8 +492,10 @@ moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runti
     if (cfg->communicator) {
         MOE_TRY_GOTO(st, moe_registry_load(reg, MOE_KIND_COMMUNICATOR, cfg->communicator, &d), fail);
         rt->comm_ops = d->ops;
-        if (d->load)
-            MOE_TRY_GOTO(st, d->load(h), fail);
+        if (d->load && (st = d->load(h)) != MOE_OK) {
+            st = moe_registry_hook_error(reg, d, "load", st);
+            goto fail;
+        }
         MOE_TRY_GOTO(st, rt->comm_ops->init(h, &rt->comm), fail);
         h->comm_ops = rt->comm_ops;
         h->comm = rt->comm;
@@ -617,8 +621,11 @@ moe_status moe_runtime_load_plugin(moe_runtime *rt, moe_plugin_kind kind, const 
         free(argv);
         MOE_TRY(st);
     }
-    if (d->load)
-        MOE_TRY(d->load(&rt->host));
+    if (d->load) {
+        moe_status st = d->load(&rt->host);
+        if (st != MOE_OK)
+            return moe_registry_hook_error(rt->reg, d, "load", st);
+    }
     *out = d;
     return MOE_OK;
 }
