@@ -10,7 +10,12 @@
  * MOE_TRY that passed it up, innermost first. Both buffers are fixed-size and
  * never allocate, so reporting "out of memory" cannot itself fail; a message
  * that does not fit is cut and ends in "...", a trace that does not fit keeps
- * its innermost lines and says how many it dropped.
+ * its innermost lines and says how many it dropped. A message longer than its
+ * buffer keeps its words: the longest quoted values and long unbroken tokens
+ * (paths, command lines) are shortened in the middle ("abc...xyz") until it
+ * fits, so "cannot create '<5,000 characters>': File name too long" still
+ * ends in the reason; only if that is not enough (or the full text cannot be
+ * formatted for lack of memory) is the end cut, marked "...".
  *
  * Not a logger: nothing here prints. main() (or the trainer) decides where the
  * message goes.
@@ -35,18 +40,79 @@ typedef struct moe_error_state {
 
 static _Thread_local moe_error_state moe_err_tls;
 
+/* Spans worth shortening: the inside of single or double quotes, and runs of
+ * non-space characters. Writes the longest one of s[0..n) to start and len. */
+static void longest_span(const char *s, size_t n, size_t *start, size_t *len)
+{
+    *start = *len = 0;
+    for (size_t i = 0; i < n;) {
+        size_t b, l;
+        if ((s[i] == '\'' || s[i] == '"') && memchr(s + i + 1, s[i], n - i - 1)) {
+            const char *close = memchr(s + i + 1, s[i], n - i - 1);
+            b = i + 1;
+            l = (size_t)(close - (s + b));
+            i = (size_t)(close - s) + 1;
+        } else if (s[i] != ' ') {
+            b = i;
+            while (i < n && s[i] != ' ' && s[i] != '\'' && s[i] != '"')
+                i++;
+            l = i - b;
+        } else {
+            i++;
+            continue;
+        }
+        if (l > *len) {
+            *start = b;
+            *len = l;
+        }
+    }
+}
+
+/* Fits the n-byte message `full` (modified) into out[cap]: see the top. */
+static void shorten_into(char *full, size_t n, char *out, size_t cap)
+{
+    const size_t keep_min = 48; /* what is left of a shortened value */
+    while (n + 1 > cap) {
+        size_t b, l;
+        longest_span(full, n, &b, &l);
+        if (l <= keep_min + 3)
+            break;
+        size_t excess = n + 1 - cap;
+        size_t keep = l > excess + 3 + keep_min ? l - excess - 3 : keep_min;
+        size_t head = keep / 2, tail = keep - head;
+        /* full[b..b+l) -> head bytes, "...", tail bytes */
+        memmove(full + b + head + 3, full + b + l - tail, n - (b + l - tail) + 1);
+        memcpy(full + b + head, "...", 3);
+        n = n - l + keep + 3;
+    }
+    if (n + 1 > cap) {
+        memcpy(out, full, cap - 4);
+        memcpy(out + cap - 4, "...", 4);
+    } else {
+        memcpy(out, full, n + 1);
+    }
+}
+
 moe_status moe_error_setv(moe_status st, const char *fmt, va_list ap)
 {
     moe_error_state *e = &moe_err_tls;
     if (st == MOE_OK || fmt == NULL || e->has_message)
         return st;
+    va_list aq;
+    va_copy(aq, ap);
     int n = vsnprintf(e->message, sizeof e->message, fmt, ap);
     if (n < 0) {
         snprintf(e->message, sizeof e->message, "%s (the error message could not be formatted)",
                  moe_status_name(st));
     } else if ((size_t)n >= sizeof e->message) {
-        memcpy(e->message + sizeof e->message - 4, "...", 4);
+        char *full = malloc((size_t)n + 1);
+        if (full && vsnprintf(full, (size_t)n + 1, fmt, aq) == n)
+            shorten_into(full, (size_t)n, e->message, sizeof e->message);
+        else
+            memcpy(e->message + sizeof e->message - 4, "...", 4);
+        free(full);
     }
+    va_end(aq);
     e->has_message = 1;
     return st;
 }

@@ -45,8 +45,10 @@ static void test_error_ok_records_nothing(void **state)
 static void test_error_long_message_is_cut(void **state)
 {
     (void)state;
+    /* short words only: nothing to shorten, the end is cut */
     char big[3000];
-    memset(big, 'a', sizeof big - 1);
+    for (size_t i = 0; i < sizeof big - 1; i++)
+        big[i] = i % 4 == 3 ? ' ' : 'a';
     big[sizeof big - 1] = '\0';
     moe_error_set(MOE_ERR_INVALID_ARG, "%s", big);
     const char *m = moe_error_message();
@@ -54,6 +56,42 @@ static void test_error_long_message_is_cut(void **state)
     assert_true(n > 100 && n < sizeof big - 1);
     assert_string_equal(m + n - 3, "...");
     assert_int_equal(m[0], 'a');
+}
+
+/* A 5,000-character value quoted in a message: the value is shortened in
+ * its middle, the reason after it is kept whole. */
+static void test_error_long_value_keeps_reason(void **state)
+{
+    (void)state;
+    static char dir[5001];
+    for (size_t i = 0; i < sizeof dir - 1; i++)
+        dir[i] = i % 10 == 0 ? '/' : (char)('a' + i % 26);
+    dir[sizeof dir - 1] = '\0';
+    moe_error_set(MOE_ERR_IO,
+                  "--save-dir '%s': expected a writable directory, found that it cannot be created (File name too "
+                  "long); pass a shorter path",
+                  dir);
+    const char *m = moe_error_message();
+    size_t n = strlen(m);
+    assert_true(n < 1024);
+    assert_non_null(strstr(m, "(File name too long); pass a shorter path"));
+    assert_int_equal(strncmp(m, "--save-dir '/bcdefghij/", 23), 0);
+    assert_non_null(strstr(m, "...")); /* where the value was shortened */
+    /* the value's end is kept too */
+    char tail[16];
+    memcpy(tail, dir + sizeof dir - 1 - 10, 11);
+    tail[11] = '\0';
+    char want[32];
+    snprintf(want, sizeof want, "%s': expected", tail);
+    assert_non_null(strstr(m, want));
+    moe_error_clear();
+
+    /* two long values and no quotes: both shortened as needed */
+    moe_error_set(MOE_ERR_PLUGIN, "plugin %s: expected a shared object, found %s; remove it", dir, dir);
+    m = moe_error_message();
+    assert_true(strlen(m) < 1024);
+    assert_non_null(strstr(m, "; remove it"));
+    assert_int_equal(strncmp(m, "plugin /bcd", 11), 0);
 }
 
 static int trace_line_inner;
@@ -164,6 +202,7 @@ int main(void)
         cmocka_unit_test_setup(test_error_first_message_wins, setup),
         cmocka_unit_test_setup(test_error_ok_records_nothing, setup),
         cmocka_unit_test_setup(test_error_long_message_is_cut, setup),
+        cmocka_unit_test_setup(test_error_long_value_keeps_reason, setup),
         cmocka_unit_test_setup(test_error_trace_records_path, setup),
         cmocka_unit_test_setup(test_error_trace_overflow_keeps_innermost, setup),
         cmocka_unit_test_setup(test_error_is_per_thread, setup),
