@@ -541,6 +541,9 @@ static moe_status validate_subset(trainer *t, const char *subset, int first)
 
 static moe_status validate(trainer *t)
 {
+    /* what the model draws in evaluation (top-2 'sampling' noise) follows
+     * --seed + num_updates, as moelm-eval-lm on this update's checkpoint */
+    moe_runtime_set_step_seed(t->rt, t->h->seed + (uint64_t)t->num_updates);
     for (int i = 0; i < t->n_valid; i++)
         MOE_TRY(validate_subset(t, t->valid_subsets[i], i == 0));
     return MOE_OK;

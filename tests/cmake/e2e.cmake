@@ -17,3 +17,5 @@ set_tests_properties(test_dist_stalled_rank4 PROPERTIES LABELS dist TIMEOUT 120 
 moe_add_test(test_language_modeling LABELS plugin SOURCES test_language_modeling.c LIBS moedata TIMEOUT 120)
 # Real text from raw files to a trained model (license texts, a BPE trained by the test).
 moe_add_test(test_real_text LABELS e2e SOURCES test_real_text.c runcmd.c LIBS moedata TIMEOUT 600)
+# moelm-eval-lm against the trainer's validation, on 1 and 2 ranks.
+moe_add_test(test_eval_lm LABELS e2e SOURCES test_eval_lm.c runcmd.c TIMEOUT 300)
