@@ -30,8 +30,8 @@
  *     per unit: i32 expert_index, u32 sharded, i64 numel, i64 padded,
  *       i64 start, i64 n (this file holds elements [start, start + n) of the
  *       padded unit), u32 n_tensors, u32 name_bytes, name, then per tensor:
- *       u32 ndim, u32 name_bytes, i64 shape[2], i64 offset (elements into
- *       the unit), name
+ *       u32 ndim, u32 name_bytes, name, i64 shape[2], i64 offset (elements
+ *       into the unit)
  *   sections 1 .. n_units, one per unit: n elements of act_dtype (the
  *     parameters), n fp32 masters (when master), then the optimizer state of
  *     the piece as its layout says (moe_opt_state_layout: each field's n
