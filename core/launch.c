@@ -3,6 +3,15 @@
  * Detection only reads the environment and options; it never talks to other
  * ranks. Spawned children find their rank in the torchrun-style variables, so
  * a child detects MOE_LAUNCH_ENV and never spawns again.
+ *
+ * The spawner's children run in a process group of their own, and the
+ * spawner passes SIGTERM, SIGUSR1 and SIGINT on to them: a signal to the
+ * job (a terminal's Ctrl-C, a scheduler signalling the process group, kill
+ * of the spawner) then reaches each rank exactly once, which matters because
+ * a second stop signal ends a rank at once (core/runctl.h). The children
+ * learn the spawner's pid (MOE_LAUNCHER_PID) and stop without saving if it
+ * dies. When a child fails, the others are killed (SIGKILL: a SIGTERM would
+ * ask them to save, which cannot complete without the failed rank).
  */
 #include "core/launch.h"
 
@@ -17,6 +26,7 @@
 #include <unistd.h>
 
 #include "core/internal.h"
+#include "core/runctl.h"
 
 const char *moe_launch_method_name(moe_launch_method m)
 {
@@ -148,6 +158,16 @@ moe_status moe_launch_detect(const moe_opts *o, int visible_devices, moe_launch 
     return MOE_OK;
 }
 
+static pid_t *g_children;
+static int g_n_children;
+
+static void forward_signal(int sig)
+{
+    for (int i = 0; i < g_n_children; i++)
+        if (g_children[i] > 0)
+            kill(g_children[i], sig);
+}
+
 int moe_launch_spawn(const moe_launch *l, char **argv)
 {
     pid_t *pids = calloc((size_t)l->spawn, sizeof *pids);
@@ -156,16 +176,20 @@ int moe_launch_spawn(const moe_launch *l, char **argv)
         return 1;
     }
     char buf[32];
+    char launcher[32];
+    snprintf(launcher, sizeof launcher, "%ld", (long)getpid());
     for (int i = 0; i < l->spawn; i++) {
         pid_t pid = fork();
         if (pid < 0) {
             fprintf(stderr, "moelm-train: error: fork failed for local rank %d: %s\n", i, strerror(errno));
             for (int j = 0; j < i; j++)
-                kill(pids[j], SIGTERM);
+                kill(pids[j], SIGKILL);
             free(pids);
             return 1;
         }
         if (pid == 0) {
+            setpgid(0, 0);
+            setenv(MOE_LAUNCHER_PID_ENV, launcher, 1);
             snprintf(buf, sizeof buf, "%d", l->spawn_base_rank + i);
             setenv("RANK", buf, 1);
             snprintf(buf, sizeof buf, "%d", l->world);
@@ -182,21 +206,42 @@ int moe_launch_spawn(const moe_launch *l, char **argv)
         }
         pids[i] = pid;
     }
+    g_children = pids;
+    g_n_children = l->spawn;
+    const int forwarded[] = {SIGTERM, SIGUSR1, SIGINT};
+    struct sigaction saved[3];
+    for (int k = 0; k < 3; k++) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = forward_signal;
+        sigemptyset(&sa.sa_mask);
+        sa.sa_flags = SA_RESTART;
+        sigaction(forwarded[k], &sa, &saved[k]);
+    }
     int rc = 0, left = l->spawn;
     while (left > 0) {
         int status;
         pid_t pid = wait(&status);
+        if (pid < 0 && errno == EINTR)
+            continue;
         if (pid < 0)
             break;
+        for (int i = 0; i < l->spawn; i++)
+            if (pids[i] == pid)
+                pids[i] = 0; /* reaped: never signal a recycled pid */
         left--;
         int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
         if (code != 0 && rc == 0) {
             rc = code;
             for (int i = 0; i < l->spawn; i++)
-                if (pids[i] != pid)
-                    kill(pids[i], SIGTERM);
+                if (pids[i] > 0)
+                    kill(pids[i], SIGKILL);
         }
     }
+    for (int k = 0; k < 3; k++)
+        sigaction(forwarded[k], &saved[k], NULL);
+    g_children = NULL;
+    g_n_children = 0;
     free(pids);
     return rc;
 }

@@ -31,12 +31,17 @@
  * rewrite stays on one row. A log line erases it first and redraws it after,
  * so it stays at the bottom; nothing of it reaches a file or a pipe.
  *
+ * --log-file: every line (stats lines included, never the live progress) is
+ * also appended to the file, in the same format; fairseq copies only its
+ * train.py logger's messages there.
+ *
  * Not thread-safe against moe_log_configure: configure before threads start.
  * Lines from several threads are written whole (flockfile), never interleaved.
  */
 #include "core/log.h"
 
 #include <ctype.h>
+#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdarg.h>
@@ -59,7 +64,8 @@ static struct {
     moe_log_format fmt;
     int progress_shown;
     char progress[MOE_PROGRESS_CAP];
-} g_log = {NULL, 0, 1, MOE_LOG_INFO, MOE_LOG_FORMAT_SIMPLE, 0, {0}};
+    FILE *copy; /* --log-file: every line also appended here, or NULL */
+} g_log = {NULL, 0, 1, MOE_LOG_INFO, MOE_LOG_FORMAT_SIMPLE, 0, {0}, NULL};
 
 static FILE *log_out(void)
 {
@@ -74,6 +80,28 @@ void moe_log_configure(FILE *out, int rank, int world, moe_log_level min_level, 
     g_log.world = world < 1 ? 1 : world;
     g_log.min_level = min_level;
     g_log.fmt = fmt;
+}
+
+moe_status moe_log_open_file(const char *path)
+{
+    moe_log_close_file();
+    if (!path || !*path)
+        return MOE_OK;
+    FILE *f = fopen(path, "a");
+    if (!f)
+        return moe_error_set(MOE_ERR_INVALID_ARG,
+                             "--log-file '%s': expected a file that can be appended to, found that it cannot be "
+                             "opened (%s); pass another path",
+                             path, strerror(errno));
+    g_log.copy = f;
+    return MOE_OK;
+}
+
+void moe_log_close_file(void)
+{
+    if (g_log.copy)
+        fclose(g_log.copy);
+    g_log.copy = NULL;
 }
 
 moe_log_format moe_log_get_format(void)
@@ -229,6 +257,11 @@ static void write_line(moe_log_level level, const char *component, const char *m
     fprintf(out, "%s | %s | %s%s | %s\n", stamp, level_name(level), rank_prefix, component ? component : "moelm",
             message);
     fflush(out);
+    if (g_log.copy) { /* one write per line, so ranks appending to one file do not interleave within lines */
+        fprintf(g_log.copy, "%s | %s | %s%s | %s\n", stamp, level_name(level), rank_prefix,
+                component ? component : "moelm", message);
+        fflush(g_log.copy);
+    }
     if (pout) {
         fputs(g_log.progress, pout);
         fflush(pout);

@@ -19,6 +19,9 @@ typedef enum moe_log_format { MOE_LOG_FORMAT_JSON = 0, MOE_LOG_FORMAT_SIMPLE, MO
 /* Defaults: stderr, rank 0 of 1, INFO, simple. */
 void moe_log_configure(FILE *out, int rank, int world, moe_log_level min_level, moe_log_format fmt);
 moe_log_format moe_log_get_format(void);
+/* --log-file: also append every line to `path` (NULL or "": stop copying). */
+moe_status moe_log_open_file(const char *path);
+void moe_log_close_file(void);
 moe_status moe_log_parse_format(const char *s, moe_log_format *fmt);  /* "json"|"simple"|"none"|"tqdm" */
 
 void moe_log(moe_log_level level, const char *component, const char *fmt, ...)

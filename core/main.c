@@ -20,6 +20,7 @@
 #include "core/log.h"
 #include "core/options.h"
 #include "core/registry.h"
+#include "core/runctl.h"
 #include "core/runtime.h"
 #include "core/trainer.h"
 
@@ -40,9 +41,11 @@ typedef struct cli_state {
 static void cleanup(cli_state *s)
 {
     moe_components_teardown(&s->c, &s->lc);
+    moe_runctl_uninstall();
     moe_runtime_destroy(s->rt);
     moe_registry_destroy(s->reg);
     moe_opts_destroy(s->opts);
+    moe_log_close_file();
 }
 
 static int fail(moe_status st, int usage_error) { return moe_error_report(PROG, st, usage_error); }
@@ -94,6 +97,10 @@ static int run(cli_state *s)
     moe_log_format fmt = MOE_LOG_FORMAT_SIMPLE;
     if (moe_opts_str(s->opts, "log-format"))
         MOE_TRY_GOTO(st, moe_log_parse_format(moe_opts_str(s->opts, "log-format"), &fmt), usage);
+    MOE_TRY_GOTO(st, moe_log_open_file(moe_opts_str(s->opts, "log-file")), usage);
+    /* a --save-dir that cannot take checkpoints fails now, not after the first hours of training */
+    if (!dry_run && !moe_opts_flag(s->opts, "no-save"))
+        MOE_TRY_GOTO(st, moe_runctl_check_save_dir(moe_opts_str(s->opts, "save-dir")), usage);
 
     if (!dry_run && launch.spawn > 0) /* this process only starts the ranks of its node */
         return moe_launch_spawn(&launch, s->argv);
@@ -108,7 +115,11 @@ static int run(cli_state *s)
         moe_log(MOE_LOG_INFO, "fairseq.distributed.utils", "distributed init (rank %d of %d, launched by %s)", h->rank,
                 h->world, moe_launch_method_name(launch.method));
     moe_components *cp = &s->c;
-    MOE_TRY_GOTO(st, moe_components_build(s->rt, &sel, &s->lc, 1, 0, 0, cp), failure);
+    st = moe_components_build(s->rt, &sel, &s->lc, 1, 0, 0, cp);
+    if (st == MOE_ERR_INVALID_ARG) /* a component refused a value of its flags: an argument error */
+        goto usage;
+    if (st != MOE_OK)
+        goto failure;
 
     if (dry_run) {
         MOE_TRY_GOTO(st, moe_dry_run(s->rt, cp, stdout), failure);
@@ -119,6 +130,8 @@ static int run(cli_state *s)
         moe_log(MOE_LOG_INFO, "fairseq_cli.train", "training on %d devices (%s)", h->world,
                 strcmp(sel.backend, "cpu") == 0 ? "CPUs" : "GPUs/TPUs");
         MOE_TRY_GOTO(st, moe_runtime_alloc_params(s->rt), failure);
+        MOE_TRY_GOTO(st, moe_runctl_install(moe_opts_flag(s->opts, "save-on-sigint")), failure);
+        moe_runctl_watch_launcher(launch.method == MOE_LAUNCH_MPI);
         MOE_TRY_GOTO(st, moe_train(s->rt, cp), failure);
     }
     return 0;

@@ -59,6 +59,13 @@ const moe_option moe_core_options[] = {
      "log format to use (default: None = tqdm on a terminal, simple otherwise)", NOLIMIT, "json|simple|none|tqdm"},
     {"log-interval", MOE_OPT_INT, "100", "log progress every N updates", AT_LEAST(1), NULL},
     {"no-progress-bar", MOE_OPT_FLAG, NULL, "disable progress bar", NOLIMIT, NULL},
+    {"log-file", MOE_OPT_STRING, NULL,
+     "log file to copy metrics to: every log line is also appended to it (each rank appends its own lines)",
+     NOLIMIT, NULL},
+    {"tensorboard-logdir", MOE_OPT_STRING, NULL,
+     "path to save logs for tensorboard, should match --logdir of running tensorboard (default: no tensorboard "
+     "logging); rank 0 writes train, train_inner and valid event files below it",
+     NOLIMIT, NULL},
 
     /* distributed training */
     {"distributed-world-size", MOE_OPT_INT, NULL,
@@ -117,6 +124,10 @@ const moe_option moe_core_options[] = {
      NULL},
     {"stop-min-lr", MOE_OPT_FLOAT, "-1.0", "stop training when the learning rate reaches this minimum", NOLIMIT,
      NULL},
+    {"stop-time-hours", MOE_OPT_FLOAT, "0",
+     "force stop training after specified cumulative time (if >0); counts this run's time only (a checkpoint does "
+     "not record earlier runs' time)",
+     AT_LEAST(0.0), NULL},
 
     /* checkpoint */
     {"save-dir", MOE_OPT_STRING, "checkpoints", "path to save checkpoints", NOLIMIT, NULL},
@@ -139,6 +150,14 @@ const moe_option moe_core_options[] = {
      "keep the last N checkpoints saved with --save-interval-updates", AT_LEAST(-1), NULL},
     {"no-epoch-checkpoints", MOE_OPT_FLAG, NULL, "only store last and best checkpoints", NOLIMIT, NULL},
     {"no-last-checkpoints", MOE_OPT_FLAG, NULL, "don't store last checkpoints", NOLIMIT, NULL},
+    {"patience", MOE_OPT_INT, "-1",
+     "early stop training if valid performance doesn't improve for N consecutive validation runs; note that this "
+     "is influenced by --validate-interval",
+     -1, 2147483647.0, NULL},
+    {"save-on-sigint", MOE_OPT_FLAG, NULL,
+     "treat SIGINT (Ctrl-C) as SIGTERM and SIGUSR1 are: finish the update in flight, save checkpoint_last on every "
+     "rank and exit 0 (default: SIGINT ends the run without saving)",
+     NOLIMIT, NULL},
 
     /* MoE runtime (the layer's own flags belong to the arch) */
     {"record-a2a-perf-stats", MOE_OPT_FLAG, NULL, "record all-to-all CPU and CUDA times in the logs", NOLIMIT, NULL},

@@ -26,6 +26,7 @@
 #include "core/internal.h"
 #include "core/log.h"
 #include "core/meters.h"
+#include "core/runctl.h"
 #include "core/scaler.h"
 
 static const char *const metric_keys[MOE_NUM_METRICS] = {
@@ -37,8 +38,9 @@ static const char *const metric_keys[MOE_NUM_METRICS] = {
 enum { RED_NORM_DENSE = MOE_STAT_COUNT, RED_NORM_EXPERT, RED_NORM_SHARDED, RED_COUNT };
 
 /* what is summed over the ranks in fp64: the statistics, then this rank's
- * token, sentence and (non-dummy) batch counts */
-enum { SUM_NTOKENS = MOE_STAT_COUNT, SUM_NSENTENCES, SUM_BATCHES, SUM_COUNT };
+ * token, sentence and (non-dummy) batch counts, and whether a signal asked
+ * this rank to stop (so the ranks agree on the update to stop after) */
+enum { SUM_NTOKENS = MOE_STAT_COUNT, SUM_NSENTENCES, SUM_BATCHES, SUM_STOP, SUM_COUNT };
 
 typedef struct trainer {
     moe_runtime *rt;
@@ -75,6 +77,10 @@ typedef struct trainer {
     int64_t saved_updates;    /* num_updates of the last checkpoint written or loaded (0 at a fresh start) */
     int64_t validated_at;     /* num_updates of the last validation, -1 before the first */
     double wall_pending;      /* train_wall of overflowed steps, counted with the next logged update */
+    int stop_ranks;           /* ranks a stop signal reached, as of the last reduction */
+    int preempted;            /* stopping for a signal: save checkpoint_last only */
+    double patience_best;     /* --patience: the best validation loss so far (NaN before one) */
+    int patience_runs;        /* validations since it last improved */
 } trainer;
 
 static double now_s(void)
@@ -347,6 +353,7 @@ static moe_status fetch_reductions(trainer *t, double *red, double *counts)
         sum[k] = red[k];
     for (int k = 0; k < 3; k++)
         sum[SUM_NTOKENS + k] = counts[k];
+    sum[SUM_STOP] = moe_runctl_stop_signal() != 0 ? 1.0 : 0.0;
     MOE_TRY(h->backend->copy_from_host(h->ctx, t->red64, sum, sizeof sum));
     MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red64, SUM_COUNT, MOE_F64, MOE_REDUCE_SUM));
     MOE_TRY(h->backend->copy_to_host(h->ctx, sum, t->red64, sizeof sum));
@@ -354,6 +361,7 @@ static moe_status fetch_reductions(trainer *t, double *red, double *counts)
         red[k] = sum[k];
     for (int k = 0; k < 3; k++)
         counts[k] = sum[SUM_NTOKENS + k];
+    t->stop_ranks = (int)sum[SUM_STOP];
     return MOE_OK;
 }
 
@@ -575,6 +583,10 @@ static moe_status save_checkpoints(trainer *t, int end_of_epoch)
     /* fairseq's checkpoint_best: this save's validation loss is the best so far */
     spec.best_file = !isnan(t->valid_loss_now) && t->valid_loss_now <= t->best_valid_loss;
     spec.last_file = !moe_opts_flag(o, "no-last-checkpoints");
+    if (t->preempted) /* what a resumed run reads, and nothing else: the clock is running */
+        spec.epoch_file = spec.interval_file = spec.best_file = 0;
+    /* a rank whose launcher is gone must not write: the job is over */
+    MOE_TRY(moe_runctl_check_launcher());
     spec.keep_interval = moe_opts_int(o, "keep-interval-updates");
     spec.score = t->valid_loss_now;
     moe_ckpt_state s;
@@ -766,12 +778,67 @@ static moe_status train_step(trainer *t, int *updated)
  * training stops. (fairseq also re-runs the interval checks after a step that
  * overflowed, validating the same update twice; here they follow successful
  * updates only.) */
+/* A signal asked to stop (on any rank: every rank sees the same count after
+ * the same update's reduction): checkpoint_last on every rank, one line,
+ * and training ends normally. */
+static moe_status stop_for_signal(trainer *t, int end_of_epoch)
+{
+    t->preempted = 1;
+    int sig = moe_runctl_stop_signal();
+    char who[96];
+    if (t->h->world <= 1)
+        snprintf(who, sizeof who, "%s", moe_runctl_signal_name(sig));
+    else if (sig)
+        snprintf(who, sizeof who, "%s (signalled on %d of %d ranks, this one included)", moe_runctl_signal_name(sig),
+                 t->stop_ranks, t->h->world);
+    else
+        snprintf(who, sizeof who, "a signal to %d of the %d ranks", t->stop_ranks, t->h->world);
+    int no_save = moe_opts_flag(t->o, "no-save") || moe_opts_flag(t->o, "no-last-checkpoints");
+    if (!no_save && t->saved_updates != t->num_updates)
+        MOE_TRY(save_checkpoints(t, end_of_epoch));
+    moe_log(MOE_LOG_INFO, "fairseq_cli.train", "stopping after update %lld (epoch %d) as asked by %s: %s",
+            (long long)t->num_updates, t->epoch, who,
+            no_save ? "no checkpoint written (--no-save or --no-last-checkpoints)"
+                    : "checkpoint_last saved on every rank; resume with the same command");
+    return MOE_OK;
+}
+
+/* fairseq's should_stop_early: --patience N stops once the validation loss
+ * has not improved N validations in a row */
+static int should_stop_early(trainer *t)
+{
+    int64_t patience = moe_opts_int(t->o, "patience");
+    if (patience <= 0 || isnan(t->valid_loss_now))
+        return 0;
+    if (isnan(t->patience_best) || t->valid_loss_now < t->patience_best) {
+        t->patience_best = t->valid_loss_now;
+        t->patience_runs = 0;
+        return 0;
+    }
+    if (++t->patience_runs < patience)
+        return 0;
+    moe_log(MOE_LOG_INFO, "fairseq_cli.train", "early stop since valid performance hasn't improved for last %lld runs",
+            (long long)patience);
+    return 1;
+}
+
 static moe_status validate_and_save(trainer *t, int end_of_epoch, int updated, int *should_stop)
 {
     moe_opts *o = t->o;
     int64_t u = t->num_updates;
     int64_t siu = moe_opts_int(o, "save-interval-updates"), viu = t->validate_interval_updates;
+    if (t->stop_ranks > 0) {
+        *should_stop = 1;
+        return stop_for_signal(t, end_of_epoch);
+    }
     *should_stop = t->max_update > 0 && u >= t->max_update;
+    double stop_hours = moe_opts_float(o, "stop-time-hours"), hours = (now_s() - t->t0) / 3600.0;
+    if (stop_hours > 0 && hours > stop_hours) {
+        moe_log(MOE_LOG_INFO, "fairseq_cli.train",
+                "Stopping training due to cumulative_training_time: %g > stop_time_hours: %g hour(s)", hours,
+                stop_hours);
+        *should_stop = 1;
+    }
     double stop_min_lr = moe_opts_float(o, "stop-min-lr");
     if (stop_min_lr >= 0 && t->lr <= stop_min_lr) {
         moe_log(MOE_LOG_INFO, "fairseq_cli.train",
@@ -791,6 +858,7 @@ static moe_status validate_and_save(trainer *t, int end_of_epoch, int updated, i
         MOE_TRY(validate(t));
         t->validated_at = u;
     }
+    *should_stop |= should_stop_early(t);
     if ((do_save || *should_stop) && t->saved_updates != u)
         MOE_TRY(save_checkpoints(t, end_of_epoch));
     return MOE_OK;
@@ -811,6 +879,7 @@ static moe_status train_loop(trainer *t)
         int any = 0;
         while (t->iter < t->batches_per_epoch) {
             int updated;
+            MOE_TRY(moe_runctl_check_launcher());
             MOE_TRY(train_step(t, &updated));
             any = 1;
             MOE_TRY(validate_and_save(t, t->iter >= t->batches_per_epoch, updated, &should_stop));
@@ -845,6 +914,7 @@ moe_status moe_train(moe_runtime *rt, const moe_components *c)
     t.saved_updates = 0; /* nothing to save before the first update */
     t.valid_loss_now = NAN;
     t.validated_at = -1;
+    t.patience_best = NAN;
     moe_status st = setup(&t);
     if (st == MOE_OK)
         st = load_checkpoint(&t);
