@@ -5,7 +5,9 @@
  *    each backend reports the message through its own error path and checks
  *    its workspace itself);
  *  - moe_route_hist_metrics: unused count, top and bottom sums of one argmax
- *    histogram (FAIRSEQ_SPEC.md §2.2 step 15), host or device (MOE_HD).
+ *    histogram (FAIRSEQ_SPEC.md §2.2 step 15), host or device (MOE_HD);
+ *  - moe_route_gumbel: the sampling policy's noise, so route_forward and the
+ *    decoding gate (gate_topk_forward) draw the same values.
  * Definitions live here for the reason kernels/philox.h gives: the same code
  * compiles as C for the cpu backend and as CUDA for the cuda one.
  */
@@ -47,6 +49,20 @@ static inline const char *moe_route_args_problem(const moe_route_args *a, const 
     else
         return NULL;
     return buf;
+}
+
+/* Gumbel(0, 1) noise of the sampling policy for logit e of the token drawn
+ * at index `tok` (s, or moe_route_args.noise_index[s]): -log(-log(u)) in
+ * double, u = philox_uniform(seed, stream, tok*E + e) kept within
+ * [FLT_MIN, 1 - FLT_EPSILON], the range torch's Gumbel draws from. */
+MOE_HD float moe_route_gumbel(uint64_t seed, uint64_t stream, int64_t tok, int E, int e)
+{
+    float u = moe_philox_uniform(seed, stream, (uint64_t)(tok * E + e));
+    if (u < FLT_MIN)
+        u = FLT_MIN;
+    if (u > 1.0f - FLT_EPSILON)
+        u = 1.0f - FLT_EPSILON;
+    return (float)-log(-log((double)u));
 }
 
 MOE_HD float moe_route_hist_percent(int64_t count, int64_t S) { return (100.0f * (float)count) / (float)S; }

@@ -114,6 +114,12 @@ typedef struct moe_route_args {
     float *l_aux;               /* (1) out */
     float *metrics;             /* (MOE_NUM_METRICS) out */
     void *workspace;            /* route_workspace_bytes(S,E) bytes of backend scratch */
+    /* (S) i32, or NULL: the token index the randomness of token s is drawn
+     * with (Gumbel noise of logit e at noise_index[s]*E + e, the random
+     * policy's draw at noise_index[s]) instead of s. Decoding passes each
+     * token's place in its own sequence, so its routing does not depend on
+     * the other rows of the batch. */
+    const int32_t *noise_index;
 } moe_route_args;
 
 /* Adam (fairseq FusedAdamV1 semantics, FAIRSEQ_SPEC.md §5.2) on one tensor. */
@@ -137,6 +143,106 @@ typedef struct moe_sgd_args {
     float *momentum_buf;                   /* (n) fp32, or NULL when momentum == 0 */
     float lr, momentum, weight_decay, grad_scale;
 } moe_sgd_args;
+
+/* ---- decoding (moelm-generate): inference only, nothing here has a backward ----
+ *
+ * A decoding step feeds a few new tokens per row against a per-row K/V cache.
+ * At batch 1 a step is bound by streaming the weights once, so these ops fuse
+ * what surrounds each product into it: a LayerNorm of the input rows before
+ * the product, bias, the q scale, the activation and the residual add after
+ * it. Each rounds where the unfused training path rounds (the LayerNorm
+ * output, a layer's output before the residual add, the experts' outputs), so
+ * a decode step computes what arch->forward computes, up to the order of
+ * fp32 sums. */
+
+/* y (m,n) = epilogue(prologue(x) W^T): a Linear over a few rows.
+ *   h_i   = x[rows ? rows[i] : i] (row stride ldx); with layernorm:
+ *           LN(h_i) with ln_weight, ln_bias, ln_eps (statistics in double as
+ *           layernorm_forward), rounded to dt as layernorm_forward stores it
+ *   v_ij  = h_i . w_j + bias_j (bias NULL: 0), times q_scale for the last
+ *           q_cols outputs j >= n - q_cols (the q of a packed k|v|q
+ *           projection; q_cols 0: none), then act_kind when act
+ *   y_ij  = v_ij rounded to y_dtype, then, when beta != 0, beta*y_ij + that,
+ *           rounded again (the residual add). beta == 0 does not read y.
+ * x, w, bias, ln_* are dt; y is dt or MOE_F32. y must not overlap x. */
+typedef struct moe_rowlinear_desc {
+    int64_t m, n, k;
+    const void *x;
+    int64_t ldx;
+    const int32_t *rows;         /* (m) backend i32, or NULL */
+    int layernorm;
+    const void *ln_weight, *ln_bias; /* (k), either may be NULL (1, 0) */
+    float ln_eps;
+    const void *w;               /* (n,k) row-major: a Linear's weight */
+    const void *bias;            /* (n) or NULL */
+    float q_scale;
+    int64_t q_cols;
+    int act;
+    moe_act_kind act_kind;
+    float beta;
+    void *y;
+    int64_t ldy;
+    moe_dtype y_dtype;
+    moe_dtype dt;
+} moe_rowlinear_desc;
+
+/* Top-1/top-2 gating of S tokens when nothing can be dropped (capacity >= S,
+ * policy all or sampling): the gate projection, softmax and choices of
+ * route_forward in one op, without capacity, l_aux or metrics.
+ *   h = LN(x) rounded to dt (layernorm) or x; logits = h wg^T rounded to dt
+ *   (as the arch's gate GEMM stores them), then in fp32: probs = softmax;
+ *   i1 = argmax probs; i2 (k == 2) = argmax over e != i1 of the logits plus,
+ *   for the sampling policy, route_forward's Gumbel noise (noise_index as
+ *   there); ties to the lower index.
+ *   weight: top-1 probs[i1]; top-2 p/max(p1+p2, FLT_EPSILON) for both.
+ *   expert (S,2) = i1, i2 (-1 for top-1's second and for pad tokens, whose
+ *   weights are 0). These are route_forward's expert and weight whenever it
+ *   drops nothing; an assignment counts when expert >= 0 and weight != 0. */
+typedef struct moe_gate_topk_args {
+    int64_t S, d;
+    int E, k;
+    const void *x;               /* (S,d) dt */
+    int layernorm;
+    const void *ln_weight, *ln_bias;
+    float ln_eps;
+    const void *wg;              /* (E,d) dt */
+    moe_route_policy policy;     /* MOE_ROUTE_ALL or MOE_ROUTE_SAMPLING (k == 2) */
+    uint64_t seed, stream;
+    const int32_t *noise_index;  /* (S) or NULL, as in moe_route_args */
+    const uint8_t *pad;          /* (S) 1 = padding token, or NULL */
+    int32_t *expert;             /* (S,2) out */
+    float *weight;               /* (S,2) out */
+    moe_dtype dt;
+} moe_gate_topk_args;
+
+/* The experts of a MoE layer for the tokens routed to them, no capacity
+ * slots: only the experts some token chose are read.
+ *   h_s    = LN(x_s) rounded to dt (layernorm) or x_s
+ *   for each assignment (s,j) with expert[s*2+j] = e >= 0 and weight != 0:
+ *   a_sj   = act(h_s W1[e]^T + b1[e]) rounded to dt (into hidden)
+ *   o_sj   = a_sj W2[e]^T + b2[e] rounded to dt (into eout, as fp32)
+ *   moe_s  = sum_j weight[s*2+j] * o_sj (j = 0, 1; in double), rounded to dt
+ *   y_s    = moe_s, or with beta != 0 beta*y_s + moe_s rounded again.
+ * w1, b1, w2, b2 are tables of E pointers, in backend memory, to each
+ * expert's fc1.weight (f,d), fc1.bias (f), fc2.weight (d,f), fc2.bias (d).
+ * y may alias x. */
+typedef struct moe_expert_ffn_args {
+    int64_t S, d, f;
+    int E;
+    const void *x;               /* (S,d) dt */
+    int layernorm;
+    const void *ln_weight, *ln_bias;
+    float ln_eps;
+    const int32_t *expert;       /* (S,2) */
+    const float *weight;         /* (S,2) */
+    const void *const *w1, *const *b1, *const *w2, *const *b2;
+    moe_act_kind act;
+    float beta;
+    void *y;                     /* (S,d) dt */
+    void *hidden;                /* (S*2, f) dt scratch */
+    float *eout;                 /* (S*2, d) fp32 scratch */
+    moe_dtype dt;
+} moe_expert_ffn_args;
 
 typedef struct moe_ops {
     /* ---- elementwise and utility ---- */
@@ -250,6 +356,48 @@ typedef struct moe_ops {
     /* ---- optimizers ---- */
     moe_status (*adam_step)(moe_ctx *c, const moe_adam_args *a);
     moe_status (*sgd_step)(moe_ctx *c, const moe_sgd_args *a);
+
+    /* ---- decoding (moelm-generate), see the structs above ---- */
+    /* out(N,C) = scale * table[tok[i]] + (sinusoidal and tok[i] != padding_idx ?
+     * pos(positions[i]) : 0): embedding_forward with each token's position
+     * given (a decoding step's tokens sit at padding_idx+1+cache length+j).
+     * tokens, positions: (N) i32. */
+    moe_status (*embedding_at_forward)(moe_ctx *c, void *out, const int32_t *tokens, const int32_t *positions,
+                                       const void *table, int64_t N, int64_t C, float scale, int padding_idx,
+                                       int sinusoidal, moe_dtype dt);
+    moe_status (*rowlinear_forward)(moe_ctx *c, const moe_rowlinear_desc *d);
+    /* Causal attention of n new queries per row against a per-row cache.
+     * q, k, v: (B,n,H,D) at row stride ld (one packed projection; q already
+     * scaled). k_cache, v_cache: (B,H,Tc,D). cache_len, n_new: (B) i32.
+     * Query j < n_new[b] of row b attends the cached positions
+     * 0..cache_len[b]-1 and the new positions 0..j; the new keys and values
+     * j < n_new[b] are written to the cache at cache_len[b]+j (advancing
+     * cache_len is the caller's). out: (B,n,H*D); rows j >= n_new[b] are
+     * zero. Needs cache_len[b] + n_new[b] <= Tc and n_new[b] <= n (the cuda
+     * backend trusts them: they live in device memory). */
+    moe_status (*attention_decode)(moe_ctx *c, void *out, const void *q, const void *k, const void *v, int64_t ld,
+                                   void *k_cache, void *v_cache, const int32_t *cache_len, const int32_t *n_new,
+                                   int64_t B, int64_t n, int64_t H, int64_t D, int64_t Tc, moe_dtype dt);
+    moe_status (*gate_topk_forward)(moe_ctx *c, const moe_gate_topk_args *a);
+    moe_status (*expert_ffn_forward)(moe_ctx *c, const moe_expert_ffn_args *a);
+    /* For each row r of logits (R,V) fp32, with z = logits[r] / temperature
+     * (NaN counts as -inf): lse[r] = log sum_v exp(z_v) (in double);
+     * top_val, top_idx (R,K): the K largest z in descending order, ties to
+     * the lower index (0 <= K <= V); tgt[r] = z[targets[r]] when targets is
+     * not NULL. What a sampler needs without copying the vocabulary. */
+    moe_status (*logits_stats)(moe_ctx *c, float *lse, float *top_val, int32_t *top_idx, float *tgt,
+                               const float *logits, const int32_t *targets, int64_t R, int64_t V, int K,
+                               float temperature);
+    /* Recorded launches (NULL where the backend runs ops as they are queued,
+     * the cpu): between graph_begin and graph_end the ops queued are recorded,
+     * not run; graph_launch replays the recording with the same pointers and
+     * scalars (data is read at replay). Ops that need the host mid-way
+     * (copies from the host, allocation, synchronisation) cannot be recorded.
+     * graph_end always ends the recording, also after a failed op. */
+    moe_status (*graph_begin)(moe_ctx *c);
+    moe_status (*graph_end)(moe_ctx *c, void **graph);
+    moe_status (*graph_launch)(moe_ctx *c, void *graph);
+    void (*graph_destroy)(moe_ctx *c, void *graph);
 } moe_ops;
 
 #ifdef __cplusplus

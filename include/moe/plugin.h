@@ -13,7 +13,8 @@
  * ABI rule: adding a field at the end of a struct bumps MOE_ABI_MINOR; any other
  * change bumps MOE_ABI_MAJOR. History: 1.1 added the comm start/wait ops and
  * host->unit_prefetch, expert_grad_scale; 1.2 the task's set_epoch and
- * max_batch, the optimizer's state_layout. The loader refuses another major,
+ * max_batch, the optimizer's state_layout, the arch's decode_setup,
+ * decode_step and decode_reset. The loader refuses another major,
  * a newer minor, and struct sizes that do not match what the core was built with.
  */
 #ifndef MOE_PLUGIN_H
@@ -339,7 +340,32 @@ typedef struct moe_arch_ops {
     /* After the criterion has turned out->logits into dlogits: accumulate
      * parameter gradients. dl_aux: d loss / d l_aux of each MoE layer. */
     moe_status (*backward)(void *model, float dl_aux);
+
+    /* (ABI 1.2) Incremental decoding (moelm-generate), in eval mode: no
+     * dropout, gates configured with train = 0 (capacity from
+     * --moe-eval-capacity-token-fraction). Parameters must be allocated;
+     * setup() is not needed. Runs on one rank holding every expert.
+     * decode_setup: a K/V cache for B rows of up to max_len positions each,
+     * and scratch for steps of up to max_step tokens per row; all rows start
+     * empty. Calling it again replaces both. flags: MOE_DECODE_*. */
+    moe_status (*decode_setup)(void *model, int64_t B, int64_t max_len, int64_t max_step, unsigned flags);
+    /* Feeds n_new[b] <= n tokens to row b (tokens: host (B,n) i32, row b's
+     * first n_new[b] entries; n_new: host (B)), at the positions after the
+     * row's cached ones, attending to them and to each other causally; the
+     * row's cache grows by n_new[b]. *logits (backend fp32, valid until the
+     * next call): (B,V), row b the logits after its last fed token
+     * (unspecified where n_new[b] == 0), or with all_positions (B*n,V), row
+     * b*n + j after fed token j. A prompt can be fed whole or in pieces, then
+     * one token per step: each token's logits are those arch->forward gives
+     * for it over the whole sequence, whatever the other rows hold. */
+    moe_status (*decode_step)(void *model, const int32_t *tokens, const int32_t *n_new, int64_t n,
+                              int all_positions, const float **logits);
+    /* Every row back to empty (a new batch of prompts). */
+    moe_status (*decode_reset)(void *model);
 } moe_arch_ops;
+
+/* decode_setup flags */
+#define MOE_DECODE_NO_GRAPH 1u /* never record steps into a backend graph (debugging, timing) */
 
 /* ------------------------------------------------------------- kind: gate */
 

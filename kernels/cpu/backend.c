@@ -290,6 +290,13 @@ static const moe_ops cpu_ops_table = {
     .combine_backward = moe_cpu_combine_backward,
     .adam_step = moe_cpu_adam_step,
     .sgd_step = moe_cpu_sgd_step,
+    .embedding_at_forward = moe_cpu_embedding_at_forward,
+    .rowlinear_forward = moe_cpu_rowlinear_forward,
+    .attention_decode = moe_cpu_attention_decode,
+    .gate_topk_forward = moe_cpu_gate_topk_forward,
+    .expert_ffn_forward = moe_cpu_expert_ffn_forward,
+    .logits_stats = moe_cpu_logits_stats,
+    /* graph_*: NULL, every op runs when it is called */
 };
 
 static const moe_backend_ops cpu_backend = {

@@ -8,6 +8,9 @@
  *   attention.c causal attention forward/backward
  *   route.c    MoE routing, dispatch, combine
  *   optim.c    adam_step, sgd_step
+ *   decode.c   the decoding ops: embedding at positions, row-wise Linear,
+ *              cached attention, no-drop gate, routed experts, logits
+ *              statistics
  */
 #ifndef MOE_KERNELS_CPU_H
 #define MOE_KERNELS_CPU_H
@@ -105,6 +108,20 @@ moe_status moe_cpu_combine_forward(moe_ctx *c, void *y, const void *eout, const 
 moe_status moe_cpu_combine_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
                                     const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
                                     int E, int64_t C, int64_t d, moe_dtype dt);
+
+/* decode.c */
+moe_status moe_cpu_embedding_at_forward(moe_ctx *c, void *out, const int32_t *tokens, const int32_t *positions,
+                                        const void *table, int64_t N, int64_t C, float scale, int padding_idx,
+                                        int sinusoidal, moe_dtype dt);
+moe_status moe_cpu_rowlinear_forward(moe_ctx *c, const moe_rowlinear_desc *d);
+moe_status moe_cpu_attention_decode(moe_ctx *c, void *out, const void *q, const void *k, const void *v, int64_t ld,
+                                    void *k_cache, void *v_cache, const int32_t *cache_len, const int32_t *n_new,
+                                    int64_t B, int64_t n, int64_t H, int64_t D, int64_t Tc, moe_dtype dt);
+moe_status moe_cpu_gate_topk_forward(moe_ctx *c, const moe_gate_topk_args *a);
+moe_status moe_cpu_expert_ffn_forward(moe_ctx *c, const moe_expert_ffn_args *a);
+moe_status moe_cpu_logits_stats(moe_ctx *c, float *lse, float *top_val, int32_t *top_idx, float *tgt,
+                                const float *logits, const int32_t *targets, int64_t R, int64_t V, int K,
+                                float temperature);
 
 /* optim.c */
 moe_status moe_cpu_adam_step(moe_ctx *c, const moe_adam_args *a);

@@ -24,12 +24,14 @@
  *  - overflow_expertk is 0 when no token made a k-th choice (all pads, or the
  *    random policy dropped every second choice); fairseq divides 0 by 0 there
  *    and logs nan, which helps nobody.
- *  - Randomness (kernels/philox.h), a pure function of (seed, stream, index):
+ *  - Randomness (kernels/philox.h), a pure function of (seed, stream, index),
+ *    with t = s (or noise_index[s] when given):
  *      sampling policy: Gumbel noise for logit (s, e) is -log(-log(u)),
  *        evaluated in double and rounded to fp32, with
- *        u = moe_philox_uniform(seed, stream, s*E + e) kept within
- *        [FLT_MIN, 1 - FLT_EPSILON], the range torch's Gumbel draws from;
- *      random policy: u = moe_philox_uniform(seed, stream ^ ROUTE_RANDOM_STREAM, s).
+ *        u = moe_philox_uniform(seed, stream, t*E + e) kept within
+ *        [FLT_MIN, 1 - FLT_EPSILON], the range torch's Gumbel draws from
+ *        (moe_route_gumbel, kernels/route_common.h);
+ *      random policy: u = moe_philox_uniform(seed, stream ^ ROUTE_RANDOM_STREAM, t).
  *  - Arithmetic is fp32 as fairseq's --moe-gating-use-fp32 path; sums over
  *    tokens or experts (softmax denominator, entropy, me, l_aux, histogram
  *    sums, dot products) accumulate in double and are rounded once.
@@ -133,17 +135,6 @@ static void sort_desc_stable(int32_t *order, int32_t *tmp, int64_t n, const floa
     }
 }
 
-/* Gumbel(0, 1) noise for logit (s, e) of the sampling policy. */
-static float gumbel_noise(uint64_t seed, uint64_t stream, int64_t s, int E, int e)
-{
-    float u = moe_philox_uniform(seed, stream, (uint64_t)(s * E + e));
-    if (u < FLT_MIN)
-        u = FLT_MIN;
-    if (u > 1.0f - FLT_EPSILON)
-        u = 1.0f - FLT_EPSILON;
-    return (float)-log(-log((double)u));
-}
-
 /* ------------------------------------------------------------- forward */
 
 moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
@@ -173,6 +164,7 @@ moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
      * values meanwhile. */
     double entropy = 0.0;
     for (int64_t s = 0; s < S; s++) {
+        const int64_t tok = a->noise_index != NULL ? (int64_t)a->noise_index[s] : s; /* index of its draws */
         const float *l = a->logits + s * E;
         float *p = probs + s * E;
         float mx = l[0];
@@ -218,7 +210,7 @@ moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
         for (int e = 0; e < E; e++) {
             if (e == i1)
                 continue;
-            float v = sampling ? l[e] + gumbel_noise(a->seed, a->stream, s, E, e) : l[e];
+            float v = sampling ? l[e] + moe_route_gumbel(a->seed, a->stream, tok, E, e) : l[e];
             if (i2 < 0 || v > best) {
                 i2 = e;
                 best = v;
@@ -237,7 +229,7 @@ moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
         }
         int claim2 = !is_pad;
         if (random_policy) {
-            float u = moe_philox_uniform(a->seed, a->stream ^ ROUTE_RANDOM_STREAM, (uint64_t)s);
+            float u = moe_philox_uniform(a->seed, a->stream ^ ROUTE_RANDOM_STREAM, (uint64_t)tok);
             claim2 = claim2 && 2.0f * g2 > u;
         }
         expert[s * 2 + 1] = is_pad ? -1 : i2;

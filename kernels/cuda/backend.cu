@@ -3,7 +3,8 @@
  * allocator, copies on the stream, and the ops table.
  *
  * Not here: the ops themselves (one .cu per family, see cuda.h), and any
- * notion of several streams: everything is ordered on the context's stream.
+ * notion of several streams: everything is ordered on the context's stream
+ * (graph recording, for decoding, records that stream).
  *
  * The allocator keeps every block it ever got from cudaMalloc. Requests up to
  * 7/8 of MOE_CUDA_LARGE_BYTES are rounded up to a size class (four classes
@@ -23,6 +24,7 @@
 
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/decode.h"
 #include "kernels/cuda/elementwise.h"
 #include "kernels/cuda/matmul.h"
 #include "kernels/cuda/nn.h"
@@ -400,6 +402,52 @@ static moe_status cuda_synchronize(moe_ctx *c)
     return MOE_OK;
 }
 
+/* ------------------------------------------------------------ graphs */
+
+/* Decoding replays a step's launches as one CUDA graph: capture on the
+ * context's stream (thread-local mode: other threads may still allocate),
+ * instantiate, launch on the same stream. */
+static moe_status cuda_graph_begin(moe_ctx *c)
+{
+    MOE_CUDA_TRY(c, cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
+    return MOE_OK;
+}
+
+static moe_status cuda_graph_end(moe_ctx *c, void **graph)
+{
+    *graph = NULL;
+    cudaGraph_t g = NULL;
+    cudaError_t e = cudaStreamEndCapture(c->stream, &g);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError(); /* an invalidated capture is not sticky */
+        if (g != NULL)
+            cudaGraphDestroy(g);
+        return moe_cuda_error(c, e, "cudaStreamEndCapture", __FILE__, __LINE__);
+    }
+    cudaGraphExec_t x = NULL;
+    e = cudaGraphInstantiate(&x, g, 0);
+    cudaGraphDestroy(g);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return moe_cuda_error(c, e, "cudaGraphInstantiate", __FILE__, __LINE__);
+    }
+    *graph = (void *)x;
+    return MOE_OK;
+}
+
+static moe_status cuda_graph_launch(moe_ctx *c, void *graph)
+{
+    MOE_CUDA_TRY(c, cudaGraphLaunch((cudaGraphExec_t)graph, c->stream));
+    return MOE_OK;
+}
+
+static void cuda_graph_destroy(moe_ctx *c, void *graph)
+{
+    (void)c;
+    if (graph != NULL)
+        cudaGraphExecDestroy((cudaGraphExec_t)graph);
+}
+
 /* ------------------------------------------------------------ the tables */
 
 static moe_ops make_ops(void)
@@ -436,6 +484,16 @@ static moe_ops make_ops(void)
     o.combine_backward = moe_cuda_combine_backward;
     o.adam_step = moe_cuda_adam_step;
     o.sgd_step = moe_cuda_sgd_step;
+    o.embedding_at_forward = moe_cuda_embedding_at_forward;
+    o.rowlinear_forward = moe_cuda_rowlinear_forward;
+    o.attention_decode = moe_cuda_attention_decode;
+    o.gate_topk_forward = moe_cuda_gate_topk_forward;
+    o.expert_ffn_forward = moe_cuda_expert_ffn_forward;
+    o.logits_stats = moe_cuda_logits_stats;
+    o.graph_begin = cuda_graph_begin;
+    o.graph_end = cuda_graph_end;
+    o.graph_launch = cuda_graph_launch;
+    o.graph_destroy = cuda_graph_destroy;
     return o;
 }
 

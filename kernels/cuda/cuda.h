@@ -2,7 +2,8 @@
  * handle, caching allocator), error helpers, scratch memory, element
  * load/store on the device, reductions and launch helpers. Each op family
  * declares its moe_cuda_* functions, the ones the ops table points at, in its
- * own header (elementwise.h, matmul.h, nn.h, attention.h, route.h, optim.h).
+ * own header (elementwise.h, matmul.h, nn.h, attention.h, route.h, optim.h,
+ * decode.h).
  *
  * Not here: anything a plugin or the core sees. The backend is reached only
  * through its moe_backend_ops table; every symbol of this .so but the

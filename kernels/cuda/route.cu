@@ -23,9 +23,10 @@
  *     first-choice claims on the expert;
  *  5. one thread per token: combine weights (§2.2 step 16, §2.3);
  *  6. one thread: l_aux and the metrics from the per-expert totals.
- * Randomness: Gumbel noise for logit (s, e) is -log(-log(u)), u =
- * philox_uniform(seed, stream, s*E + e) clamped to [FLT_MIN, 1 - FLT_EPSILON];
- * the random policy draws philox_uniform(seed, stream ^ 0x52414E44, s).
+ * Randomness, with t = s or noise_index[s]: Gumbel noise for logit (s, e) is
+ * moe_route_gumbel (-log(-log(u)), u = philox_uniform(seed, stream, t*E + e)
+ * clamped to [FLT_MIN, 1 - FLT_EPSILON]); the random policy draws
+ * philox_uniform(seed, stream ^ 0x52414E44, t).
  */
 #include <cfloat>
 #include <cstring>
@@ -128,25 +129,17 @@ typedef struct route_k {
     uint64_t seed, stream;
     const float *logits;
     const uint8_t *pad;
+    const int32_t *noise_index;
     float *probs, *weight;
     int32_t *expert, *slot;
 } route_k;
-
-static __device__ __forceinline__ float gumbel_noise(uint64_t seed, uint64_t stream, int64_t s, int E, int e)
-{
-    float u = moe_philox_uniform(seed, stream, (uint64_t)(s * E + e));
-    if (u < FLT_MIN)
-        u = FLT_MIN;
-    if (u > 1.0f - FLT_EPSILON)
-        u = 1.0f - FLT_EPSILON;
-    return (float)-log(-log((double)u));
-}
 
 /* step 1: one thread per token */
 static __global__ void route_token_kernel(route_k a, route_ws w)
 {
     for (int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; s < a.S; s += (int64_t)gridDim.x * blockDim.x) {
         const int E = a.E;
+        const int64_t tok = a.noise_index != NULL ? (int64_t)a.noise_index[s] : s; /* index of its draws */
         const float *l = a.logits + s * E;
         float *p = a.probs + s * E;
         float mx = l[0];
@@ -190,7 +183,7 @@ static __global__ void route_token_kernel(route_k a, route_ws w)
         for (int e = 0; e < E; e++) {
             if (e == i1)
                 continue;
-            float v = a.sampling ? l[e] + gumbel_noise(a.seed, a.stream, s, E, e) : l[e];
+            float v = a.sampling ? l[e] + moe_route_gumbel(a.seed, a.stream, tok, E, e) : l[e];
             if (i2 < 0 || v > best) {
                 i2 = e;
                 best = v;
@@ -209,7 +202,7 @@ static __global__ void route_token_kernel(route_k a, route_ws w)
         }
         bool claim2 = !is_pad;
         if (a.random) {
-            float u = moe_philox_uniform(a.seed, a.stream ^ ROUTE_RANDOM_STREAM, (uint64_t)s);
+            float u = moe_philox_uniform(a.seed, a.stream ^ ROUTE_RANDOM_STREAM, (uint64_t)tok);
             claim2 = claim2 && 2.0f * g2 > u;
         }
         a.expert[s * 2 + 1] = is_pad ? -1 : i2;
@@ -401,6 +394,7 @@ moe_status moe_cuda_route_forward(moe_ctx *c, const moe_route_args *a)
     k.stream = a->stream;
     k.logits = a->logits;
     k.pad = a->pad;
+    k.noise_index = a->noise_index;
     k.probs = a->probs;
     k.weight = a->weight;
     k.expert = a->expert;

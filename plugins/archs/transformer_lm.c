@@ -6,7 +6,9 @@
  *
  * What it is: parameter registration (build), activation buffers (setup), the
  * explicit forward and backward of the pre-LN decoder, the MoE layer's gate
- * projection, dispatch, all-to-all, local experts and combine. Every number is
+ * projection, dispatch, all-to-all, local experts and combine. Incremental
+ * decoding (the K/V cache of moelm-generate) is transformer_lm_decode.c; the
+ * model struct both files use is transformer_lm.h. Every number is
  * computed by host->ops on memory from host->backend->alloc; nothing here
  * reads tensor memory, so the same code runs on the cpu and cuda backends.
  * What it is not: the routing policy (the gate plugin, host->gate_ops), the
@@ -82,28 +84,11 @@
 #include <time.h>
 
 #include "moe/plugin.h"
-
-#ifndef MOE_ARCH_VARIANT
-#define MOE_ARCH_VARIANT "transformer_lm"
-#endif
-
-#define TLM_LOG "fairseq.models.transformer_lm"
-#define TLM_LN_EPS 1e-5f
+#include "plugins/archs/transformer_lm.h"
 
 /* ------------------------------------------------------------- variants */
 
 /* Defaults of fairseq's named architectures (fairseq/models/transformer_lm.py). */
-typedef struct tlm_variant {
-    const char *name;
-    int64_t d, f, layers, heads;   /* f == 0: 4*d (the gpt3 family) */
-    double dropout, attention_dropout, activation_dropout;
-    const char *activation;
-    int no_final_norm;             /* the arch function forces no_decoder_final_norm */
-    int force_share;               /* the arch function forces tied embeddings (gpt3) */
-    int learned_pos;               /* fairseq defaults to learned positions (gpt3) */
-    int adaptive;                  /* fairseq defaults to adaptive input/softmax (wiki103) */
-} tlm_variant;
-
 static const tlm_variant tlm_variants[] = {
     {"transformer_lm", 512, 2048, 6, 8, 0.1, 0.0, 0.0, "relu", 0, 0, 0, 0},
     {"transformer_lm_big", 1024, 4096, 12, 16, 0.1, 0.0, 0.0, "relu", 0, 0, 0, 0},
@@ -224,126 +209,11 @@ static moe_option tlm_options[OPT_COUNT] = {
 
 /* ----------------------------------------------------------------- model */
 
-enum tlm_site {
-    SITE_EMBED = 0,
-    SITE_ATTN_PROBS,
-    SITE_ATTN_OUT,
-    SITE_FFN_ACT,
-    SITE_FFN_OUT,
-    SITE_EXPERT_ACT,
-    SITE_EXPERT_OUT,
-    SITE_GATE
-};
-
-static uint64_t tlm_stream(int layer, int site, int micro, int sub)
+uint64_t tlm_stream(int layer, int site, int micro, int sub)
 {
     return ((uint64_t)(micro & 0xFFFF) << 48) | ((uint64_t)(layer & 0xFFFF) << 32) | ((uint64_t)(site & 0xFF) << 24) |
            (uint64_t)(sub & 0xFFFFFF);
 }
-
-typedef struct tlm_expert {
-    int gid;                  /* global expert id */
-    int unit;
-    int fc1_w, fc1_b, fc2_w, fc2_b;
-} tlm_expert;
-
-typedef struct tlm_layer {
-    int moe;                  /* gate + experts instead of a dense FFN */
-    int moe_index;            /* index among MoE layers, -1 for dense */
-    int64_t ffn;              /* dense FFN width */
-    int unit;
-    int wk, wv, wq, bk, bv, bq, wo, bo, ln1_w, ln1_b;
-    int fc1_w, fc1_b, fc2_w, fc2_b; /* dense */
-    int wg;                         /* MoE gate projection (E, d) */
-    int ln2_w, ln2_b;
-    tlm_expert *experts;      /* local experts (MoE) */
-    void *gate;               /* the gate plugin's state (MoE) */
-} tlm_layer;
-
-/* What backward needs of one layer (one shared set with checkpointing). */
-typedef struct tlm_acts {
-    void *h1;                 /* (N,d) self_attn_layer_norm output */
-    float *mean1, *rstd1;     /* (N) */
-    void *qkv;                /* (N,3d) [k | v | q], q scaled */
-    void *att;                /* (N,d) attention output before out_proj */
-    float *lse;               /* (B,H,T) */
-    void *xmid;               /* (N,d) residual stream after attention */
-    void *h2;                 /* (N,d) final_layer_norm output */
-    float *mean2, *rstd2;     /* (N) */
-    void *pre, *act;          /* (N,f) dense fc1 pre-activation, activation after dropout */
-    /* MoE */
-    moe_route_args route;     /* as the gate's forward left it */
-    float *logits;            /* (N,E) fp32 */
-    float *probs;             /* (N,E) */
-    int32_t *expert, *slot;   /* (N,2) */
-    float *weight;            /* (N,2) */
-    void *route_ws;
-    void *xe;                 /* (E*C,d) expert inputs, expert-major */
-    void *epre, *eact;        /* (E*C,fe) */
-    void *eback;              /* (E*C,d) expert outputs back in the global (dispatch) layout */
-} tlm_acts;
-
-typedef struct tlm_alloc {
-    void **ptrs;
-    int n, cap;
-} tlm_alloc;
-
-typedef struct tlm {
-    const moe_host *h;
-    const tlm_variant *variant;
-    const moe_gate_ops *gate_ops;
-    moe_dtype dt;
-    /* configuration */
-    int64_t V, d, f, fe, L, H, D;
-    int pad;
-    float p_drop, p_attn, p_act;
-    moe_act_kind act_kind;    /* the FFN activation (dense and experts) */
-    int tied, scale_embed, final_norm, ckpt, pad_mask;
-    int record_a2a;           /* --record-a2a-perf-stats */
-    float a2a_ms[2];          /* this layer's forward all-to-alls: host ms, completed ms */
-    int E, moe_freq, n_moe, local_experts;
-    int a2a_world;            /* W: ranks in this rank's all-to-all group */
-    float emb_scale, q_scale;
-    /* parameters */
-    int root_unit, emb, out_proj, lnf_w, lnf_b;
-    tlm_layer *layers;
-    /* buffers (setup) */
-    int ready;
-    int64_t Bmax, Tmax, Nmax, C;  /* C: capacity the MoE buffers hold */
-    moe_group *a2a_group;
-    tlm_alloc allocs;
-    void **xs;                /* (L+1) x (N,d): layer inputs, xs[L] the last output */
-    void *xf;                 /* (N,d) after the final norm */
-    float *meanf, *rstdf;
-    void *logits;             /* (N,V) */
-    float *l_aux, *metrics;   /* (n_moe), (n_moe, MOE_NUM_METRICS) */
-    void *ones;               /* (N) ones: column sums of strided gradients */
-    void *bq_scaled;          /* (d) q bias times q_scale */
-    void *tmp;                /* (N,d) a branch's output before the residual add */
-    tlm_acts *acts;           /* L sets, or 1 with checkpointing */
-    /* MoE scratch shared by layers */
-    void *glog;               /* (N,E) gate logits in the act dtype (fp16/bf16 only) */
-    void *disp, *recv, *eout, *eperm; /* (E*C,d), each NULL when it is aliased (see setup) */
-    uint8_t *pad_dev;         /* (N) 1 = pad token */
-    int32_t *tok_host;
-    uint8_t *pad_host;
-    /* backward scratch */
-    void *dres, *dtmp, *dh, *datt; /* (N,d) */
-    void *dqkv;               /* (N,3d) */
-    void *dpre;               /* (N, max dense f) */
-    void *d_a, *d_b, *d_c, *d_e; /* MoE (E*C,d): combine grad, received, expert-major, expert input grads */
-    void *depre;              /* (W*C, fe) */
-    float *dweight, *dlogits; /* (N,2), (N,E) fp32 */
-    void *ebias;              /* (max(d, fe)) an expert's bias gradient before host->expert_grad_scale */
-    void *dlog;               /* (N,E) act dtype (fp16/bf16 only) */
-    /* the last forward */
-    const int32_t *tokens;
-    int64_t B, T, N;
-    int train, micro;
-    uint64_t seed;
-    int ws_layer;             /* checkpointing: layer whose activations the shared set holds */
-    int root_gathered;        /* a training forward holds the root unit until its backward */
-} tlm;
 
 /* ------------------------------------------------------------ utilities */
 
@@ -530,7 +400,7 @@ static moe_status register_layer(tlm *m, int i)
     return MOE_OK;
 }
 
-static moe_status init_gates(tlm *m)
+moe_status tlm_init_gates(tlm *m)
 {
     if (m->n_moe == 0 || m->gate_ops)
         return MOE_OK;
@@ -702,7 +572,7 @@ static moe_status tlm_build(const moe_host *h, int64_t vocab, int padding_idx, v
                                    (float)(1.0 / sqrt((double)m->d)), -1, &m->out_proj), fail);
     for (int i = 0; i < m->L; i++)
         MOE_TRY_GOTO(st, register_layer(m, i), fail);
-    MOE_TRY_GOTO(st, init_gates(m), fail);
+    MOE_TRY_GOTO(st, tlm_init_gates(m), fail);
     *model = m;
     return MOE_OK;
 fail:
@@ -715,6 +585,7 @@ static void tlm_destroy(void *model)
     tlm *m = model;
     if (!m)
         return;
+    tlm_decode_free(m);
     for (int i = 0; i < m->allocs.n; i++)
         m->h->backend->free(m->h->ctx, m->allocs.ptrs[i]);
     free(m->allocs.ptrs);
@@ -841,7 +712,7 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
     /* MoE: the gate, capacity for the largest batch in training and in evaluation, the all-to-all group */
     m->C = 0;
     if (m->n_moe > 0) {
-        MOE_TRY(init_gates(m));
+        MOE_TRY(tlm_init_gates(m));
         if (!m->gate_ops)
             return h->error(h, MOE_ERR_INTERNAL,
                             "%s: the model has MoE layers but no gate was resolved (host->gate_ops is NULL); load a "
@@ -1375,7 +1246,8 @@ static moe_status tlm_backward(void *model, float dl_aux)
 
 /* ------------------------------------------------------------ descriptor */
 
-static const moe_arch_ops tlm_ops = {tlm_build, tlm_destroy, tlm_info, tlm_setup, tlm_forward, tlm_backward};
+static const moe_arch_ops tlm_ops = {tlm_build,    tlm_destroy,      tlm_info,        tlm_setup,       tlm_forward,
+                                     tlm_backward, tlm_decode_setup, tlm_decode_step, tlm_decode_reset};
 
 static char tlm_defaults[OPT_VARIANT_COUNT][32];
 static moe_plugin_desc tlm_desc;

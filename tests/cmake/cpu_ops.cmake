@@ -33,6 +33,10 @@ else()
     "moe_status moe_cpu_adam_step(moe_ctx *c, const moe_adam_args *a) { return MOE_ERR_UNSUPPORTED; }\n"
     "moe_status moe_cpu_sgd_step(moe_ctx *c, const moe_sgd_args *a) { return MOE_ERR_UNSUPPORTED; }\n")
 endif()
+# decode.c (the decoding ops) likewise
+if(EXISTS ${cpu_ops_dir}/decode.c)
+  list(APPEND cpu_ops_sources ${cpu_ops_dir}/decode.c)
+endif()
 if(cpu_ops_stubs)
   set(cpu_ops_stub_file ${CMAKE_CURRENT_BINARY_DIR}/cpu_ops_stubs.c)
   file(WRITE ${cpu_ops_stub_file} "#include \"kernels/cpu/cpu.h\"\n${cpu_ops_stubs}")

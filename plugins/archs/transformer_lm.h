@@ -1,0 +1,173 @@
+/* transformer_lm.h: what the two source files of the transformer_lm arch
+ * plugins share: the model struct (its configuration, parameter ids and
+ * training buffers), the dropout-stream sites, and the entry points of
+ * incremental decoding. Private to plugins/archs/: nothing here is ABI.
+ *
+ *   transformer_lm.c         options, variants, build, setup, the training
+ *                            forward and backward (the conventions in its
+ *                            opening comment hold for both files)
+ *   transformer_lm_decode.c  decode_setup / decode_step / decode_reset: the
+ *                            K/V cache and the eval-mode decoding step
+ */
+#ifndef MOE_PLUGINS_ARCHS_TRANSFORMER_LM_H
+#define MOE_PLUGINS_ARCHS_TRANSFORMER_LM_H
+
+#include <stdint.h>
+
+#include "moe/plugin.h"
+
+#ifndef MOE_ARCH_VARIANT
+#define MOE_ARCH_VARIANT "transformer_lm"
+#endif
+
+#define TLM_LOG "fairseq.models.transformer_lm"
+#define TLM_LN_EPS 1e-5f
+
+/* Defaults of one of fairseq's named architectures (transformer_lm.c's table). */
+typedef struct tlm_variant {
+    const char *name;
+    int64_t d, f, layers, heads;   /* f == 0: 4*d (the gpt3 family) */
+    double dropout, attention_dropout, activation_dropout;
+    const char *activation;
+    int no_final_norm;             /* the arch function forces no_decoder_final_norm */
+    int force_share;               /* the arch function forces tied embeddings (gpt3) */
+    int learned_pos;               /* fairseq defaults to learned positions (gpt3) */
+    int adaptive;                  /* fairseq defaults to adaptive input/softmax (wiki103) */
+} tlm_variant;
+
+/* Dropout and routing-noise sites; see tlm_stream. */
+enum tlm_site {
+    SITE_EMBED = 0,
+    SITE_ATTN_PROBS,
+    SITE_ATTN_OUT,
+    SITE_FFN_ACT,
+    SITE_FFN_OUT,
+    SITE_EXPERT_ACT,
+    SITE_EXPERT_OUT,
+    SITE_GATE
+};
+
+/* The Philox stream of a site: micro << 48 | layer << 32 | site << 24 | sub
+ * (transformer_lm.c's opening comment). */
+uint64_t tlm_stream(int layer, int site, int micro, int sub);
+
+struct tlm_decode;
+
+typedef struct tlm_expert {
+    int gid;                  /* global expert id */
+    int unit;
+    int fc1_w, fc1_b, fc2_w, fc2_b;
+} tlm_expert;
+
+typedef struct tlm_layer {
+    int moe;                  /* gate + experts instead of a dense FFN */
+    int moe_index;            /* index among MoE layers, -1 for dense */
+    int64_t ffn;              /* dense FFN width */
+    int unit;
+    int wk, wv, wq, bk, bv, bq, wo, bo, ln1_w, ln1_b;
+    int fc1_w, fc1_b, fc2_w, fc2_b; /* dense */
+    int wg;                         /* MoE gate projection (E, d) */
+    int ln2_w, ln2_b;
+    tlm_expert *experts;      /* local experts (MoE) */
+    void *gate;               /* the gate plugin's state (MoE) */
+} tlm_layer;
+
+/* What backward needs of one layer (one shared set with checkpointing). */
+typedef struct tlm_acts {
+    void *h1;                 /* (N,d) self_attn_layer_norm output */
+    float *mean1, *rstd1;     /* (N) */
+    void *qkv;                /* (N,3d) [k | v | q], q scaled */
+    void *att;                /* (N,d) attention output before out_proj */
+    float *lse;               /* (B,H,T) */
+    void *xmid;               /* (N,d) residual stream after attention */
+    void *h2;                 /* (N,d) final_layer_norm output */
+    float *mean2, *rstd2;     /* (N) */
+    void *pre, *act;          /* (N,f) dense fc1 pre-activation, activation after dropout */
+    /* MoE */
+    moe_route_args route;     /* as the gate's forward left it */
+    float *logits;            /* (N,E) fp32 */
+    float *probs;             /* (N,E) */
+    int32_t *expert, *slot;   /* (N,2) */
+    float *weight;            /* (N,2) */
+    void *route_ws;
+    void *xe;                 /* (E*C,d) expert inputs, expert-major */
+    void *epre, *eact;        /* (E*C,fe) */
+    void *eback;              /* (E*C,d) expert outputs back in the global (dispatch) layout */
+} tlm_acts;
+
+typedef struct tlm_alloc {
+    void **ptrs;
+    int n, cap;
+} tlm_alloc;
+
+typedef struct tlm {
+    const moe_host *h;
+    const tlm_variant *variant;
+    const moe_gate_ops *gate_ops;
+    moe_dtype dt;
+    /* configuration */
+    int64_t V, d, f, fe, L, H, D;
+    int pad;
+    float p_drop, p_attn, p_act;
+    moe_act_kind act_kind;    /* the FFN activation (dense and experts) */
+    int tied, scale_embed, final_norm, ckpt, pad_mask;
+    int record_a2a;           /* --record-a2a-perf-stats */
+    float a2a_ms[2];          /* this layer's forward all-to-alls: host ms, completed ms */
+    int E, moe_freq, n_moe, local_experts;
+    int a2a_world;            /* W: ranks in this rank's all-to-all group */
+    float emb_scale, q_scale;
+    /* parameters */
+    int root_unit, emb, out_proj, lnf_w, lnf_b;
+    tlm_layer *layers;
+    /* buffers (setup) */
+    int ready;
+    int64_t Bmax, Tmax, Nmax, C;  /* C: capacity the MoE buffers hold */
+    moe_group *a2a_group;
+    tlm_alloc allocs;
+    void **xs;                /* (L+1) x (N,d): layer inputs, xs[L] the last output */
+    void *xf;                 /* (N,d) after the final norm */
+    float *meanf, *rstdf;
+    void *logits;             /* (N,V) */
+    float *l_aux, *metrics;   /* (n_moe), (n_moe, MOE_NUM_METRICS) */
+    void *ones;               /* (N) ones: column sums of strided gradients */
+    void *bq_scaled;          /* (d) q bias times q_scale */
+    void *tmp;                /* (N,d) a branch's output before the residual add */
+    tlm_acts *acts;           /* L sets, or 1 with checkpointing */
+    /* MoE scratch shared by layers */
+    void *glog;               /* (N,E) gate logits in the act dtype (fp16/bf16 only) */
+    void *disp, *recv, *eout, *eperm; /* (E*C,d), each NULL when it is aliased (see setup) */
+    uint8_t *pad_dev;         /* (N) 1 = pad token */
+    int32_t *tok_host;
+    uint8_t *pad_host;
+    /* backward scratch */
+    void *dres, *dtmp, *dh, *datt; /* (N,d) */
+    void *dqkv;               /* (N,3d) */
+    void *dpre;               /* (N, max dense f) */
+    void *d_a, *d_b, *d_c, *d_e; /* MoE (E*C,d): combine grad, received, expert-major, expert input grads */
+    void *depre;              /* (W*C, fe) */
+    float *dweight, *dlogits; /* (N,2), (N,E) fp32 */
+    void *ebias;              /* (max(d, fe)) an expert's bias gradient before host->expert_grad_scale */
+    void *dlog;               /* (N,E) act dtype (fp16/bf16 only) */
+    /* the last forward */
+    const int32_t *tokens;
+    int64_t B, T, N;
+    int train, micro;
+    uint64_t seed;
+    int ws_layer;             /* checkpointing: layer whose activations the shared set holds */
+    int root_gathered;        /* a training forward holds the root unit until its backward */
+    struct tlm_decode *dec;   /* incremental decoding's state (transformer_lm_decode.c), or NULL */
+} tlm;
+
+/* transformer_lm.c: the gate plugin's state for every MoE layer, once
+ * host->gate_ops is known (setup and decode_setup need it) */
+moe_status tlm_init_gates(tlm *m);
+
+/* transformer_lm_decode.c */
+moe_status tlm_decode_setup(void *model, int64_t B, int64_t max_len, int64_t max_step, unsigned flags);
+moe_status tlm_decode_step(void *model, const int32_t *tokens, const int32_t *n_new, int64_t n, int all_positions,
+                           const float **logits);
+moe_status tlm_decode_reset(void *model);
+/* frees the decoding state (tlm_destroy) */
+void tlm_decode_free(tlm *m);
+
+#endif
