@@ -18,7 +18,9 @@
 #include "core/internal.h"
 #include "core/launch.h"
 #include "core/log.h"
+#include "core/opwrap.h"
 #include "core/options.h"
+#include "core/profile.h"
 #include "core/registry.h"
 #include "core/runctl.h"
 #include "core/runtime.h"
@@ -46,6 +48,7 @@ static void cleanup(cli_state *s)
     moe_registry_destroy(s->reg);
     moe_opts_destroy(s->opts);
     moe_log_close_file();
+    moe_profile_reset();
 }
 
 static int fail(moe_status st, int usage_error) { return moe_error_report(PROG, st, usage_error); }
@@ -101,6 +104,9 @@ static int run(cli_state *s)
     /* a --save-dir that cannot take checkpoints fails now, not after the first hours of training */
     if (!dry_run && !moe_opts_flag(s->opts, "no-save"))
         MOE_TRY_GOTO(st, moe_runctl_check_save_dir(moe_opts_str(s->opts, "save-dir")), usage);
+    if (!dry_run && launch.spawn <= 0)
+        MOE_TRY_GOTO(st, moe_profile_configure(moe_opts_str(s->opts, "profile"), moe_opts_str(s->opts, "profile-updates")),
+                     usage);
 
     if (!dry_run && launch.spawn > 0) /* this process only starts the ranks of its node */
         return moe_launch_spawn(&launch, s->argv);
@@ -114,6 +120,11 @@ static int run(cli_state *s)
     if (h->world > 1)
         moe_log(MOE_LOG_INFO, "fairseq.distributed.utils", "distributed init (rank %d of %d, launched by %s)", h->rank,
                 h->world, moe_launch_method_name(launch.method));
+    /* --profile and --tensorboard-logdir watch the ops and collectives: wrap
+     * them before any plugin sees them */
+    const char *tb_dir = moe_opts_str(s->opts, "tensorboard-logdir");
+    if (!dry_run && (moe_profile_wanted() || (tb_dir && *tb_dir)))
+        MOE_TRY_GOTO(st, moe_opwrap_install(s->rt), failure);
     moe_components *cp = &s->c;
     st = moe_components_build(s->rt, &sel, &s->lc, 1, 0, 0, cp);
     if (st == MOE_ERR_INVALID_ARG) /* a component refused a value of its flags: an argument error */

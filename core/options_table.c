@@ -171,6 +171,12 @@ const moe_option moe_core_options[] = {
     {"dry-run", MOE_OPT_FLAG, NULL,
      "resolve every component and print parameter counts, memory and FLOPs per rank without training", NOLIMIT,
      NULL},
+    {"profile", MOE_OPT_STRING, NULL,
+     "write a Chrome/Perfetto trace (JSON trace events) of the updates --profile-updates chooses to FILE: per "
+     "layer and per op the forward, backward, communication and optimizer spans, each rank a process row",
+     NOLIMIT, NULL},
+    {"profile-updates", MOE_OPT_STRING, "2-3", "the updates --profile records: N or N-M (counted from 1)", NOLIMIT,
+     NULL},
 };
 const int moe_core_options_count = (int)(sizeof moe_core_options / sizeof moe_core_options[0]);
 

@@ -21,6 +21,7 @@
 #include "core/config.h"
 #include "core/internal.h"
 #include "core/log.h"
+#include "core/opwrap.h"
 
 typedef struct moe_param_entry {
     char *name;
@@ -66,6 +67,7 @@ struct moe_runtime {
     int owns_opts;        /* created by moe_runtime_create_for_test */
     int argc;             /* the command line, re-parsed as plugins add options */
     char **argv;
+    int observed;         /* ops and communicator wrapped (core/opwrap.h): report unit gathers */
 };
 
 static moe_runtime *rt_of(const moe_host *h) { return (moe_runtime *)(uintptr_t)h; }
@@ -332,7 +334,7 @@ static moe_status prefetch_finish(moe_runtime *rt, moe_unit_entry *u, int drop)
     return st;
 }
 
-static moe_status host_unit_gather(const moe_host *h, int unit_id)
+static moe_status unit_gather(const moe_host *h, int unit_id)
 {
     moe_runtime *rt = rt_of(h);
     MOE_TRY(check_unit(rt, unit_id, "unit_gather"));
@@ -386,7 +388,7 @@ static moe_status reduce_finish(moe_runtime *rt)
  * overlaps the next layer's backward; the next release (or a gather of the
  * same unit, or moe_runtime_finish_reductions) completes it: one in flight at
  * a time, as FSDP's post-backward reduction. */
-static moe_status host_unit_release(const moe_host *h, int unit_id)
+static moe_status unit_release(const moe_host *h, int unit_id)
 {
     moe_runtime *rt = rt_of(h);
     MOE_TRY(check_unit(rt, unit_id, "unit_release"));
@@ -423,6 +425,25 @@ static moe_status host_unit_release(const moe_host *h, int unit_id)
     }
     rt->rs_unit = unit_id;
     return MOE_OK;
+}
+
+/* The arch brackets each layer's forward and backward with these: observed
+ * runs see them as per-layer spans (core/opwrap.h). */
+static moe_status host_unit_gather(const moe_host *h, int unit_id)
+{
+    moe_runtime *rt = rt_of(h);
+    if (rt->observed && unit_id >= 0 && unit_id < rt->n_units)
+        moe_opwrap_unit(rt->units[unit_id].name, 1);
+    return unit_gather(h, unit_id);
+}
+
+static moe_status host_unit_release(const moe_host *h, int unit_id)
+{
+    moe_runtime *rt = rt_of(h);
+    moe_status st = unit_release(h, unit_id);
+    if (rt->observed && unit_id >= 0 && unit_id < rt->n_units)
+        moe_opwrap_unit(rt->units[unit_id].name, 0);
+    return st;
 }
 
 moe_status moe_runtime_finish_reductions(moe_runtime *rt) { return reduce_finish(rt); }
@@ -631,6 +652,16 @@ moe_status moe_runtime_load_plugin(moe_runtime *rt, moe_plugin_kind kind, const 
 }
 
 /* ------------------------------------------------------ parameter store */
+
+void moe_runtime_wrap(moe_runtime *rt, const moe_ops *ops, const moe_comm_ops *comm)
+{
+    rt->host.ops = ops;
+    if (comm) {
+        rt->host.comm_ops = comm;
+        rt->comm_ops = comm;
+    }
+    rt->observed = 1;
+}
 
 int moe_runtime_num_units(const moe_runtime *rt) { return rt->n_units; }
 

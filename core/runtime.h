@@ -44,6 +44,12 @@ int moe_runtime_args(const moe_runtime *rt, const char *const **args);
 moe_status moe_runtime_load_plugin(moe_runtime *rt, moe_plugin_kind kind, const char *name,
                                    const moe_plugin_desc **out);
 
+/* Replaces the ops table plugins see (host->ops) and the communicator
+ * (host->comm_ops, and the runtime's own gathers) with wrappers of them,
+ * and reports unit gathers and releases to core/opwrap.h. Call before any
+ * plugin is built: plugins may keep the pointers. */
+void moe_runtime_wrap(moe_runtime *rt, const moe_ops *ops, const moe_comm_ops *comm);
+
 /* Per-update seed handed to plugins by host->step_seed (seed + num_updates). */
 void moe_runtime_set_step_seed(moe_runtime *rt, uint64_t step_seed);
 /* The gate the arch will drive (host->gate_ops). */

@@ -26,8 +26,11 @@
 #include "core/internal.h"
 #include "core/log.h"
 #include "core/meters.h"
+#include "core/opwrap.h"
+#include "core/profile.h"
 #include "core/runctl.h"
 #include "core/scaler.h"
+#include "core/tensorboard.h"
 
 static const char *const metric_keys[MOE_NUM_METRICS] = {
     "overflow_expert1",       "overflow_expert2",      "entropy_gating",         "expert1_balance_top",
@@ -81,6 +84,18 @@ typedef struct trainer {
     int preempted;            /* stopping for a signal: save checkpoint_last only */
     double patience_best;     /* --patience: the best validation loss so far (NaN before one) */
     int patience_runs;        /* validations since it last improved */
+    /* --tensorboard-logdir */
+    int tb_on;                /* asked for (every rank: the expert load is summed over them) */
+    moe_tb *tb;               /* rank 0's writer, NULL elsewhere or after a write failed */
+    int load_collect;         /* this update's forwards count their routing (the update that is logged) */
+    int in_forward;           /* inside a training forward (not a recomputation, not validation) */
+    int load_experts;         /* E of the routing seen */
+    int load_n;               /* MoE layers seen, in order */
+    const char **load_layer;  /* their unit names */
+    double *load;             /* (load_n, E): tokens routed to each expert (first and second choices) */
+    double *load_dropped;     /* (load_n, E): of those, dropped for capacity */
+    int32_t *load_host;       /* host copy of one routing's expert and slot arrays */
+    int64_t load_host_cap;
 } trainer;
 
 static double now_s(void)
@@ -166,6 +181,8 @@ static moe_status begin_epoch(trainer *t)
         return moe_error_set(MOE_ERR_INVALID_ARG, "the train split has no batches in epoch %d", t->epoch);
     return MOE_OK;
 }
+
+static void observe_route(void *ctx, const char *layer, const moe_route_args *a);
 
 static moe_status setup(trainer *t)
 {
@@ -282,6 +299,15 @@ static moe_status setup(trainer *t)
                                                           : t->c->normalizer->divisor(num_experts_norm);
     moe_runtime_set_expert_grad_scale(t->rt, (float)(1.0 / divisor));
 
+    const char *tb_dir = moe_opts_str(o, "tensorboard-logdir");
+    t->tb_on = tb_dir && *tb_dir;
+    if (t->tb_on) {
+        moe_opwrap_set_route_observer(observe_route, t);
+        if (h->rank == 0)
+            MOE_TRY(moe_tb_open(tb_dir, &t->tb));
+    }
+    moe_profile_attach(h);
+
     t->inner = moe_meters_create(now_s());
     t->epoch_m = moe_meters_create(now_s());
     if (!t->inner || !t->epoch_m)
@@ -304,6 +330,12 @@ static void teardown(trainer *t)
             h->backend->free(h->ctx, bufs[i]);
     moe_meters_destroy(t->inner);
     moe_meters_destroy(t->epoch_m);
+    moe_opwrap_set_route_observer(NULL, NULL);
+    moe_tb_close(t->tb);
+    free(t->load_layer);
+    free(t->load);
+    free(t->load_dropped);
+    free(t->load_host);
     for (int i = 0; i < t->n_valid; i++)
         free(t->valid_subsets[i]);
     free(t->valid_subsets);
@@ -324,7 +356,11 @@ static moe_status run_batch(trainer *t, const char *split, int64_t index, int tr
         return st;
     }
     moe_fwd_out out;
-    MOE_TRY(t->c->arch->forward(t->c->model, t->tokens, b->B, b->T, train, micro, &out));
+    int span = train ? moe_profile_begin(MOE_PROF_FORWARD, "forward") : -1;
+    t->in_forward = train;
+    moe_status fst = t->c->arch->forward(t->c->model, t->tokens, b->B, b->T, train, micro, &out);
+    t->in_forward = 0;
+    MOE_TRY(fst);
     moe_crit_in in = {0};
     in.fwd = &out;
     in.targets = t->targets;
@@ -333,9 +369,15 @@ static moe_status run_batch(trainer *t, const char *split, int64_t index, int tr
     in.stats = b->ntokens > 0 ? t->red : t->red_dummy;
     in.scratch = t->scratch;
     float dl_aux = 0.0f;
+    int loss = train ? moe_profile_begin(MOE_PROF_FORWARD, "loss") : -1;
     MOE_TRY(t->c->criterion->compute(t->crit, &in, &dl_aux));
-    if (train)
+    moe_profile_end(loss);
+    moe_profile_end(span);
+    if (train) {
+        span = moe_profile_begin(MOE_PROF_BACKWARD, "backward");
         MOE_TRY(t->c->arch->backward(t->c->model, dl_aux));
+        moe_profile_end(span);
+    }
     return MOE_OK;
 }
 
@@ -476,6 +518,155 @@ static void log_update(trainer *t, moe_meters *m, const double *red, double ntok
     moe_meters_scalar(m, "cuda_gb_free", mem_total_bytes(&ms) / gib - alloc, 0, 1500, 1);
 }
 
+/* TensorBoard is a view of the run: a failed write is said once, then the
+ * run goes on without it */
+static void tb_failed(trainer *t)
+{
+    moe_log(MOE_LOG_WARNING, "moelm.tensorboard", "%s; no more TensorBoard events are written",
+            moe_error_message());
+    moe_error_clear();
+    moe_tb_close(t->tb);
+    t->tb = NULL;
+}
+
+static void tb_stats(trainer *t, const char *tag, const char *prefix, const moe_stat_kv *kv, int n)
+{
+    if (t->tb && (moe_tb_stats(t->tb, tag, prefix, t->num_updates, kv, n) != MOE_OK || moe_tb_flush(t->tb) != MOE_OK))
+        tb_failed(t);
+}
+
+/* route_forward's observer (core/opwrap.h): during the forwards of a logged
+ * update, the tokens each expert of each MoE layer was given */
+static void observe_route(void *ctx, const char *layer, const moe_route_args *a)
+{
+    trainer *t = ctx;
+    if (!t->load_collect || !t->in_forward || a->S <= 0 || a->E <= 0)
+        return;
+    if (t->load_experts == 0)
+        t->load_experts = a->E;
+    if (a->E != t->load_experts)
+        return;
+    int li = 0;
+    while (li < t->load_n && t->load_layer[li] != layer)
+        li++;
+    if (li == t->load_n) {
+        const int E = t->load_experts;
+        const char **names = realloc(t->load_layer, (size_t)(li + 1) * sizeof *names);
+        if (names)
+            t->load_layer = names;
+        double *l = names ? realloc(t->load, (size_t)(li + 1) * (size_t)E * sizeof *l) : NULL;
+        if (l)
+            t->load = l;
+        double *dr = l ? realloc(t->load_dropped, (size_t)(li + 1) * (size_t)E * sizeof *dr) : NULL;
+        if (dr)
+            t->load_dropped = dr;
+        if (!dr)
+            return;
+        t->load_layer[li] = layer;
+        memset(t->load + (size_t)li * (size_t)E, 0, (size_t)E * sizeof *t->load);
+        memset(t->load_dropped + (size_t)li * (size_t)E, 0, (size_t)E * sizeof *t->load_dropped);
+        t->load_n++;
+    }
+    int64_t n = 2 * a->S;
+    if (2 * n > t->load_host_cap) {
+        int32_t *p = realloc(t->load_host, (size_t)(2 * n) * sizeof *p);
+        if (!p)
+            return;
+        t->load_host = p;
+        t->load_host_cap = 2 * n;
+    }
+    const moe_host *h = t->h;
+    if (h->backend->copy_to_host(h->ctx, t->load_host, a->expert, (uint64_t)n * 4u) != MOE_OK ||
+        h->backend->copy_to_host(h->ctx, t->load_host + n, a->slot, (uint64_t)n * 4u) != MOE_OK) {
+        moe_error_clear();
+        return;
+    }
+    double *l = t->load + (size_t)li * (size_t)t->load_experts;
+    double *dr = t->load_dropped + (size_t)li * (size_t)t->load_experts;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t e = t->load_host[i];
+        if (e < 0 || e >= t->load_experts)
+            continue;
+        l[e] += 1.0;
+        if (t->load_host[n + i] < 0)
+            dr[e] += 1.0;
+    }
+}
+
+/* One histogram over the expert ids: bucket e = [e - 0.5, e + 0.5] holds the
+ * tokens of expert e, so TensorBoard draws the load per expert. */
+static moe_status tb_expert_histogram(trainer *t, const char *name, const double *counts)
+{
+    const int E = t->load_experts;
+    double *limits = malloc((size_t)E * sizeof *limits);
+    if (!limits)
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+    double num = 0, sum = 0, sq = 0;
+    for (int e = 0; e < E; e++) {
+        limits[e] = e + 0.5;
+        num += counts[e];
+        sum += counts[e] * e;
+        sq += counts[e] * e * e;
+    }
+    moe_status st = moe_tb_histogram(t->tb, "train_inner", name, t->num_updates, -0.5, E - 0.5, limits, counts, E,
+                                     num, sum, sq);
+    free(limits);
+    return st;
+}
+
+/* The logged update's expert load, summed over the ranks (every rank takes
+ * part), written by rank 0: per MoE layer, a histogram of the tokens each
+ * expert was routed (expert_load/<layer>) and of those dropped for capacity
+ * (expert_dropped/<layer>). */
+static moe_status log_expert_load(trainer *t)
+{
+    const moe_host *h = t->h;
+    t->load_collect = 0;
+    if (t->load_n == 0 || t->load_experts == 0)
+        return MOE_OK;
+    const int E = t->load_experts;
+    int64_t n = 2 * (int64_t)t->load_n * E;
+    if (h->world > 1) {
+        double *all = malloc((size_t)n * sizeof *all);
+        void *dev = NULL;
+        if (!all)
+            return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+        memcpy(all, t->load, (size_t)(n / 2) * sizeof *all);
+        memcpy(all + n / 2, t->load_dropped, (size_t)(n / 2) * sizeof *all);
+        moe_status st = h->backend->alloc(h->ctx, (uint64_t)n * 8u, "expert load (TensorBoard)", &dev);
+        if (st == MOE_OK)
+            st = h->backend->copy_from_host(h->ctx, dev, all, (uint64_t)n * 8u);
+        if (st == MOE_OK)
+            st = h->comm_ops->all_reduce(h->comm, NULL, dev, n, MOE_F64, MOE_REDUCE_SUM);
+        if (st == MOE_OK)
+            st = h->backend->copy_to_host(h->ctx, all, dev, (uint64_t)n * 8u);
+        if (dev)
+            h->backend->free(h->ctx, dev);
+        if (st == MOE_OK) {
+            memcpy(t->load, all, (size_t)(n / 2) * sizeof *all);
+            memcpy(t->load_dropped, all + n / 2, (size_t)(n / 2) * sizeof *all);
+        }
+        free(all);
+        MOE_TRY(st);
+    }
+    moe_status st = MOE_OK;
+    for (int li = 0; li < t->load_n && t->tb && st == MOE_OK; li++) {
+        char name[200];
+        snprintf(name, sizeof name, "expert_load/%s", t->load_layer[li] ? t->load_layer[li] : "moe_layer");
+        st = tb_expert_histogram(t, name, t->load + (size_t)li * (size_t)E);
+        snprintf(name, sizeof name, "expert_dropped/%s", t->load_layer[li] ? t->load_layer[li] : "moe_layer");
+        if (st == MOE_OK)
+            st = tb_expert_histogram(t, name, t->load_dropped + (size_t)li * (size_t)E);
+    }
+    if (st == MOE_OK && t->tb)
+        st = moe_tb_flush(t->tb);
+    if (st != MOE_OK)
+        tb_failed(t);
+    memset(t->load, 0, (size_t)(n / 2) * sizeof *t->load);
+    memset(t->load_dropped, 0, (size_t)(n / 2) * sizeof *t->load_dropped);
+    return MOE_OK;
+}
+
 static void emit(trainer *t, moe_meters *m, const char *tag, const char *prefix, int with_update, double now)
 {
     moe_stat_kv kv[64];
@@ -487,6 +678,7 @@ static void emit(trainer *t, moe_meters *m, const char *tag, const char *prefix,
     char update[48];
     snprintf(update, sizeof update, "%lld/%lld", (long long)t->iter, (long long)t->batches_per_epoch);
     moe_log_stats(tag, t->epoch, with_update ? update : NULL, kv, n);
+    tb_stats(t, tag, prefix, kv, n);
 }
 
 /* One validation subset (fairseq's validate): every batch of it on this
@@ -540,6 +732,7 @@ static moe_status validate_subset(trainer *t, const char *subset, int first)
         moe_stat_kv kv[64];
         int n = moe_meters_format(m, prefix, now_s(), kv, 64);
         moe_log_stats(subset, t->epoch, NULL, kv, n);
+        tb_stats(t, subset, prefix, kv, n);
     } else if (st == MOE_OK && first) {
         moe_log(MOE_LOG_WARNING, "fairseq_cli.train", "validation subset '%s' has no tokens to score", subset);
     }
@@ -693,7 +886,7 @@ static moe_status end_of_epoch(trainer *t)
  * fairseq's GroupedIterator), gradient reduction, norms, the overflow check,
  * clipping, the optimizer and scheduler steps. *updated is 0 when the step
  * overflowed and was skipped. */
-static moe_status train_step(trainer *t, int *updated)
+static moe_status train_step_inner(trainer *t, int *updated)
 {
     const moe_host *h = t->h;
     const moe_ops *ops = h->ops;
@@ -713,7 +906,10 @@ static moe_status train_step(trainer *t, int *updated)
         t->c->task->free_batch(t->c->task_state, &b);
         t->iter++;
     }
+    int span = moe_profile_begin(MOE_PROF_COMM, "gradient reduction");
     MOE_TRY(reduce_gradients(t));
+    moe_profile_end(span);
+    span = moe_profile_begin(MOE_PROF_OTHER, "norms and statistics");
     MOE_TRY(grad_norms(t));
     /* the expert part sums over every rank, replicas included, as fairseq's
      * clip_grad_norm_ does (§5.5) */
@@ -721,6 +917,7 @@ static moe_status train_step(trainer *t, int *updated)
         MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red + RED_NORM_EXPERT, 2, MOE_F32, MOE_REDUCE_SUM));
     double red[RED_COUNT];
     MOE_TRY(fetch_reductions(t, red, counts));
+    moe_profile_end(span);
     double ntokens = counts[0], nsentences = counts[1], batch_count = counts[2];
 
     /* ntokens: all ranks'; fairseq divides by 1 when a step has none */
@@ -745,7 +942,9 @@ static moe_status train_step(trainer *t, int *updated)
         multiply *= t->clip_norm / gnorm;
         clipped = 1;
     }
+    span = moe_profile_begin(MOE_PROF_OPTIMIZER, "optimizer");
     MOE_TRY(t->c->optimizer->step(t->opt, t->lr, 1.0 / multiply, t->num_updates + 1));
+    moe_profile_end(span);
     if (t->loss_scaling)
         moe_scaler_update(&t->scaler);
     t->num_updates++;
@@ -768,8 +967,25 @@ static moe_status train_step(trainer *t, int *updated)
     if (t->log_interval > 0 && t->num_updates % t->log_interval == 0) {
         emit(t, t->inner, "train_inner", "", 1, now);
         moe_meters_reset(t->inner, now_s());
+        if (t->tb_on)
+            MOE_TRY(log_expert_load(t));
     }
     return MOE_OK;
+}
+
+/* One update inside the profile's bracket (core/profile.h), with the
+ * routing counted when it is an update TensorBoard will show. */
+static moe_status train_step(trainer *t, int *updated)
+{
+    int64_t u = t->num_updates + 1;
+    t->load_collect = t->tb_on && t->log_interval > 0 && u % t->log_interval == 0;
+    moe_profile_step_begin(u);
+    int span = moe_profile_begin(MOE_PROF_STEP, "update");
+    moe_status st = train_step_inner(t, updated);
+    moe_profile_end(span);
+    t->load_collect = 0;
+    MOE_TRY(st);
+    return moe_profile_step_end(t->num_updates);
 }
 
 /* fairseq's validate_and_save, after every step: validate at the end of every
@@ -920,6 +1136,8 @@ moe_status moe_train(moe_runtime *rt, const moe_components *c)
         st = load_checkpoint(&t);
     if (st == MOE_OK)
         st = train_loop(&t);
+    if (st == MOE_OK)
+        st = moe_profile_finish();
     if (st == MOE_OK)
         moe_log(MOE_LOG_INFO, "fairseq_cli.train", "done training in %.1f seconds", now_s() - t.t0);
     teardown(&t);

@@ -14,7 +14,8 @@
  * change bumps MOE_ABI_MAJOR. History: 1.1 added the comm start/wait ops and
  * host->unit_prefetch, expert_grad_scale; 1.2 the task's set_epoch and
  * max_batch, the optimizer's state_layout, the arch's decode_setup,
- * decode_step and decode_reset. The loader refuses another major,
+ * decode_step and decode_reset, the backend's timer_mark, timer_elapsed_ms
+ * and timer_free. The loader refuses another major,
  * a newer minor, and struct sizes that do not match what the core was built with.
  */
 #ifndef MOE_PLUGIN_H
@@ -134,6 +135,15 @@ typedef struct moe_backend_ops {
     /* the native stream work is queued on (cudaStream_t for cuda, NULL for
      * cpu), so a communicator can order its collectives after the compute */
     void *(*native_stream)(moe_ctx *ctx);
+    /* (ABI 1.2) device timers, for --profile: timer_mark queues a marker on
+     * the compute stream after the work queued so far and returns it;
+     * timer_elapsed_ms waits until both markers have passed and gives the
+     * milliseconds between them; timer_free releases a marker. All three
+     * NULL on a backend whose ops run synchronously on the host (cpu): the
+     * profiler then measures wall time. */
+    moe_status (*timer_mark)(moe_ctx *ctx, void **mark);
+    moe_status (*timer_elapsed_ms)(moe_ctx *ctx, const void *from, const void *to, double *ms);
+    void (*timer_free)(moe_ctx *ctx, void *mark);
 } moe_backend_ops;
 
 typedef enum moe_reduce_op { MOE_REDUCE_SUM = 0, MOE_REDUCE_MAX } moe_reduce_op;

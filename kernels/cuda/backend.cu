@@ -402,6 +402,39 @@ static moe_status cuda_synchronize(moe_ctx *c)
     return MOE_OK;
 }
 
+/* ------------------------------------------------------------ timers */
+
+/* --profile's markers: CUDA events recorded on the compute stream. */
+static moe_status cuda_timer_mark(moe_ctx *c, void **mark)
+{
+    *mark = NULL;
+    cudaEvent_t e = NULL;
+    MOE_CUDA_TRY(c, cudaEventCreate(&e));
+    cudaError_t err = cudaEventRecord(e, c->stream);
+    if (err != cudaSuccess) {
+        cudaEventDestroy(e);
+        return moe_cuda_error(c, err, "cudaEventRecord(e, c->stream)", __FILE__, __LINE__);
+    }
+    *mark = (void *)e;
+    return MOE_OK;
+}
+
+static moe_status cuda_timer_elapsed_ms(moe_ctx *c, const void *from, const void *to, double *ms)
+{
+    float f = 0.0f;
+    MOE_CUDA_TRY(c, cudaEventSynchronize((cudaEvent_t)to));
+    MOE_CUDA_TRY(c, cudaEventElapsedTime(&f, (cudaEvent_t)from, (cudaEvent_t)to));
+    *ms = (double)f;
+    return MOE_OK;
+}
+
+static void cuda_timer_free(moe_ctx *c, void *mark)
+{
+    (void)c;
+    if (mark)
+        cudaEventDestroy((cudaEvent_t)mark);
+}
+
 /* ------------------------------------------------------------ graphs */
 
 /* Decoding replays a step's launches as one CUDA graph: capture on the
@@ -502,7 +535,8 @@ static const moe_ops cuda_ops_table = make_ops();
 static const moe_backend_ops cuda_backend = {
     cuda_create,      cuda_destroy,      cuda_available,    cuda_alloc,        cuda_free,
     cuda_copy_to_host, cuda_copy_from_host, cuda_copy,       cuda_synchronize,  cuda_memory_stats,
-    cuda_reset_peak,  &cuda_ops_table,   cuda_native_stream,
+    cuda_reset_peak,  &cuda_ops_table,   cuda_native_stream, cuda_timer_mark,   cuda_timer_elapsed_ms,
+    cuda_timer_free,
 };
 
 extern "C" {
