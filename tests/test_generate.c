@@ -27,13 +27,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
 #include "core/internal.h"
 #include "core/runtime.h"
+#include "data/bpe.h"
 #include "kernels/half.h"
 #include "moe/plugin.h"
+#include "runcmd.h"
 
 #define MAX_ARGS 64
 #define VOCAB 50
@@ -339,6 +342,347 @@ static void test_generate_decode_refusals(void **state)
     close_model(&md);
 }
 
+/* ------------------------------------------------------------- the tool */
+
+static char dir[64];
+
+#define RANDOM_MODEL                                                                                             \
+    "--cpu --task language_modeling --tokens-per-sample 64 --arch transformer_lm_gpt --decoder-layers 2 "       \
+    "--decoder-embed-dim 32 --decoder-ffn-embed-dim 48 --decoder-attention-heads 4 --moe-expert-count 4 "       \
+    "--moe-freq 2 --seed 3 "
+
+static void write_file(const char *name, const char *text)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* moelm-generate DATA <args>, DATA the corpus' data-bin (or `data`) */
+static void gen_run(const char *data, const char *args, moe_cmd_result *r)
+{
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd, "%s/moelm-generate %s/%s %s", MOE_TEST_BIN_DIR, dir, data, args);
+    assert_int_equal(moe_run_shell(cmd, r), 0);
+}
+
+static void gen_ok(const char *data, const char *args, moe_cmd_result *r)
+{
+    gen_run(data, args, r);
+    if (r->status != 0)
+        fail_msg("moelm-generate %s failed (%d):\n%s\n%s", args, r->status, r->out, r->err);
+}
+
+/* the lines of `out` starting with one of `kinds` ("HDP": H-, D-, P-), in order */
+static char *lines_of(const char *out, const char *kinds)
+{
+    size_t n = strlen(out);
+    char *res = calloc(n + 1, 1);
+    assert_non_null(res);
+    size_t k = 0;
+    for (const char *p = out; *p;) {
+        const char *e = strchr(p, '\n');
+        size_t len = e ? (size_t)(e - p + 1) : strlen(p);
+        if (len > 1 && p[1] == '-' && strchr(kinds, p[0]))
+            memcpy(res + k, p, len), k += len;
+        p += len;
+    }
+    return res;
+}
+
+/* the text after "<kind>-<id>\t" (and the score column for H and D), up to the line end */
+static char *field(const char *out, char kind, int id)
+{
+    char key[32];
+    snprintf(key, sizeof key, "%c-%d\t", kind, id);
+    const char *p = strstr(out, key);
+    if (!p)
+        return NULL;
+    p += strlen(key);
+    if (kind == 'H' || kind == 'D') {
+        p = strchr(p, '\t');
+        assert_non_null(p);
+        p++;
+    }
+    size_t len = strcspn(p, "\n");
+    return strndup(p, len);
+}
+
+static int count_words(const char *s)
+{
+    int n = 0;
+    for (const char *p = s; *p;) {
+        while (*p == ' ')
+            p++;
+        if (!*p)
+            break;
+        n++;
+        while (*p && *p != ' ')
+            p++;
+    }
+    return n;
+}
+
+static int tool_setup(void **state)
+{
+    (void)state;
+    snprintf(dir, sizeof dir, "/tmp/moelm-generate-XXXXXX");
+    if (!mkdtemp(dir))
+        return -1;
+    char path[128];
+    snprintf(path, sizeof path, "%s/corpus.txt", dir);
+    FILE *f = fopen(path, "w");
+    if (!f)
+        return -1;
+    uint32_t x = 4242;
+    for (int line = 0; line < 200; line++) {
+        x = x * 1103515245u + 12345u;
+        int words = 1 + (int)((x >> 16) % 12);
+        for (int w = 0; w < words; w++) {
+            x = x * 1103515245u + 12345u;
+            fprintf(f, "%sw%u", w ? " " : "", (x >> 16) % 2 ? (unsigned)(line + w) % 40u : (x >> 17) % 40u);
+        }
+        fputc('\n', f);
+    }
+    fclose(f);
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s/moelm-preprocess --only-source --trainpref %s --validpref %s --destdir %s/data-bin",
+             MOE_TEST_BIN_DIR, path, path, dir);
+    moe_cmd_result r;
+    if (moe_run_shell(cmd, &r) != 0 || r.status != 0)
+        return -1;
+    moe_cmd_result_free(&r);
+    return 0;
+}
+
+static int tool_teardown(void **state)
+{
+    (void)state;
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    return system(cmd);
+}
+
+/* A checkpoint trained here: its flags come from the file, the prompt is
+ * forced and scored, the continuation is greedy. */
+static void test_generate_tool_checkpoint(void **state)
+{
+    (void)state;
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd,
+             "%s/moelm-train --task language_modeling %s/data-bin --cpu --tokens-per-sample 32 "
+             "--arch transformer_lm_gpt --share-decoder-input-output-embed --decoder-layers 2 --decoder-embed-dim 32 "
+             "--decoder-ffn-embed-dim 64 --decoder-attention-heads 2 --moe-expert-count 2 --moe-freq 2 "
+             "--moe-second-expert-policy all --criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --optimizer adam "
+             "--lr 0.003 --warmup-updates 2 --batch-size 8 --max-update 6 --disable-validation --log-format json "
+             "--save-dir %s/ck",
+             MOE_TEST_BIN_DIR, dir, dir);
+    moe_cmd_result r;
+    assert_int_equal(moe_run_shell(cmd, &r), 0);
+    if (r.status != 0)
+        fail_msg("training failed (%d):\n%s\n%s", r.status, r.out, r.err);
+    moe_cmd_result_free(&r);
+    char args[512];
+    snprintf(args, sizeof args, "--path %s/ck/checkpoint_last.pt --prompt 'w1 w2 w3' --max-len-b 12", dir);
+    gen_ok("data-bin", args, &r);
+    assert_non_null(strstr(r.out, "loaded checkpoint"));
+    assert_non_null(strstr(r.out, "S-0\tw1 w2 w3\n"));
+    assert_non_null(strstr(r.out, "W-0\t"));
+    char *h = field(r.out, 'H', 0), *d = field(r.out, 'D', 0), *p = field(r.out, 'P', 0);
+    assert_non_null(h);
+    assert_non_null(d);
+    assert_non_null(p);
+    assert_true(strncmp(h, "w1 w2 w3", 8) == 0); /* the prompt is the hypothesis' prefix */
+    assert_string_equal(h, d);                  /* no BPE: detokenizing changes nothing */
+    assert_int_equal(count_words(p), count_words(h) + 1); /* a score per token and the final </s> */
+    assert_true(count_words(h) <= 12);
+    free(h);
+    free(d);
+    free(p);
+    moe_cmd_result_free(&r);
+}
+
+static void same_hdp(const moe_cmd_result *a, const moe_cmd_result *b, int expect_same)
+{
+    char *x = lines_of(a->out, "HDP"), *y = lines_of(b->out, "HDP");
+    assert_true(strlen(x) > 0);
+    if (expect_same && strcmp(x, y) != 0)
+        fail_msg("expected the same hypotheses:\n%s\n---\n%s", x, y);
+    if (!expect_same && strcmp(x, y) == 0)
+        fail_msg("expected different hypotheses, found the same:\n%s", x);
+    free(x);
+    free(y);
+}
+
+/* Sampling repeats with its seed, whatever the batch; top-k 1 and a tiny
+ * top-p are greedy. */
+static void test_generate_tool_sampling(void **state)
+{
+    (void)state;
+    write_file("prompts.txt", "w1 w2 w3\nw7\nw4 w5 w6 w7 w8 w9 w10 w11 w12 w13\n");
+    char in[160];
+    snprintf(in, sizeof in, "--input %s/prompts.txt --max-len-b 20 ", dir);
+    char a[1024];
+    moe_cmd_result s1, s2, s3, s4, g1, k1, p1;
+    snprintf(a, sizeof a, RANDOM_MODEL "%s --sampling --buffer-size 3 --batch-size 3", in);
+    gen_ok("data-bin", a, &s1);
+    gen_ok("data-bin", a, &s2);
+    same_hdp(&s1, &s2, 1);
+    assert_int_equal(moe_count_lines(s1.out, "H-"), 3);
+    snprintf(a, sizeof a, RANDOM_MODEL "%s --sampling --batch-size 1", in);
+    gen_ok("data-bin", a, &s3);
+    same_hdp(&s1, &s3, 1); /* batch size 3 and 1 */
+    snprintf(a, sizeof a, "--cpu --task language_modeling --tokens-per-sample 64 --arch transformer_lm_gpt "
+                          "--decoder-layers 2 --decoder-embed-dim 32 --decoder-ffn-embed-dim 48 "
+                          "--decoder-attention-heads 4 --moe-expert-count 4 --moe-freq 2 --seed 4 %s --sampling",
+             in);
+    gen_ok("data-bin", a, &s4);
+    same_hdp(&s1, &s4, 0); /* another seed (and model) */
+    snprintf(a, sizeof a, RANDOM_MODEL "%s --buffer-size 3 --batch-size 2", in);
+    gen_ok("data-bin", a, &g1);
+    snprintf(a, sizeof a, RANDOM_MODEL "%s --sampling --sampling-topk 1", in);
+    gen_ok("data-bin", a, &k1);
+    same_hdp(&g1, &k1, 1);
+    snprintf(a, sizeof a, RANDOM_MODEL "%s --sampling --sampling-topp 0.00001", in);
+    gen_ok("data-bin", a, &p1);
+    same_hdp(&g1, &p1, 1);
+    moe_cmd_result *all[] = {&s1, &s2, &s3, &s4, &g1, &k1, &p1};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        moe_cmd_result_free(all[i]);
+}
+
+static void test_generate_tool_formats(void **state)
+{
+    (void)state;
+    moe_cmd_result f, p, t;
+    /* unknown words are <unk>; an empty prompt starts from </s> alone */
+    gen_ok("data-bin", RANDOM_MODEL "--prompt 'w3 nosuchword w4' --max-len-b 6", &f);
+    assert_non_null(strstr(f.out, "S-0\tw3 <unk> w4\n"));
+    char *h = field(f.out, 'H', 0);
+    assert_non_null(h);
+    assert_true(strncmp(h, "w3 <unk> w4", 11) == 0);
+    assert_non_null(strstr(f.out, "NOTE: hypothesis and token scores are output in base 2"));
+    /* plain: the detokenized hypothesis alone on stdout, the log on stderr */
+    gen_ok("data-bin", RANDOM_MODEL "--prompt 'w3 nosuchword w4' --max-len-b 6 --output-format plain", &p);
+    char want[512];
+    snprintf(want, sizeof want, "%s\n", h);
+    assert_string_equal(p.out, want);
+    assert_non_null(strstr(p.err, "Type the input sentence"));
+    free(h);
+    /* --report-speed on stderr */
+    gen_ok("data-bin", RANDOM_MODEL "--prompt '' --max-len-b 8 --min-len 8 --report-speed", &t);
+    assert_non_null(strstr(t.err, "tokens/s"));
+    h = field(t.out, 'H', 0);
+    assert_non_null(h);
+    assert_int_equal(count_words(h), 8); /* --min-len 8 keeps </s> out until max_len forces it */
+    free(h);
+    moe_cmd_result_free(&f);
+    moe_cmd_result_free(&p);
+    moe_cmd_result_free(&t);
+}
+
+static void expect_refusal(const char *data, const char *args, int status, const char *needle)
+{
+    moe_cmd_result r;
+    gen_run(data, args, &r);
+    if (r.status != status || !strstr(r.err, needle))
+        fail_msg("moelm-generate %s: expected exit %d and '%s', found %d:\n%s\n%s", args, status, needle, r.status,
+                 r.out, r.err);
+    moe_cmd_result_free(&r);
+}
+
+static void test_generate_tool_refusals(void **state)
+{
+    (void)state;
+    expect_refusal("data-bin", RANDOM_MODEL "--prompt w1 --beam 2", 2, "beam search is not implemented");
+    expect_refusal("data-bin", RANDOM_MODEL "--prompt w1 --output-format xml", 2, "output-format");
+    expect_refusal("data-bin", RANDOM_MODEL "--prompt w1 --bpe gpt2", 2, "--gpt2-encoder-json");
+    expect_refusal("data-bin", RANDOM_MODEL "--prompt w1 --sampling-topk 3", 2, "--sampling");
+    expect_refusal("data-bin", RANDOM_MODEL "--prompt w1 --batch-size 4", 2, "--buffer-size");
+    expect_refusal("nowhere", RANDOM_MODEL "--prompt w1", 1, "dict.txt");
+    /* no DATA at all */
+    moe_cmd_result r;
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s/moelm-generate " RANDOM_MODEL "--prompt w1", MOE_TEST_BIN_DIR);
+    assert_int_equal(moe_run_shell(cmd, &r), 0);
+    assert_true(r.status != 0);
+    assert_non_null(strstr(r.err, "DATA"));
+    moe_cmd_result_free(&r);
+}
+
+/* A tiny GPT-2 vocabulary (the 256 byte chars, then the merges of "hello"
+ * and " world") and a dictionary of its ids: prompts are encoded, outputs
+ * decoded. */
+static void test_generate_tool_bpe(void **state)
+{
+    (void)state;
+    static const char *const merges[][2] = {
+        {"h", "e"}, {"l", "l"}, {"he", "ll"}, {"hell", "o"}, {"\xc4\xa0", "w"}, {"o", "r"}, {"\xc4\xa0w", "or"},
+        {"\xc4\xa0wor", "l"}, {"\xc4\xa0worl", "d"},
+    };
+    const int nm = (int)(sizeof merges / sizeof merges[0]);
+    char path[256];
+    snprintf(path, sizeof path, "%s/encoder.json", dir);
+    FILE *e = fopen(path, "w");
+    snprintf(path, sizeof path, "%s/vocab.bpe", dir);
+    FILE *v = fopen(path, "w");
+    char dpath[128];
+    snprintf(dpath, sizeof dpath, "%s/bpe-bin", dir);
+    char mk[160];
+    snprintf(mk, sizeof mk, "mkdir -p %s", dpath);
+    assert_int_equal(system(mk), 0);
+    snprintf(path, sizeof path, "%s/dict.txt", dpath);
+    FILE *d = fopen(path, "w");
+    assert_non_null(e);
+    assert_non_null(v);
+    assert_non_null(d);
+    fputc('{', e);
+    for (int b = 0; b < 256; b++) {
+        uint32_t cp = moe_bpe_byte_to_char((uint8_t)b);
+        char u[8];
+        int n = 0;
+        if (cp < 0x80) {
+            u[n++] = (char)cp;
+        } else {
+            u[n++] = (char)(0xC0 | (cp >> 6));
+            u[n++] = (char)(0x80 | (cp & 0x3F));
+        }
+        u[n] = '\0';
+        fprintf(e, "%s\"%s%s\": %d", b ? ", " : "", cp == '"' || cp == '\\' ? "\\" : "", u, b);
+    }
+    for (int i = 0; i < nm; i++)
+        fprintf(e, ", \"%s%s\": %d", merges[i][0], merges[i][1], 256 + i);
+    fprintf(e, "}\n");
+    fprintf(v, "#version: 0.2\n");
+    for (int i = 0; i < nm; i++)
+        fprintf(v, "%s %s\n", merges[i][0], merges[i][1]);
+    /* the letters and the merged words as dictionary symbols (GPT-2 ids), 4 + 28 + 8 padding = 40 types */
+    for (int id = 97; id <= 122; id++)
+        fprintf(d, "%d %d\n", id, 200 - id);
+    fprintf(d, "259 300\n264 299\n");
+    for (int i = 0; i < 8; i++)
+        fprintf(d, "madeupword%04d 0\n", i);
+    fclose(e);
+    fclose(v);
+    fclose(d);
+    char args[1024];
+    snprintf(args, sizeof args,
+             RANDOM_MODEL "--bpe gpt2 --gpt2-encoder-json %s/encoder.json --gpt2-vocab-bpe %s/vocab.bpe "
+                          "--prompt 'hello world' --max-len-b 8",
+             dir, dir);
+    moe_cmd_result r;
+    gen_ok("bpe-bin", args, &r);
+    assert_non_null(strstr(r.out, "S-0\t259 264\n"));
+    char *dt = field(r.out, 'D', 0);
+    assert_non_null(dt);
+    assert_true(strncmp(dt, "hello world", 11) == 0); /* the prompt decodes back */
+    free(dt);
+    moe_cmd_result_free(&r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -348,5 +692,11 @@ int main(void)
         cmocka_unit_test(test_generate_decode_half_precision),
         cmocka_unit_test(test_generate_decode_refusals),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    const struct CMUnitTest tool[] = {
+        cmocka_unit_test(test_generate_tool_checkpoint), cmocka_unit_test(test_generate_tool_sampling),
+        cmocka_unit_test(test_generate_tool_formats),    cmocka_unit_test(test_generate_tool_refusals),
+        cmocka_unit_test(test_generate_tool_bpe),
+    };
+    int failed = cmocka_run_group_tests(tests, NULL, NULL);
+    return failed + cmocka_run_group_tests(tool, tool_setup, tool_teardown);
 }

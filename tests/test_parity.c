@@ -19,15 +19,17 @@
  * double on the gpu too, so their fp32 results use the fp32 tolerance.
  *
  * Also checked on the gpu alone: memory accounting and the out-of-memory
- * message, copies, and determinism (bit-identical repeats of the reductions
- * and of attention backward).
+ * message, copies, determinism (bit-identical repeats of the reductions and
+ * of attention backward), and graph recording (a replay equals the eager
+ * run; the cpu has no graphs).
  *
  * Without a visible GPU the program prints "SKIP: no CUDA device visible"
  * and exits 77, which CTest reports as skipped. Every comparison prints one
  * "PARITY" line (op, dtype, error, tolerance, verdict); MOE_PARITY_FILTER
  * (a cmocka test-name pattern) runs a subset, e.g. under compute-sanitizer;
  * MOE_PARITY_BENCH=1 instead times the hot ops at the reference model's
- * sizes (printed "BENCH" lines, no verdict).
+ * sizes (printed "BENCH" lines, no verdict), the decoding ops at batch 1
+ * and 8 among them.
  */
 #include <dlfcn.h>
 #include <math.h>
@@ -1170,6 +1172,402 @@ static void test_parity_determinism(void **state)
     free(r2);
 }
 
+/* ----------------------------------------------------------- decoding */
+
+/* host i32 values into a paired buffer */
+static pbuf pb_ints(const int32_t *v, size_t n)
+{
+    pbuf b = pb_alloc(n * 4);
+    pb_upload(&b, v, n * 4);
+    return b;
+}
+
+static void test_parity_decode_rowlinear(void **state)
+{
+    (void)state;
+    begin_case();
+    char what[160];
+    /* embedding at explicit positions, pad tokens included */
+    {
+        const int64_t N = 13, C = 40, V = 30;
+        int32_t tok[13], pos[13];
+        for (int i = 0; i < N; i++) {
+            tok[i] = i % 5 == 2 ? 1 : (int32_t)moe_test_rng_int(&g_rng, 0, V);
+            pos[i] = (int32_t)moe_test_rng_int(&g_rng, 2, 3000);
+        }
+        pbuf t = pb_ints(tok, (size_t)N), ps = pb_ints(pos, (size_t)N);
+        for (int d = 0; d < 3; d++) {
+            const moe_dtype dt = k_dtypes[d];
+            pbuf table = pb_rand(dt, (size_t)(V * C), -1.0f, 1.0f), out = pb_nan(dt, (size_t)(N * C));
+#define EMBAT(o, cx, s)                                                                                       \
+    (o)->embedding_at_forward((cx), out.s, (const int32_t *)t.s, (const int32_t *)ps.s, table.s, N, C, 3.5f, 1, 1, dt)
+            BOTH("embedding_at_forward", EMBAT);
+#undef EMBAT
+            compare("embedding_at_forward sinusoidal, pad rows", &out, dt, (size_t)(N * C), tol_of(dt));
+            pb_free(&table);
+            pb_free(&out);
+        }
+        pb_free(&t);
+        pb_free(&ps);
+    }
+    /* m rows (> 8: groups), k with 16-byte loads or not, chunked k, each epilogue */
+    static const struct {
+        int64_t m, n, k;
+        int ln, bias, q_cols, act, beta, f32out, rows;
+    } cases[] = {
+        {1, 37, 64, 1, 1, 0, 0, 0, 0, 0},   {3, 300, 64, 1, 1, 100, 0, 0, 0, 0}, {2, 70, 72, 0, 1, 0, 1, 0, 0, 0},
+        {5, 45, 33, 1, 0, 0, 0, 1, 0, 0},   {11, 130, 48, 0, 1, 0, 0, 1, 0, 1},  {4, 257, 96, 1, 0, 0, 0, 0, 1, 1},
+        {8, 40, 4096, 0, 1, 0, 0, 1, 0, 0}, {1, 600, 2048, 1, 1, 0, 1, 0, 0, 0}, {9, 33, 40, 1, 1, 0, 0, 0, 1, 0},
+    };
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const int64_t m = cases[ci].m, n = cases[ci].n, k = cases[ci].k, ldx = k + 8, rows_in = m + 3;
+        for (int d = 0; d < 3; d++) {
+            const moe_dtype dt = k_dtypes[d];
+            const moe_dtype yt = cases[ci].f32out ? MOE_F32 : dt;
+            pbuf x = pb_rand(dt, (size_t)(rows_in * ldx), -2.0f, 2.0f), w = pb_rand(dt, (size_t)(n * k), -0.2f, 0.2f);
+            pbuf b = pb_rand(dt, (size_t)n, -0.5f, 0.5f), lw = pb_rand(dt, (size_t)k, 0.5f, 1.5f),
+                 lb = pb_rand(dt, (size_t)k, -0.5f, 0.5f);
+            pbuf y = cases[ci].beta ? pb_rand(yt, (size_t)(m * n), -1.0f, 1.0f) : pb_nan(yt, (size_t)(m * n));
+            int32_t ridx[16];
+            for (int i = 0; i < m; i++)
+                ridx[i] = (int32_t)((i * 5 + 2) % rows_in);
+            pbuf ri = pb_ints(ridx, (size_t)m);
+            moe_rowlinear_desc dc, dg;
+            memset(&dc, 0, sizeof dc);
+            dc.m = m;
+            dc.n = n;
+            dc.k = k;
+            dc.ldx = ldx;
+            dc.layernorm = cases[ci].ln;
+            dc.ln_eps = 1e-5f;
+            dc.q_scale = 0.125f;
+            dc.q_cols = cases[ci].q_cols;
+            dc.act = cases[ci].act;
+            dc.act_kind = cases[ci].act == 1 && ci % 2 ? MOE_ACT_RELU : MOE_ACT_GELU_TANH;
+            dc.beta = cases[ci].beta ? 1.0f : 0.0f;
+            dc.ldy = n;
+            dc.y_dtype = yt;
+            dc.dt = dt;
+            dg = dc;
+            dc.x = x.c; dg.x = x.g;
+            dc.w = w.c; dg.w = w.g;
+            dc.bias = cases[ci].bias ? b.c : NULL; dg.bias = cases[ci].bias ? b.g : NULL;
+            dc.ln_weight = lw.c; dg.ln_weight = lw.g;
+            dc.ln_bias = lb.c; dg.ln_bias = lb.g;
+            dc.rows = cases[ci].rows ? (const int32_t *)ri.c : NULL;
+            dg.rows = cases[ci].rows ? (const int32_t *)ri.g : NULL;
+            dc.y = y.c; dg.y = y.g;
+            check_ok("rowlinear_forward", g_cpu.ops->rowlinear_forward(g_cpu.ctx, &dc),
+                     g_gpu.ops->rowlinear_forward(g_gpu.ctx, &dg));
+            snprintf(what, sizeof what, "rowlinear m%lld n%lld k%lld%s%s%s%s%s%s%s", (long long)m, (long long)n,
+                     (long long)k, cases[ci].ln ? " ln" : "", cases[ci].bias ? " bias" : "",
+                     cases[ci].q_cols ? " q" : "", cases[ci].act ? " act" : "", cases[ci].beta ? " +y" : "",
+                     cases[ci].f32out ? " ->f32" : "", cases[ci].rows ? " rows" : "");
+            /* the inputs are rounded to dt after the LayerNorm: dt's tolerance even for fp32 outputs */
+            compare(what, &y, yt, (size_t)(m * n), tol_of(dt));
+            pb_free(&x); pb_free(&w); pb_free(&b); pb_free(&lw); pb_free(&lb); pb_free(&y); pb_free(&ri);
+        }
+    }
+    end_case();
+}
+
+static void test_parity_decode_attention(void **state)
+{
+    (void)state;
+    begin_case();
+    char what[128];
+    static const struct {
+        int64_t B, n, H, D, Tc;
+        int32_t clen[3], nnew[3];
+    } cases[] = {
+        {3, 1, 2, 64, 40, {5, 0, 17}, {1, 1, 0}},  {3, 4, 2, 64, 40, {0, 9, 30}, {4, 2, 3}},
+        {2, 3, 3, 24, 20, {6, 1, 0}, {3, 1, 0}},   {1, 1, 4, 128, 300, {257, 0, 0}, {1, 0, 0}},
+        {2, 2, 2, 32, 12, {0, 10}, {2, 2}},
+    };
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const int64_t B = cases[ci].B, n = cases[ci].n, H = cases[ci].H, D = cases[ci].D, Tc = cases[ci].Tc;
+        const int64_t ld = 3 * H * D, cache = B * H * Tc * D;
+        pbuf cl = pb_ints(cases[ci].clen, (size_t)B), nn = pb_ints(cases[ci].nnew, (size_t)B);
+        for (int d = 0; d < 3; d++) {
+            const moe_dtype dt = k_dtypes[d];
+            const size_t es = moe_dtype_size(dt);
+            pbuf qkv = pb_rand(dt, (size_t)(B * n * ld), -1.0f, 1.0f), out = pb_nan(dt, (size_t)(B * n * H * D));
+            pbuf kc = pb_rand(dt, (size_t)cache, -1.0f, 1.0f), vc = pb_rand(dt, (size_t)cache, -1.0f, 1.0f);
+#define ATD(o, cx, s)                                                                                              \
+    (o)->attention_decode((cx), out.s, (char *)qkv.s + 2 * H * D * es, qkv.s, (char *)qkv.s + H * D * es, ld, kc.s, \
+                          vc.s, (const int32_t *)cl.s, (const int32_t *)nn.s, B, n, H, D, Tc, dt)
+            BOTH("attention_decode", ATD);
+#undef ATD
+            snprintf(what, sizeof what, "attention_decode B%lld n%lld H%lld D%lld out", (long long)B, (long long)n,
+                     (long long)H, (long long)D);
+            compare(what, &out, dt, (size_t)(B * n * H * D), tol_of(dt));
+            snprintf(what, sizeof what, "attention_decode B%lld n%lld H%lld D%lld caches", (long long)B,
+                     (long long)n, (long long)H, (long long)D);
+            compare(what, &kc, dt, (size_t)cache, 0.0);
+            compare(what, &vc, dt, (size_t)cache, 0.0);
+            pb_free(&qkv); pb_free(&out); pb_free(&kc); pb_free(&vc);
+        }
+        pb_free(&cl);
+        pb_free(&nn);
+    }
+    end_case();
+}
+
+/* E experts' fc1/fc2 weights on both sides and each side's pointer tables;
+ * `skew` offsets every pointer by one element (unaligned loads) */
+typedef struct expert_set {
+    pbuf w1, b1, w2, b2, tab;
+} expert_set;
+
+static expert_set experts_make(int E, int64_t d, int64_t f, moe_dtype dt, int skew)
+{
+    expert_set x;
+    const size_t es = moe_dtype_size(dt);
+    const int64_t n1 = f * d + 1, n2 = d * f + 1;
+    x.w1 = pb_rand(dt, (size_t)(E * n1), -0.15f, 0.15f);
+    x.b1 = pb_rand(dt, (size_t)(E * (f + 1)), -0.3f, 0.3f);
+    x.w2 = pb_rand(dt, (size_t)(E * n2), -0.15f, 0.15f);
+    x.b2 = pb_rand(dt, (size_t)(E * (d + 1)), -0.3f, 0.3f);
+    x.tab = pb_alloc((size_t)(4 * E) * sizeof(void *));
+    for (int side = 0; side < 2; side++) {
+        const void *t[4 * 64];
+        assert_true(E <= 64);
+        for (int e = 0; e < E; e++) {
+            t[e] = (char *)(side ? x.w1.g : x.w1.c) + ((size_t)e * (size_t)n1 + (size_t)skew) * es;
+            t[E + e] = (char *)(side ? x.b1.g : x.b1.c) + ((size_t)e * (size_t)(f + 1) + (size_t)skew) * es;
+            t[2 * E + e] = (char *)(side ? x.w2.g : x.w2.c) + ((size_t)e * (size_t)n2 + (size_t)skew) * es;
+            t[3 * E + e] = (char *)(side ? x.b2.g : x.b2.c) + ((size_t)e * (size_t)(d + 1) + (size_t)skew) * es;
+        }
+        const moe_backend_ops *be = side ? g_gpu.be : g_cpu.be;
+        assert_int_equal(be->copy_from_host(side ? g_gpu.ctx : g_cpu.ctx, side ? x.tab.g : x.tab.c, t,
+                                            (size_t)(4 * E) * sizeof(void *)),
+                         MOE_OK);
+    }
+    return x;
+}
+
+static void experts_free(expert_set *x)
+{
+    pb_free(&x->w1); pb_free(&x->b1); pb_free(&x->w2); pb_free(&x->b2); pb_free(&x->tab);
+}
+
+static void test_parity_decode_moe(void **state)
+{
+    (void)state;
+    begin_case();
+    char what[128];
+    const int E = 8;
+    /* the no-drop gate */
+    static const struct {
+        int64_t S, d;
+        int k, sampling, ln, pad, noise;
+    } gates[] = {{13, 64, 2, 0, 1, 1, 0}, {5, 40, 2, 1, 1, 0, 1}, {7, 64, 1, 0, 0, 1, 0}, {1, 2048, 2, 1, 1, 0, 1}};
+    for (size_t gi = 0; gi < sizeof gates / sizeof gates[0]; gi++) {
+        const int64_t S = gates[gi].S, d = gates[gi].d;
+        uint8_t pads[16];
+        int32_t noise[16];
+        for (int s = 0; s < S; s++) {
+            pads[s] = gates[gi].pad && s % 4 == 3;
+            noise[s] = (int32_t)(100 + 3 * s);
+        }
+        pbuf pad = pb_alloc((size_t)S), nz = pb_ints(noise, (size_t)S);
+        pb_upload(&pad, pads, (size_t)S);
+        for (int di = 0; di < 3; di++) {
+            const moe_dtype dt = k_dtypes[di];
+            pbuf x = pb_rand(dt, (size_t)(S * d), -2.0f, 2.0f), wg = pb_rand(dt, (size_t)(E * d), -0.3f, 0.3f);
+            pbuf lw = pb_rand(dt, (size_t)d, 0.5f, 1.5f), lb = pb_rand(dt, (size_t)d, -0.5f, 0.5f);
+            pbuf ex = pb_nan(MOE_I32, (size_t)(2 * S)), ew = pb_nan(MOE_F32, (size_t)(2 * S));
+            moe_gate_topk_args ac, ag;
+            memset(&ac, 0, sizeof ac);
+            ac.S = S; ac.d = d; ac.E = E; ac.k = gates[gi].k; ac.layernorm = gates[gi].ln; ac.ln_eps = 1e-5f;
+            ac.policy = gates[gi].sampling ? MOE_ROUTE_SAMPLING : MOE_ROUTE_ALL; ac.seed = 17; ac.stream = 5;
+            ac.dt = dt;
+            ag = ac;
+            ac.x = x.c; ag.x = x.g; ac.wg = wg.c; ag.wg = wg.g; ac.ln_weight = lw.c; ag.ln_weight = lw.g;
+            ac.ln_bias = lb.c; ag.ln_bias = lb.g;
+            ac.pad = gates[gi].pad ? (const uint8_t *)pad.c : NULL; ag.pad = gates[gi].pad ? (const uint8_t *)pad.g : NULL;
+            ac.noise_index = gates[gi].noise ? (const int32_t *)nz.c : NULL;
+            ag.noise_index = gates[gi].noise ? (const int32_t *)nz.g : NULL;
+            ac.expert = (int32_t *)ex.c; ag.expert = (int32_t *)ex.g; ac.weight = (float *)ew.c; ag.weight = (float *)ew.g;
+            check_ok("gate_topk_forward", g_cpu.ops->gate_topk_forward(g_cpu.ctx, &ac),
+                     g_gpu.ops->gate_topk_forward(g_gpu.ctx, &ag));
+            snprintf(what, sizeof what, "gate_topk S%lld d%lld top%d%s%s", (long long)S, (long long)d, gates[gi].k,
+                     gates[gi].sampling ? " sampling" : "", gates[gi].pad ? " pad" : "");
+            compare(what, &ex, MOE_I32, (size_t)(2 * S), 0.0);
+            compare(what, &ew, MOE_F32, (size_t)(2 * S), TOL32);
+            pb_free(&x); pb_free(&wg); pb_free(&lw); pb_free(&lb); pb_free(&ex); pb_free(&ew);
+        }
+        pb_free(&pad);
+        pb_free(&nz);
+    }
+    /* route_forward draws its noise at noise_index when given */
+    {
+        const int64_t S = 24;
+        int32_t noise[24];
+        for (int s = 0; s < S; s++)
+            noise[s] = (int32_t)(7 * s + 40);
+        pbuf nz = pb_ints(noise, (size_t)S);
+        const route_case rcs[] = {{2, MOE_ROUTE_SAMPLING, 0, 0, 0, 12}, {2, MOE_ROUTE_RANDOM, 0, 0, 1, 12}};
+        for (int i = 0; i < 2; i++) {
+            route_bufs r;
+            route_setup(&r, &rcs[i], S, E);
+            r.ac.noise_index = (const int32_t *)nz.c;
+            r.ag.noise_index = (const int32_t *)nz.g;
+            check_ok("route_forward", g_cpu.ops->route_forward(g_cpu.ctx, &r.ac),
+                     g_gpu.ops->route_forward(g_gpu.ctx, &r.ag));
+            snprintf(what, sizeof what, "route_forward noise_index %s expert", policy_name(rcs[i].policy));
+            compare(what, &r.expert, MOE_I32, (size_t)(2 * S), 0.0);
+            snprintf(what, sizeof what, "route_forward noise_index %s slot", policy_name(rcs[i].policy));
+            compare(what, &r.slot, MOE_I32, (size_t)(2 * S), 0.0);
+            route_free(&r);
+        }
+        pb_free(&nz);
+    }
+    /* the routed experts: repeats, -1 and zero weights, > 8 tokens of one expert, unaligned tables */
+    static const struct {
+        int64_t S, d, f;
+        int ln, beta, skew;
+    } xs[] = {{1, 64, 96, 1, 1, 0}, {5, 64, 96, 1, 1, 0}, {12, 40, 56, 0, 0, 0}, {3, 48, 72, 1, 1, 1},
+              {1, 2048, 512, 1, 1, 0}};
+    for (size_t xi = 0; xi < sizeof xs / sizeof xs[0]; xi++) {
+        const int64_t S = xs[xi].S, d = xs[xi].d, f = xs[xi].f;
+        int32_t ex[32];
+        float ew[32];
+        for (int s = 0; s < S; s++) {
+            int e1 = S > 8 ? 3 : (int)((s * 5 + 1) % E), e2 = (e1 + 1 + s % 3) % E;
+            ex[2 * s] = e1;
+            ex[2 * s + 1] = s % 6 == 4 ? -1 : e2;
+            ew[2 * s] = 0.6f + 0.01f * (float)s;
+            ew[2 * s + 1] = s % 5 == 2 ? 0.0f : 0.4f - 0.01f * (float)s;
+        }
+        pbuf pe = pb_ints(ex, (size_t)(2 * S)), pw = pb_alloc((size_t)(2 * S) * 4);
+        pb_upload(&pw, ew, (size_t)(2 * S) * 4);
+        for (int di = 0; di < 3; di++) {
+            const moe_dtype dt = k_dtypes[di];
+            expert_set es = experts_make(E, d, f, dt, xs[xi].skew);
+            pbuf x = pb_rand(dt, (size_t)(S * d), -2.0f, 2.0f), lw = pb_rand(dt, (size_t)d, 0.5f, 1.5f),
+                 lb = pb_rand(dt, (size_t)d, -0.5f, 0.5f);
+            pbuf hid = pb_nan(dt, (size_t)(2 * S * f)), eo = pb_nan(MOE_F32, (size_t)(2 * S * d));
+            moe_expert_ffn_args ac, ag;
+            memset(&ac, 0, sizeof ac);
+            ac.S = S; ac.d = d; ac.f = f; ac.E = E; ac.layernorm = xs[xi].ln; ac.ln_eps = 1e-5f;
+            ac.act = MOE_ACT_GELU_TANH; ac.beta = xs[xi].beta ? 1.0f : 0.0f; ac.dt = dt;
+            ag = ac;
+            ac.x = x.c; ag.x = x.g; ac.y = x.c; ag.y = x.g; /* in place, as the residual stream */
+            ac.ln_weight = lw.c; ag.ln_weight = lw.g; ac.ln_bias = lb.c; ag.ln_bias = lb.g;
+            ac.expert = (const int32_t *)pe.c; ag.expert = (const int32_t *)pe.g;
+            ac.weight = (const float *)pw.c; ag.weight = (const float *)pw.g;
+            const void *const *tc = (const void *const *)es.tab.c, *const *tg = (const void *const *)es.tab.g;
+            ac.w1 = tc; ac.b1 = tc + E; ac.w2 = tc + 2 * E; ac.b2 = tc + 3 * E;
+            ag.w1 = tg; ag.b1 = tg + E; ag.w2 = tg + 2 * E; ag.b2 = tg + 3 * E;
+            ac.hidden = hid.c; ag.hidden = hid.g; ac.eout = (float *)eo.c; ag.eout = (float *)eo.g;
+            check_ok("expert_ffn_forward", g_cpu.ops->expert_ffn_forward(g_cpu.ctx, &ac),
+                     g_gpu.ops->expert_ffn_forward(g_gpu.ctx, &ag));
+            snprintf(what, sizeof what, "expert_ffn S%lld d%lld f%lld%s%s%s y", (long long)S, (long long)d,
+                     (long long)f, xs[xi].ln ? " ln" : "", xs[xi].beta ? " +x" : "", xs[xi].skew ? " unaligned" : "");
+            compare(what, &x, dt, (size_t)(S * d), tol_of(dt));
+            snprintf(what, sizeof what, "expert_ffn S%lld d%lld f%lld hidden", (long long)S, (long long)d, (long long)f);
+            compare(what, &hid, dt, (size_t)(2 * S * f), tol_of(dt));
+            pb_free(&x); pb_free(&lw); pb_free(&lb); pb_free(&hid); pb_free(&eo);
+            experts_free(&es);
+        }
+        pb_free(&pe);
+        pb_free(&pw);
+    }
+    end_case();
+}
+
+static void test_parity_decode_logits_and_graph(void **state)
+{
+    (void)state;
+    begin_case();
+    char what[128];
+    static const struct {
+        int64_t R, V;
+        int K;
+        float temperature;
+    } cases[] = {{3, 1000, 5, 0.7f}, {1, 50000, 3, 1.0f}, {2, 37, 37, 1.3f}, {4, 300, 0, 1.0f}};
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const int64_t R = cases[ci].R, V = cases[ci].V;
+        const int K = cases[ci].K;
+        float *hl = host_rand(MOE_F32, (size_t)(R * V), -6.0f, 6.0f);
+        /* ties (ranked by index), a NaN (ranked as -inf) and -inf itself */
+        for (int64_t r = 0; r < R; r++) {
+            hl[r * V + 3] = hl[r * V + 11] = 9.0f;
+            hl[r * V + 5] = NAN;
+            hl[r * V + 7] = -INFINITY;
+        }
+        pbuf lg = pb_alloc((size_t)(R * V) * 4);
+        pb_upload(&lg, hl, (size_t)(R * V) * 4);
+        int32_t tg[4] = {3, 5, 7, 20};
+        pbuf tgt_idx = pb_ints(tg, 4);
+        pbuf lse = pb_nan(MOE_F32, (size_t)R), tv = pb_nan(MOE_F32, (size_t)(R * (K > 0 ? K : 1))),
+             ti = pb_nan(MOE_I32, (size_t)(R * (K > 0 ? K : 1))), tgt = pb_nan(MOE_F32, (size_t)R);
+#define LST(o, cx, s)                                                                                         \
+    (o)->logits_stats((cx), (float *)lse.s, (float *)tv.s, (int32_t *)ti.s, (float *)tgt.s, (const float *)lg.s, \
+                      (const int32_t *)tgt_idx.s, R, V, K, cases[ci].temperature)
+        BOTH("logits_stats", LST);
+#undef LST
+        snprintf(what, sizeof what, "logits_stats R%lld V%lld K%d lse", (long long)R, (long long)V, K);
+        compare(what, &lse, MOE_F32, (size_t)R, TOL32);
+        snprintf(what, sizeof what, "logits_stats R%lld V%lld K%d top", (long long)R, (long long)V, K);
+        compare(what, &tv, MOE_F32, (size_t)(R * K), TOL32);
+        compare(what, &ti, MOE_I32, (size_t)(R * K), 0.0);
+        snprintf(what, sizeof what, "logits_stats R%lld V%lld target", (long long)R, (long long)V);
+        compare(what, &tgt, MOE_F32, (size_t)R, TOL32);
+        pb_free(&lg); pb_free(&tgt_idx); pb_free(&lse); pb_free(&tv); pb_free(&ti); pb_free(&tgt);
+        free(hl);
+    }
+    /* a recorded sequence of decoding ops replays as it runs (gpu only; the cpu has no graphs) */
+    assert_null(g_cpu.ops->graph_begin);
+    {
+        const moe_backend_ops *be = g_gpu.be;
+        const moe_ops *o = g_gpu.ops;
+        moe_ctx *cx = g_gpu.ctx;
+        const int64_t m = 2, n = 300, k = 256;
+        const size_t bytes = (size_t)(m * n) * 2;
+        void *hx = host_rand(MOE_BF16, (size_t)(m * k), -1.0f, 1.0f), *hw = host_rand(MOE_BF16, (size_t)(n * k), -0.1f, 0.1f);
+        void *x, *w, *y1, *y2;
+        assert_int_equal(be->alloc(cx, (size_t)(m * k) * 2, "x", &x), MOE_OK);
+        assert_int_equal(be->alloc(cx, (size_t)(n * k) * 2, "w", &w), MOE_OK);
+        assert_int_equal(be->alloc(cx, bytes, "y eager", &y1), MOE_OK);
+        assert_int_equal(be->alloc(cx, bytes, "y graph", &y2), MOE_OK);
+        assert_int_equal(be->copy_from_host(cx, x, hx, (size_t)(m * k) * 2), MOE_OK);
+        assert_int_equal(be->copy_from_host(cx, w, hw, (size_t)(n * k) * 2), MOE_OK);
+        moe_rowlinear_desc d;
+        memset(&d, 0, sizeof d);
+        d.m = m; d.n = n; d.k = k; d.x = x; d.ldx = k; d.layernorm = 1; d.ln_eps = 1e-5f; d.w = w; d.act = 1;
+        d.act_kind = MOE_ACT_GELU_TANH; d.ldy = n; d.y_dtype = MOE_BF16; d.dt = MOE_BF16;
+        d.y = y1;
+        assert_int_equal(o->rowlinear_forward(cx, &d), MOE_OK);
+        assert_int_equal(o->fill(cx, y2, MOE_BF16, m * n, 0.0f), MOE_OK);
+        d.y = y2;
+        void *gr = NULL;
+        assert_int_equal(o->graph_begin(cx), MOE_OK);
+        assert_int_equal(o->rowlinear_forward(cx, &d), MOE_OK);
+        assert_int_equal(o->graph_end(cx, &gr), MOE_OK);
+        assert_non_null(gr);
+        unsigned char *r1 = malloc(bytes), *r2 = malloc(bytes);
+        assert_non_null(r1);
+        assert_non_null(r2);
+        assert_int_equal(be->copy_to_host(cx, r2, y2, bytes), MOE_OK);
+        int untouched = 1; /* recording runs nothing */
+        for (size_t i = 0; i < bytes; i++)
+            untouched &= r2[i] == 0;
+        assert_true(untouched);
+        assert_int_equal(o->graph_launch(cx, gr), MOE_OK);
+        assert_int_equal(o->graph_launch(cx, gr), MOE_OK);
+        assert_int_equal(be->copy_to_host(cx, r1, y1, bytes), MOE_OK);
+        assert_int_equal(be->copy_to_host(cx, r2, y2, bytes), MOE_OK);
+        assert_memory_equal(r1, r2, bytes);
+        printf("PARITY %-44s %-4s replay equals the eager run PASS\n", "graph_begin/end/launch (rowlinear)", "bf16");
+        o->graph_destroy(cx, gr);
+        be->free(cx, x); be->free(cx, w); be->free(cx, y1); be->free(cx, y2);
+        free(hx); free(hw); free(r1); free(r2);
+    }
+    end_case();
+}
+
 /* ---------------------------------------------------- opt-in timing */
 
 static double now_ms(void)
@@ -1311,6 +1709,134 @@ static void test_parity_bench(void **state)
         be->free(cx, bufs[i]);
 }
 
+/* MOE_PARITY_BENCH=1, decoding: the row-wise ops at the reference model's
+ * sizes for one token (batch 1) and eight, bf16. Weights rotate through
+ * copies that together exceed the L2, so each launch streams from HBM as a
+ * decoding step does; the bandwidth column counts the weight bytes read. */
+static void test_parity_bench_decode(void **state)
+{
+    (void)state;
+    const moe_backend_ops *be = g_gpu.be;
+    const moe_ops *o = g_gpu.ops;
+    moe_ctx *cx = g_gpu.ctx;
+    const int64_t d = 2048, f = 8192, V = 50000, H = 32, D = 64, Tc = 2048, E = 8;
+    const int64_t pool = 8 * f * d; /* elements: 8 matrices of 8192 x 2048, 256 MiB of bf16 */
+    void *wp, *x, *y, *bias, *ln, *lg, *kc, *vc, *io, *hid, *eo, *tab;
+    assert_int_equal(be->alloc(cx, (uint64_t)pool * 2 + (uint64_t)V * d * 2, "weights", &wp), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(8 * 3 * d) * 2, "x", &x), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(8 * f) * 2, "y", &y), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)f * 2 * 2, "bias", &bias), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)d * 2 * 2, "ln", &ln), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(8 * V) * 4, "logits", &lg), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(H * Tc * D) * 2, "k cache", &kc), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(H * Tc * D) * 2, "v cache", &vc), MOE_OK);
+    assert_int_equal(be->alloc(cx, 4096, "ints", &io), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(16 * f) * 2, "hidden", &hid), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(16 * d) * 4, "eout", &eo), MOE_OK);
+    assert_int_equal(be->alloc(cx, (uint64_t)(4 * E) * sizeof(void *), "tables", &tab), MOE_OK);
+    assert_int_equal(o->init_uniform(cx, wp, MOE_BF16, pool + V * d, -0.02f, 0.02f, 1u, 11u), MOE_OK);
+    assert_int_equal(o->init_uniform(cx, x, MOE_BF16, 8 * 3 * d, -1.0f, 1.0f, 1u, 12u), MOE_OK);
+    assert_int_equal(o->init_uniform(cx, bias, MOE_BF16, 2 * f, -0.02f, 0.02f, 1u, 13u), MOE_OK);
+    assert_int_equal(o->fill(cx, ln, MOE_BF16, d, 1.0f), MOE_OK);
+    assert_int_equal(o->fill(cx, (char *)ln + d * 2, MOE_BF16, d, 0.0f), MOE_OK);
+    assert_int_equal(o->init_uniform(cx, kc, MOE_BF16, H * Tc * D, -1.0f, 1.0f, 1u, 14u), MOE_OK);
+    assert_int_equal(o->init_uniform(cx, vc, MOE_BF16, H * Tc * D, -1.0f, 1.0f, 1u, 15u), MOE_OK);
+    uint16_t *wbase = (uint16_t *)wp;
+    for (int rows = 1; rows <= 8; rows *= 8) {
+        static const struct {
+            const char *name;
+            int64_t n, k;
+            int ln, act, beta, q;
+        } shapes[] = {{"k|v|q 6144x2048 +LN", 3 * 2048, 2048, 1, 0, 0, 2048},
+                      {"out 2048x2048 +residual", 2048, 2048, 0, 0, 1, 0},
+                      {"fc1 8192x2048 +LN+gelu", 8192, 2048, 1, 1, 0, 0},
+                      {"fc2 2048x8192 +residual", 2048, 8192, 0, 0, 1, 0}};
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+            moe_rowlinear_desc dd;
+            memset(&dd, 0, sizeof dd);
+            dd.m = rows; dd.n = shapes[si].n; dd.k = shapes[si].k; dd.x = x; dd.ldx = shapes[si].k;
+            dd.layernorm = shapes[si].ln; dd.ln_weight = ln; dd.ln_bias = (char *)ln + d * 2; dd.ln_eps = 1e-5f;
+            dd.bias = bias; dd.q_scale = 0.125f; dd.q_cols = shapes[si].q; dd.act = shapes[si].act;
+            dd.act_kind = MOE_ACT_GELU_TANH; dd.beta = shapes[si].beta ? 1.0f : 0.0f; dd.y = y; dd.ldy = dd.n;
+            dd.y_dtype = MOE_BF16; dd.dt = MOE_BF16;
+            const int64_t mat = dd.n * dd.k, copies = pool / mat;
+            const int reps = 200;
+            for (int r = 0; r < reps + 5; r++) {
+                if (r == 5) {
+                    assert_int_equal(be->synchronize(cx), MOE_OK);
+                }
+                dd.w = wbase + (r % copies) * mat;
+                assert_int_equal(o->rowlinear_forward(cx, &dd), MOE_OK);
+            }
+            double t0 = now_ms();
+            for (int r = 0; r < reps; r++) {
+                dd.w = wbase + (r % copies) * mat;
+                assert_int_equal(o->rowlinear_forward(cx, &dd), MOE_OK);
+            }
+            assert_int_equal(be->synchronize(cx), MOE_OK);
+            double ms = (now_ms() - t0) / reps;
+            char name[96];
+            snprintf(name, sizeof name, "rowlinear %s, %d row(s) bf16", shapes[si].name, rows);
+            printf("BENCH %-52s %9.4f ms %8.2f TB/s\n", name, ms, (double)mat * 2.0 / (ms * 1e-3) / 1e12);
+        }
+        /* logits: LN + 50000 x 2048 into fp32 */
+        moe_rowlinear_desc dl;
+        memset(&dl, 0, sizeof dl);
+        dl.m = rows; dl.n = V; dl.k = d; dl.x = x; dl.ldx = d; dl.layernorm = 1; dl.ln_weight = ln;
+        dl.ln_bias = (char *)ln + d * 2; dl.ln_eps = 1e-5f; dl.w = wbase + pool; dl.y = lg; dl.ldy = V;
+        dl.y_dtype = MOE_F32; dl.dt = MOE_BF16;
+        char name[96];
+        snprintf(name, sizeof name, "rowlinear logits 50000x2048 +LN ->f32, %d row(s)", rows);
+        BENCH(name, 20, (double)V * d * 2.0, "TB/s", o->rowlinear_forward(cx, &dl));
+        /* two experts a token out of 8, fc1 + fc2 + combine: 2 x 67 MB a row */
+        const void *t[4 * 8];
+        for (int e = 0; e < E; e++) {
+            t[e] = wbase + (int64_t)e * f * d;
+            t[E + e] = bias;
+            t[2 * E + e] = wbase + (int64_t)((e + 4) % 8) * f * d;
+            t[3 * E + e] = bias;
+        }
+        assert_int_equal(be->copy_from_host(cx, tab, t, sizeof t), MOE_OK);
+        int32_t ex[16];
+        float ew[16];
+        for (int s = 0; s < rows; s++) {
+            ex[2 * s] = s % 8;
+            ex[2 * s + 1] = (s + 3) % 8;
+            ew[2 * s] = 0.6f;
+            ew[2 * s + 1] = 0.4f;
+        }
+        assert_int_equal(be->copy_from_host(cx, io, ex, sizeof ex), MOE_OK);
+        assert_int_equal(be->copy_from_host(cx, (char *)io + 128, ew, sizeof ew), MOE_OK);
+        moe_expert_ffn_args ea;
+        memset(&ea, 0, sizeof ea);
+        ea.S = rows; ea.d = d; ea.f = f; ea.E = (int)E; ea.x = x; ea.layernorm = 1; ea.ln_weight = ln;
+        ea.ln_bias = (char *)ln + d * 2; ea.ln_eps = 1e-5f; ea.expert = (const int32_t *)io;
+        ea.weight = (const float *)((char *)io + 128); ea.w1 = (const void *const *)tab;
+        ea.b1 = (const void *const *)tab + E; ea.w2 = (const void *const *)tab + 2 * E;
+        ea.b2 = (const void *const *)tab + 3 * E; ea.act = MOE_ACT_GELU_TANH; ea.beta = 1.0f; ea.y = x;
+        ea.hidden = hid; ea.eout = (float *)eo; ea.dt = MOE_BF16;
+        const int distinct = rows == 1 ? 2 : 8;
+        snprintf(name, sizeof name, "expert_ffn top-2 of 8, d2048 f8192, %d row(s)", rows);
+        BENCH(name, 20, (double)distinct * 2.0 * f * d * 2.0, "TB/s", o->expert_ffn_forward(cx, &ea));
+        /* attention of one query a row against 300 cached positions */
+        int32_t lens[2] = {300, 1};
+        assert_int_equal(be->copy_from_host(cx, (char *)io + 512, lens, sizeof lens), MOE_OK);
+        snprintf(name, sizeof name, "attention_decode H32 D64 cache 300, 1 row");
+        if (rows == 1)
+            BENCH(name, 50, 2.0 * 301 * H * D * 2.0, "TB/s",
+                  o->attention_decode(cx, y, (char *)x + 2 * d * 2, x, (char *)x + d * 2, 3 * d, kc, vc,
+                                      (const int32_t *)((char *)io + 512), (const int32_t *)((char *)io + 516), 1, 1,
+                                      H, D, Tc, MOE_BF16));
+        snprintf(name, sizeof name, "logits_stats V50000 K3, %d row(s)", rows);
+        BENCH(name, 50, (double)rows * V * 4.0 * 4.0, "TB/s",
+              o->logits_stats(cx, (float *)eo, (float *)eo + 16, (int32_t *)((char *)io + 1024), NULL, (const float *)lg,
+                              NULL, rows, V, 3, 1.0f));
+    }
+    void *bufs[] = {wp, x, y, bias, ln, lg, kc, vc, io, hid, eo, tab};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        be->free(cx, bufs[i]);
+}
+
 /* ------------------------------------------------------------- main */
 
 static int group_setup(void **state)
@@ -1349,10 +1875,13 @@ int main(void)
         cmocka_unit_test(test_parity_route),         cmocka_unit_test(test_parity_dispatch_combine),
         cmocka_unit_test(test_parity_optim),         cmocka_unit_test(test_parity_memory_and_copies),
         cmocka_unit_test(test_parity_determinism),
+        cmocka_unit_test(test_parity_decode_rowlinear),   cmocka_unit_test(test_parity_decode_attention),
+        cmocka_unit_test(test_parity_decode_moe),         cmocka_unit_test(test_parity_decode_logits_and_graph),
     };
     const char *bench = getenv("MOE_PARITY_BENCH");
     if (bench != NULL && bench[0] == '1') {
-        const struct CMUnitTest timing[] = {cmocka_unit_test(test_parity_bench)};
+        const struct CMUnitTest timing[] = {cmocka_unit_test(test_parity_bench),
+                                            cmocka_unit_test(test_parity_bench_decode)};
         return cmocka_run_group_tests(timing, group_setup, group_teardown);
     }
     /* MOE_PARITY_FILTER=test_parity_attention runs the matching cases only */

@@ -139,11 +139,13 @@ static __device__ void stage_rows_ln(float *xs, const T *const *xrow, int64_t k0
     for (int64_t e = threadIdx.x; e < (int64_t)mm * kc; e += blockDim.x) {
         const int i = (int)(e / kc);
         const int64_t q = e - (int64_t)i * kc;
-        float y = (xs[e] - s_mean[i]) * s_rstd[i];
+        /* rounded step by step as the cpu does (no contraction into an FMA):
+         * the result is rounded to T, where one ulp of fp32 can move it */
+        float y = __fmul_rn(xs[e] - s_mean[i], s_rstd[i]);
         if (lnw != nullptr)
-            y *= moe_cuda_f32(lnw[q]);
+            y = __fmul_rn(y, moe_cuda_f32(lnw[q]));
         if (lnb != nullptr)
-            y += moe_cuda_f32(lnb[q]);
+            y = __fadd_rn(y, moe_cuda_f32(lnb[q]));
         xs[e] = round_t<T>(y);
     }
     __syncthreads();
