@@ -1878,15 +1878,16 @@ int main(void)
         cmocka_unit_test(test_parity_decode_rowlinear),   cmocka_unit_test(test_parity_decode_attention),
         cmocka_unit_test(test_parity_decode_moe),         cmocka_unit_test(test_parity_decode_logits_and_graph),
     };
+    /* MOE_PARITY_FILTER=test_parity_attention runs the matching cases only
+     * (timings too: MOE_PARITY_FILTER=test_parity_bench_decode) */
+    const char *filter = getenv("MOE_PARITY_FILTER");
+    if (filter != NULL && filter[0] != '\0')
+        cmocka_set_test_filter(filter);
     const char *bench = getenv("MOE_PARITY_BENCH");
     if (bench != NULL && bench[0] == '1') {
         const struct CMUnitTest timing[] = {cmocka_unit_test(test_parity_bench),
                                             cmocka_unit_test(test_parity_bench_decode)};
         return cmocka_run_group_tests(timing, group_setup, group_teardown);
     }
-    /* MOE_PARITY_FILTER=test_parity_attention runs the matching cases only */
-    const char *filter = getenv("MOE_PARITY_FILTER");
-    if (filter != NULL && filter[0] != '\0')
-        cmocka_set_test_filter(filter);
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -97,7 +97,7 @@ static const moe_option gen_options[] = {
     {"max-len-a", MOE_OPT_FLOAT, "0", "generate sequences of maximum length a*x + b, x the source length",
      NOLIMIT, NULL},
     {"max-len-b", MOE_OPT_INT, "200",
-     "generate sequences of maximum length a*x + b (the prompt and the final </s> count)", NOLIMIT, NULL},
+     "generate sequences of maximum length a*x + b (the prompt counts, the final </s> comes on top)", NOLIMIT, NULL},
     {"min-len", MOE_OPT_INT, "1", "minimum generation length: no </s> before this step", NOLIMIT, NULL},
     {"unkpen", MOE_OPT_FLOAT, "0", "unknown word penalty: only 0", NOLIMIT, NULL},
     {"output-format", MOE_OPT_CHOICE, "fairseq",
@@ -272,6 +272,7 @@ typedef struct gen {
     int32_t *d_targets;       /* device (B*max_step) */
     float *h_stats;
     int32_t *h_targets;
+    int64_t eos_rows;         /* leading device targets known to be </s> */
     float *h_logits;          /* (V) one row, for full-distribution sampling */
     double *h_w;              /* (V) weights to sample from */
     int32_t *h_order;         /* (V) top-p order */
@@ -540,12 +541,15 @@ static moe_status choose(gen *g, row *r, int64_t step, int64_t max_len, const rs
     return MOE_OK;
 }
 
-/* statistics of R rows of device logits, targets from g->h_targets */
-static moe_status fetch_stats(gen *g, const float *logits, int64_t R)
+/* statistics of R rows of device logits, targets from g->h_targets (not
+ * copied again while they are the decoding steps' all-</s> ones) */
+static moe_status fetch_stats(gen *g, const float *logits, int64_t R, int all_eos)
 {
     const moe_host *h = g->h;
     float *d = g->d_stats;
-    MOE_TRY(h->backend->copy_from_host(h->ctx, g->d_targets, g->h_targets, (uint64_t)R * 4u));
+    if (!all_eos || g->eos_rows < R)
+        MOE_TRY(h->backend->copy_from_host(h->ctx, g->d_targets, g->h_targets, (uint64_t)R * 4u));
+    g->eos_rows = all_eos ? R : 0;
     MOE_TRY(h->ops->logits_stats(h->ctx, d, d + 2 * R, (int32_t *)(d + (2 + g->K) * R), d + R, logits, g->d_targets, R,
                                  g->V, g->K, (float)g->temperature));
     return h->backend->copy_to_host(h->ctx, g->h_stats, d, (uint64_t)R * (uint64_t)(2 + 2 * g->K) * 4u);
@@ -632,7 +636,7 @@ static moe_status generate_batch(gen *g, row *rows, int64_t n)
         const float *logits;
         MOE_TRY_GOTO(st, g->arch->decode_step(g->model, tok, nn, step_n, 1, &logits), done);
         const int64_t R = B * step_n;
-        MOE_TRY_GOTO(st, fetch_stats(g, logits, R), done);
+        MOE_TRY_GOTO(st, fetch_stats(g, logits, R, 0), done);
         for (int64_t b = 0; b < n; b++) {
             row *r = &rows[b];
             for (int64_t j = 0; j < nn[b]; j++) {
@@ -668,7 +672,7 @@ static moe_status generate_batch(gen *g, row *rows, int64_t n)
             break;
         const float *logits;
         MOE_TRY_GOTO(st, g->arch->decode_step(g->model, tok, nn, 1, 0, &logits), done);
-        MOE_TRY_GOTO(st, fetch_stats(g, logits, B), done);
+        MOE_TRY_GOTO(st, fetch_stats(g, logits, B, 1), done);
         for (int64_t b = 0; b < n; b++) {
             row *r = &rows[b];
             if (!nn[b])
