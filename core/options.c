@@ -72,6 +72,7 @@ static const char *type_name(moe_opt_type t)
     case MOE_OPT_FLOAT: return "FLOAT";
     case MOE_OPT_STRING: return "STR";
     case MOE_OPT_CHOICE: return "CHOICE";
+    case MOE_OPT_FLOATS: return "FLOATS";
     }
     return "?";
 }
@@ -198,24 +199,123 @@ static void fmt_bound(char *buf, size_t size, moe_opt_type t, double v)
     if (t == MOE_OPT_INT)
         snprintf(buf, size, "%.0f", v);
     else
-        snprintf(buf, size, "%g", v);
+        snprintf(buf, size, "%.12g", v);
+}
+
+/* The bounds a value is checked against: the table's, or for an integer
+ * option without one the 32-bit range (every integer option has a range, so
+ * no size computed from one can overflow). 0 when there are none. */
+static int value_bounds(const moe_option *d, double *lo, double *hi)
+{
+    if (d->min < d->max) {
+        *lo = d->min;
+        *hi = d->max;
+        return 1;
+    }
+    if (d->type == MOE_OPT_INT) {
+        *lo = -2147483648.0;
+        *hi = 2147483647.0;
+        return 1;
+    }
+    return 0;
 }
 
 /* What a value of this option must look like: "an integer of at least 1". */
 static void expected_text(const moe_option *d, char *buf, size_t size)
 {
     const char *what = d->type == MOE_OPT_INT ? "an integer" : "a number";
-    if (d->min < d->max) {
+    double bmin, bmax;
+    if (value_bounds(d, &bmin, &bmax)) {
         char lo[48], hi[48];
-        fmt_bound(lo, sizeof lo, d->type, d->min);
-        fmt_bound(hi, sizeof hi, d->type, d->max);
-        if (isinf(d->max))
+        fmt_bound(lo, sizeof lo, d->type, bmin);
+        fmt_bound(hi, sizeof hi, d->type, bmax);
+        if (isinf(bmax))
             snprintf(buf, size, "%s of at least %s", what, lo);
         else
             snprintf(buf, size, "%s in [%s, %s]", what, lo, hi);
     } else {
         snprintf(buf, size, "%s", what);
     }
+}
+
+/* One element of a list: a token up to ',', ')', ']' or space. */
+static int list_token(const char **pp, double *v)
+{
+    const char *p = *pp;
+    size_t n = strcspn(p, ",)] \t");
+    char tok[64];
+    if (n == 0 || n >= sizeof tok)
+        return 0;
+    memcpy(tok, p, n);
+    tok[n] = '\0';
+    if (!parse_float(tok, v))
+        return 0;
+    *pp = p + n;
+    return 1;
+}
+
+static const char *skip_space(const char *p)
+{
+    while (*p == ' ' || *p == '\t')
+        p++;
+    return p;
+}
+
+
+/* The list text: '(0.9, 0.98)', '[0.9,0.98]', '0.9,0.98', '(0.5,)', '()'.
+ * Returns 1 when well formed; *n is the count (values beyond max are
+ * counted, not stored). */
+static int parse_list(const char *text, double *out, int max, int *n)
+{
+    *n = 0;
+    if (!text)
+        return 1;
+    const char *p = skip_space(text);
+    char close = *p == '(' ? ')' : *p == '[' ? ']' : '\0';
+    if (close)
+        p++;
+    int count = 0, ok = 0;
+    for (;;) {
+        p = skip_space(p);
+        if (close && *p == close && count == 0) { /* "()" */
+            p++;
+            ok = 1;
+            break;
+        }
+        double v;
+        if (!list_token(&p, &v))
+            break;
+        if (count < max && out)
+            out[count] = v;
+        count++;
+        p = skip_space(p);
+        if (*p == ',') {
+            p = skip_space(p + 1);
+            if (close && *p == close) { /* "(0.9,)" */
+                p++;
+                ok = 1;
+                break;
+            }
+            if (!close && !*p) { /* "0.9," */
+                ok = 1;
+                break;
+            }
+            continue;
+        }
+        if (close && *p == close) {
+            p++;
+            ok = 1;
+        } else if (!close && !*p) {
+            ok = 1;
+        }
+        break;
+    }
+    if (ok)
+        p = skip_space(p);
+    if (!ok || *p || (!close && count == 0))
+        return 0;
+    *n = count;
+    return 1;
 }
 
 /* 1 if `v` is a valid value of `d`; otherwise 0 and `why` says what was
@@ -238,7 +338,10 @@ static int value_ok(const moe_option *d, const char *v, char *why, size_t wsize,
         int ok = d->type == MOE_OPT_INT ? parse_int(v, &iv) : parse_float(v, &fv);
         if (ok && d->type == MOE_OPT_INT)
             fv = (double)iv;
-        if (ok && d->min < d->max && (isnan(fv) || fv < d->min || fv > d->max))
+        if (ok && !isfinite(fv)) /* nan and inf mean nothing as a setting */
+            ok = 0;
+        double lo, hi;
+        if (ok && value_bounds(d, &lo, &hi) && (fv < lo || fv > hi))
             ok = 0;
         if (ok)
             return 1;
@@ -255,6 +358,29 @@ static int value_ok(const moe_option *d, const char *v, char *why, size_t wsize,
     }
     case MOE_OPT_STRING:
         return 1;
+    case MOE_OPT_FLOATS: {
+        double vals[64];
+        int n = 0, want = d->choices && *d->choices ? atoi(d->choices) : 0;
+        int ok = parse_list(v, vals, 64, &n) && n <= 64 && (want <= 0 || n == want) && (want > 0 || n > 0);
+        for (int i = 0; ok && i < n; i++)
+            ok = isfinite(vals[i]) && !(d->min < d->max && (vals[i] < d->min || vals[i] > d->max));
+        if (ok)
+            return 1;
+        char range[120] = "";
+        if (d->min < d->max) {
+            char lo[48], hi[48];
+            fmt_bound(lo, sizeof lo, MOE_OPT_FLOAT, d->min);
+            fmt_bound(hi, sizeof hi, MOE_OPT_FLOAT, d->max);
+            snprintf(range, sizeof range, isinf(d->max) ? ", each at least %s" : ", each in [%s, %s]", lo, hi);
+        }
+        if (want > 0)
+            snprintf(why, wsize, "a list of %d finite numbers%s", want, range);
+        else
+            snprintf(why, wsize, "a list of finite numbers%s", range);
+        if (d->default_value)
+            snprintf(hint, hsize, " (e.g. --%s '%s')", d->name, d->default_value);
+        return 0;
+    }
     case MOE_OPT_CHOICE: {
         if (v && choice_has(d->choices, v))
             return 1;
@@ -353,9 +479,15 @@ static moe_status check_def(const char *owner, const moe_option *d)
                              "option table of %s: expected option names of letters, digits and dashes without the "
                              "leading '--' (e.g. \"moe-expert-count\"), found \"%s\"; fix the table",
                              owner, d->name ? d->name : "(null)");
-    if ((int)d->type < (int)MOE_OPT_FLAG || (int)d->type > (int)MOE_OPT_CHOICE)
+    if ((int)d->type < (int)MOE_OPT_FLAG || (int)d->type > (int)MOE_OPT_FLOATS)
         return moe_error_set(MOE_ERR_PLUGIN, "option table of %s: --%s has type %d, expected a moe_opt_type (0..%d)",
-                             owner, d->name, (int)d->type, (int)MOE_OPT_CHOICE);
+                             owner, d->name, (int)d->type, (int)MOE_OPT_FLOATS);
+    if (d->type == MOE_OPT_FLOATS && d->choices && *d->choices &&
+        (atoi(d->choices) < 1 || atoi(d->choices) > 64 || strspn(d->choices, "0123456789") != strlen(d->choices)))
+        return moe_error_set(MOE_ERR_PLUGIN,
+                             "option table of %s: --%s is a FLOATS option whose count \"%s\" is not a number of "
+                             "values in 1..64; give it as \"2\" or leave it NULL",
+                             owner, d->name, d->choices);
     if (d->type == MOE_OPT_CHOICE && (!d->choices || !*d->choices))
         return moe_error_set(MOE_ERR_PLUGIN,
                              "option table of %s: --%s is a CHOICE option without choices; give them as \"a|b|c\"",
@@ -801,29 +933,6 @@ void moe_opts_set_program(moe_opts *o, const char *prog, const char *usage, cons
         o->about = about;
 }
 
-/* One element of a list: a token up to ',', ')', ']' or space. */
-static int list_token(const char **pp, double *v)
-{
-    const char *p = *pp;
-    size_t n = strcspn(p, ",)] \t");
-    char tok[64];
-    if (n == 0 || n >= sizeof tok)
-        return 0;
-    memcpy(tok, p, n);
-    tok[n] = '\0';
-    if (!parse_float(tok, v))
-        return 0;
-    *pp = p + n;
-    return 1;
-}
-
-static const char *skip_space(const char *p)
-{
-    while (*p == ' ' || *p == '\t')
-        p++;
-    return p;
-}
-
 moe_status moe_opts_float_list(const moe_opts *o, const char *name, double *out, int max, int *n)
 {
     *n = 0;
@@ -835,50 +944,8 @@ moe_status moe_opts_float_list(const moe_opts *o, const char *name, double *out,
     const char *text = o->e[idx].value;
     if (!text)
         return MOE_OK;
-    const char *p = skip_space(text);
-    char close = *p == '(' ? ')' : *p == '[' ? ']' : '\0';
-    if (close)
-        p++;
-    int count = 0, ok = 0;
-    for (;;) {
-        p = skip_space(p);
-        if (close && *p == close && count == 0) { /* "()" */
-            p++;
-            ok = 1;
-            break;
-        }
-        double v;
-        if (!list_token(&p, &v))
-            break;
-        if (count < max && out)
-            out[count] = v;
-        count++;
-        p = skip_space(p);
-        if (*p == ',') {
-            p = skip_space(p + 1);
-            if (close && *p == close) { /* "(0.9,)" */
-                p++;
-                ok = 1;
-                break;
-            }
-            if (!close && !*p) /* "0.9," */
-            {
-                ok = 1;
-                break;
-            }
-            continue;
-        }
-        if (close && *p == close) {
-            p++;
-            ok = 1;
-        } else if (!close && !*p) {
-            ok = 1;
-        }
-        break;
-    }
-    if (ok)
-        p = skip_space(p);
-    if (!ok || *p || (!close && count == 0))
+    int count;
+    if (!parse_list(text, out, max, &count))
         return moe_error_set(MOE_ERR_INVALID_ARG,
                              "argument --%s: expected a list of numbers such as '(0.9, 0.98)' or '0.9,0.98', "
                              "found '%s'",

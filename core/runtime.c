@@ -68,6 +68,7 @@ struct moe_runtime {
     int argc;             /* the command line, re-parsed as plugins add options */
     char **argv;
     int observed;         /* ops and communicator wrapped (core/opwrap.h): report unit gathers */
+    int64_t total_numel;  /* elements registered over every unit */
 };
 
 static moe_runtime *rt_of(const moe_host *h) { return (moe_runtime *)(uintptr_t)h; }
@@ -170,6 +171,23 @@ static moe_status host_unit_add(const moe_host *h, const char *name, int expert_
     return MOE_OK;
 }
 
+/* 2^53: element counts up to it are exact in a double, and bytes in int64 */
+#define MOE_MAX_ELEMENTS ((int64_t)1 << 53)
+
+static moe_status too_many_elements(const moe_param_def *def)
+{
+    char shape[64];
+    if (def->ndim > 1)
+        snprintf(shape, sizeof shape, "%lld, %lld", (long long)def->shape[0], (long long)def->shape[1]);
+    else
+        snprintf(shape, sizeof shape, "%lld", (long long)def->shape[0]);
+    return moe_error_set(MOE_ERR_INVALID_ARG,
+                         "parameter '%s' of shape (%s): expected a model of at most 2^53 parameters in all, found "
+                         "more; lower the sizes that make it (--dict-size, --decoder-embed-dim, "
+                         "--decoder-ffn-embed-dim, --decoder-layers, --moe-expert-count)",
+                         def->name, shape);
+}
+
 static moe_status host_param_add(const moe_host *h, int unit_id, const moe_param_def *def, int *param_id)
 {
     moe_runtime *rt = rt_of(h);
@@ -185,8 +203,14 @@ static moe_status host_param_add(const moe_host *h, int unit_id, const moe_param
         if (def->shape[i] <= 0)
             return moe_error_set(MOE_ERR_INVALID_ARG, "parameter '%s': dimension %d is %lld, expected > 0",
                                  def->name, i, (long long)def->shape[i]);
+        if (def->shape[i] > MOE_MAX_ELEMENTS / numel)
+            return too_many_elements(def);
         numel *= def->shape[i];
     }
+    /* every count, byte size and sum over units derived from these stays
+     * exact in int64 (and in a double) */
+    if (numel > MOE_MAX_ELEMENTS - rt->total_numel)
+        return too_many_elements(def);
     if (rt->n_params == rt->cap_params) {
         int cap = rt->cap_params ? 2 * rt->cap_params : 256;
         moe_param_entry *p = realloc(rt->params, (size_t)cap * sizeof *p);
@@ -205,6 +229,7 @@ static moe_status host_param_add(const moe_host *h, int unit_id, const moe_param
     p->def = *def;
     p->def.name = p->name;
     rt->units[unit_id].numel += numel;
+    rt->total_numel += numel;
     *param_id = rt->n_params++;
     return MOE_OK;
 }

@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -117,6 +118,73 @@ static void test_cli_plugin_load_failures_name_file(void **s)
     expect_error(args, n3, 2);
 }
 
+/* runs args, expects exit status `code` and one error line naming `flag` */
+static void expect_refused(const char *args, int code, const char *flag)
+{
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train(args, &r), 0);
+    if (r.status != code || moe_count_lines(r.err, "") != 1 || !strstr(r.err, flag))
+        fail_msg("expected exit %d and one line naming %s for: %s\nstatus %d\nstderr:\n%s", code, flag, args,
+                 r.status, r.err);
+    moe_cmd_result_free(&r);
+}
+
+/* Option values are checked when the command line is read, the same way
+ * with --dry-run as for training, and every argument error exits 2. */
+static void test_cli_values_checked_before_any_work(void **s)
+{
+    (void)s;
+    const char *modes[] = {"--dry-run", "--disable-validation"};
+    for (int m = 0; m < 2; m++) {
+        char args[1024];
+        const struct {
+            const char *value, *flag;
+        } cases[] = {
+            {"--dict-size 4611686018427387904", "--dict-size"},
+            {"--dict-size -1", "--dict-size"},
+            {"--adam-betas inf", "--adam-betas"},
+            {"--adam-betas '(0.9,'", "--adam-betas"},
+            {"--adam-betas '(nan, 0.9)'", "--adam-betas"},
+            {"--adam-betas '(0.9,)'", "--adam-betas"},
+            {"--adam-eps NaN", "--adam-eps"},
+            {"--moe-eval-capacity-token-fraction 4294967296", "--moe-eval-capacity-token-fraction"},
+            {"--batch-size 9223372036854775807", "--batch-size"},
+            {"--moe-gate-loss-wt inf", "--moe-gate-loss-wt"},
+        };
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+            snprintf(args, sizeof args, MODEL "%s %s", cases[i].value, modes[m]);
+            expect_refused(args, 2, cases[i].flag);
+        }
+    }
+}
+
+/* Sizes within the ranges are computed exactly: a model past 2^53
+ * parameters is refused by name, a large one is planned with its true size. */
+static void test_cli_sizes_do_not_overflow(void **s)
+{
+    (void)s;
+    expect_refused(MODEL "--decoder-layers 4096 --decoder-embed-dim 1048576 --decoder-ffn-embed-dim 1048576 "
+                         "--decoder-attention-heads 1 --dry-run",
+                   2, "2^53 parameters");
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train(MODEL "--dict-size 2147483000 --decoder-embed-dim 1048576 "
+                                         "--decoder-attention-heads 1 --share-decoder-input-output-embed --dry-run",
+                                   &r),
+                     0);
+    assert_int_equal(r.status, 0);
+    const char *p = strstr(r.out, "num. non-expert model params: ");
+    assert_non_null(p);
+    char digits[64];
+    size_t n = 0;
+    for (p += strlen("num. non-expert model params: "); *p && *p != '\n' && n < sizeof digits - 1; p++)
+        if (*p >= '0' && *p <= '9')
+            digits[n++] = *p;
+    digits[n] = '\0';
+    /* the tied embedding alone: 2147483008 x 1048576 */
+    assert_true(strtoll(digits, NULL, 10) >= 2147483008LL * 1048576LL);
+    moe_cmd_result_free(&r);
+}
+
 static void test_cli_help_shows_selected_plugin_options(void **s)
 {
     (void)s;
@@ -213,6 +281,8 @@ int main(void)
         cmocka_unit_test(test_cli_contradictory_flags),
         cmocka_unit_test(test_cli_broken_plugins),
         cmocka_unit_test(test_cli_plugin_load_failures_name_file),
+        cmocka_unit_test(test_cli_values_checked_before_any_work),
+        cmocka_unit_test(test_cli_sizes_do_not_overflow),
         cmocka_unit_test(test_cli_help_shows_selected_plugin_options),
         cmocka_unit_test(test_cli_list_plugins_and_version),
         cmocka_unit_test(test_cli_key_equals_value_and_tuple),

@@ -353,14 +353,14 @@ static void test_options_range(void **state)
     (void)state;
     moe_opts *o = fresh();
     ok(o, "--log-interval 1 --fp16-scale-tolerance 1.0 --seed 4294967295", 1);
-    expect_error(o, "--log-interval 0", 1, "argument --log-interval", "an integer of at least 1", "found '0'", NULL);
+    expect_error(o, "--log-interval 0", 1, "argument --log-interval", "an integer in [1, 2147483647]", "found '0'", NULL);
     expect_error(o, "--seed -1", 1, "argument --seed", "an integer in [0, 4294967295]", "found '-1'", NULL);
     expect_error(o, "--seed 4294967296", 1, "argument --seed", "[0, 4294967295]", NULL);
     expect_error(o, "--fp16-scale-tolerance 1.5", 1, "argument --fp16-scale-tolerance", "a number in [0, 1]",
                  "found '1.5'", NULL);
     expect_error(o, "--clip-norm -1", 1, "argument --clip-norm", "a number of at least 0", NULL);
     expect_error(o, "--clip-norm nan", 1, "argument --clip-norm", "found 'nan'", NULL);
-    expect_error(o, "--batch-size 0", 1, "argument --batch-size", "at least 1", "(e.g. --batch-size 1)", NULL);
+    expect_error(o, "--batch-size 0", 1, "argument --batch-size", "in [1, ", "(e.g. --batch-size 1)", NULL);
     moe_opts_destroy(o);
 }
 
@@ -609,7 +609,7 @@ static void test_options_set(void **state)
     assert_int_equal(moe_opts_set(o, "fp16-scale-window", NULL), MOE_OK);
     assert_false(moe_opts_has_value(o, "fp16-scale-window"));
     expect_message(moe_opts_set(o, "fp16-scale-window", "big"), MOE_ERR_INVALID_ARG, "--fp16-scale-window",
-                   "an integer of at least 1", "'big'", NULL);
+                   "an integer in [1, 2147483647]", "'big'", NULL);
     expect_message(moe_opts_set(o, "fp16", "yes"), MOE_ERR_INVALID_ARG, "--fp16", "1 or 0", NULL);
     expect_message(moe_opts_set(o, "no-such-option", "1"), MOE_ERR_INTERNAL, "--no-such-option", NULL);
     moe_opts_destroy(o);

@@ -15,7 +15,7 @@
  * host->unit_prefetch, expert_grad_scale; 1.2 the task's set_epoch and
  * max_batch, the optimizer's state_layout, the arch's decode_setup,
  * decode_step and decode_reset, the backend's timer_mark, timer_elapsed_ms
- * and timer_free. The loader refuses another major,
+ * and timer_free, the option type MOE_OPT_FLOATS. The loader refuses another major,
  * a newer minor, and struct sizes that do not match what the core was built with.
  */
 #ifndef MOE_PLUGIN_H
@@ -62,11 +62,15 @@ typedef enum moe_opt_type {
     MOE_OPT_INT,
     MOE_OPT_FLOAT,
     MOE_OPT_STRING,
-    MOE_OPT_CHOICE     /* one of `choices`, "a|b|c" */
+    MOE_OPT_CHOICE,    /* one of `choices`, "a|b|c" */
+    MOE_OPT_FLOATS     /* (ABI 1.2) a list of numbers, "(0.9, 0.98)" or "0.9,0.98" (read with
+                        * host->opt_floats): each finite and, when min < max, in [min, max];
+                        * `choices`, when set, is the count required ("2") */
 } moe_opt_type;
 
 /* One command-line option: --<name> (dashes, as fairseq). A NULL default means
- * "None" (unset). min/max bound INT and FLOAT values when min < max. */
+ * "None" (unset). min/max bound INT, FLOAT and FLOATS values when min < max;
+ * FLOAT and FLOATS values are finite (nan and inf are refused). */
 typedef struct moe_option {
     const char *name;
     moe_opt_type type;

@@ -686,6 +686,15 @@ static moe_status alloc_acts(tlm *m, tlm_acts *a, int dense, int moe, int64_t fm
     return MOE_OK;
 }
 
+/* a * b, or -1 when it passes 2^53 (element counts stay exact, bytes fit) */
+static int64_t elems(int64_t a, int64_t b)
+{
+    const int64_t max = (int64_t)1 << 53;
+    if (a < 0 || b < 0 || (a > 0 && b > max / a))
+        return -1;
+    return a * b;
+}
+
 static moe_status tlm_setup(void *model, int64_t B, int64_t T)
 {
     tlm *m = model;
@@ -704,6 +713,12 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
         return h->error(h, MOE_ERR_INVALID_ARG,
                         "%s: sequences of %lld tokens exceed the model's max positions (--tokens-per-sample %lld)",
                         MOE_ARCH_VARIANT, (long long)T, (long long)h->opt_int(h, "tokens-per-sample"));
+    if (elems(B, T) < 0 || elems(elems(B, T), m->V) < 0 || elems(elems(B, T), 4 * m->d) < 0)
+        return h->error(h, MOE_ERR_INVALID_ARG,
+                        "%s: micro-batches of %lld x %lld tokens with a vocabulary of %lld and --decoder-embed-dim "
+                        "%lld: expected activations of at most 2^53 elements, found more; lower --batch-size, "
+                        "--max-tokens or --tokens-per-sample",
+                        MOE_ARCH_VARIANT, (long long)B, (long long)T, (long long)m->V, (long long)m->d);
     m->Bmax = B;
     m->Tmax = T;
     m->Nmax = B * T;
@@ -757,6 +772,13 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
             if (m->layers[i].ffn > fmax)
                 fmax = m->layers[i].ffn;
         }
+    if (elems(N, fmax) < 0 || elems(N, m->E) < 0 || elems(elems(m->E, m->C), d) < 0 ||
+        elems(elems(m->a2a_world > 0 ? m->a2a_world : 1, m->C), m->fe) < 0)
+        return h->error(h, MOE_ERR_INVALID_ARG,
+                        "%s: micro-batches of %lld tokens: expected FFN and expert buffers of at most 2^53 elements "
+                        "(tokens x --decoder-ffn-embed-dim, experts x capacity x --decoder-embed-dim), found more; "
+                        "lower --batch-size, --max-tokens or the FFN size",
+                        MOE_ARCH_VARIANT, (long long)N);
 
     m->xs = calloc((size_t)m->L + 1, sizeof *m->xs);
     m->acts = calloc(m->ckpt ? 1u : (size_t)m->L, sizeof *m->acts);

@@ -39,8 +39,8 @@ static const moe_option top1_options[] = {
      0, NULL},
     {"moe-eval-capacity-token-fraction", MOE_OPT_FLOAT, "0.25",
      "expert capacity at evaluation as a fraction of the tokens (ceil(fraction * tokens)); <= 0 uses the "
-     "training capacity",
-     0, 0, NULL},
+     "training capacity (an expert never receives more than all the tokens, hence at most 1)",
+     -1.0, 1.0, NULL},
 };
 
 static moe_status top1_init(const moe_host *h, int num_experts, void **out)

@@ -42,8 +42,8 @@ static const moe_option top2_options[] = {
      "assign expert capacity in order of descending max gate probability instead of token order", 0, 0, NULL},
     {"moe-eval-capacity-token-fraction", MOE_OPT_FLOAT, "0.25",
      "expert capacity at evaluation as a fraction of the tokens (ceil(fraction * tokens)); <= 0 uses the "
-     "training capacity",
-     0, 0, NULL},
+     "training capacity (an expert never receives more than all the tokens, hence at most 1)",
+     -1.0, 1.0, NULL},
 };
 
 static moe_status top2_init(const moe_host *h, int num_experts, void **out)

@@ -13,6 +13,7 @@
  * Unlike fairseq, --fp16-adam-stats is accepted with fp32 parameters too.
  */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,9 +22,11 @@
 #include "state_io.h"
 
 static const moe_option adam_options[] = {
-    {"adam-betas", MOE_OPT_STRING, "(0.9, 0.999)", "betas for Adam optimizer", 0, 0, NULL},
-    {"adam-eps", MOE_OPT_FLOAT, "1e-8", "epsilon for Adam optimizer", 0, 0, NULL},
-    {"weight-decay", MOE_OPT_FLOAT, "0.0", "weight decay", 0, 0, NULL},
+    /* the ranges are torch's checks, made when the command line is read */
+    {"adam-betas", MOE_OPT_FLOATS, "(0.9, 0.999)", "betas for Adam optimizer (two numbers in [0, 1))", 0,
+     0.999999999999, "2"},
+    {"adam-eps", MOE_OPT_FLOAT, "1e-8", "epsilon for Adam optimizer", 0, INFINITY, NULL},
+    {"weight-decay", MOE_OPT_FLOAT, "0.0", "weight decay", 0, INFINITY, NULL},
     {"fp16-adam-stats", MOE_OPT_FLAG, NULL, "use FP16 stats (with automatic scaling)", 0, 0, NULL},
 };
 

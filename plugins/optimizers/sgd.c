@@ -7,6 +7,7 @@
  * momentum != 0) and calls ops->sgd_step once per tensor. Not here: the
  * arithmetic (the backend's sgd_step), clipping, loss scaling.
  */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,8 +16,8 @@
 #include "state_io.h"
 
 static const moe_option sgd_options[] = {
-    {"momentum", MOE_OPT_FLOAT, "0.0", "momentum factor", 0, 0, NULL},
-    {"weight-decay", MOE_OPT_FLOAT, "0.0", "weight decay", 0, 0, NULL},
+    {"momentum", MOE_OPT_FLOAT, "0.0", "momentum factor", 0, INFINITY, NULL},
+    {"weight-decay", MOE_OPT_FLOAT, "0.0", "weight decay", 0, INFINITY, NULL},
 };
 
 typedef struct sgd_tensor {

@@ -23,11 +23,15 @@
 #define DUMMY_PAD 1
 #define DUMMY_NSPECIAL 4
 
+/* Ranges keep every size derived from them exact: token ids are int32
+ * (the dictionary, padded to 8, below 2^31), a batch's rows times tokens
+ * fits in int64 with room for bytes. */
 static const moe_option dummy_lm_options[] = {
-    {"dict-size", MOE_OPT_INT, "49996", "number of dictionary words (before the 4 specials and padding to 8)", 0, 0,
-     NULL},
-    {"dataset-size", MOE_OPT_INT, "100000", "number of items in the dataset", 0, 0, NULL},
-    {"tokens-per-sample", MOE_OPT_INT, "512", "max number of total tokens over all segments per sample", 0, 0, NULL},
+    {"dict-size", MOE_OPT_INT, "49996", "number of dictionary words (before the 4 specials and padding to 8)", 0,
+     2147483632.0, NULL},
+    {"dataset-size", MOE_OPT_INT, "100000", "number of items in the dataset", 1, 9007199254740992.0, NULL},
+    {"tokens-per-sample", MOE_OPT_INT, "512", "max number of total tokens over all segments per sample", 1,
+     16777216.0, NULL},
 };
 
 typedef struct dummy_lm {
