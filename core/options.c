@@ -850,8 +850,16 @@ int64_t moe_opts_int(const moe_opts *o, const char *name)
     int64_t v;
     if (parse_int(e->value, &v))
         return v;
+    /* a number read as an integer: truncated, and saturated where int64
+     * ends (converting an out-of-range double is undefined) */
     double f;
-    return parse_float(e->value, &f) && !isnan(f) ? (int64_t)f : 0;
+    if (!parse_float(e->value, &f) || isnan(f))
+        return 0;
+    if (f >= 9223372036854775807.0)
+        return INT64_MAX;
+    if (f <= -9223372036854775808.0)
+        return INT64_MIN;
+    return (int64_t)f;
 }
 
 double moe_opts_float(const moe_opts *o, const char *name)

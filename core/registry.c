@@ -461,8 +461,8 @@ done:
 
 /* Everything after dlsym: the descriptor against this core's ABI and the
  * file's kind and name. */
-static moe_status check_descriptor(const char *path, moe_plugin_kind kind, const char *name,
-                                   const moe_plugin_desc *d)
+moe_status moe_registry_check_descriptor(const char *path, moe_plugin_kind kind, const char *name,
+                                         const moe_plugin_desc *d)
 {
     if (!d)
         return moe_error_set(MOE_ERR_PLUGIN,
@@ -629,7 +629,7 @@ moe_status moe_registry_load(moe_registry *r, moe_plugin_kind kind, const char *
     moe_plugin_entry_fn entry;
     memcpy(&entry, &sym, sizeof entry); /* POSIX: data and function pointers interconvert */
     const moe_plugin_desc *d = entry();
-    MOE_TRY_GOTO(st, check_descriptor(path, kind, name, d), fail);
+    MOE_TRY_GOTO(st, moe_registry_check_descriptor(path, kind, name, d), fail);
     MOE_TRY_GOTO(st, remember(r, kind, name, path, handle, d), fail);
     *out = d;
     return MOE_OK;

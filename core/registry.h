@@ -35,6 +35,13 @@ moe_status moe_registry_load(moe_registry *r, moe_plugin_kind kind, const char *
 moe_status moe_registry_hook_error(const moe_registry *r, const moe_plugin_desc *d, const char *hook,
                                    moe_status st);
 
+/* The checks moe_registry_load makes of a descriptor once its entry point
+ * returned it (ABI, sizes, kind and name against the file's, options, ops
+ * and the kind's required functions); `path` only names the file in the
+ * message. Exposed for the fuzz harness (fuzz/descriptor.c). */
+moe_status moe_registry_check_descriptor(const char *path, moe_plugin_kind kind, const char *name,
+                                         const moe_plugin_desc *d);
+
 /* Path of the file a loaded plugin came from, or NULL. */
 const char *moe_registry_path(const moe_registry *r, moe_plugin_kind kind, const char *name);
 

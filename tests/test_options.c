@@ -786,6 +786,21 @@ static void test_options_reference_commands(void **state)
     }
 }
 
+/* An integer read of a number past int64 saturates instead of converting
+ * out of range (undefined; the option fuzzer found it with --lr). */
+static void test_options_int_of_huge_number_saturates(void **state)
+{
+    (void)state;
+    moe_opts *o = fresh();
+    ok(o, "--lr 77009123563345811836470", 1);
+    assert_true(moe_opts_int(o, "lr") == INT64_MAX);
+    ok(o, "--lr -1e30", 1);
+    assert_true(moe_opts_int(o, "lr") == INT64_MIN);
+    ok(o, "--lr 2.9", 1);
+    assert_true(moe_opts_int(o, "lr") == 2);
+    moe_opts_destroy(o);
+}
+
 static void test_options_getters_on_unknown_names(void **state)
 {
     (void)state;
@@ -824,6 +839,7 @@ int main(void)
         cmocka_unit_test(test_options_add_table),
         cmocka_unit_test(test_options_set),
         cmocka_unit_test(test_options_float_list),
+        cmocka_unit_test(test_options_int_of_huge_number_saturates),
         cmocka_unit_test(test_options_edit_distance),
         cmocka_unit_test(test_options_print_help),
         cmocka_unit_test(test_options_reference_commands),
