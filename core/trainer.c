@@ -745,8 +745,10 @@ static moe_status validate(trainer *t)
     /* what the model draws in evaluation (top-2 'sampling' noise) follows
      * --seed + num_updates, as moelm-eval-lm on this update's checkpoint */
     moe_runtime_set_step_seed(t->rt, t->h->seed + (uint64_t)t->num_updates);
+    int span = moe_profile_begin(MOE_PROF_OTHER, "validation");
     for (int i = 0; i < t->n_valid; i++)
         MOE_TRY(validate_subset(t, t->valid_subsets[i], i == 0));
+    moe_profile_end(span);
     return MOE_OK;
 }
 

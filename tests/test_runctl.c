@@ -340,7 +340,6 @@ static void test_runctl_ranks_stop_when_mpirun_dies(void **s)
     kill(p.pid, SIGKILL);
     int status;
     waitpid(p.pid, &status, 0);
-    double killed = now_s();
     /* the newest interval checkpoint when mpirun died, and 3 s later */
     long first = -1, last = -1;
     for (int pass = 0; pass < 2; pass++) {
@@ -361,7 +360,6 @@ static void test_runctl_ranks_stop_when_mpirun_dies(void **s)
         else
             last = best;
     }
-    (void)killed;
     if (last > first + 2)
         fail_msg("the ranks kept saving after mpirun died: update %ld then %ld", first, last);
 }
