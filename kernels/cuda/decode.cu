@@ -503,6 +503,7 @@ moe_status moe_cuda_rowlinear_forward(moe_ctx *c, const moe_rowlinear_desc *d)
 /* ------------------------------------------------------------- attention */
 
 #define ATT_THREADS 256
+#define ATT_BATCH 8   /* key (or value) loads a thread issues before using them */
 
 /* One block per (row b, head h, new query j). Keys t < cache_len come from
  * the cache, newer ones from the step's own k and v. Vectorised path: TPK
@@ -542,22 +543,28 @@ static __global__ void __launch_bounds__(ATT_THREADS)
 #define KROW(t, buf, cache) ((t) < cl ? (cache) + cbase + (t) * D : (buf) + (b * n + (t) - cl) * ld + h * D)
     const int kpp = ATT_THREADS / tpk, g = tid / tpk, part = tid % tpk;
     if (tpk > 1) {
-        /* scores: lanes of a key group sum their dims, then across the group */
-#pragma unroll 4
-        for (int64_t t0 = 0; t0 < L; t0 += kpp) {
-            const int64_t t = t0 + g;
-            float s = 0.0f;
-            if (t < L) {
-                float kf[VE];
-                widen(*(const uint4 *)(KROW(t, k, k_cache) + part * VE), kf, T());
+        /* scores: lanes of a key group sum their dims, then across the group;
+         * ATT_BATCH passes' loads are issued before any is used */
+        for (int64_t t0 = 0; t0 < L; t0 += (int64_t)kpp * ATT_BATCH) {
+            uint4 kv[ATT_BATCH];
+#pragma unroll
+            for (int u = 0; u < ATT_BATCH; u++) {
+                const int64_t t = t0 + (int64_t)u * kpp + g;
+                kv[u] = t < L ? *(const uint4 *)(KROW(t, k, k_cache) + part * VE) : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < ATT_BATCH; u++) {
+                const int64_t t = t0 + (int64_t)u * kpp + g;
+                float kf[VE], s = 0.0f;
+                widen(kv[u], kf, T());
 #pragma unroll
                 for (int x = 0; x < VE; x++)
                     s += qs[part * VE + x] * kf[x];
+                for (int off = tpk / 2; off > 0; off >>= 1)
+                    s += __shfl_xor_sync(0xffffffffu, s, off);
+                if (t < L && part == 0)
+                    sc[t] = s;
             }
-            for (int off = tpk / 2; off > 0; off >>= 1)
-                s += __shfl_xor_sync(0xffffffffu, s, off);
-            if (t < L && part == 0)
-                sc[t] = s;
         }
     } else {
         for (int64_t t = tid; t < L; t += blockDim.x) {
@@ -586,14 +593,25 @@ static __global__ void __launch_bounds__(ATT_THREADS)
 #pragma unroll
         for (int x = 0; x < VE; x++)
             acc[x] = 0.0f;
-#pragma unroll 4
-        for (int64_t t = g; t < L; t += kpp) {
-            float vf[VE];
-            widen(*(const uint4 *)(KROW(t, v, v_cache) + part * VE), vf, T());
-            const float pt = sc[t];
+        for (int64_t t0 = g; t0 < L; t0 += (int64_t)kpp * ATT_BATCH) {
+            uint4 vv[ATT_BATCH];
 #pragma unroll
-            for (int x = 0; x < VE; x++)
-                acc[x] += pt * vf[x];
+            for (int u = 0; u < ATT_BATCH; u++) {
+                const int64_t t = t0 + (int64_t)u * kpp;
+                vv[u] = t < L ? *(const uint4 *)(KROW(t, v, v_cache) + part * VE) : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < ATT_BATCH; u++) {
+                const int64_t t = t0 + (int64_t)u * kpp;
+                if (t >= L)
+                    break;
+                float vf[VE];
+                widen(vv[u], vf, T());
+                const float pt = sc[t];
+#pragma unroll
+                for (int x = 0; x < VE; x++)
+                    acc[x] += pt * vf[x];
+            }
         }
 #pragma unroll
         for (int x = 0; x < VE; x++)
@@ -672,6 +690,7 @@ moe_status moe_cuda_attention_decode(moe_ctx *c, void *out, const void *q, const
 typedef struct gate_params {
     int64_t S, d;
     int E, k, sampling;
+    bool vec;                    /* 16-byte loads of wg's rows */
     const void *x;
     int layernorm;
     const void *lnw, *lnb;
@@ -707,13 +726,12 @@ template <typename T> static __global__ void __launch_bounds__(DEC_THREADS) gate
     __syncthreads();
     stage_rows_ln<T>(xs, s_row, 0, 1, p.d, p.layernorm, (const T *)p.lnw, (const T *)p.lnb, p.eps);
     for (int e = warp; e < p.E; e += DEC_WARPS) {
-        const T *w = (const T *)p.wg + (int64_t)e * p.d;
-        float a = 0.0f;
-        for (int64_t q = lane; q < p.d; q += 32)
-            a += xs[q] * moe_cuda_f32(w[q]);
-        a = moe_cuda_warp_sum(a);
+        float acc[1][DEC_MROWS];
+        zero_acc<1>(acc);
+        warp_dots_any<T, 1>(p.vec, acc, (const T *)p.wg, p.d, e, p.E, 0, p.d, xs, p.d, 1);
+        warp_reduce<1>(acc, 1);
         if (lane == 0)
-            l[e] = round_t<T>(a);
+            l[e] = round_t<T>(acc[0][0]);
     }
     __syncthreads();
     if (threadIdx.x != 0)
@@ -800,6 +818,8 @@ moe_status moe_cuda_gate_topk_forward(moe_ctx *c, const moe_gate_topk_args *a)
     p.pad = a->pad;
     p.expert = a->expert;
     p.weight = a->weight;
+    const int ve = a->dt == MOE_F32 ? 4 : 8;
+    p.vec = aligned16(a->wg) && a->d % ve == 0;
     const size_t smem = (size_t)a->d * sizeof(float);
 #define GATE_CALL(TT)                                                                          \
     do {                                                                                       \
