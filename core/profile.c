@@ -176,12 +176,10 @@ void moe_profile_end(int id)
     if (at < 0)
         return;
     double t = (mono_s() - P.mono0) * 1e6;
-    void *m = NULL;
     for (int d = P.depth - 1; d >= at; d--) {
         span *s = &P.spans[P.stack[d]];
         s->t1 = t;
-        if (device_timers())
-            s->m1 = m ? m : (m = mark());
+        s->m1 = mark(); /* a marker of its own: each span frees its two */
     }
     P.depth = at;
 }
@@ -279,14 +277,11 @@ static void free_marks(void)
 {
     if (!device_timers())
         return;
-    void *last = NULL;
     for (int i = 0; i < P.n; i++) {
         if (P.spans[i].m0)
             P.h->backend->timer_free(P.h->ctx, P.spans[i].m0);
-        /* spans ended together share their end marker */
-        if (P.spans[i].m1 && P.spans[i].m1 != last)
+        if (P.spans[i].m1)
             P.h->backend->timer_free(P.h->ctx, P.spans[i].m1);
-        last = P.spans[i].m1;
         P.spans[i].m0 = P.spans[i].m1 = NULL;
     }
     if (P.origin_mark)
