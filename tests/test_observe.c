@@ -445,6 +445,23 @@ static void run_observed(const char *launcher, int world)
     if (r.status != 0)
         fail_msg("status %d:\n%s\n%s", r.status, r.out, r.err);
     assert_non_null(strstr(r.out, "wrote the trace of updates 3-4"));
+    /* watching changes nothing: the same run unobserved logs the same numbers */
+    snprintf(cmd, sizeof cmd, "%s%s/moelm-train " MODEL, launcher, MOE_TEST_BIN_DIR);
+    moe_cmd_result plain;
+    assert_int_equal(moe_run_shell(cmd, &plain), 0);
+    assert_int_equal(plain.status, 0);
+    json_t *a[16], *b[16];
+    int na = log_lines(r.out, "train_inner", a, 16), nb = log_lines(plain.out, "train_inner", b, 16);
+    assert_int_equal(na, nb);
+    for (int i = 0; i < na; i++) {
+        const char *keys[] = {"loss", "moe_gate_loss", "gnorm", "inner_loss", "expert1_balance_top"};
+        for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++)
+            assert_string_equal(json_string_value(json_object_get(a[i], keys[k])),
+                                json_string_value(json_object_get(b[i], keys[k])));
+        json_decref(a[i]);
+        json_decref(b[i]);
+    }
+    moe_cmd_result_free(&plain);
     check_logdir_against_log(logdir, r.out, world);
     check_with_tensorboard(logdir);
     check_trace(trace, world);
