@@ -6,25 +6,28 @@
  * What shapes them: a decoding step at batch 1 multiplies one token by every
  * weight it needs, so the time is the time to stream those weights once from
  * HBM. The products are therefore GEMVs written for bandwidth, not tensor-core
- * GEMMs: each warp owns RW output rows and streams them with 16-byte loads,
- * several in flight per lane, against the input rows staged once per block in
- * shared memory (as fp32, after the fused LayerNorm). Everything a layer does
- * around a product (LayerNorm before; bias, q scale, activation, residual
- * add after) happens in the same kernel, so a transformer layer is 5 launches
- * (k|v|q, attention, out, fc1, fc2) and a MoE layer 6 (gate, expert fc1,
- * expert fc2+combine instead of fc1, fc2), few enough to replay as one CUDA
- * graph per step.
+ * GEMMs: the input rows are staged once per block in shared memory (as fp32,
+ * after the fused LayerNorm), and each warp streams weight rows against them
+ * with 16-byte loads, two batches of DEC_U loads in flight per lane, the
+ * first issued before the block's prologue (row_stream). Blocks are few (two
+ * per SM) and their warps take many rows each, so the prologue is paid once
+ * per block, not once per handful of rows. Everything a layer does around a
+ * product (LayerNorm before; bias, q scale, activation, residual add after)
+ * happens in the same kernel, so a transformer layer is 5 launches (k|v|q,
+ * attention, out, fc1, fc2) and a MoE layer 6 (gate, expert fc1, expert
+ * fc2+combine instead of fc1, fc2), few enough to replay as one CUDA graph
+ * per step. They are launched as programmatic dependents (launch_pdl): each
+ * starts its first weight loads while the kernel before it finishes.
  *
  * Conventions a reader would trip over:
- *  - Blocks take the input rows in groups of at most DEC_MROWS (grid.y): a
- *    step with more rows re-reads the weights once per group. Decoding runs
- *    its larger steps (prefill) through the training ops instead.
- *  - A fused LayerNorm needs a whole row in shared memory (its statistics are
- *    two passes in double, as layernorm_forward's): the group shrinks until
- *    it fits (launch_rows).
+ *  - Blocks take the input rows in groups of at most DEC_MROWS (grid.y), as
+ *    many as fit whole in DEC_SMEM_MAX: a step with more rows re-reads the
+ *    weights once per group. Decoding runs its larger steps (prefill)
+ *    through the training ops instead.
  *  - No atomics: every sum has one owner and a fixed order; the expert
  *    combine is done by the block that owns the output rows, after it has
- *    computed every expert's contribution to them.
+ *    computed every expert's contribution to them; attention merges its
+ *    key groups' online softmaxes in group order.
  *  - Values the cpu checks on the host (cache lengths, expert ids) live in
  *    device memory here and are trusted, as route.cu trusts its slots.
  */
@@ -38,8 +41,8 @@
 #define DEC_THREADS 256
 #define DEC_WARPS (DEC_THREADS / 32)
 #define DEC_MROWS 8                 /* input rows a block multiplies at once */
-#define DEC_SMEM_MAX (96 * 1024)    /* shared memory a product kernel may take */
-#define DEC_VEC_LOADS 8             /* 16-byte weight loads in flight per lane */
+#define DEC_SMEM_MAX (112 * 1024)   /* shared memory a product kernel may take (two blocks an SM) */
+#define DEC_U 8                     /* 16-byte weight loads a lane has in one batch */
 
 /* ------------------------------------------------------------- helpers */
 
@@ -97,21 +100,21 @@ template <typename T> static __device__ __forceinline__ float ld_t(const void *p
     return moe_cuda_f32(((const T *)p)[i]);
 }
 
-/* Stages columns [k0, k0 + kc) of input rows xrow[0..mm) (shared memory
- * pointers to rows of T) into xs (row stride kc) as fp32 and, with
- * layernorm (then k0 == 0 and kc is the whole row), normalizes them in
- * place: statistics in double as layernorm_forward (warp i owns row i), the
- * result rounded to T as layernorm_forward stores it. Every thread calls it;
- * it ends with a barrier. */
+/* Stages input rows xrow[0..mm) (shared-memory pointers to k elements of
+ * T each) into xs (row stride k) as fp32 and, with layernorm, normalizes
+ * them in place: statistics in double as layernorm_forward (warp i owns row
+ * i), the result rounded to T as layernorm_forward stores it. Every thread
+ * calls it; it ends with a barrier. */
 template <typename T>
-static __device__ void stage_rows_ln(float *xs, const T *const *xrow, int64_t k0, int mm, int64_t kc, int layernorm,
-                                     const T *lnw, const T *lnb, float eps)
+static __device__ void stage_rows_ln(float *xs, const T *const *xrow, int mm, int64_t k, int layernorm, const T *lnw,
+                                     const T *lnb, float eps)
 {
+    for (int i = 0; i < mm; i++) {
+        const T *src = xrow[i];
+        float *dst = xs + (int64_t)i * k;
 #pragma unroll 4
-    for (int64_t e = threadIdx.x; e < (int64_t)mm * kc; e += blockDim.x) {
-        const int i = (int)(e / kc);
-        const int64_t q = e - (int64_t)i * kc;
-        xs[e] = moe_cuda_f32(xrow[i][k0 + q]);
+        for (int64_t q = threadIdx.x; q < k; q += blockDim.x)
+            dst[q] = moe_cuda_f32(src[q]);
     }
     __syncthreads();
     if (!layernorm)
@@ -119,171 +122,204 @@ static __device__ void stage_rows_ln(float *xs, const T *const *xrow, int64_t k0
     __shared__ float s_mean[DEC_MROWS], s_rstd[DEC_MROWS];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int i = warp; i < mm; i += blockDim.x >> 5) {
-        const float *r = xs + (int64_t)i * kc;
+        const float *r = xs + (int64_t)i * k;
         double s = 0.0;
-        for (int64_t q = lane; q < kc; q += 32)
+        for (int64_t q = lane; q < k; q += 32)
             s += (double)r[q];
-        const double m = moe_cuda_warp_sum_d(s) / (double)kc;
+        const double m = moe_cuda_warp_sum_d(s) / (double)k;
         double v = 0.0;
-        for (int64_t q = lane; q < kc; q += 32) {
+        for (int64_t q = lane; q < k; q += 32) {
             const double dd = (double)r[q] - m;
             v += dd * dd;
         }
         v = moe_cuda_warp_sum_d(v);
         if (lane == 0) {
             s_mean[i] = (float)m;
-            s_rstd[i] = (float)(1.0 / sqrt(v / (double)kc + (double)eps));
+            s_rstd[i] = (float)(1.0 / sqrt(v / (double)k + (double)eps));
         }
     }
     __syncthreads();
-    for (int64_t e = threadIdx.x; e < (int64_t)mm * kc; e += blockDim.x) {
-        const int i = (int)(e / kc);
-        const int64_t q = e - (int64_t)i * kc;
-        /* rounded step by step as the cpu does (no contraction into an FMA):
-         * the result is rounded to T, where one ulp of fp32 can move it */
-        float y = __fmul_rn(xs[e] - s_mean[i], s_rstd[i]);
-        if (lnw != nullptr)
-            y = __fmul_rn(y, moe_cuda_f32(lnw[q]));
-        if (lnb != nullptr)
-            y = __fadd_rn(y, moe_cuda_f32(lnb[q]));
-        xs[e] = round_t<T>(y);
+    for (int i = 0; i < mm; i++) {
+        float *r = xs + (int64_t)i * k;
+        const float mean = s_mean[i], rstd = s_rstd[i];
+        for (int64_t q = threadIdx.x; q < k; q += blockDim.x) {
+            /* rounded step by step as the cpu does (no contraction into an
+             * FMA): the result is rounded to T, where one ulp of fp32 can move it */
+            float y = __fmul_rn(r[q] - mean, rstd);
+            if (lnw != nullptr)
+                y = __fmul_rn(y, moe_cuda_f32(lnw[q]));
+            if (lnb != nullptr)
+                y = __fadd_rn(y, moe_cuda_f32(lnb[q]));
+            r[q] = round_t<T>(y);
+        }
     }
     __syncthreads();
 }
 
-/* acc[r][i] += sum over q in [0, kc) of W[row0 + r][k0 + q] * xs[i][q] for
- * this lane's share of the columns (the caller reduces across the warp).
- * Rows at or past nrows contribute nothing. VEC: 16-byte loads (W's rows
- * and k0 aligned to them, kc a multiple of the vector); else scalar. */
-template <typename T, int RW, bool VEC>
-static __device__ __forceinline__ void warp_dots(float (&acc)[RW][DEC_MROWS], const T *W, int64_t ldw, int64_t row0,
-                                                 int64_t nrows, int64_t k0, int64_t kc, const float *xs, int64_t ldxs,
-                                                 int mm)
-{
-    const int lane = threadIdx.x & 31;
-    if (VEC) {
-        constexpr int VE = vec_elems<T>::n;
-        constexpr int U = DEC_VEC_LOADS / RW > 0 ? DEC_VEC_LOADS / RW : 1;
-        for (int64_t q0 = (int64_t)lane * VE; q0 < kc; q0 += (int64_t)32 * VE * U) {
-            uint4 wv[RW][U];
+/* A warp streaming rows of a weight matrix W (row stride ldw, k columns)
+ * against the mm input rows staged in xs (row stride ldxs): rows row0,
+ * row0 + stride, ... below nrows, each lane a share of the columns. With
+ * VEC the loads are 16 bytes wide, DEC_U of them a batch, and the next
+ * batch (of this row or the next) is issued before the current one is
+ * used, so two batches are in flight; prime() issues the first, so a kernel
+ * can start it before its prologue (staging, LayerNorm). For every row,
+ * epi(row, acc) runs on all lanes with acc[i] the dot product with input i. */
+template <typename T, bool VEC> struct row_stream {
+    static constexpr int VE = vec_elems<T>::n;
+    const T *W;
+    int64_t ldw, nrows, stride, k;
+    int nb; /* batches a row */
+    uint4 cur[DEC_U];
+
+    __device__ __forceinline__ row_stream(const T *W_, int64_t ldw_, int64_t nrows_, int64_t stride_, int64_t k_)
+        : W(W_), ldw(ldw_), nrows(nrows_), stride(stride_), k(k_),
+          nb((int)((k_ + (int64_t)32 * VE * DEC_U - 1) / ((int64_t)32 * VE * DEC_U)))
+    {
+    }
+
+    __device__ __forceinline__ void load(uint4 (&buf)[DEC_U], int64_t row, int b) const
+    {
+        const int lane = threadIdx.x & 31;
 #pragma unroll
-            for (int r = 0; r < RW; r++)
+        for (int u = 0; u < DEC_U; u++) {
+            const int64_t q = ((int64_t)b * DEC_U + u) * 32 * VE + (int64_t)lane * VE;
+            buf[u] = q < k ? ld_stream(W + row * ldw + q) : make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+
+    __device__ __forceinline__ void prime(int64_t row0)
+    {
+        if (VEC && row0 < nrows)
+            load(cur, row0, 0);
+    }
+
+    template <typename Epi> __device__ __forceinline__ void run(int64_t row0, const float *xs, int64_t ldxs, int mm,
+                                                                Epi &epi)
+    {
+        const int lane = threadIdx.x & 31;
+        float acc[DEC_MROWS];
 #pragma unroll
-                for (int u = 0; u < U; u++) {
-                    const int64_t q = q0 + (int64_t)u * 32 * VE;
-                    wv[r][u] = row0 + r < nrows && q < kc ? ld_stream(W + (row0 + r) * ldw + k0 + q)
-                                                          : make_uint4(0u, 0u, 0u, 0u);
+        for (int i = 0; i < DEC_MROWS; i++)
+            acc[i] = 0.0f;
+        if (!VEC) {
+            for (int64_t row = row0; row < nrows; row += stride) {
+                for (int64_t q = lane; q < k; q += 32) {
+                    const float w = moe_cuda_f32(W[row * ldw + q]);
+#pragma unroll
+                    for (int i = 0; i < DEC_MROWS; i++)
+                        if (i < mm)
+                            acc[i] += w * xs[(int64_t)i * ldxs + q];
                 }
+                finish(row, acc, mm, epi);
+            }
+            return;
+        }
+        int64_t row = row0;
+        int b = 0;
+        while (row < nrows) { /* warp-uniform */
+            int64_t nrow = row;
+            int nbb = b + 1;
+            if (nbb == nb) {
+                nbb = 0;
+                nrow = row + stride;
+            }
+            uint4 nxt[DEC_U];
+            if (nrow < nrows)
+                load(nxt, nrow, nbb);
+            else
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int64_t q = q0 + (int64_t)u * 32 * VE;
-                if (q >= kc)
+                for (int u = 0; u < DEC_U; u++)
+                    nxt[u] = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int u = 0; u < DEC_U; u++) {
+                const int64_t q = ((int64_t)b * DEC_U + u) * 32 * VE + (int64_t)lane * VE;
+                if (q >= k)
                     break;
-                float wf[RW][VE];
-#pragma unroll
-                for (int r = 0; r < RW; r++)
-                    widen(wv[r][u], wf[r], T());
+                float wf[VE];
+                widen(cur[u], wf, T());
 #pragma unroll
                 for (int i = 0; i < DEC_MROWS; i++) {
                     if (i >= mm)
                         break;
                     const float *xp = xs + (int64_t)i * ldxs + q;
-                    float xv[VE];
 #pragma unroll
                     for (int x = 0; x < VE; x += 4) {
                         const float4 f = *(const float4 *)(xp + x);
-                        xv[x] = f.x;
-                        xv[x + 1] = f.y;
-                        xv[x + 2] = f.z;
-                        xv[x + 3] = f.w;
+                        acc[i] += wf[x] * f.x + wf[x + 1] * f.y + wf[x + 2] * f.z + wf[x + 3] * f.w;
                     }
-#pragma unroll
-                    for (int r = 0; r < RW; r++)
-#pragma unroll
-                        for (int x = 0; x < VE; x++)
-                            acc[r][i] += wf[r][x] * xv[x];
                 }
             }
-        }
-    } else {
-        for (int64_t q = lane; q < kc; q += 32) {
+            if (nbb == 0)
+                finish(row, acc, mm, epi);
 #pragma unroll
-            for (int r = 0; r < RW; r++) {
-                if (row0 + r >= nrows)
-                    continue;
-                const float w = moe_cuda_f32(W[(row0 + r) * ldw + k0 + q]);
-#pragma unroll
-                for (int i = 0; i < DEC_MROWS; i++)
-                    if (i < mm)
-                        acc[r][i] += w * xs[(int64_t)i * ldxs + q];
-            }
+            for (int u = 0; u < DEC_U; u++)
+                cur[u] = nxt[u];
+            row = nrow;
+            b = nbb;
         }
     }
-}
 
-/* warp_dots with the load width chosen at run time (the expert tables'
- * pointers are only known on the device) */
-template <typename T, int RW>
-static __device__ __forceinline__ void warp_dots_any(bool vec, float (&acc)[RW][DEC_MROWS], const T *W, int64_t ldw,
-                                                     int64_t row0, int64_t nrows, int64_t k0, int64_t kc,
-                                                     const float *xs, int64_t ldxs, int mm)
-{
-    if (vec)
-        warp_dots<T, RW, true>(acc, W, ldw, row0, nrows, k0, kc, xs, ldxs, mm);
-    else
-        warp_dots<T, RW, false>(acc, W, ldw, row0, nrows, k0, kc, xs, ldxs, mm);
-}
-
-template <int RW> static __device__ __forceinline__ void zero_acc(float (&acc)[RW][DEC_MROWS])
-{
-#pragma unroll
-    for (int r = 0; r < RW; r++)
-#pragma unroll
-        for (int i = 0; i < DEC_MROWS; i++)
-            acc[r][i] = 0.0f;
-}
-
-/* every lane ends with the warp's sums */
-template <int RW> static __device__ __forceinline__ void warp_reduce(float (&acc)[RW][DEC_MROWS], int mm)
-{
-#pragma unroll
-    for (int r = 0; r < RW; r++)
+    template <typename Epi>
+    __device__ __forceinline__ void finish(int64_t row, float (&acc)[DEC_MROWS], int mm, Epi &epi) const
+    {
 #pragma unroll
         for (int i = 0; i < DEC_MROWS; i++)
             if (i < mm)
-                acc[r][i] = moe_cuda_warp_sum(acc[r][i]);
-}
-
-/* RW (output rows per warp) for n outputs: enough blocks to keep every SM
- * streaming, as many rows per warp as that allows */
-static int pick_rw(const moe_ctx *c, int64_t n)
-{
-    const int64_t want = 2 * (int64_t)(c->num_sms > 0 ? c->num_sms : 132);
-    if ((n + 4 * DEC_WARPS - 1) / (4 * DEC_WARPS) >= want)
-        return 4;
-    if ((n + 2 * DEC_WARPS - 1) / (2 * DEC_WARPS) >= want)
-        return 2;
-    return 1;
-}
-
-/* rows per block group and the staged chunk: with a LayerNorm the whole row
- * (k) is staged, otherwise chunks of kc; 0 when a LayerNorm row cannot fit */
-static void launch_rows(int64_t m, int64_t k, int layernorm, int *g, int64_t *kc)
-{
-    int64_t rows = m < DEC_MROWS ? m : DEC_MROWS;
-    if (rows < 1)
-        rows = 1;
-    if (layernorm) {
-        while (rows > 1 && rows * k * 4 > DEC_SMEM_MAX)
-            rows--;
-        *g = rows * k * 4 > DEC_SMEM_MAX ? 0 : (int)rows;
-        *kc = k;
-        return;
+                acc[i] = moe_cuda_warp_sum(acc[i]);
+        epi(row, acc, mm);
+#pragma unroll
+        for (int i = 0; i < DEC_MROWS; i++)
+            acc[i] = 0.0f;
     }
-    int64_t chunk = DEC_SMEM_MAX / (4 * rows);
-    chunk -= chunk % 256;
-    *g = (int)rows;
-    *kc = k < chunk ? k : chunk;
+};
+
+/* Input rows a block takes at once: as many as fit in DEC_SMEM_MAX whole
+ * (at most DEC_MROWS, at least 1); 0 when not even one fits. */
+static int group_rows(int64_t m, int64_t k)
+{
+    int64_t g = m < DEC_MROWS ? m : DEC_MROWS;
+    if (g < 1)
+        g = 1;
+    while (g > 1 && g * k * 4 > DEC_SMEM_MAX)
+        g--;
+    return g * k * 4 > DEC_SMEM_MAX ? 0 : (int)g;
+}
+
+/* blocks for n rows (one warp a row at a time): every SM busy, each warp
+ * streaming several rows when there are many */
+static unsigned grid_rows(const moe_ctx *c, int64_t n, int64_t others)
+{
+    const int64_t sms = c->num_sms > 0 ? c->num_sms : 132;
+    int64_t want = (2 * sms + others - 1) / (others > 0 ? others : 1);
+    int64_t need = (n + DEC_WARPS - 1) / DEC_WARPS;
+    int64_t g = need < want ? need : want;
+    return g < 1 ? 1u : (unsigned)g;
+}
+
+/* Programmatic dependent launch: a decoding kernel is launched allowed to
+ * start while the kernel before it finishes. It lets its own dependents
+ * launch at once (pdl_trigger), issues what depends on nothing earlier
+ * (its first weight loads), and waits for every earlier kernel's writes
+ * (pdl_wait) before it reads an activation or writes anything. Both are
+ * no-ops for a kernel launched without the attribute. */
+static __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+static __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+template <typename... KArgs, typename... Args>
+static cudaError_t launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                              Args... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
 }
 
 /* Dynamic shared memory above 48 KiB must be allowed per kernel; *allowed
@@ -322,7 +358,8 @@ static __global__ void embedding_at_kernel(void *out, const int32_t *tokens, con
         if (sinusoidal && tok != padding_idx && j < 2 * half) {
             const float pos = (float)positions[n];
             const int64_t kk = j < half ? j : j - half;
-            const float freq = expf((float)kk * neg_e);
+            /* the cpu's expf, correctly rounded: glibc's is, CUDA's expf is not */
+            const float freq = (float)exp((double)((float)kk * neg_e));
             v += j < half ? sinf(pos * freq) : cosf(pos * freq);
         }
         moe_cuda_st(out, dt, x, v);
@@ -354,7 +391,7 @@ moe_status moe_cuda_embedding_at_forward(moe_ctx *c, void *out, const int32_t *t
 /* ------------------------------------------------------------- rowlinear */
 
 typedef struct rl_params {
-    int64_t m, n, k, ldx, ldy, kc;
+    int64_t m, n, k, ldx, ldy;
     int g;                       /* input rows per block group */
     const void *x;
     const int32_t *rows;
@@ -371,40 +408,18 @@ typedef struct rl_params {
     int y_f32;
 } rl_params;
 
-template <typename T, int RW, bool VEC>
-static __global__ void __launch_bounds__(DEC_THREADS) rowlinear_kernel(rl_params p)
-{
-    extern __shared__ __align__(16) float xs[]; /* [g][kc] */
-    __shared__ const T *s_rows[DEC_MROWS];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int64_t m0 = (int64_t)blockIdx.y * p.g;
-    const int mm = (int)(p.m - m0 < p.g ? p.m - m0 : p.g);
-    const int64_t row0 = ((int64_t)blockIdx.x * DEC_WARPS + warp) * RW;
-    if (threadIdx.x < mm) {
-        const int64_t src = p.rows != nullptr ? (int64_t)p.rows[m0 + threadIdx.x] : m0 + threadIdx.x;
-        s_rows[threadIdx.x] = (const T *)p.x + src * p.ldx;
-    }
-    __syncthreads();
-    float acc[RW][DEC_MROWS];
-    zero_acc<RW>(acc);
-    const T *W = (const T *)p.w;
-    for (int64_t k0 = 0; k0 < p.k; k0 += p.kc) {
-        const int64_t kc = p.k - k0 < p.kc ? p.k - k0 : p.kc;
-        if (k0 > 0)
-            __syncthreads(); /* every warp is done with the previous chunk */
-        /* a LayerNorm implies one chunk: kc == k */
-        stage_rows_ln<T>(xs, s_rows, k0, mm, kc, p.layernorm, (const T *)p.lnw, (const T *)p.lnb, p.eps);
-        warp_dots<T, RW, VEC>(acc, W, p.k, row0, p.n, k0, kc, xs, kc, mm);
-    }
-    warp_reduce<RW>(acc, mm);
-#pragma unroll
-    for (int r = 0; r < RW; r++) {
-        const int64_t j = row0 + r;
+/* output row j of the input rows m0.. (lane i writes input i's) */
+template <typename T> struct rl_epi {
+    const rl_params &p;
+    int64_t m0;
+    __device__ __forceinline__ void operator()(int64_t j, const float (&acc)[DEC_MROWS], int mm) const
+    {
+        const int lane = threadIdx.x & 31;
 #pragma unroll
         for (int i = 0; i < DEC_MROWS; i++) {
-            if (i >= mm || j >= p.n || lane != (r * DEC_MROWS + i) % 32)
+            if (i >= mm || lane != i)
                 continue;
-            float v = acc[r][i];
+            float v = acc[i];
             if (p.bias != nullptr)
                 v += ld_t<T>(p.bias, j);
             if (j >= p.q_from)
@@ -424,30 +439,50 @@ static __global__ void __launch_bounds__(DEC_THREADS) rowlinear_kernel(rl_params
             }
         }
     }
+};
+
+/* Block (x, y): input rows y*g.. staged once; its warps stream output rows
+ * blockIdx.x*8 + warp, then every gridDim.x*8 further. */
+template <typename T, bool VEC> static __global__ void __launch_bounds__(DEC_THREADS) rowlinear_kernel(rl_params p)
+{
+    extern __shared__ __align__(16) float xs[]; /* [g][k] */
+    __shared__ const T *s_rows[DEC_MROWS];
+    const int warp = threadIdx.x >> 5;
+    const int64_t m0 = (int64_t)blockIdx.y * p.g;
+    const int mm = (int)(p.m - m0 < p.g ? p.m - m0 : p.g);
+    const int64_t row0 = (int64_t)blockIdx.x * DEC_WARPS + warp, stride = (int64_t)gridDim.x * DEC_WARPS;
+    pdl_trigger();
+    row_stream<T, VEC> rs((const T *)p.w, p.k, p.n, stride, p.k);
+    rs.prime(row0); /* the first weights travel while the kernel before ends and the inputs are staged */
+    pdl_wait();
+    if (threadIdx.x < mm) {
+        const int64_t src = p.rows != nullptr ? (int64_t)p.rows[m0 + threadIdx.x] : m0 + threadIdx.x;
+        s_rows[threadIdx.x] = (const T *)p.x + src * p.ldx;
+    }
+    __syncthreads();
+    stage_rows_ln<T>(xs, s_rows, mm, p.k, p.layernorm, (const T *)p.lnw, (const T *)p.lnb, p.eps);
+    rl_epi<T> epi{p, m0};
+    rs.run(row0, xs, p.k, mm, epi);
 }
 
-template <typename T, int RW, bool VEC> static moe_status rowlinear_launch(moe_ctx *c, const rl_params &p)
+template <typename T, bool VEC> static moe_status rowlinear_launch(moe_ctx *c, const rl_params &p)
 {
     static size_t allowed = 0;
-    const size_t smem = (size_t)p.g * (size_t)p.kc * sizeof(float);
-    MOE_TRY(smem_attr(c, rowlinear_kernel<T, RW, VEC>, smem, &allowed));
-    dim3 grid((unsigned)((p.n + (int64_t)DEC_WARPS * RW - 1) / ((int64_t)DEC_WARPS * RW)),
-              (unsigned)((p.m + p.g - 1) / p.g));
-    rowlinear_kernel<T, RW, VEC><<<grid, DEC_THREADS, smem, c->stream>>>(p);
-    MOE_CUDA_CHECK_LAUNCH(c);
+    const size_t smem = (size_t)p.g * (size_t)p.k * sizeof(float);
+    MOE_TRY(smem_attr(c, rowlinear_kernel<T, VEC>, smem, &allowed));
+    const unsigned gy = (unsigned)((p.m + p.g - 1) / p.g);
+    dim3 grid(grid_rows(c, p.n, gy), gy);
+    MOE_CUDA_TRY(c, launch_pdl(rowlinear_kernel<T, VEC>, grid, dim3(DEC_THREADS), smem, c->stream, p));
     return MOE_OK;
 }
 
-template <typename T> static moe_status rowlinear_typed(moe_ctx *c, const rl_params &p, int rw)
+template <typename T> static moe_status rowlinear_typed(moe_ctx *c, const rl_params &p)
 {
     constexpr int VE = vec_elems<T>::n;
-    /* 16-byte loads need aligned rows, and chunks that keep them aligned */
-    const bool vec = aligned16(p.w) && p.k % VE == 0 && p.kc % VE == 0;
-    if (vec)
-        return rw == 4 ? rowlinear_launch<T, 4, true>(c, p) : rw == 2 ? rowlinear_launch<T, 2, true>(c, p)
-                                                                      : rowlinear_launch<T, 1, true>(c, p);
-    return rw == 4 ? rowlinear_launch<T, 4, false>(c, p) : rw == 2 ? rowlinear_launch<T, 2, false>(c, p)
-                                                                   : rowlinear_launch<T, 1, false>(c, p);
+    /* 16-byte loads need aligned rows */
+    if (aligned16(p.w) && p.k % VE == 0)
+        return rowlinear_launch<T, true>(c, p);
+    return rowlinear_launch<T, false>(c, p);
 }
 
 moe_status moe_cuda_rowlinear_forward(moe_ctx *c, const moe_rowlinear_desc *d)
@@ -466,11 +501,11 @@ moe_status moe_cuda_rowlinear_forward(moe_ctx *c, const moe_rowlinear_desc *d)
         return MOE_OK;
     rl_params p;
     memset(&p, 0, sizeof p);
-    launch_rows(d->m, d->k, d->layernorm, &p.g, &p.kc);
+    p.g = group_rows(d->m, d->k);
     if (p.g == 0)
         return moe_cuda_fail(c, MOE_ERR_UNSUPPORTED,
-                             "cuda rowlinear_forward: a LayerNorm over rows of %lld needs %lld bytes of shared memory, "
-                             "above the %d this kernel takes; use layernorm_forward and matmul",
+                             "cuda rowlinear_forward: a row of %lld inputs needs %lld bytes of shared memory, above the "
+                             "%d this kernel takes; use layernorm_forward and matmul",
                              (long long)d->k, (long long)(d->k * 4), DEC_SMEM_MAX);
     if ((p.m = d->m) > 65535LL * p.g)
         return moe_cuda_fail(c, MOE_ERR_UNSUPPORTED, "cuda rowlinear_forward: %lld rows is too many; use matmul",
@@ -494,8 +529,7 @@ moe_status moe_cuda_rowlinear_forward(moe_ctx *c, const moe_rowlinear_desc *d)
     p.beta = d->beta;
     p.y = d->y;
     p.y_f32 = d->y_dtype == MOE_F32 && d->dt != MOE_F32 ? 1 : 0;
-    const int rw = pick_rw(c, d->n);
-#define RL_CALL(TT) return rowlinear_typed<TT>(c, p, rw)
+#define RL_CALL(TT) return rowlinear_typed<TT>(c, p)
     DEC_DISPATCH_T(d->dt, RL_CALL);
 #undef RL_CALL
 }
@@ -503,13 +537,17 @@ moe_status moe_cuda_rowlinear_forward(moe_ctx *c, const moe_rowlinear_desc *d)
 /* ------------------------------------------------------------- attention */
 
 #define ATT_THREADS 256
-#define ATT_BATCH 8   /* key (or value) loads a thread issues before using them */
+#define ATT_BATCH 4   /* keys whose key and value loads a thread issues before using them */
 
 /* One block per (row b, head h, new query j). Keys t < cache_len come from
- * the cache, newer ones from the step's own k and v. Vectorised path: TPK
- * threads per key, each VE dims with 16-byte loads; (ATT_THREADS / TPK)
- * keys per pass. Scalar path (other head sizes or alignments): one thread
- * per key for the scores, one per dim for the output. */
+ * the cache, newer ones from the step's own k and v.
+ * Vectorised path (a head of 1..32 16-byte vectors, a power of two): one
+ * pass. A group of TPK threads owns every (ATT_THREADS/TPK)-th key, each
+ * thread VE dims of it; the group keeps an online softmax (running max,
+ * sum, weighted values) over its keys, ATT_BATCH keys' loads in flight;
+ * the groups are merged at the end in a fixed order.
+ * Scalar path (other head sizes or alignments): scores into shared memory,
+ * softmax, then one thread per dim over all keys. */
 template <typename T>
 static __global__ void __launch_bounds__(ATT_THREADS)
     attention_decode_kernel(T *out, const T *q, const T *k, const T *v, int64_t ld, T *k_cache, T *v_cache,
@@ -518,10 +556,11 @@ static __global__ void __launch_bounds__(ATT_THREADS)
 {
     constexpr int VE = vec_elems<T>::n;
     extern __shared__ __align__(16) float sm[];
-    float *qs = sm, *red = qs + D, *sc = red + ATT_THREADS * VE; /* q, partial outputs, scores (Tc) */
     __shared__ float s_red[32];
     const int64_t bh = blockIdx.x, b = bh / H, h = bh % H, j = blockIdx.y;
     const int tid = threadIdx.x;
+    pdl_trigger();
+    pdl_wait();
     const int64_t cl = cache_len[b], nn = n_new[b];
     T *o = out + (b * n + j) * H * D + h * D;
     if (j >= nn) {
@@ -531,6 +570,7 @@ static __global__ void __launch_bounds__(ATT_THREADS)
     }
     const int64_t cbase = bh * Tc * D, L = cl + j + 1;
     const T *qrow = q + (b * n + j) * ld + h * D;
+    float *qs = sm;
     for (int64_t x = tid; x < D; x += blockDim.x)
         qs[x] = moe_cuda_f32(qrow[x]);
     /* this query's own key and value join the cache for later steps (no
@@ -541,16 +581,26 @@ static __global__ void __launch_bounds__(ATT_THREADS)
     }
     __syncthreads();
 #define KROW(t, buf, cache) ((t) < cl ? (cache) + cbase + (t) * D : (buf) + (b * n + (t) - cl) * ld + h * D)
-    const int kpp = ATT_THREADS / tpk, g = tid / tpk, part = tid % tpk;
     if (tpk > 1) {
-        /* scores: lanes of a key group sum their dims, then across the group;
-         * ATT_BATCH passes' loads are issued before any is used */
+        const int kpp = ATT_THREADS / tpk, g = tid / tpk, part = tid % tpk;
+        float *red = qs + D;                 /* [kpp][D] weighted values */
+        float *gm = red + (int64_t)kpp * D;  /* [kpp] running max */
+        float *gl = gm + kpp;                /* [kpp] running sum */
+        float qv[VE], acc[VE];
+#pragma unroll
+        for (int x = 0; x < VE; x++) {
+            qv[x] = qs[part * VE + x];
+            acc[x] = 0.0f;
+        }
+        float m = -INFINITY, l = 0.0f;
+        /* warp-uniform trip count: the shuffles below need every lane */
         for (int64_t t0 = 0; t0 < L; t0 += (int64_t)kpp * ATT_BATCH) {
-            uint4 kv[ATT_BATCH];
+            uint4 kv[ATT_BATCH], vv[ATT_BATCH];
 #pragma unroll
             for (int u = 0; u < ATT_BATCH; u++) {
                 const int64_t t = t0 + (int64_t)u * kpp + g;
                 kv[u] = t < L ? *(const uint4 *)(KROW(t, k, k_cache) + part * VE) : make_uint4(0u, 0u, 0u, 0u);
+                vv[u] = t < L ? *(const uint4 *)(KROW(t, v, v_cache) + part * VE) : make_uint4(0u, 0u, 0u, 0u);
             }
 #pragma unroll
             for (int u = 0; u < ATT_BATCH; u++) {
@@ -559,21 +609,51 @@ static __global__ void __launch_bounds__(ATT_THREADS)
                 widen(kv[u], kf, T());
 #pragma unroll
                 for (int x = 0; x < VE; x++)
-                    s += qs[part * VE + x] * kf[x];
+                    s += qv[x] * kf[x];
+                /* the group's lanes are consecutive and tpk divides 32: xor stays inside the group */
                 for (int off = tpk / 2; off > 0; off >>= 1)
                     s += __shfl_xor_sync(0xffffffffu, s, off);
-                if (t < L && part == 0)
-                    sc[t] = s;
+                if (t >= L)
+                    continue;
+                const float mn = fmaxf(m, s), scale = expf(m - mn), pt = expf(s - mn);
+                float vf[VE];
+                widen(vv[u], vf, T());
+#pragma unroll
+                for (int x = 0; x < VE; x++)
+                    acc[x] = acc[x] * scale + pt * vf[x];
+                l = l * scale + pt;
+                m = mn;
             }
         }
-    } else {
-        for (int64_t t = tid; t < L; t += blockDim.x) {
-            const T *kr = KROW(t, k, k_cache);
-            float s = 0.0f;
-            for (int64_t x = 0; x < D; x++)
-                s += qs[x] * moe_cuda_f32(kr[x]);
-            sc[t] = s;
+#pragma unroll
+        for (int x = 0; x < VE; x++)
+            red[(int64_t)g * D + part * VE + x] = acc[x];
+        if (part == 0) {
+            gm[g] = m;
+            gl[g] = l;
         }
+        __syncthreads();
+        float M = -INFINITY;
+        for (int gg = 0; gg < kpp; gg++)
+            M = fmaxf(M, gm[gg]);
+        for (int64_t x = tid; x < D; x += blockDim.x) {
+            float s = 0.0f, lsum = 0.0f;
+            for (int gg = 0; gg < kpp; gg++) {
+                const float w = gm[gg] == -INFINITY ? 0.0f : expf(gm[gg] - M); /* a group without keys */
+                s += w * red[(int64_t)gg * D + x];
+                lsum += w * gl[gg];
+            }
+            o[x] = moe_cuda_from_f32<T>(s / lsum);
+        }
+        return;
+    }
+    float *sc = qs + D; /* [L] scores */
+    for (int64_t t = tid; t < L; t += blockDim.x) {
+        const T *kr = KROW(t, k, k_cache);
+        float s = 0.0f;
+        for (int64_t x = 0; x < D; x++)
+            s += qs[x] * moe_cuda_f32(kr[x]);
+        sc[t] = s;
     }
     __syncthreads();
     float mx = -INFINITY;
@@ -588,48 +668,11 @@ static __global__ void __launch_bounds__(ATT_THREADS)
     }
     sum = moe_cuda_block_sum(sum, s_red); /* also orders the sc writes before the reads below */
     const float inv = 1.0f / sum;
-    if (tpk > 1) {
-        float acc[VE];
-#pragma unroll
-        for (int x = 0; x < VE; x++)
-            acc[x] = 0.0f;
-        for (int64_t t0 = g; t0 < L; t0 += (int64_t)kpp * ATT_BATCH) {
-            uint4 vv[ATT_BATCH];
-#pragma unroll
-            for (int u = 0; u < ATT_BATCH; u++) {
-                const int64_t t = t0 + (int64_t)u * kpp;
-                vv[u] = t < L ? *(const uint4 *)(KROW(t, v, v_cache) + part * VE) : make_uint4(0u, 0u, 0u, 0u);
-            }
-#pragma unroll
-            for (int u = 0; u < ATT_BATCH; u++) {
-                const int64_t t = t0 + (int64_t)u * kpp;
-                if (t >= L)
-                    break;
-                float vf[VE];
-                widen(vv[u], vf, T());
-                const float pt = sc[t];
-#pragma unroll
-                for (int x = 0; x < VE; x++)
-                    acc[x] += pt * vf[x];
-            }
-        }
-#pragma unroll
-        for (int x = 0; x < VE; x++)
-            red[(int64_t)g * D + part * VE + x] = acc[x];
-        __syncthreads();
-        for (int64_t x = tid; x < D; x += blockDim.x) {
-            float s = 0.0f;
-            for (int gg = 0; gg < kpp; gg++)
-                s += red[(int64_t)gg * D + x];
-            o[x] = moe_cuda_from_f32<T>(s * inv);
-        }
-    } else {
-        for (int64_t x = tid; x < D; x += blockDim.x) {
-            float s = 0.0f;
-            for (int64_t t = 0; t < L; t++)
-                s += sc[t] * moe_cuda_f32(KROW(t, v, v_cache)[x]);
-            o[x] = moe_cuda_from_f32<T>(s * inv);
-        }
+    for (int64_t x = tid; x < D; x += blockDim.x) {
+        float s = 0.0f;
+        for (int64_t t = 0; t < L; t++)
+            s += sc[t] * moe_cuda_f32(KROW(t, v, v_cache)[x]);
+        o[x] = moe_cuda_from_f32<T>(s * inv);
     }
 #undef KROW
 }
@@ -644,23 +687,24 @@ static moe_status attention_decode_typed(moe_ctx *c, void *out, const void *q, c
      * vectors and every row the kernel reads starts on 16 bytes */
     int tpk = 1;
     const int64_t vecs = D % VE == 0 ? D / VE : 0;
-    if (vecs >= 1 && vecs <= 32 && (vecs & (vecs - 1)) == 0 && aligned16(q) && aligned16(k) && aligned16(v) &&
+    if (vecs >= 2 && vecs <= 32 && (vecs & (vecs - 1)) == 0 && aligned16(q) && aligned16(k) && aligned16(v) &&
         aligned16(k_cache) && aligned16(v_cache) && (ld * (int64_t)sizeof(T)) % 16 == 0 &&
         (D * (int64_t)sizeof(T)) % 16 == 0)
         tpk = (int)vecs;
-    const size_t smem = (size_t)(D + ATT_THREADS * VE + Tc) * sizeof(float);
+    const int64_t kpp = ATT_THREADS / tpk;
+    const size_t smem =
+        tpk > 1 ? (size_t)(D + kpp * D + 2 * kpp) * sizeof(float) : (size_t)(D + Tc) * sizeof(float);
     if (smem > 200u * 1024u)
         return moe_cuda_fail(c, MOE_ERR_UNSUPPORTED,
-                             "cuda attention_decode: a cache of %lld positions needs %zu bytes of shared memory for its "
-                             "scores; use a shorter --max-len-b or the cpu",
-                             (long long)Tc, smem);
+                             "cuda attention_decode: a cache of %lld positions with heads of %lld needs %zu bytes of "
+                             "shared memory; use a shorter --max-len-b or the cpu",
+                             (long long)Tc, (long long)D, smem);
     static size_t allowed = 0;
     MOE_TRY(smem_attr(c, attention_decode_kernel<T>, smem, &allowed));
     dim3 grid((unsigned)(B * H), (unsigned)n);
-    attention_decode_kernel<T><<<grid, ATT_THREADS, smem, c->stream>>>(
-        (T *)out, (const T *)q, (const T *)k, (const T *)v, ld, (T *)k_cache, (T *)v_cache, cache_len, n_new, n, H, D,
-        Tc, tpk);
-    MOE_CUDA_CHECK_LAUNCH(c);
+    MOE_CUDA_TRY(c, launch_pdl(attention_decode_kernel<T>, grid, dim3(ATT_THREADS), smem, c->stream, (T *)out,
+                               (const T *)q, (const T *)k, (const T *)v, ld, (T *)k_cache, (T *)v_cache, cache_len,
+                               n_new, n, H, D, Tc, tpk));
     return MOE_OK;
 }
 
@@ -690,7 +734,7 @@ moe_status moe_cuda_attention_decode(moe_ctx *c, void *out, const void *q, const
 typedef struct gate_params {
     int64_t S, d;
     int E, k, sampling;
-    bool vec;                    /* 16-byte loads of wg's rows */
+    int vec;                     /* 16-byte loads of wg's rows */
     const void *x;
     int layernorm;
     const void *lnw, *lnb;
@@ -705,14 +749,31 @@ typedef struct gate_params {
 
 #define GATE_MAX_E 256
 
-/* One block per token: LayerNorm, E logits (a warp each, rounded to T), then
+/* writes the E gate logits, rounded to T as the arch's gate GEMM stores them */
+template <typename T> struct gate_logit {
+    float *l;
+    __device__ __forceinline__ void operator()(int64_t e, const float (&acc)[DEC_MROWS], int mm) const
+    {
+        if ((threadIdx.x & 31) == 0)
+            l[e] = round_t<T>(acc[0]);
+    }
+};
+
+/* One block per token: LayerNorm, E logits (a warp each), then
  * route_forward's softmax and choices on thread 0, in its order. */
 template <typename T> static __global__ void __launch_bounds__(DEC_THREADS) gate_topk_kernel(gate_params p)
 {
     extern __shared__ __align__(16) float xs[]; /* [d] */
     __shared__ float l[GATE_MAX_E];
+    __shared__ const T *s_row[1];
     const int64_t s = blockIdx.x;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    pdl_trigger();
+    row_stream<T, true> rv((const T *)p.wg, p.d, p.E, DEC_WARPS, p.d);
+    row_stream<T, false> rs((const T *)p.wg, p.d, p.E, DEC_WARPS, p.d);
+    if (p.vec)
+        rv.prime(warp);
+    pdl_wait();
     if (p.pad != nullptr && p.pad[s]) {
         if (threadIdx.x < 2) {
             p.expert[s * 2 + threadIdx.x] = -1;
@@ -720,19 +781,15 @@ template <typename T> static __global__ void __launch_bounds__(DEC_THREADS) gate
         }
         return;
     }
-    __shared__ const T *s_row[1];
     if (threadIdx.x == 0)
         s_row[0] = (const T *)p.x + s * p.d;
     __syncthreads();
-    stage_rows_ln<T>(xs, s_row, 0, 1, p.d, p.layernorm, (const T *)p.lnw, (const T *)p.lnb, p.eps);
-    for (int e = warp; e < p.E; e += DEC_WARPS) {
-        float acc[1][DEC_MROWS];
-        zero_acc<1>(acc);
-        warp_dots_any<T, 1>(p.vec, acc, (const T *)p.wg, p.d, e, p.E, 0, p.d, xs, p.d, 1);
-        warp_reduce<1>(acc, 1);
-        if (lane == 0)
-            l[e] = round_t<T>(acc[0][0]);
-    }
+    stage_rows_ln<T>(xs, s_row, 1, p.d, p.layernorm, (const T *)p.lnw, (const T *)p.lnb, p.eps);
+    gate_logit<T> epi{l};
+    if (p.vec)
+        rv.run(warp, xs, p.d, 1, epi);
+    else
+        rs.run(warp, xs, p.d, 1, epi);
     __syncthreads();
     if (threadIdx.x != 0)
         return;
@@ -825,18 +882,18 @@ moe_status moe_cuda_gate_topk_forward(moe_ctx *c, const moe_gate_topk_args *a)
     do {                                                                                       \
         static size_t allowed = 0;                                                             \
         MOE_TRY(smem_attr(c, gate_topk_kernel<TT>, smem, &allowed));                           \
-        gate_topk_kernel<TT><<<(unsigned)a->S, DEC_THREADS, smem, c->stream>>>(p);             \
+        MOE_CUDA_TRY(c, launch_pdl(gate_topk_kernel<TT>, dim3((unsigned)a->S), dim3(DEC_THREADS), smem,  \
+                                   c->stream, p));                                             \
     } while (0)
     DEC_DISPATCH_T(a->dt, GATE_CALL);
 #undef GATE_CALL
-    MOE_CUDA_CHECK_LAUNCH(c);
     return MOE_OK;
 }
 
 /* --------------------------------------------------------------- experts */
 
 typedef struct ex_params {
-    int64_t S, d, f, kc;
+    int64_t S, d, f;
     int E, g;
     int by_rank;                 /* fc1: blockIdx.y is the rank of a distinct chosen expert, not the expert */
     int vec_rows;                /* row lengths allow 16-byte loads (pointers are checked on the device) */
@@ -892,25 +949,60 @@ static __device__ int next_group(const ex_params &p, int e, int64_t from, int64_
     return cnt;
 }
 
-/* fc1 of one expert for the output rows of blockIdx.x, for every assignment
- * routed to it: hidden[a] = act(LN(x_s) W1^T + b1) rounded to T */
-template <typename T, int RW> static __global__ void __launch_bounds__(DEC_THREADS) expert_fc1_kernel(ex_params p)
+/* hidden[a] = act(acc + b1[e]) rounded to T, for the group's assignments */
+template <typename T> struct fc1_epi {
+    const ex_params &p;
+    const int64_t *asg;
+    const T *bias;
+    __device__ __forceinline__ void operator()(int64_t j, const float (&acc)[DEC_MROWS], int mm) const
+    {
+        const int lane = threadIdx.x & 31;
+#pragma unroll
+        for (int i = 0; i < DEC_MROWS; i++)
+            if (i < mm && lane == i)
+                ((T *)p.hidden)[asg[i] * p.f + j] =
+                    moe_cuda_from_f32<T>(moe_cuda_act(acc[i] + moe_cuda_f32(bias[j]), p.act));
+    }
+};
+
+/* eout[a] = acc + b2[e] rounded to T (kept as fp32), for the group's assignments */
+template <typename T> struct fc2_epi {
+    const ex_params &p;
+    const int64_t *asg;
+    const T *bias;
+    __device__ __forceinline__ void operator()(int64_t j, const float (&acc)[DEC_MROWS], int mm) const
+    {
+        const int lane = threadIdx.x & 31;
+#pragma unroll
+        for (int i = 0; i < DEC_MROWS; i++)
+            if (i < mm && lane == i)
+                p.eout[asg[i] * p.d + j] = round_t<T>(acc[i] + moe_cuda_f32(bias[j]));
+    }
+};
+
+/* fc1 of one chosen expert (blockIdx.y), every assignment routed to it, in
+ * groups of g: hidden[a] = act(LN(x_s) W1^T + b1) rounded to T */
+template <typename T> static __global__ void __launch_bounds__(DEC_THREADS) expert_fc1_kernel(ex_params p)
 {
     extern __shared__ __align__(16) float xs[]; /* [g][d] */
     __shared__ int64_t s_asg[DEC_MROWS];
     __shared__ const T *s_rows[DEC_MROWS];
     __shared__ int s_cnt, s_e;
     __shared__ int64_t s_next;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int64_t row0 = ((int64_t)blockIdx.x * DEC_WARPS + warp) * RW;
+    const int warp = threadIdx.x >> 5;
+    const int64_t row0 = (int64_t)blockIdx.x * DEC_WARPS + warp, stride = (int64_t)gridDim.x * DEC_WARPS;
+    pdl_trigger();
+    pdl_wait(); /* the routing is the kernel before's */
     if (threadIdx.x == 0)
         s_e = p.by_rank ? expert_of_rank(p, (int)blockIdx.y) : (int)blockIdx.y;
     __syncthreads();
     const int e = s_e;
     if (e < 0)
         return;
-    const T *W = (const T *)p.w1[e], *bias = (const T *)p.b1[e];
+    const T *W = (const T *)p.w1[e];
     const bool vec = p.vec_rows && aligned16(W);
+    row_stream<T, true> rv(W, p.d, p.f, stride, p.d);
+    row_stream<T, false> rs(W, p.d, p.f, stride, p.d);
     int64_t from = 0;
     for (;;) {
         __syncthreads(); /* the previous group's s_asg, s_rows and xs are no longer read */
@@ -921,38 +1013,39 @@ template <typename T, int RW> static __global__ void __launch_bounds__(DEC_THREA
         from = s_next;
         if (mm == 0)
             return;
+        if (vec)
+            rv.prime(row0); /* the expert's first weights travel during the LayerNorm */
         if (threadIdx.x < mm)
             s_rows[threadIdx.x] = (const T *)p.x + (s_asg[threadIdx.x] / 2) * p.d;
         __syncthreads();
-        stage_rows_ln<T>(xs, s_rows, 0, mm, p.d, p.layernorm, (const T *)p.lnw, (const T *)p.lnb, p.eps);
-        float acc[RW][DEC_MROWS];
-        zero_acc<RW>(acc);
-        warp_dots_any<T, RW>(vec, acc, W, p.d, row0, p.f, 0, p.d, xs, p.d, mm);
-        warp_reduce<RW>(acc, mm);
-#pragma unroll
-        for (int r = 0; r < RW; r++)
-#pragma unroll
-            for (int i = 0; i < DEC_MROWS; i++) {
-                const int64_t j = row0 + r;
-                if (i < mm && j < p.f && lane == (r * DEC_MROWS + i) % 32)
-                    ((T *)p.hidden)[s_asg[i] * p.f + j] =
-                        moe_cuda_from_f32<T>(moe_cuda_act(acc[r][i] + moe_cuda_f32(bias[j]), p.act));
-            }
+        stage_rows_ln<T>(xs, s_rows, mm, p.d, p.layernorm, (const T *)p.lnw, (const T *)p.lnb, p.eps);
+        fc1_epi<T> epi{p, s_asg, (const T *)p.b1[e]};
+        if (vec)
+            rv.run(row0, xs, p.d, mm, epi);
+        else
+            rs.run(row0, xs, p.d, mm, epi);
     }
 }
 
-/* fc2 of every chosen expert for the output rows of blockIdx.x, then the
- * combine of those rows: this block owns them for every token */
-template <typename T, int RW> static __global__ void __launch_bounds__(DEC_THREADS) expert_fc2_kernel(ex_params p)
+/* fc2 of every chosen expert for this block's output rows (blockIdx.x*8 +
+ * warp, every gridDim.x*8), then the combine of those rows: the block owns
+ * them for every token */
+template <typename T> static __global__ void __launch_bounds__(DEC_THREADS) expert_fc2_kernel(ex_params p)
 {
-    extern __shared__ __align__(16) float xs[]; /* [g][kc] */
+    extern __shared__ __align__(16) float xs[]; /* [g][f] */
     __shared__ int64_t s_asg[DEC_MROWS];
     __shared__ const T *s_rows[DEC_MROWS];
     __shared__ int s_cnt;
     __shared__ int64_t s_next;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int64_t rb0 = (int64_t)blockIdx.x * DEC_WARPS * RW, row0 = rb0 + (int64_t)warp * RW;
+    const int warp = threadIdx.x >> 5;
+    const int64_t row0 = (int64_t)blockIdx.x * DEC_WARPS + warp, stride = (int64_t)gridDim.x * DEC_WARPS;
+    pdl_trigger();
+    pdl_wait();
     for (int e = 0; e < p.E; e++) {
+        const T *W = (const T *)p.w2[e];
+        const bool vec = p.vec_rows && aligned16(W);
+        row_stream<T, true> rv(W, p.f, p.d, stride, p.f);
+        row_stream<T, false> rs(W, p.f, p.d, stride, p.f);
         int64_t from = 0;
         for (;;) {
             __syncthreads(); /* the previous group's s_asg, s_rows and xs are no longer read */
@@ -963,93 +1056,70 @@ template <typename T, int RW> static __global__ void __launch_bounds__(DEC_THREA
             from = s_next;
             if (mm == 0)
                 break;
+            if (vec)
+                rv.prime(row0);
             if (threadIdx.x < mm)
                 s_rows[threadIdx.x] = (const T *)p.hidden + s_asg[threadIdx.x] * p.f;
-            const T *W = (const T *)p.w2[e], *bias = (const T *)p.b2[e];
-            const bool vec = p.vec_rows && aligned16(W);
             __syncthreads();
-            float acc[RW][DEC_MROWS];
-            zero_acc<RW>(acc);
-            for (int64_t k0 = 0; k0 < p.f; k0 += p.kc) {
-                const int64_t kc = p.f - k0 < p.kc ? p.f - k0 : p.kc;
-                if (k0 > 0)
-                    __syncthreads();
-                stage_rows_ln<T>(xs, s_rows, k0, mm, kc, 0, nullptr, nullptr, 0.0f);
-                warp_dots_any<T, RW>(vec, acc, W, p.f, row0, p.d, k0, kc, xs, kc, mm);
-            }
-            warp_reduce<RW>(acc, mm);
-#pragma unroll
-            for (int r = 0; r < RW; r++)
-#pragma unroll
-                for (int i = 0; i < DEC_MROWS; i++) {
-                    const int64_t j = row0 + r;
-                    if (i < mm && j < p.d && lane == (r * DEC_MROWS + i) % 32)
-                        p.eout[s_asg[i] * p.d + j] = round_t<T>(acc[r][i] + moe_cuda_f32(bias[j]));
-                }
+            stage_rows_ln<T>(xs, s_rows, mm, p.f, 0, nullptr, nullptr, 0.0f);
+            fc2_epi<T> epi{p, s_asg, (const T *)p.b2[e]};
+            if (vec)
+                rv.run(row0, xs, p.f, mm, epi);
+            else
+                rs.run(row0, xs, p.f, mm, epi);
         }
     }
-    __syncthreads(); /* every eout row of this block's columns is written */
-    const int64_t nrows = (int64_t)DEC_WARPS * RW;
+    __syncthreads(); /* every eout row of this block's rows is written */
     T *y = (T *)p.y;
-    for (int64_t e2 = threadIdx.x; e2 < p.S * nrows; e2 += blockDim.x) {
-        const int64_t s = e2 / nrows, j = rb0 + e2 % nrows;
-        if (j >= p.d)
-            continue;
-        double acc = 0.0;
-        for (int jj = 0; jj < 2; jj++) {
-            const int64_t i = s * 2 + jj;
-            if (counts(p, i))
-                acc += (double)p.weight[i] * (double)p.eout[i * p.d + j];
+    for (int64_t base = (int64_t)blockIdx.x * DEC_WARPS; base < p.d; base += stride)
+        for (int64_t e2 = threadIdx.x; e2 < p.S * DEC_WARPS; e2 += blockDim.x) {
+            const int64_t s = e2 / DEC_WARPS, j = base + e2 % DEC_WARPS;
+            if (j >= p.d)
+                continue;
+            double acc = 0.0;
+            for (int jj = 0; jj < 2; jj++) {
+                const int64_t i = s * 2 + jj;
+                if (counts(p, i))
+                    acc += (double)p.weight[i] * (double)p.eout[i * p.d + j];
+            }
+            float v = round_t<T>((float)acc);
+            if (p.beta != 0.0f)
+                v = p.beta * moe_cuda_f32(y[s * p.d + j]) + v;
+            y[s * p.d + j] = moe_cuda_from_f32<T>(v);
         }
-        float v = round_t<T>((float)acc);
-        if (p.beta != 0.0f)
-            v = p.beta * moe_cuda_f32(y[s * p.d + j]) + v;
-        y[s * p.d + j] = moe_cuda_from_f32<T>(v);
-    }
-}
-
-template <typename T, int RW> static moe_status expert_fc1_launch(moe_ctx *c, const ex_params &p)
-{
-    static size_t allowed = 0;
-    const size_t smem = (size_t)p.g * (size_t)p.d * sizeof(float);
-    MOE_TRY(smem_attr(c, expert_fc1_kernel<T, RW>, smem, &allowed));
-    const int64_t rows = (p.f + (int64_t)DEC_WARPS * RW - 1) / ((int64_t)DEC_WARPS * RW);
-    const int64_t ny = p.by_rank ? (2 * p.S < p.E ? 2 * p.S : p.E) : p.E;
-    expert_fc1_kernel<T, RW><<<dim3((unsigned)rows, (unsigned)ny), DEC_THREADS, smem, c->stream>>>(p);
-    MOE_CUDA_CHECK_LAUNCH(c);
-    return MOE_OK;
-}
-
-template <typename T, int RW> static moe_status expert_fc2_launch(moe_ctx *c, const ex_params &p)
-{
-    static size_t allowed = 0;
-    const size_t smem = (size_t)p.g * (size_t)p.kc * sizeof(float);
-    MOE_TRY(smem_attr(c, expert_fc2_kernel<T, RW>, smem, &allowed));
-    const int64_t rows = (p.d + (int64_t)DEC_WARPS * RW - 1) / ((int64_t)DEC_WARPS * RW);
-    expert_fc2_kernel<T, RW><<<(unsigned)rows, DEC_THREADS, smem, c->stream>>>(p);
-    MOE_CUDA_CHECK_LAUNCH(c);
-    return MOE_OK;
 }
 
 template <typename T> static moe_status expert_typed(moe_ctx *c, ex_params p)
 {
     constexpr int VE = vec_elems<T>::n;
-    ex_params p1 = p, p2 = p;
-    int64_t kc1;
     /* a group holds the tokens of one expert: at most S */
-    launch_rows(p.S, p.d, 1, &p1.g, &kc1);
-    launch_rows(p.S, p.f, 0, &p2.g, &p2.kc);
+    ex_params p1 = p, p2 = p;
+    p1.g = group_rows(p.S, p.d);
+    p2.g = group_rows(p.S, p.f);
+    if (p1.g == 0 || p2.g == 0)
+        return moe_cuda_fail(c, MOE_ERR_UNSUPPORTED,
+                             "cuda expert_ffn_forward: rows of %lld (d) or %lld (f) need more than the %d bytes of "
+                             "shared memory this kernel takes",
+                             (long long)p.d, (long long)p.f, DEC_SMEM_MAX);
     p1.vec_rows = p.d % VE == 0;
-    p2.vec_rows = p.f % VE == 0 && p2.kc % VE == 0;
+    p2.vec_rows = p.f % VE == 0;
     p1.by_rank = 2 * p.S <= EX_RANK_MAX;
-    const int rw1 = pick_rw(c, p.f), rw2 = pick_rw(c, p.d);
-    moe_status st = rw1 == 4 ? expert_fc1_launch<T, 4>(c, p1)
-                    : rw1 == 2 ? expert_fc1_launch<T, 2>(c, p1)
-                               : expert_fc1_launch<T, 1>(c, p1);
-    if (st != MOE_OK)
-        return st;
-    return rw2 == 4 ? expert_fc2_launch<T, 4>(c, p2) : rw2 == 2 ? expert_fc2_launch<T, 2>(c, p2)
-                                                                : expert_fc2_launch<T, 1>(c, p2);
+    const int64_t ny = p1.by_rank ? (2 * p.S < p.E ? 2 * p.S : p.E) : p.E;
+    {
+        static size_t allowed = 0;
+        const size_t smem = (size_t)p1.g * (size_t)p.d * sizeof(float);
+        MOE_TRY(smem_attr(c, expert_fc1_kernel<T>, smem, &allowed));
+        dim3 grid(grid_rows(c, p.f, ny), (unsigned)ny);
+        MOE_CUDA_TRY(c, launch_pdl(expert_fc1_kernel<T>, grid, dim3(DEC_THREADS), smem, c->stream, p1));
+    }
+    {
+        static size_t allowed = 0;
+        const size_t smem = (size_t)p2.g * (size_t)p.f * sizeof(float);
+        MOE_TRY(smem_attr(c, expert_fc2_kernel<T>, smem, &allowed));
+        MOE_CUDA_TRY(c, launch_pdl(expert_fc2_kernel<T>, dim3(grid_rows(c, p.d, 1)), dim3(DEC_THREADS), smem,
+                                   c->stream, p2));
+    }
+    return MOE_OK;
 }
 
 moe_status moe_cuda_expert_ffn_forward(moe_ctx *c, const moe_expert_ffn_args *a)
@@ -1061,10 +1131,9 @@ moe_status moe_cuda_expert_ffn_forward(moe_ctx *c, const moe_expert_ffn_args *a)
                              "both scratch buffers, found S %lld, d %lld, f %lld, E %d",
                              a ? (long long)a->S : -1LL, a ? (long long)a->d : -1LL, a ? (long long)a->f : -1LL,
                              a ? a->E : -1);
-    if (a->d * 4 > DEC_SMEM_MAX || a->E > 65535)
+    if (a->E > 65535)
         return moe_cuda_fail(c, MOE_ERR_UNSUPPORTED,
-                             "cuda expert_ffn_forward: expected d <= %d and at most 65535 experts, found d %lld, E %d",
-                             DEC_SMEM_MAX / 4, (long long)a->d, a->E);
+                             "cuda expert_ffn_forward: expected at most 65535 experts, found %d", a->E);
     if (a->S == 0)
         return MOE_OK;
     ex_params p;
@@ -1097,6 +1166,8 @@ moe_status moe_cuda_expert_ffn_forward(moe_ctx *c, const moe_expert_ffn_args *a)
 /* ---------------------------------------------------------------- logits */
 
 #define STATS_THREADS 1024
+#define STATS_PART 1024   /* vocabulary entries a first-stage block reads (one per thread) */
+#define STATS_K_MAX 16    /* K up to which the two-stage path runs */
 
 /* (v, i) ranks above (pv, pi): larger value, or equal value at a lower index */
 static __device__ __forceinline__ bool ranks_above(float v, int64_t i, float pv, int64_t pi)
@@ -1108,6 +1179,138 @@ static __device__ __forceinline__ float zval(const float *l, int64_t v, float te
 {
     const float x = l[v];
     return isnan(x) ? -INFINITY : x / temperature;
+}
+
+/* The best (value, index) of the block among the candidates each thread
+ * offers (bi < 0: none); thread 0 gets it. sv, si: 32 entries. */
+static __device__ __forceinline__ void block_best(float &bv, int64_t &bi, float *sv, int64_t *si)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int off = 16; off > 0; off >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
+        const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, off);
+        if (oi >= 0 && (bi < 0 || ranks_above(ov, oi, bv, bi))) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    __syncthreads(); /* sv, si may still be read from a previous call */
+    if (lane == 0) {
+        sv[warp] = bv;
+        si[warp] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (int w = 1; w < nw; w++)
+            if (si[w] >= 0 && (bi < 0 || ranks_above(sv[w], si[w], bv, bi))) {
+                bv = sv[w];
+                bi = si[w];
+            }
+}
+
+/* Stage one, block (part p, row r): entries [p*STATS_PART, ..) of the row,
+ * one a thread: their max m, sum of exp(z - m) (double) and top K, into
+ * pm, ps, pv, pi at r*P + p. */
+static __global__ void __launch_bounds__(STATS_PART)
+    logits_part_kernel(float *pm, double *ps, float *pv, int32_t *pi, const float *logits, int64_t V, int P, int K,
+                       float temperature)
+{
+    __shared__ double sd[32];
+    __shared__ float sf[32], sv[32];
+    __shared__ int64_t si[32];
+    __shared__ float s_pv;
+    __shared__ int64_t s_pi;
+    const int64_t r = blockIdx.y, part = blockIdx.x, v = part * STATS_PART + threadIdx.x;
+    const bool have = v < V;
+    const float z = have ? zval(logits + r * V, v, temperature) : -INFINITY;
+    const float m = moe_cuda_block_max(z, sf);
+    const double s = moe_cuda_block_sum_d(have && m != -INFINITY ? (double)expf(z - m) : 0.0, sd);
+    const int64_t o = r * P + part;
+    if (threadIdx.x == 0) {
+        pm[o] = m;
+        ps[o] = s;
+    }
+    /* top K: each round the best entry below the previous one */
+    float prev_v = INFINITY;
+    int64_t prev_i = -1;
+    for (int k = 0; k < K; k++) {
+        float bv = z;
+        int64_t bi = have && (k == 0 || ranks_above(prev_v, prev_i, z, v)) ? v : -1;
+        if (bi < 0)
+            bv = -INFINITY;
+        block_best(bv, bi, sv, si);
+        if (threadIdx.x == 0) {
+            pv[o * K + k] = bv;
+            pi[o * K + k] = (int32_t)bi;
+            s_pv = bv;
+            s_pi = bi;
+        }
+        __syncthreads();
+        prev_v = s_pv;
+        prev_i = s_pi;
+        __syncthreads(); /* s_pv, s_pi are written again next round */
+    }
+}
+
+/* Stage two, one block a row: lse from the parts' (m, s), the top K among
+ * the parts' candidates (ids -1 mark parts with fewer entries than K). */
+static __global__ void __launch_bounds__(256)
+    logits_merge_kernel(float *lse, float *top_val, int32_t *top_idx, float *tgt, const float *pm, const double *ps,
+                        const float *pv, const int32_t *pi, const float *logits, const int32_t *targets, int64_t V,
+                        int P, int K, float temperature)
+{
+    __shared__ double sd[32];
+    __shared__ float sf[32], sv[32];
+    __shared__ int64_t si[32];
+    __shared__ float s_pv;
+    __shared__ int64_t s_pi;
+    const int64_t r = blockIdx.x;
+    float m = -INFINITY;
+    for (int p = threadIdx.x; p < P; p += blockDim.x)
+        m = fmaxf(m, pm[r * P + p]);
+    const float M = moe_cuda_block_max(m, sf);
+    double s = 0.0;
+    if (M != -INFINITY)
+        for (int p = threadIdx.x; p < P; p += blockDim.x) {
+            const float mp = pm[r * P + p];
+            if (mp != -INFINITY)
+                s += ps[r * P + p] * exp((double)mp - (double)M);
+        }
+    s = moe_cuda_block_sum_d(s, sd);
+    if (threadIdx.x == 0) {
+        if (lse != nullptr)
+            lse[r] = M == -INFINITY ? -INFINITY : M + (float)log(s);
+        if (tgt != nullptr && targets != nullptr)
+            tgt[r] = zval(logits + r * V, targets[r], temperature);
+    }
+    float prev_v = INFINITY;
+    int64_t prev_i = -1;
+    const int64_t C = (int64_t)P * K;
+    for (int k = 0; k < K; k++) {
+        float bv = -INFINITY;
+        int64_t bi = -1;
+        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+            const int64_t ci = pi[r * C + c];
+            const float cv = pv[r * C + c];
+            if (ci < 0 || (k > 0 && !ranks_above(prev_v, prev_i, cv, ci)))
+                continue;
+            if (bi < 0 || ranks_above(cv, ci, bv, bi)) {
+                bv = cv;
+                bi = ci;
+            }
+        }
+        block_best(bv, bi, sv, si);
+        if (threadIdx.x == 0) {
+            top_val[r * K + k] = bv;
+            top_idx[r * K + k] = (int32_t)bi;
+            s_pv = bv;
+            s_pi = bi;
+        }
+        __syncthreads();
+        prev_v = s_pv;
+        prev_i = s_pi;
+        __syncthreads();
+    }
 }
 
 static __global__ void __launch_bounds__(STATS_THREADS)
@@ -1195,10 +1398,33 @@ moe_status moe_cuda_logits_stats(moe_ctx *c, float *lse, float *top_val, int32_t
                              (long long)R, (long long)V, K, (double)temperature);
     if (R == 0)
         return MOE_OK;
-    if (R > INT32_MAX)
-        return moe_cuda_fail(c, MOE_ERR_UNSUPPORTED, "cuda logits_stats: %lld rows is too many", (long long)R);
-    logits_stats_kernel<<<(unsigned)R, STATS_THREADS, 0, c->stream>>>(lse, top_val, top_idx, tgt, logits, targets, V,
-                                                                       K, temperature);
-    MOE_CUDA_CHECK_LAUNCH(c);
+    if (R > 65535 || K > STATS_K_MAX) {
+        /* one block a row, K passes over it */
+        if (R > INT32_MAX)
+            return moe_cuda_fail(c, MOE_ERR_UNSUPPORTED, "cuda logits_stats: %lld rows is too many", (long long)R);
+        logits_stats_kernel<<<(unsigned)R, STATS_THREADS, 0, c->stream>>>(lse, top_val, top_idx, tgt, logits, targets,
+                                                                           V, K, temperature);
+        MOE_CUDA_CHECK_LAUNCH(c);
+        return MOE_OK;
+    }
+    /* two stages: parts of STATS_PART entries in parallel, then a merge a row */
+    const int64_t P = (V + STATS_PART - 1) / STATS_PART;
+    const int64_t n = R * P, kk = K > 0 ? K : 1;
+    const uint64_t bytes = (uint64_t)n * (8u + 4u + (uint64_t)kk * 8u) + 64u;
+    void *ws = NULL;
+    MOE_TRY(moe_cuda_scratch_alloc(c, bytes, "logits_stats partials", &ws));
+    double *ps = (double *)ws;
+    float *pm = (float *)(ps + n), *pv = pm + n;
+    int32_t *pi = (int32_t *)(pv + n * kk);
+    logits_part_kernel<<<dim3((unsigned)P, (unsigned)R), STATS_PART, 0, c->stream>>>(pm, ps, pv, pi, logits, V,
+                                                                                    (int)P, K, temperature);
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) {
+        logits_merge_kernel<<<(unsigned)R, 256, 0, c->stream>>>(lse, top_val, top_idx, tgt, pm, ps, pv, pi, logits,
+                                                               targets, V, (int)P, K, temperature);
+        e = cudaGetLastError();
+    }
+    moe_cuda_scratch_free(c, ws);
+    MOE_CUDA_TRY(c, e);
     return MOE_OK;
 }
