@@ -2476,7 +2476,6 @@ moe_status moe_ckpt_check_layout(moe_ckpt *c, const moe_ckpt_layout *l, int with
     if (!seen)
         return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
     moe_status st = MOE_OK;
-    int ne = 0;
     for (int i = 0; i < l->n_units && st == MOE_OK; i++) {
         const moe_ckpt_layout_unit *u = &l->units[i];
         int mu = moe_ckpt_find_unit(c, u->name);
@@ -2499,7 +2498,6 @@ moe_status moe_ckpt_check_layout(moe_ckpt *c, const moe_ckpt_layout *l, int with
                  u->n > u->padded - u->start || (u->numel > 0 && u->n == 0))
             st = moe_error_set(MOE_ERR_INVALID_ARG, "a layout's range %lld+%lld of unit '%s' (%lld padded) is out "
                                "of range", (long long)u->start, (long long)u->n, u->name, (long long)u->padded);
-        ne += u->expert_index < 0;
     }
     for (int i = 0; i < c->n_mus && st == MOE_OK; i++)
         if (c->mus[i].pub.expert_index < 0 && !seen[i])

@@ -597,7 +597,8 @@ static moe_status generate_batch(gen *g, row *rows, int64_t n)
         if (!r->seq || !r->lp)
             return nomem();
         r->seq[0] = g->bos_tok;
-        memcpy(r->seq + 1, r->prompt, (size_t)r->prefix * sizeof *r->seq);
+        if (r->prefix > 0)
+            memcpy(r->seq + 1, r->prompt, (size_t)r->prefix * sizeof *r->seq);
         r->len = 1 + r->prefix;
         r->fed = 0;
         r->done = 0;

@@ -67,7 +67,8 @@
 #define MAX_SPLITS 16
 
 static const moe_option lm_options[] = {
-    {"tokens-per-sample", MOE_OPT_INT, "1024", "max number of tokens per sample for LM dataset", 1, 1e12, NULL},
+    {"tokens-per-sample", MOE_OPT_INT, "1024", "max number of tokens per sample for LM dataset", 1, 16777216.0,
+     NULL},
     {"sample-break-mode", MOE_OPT_CHOICE, "none",
      "none: fill each sample with tokens-per-sample tokens; complete: split at sentence (line) ends; complete_doc: "
      "like complete but never across documents (empty lines); eos: one sentence per sample",
