@@ -54,6 +54,7 @@
 #include <unistd.h>
 
 #include "core/internal.h"
+#include "core/strbuf.h"
 
 #define MOE_PROGRESS_CAP 512
 
@@ -151,75 +152,6 @@ static const char *level_name(moe_log_level level)
     return "INFO";
 }
 
-/* ------------------------------------------------------------ string buffer */
-
-typedef struct strbuf {
-    char *p;
-    size_t len, cap;
-    int failed; /* an allocation failed: the text is incomplete, do not print it */
-} strbuf;
-
-static void sb_reserve(strbuf *b, size_t extra)
-{
-    if (b->failed || b->len + extra + 1 <= b->cap)
-        return;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + extra + 1)
-        cap *= 2;
-    char *p = realloc(b->p, cap);
-    if (!p) {
-        b->failed = 1;
-        return;
-    }
-    b->p = p;
-    b->cap = cap;
-}
-
-static void sb_putn(strbuf *b, const char *s, size_t n)
-{
-    sb_reserve(b, n);
-    if (b->failed)
-        return;
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void sb_puts(strbuf *b, const char *s)
-{
-    sb_putn(b, s, strlen(s));
-}
-
-static void sb_vprintf(strbuf *b, const char *fmt, va_list ap)
-{
-    va_list aq;
-    va_copy(aq, ap);
-    int n = vsnprintf(NULL, 0, fmt, aq);
-    va_end(aq);
-    if (n < 0) {
-        b->failed = 1;
-        return;
-    }
-    sb_reserve(b, (size_t)n);
-    if (b->failed)
-        return;
-    vsnprintf(b->p + b->len, (size_t)n + 1, fmt, ap);
-    b->len += (size_t)n;
-}
-
-static void sb_printf(strbuf *b, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 2, 3)))
-#endif
-    ;
-static void sb_printf(strbuf *b, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    sb_vprintf(b, fmt, ap);
-    va_end(ap);
-}
-
 /* ------------------------------------------------------------ line output */
 
 static void erase_line(FILE *out)
@@ -273,8 +205,8 @@ void moe_logv(moe_log_level level, const char *component, const char *fmt, va_li
 {
     if (!level_passes(level) || !fmt)
         return;
-    strbuf b = {0};
-    sb_vprintf(&b, fmt, ap);
+    moe_strbuf b = {0};
+    moe_sb_vprintf(&b, fmt, ap);
     if (!b.failed)
         write_line(level, component, b.p ? b.p : "");
     else
@@ -306,66 +238,75 @@ static double py_round(double x, int ndigits)
     return strtod(buf, NULL);
 }
 
-/* Python's repr(float): the shortest digits that read back to x, fixed
- * notation for decimal exponents -4..15 (with ".0" on integers), otherwise
- * "d.ddde+XX". */
-static void py_repr(char *out, size_t size, double x)
+void moe_format_pyfloat(char *buf, size_t size, double v)
 {
-    if (isnan(x)) {
-        snprintf(out, size, "nan");
+    if (size == 0)
+        return;
+    if (isnan(v)) {
+        snprintf(buf, size, "nan");
         return;
     }
-    if (isinf(x)) {
-        snprintf(out, size, x < 0 ? "-inf" : "inf");
+    if (isinf(v)) {
+        snprintf(buf, size, "%sinf", v < 0 ? "-" : "");
         return;
     }
-    char sci[40];
-    for (int prec = 0; prec <= 16; prec++) {
-        snprintf(sci, sizeof sci, "%.*e", prec, x);
-        if (strtod(sci, NULL) == x)
+    /* shortest %e form that reads back as the same double */
+    char e[40];
+    for (int prec = 0; prec < 17; prec++) {
+        snprintf(e, sizeof e, "%.*e", prec, v);
+        if (strtod(e, NULL) == v)
             break;
     }
-    /* sci: [-]d[.ddd]e[+-]XX */
-    const char *p = sci;
+    /* split "-d.ddde+XX" into sign, digits and decimal exponent */
+    const char *p = e;
     int neg = *p == '-';
     if (neg)
         p++;
     char digits[24];
-    size_t nd = 0;
+    int nd = 0;
     for (; *p && *p != 'e'; p++)
-        if (isdigit((unsigned char)*p) && nd < sizeof digits - 1)
+        if (*p >= '0' && *p <= '9' && nd < (int)sizeof digits - 1)
             digits[nd++] = *p;
     digits[nd] = '\0';
     int exp10 = *p == 'e' ? atoi(p + 1) : 0;
-    while (nd > 1 && digits[nd - 1] == '0')
+    while (nd > 1 && digits[nd - 1] == '0') /* %e pads nothing, but be safe */
         digits[--nd] = '\0';
 
-    strbuf b = {0};
+    char out[64];
+    size_t o = 0;
     if (neg)
-        sb_puts(&b, "-");
-    if (exp10 >= -4 && exp10 < 16) {
-        if (exp10 < 0) {
-            sb_puts(&b, "0.");
-            for (int i = -1; i > exp10; i--)
-                sb_puts(&b, "0");
-            sb_puts(&b, digits);
-        } else {
-            size_t int_len = (size_t)exp10 + 1;
-            for (size_t i = 0; i < int_len; i++)
-                sb_putn(&b, i < nd ? &digits[i] : "0", 1);
-            sb_puts(&b, ".");
-            sb_puts(&b, nd > int_len ? digits + int_len : "0");
-        }
-    } else {
-        sb_putn(&b, digits, 1);
+        out[o++] = '-';
+    if (v == 0.0) {
+        snprintf(out + o, sizeof out - o, "0.0");
+    } else if (exp10 < -4 || exp10 >= 16) {
+        /* Python: d[.ddd]e[+-]XX with at least two exponent digits */
+        out[o++] = digits[0];
         if (nd > 1) {
-            sb_puts(&b, ".");
-            sb_puts(&b, digits + 1);
+            out[o++] = '.';
+            for (int i = 1; i < nd; i++)
+                out[o++] = digits[i];
         }
-        sb_printf(&b, "e%c%02d", exp10 < 0 ? '-' : '+', exp10 < 0 ? -exp10 : exp10);
+        snprintf(out + o, sizeof out - o, "e%c%02d", exp10 < 0 ? '-' : '+', exp10 < 0 ? -exp10 : exp10);
+    } else if (exp10 < 0) {
+        out[o++] = '0';
+        out[o++] = '.';
+        for (int i = 0; i < -exp10 - 1; i++)
+            out[o++] = '0';
+        for (int i = 0; i < nd; i++)
+            out[o++] = digits[i];
+        out[o] = '\0';
+    } else {
+        for (int i = 0; i <= exp10; i++)
+            out[o++] = i < nd ? digits[i] : '0';
+        out[o++] = '.';
+        if (nd > exp10 + 1)
+            for (int i = exp10 + 1; i < nd; i++)
+                out[o++] = digits[i];
+        else
+            out[o++] = '0';
+        out[o] = '\0';
     }
-    snprintf(out, size, "%s", b.failed || !b.p ? "0.0" : b.p);
-    free(b.p);
+    snprintf(buf, size, "%s", out);
 }
 
 void moe_format_stat(char *buf, size_t size, double value, int digits)
@@ -448,32 +389,32 @@ static json_t *json_string_lenient(const char *s)
 
 /* Make jansson's escapes Python's: "\u00E9" -> "\u00e9", raw DEL -> "\u007f".
  * Escapes are read left to right, so "\\u" (an escaped backslash) is skipped. */
-static void json_pythonize(strbuf *b, const char *s)
+static void json_pythonize(moe_strbuf *b, const char *s)
 {
     for (const char *p = s; *p; p++) {
         if (*p == '\\' && p[1] == 'u') {
             char esc[7] = {'\\', 'u', 0, 0, 0, 0, 0};
             for (int i = 0; i < 4 && p[2 + i]; i++)
                 esc[2 + i] = (char)tolower((unsigned char)p[2 + i]);
-            sb_puts(b, esc);
+            moe_sb_puts(b, esc);
             p += 1 + strlen(esc + 2);
         } else if (*p == '\\' && p[1]) {
-            sb_putn(b, p, 2);
+            moe_sb_putn(b, p, 2);
             p++;
         } else if (*p == 0x7f) {
-            sb_puts(b, "\\u007f");
+            moe_sb_puts(b, "\\u007f");
         } else {
-            sb_putn(b, p, 1);
+            moe_sb_putn(b, p, 1);
         }
     }
 }
 
-static void stats_json(strbuf *b, int epoch, const char *update, const moe_stat_kv *kv, int n)
+static void stats_json(moe_strbuf *b, int epoch, const char *update, const moe_stat_kv *kv, int n)
 {
-    sb_puts(b, "{");
+    moe_sb_puts(b, "{");
     int first = 1;
     if (epoch > 0) {
-        sb_printf(b, "\"epoch\": %d", epoch);
+        moe_sb_printf(b, "\"epoch\": %d", epoch);
         first = 0;
     }
     long long pos, len;
@@ -481,13 +422,13 @@ static void stats_json(strbuf *b, int epoch, const char *update, const moe_stat_
         if (epoch > 0) { /* fairseq: update is None when epoch is */
             char num[64];
             double u = (double)(epoch - 1) + (double)pos / (double)len;
-            py_repr(num, sizeof num, py_round(u, 3));
-            sb_printf(b, ", \"update\": %s", num);
+            moe_format_pyfloat(num, sizeof num, py_round(u, 3));
+            moe_sb_printf(b, ", \"update\": %s", num);
         }
     } else if (update) {
-        sb_printf(b, "%s\"update\": ", first ? "" : ", ");
+        moe_sb_printf(b, "%s\"update\": ", first ? "" : ", ");
         if (is_json_number(update)) {
-            sb_puts(b, update);
+            moe_sb_puts(b, update);
         } else {
             json_t *j = json_string_lenient(update);
             char *t = j ? json_dumps(j, JSON_ENCODE_ANY | JSON_ENSURE_ASCII) : NULL;
@@ -522,25 +463,25 @@ static void stats_json(strbuf *b, int epoch, const char *update, const moe_stat_
     if (tl > 2) { /* "{...}" -> "..." */
         text[tl - 1] = '\0';
         if (!first)
-            sb_puts(b, ", ");
+            moe_sb_puts(b, ", ");
         json_pythonize(b, text + 1);
     }
     free(text);
-    sb_puts(b, "}");
+    moe_sb_puts(b, "}");
 }
 
 /* Python's str.strip() for the value strings */
-static void put_stripped(strbuf *b, const char *s)
+static void put_stripped(moe_strbuf *b, const char *s)
 {
     while (*s && isspace((unsigned char)*s))
         s++;
     size_t n = strlen(s);
     while (n > 0 && isspace((unsigned char)s[n - 1]))
         n--;
-    sb_putn(b, s, n);
+    moe_sb_putn(b, s, n);
 }
 
-static void stats_simple(strbuf *b, const char *tag, int epoch, const char *update, const moe_stat_kv *kv, int n)
+static void stats_simple(moe_strbuf *b, const char *tag, int epoch, const char *update, const moe_stat_kv *kv, int n)
 {
     char prefix[32] = "";
     if (epoch > 0)
@@ -548,26 +489,26 @@ static void stats_simple(strbuf *b, const char *tag, int epoch, const char *upda
     if (update) {
         long long pos, len;
         if (parse_position(update, &pos, &len))
-            sb_printf(b, "%s:  %5lld / %lld ", prefix, pos, len);
+            moe_sb_printf(b, "%s:  %5lld / %lld ", prefix, pos, len);
         else
-            sb_printf(b, "%s:  update %s ", prefix, update);
+            moe_sb_printf(b, "%s:  update %s ", prefix, update);
         for (int i = 0; i < n; i++) {
-            sb_printf(b, "%s%s=", i ? ", " : "", kv[i].key);
+            moe_sb_printf(b, "%s%s=", i ? ", " : "", kv[i].key);
             put_stripped(b, kv[i].value);
         }
         return;
     }
     /* fairseq's validation progress bar carries the subset in its prefix */
     if (tag && strcmp(tag, "train") != 0 && strcmp(tag, "train_inner") != 0)
-        sb_printf(b, "%s%svalid on '%s' subset | ", prefix, *prefix ? " | " : "", tag);
+        moe_sb_printf(b, "%s%svalid on '%s' subset | ", prefix, *prefix ? " | " : "", tag);
     else
-        sb_printf(b, "%s | ", prefix);
+        moe_sb_printf(b, "%s | ", prefix);
     size_t tag_len = tag ? strlen(tag) : 0;
     for (int i = 0; i < n; i++) {
         const char *key = kv[i].key;
         if (tag_len && strncmp(key, tag, tag_len) == 0 && key[tag_len] == '_' && key[tag_len + 1])
             key += tag_len + 1;
-        sb_printf(b, "%s%s ", i ? " | " : "", key);
+        moe_sb_printf(b, "%s%s ", i ? " | " : "", key);
         put_stripped(b, kv[i].value);
     }
 }
@@ -578,7 +519,7 @@ void moe_log_stats(const char *tag, int epoch, const char *update, const moe_sta
         return;
     if (!kv || n < 0)
         n = 0;
-    strbuf b = {0};
+    moe_strbuf b = {0};
     if (g_log.fmt == MOE_LOG_FORMAT_JSON)
         stats_json(&b, epoch, update, kv, n);
     else

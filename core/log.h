@@ -48,6 +48,11 @@ void moe_log_stats(const char *tag, int epoch, const char *update /* "13/3125" (
  * then "{:g}" (6 significant digits). digits < 0: no rounding. */
 void moe_format_stat(char *buf, size_t size, double value, int digits);
 
+/* Python's repr() of a float: shortest round-trip digits, ".0" on integral
+ * values, exponent form below 1e-4 and from 1e16 (64.0, 0.0001220703125,
+ * 6.103515625e-05, 1e+16, inf, nan). */
+void moe_format_pyfloat(char *buf, size_t size, double v);
+
 /* Live progress (only when the output is a terminal): one rewritten line,
  * cleared before the next log line. Call moe_progress_update every update. */
 void moe_progress_update(const char *text);

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "core/log.h"
 
 void moe_scaler_init(moe_scaler *s, double init_scale, int64_t window, double tolerance, double threshold,
                      double min_scale)
@@ -83,75 +84,4 @@ moe_status moe_scaler_check_overflow(moe_scaler *s, double grad_norm, char *note
     if (note && note_size)
         snprintf(note, note_size, "gradient overflow detected, ignoring gradient, setting loss scale to: %s", num);
     return MOE_ERR_OVERFLOW;
-}
-
-void moe_format_pyfloat(char *buf, size_t size, double v)
-{
-    if (size == 0)
-        return;
-    if (isnan(v)) {
-        snprintf(buf, size, "nan");
-        return;
-    }
-    if (isinf(v)) {
-        snprintf(buf, size, "%sinf", v < 0 ? "-" : "");
-        return;
-    }
-    /* shortest %e form that reads back as the same double */
-    char e[40];
-    for (int prec = 0; prec < 17; prec++) {
-        snprintf(e, sizeof e, "%.*e", prec, v);
-        if (strtod(e, NULL) == v)
-            break;
-    }
-    /* split "-d.ddde+XX" into sign, digits and decimal exponent */
-    const char *p = e;
-    int neg = *p == '-';
-    if (neg)
-        p++;
-    char digits[24];
-    int nd = 0;
-    for (; *p && *p != 'e'; p++)
-        if (*p >= '0' && *p <= '9' && nd < (int)sizeof digits - 1)
-            digits[nd++] = *p;
-    digits[nd] = '\0';
-    int exp10 = *p == 'e' ? atoi(p + 1) : 0;
-    while (nd > 1 && digits[nd - 1] == '0') /* %e pads nothing, but be safe */
-        digits[--nd] = '\0';
-
-    char out[64];
-    size_t o = 0;
-    if (neg)
-        out[o++] = '-';
-    if (v == 0.0) {
-        snprintf(out + o, sizeof out - o, "0.0");
-    } else if (exp10 < -4 || exp10 >= 16) {
-        /* Python: d[.ddd]e[+-]XX with at least two exponent digits */
-        out[o++] = digits[0];
-        if (nd > 1) {
-            out[o++] = '.';
-            for (int i = 1; i < nd; i++)
-                out[o++] = digits[i];
-        }
-        snprintf(out + o, sizeof out - o, "e%c%02d", exp10 < 0 ? '-' : '+', exp10 < 0 ? -exp10 : exp10);
-    } else if (exp10 < 0) {
-        out[o++] = '0';
-        out[o++] = '.';
-        for (int i = 0; i < -exp10 - 1; i++)
-            out[o++] = '0';
-        for (int i = 0; i < nd; i++)
-            out[o++] = digits[i];
-        out[o] = '\0';
-    } else {
-        for (int i = 0; i <= exp10; i++)
-            out[o++] = i < nd ? digits[i] : '0';
-        out[o++] = '.';
-        if (nd > exp10 + 1)
-            for (int i = exp10 + 1; i < nd; i++)
-                out[o++] = digits[i];
-        else
-            out[o++] = '0';
-        out[o] = '\0';
-    }
-    snprintf(buf, size, "%s", out);
 }

@@ -52,9 +52,5 @@ moe_status moe_scaler_check_overflow(moe_scaler *s, double grad_norm, char *note
  * iterations have passed since the last overflow, then count the iteration. */
 void moe_scaler_update(moe_scaler *s);
 
-/* Python's repr() of a float: shortest round-trip digits, ".0" on integral
- * values, exponent form below 1e-4 and from 1e16 (64.0, 0.0001220703125,
- * 6.103515625e-05, 1e+16, inf, nan). */
-void moe_format_pyfloat(char *buf, size_t size, double v);
 
 #endif

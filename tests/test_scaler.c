@@ -13,6 +13,7 @@
 #include <cmocka.h>
 
 #include "core/internal.h"
+#include "core/log.h"
 #include "core/scaler.h"
 
 static const char *const NOTE_PREFIX = "gradient overflow detected, ignoring gradient, setting loss scale to: ";

@@ -63,6 +63,7 @@
 #include <unistd.h>
 
 #include "core/internal.h"
+#include "core/strbuf.h"
 #include "core/log.h"
 #include "core/session.h"
 #include "data/bpe.h"
@@ -140,98 +141,6 @@ static moe_status nomem(void) { return moe_error_set(MOE_ERR_NOMEM, "out of host
 static moe_status data_fail(moe_status st)
 {
     return moe_error_set(st, "%s", moe_data_error());
-}
-
-typedef struct strbuf {
-    char *p;
-    size_t n, cap;
-    int failed;
-} strbuf;
-
-static void sb_put(strbuf *b, const char *s, size_t n)
-{
-    if (b->failed)
-        return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1)
-            cap *= 2;
-        char *q = realloc(b->p, cap);
-        if (!q) {
-            b->failed = 1;
-            return;
-        }
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = '\0';
-}
-
-static void sb_str(strbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
-
-/* Python's repr() of a float: the shortest digits that read back to v, in
- * fixed notation for 1e-4 <= |v| < 1e16 (with at least one decimal), else
- * as 1.5e-05 / 1e+16. */
-static void py_float(char *out, size_t size, double v)
-{
-    if (isnan(v)) {
-        snprintf(out, size, "nan");
-        return;
-    }
-    if (isinf(v)) {
-        snprintf(out, size, v < 0 ? "-inf" : "inf");
-        return;
-    }
-    if (v == 0.0) {
-        snprintf(out, size, signbit(v) ? "-0.0" : "0.0");
-        return;
-    }
-    char e[48];
-    for (int p = 0; p <= 17; p++) {
-        snprintf(e, sizeof e, "%.*e", p, v);
-        if (strtod(e, NULL) == v)
-            break;
-    }
-    /* e: [-]d[.ddd]e(+|-)xx */
-    const int neg = e[0] == '-';
-    char digits[40];
-    size_t nd = 0;
-    const char *q = e + neg;
-    for (; *q && *q != 'e'; q++)
-        if (*q != '.')
-            digits[nd++] = *q;
-    digits[nd] = '\0';
-    const int x = atoi(q + 1);
-    strbuf b = {0};
-    if (neg)
-        sb_str(&b, "-");
-    if (x < -4 || x >= 16) {
-        sb_put(&b, digits, 1);
-        if (nd > 1) {
-            sb_str(&b, ".");
-            sb_put(&b, digits + 1, nd - 1);
-        }
-        char ex[16];
-        snprintf(ex, sizeof ex, "e%c%02d", x < 0 ? '-' : '+', x < 0 ? -x : x);
-        sb_str(&b, ex);
-    } else if (x >= 0) {
-        for (int i = 0; i <= x; i++)
-            sb_put(&b, i < (int)nd ? digits + i : "0", 1);
-        sb_str(&b, ".");
-        if ((int)nd > x + 1)
-            sb_put(&b, digits + x + 1, nd - (size_t)(x + 1));
-        else
-            sb_str(&b, "0");
-    } else {
-        sb_str(&b, "0.");
-        for (int i = 0; i < -x - 1; i++)
-            sb_str(&b, "0");
-        sb_put(&b, digits, nd);
-    }
-    snprintf(out, size, "%s", b.failed || !b.p ? "nan" : b.p);
-    free(b.p);
 }
 
 /* ------------------------------------------------------------ the run */
@@ -332,7 +241,7 @@ static moe_status encode_line(gen *g, const char *line, size_t len, int32_t **id
 }
 
 /* Dictionary.string: symbols joined by spaces, bos and eos left out */
-static void symbols(const gen *g, const int32_t *ids, int64_t n, strbuf *b)
+static void symbols(const gen *g, const int32_t *ids, int64_t n, moe_strbuf *b)
 {
     int first = 1;
     for (int64_t i = 0; i < n; i++) {
@@ -341,21 +250,21 @@ static void symbols(const gen *g, const int32_t *ids, int64_t n, strbuf *b)
         size_t sl = 0;
         const char *sym = moe_dict_symbol(g->dict, ids[i], &sl);
         if (!first)
-            sb_str(b, " ");
+            moe_sb_puts(b, " ");
         first = 0;
         if (sym)
-            sb_put(b, sym, sl);
+            moe_sb_putn(b, sym, sl);
         else
-            sb_str(b, "<unk>");
+            moe_sb_puts(b, "<unk>");
     }
 }
 
 /* GPT2BPE.decode of a symbol string: numeric symbols are GPT-2 ids, the
  * others (and ids the BPE does not know) stay text */
-static moe_status detokenize(const gen *g, const char *hyp, strbuf *out)
+static moe_status detokenize(const gen *g, const char *hyp, moe_strbuf *out)
 {
     if (!g->bpe) {
-        sb_str(out, hyp);
+        moe_sb_puts(out, hyp);
         return MOE_OK;
     }
     int32_t *ids = malloc((strlen(hyp) / 2 + 2) * sizeof *ids);
@@ -383,7 +292,7 @@ static moe_status detokenize(const gen *g, const char *hyp, strbuf *out)
                 st = data_fail(MOE_ERR_INVALID_ARG);
                 break;
             }
-            sb_put(out, text, len);
+            moe_sb_putn(out, text, len);
             free(text);
             n = 0;
         }
@@ -392,7 +301,7 @@ static moe_status detokenize(const gen *g, const char *hyp, strbuf *out)
         if (known)
             ids[n++] = (int32_t)id;
         else
-            sb_put(out, p, (size_t)(end - p));
+            moe_sb_putn(out, p, (size_t)(end - p));
         p = end;
     }
     free(ids);
@@ -700,7 +609,7 @@ done:
 
 static moe_status print_row(gen *g, const row *r, double seconds)
 {
-    strbuf src = {0}, hyp = {0}, det = {0}, pos = {0};
+    moe_strbuf src = {0}, hyp = {0}, det = {0}, pos = {0};
     symbols(g, r->prompt, r->plen, &src);
     symbols(g, r->seq + 1, r->len - 1, &hyp);
     moe_status st = detokenize(g, hyp.p ? hyp.p : "", &det);
@@ -711,12 +620,12 @@ static moe_status print_row(gen *g, const row *r, double seconds)
         cum += r->lp[i];
         char v[32];
         snprintf(v, sizeof v, "%s%.4f", i ? " " : "", (double)(r->lp[i] / ln2));
-        sb_str(&pos, v);
+        moe_sb_puts(&pos, v);
     }
     const int64_t hl = r->len - 1;
     const float score = hl > 0 ? cum / (float)hl / ln2 : 0.0f;
     char sc[48];
-    py_float(sc, sizeof sc, (double)score);
+    moe_format_pyfloat(sc, sizeof sc, (double)score);
     if (st == MOE_OK && (src.failed || hyp.failed || det.failed || pos.failed))
         st = nomem();
     if (st == MOE_OK) {

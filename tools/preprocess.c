@@ -46,6 +46,7 @@
 #include <unistd.h>
 
 #include "core/internal.h"
+#include "core/strbuf.h"
 #include "core/log.h"
 #include "core/options.h"
 #include "data/bpe.h"
@@ -260,35 +261,6 @@ static void py_format_3(char *buf, size_t size, double v)
     }
 }
 
-typedef struct strbuf {
-    char *p;
-    size_t n, cap;
-    int failed;
-} strbuf;
-
-static void sb_put(strbuf *b, const char *s, size_t n)
-{
-    if (b->failed)
-        return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1)
-            cap *= 2;
-        char *q = realloc(b->p, cap);
-        if (!q) {
-            b->failed = 1;
-            return;
-        }
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = '\0';
-}
-
-static void sb_str(strbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
-
 /* Code points Python's repr escapes beyond the ASCII controls: the C1
  * controls, the non-space separators and the common format characters. */
 static int py_unprintable(uint32_t cp)
@@ -299,11 +271,11 @@ static int py_unprintable(uint32_t cp)
 
 /* Python's repr() of a str given as UTF-8 (bytes that are not UTF-8 show as
  * the surrogates Python's filesystem decoding gives them). */
-static void py_repr(strbuf *b, const char *s)
+static void py_repr(moe_strbuf *b, const char *s)
 {
     char quote = strchr(s, '\'') && !strchr(s, '"') ? '"' : '\'';
     char tmp[16];
-    sb_put(b, &quote, 1);
+    moe_sb_putn(b, &quote, 1);
     const unsigned char *u = (const unsigned char *)s;
     for (size_t i = 0; u[i];) {
         unsigned c = u[i];
@@ -311,18 +283,18 @@ static void py_repr(strbuf *b, const char *s)
             if (c == (unsigned)quote || c == '\\') {
                 tmp[0] = '\\';
                 tmp[1] = (char)c;
-                sb_put(b, tmp, 2);
+                moe_sb_putn(b, tmp, 2);
             } else if (c == '\n') {
-                sb_str(b, "\\n");
+                moe_sb_puts(b, "\\n");
             } else if (c == '\r') {
-                sb_str(b, "\\r");
+                moe_sb_puts(b, "\\r");
             } else if (c == '\t') {
-                sb_str(b, "\\t");
+                moe_sb_puts(b, "\\t");
             } else if (c < 0x20 || c == 0x7F) {
                 snprintf(tmp, sizeof tmp, "\\x%02x", c);
-                sb_str(b, tmp);
+                moe_sb_puts(b, tmp);
             } else {
-                sb_put(b, (const char *)u + i, 1);
+                moe_sb_putn(b, (const char *)u + i, 1);
             }
             i++;
             continue;
@@ -341,7 +313,7 @@ static void py_repr(strbuf *b, const char *s)
             ok = 0;
         if (!ok) {
             snprintf(tmp, sizeof tmp, "\\udc%02x", c);
-            sb_str(b, tmp);
+            moe_sb_puts(b, tmp);
             i++;
             continue;
         }
@@ -350,13 +322,13 @@ static void py_repr(strbuf *b, const char *s)
                 snprintf(tmp, sizeof tmp, "\\x%02x", (unsigned)cp);
             else
                 snprintf(tmp, sizeof tmp, "\\u%04x", (unsigned)cp);
-            sb_str(b, tmp);
+            moe_sb_puts(b, tmp);
         } else {
-            sb_put(b, (const char *)u + i, (size_t)n);
+            moe_sb_putn(b, (const char *)u + i, (size_t)n);
         }
         i += (size_t)n;
     }
-    sb_put(b, &quote, 1);
+    moe_sb_putn(b, &quote, 1);
 }
 
 typedef struct opt_name {
@@ -385,35 +357,35 @@ static char *namespace_repr(const moe_opts *o)
         n++;
     }
     qsort(names, (size_t)n, sizeof names[0], by_dest);
-    strbuf b = {0};
-    sb_str(&b, "Namespace(");
+    moe_strbuf b = {0};
+    moe_sb_puts(&b, "Namespace(");
     for (int i = 0; i < n; i++) {
         const moe_option *d = names[i].def;
         if (i > 0)
-            sb_str(&b, ", ");
-        sb_str(&b, names[i].dest);
-        sb_str(&b, "=");
+            moe_sb_puts(&b, ", ");
+        moe_sb_puts(&b, names[i].dest);
+        moe_sb_puts(&b, "=");
         char num[32];
         switch (d->type) {
         case MOE_OPT_FLAG:
-            sb_str(&b, moe_opts_flag(o, d->name) ? "True" : "False");
+            moe_sb_puts(&b, moe_opts_flag(o, d->name) ? "True" : "False");
             break;
         case MOE_OPT_INT:
             snprintf(num, sizeof num, "%lld", (long long)moe_opts_int(o, d->name));
-            sb_str(&b, num);
+            moe_sb_puts(&b, num);
             break;
         case MOE_OPT_FLOAT:
             snprintf(num, sizeof num, "%.17g", moe_opts_float(o, d->name));
-            sb_str(&b, num);
+            moe_sb_puts(&b, num);
             break;
         default:
             if (moe_opts_str(o, d->name))
                 py_repr(&b, moe_opts_str(o, d->name));
             else
-                sb_str(&b, "None");
+                moe_sb_puts(&b, "None");
         }
     }
-    sb_str(&b, ")");
+    moe_sb_puts(&b, ")");
     if (b.failed) {
         free(b.p);
         return NULL;
