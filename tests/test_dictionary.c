@@ -18,6 +18,8 @@
 
 #include <cmocka.h>
 
+#include "tmpdir.h"
+
 #include "data/dictionary.h"
 #include "data/error.h"
 
@@ -26,16 +28,13 @@ static char g_dir[64];
 static int setup_dir(void **state)
 {
     (void)state;
-    snprintf(g_dir, sizeof g_dir, "/tmp/moelm-dict-XXXXXX");
-    return mkdtemp(g_dir) ? 0 : -1;
+    return moe_test_mkdtemp(g_dir, sizeof g_dir, "dict");
 }
 
 static int remove_dir(void **state)
 {
     (void)state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return moe_test_rmtree(g_dir);
 }
 
 static const char *path_of(const char *name)

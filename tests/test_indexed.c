@@ -23,6 +23,8 @@
 
 #include <cmocka.h>
 
+#include "tmpdir.h"
+
 #include "data/error.h"
 #include "data/indexed.h"
 #include "testutil.h"
@@ -32,16 +34,13 @@ static char g_dir[64];
 static int setup_dir(void **state)
 {
     (void)state;
-    snprintf(g_dir, sizeof g_dir, "/tmp/moelm-indexed-XXXXXX");
-    return mkdtemp(g_dir) ? 0 : -1;
+    return moe_test_mkdtemp(g_dir, sizeof g_dir, "indexed");
 }
 
 static int remove_dir(void **state)
 {
     (void)state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return moe_test_rmtree(g_dir);
 }
 
 /* <dir>/<name>; a few rotating buffers so several can be live at once */

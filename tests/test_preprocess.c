@@ -21,6 +21,8 @@
 
 #include <cmocka.h>
 
+#include "tmpdir.h"
+
 #include "data/bpe.h"
 #include "runcmd.h"
 #include "testutil.h"
@@ -30,16 +32,13 @@ static char g_dir[64];
 static int setup_dir(void **state)
 {
     (void)state;
-    snprintf(g_dir, sizeof g_dir, "/tmp/moelm-prep-XXXXXX");
-    return mkdtemp(g_dir) ? 0 : -1;
+    return moe_test_mkdtemp(g_dir, sizeof g_dir, "prep");
 }
 
 static int remove_dir(void **state)
 {
     (void)state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return moe_test_rmtree(g_dir);
 }
 
 static char *path_of(const char *name)

@@ -17,6 +17,8 @@
 
 #include <cmocka.h>
 
+#include "tmpdir.h"
+
 #include "data/error.h"
 #include "data/text.h"
 #include "testutil.h"
@@ -26,16 +28,13 @@ static char g_dir[64];
 static int setup_dir(void **state)
 {
     (void)state;
-    snprintf(g_dir, sizeof g_dir, "/tmp/moelm-text-XXXXXX");
-    return mkdtemp(g_dir) ? 0 : -1;
+    return moe_test_mkdtemp(g_dir, sizeof g_dir, "text");
 }
 
 static int remove_dir(void **state)
 {
     (void)state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return moe_test_rmtree(g_dir);
 }
 
 static const char *write_file(const char *name, const void *data, size_t n)
