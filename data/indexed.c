@@ -891,6 +891,8 @@ static moe_status write_pointers(moe_idx_builder *b)
     uint64_t addr = 0;
     for (int64_t at = 0; at < b->count; at += CHUNK) {
         int64_t k = b->count - at < CHUNK ? b->count - at : CHUNK;
+        if (k <= 0) /* cannot happen (at < count); says so to the compiler's range analysis */
+            break;
         size_t want = (size_t)k * 4, got = 0;
         off_t off = (off_t)(FAIRSEQ_HEADER + 4 * at);
         while (got < want) {
