@@ -171,6 +171,23 @@ moe_status moe_session_open(const moe_session_config *cfg, int argc, char **argv
     return open_session(s, cfg, argc, argv);
 }
 
+int moe_session_start(const moe_session_config *cfg, int argc, char **argv, moe_session **out)
+{
+    moe_session *s = NULL;
+    moe_status st = moe_session_open(cfg, argc, argv, &s);
+    int rc = -1;
+    if (st != MOE_OK)
+        rc = moe_error_report(cfg->prog, st, s ? s->usage_error : 1);
+    else if (!s->h)
+        rc = s->done ? s->exit_code : 0;
+    if (rc >= 0) {
+        moe_session_close(s);
+        s = NULL;
+    }
+    *out = s;
+    return rc;
+}
+
 void moe_session_close(moe_session *s)
 {
     if (!s)

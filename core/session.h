@@ -75,5 +75,11 @@ typedef struct moe_session {
 moe_status moe_session_open(const moe_session_config *cfg, int argc, char **argv, moe_session **out);
 void moe_session_close(moe_session *s);
 
+/* What a tool's main does with moe_session_open: -1 when *out is open and
+ * the tool goes on; otherwise the exit status, the failure reported as
+ * "<prog>: error: ..." (or nothing left to do: --help, or the node's ranks
+ * ran as children) and the session closed (*out NULL). */
+int moe_session_start(const moe_session_config *cfg, int argc, char **argv, moe_session **out);
+
 
 #endif

@@ -32,6 +32,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/dryrun.h"
 #include "core/internal.h"
 #include "core/log.h"
 #include "core/session.h"
@@ -63,22 +64,6 @@ static double now_s(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* 1234567 -> "1,234,567" (Python's {:,}) */
-static void group_thousands(char *out, size_t size, long long v)
-{
-    char plain[32];
-    snprintf(plain, sizeof plain, "%lld", v < 0 ? -v : v);
-    size_t n = strlen(plain), k = 0;
-    if (v < 0 && k + 1 < size)
-        out[k++] = '-';
-    for (size_t i = 0; i < n && k + 1 < size; i++) {
-        if (i > 0 && (n - i) % 3 == 0)
-            out[k++] = ',';
-        out[k++] = plain[i];
-    }
-    out[k] = '\0';
 }
 
 /* LMContextWindowDataset's collater: row i becomes prev ++ row ++ pad, its
@@ -285,17 +270,9 @@ int main(int argc, char **argv)
     cfg.reset = eval_reset;
     cfg.prepare = eval_defaults;
     moe_session *s = NULL;
-    moe_status st = moe_session_open(&cfg, argc, argv, &s);
-    if (st != MOE_OK) {
-        int rc = moe_error_report(PROG, st, s ? s->usage_error : 1);
-        moe_session_close(s);
+    int rc = moe_session_start(&cfg, argc, argv, &s);
+    if (rc >= 0)
         return rc;
-    }
-    if (!s->h) {
-        int rc = s->done ? s->exit_code : 0;
-        moe_session_close(s);
-        return rc;
-    }
     evaluator e;
     memset(&e, 0, sizeof e);
     e.s = s;
@@ -306,7 +283,7 @@ int main(int argc, char **argv)
     e.pad = (int32_t)s->h->padding_idx;
     double loss_sum = 0, count = 0, ntokens = 0;
     double t0 = now_s();
-    st = bound_batches(&e);
+    moe_status st = bound_batches(&e);
     if (st == MOE_OK) {
         t0 = now_s();
         st = evaluate(&e, &loss_sum, &count, &ntokens);
@@ -314,13 +291,13 @@ int main(int argc, char **argv)
     double t = now_s() - t0;
     evaluator_free(&e);
     if (st != MOE_OK) {
-        int rc = moe_error_report(PROG, st, 0);
+        rc = moe_error_report(PROG, st, 0);
         moe_session_close(s);
         return rc;
     }
     double loss = count > 0 ? -loss_sum / count / log(2.0) : 0.0;
     char n[48];
-    group_thousands(n, sizeof n, (long long)ntokens);
+    moe_format_thousands(n, sizeof n, (int64_t)ntokens);
     moe_log(MOE_LOG_INFO, "fairseq_cli.eval_lm", "Evaluated %s tokens in %.1fs (%.2f tokens/s)", n, t,
             t > 0 ? ntokens / t : 0.0);
     moe_log(MOE_LOG_INFO, "fairseq_cli.eval_lm", "Loss (base 2): %.4f, Perplexity: %.2f", loss, pow(2.0, loss));

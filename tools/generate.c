@@ -923,27 +923,19 @@ int main(int argc, char **argv)
     cfg.reset = gen_reset;
     cfg.prepare = gen_prepare;
     moe_session *s = NULL;
-    moe_status st = moe_session_open(&cfg, argc, argv, &s);
-    if (st != MOE_OK) {
-        int rc = moe_error_report(PROG, st, s ? s->usage_error : 1);
-        moe_session_close(s);
+    int rc = moe_session_start(&cfg, argc, argv, &s);
+    if (rc >= 0)
         return rc;
-    }
-    if (!s->h) {
-        int rc = s->done ? s->exit_code : 0;
-        moe_session_close(s);
-        return rc;
-    }
     const double t_start = now_s();
     gen g;
     memset(&g, 0, sizeof g);
     g.out = results;
-    st = check_flags(&g, s->opts); /* a refusal here is the command line's: exit 2 */
+    moe_status st = check_flags(&g, s->opts); /* a refusal here is the command line's: exit 2 */
     int usage = st != MOE_OK;
     if (st == MOE_OK)
         st = open_generator(&g, s);
     if (st != MOE_OK) {
-        int rc = moe_error_report(PROG, st, usage);
+        rc = moe_error_report(PROG, st, usage);
         close_generator(&g);
         moe_session_close(s);
         return rc;
@@ -980,7 +972,7 @@ int main(int argc, char **argv)
                     (long long)g.B, g.t_steady > 0 ? (double)g.n_steady / g.t_steady : 0.0, (long long)g.n_prefill,
                     g.t_prefill, g.t_prefill > 0 ? (double)g.n_prefill / g.t_prefill : 0.0);
     }
-    int rc = st == MOE_OK ? 0 : moe_error_report(PROG, st, 0);
+    rc = st == MOE_OK ? 0 : moe_error_report(PROG, st, 0);
     close_generator(&g);
     moe_session_close(s);
     if (results != stdout)
