@@ -406,9 +406,10 @@ static void set_comm(moe_comm_ops *w)
     w->all_to_allv = c_all_to_allv;
     w->broadcast = c_broadcast;
     w->barrier = c_barrier;
-    w->all_gather_start = c_all_gather_start;
-    w->reduce_scatter_start = c_reduce_scatter_start;
-    w->wait = c_wait;
+    /* the overlapping ops are optional (ABI 1.1): wrapped only when there */
+    w->all_gather_start = g_comm.all_gather_start ? c_all_gather_start : NULL;
+    w->reduce_scatter_start = g_comm.reduce_scatter_start ? c_reduce_scatter_start : NULL;
+    w->wait = g_comm.wait ? c_wait : NULL;
 }
 
 moe_status moe_opwrap_install(moe_runtime *rt)

@@ -12,11 +12,17 @@
  * RTLD_LOCAL), so an unresolved symbol fails here and not mid-run; not the same
  * shared object as a plugin already loaded under another name (a symlink or
  * hard link); entry symbol present; descriptor non-NULL; ABI major equal and
- * minor not newer; descriptor, host and ops table sizes equal to this core's;
- * kind and name equal to what the file name says; option table consistent;
- * ops non-NULL and the kind's required functions set. Kind is checked before
- * the ops table size because the expected size depends on the kind, and a
- * wrong kind is the clearer message.
+ * minor not newer; descriptor, host and ops table sizes between the end of
+ * the major's first minor (x.0) and this core's; kind and name equal to what
+ * the file name says; option table consistent; ops non-NULL and the kind's
+ * required functions set; a backend's moe_ops size in the same bounds. Kind
+ * is checked before the ops table size because the expected size depends on
+ * the kind, and a wrong kind is the clearer message.
+ *
+ * A plugin of an older minor has shorter tables (plugin.h, "ABI versions"):
+ * the registry hands out its own copies of the descriptor, the kind's table
+ * and a backend's moe_ops, each at this core's size and zero-filled past
+ * what the plugin had, so absent members read as NULL/0 everywhere.
  *
  * What it deliberately is not: it calls neither a plugin's load() nor its
  * unload(). Both belong to whoever owns the host (the runtime), which calls
@@ -49,7 +55,16 @@
 
 /* ------------------------------------------------------------ kind tables */
 
-/* A member of a kind's ops table that must not be NULL. */
+/* Where a member ends: a table of an older minor ends at one of its members. */
+#define END_OF(type, member) (offsetof(type, member) + sizeof(((type *)0)->member))
+
+/* The end of each struct's ABI 1.0 members: the least a plugin may have. */
+#define HOST_1_0_END END_OF(moe_host, gate_ops)
+#define DESC_1_0_END END_OF(moe_plugin_desc, ops)
+#define MOE_OPS_1_0_END END_OF(moe_ops, sgd_step)
+
+/* A member of a kind's ops table that must not be NULL (all of them ABI 1.0
+ * members: later ones are optional). */
 typedef struct required_slot {
     size_t offset;
     const char *name;
@@ -91,14 +106,15 @@ static const required_slot backend_required[] = {
     FN(moe_backend_ops, copy_from_host), FN(moe_backend_ops, copy),         FN(moe_backend_ops, synchronize),
     FN(moe_backend_ops, memory_stats),   FN(moe_backend_ops, reset_peak),   DATA(moe_backend_ops, ops),
 };
-/* A communicator implements every collective: expert parallelism needs the
- * all-to-alls and fully sharded training the reduce-scatter/all-gather. */
+/* A communicator implements every blocking collective: expert parallelism
+ * needs the all-to-alls and fully sharded training the reduce-scatter/all-
+ * gather. The overlapping start ops (1.1) are optional; wait is checked
+ * separately (needed when a start op is set). */
 static const required_slot communicator_required[] = {
     FN(moe_comm_ops, init),         FN(moe_comm_ops, destroy),        FN(moe_comm_ops, rank),
     FN(moe_comm_ops, world),        FN(moe_comm_ops, group_create),   FN(moe_comm_ops, all_reduce),
     FN(moe_comm_ops, reduce_scatter), FN(moe_comm_ops, all_gather),   FN(moe_comm_ops, all_to_all),
     FN(moe_comm_ops, all_to_allv),  FN(moe_comm_ops, broadcast),      FN(moe_comm_ops, barrier),
-    FN(moe_comm_ops, all_gather_start), FN(moe_comm_ops, reduce_scatter_start), FN(moe_comm_ops, wait),
 };
 
 #undef FN
@@ -108,22 +124,25 @@ typedef struct kind_info {
     const char *name;     /* file-name and CLI spelling */
     const char *ops_type; /* for messages */
     size_t ops_size;
+    size_t ops_1_0_end; /* the least ops_size a plugin may have */
     const required_slot *required;
     int n_required;
 } kind_info;
 
-#define KIND(name_, type_, req_) {name_, #type_, sizeof(type_), req_, (int)(sizeof(req_) / sizeof(req_[0]))}
+/* last_: the table's last ABI 1.0 member */
+#define KIND(name_, type_, last_, req_) \
+    {name_, #type_, sizeof(type_), END_OF(type_, last_), req_, (int)(sizeof(req_) / sizeof(req_[0]))}
 
 static const kind_info kinds[MOE_KIND_COUNT] = {
-    [MOE_KIND_ARCH] = KIND("arch", moe_arch_ops, arch_required),
-    [MOE_KIND_TASK] = KIND("task", moe_task_ops, task_required),
-    [MOE_KIND_CRITERION] = KIND("criterion", moe_criterion_ops, criterion_required),
-    [MOE_KIND_OPTIMIZER] = KIND("optimizer", moe_optimizer_ops, optimizer_required),
-    [MOE_KIND_LR_SCHEDULER] = KIND("lr_scheduler", moe_lr_scheduler_ops, lr_scheduler_required),
-    [MOE_KIND_GATE] = KIND("gate", moe_gate_ops, gate_required),
-    [MOE_KIND_NORMALIZER] = KIND("normalizer", moe_normalizer_ops, normalizer_required),
-    [MOE_KIND_BACKEND] = KIND("backend", moe_backend_ops, backend_required),
-    [MOE_KIND_COMMUNICATOR] = KIND("communicator", moe_comm_ops, communicator_required),
+    [MOE_KIND_ARCH] = KIND("arch", moe_arch_ops, backward, arch_required),
+    [MOE_KIND_TASK] = KIND("task", moe_task_ops, free_batch, task_required),
+    [MOE_KIND_CRITERION] = KIND("criterion", moe_criterion_ops, compute, criterion_required),
+    [MOE_KIND_OPTIMIZER] = KIND("optimizer", moe_optimizer_ops, state_bytes_per_param, optimizer_required),
+    [MOE_KIND_LR_SCHEDULER] = KIND("lr_scheduler", moe_lr_scheduler_ops, lr_at, lr_scheduler_required),
+    [MOE_KIND_GATE] = KIND("gate", moe_gate_ops, backward, gate_required),
+    [MOE_KIND_NORMALIZER] = KIND("normalizer", moe_normalizer_ops, divisor, normalizer_required),
+    [MOE_KIND_BACKEND] = KIND("backend", moe_backend_ops, native_stream, backend_required),
+    [MOE_KIND_COMMUNICATOR] = KIND("communicator", moe_comm_ops, barrier, communicator_required),
 };
 
 #undef KIND
@@ -132,14 +151,72 @@ static int kind_valid(moe_plugin_kind kind) { return (int)kind >= 0 && (int)kind
 
 const char *moe_kind_name(moe_plugin_kind kind) { return kind_valid(kind) ? kinds[kind].name : "unknown"; }
 
+/* ------------------------------------------------------------ the copies */
+
+/* The size of a backend's moe_ops as it says (moe_backend_ops.ops_size, ABI
+ * 1.3): 0 when its table is too short to say (an older minor, whose ops end
+ * at sgd_step, the 1.0 ones) and when it left the member 0. */
+static size_t backend_ops_table_size(const moe_plugin_desc *d, int *said)
+{
+    const size_t at = offsetof(moe_backend_ops, ops_size);
+    *said = d->ops_size >= at + sizeof(uint32_t);
+    if (!*said)
+        return MOE_OPS_1_0_END;
+    uint32_t n;
+    memcpy(&n, (const char *)d->ops + at, sizeof n);
+    return n;
+}
+
+static void free_copy(moe_plugin_kind kind, moe_plugin_desc *c)
+{
+    if (!c)
+        return;
+    if (kind == MOE_KIND_BACKEND && c->ops)
+        free((void *)((const moe_backend_ops *)c->ops)->ops);
+    free((void *)c->ops);
+    free(c);
+}
+
+/* A checked descriptor copied at this core's sizes: each table zero-filled
+ * past the plugin's size, so members its headers lacked are NULL/0. */
+static moe_status copy_plugin(moe_plugin_kind kind, const moe_plugin_desc *d, moe_plugin_desc **out)
+{
+    const kind_info *k = &kinds[kind];
+    moe_plugin_desc *c = calloc(1, sizeof *c);
+    void *ops = calloc(1, k->ops_size);
+    moe_ops *be_ops = kind == MOE_KIND_BACKEND ? calloc(1, sizeof *be_ops) : NULL;
+    if (!c || !ops || (kind == MOE_KIND_BACKEND && !be_ops)) {
+        free(c);
+        free(ops);
+        free(be_ops);
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory copying a plugin's descriptor");
+    }
+    memcpy(c, d, d->desc_size);
+    memcpy(ops, d->ops, d->ops_size);
+    if (be_ops) {
+        moe_backend_ops *be = ops;
+        int said;
+        memcpy(be_ops, be->ops, backend_ops_table_size(d, &said));
+        be->ops = be_ops;
+        be->ops_size = (uint32_t)sizeof *be_ops;
+    }
+    c->desc_size = (uint32_t)sizeof *c;
+    c->ops_size = (uint32_t)k->ops_size;
+    c->ops = ops;
+    *out = c;
+    return MOE_OK;
+}
+
 /* --------------------------------------------------------------- registry */
 
+/* desc is the registry's copy, at this core's sizes, and so are desc->ops
+ * and (a backend) its moe_ops: all three freed with the registry. */
 typedef struct loaded_plugin {
     moe_plugin_kind kind;
     char *name;
     char *path;
     void *handle;
-    const moe_plugin_desc *desc;
+    moe_plugin_desc *desc;
 } loaded_plugin;
 
 struct moe_registry {
@@ -240,6 +317,7 @@ void moe_registry_destroy(moe_registry *r)
 #ifndef MOE_KEEP_PLUGINS_MAPPED
         dlclose(p->handle);
 #endif
+        free_copy(p->kind, p->desc);
         free(p->name);
         free(p->path);
     }
@@ -459,6 +537,26 @@ done:
 
 /* ------------------------------------------------------------------ checks */
 
+/* A size the plugin recorded (`what`, of type `type`) between the end of the
+ * major's first minor and this core's size. */
+static moe_status check_size(const char *path, const moe_plugin_desc *d, const char *what, const char *type,
+                             size_t found, size_t min, size_t max)
+{
+    if (found > max)
+        return moe_error_set(MOE_ERR_PLUGIN,
+                             "plugin %s: expected %s of at most %zu bytes (%s of moelm ABI %d.%d), found %zu: the "
+                             "plugin (ABI %u.%u) was built against newer headers than this moelm's; rebuild it "
+                             "against this moelm's headers or update moelm",
+                             path, what, max, type, MOE_ABI_MAJOR, MOE_ABI_MINOR, found, (unsigned)d->abi_major,
+                             (unsigned)d->abi_minor);
+    if (found < min)
+        return moe_error_set(MOE_ERR_PLUGIN,
+                             "plugin %s: expected %s of at least %zu bytes (the members of %s in ABI %d.0), found "
+                             "%zu: rebuild the plugin against this moelm's headers",
+                             path, what, min, type, MOE_ABI_MAJOR, found);
+    return MOE_OK;
+}
+
 /* Everything after dlsym: the descriptor against this core's ABI and the
  * file's kind and name. */
 moe_status moe_registry_check_descriptor(const char *path, moe_plugin_kind kind, const char *name,
@@ -474,16 +572,9 @@ moe_status moe_registry_check_descriptor(const char *path, moe_plugin_kind kind,
                              "plugin %s: built against moelm ABI %u.%u, this moelm is %d.%d: rebuild the plugin "
                              "against this moelm's headers",
                              path, (unsigned)d->abi_major, (unsigned)d->abi_minor, MOE_ABI_MAJOR, MOE_ABI_MINOR);
-    if (d->desc_size != sizeof(moe_plugin_desc))
-        return moe_error_set(MOE_ERR_PLUGIN,
-                             "plugin %s: expected a descriptor of %zu bytes (moe_plugin_desc), found %u: rebuild "
-                             "the plugin against this moelm's headers",
-                             path, sizeof(moe_plugin_desc), (unsigned)d->desc_size);
-    if (d->host_size != sizeof(moe_host))
-        return moe_error_set(MOE_ERR_PLUGIN,
-                             "plugin %s: expected host services of %zu bytes (moe_host), found %u: rebuild the "
-                             "plugin against this moelm's headers",
-                             path, sizeof(moe_host), (unsigned)d->host_size);
+    MOE_TRY(check_size(path, d, "a descriptor", "moe_plugin_desc", d->desc_size, DESC_1_0_END,
+                       sizeof(moe_plugin_desc)));
+    MOE_TRY(check_size(path, d, "host services", "moe_host", d->host_size, HOST_1_0_END, sizeof(moe_host)));
     if (d->kind != kind) {
         if (kind_valid(d->kind))
             return moe_error_set(MOE_ERR_PLUGIN,
@@ -501,11 +592,8 @@ moe_status moe_registry_check_descriptor(const char *path, moe_plugin_kind kind,
                              "plugin %s: expected name '%s' (from the file name), found %s%s%s in its "
                              "descriptor; rename the file or fix the descriptor",
                              path, name, d->name ? "'" : "", d->name ? d->name : "NULL", d->name ? "'" : "");
-    if (d->ops_size != kinds[kind].ops_size)
-        return moe_error_set(MOE_ERR_PLUGIN,
-                             "plugin %s: expected an ops table of %zu bytes (%s), found %u: rebuild the plugin "
-                             "against this moelm's headers",
-                             path, kinds[kind].ops_size, kinds[kind].ops_type, (unsigned)d->ops_size);
+    MOE_TRY(check_size(path, d, "an ops table", kinds[kind].ops_type, d->ops_size, kinds[kind].ops_1_0_end,
+                       kinds[kind].ops_size));
     if (d->n_options < 0 || (d->n_options > 0 && !d->options))
         return moe_error_set(MOE_ERR_PLUGIN,
                              "plugin %s: expected an option table of n_options = %d entries, found %s; fix the "
@@ -541,11 +629,31 @@ moe_status moe_registry_check_descriptor(const char *path, moe_plugin_kind kind,
                                  "it in the plugin",
                                  path, k->ops_type, k->required[i].name, k->name);
     }
+    if (kind == MOE_KIND_COMMUNICATOR) {
+        moe_comm_ops c;
+        memset(&c, 0, sizeof c);
+        memcpy(&c, d->ops, d->ops_size);
+        if ((c.all_gather_start || c.reduce_scatter_start) && !c.wait)
+            return moe_error_set(MOE_ERR_PLUGIN,
+                                 "plugin %s: expected moe_comm_ops.wait to be set (its %s needs it), found NULL; "
+                                 "implement wait or leave both start ops NULL",
+                                 path, c.all_gather_start ? "all_gather_start" : "reduce_scatter_start");
+    }
+    if (kind == MOE_KIND_BACKEND) {
+        int said;
+        size_t n = backend_ops_table_size(d, &said);
+        if (said && n == 0)
+            return moe_error_set(MOE_ERR_PLUGIN,
+                                 "plugin %s: expected moe_backend_ops.ops_size to be sizeof(moe_ops), found 0; set "
+                                 "it in the backend's table",
+                                 path);
+        MOE_TRY(check_size(path, d, "a compute ops table", "moe_ops", n, MOE_OPS_1_0_END, sizeof(moe_ops)));
+    }
     return MOE_OK;
 }
 
 static moe_status remember(moe_registry *r, moe_plugin_kind kind, const char *name, char *path, void *handle,
-                           const moe_plugin_desc *d)
+                           moe_plugin_desc *d)
 {
     if (r->n_plugins == r->cap_plugins) {
         int ncap = r->cap_plugins ? 2 * r->cap_plugins : 8;
@@ -596,6 +704,7 @@ moe_status moe_registry_load(moe_registry *r, moe_plugin_kind kind, const char *
         return unknown_name_error(r, kind, name);
 
     moe_status st;
+    moe_plugin_desc *copy = NULL;
     dlerror();
     void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!handle) {
@@ -630,10 +739,12 @@ moe_status moe_registry_load(moe_registry *r, moe_plugin_kind kind, const char *
     memcpy(&entry, &sym, sizeof entry); /* POSIX: data and function pointers interconvert */
     const moe_plugin_desc *d = entry();
     MOE_TRY_GOTO(st, moe_registry_check_descriptor(path, kind, name, d), fail);
-    MOE_TRY_GOTO(st, remember(r, kind, name, path, handle, d), fail);
-    *out = d;
+    MOE_TRY_GOTO(st, copy_plugin(kind, d, &copy), fail);
+    MOE_TRY_GOTO(st, remember(r, kind, name, path, handle, copy), fail);
+    *out = copy;
     return MOE_OK;
 fail:
+    free_copy(kind, copy);
     dlclose(handle);
     free(path);
     return st;

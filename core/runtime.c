@@ -323,6 +323,31 @@ static moe_status check_unit(const moe_runtime *rt, int unit_id, const char *fn)
     return MOE_OK;
 }
 
+moe_status moe_comm_start_all_gather(const moe_comm_ops *o, moe_comm *c, moe_group *g, void *recv, const void *send,
+                                     int64_t n, moe_dtype dt, moe_comm_req **req)
+{
+    if (o->all_gather_start)
+        return o->all_gather_start(c, g, recv, send, n, dt, req);
+    *req = NULL;
+    return o->all_gather(c, g, recv, send, n, dt);
+}
+
+moe_status moe_comm_start_reduce_scatter(const moe_comm_ops *o, moe_comm *c, moe_group *g, void *recv,
+                                         const void *send, int64_t n, moe_dtype dt, moe_reduce_op op,
+                                         moe_comm_req **req)
+{
+    if (o->reduce_scatter_start)
+        return o->reduce_scatter_start(c, g, recv, send, n, dt, op, req);
+    *req = NULL;
+    return o->reduce_scatter(c, g, recv, send, n, dt, op);
+}
+
+/* the registry refuses a start op without wait: no wait, nothing in flight */
+moe_status moe_comm_wait(const moe_comm_ops *o, moe_comm *c, moe_comm_req *req)
+{
+    return o->wait ? o->wait(c, req) : MOE_OK;
+}
+
 /* --ddp-backend fully_sharded (FAIRSEQ_SPEC.md §7.2): the first gather of a
  * sharded unit all-gathers its whole parameters from every rank's shard, or
  * waits for the all-gather unit_prefetch started; nested gathers (a layer
@@ -334,8 +359,8 @@ static moe_status gather_start(moe_runtime *rt, moe_unit_entry *u, moe_comm_req 
     MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(rt->cfg.act_dtype), what, &u->param));
     moe_status st;
     if (req)
-        st = rt->comm_ops->all_gather_start(rt->comm, NULL, u->param, u->param_shard, u->shard, rt->cfg.act_dtype,
-                                            req);
+        st = moe_comm_start_all_gather(rt->comm_ops, rt->comm, NULL, u->param, u->param_shard, u->shard,
+                                       rt->cfg.act_dtype, req);
     else
         st = rt->comm_ops->all_gather(rt->comm, NULL, u->param, u->param_shard, u->shard, rt->cfg.act_dtype);
     if (st != MOE_OK) {
@@ -349,7 +374,7 @@ static moe_status gather_start(moe_runtime *rt, moe_unit_entry *u, moe_comm_req 
  * either gathered or (drop) freed unused */
 static moe_status prefetch_finish(moe_runtime *rt, moe_unit_entry *u, int drop)
 {
-    moe_status st = rt->comm_ops->wait(rt->comm, u->inflight);
+    moe_status st = moe_comm_wait(rt->comm_ops, rt->comm, u->inflight);
     u->inflight = NULL;
     u->prefetched = 0;
     if (st != MOE_OK || drop) {
@@ -395,7 +420,7 @@ static moe_status reduce_finish(moe_runtime *rt)
     rt->rs_unit = -1;
     double pre, post;
     moe_reduce_factors(rt->host.world, &pre, &post);
-    moe_status st = rt->comm_ops->wait(rt->comm, u->rs_req);
+    moe_status st = moe_comm_wait(rt->comm_ops, rt->comm, u->rs_req);
     if (st == MOE_OK)
         st = rt->host.ops->axpby(rt->ctx, u->grad_shard, u->rs_staging, rt->cfg.grad_dtype, u->shard,
                                  (float)(1.0 / post), 1.0f);
@@ -438,8 +463,8 @@ static moe_status unit_release(const moe_host *h, int unit_id)
     if (st == MOE_OK && pre != 1.0)
         st = rt->host.ops->axpby(rt->ctx, u->grad, u->grad, gdt, u->padded, 0.0f, (float)(1.0 / pre));
     if (st == MOE_OK)
-        st = rt->comm_ops->reduce_scatter_start(rt->comm, NULL, u->rs_staging, u->grad, u->shard, gdt,
-                                                MOE_REDUCE_SUM, &u->rs_req);
+        st = moe_comm_start_reduce_scatter(rt->comm_ops, rt->comm, NULL, u->rs_staging, u->grad, u->shard, gdt,
+                                           MOE_REDUCE_SUM, &u->rs_req);
     if (st != MOE_OK) {
         if (u->rs_staging)
             rt->be->free(rt->ctx, u->rs_staging);

@@ -65,6 +65,16 @@ void moe_runtime_set_padding_idx(moe_runtime *rt, int padding_idx);
  * result is the mean and an fp16 sum stays in range. */
 void moe_reduce_factors(int n, double *pre, double *post);
 
+/* The communicator's overlapping collectives (ABI 1.1) with their defaults
+ * for a communicator that lacks them (ABI 1.0): the blocking all_gather or
+ * reduce_scatter, *req = NULL, and a wait that has nothing to wait for. */
+moe_status moe_comm_start_all_gather(const moe_comm_ops *o, moe_comm *c, moe_group *g, void *recv, const void *send,
+                                     int64_t n, moe_dtype dt, moe_comm_req **req);
+moe_status moe_comm_start_reduce_scatter(const moe_comm_ops *o, moe_comm *c, moe_group *g, void *recv,
+                                         const void *send, int64_t n, moe_dtype dt, moe_reduce_op op,
+                                         moe_comm_req **req);
+moe_status moe_comm_wait(const moe_comm_ops *o, moe_comm *c, moe_comm_req *req);
+
 /* ---- parameter store ----
  * Units are registered by the arch through host->unit_add/param_add. A unit's
  * tensors are consecutive in its flat buffer, in registration order. */

@@ -731,8 +731,12 @@ static moe_status open_generator(gen *g, moe_session *s)
     g->h = h;
     g->arch = s->c.arch;
     g->model = s->c.model;
-    if (!g->arch->decode_step)
+    if (!g->arch->decode_setup || !g->arch->decode_step || !g->arch->decode_reset)
         return moe_error_set(MOE_ERR_UNSUPPORTED, "arch %s does not decode incrementally", s->arch_name);
+    if (!h->ops->logits_stats)
+        return moe_error_set(MOE_ERR_UNSUPPORTED,
+                             "expected the backend's logits_stats op (ABI 1.3), found none; use a backend built "
+                             "against ABI 1.3 or later");
     g->V = s->c.task->vocab_size(s->c.task_state);
     g->pad = (int32_t)h->padding_idx;
     g->eos = MOE_DICT_EOS;

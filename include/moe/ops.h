@@ -114,7 +114,7 @@ typedef struct moe_route_args {
     float *l_aux;               /* (1) out */
     float *metrics;             /* (MOE_NUM_METRICS) out */
     void *workspace;            /* route_workspace_bytes(S,E) bytes of backend scratch */
-    /* (S) i32, or NULL: the token index the randomness of token s is drawn
+    /* (ABI 1.3) (S) i32, or NULL: the token index the randomness of token s is drawn
      * with (Gumbel noise of logit e at noise_index[s]*E + e, the random
      * policy's draw at noise_index[s]) instead of s. Decoding passes each
      * token's place in its own sequence, so its routing does not depend on
@@ -357,7 +357,9 @@ typedef struct moe_ops {
     moe_status (*adam_step)(moe_ctx *c, const moe_adam_args *a);
     moe_status (*sgd_step)(moe_ctx *c, const moe_sgd_args *a);
 
-    /* ---- decoding (moelm-generate), see the structs above ---- */
+    /* ---- (ABI 1.3) decoding (moelm-generate), see the structs above ----
+     * NULL in a table of an older minor (moe_backend_ops.ops_size): the
+     * arch's decode_setup then refuses, naming the op. */
     /* out(N,C) = scale * table[tok[i]] + (sinusoidal and tok[i] != padding_idx ?
      * pos(positions[i]) : 0): embedding_forward with each token's position
      * given (a decoding step's tokens sit at padding_idx+1+cache length+j).

@@ -10,13 +10,40 @@
  * A plugin never links the core, CUDA, NCCL or MPI unless it is the backend or
  * communicator that wraps them.
  *
- * ABI rule: adding a field at the end of a struct bumps MOE_ABI_MINOR; any other
- * change bumps MOE_ABI_MAJOR. History: 1.1 added the comm start/wait ops and
- * host->unit_prefetch, expert_grad_scale; 1.2 the task's set_epoch and
- * max_batch, the optimizer's state_layout, the arch's decode_setup,
- * decode_step and decode_reset, the backend's timer_mark, timer_elapsed_ms
- * and timer_free, the option type MOE_OPT_FLOATS. The loader refuses another major,
- * a newer minor, and struct sizes that do not match what the core was built with.
+ * ABI versions. MOE_ABI_MAJOR.MOE_ABI_MINOR names the layout of every struct
+ * here and in ops.h (tests/test_abi.c pins each size and offset, so a layout
+ * change that is not recorded fails the build). Appending a member at the end
+ * of a struct bumps the minor and is listed below under that minor; any other
+ * change (a member removed, moved, retyped or inserted) bumps the major.
+ *
+ * What the core accepts: the same major and a minor not newer than its own.
+ * The descriptor, the kind's ops table and the backend's moe_ops each carry
+ * the size they were built with (desc_size, ops_size, moe_backend_ops.ops_size);
+ * a size smaller than the core's, as long as it covers every member of the
+ * major's first minor (x.0), is copied into a zero-filled table of the core's
+ * size, so members the plugin's headers lacked read as NULL/0; a larger size
+ * (a plugin newer than the core) is refused, naming both versions. host_size
+ * follows the same bounds: moe_host is the core's, and a plugin of an older
+ * minor reads only the members it knows. Every member after x.0 is optional,
+ * and its comment says what its absence means. Structs without a size (the
+ * argument structs plugins hand each other, moe_option entries) are read as
+ * their reader was built: a member appended to one reaches a reader only from
+ * a writer of the same minor or newer.
+ *
+ * Members by minor (1.0 is the layout as it stood when 1.1 was declared):
+ *  1.1  moe_comm_ops: all_gather_start, reduce_scatter_start, wait;
+ *       moe_host: unit_prefetch.
+ *  1.2  moe_host: expert_grad_scale; moe_optimizer_ops: state_bytes,
+ *       save_state, load_state (these first appeared under 1.1 after 1.1 was
+ *       declared); moe_task_ops: set_epoch, max_batch.
+ *  1.3  (appeared under 1.2 after 1.2 was declared, and ops_size)
+ *       moe_host: padding_idx; moe_optimizer_ops: state_layout (and the
+ *       struct moe_opt_state_layout); moe_arch_ops: decode_setup,
+ *       decode_step, decode_reset; moe_backend_ops: timer_mark,
+ *       timer_elapsed_ms, timer_free, ops_size; moe_ops: embedding_at_forward
+ *       through graph_destroy; moe_route_args: noise_index; the option type
+ *       MOE_OPT_FLOATS; the structs moe_rowlinear_desc, moe_gate_topk_args,
+ *       moe_expert_ffn_args.
  */
 #ifndef MOE_PLUGIN_H
 #define MOE_PLUGIN_H
@@ -33,7 +60,7 @@ extern "C" {
 #endif
 
 #define MOE_ABI_MAJOR 1
-#define MOE_ABI_MINOR 2
+#define MOE_ABI_MINOR 3
 #define MOE_PLUGIN_SYMBOL "moe_plugin_descriptor"
 
 #if defined(__GNUC__)
@@ -63,7 +90,7 @@ typedef enum moe_opt_type {
     MOE_OPT_FLOAT,
     MOE_OPT_STRING,
     MOE_OPT_CHOICE,    /* one of `choices`, "a|b|c" */
-    MOE_OPT_FLOATS     /* (ABI 1.2) a list of numbers, "(0.9, 0.98)" or "0.9,0.98" (read with
+    MOE_OPT_FLOATS     /* (ABI 1.3) a list of numbers, "(0.9, 0.98)" or "0.9,0.98" (read with
                         * host->opt_floats): each finite and, when min < max, in [min, max];
                         * `choices`, when set, is the count required ("2") */
 } moe_opt_type;
@@ -139,7 +166,7 @@ typedef struct moe_backend_ops {
     /* the native stream work is queued on (cudaStream_t for cuda, NULL for
      * cpu), so a communicator can order its collectives after the compute */
     void *(*native_stream)(moe_ctx *ctx);
-    /* (ABI 1.2) device timers, for --profile: timer_mark queues a marker on
+    /* (ABI 1.3) device timers, for --profile: timer_mark queues a marker on
      * the compute stream after the work queued so far and returns it;
      * timer_elapsed_ms waits until both markers have passed and gives the
      * milliseconds between them; timer_free releases a marker. All three
@@ -148,6 +175,11 @@ typedef struct moe_backend_ops {
     moe_status (*timer_mark)(moe_ctx *ctx, void **mark);
     moe_status (*timer_elapsed_ms)(moe_ctx *ctx, const void *from, const void *to, double *ms);
     void (*timer_free)(moe_ctx *ctx, void *mark);
+    /* (ABI 1.3) sizeof(moe_ops) as the backend was built: the core copies
+     * that much of *ops into a zero-filled table of its own size, so ops the
+     * backend's headers lacked are NULL (unsupported: whoever needs one says
+     * so). 0 (a backend of an older minor): the 1.0 ops, through sgd_step. */
+    uint32_t ops_size;
 } moe_backend_ops;
 
 typedef enum moe_reduce_op { MOE_REDUCE_SUM = 0, MOE_REDUCE_MAX } moe_reduce_op;
@@ -185,7 +217,10 @@ typedef struct moe_comm_ops {
      * and `recv` holds the result only once wait(req) has returned (on a GPU:
      * once the compute stream has been made to wait for it; no host block).
      * Until then neither buffer may be touched or freed. *req may be NULL when
-     * it already completed; every non-NULL request is waited for exactly once. */
+     * it already completed; every non-NULL request is waited for exactly once.
+     * All three may be NULL (a communicator of ABI 1.0): the core then runs
+     * the blocking all_gather / reduce_scatter instead; wait is needed when
+     * either start op is set. */
     moe_status (*all_gather_start)(moe_comm *comm, moe_group *g, void *recv, const void *send, int64_t n,
                                    moe_dtype dt, moe_comm_req **req);
     moe_status (*reduce_scatter_start)(moe_comm *comm, moe_group *g, void *recv, const void *send, int64_t n,
@@ -273,12 +308,12 @@ typedef struct moe_host {
      * a no-op where unit_gather is one, or when the unit is already gathered
      * or on its way. At most one unit should be on its way at a time. */
     moe_status (*unit_prefetch)(const struct moe_host *h, int unit_id);
-    /* (ABI 1.1) what the arch multiplies each expert parameter's gradient
+    /* (ABI 1.2) what the arch multiplies each expert parameter's gradient
      * contribution by as it accumulates it: 1/N of --moe-normalize-expert-grad
      * (FAIRSEQ_SPEC.md §2.9), as fairseq's gradient hook does, so fp16
      * gradients hold the values fairseq's do. 1 on one rank. */
     float expert_grad_scale;
-    /* (ABI 1.2) the task's padding index (fairseq's <pad> = 1 by default):
+    /* (ABI 1.3) the task's padding index (fairseq's <pad> = 1 by default):
      * targets equal to it are not scored */
     int padding_idx;
 } moe_host;
@@ -355,13 +390,14 @@ typedef struct moe_arch_ops {
      * parameter gradients. dl_aux: d loss / d l_aux of each MoE layer. */
     moe_status (*backward)(void *model, float dl_aux);
 
-    /* (ABI 1.2) Incremental decoding (moelm-generate), in eval mode: no
+    /* (ABI 1.3) Incremental decoding (moelm-generate), in eval mode: no
      * dropout, gates configured with train = 0 (capacity from
      * --moe-eval-capacity-token-fraction). Parameters must be allocated;
      * setup() is not needed. Runs on one rank holding every expert.
      * decode_setup: a K/V cache for B rows of up to max_len positions each,
      * and scratch for steps of up to max_step tokens per row; all rows start
-     * empty. Calling it again replaces both. flags: MOE_DECODE_*. */
+     * empty. Calling it again replaces both. flags: MOE_DECODE_*. All three
+     * NULL: the arch does not decode (moelm-generate says so). */
     moe_status (*decode_setup)(void *model, int64_t B, int64_t max_len, int64_t max_step, unsigned flags);
     /* Feeds n_new[b] <= n tokens to row b (tokens: host (B,n) i32, row b's
      * first n_new[b] entries; n_new: host (B)), at the positions after the
@@ -435,7 +471,7 @@ typedef struct moe_opt_tensor {
     int64_t n;
 } moe_opt_tensor;
 
-/* (ABI 1.2) The layout of an optimizer's state byte string: for each tensor
+/* (ABI 1.3) The layout of an optimizer's state byte string: for each tensor
  * i of init, in order, `fields` arrays of n_i elements, array f of dtype
  * field_dtype[f]; then, after every tensor's arrays, `scalars` fp32 values per
  * tensor, tensor-major (tensor 0's, then tensor 1's, ...). A stored element of
@@ -462,7 +498,7 @@ typedef struct moe_optimizer_ops {
     moe_status (*step)(void *opt, double lr, double grad_scale, int64_t step);
     /* bytes of optimizer state per parameter element (for --dry-run) */
     double (*state_bytes_per_param)(const moe_host *h);
-    /* (ABI 1.1) checkpoints: the optimizer's state (moments, scales, buffers)
+    /* (ABI 1.2) checkpoints: the optimizer's state (moments, scales, buffers)
      * as one byte string of state_bytes(opt) bytes, in an order the plugin
      * fixes (its own tensors in init order). save_state copies the bytes
      * [offset, offset + bytes) of it to host memory, load_state overwrites
@@ -473,7 +509,7 @@ typedef struct moe_optimizer_ops {
     uint64_t (*state_bytes)(void *opt);
     moe_status (*save_state)(void *opt, uint64_t offset, void *host, uint64_t bytes);
     moe_status (*load_state)(void *opt, uint64_t offset, const void *host, uint64_t bytes);
-    /* (ABI 1.2) what the bytes of save_state are, so a checkpoint can be cut
+    /* (ABI 1.3) what the bytes of save_state are, so a checkpoint can be cut
      * at other tensor boundaries (another world size, another sharding):
      * see moe_opt_state_layout. May be NULL: the state is then opaque and a
      * checkpoint resumes it only where every tensor is the one it was. */

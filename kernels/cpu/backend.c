@@ -312,6 +312,7 @@ static const moe_backend_ops cpu_backend = {
     .memory_stats = cpu_memory_stats,
     .reset_peak = cpu_reset_peak,
     .ops = &cpu_ops_table,
+    .ops_size = sizeof(moe_ops),
 };
 
 MOE_PLUGIN_DEFINE(MOE_KIND_BACKEND, moe_backend_ops, "cpu", "1.0",

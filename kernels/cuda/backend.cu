@@ -536,7 +536,7 @@ static const moe_backend_ops cuda_backend = {
     cuda_create,      cuda_destroy,      cuda_available,    cuda_alloc,        cuda_free,
     cuda_copy_to_host, cuda_copy_from_host, cuda_copy,       cuda_synchronize,  cuda_memory_stats,
     cuda_reset_peak,  &cuda_ops_table,   cuda_native_stream, cuda_timer_mark,   cuda_timer_elapsed_ms,
-    cuda_timer_free,
+    cuda_timer_free,  (uint32_t)sizeof(moe_ops),
 };
 
 extern "C" {

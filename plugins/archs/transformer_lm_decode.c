@@ -274,6 +274,18 @@ moe_status tlm_decode_setup(void *model, int64_t B, int64_t max_len, int64_t max
                         "%s: decoding runs on one process holding every expert, found %d ranks (%d of %d experts "
                         "here); run the tool on one process",
                         MOE_ARCH_VARIANT, h->world, m->local_experts, m->E);
+    /* ops a backend of ABI 1.2 or older does not have (NULL) */
+    const char *lacking = !h->ops->embedding_at_forward ? "embedding_at_forward"
+                          : !h->ops->rowlinear_forward  ? "rowlinear_forward"
+                          : !h->ops->attention_decode   ? "attention_decode"
+                          : !h->ops->gate_topk_forward  ? "gate_topk_forward"
+                          : !h->ops->expert_ffn_forward ? "expert_ffn_forward"
+                                                        : NULL;
+    if (lacking)
+        return h->error(h, MOE_ERR_UNSUPPORTED,
+                        "%s: decoding expects the backend's %s op (ABI 1.3), found none; use a backend built "
+                        "against ABI 1.3 or later",
+                        MOE_ARCH_VARIANT, lacking);
     if (B < 1 || max_len < 1 || max_step < 1 || max_step > max_len)
         return h->error(h, MOE_ERR_INVALID_ARG,
                         "%s: decode_setup expects B >= 1 rows and 1 <= max_step <= max_len, found B %lld, max_len "
