@@ -153,9 +153,10 @@ const char *moe_kind_name(moe_plugin_kind kind) { return kind_valid(kind) ? kind
 
 /* ------------------------------------------------------------ the copies */
 
-/* The size of a backend's moe_ops as it says (moe_backend_ops.ops_size, ABI
- * 1.3): 0 when its table is too short to say (an older minor, whose ops end
- * at sgd_step, the 1.0 ones) and when it left the member 0. */
+/* The size of a backend's moe_ops: what moe_backend_ops.ops_size (ABI 1.3)
+ * says, *said = 1 (0 if the backend left it unset, which the check
+ * refuses); or, when its table is too short to hold the member (an older
+ * minor), the 1.0 ops through sgd_step, *said = 0. */
 static size_t backend_ops_table_size(const moe_plugin_desc *d, int *said)
 {
     const size_t at = offsetof(moe_backend_ops, ops_size);

@@ -22,9 +22,12 @@ void moe_registry_destroy(moe_registry *r);
 
 /* Load (or return the already loaded) plugin kind/name and check it: file
  * found, dlopen(RTLD_NOW|RTLD_LOCAL), symbol present, ABI major equal and
- * minor not newer, struct sizes, kind and name match, required functions
+ * minor not newer, struct sizes within the major's, kind and name match, required functions
  * non-NULL. Each failure sets one clear error (file, expected, found); an
- * unknown name lists the installed names of that kind, closest first. */
+ * unknown name lists the installed names of that kind, closest first.
+ * *out is the registry's copy of the descriptor at this core's struct sizes
+ * (its ops, and a backend's moe_ops, too): members a plugin of an older
+ * minor lacks are NULL/0. It lives as long as the registry. */
 moe_status moe_registry_load(moe_registry *r, moe_plugin_kind kind, const char *name,
                              const moe_plugin_desc **out);
 

@@ -182,9 +182,9 @@ static void test_registry_rejects_newer_abi_minor(void **state)
 static void test_registry_rejects_host_size(void **state)
 {
     (void)state;
-    char why[128];
-    snprintf(why, sizeof why, "expected host services of %zu bytes (moe_host), found %zu", sizeof(moe_host),
-             sizeof(moe_host) - sizeof(void *));
+    char why[192];
+    snprintf(why, sizeof why, "expected host services of at least %zu bytes (the members of moe_host in ABI %d.0), "
+             "found %zu", offsetof(moe_host, gate_ops) + sizeof(void *), MOE_ABI_MAJOR, offsetof(moe_host, gate_ops));
     expect_rejected("fixture_host_size", why, "rebuild");
 }
 
@@ -204,10 +204,11 @@ static void test_registry_rejects_wrong_name(void **state)
 static void test_registry_rejects_ops_size(void **state)
 {
     (void)state;
-    char why[128];
-    snprintf(why, sizeof why, "expected an ops table of %zu bytes (moe_criterion_ops), found %zu",
-             sizeof(moe_criterion_ops), sizeof(moe_criterion_ops) + sizeof(void *));
-    expect_rejected("fixture_ops_size", why, NULL);
+    char why[192];
+    snprintf(why, sizeof why,
+             "expected an ops table of at most %zu bytes (moe_criterion_ops of moelm ABI %d.%d), found %zu",
+             sizeof(moe_criterion_ops), MOE_ABI_MAJOR, MOE_ABI_MINOR, sizeof(moe_criterion_ops) + sizeof(void *));
+    expect_rejected("fixture_ops_size", why, "newer headers");
 }
 
 static void test_registry_rejects_null_ops(void **state)
