@@ -7,12 +7,13 @@
  * weight it needs, so the time is the time to stream those weights once from
  * HBM. The products are therefore GEMVs written for bandwidth, not tensor-core
  * GEMMs: the input rows are staged once per block in shared memory (as fp32,
- * after the fused LayerNorm), and each warp streams weight rows against them
- * with 16-byte loads, two batches of DEC_U loads in flight per lane, the
- * first issued before the block's prologue (row_stream). Blocks are few (two
- * per SM) and their warps take many rows each, so the prologue is paid once
- * per block, not once per handful of rows. Everything a layer does around a
- * product (LayerNorm before; bias, q scale, activation, residual add after)
+ * after the fused LayerNorm), and each block streams tiles of weight rows
+ * against them, a row's columns split over all its threads (tile_stream):
+ * 16-byte loads, the next tile's issued before the current one is used, the
+ * first before the block's prologue. Blocks are one wave (as many as the SMs
+ * hold at once) and take many tiles each, so the prologue is paid once per
+ * block. Everything a layer does around a product (LayerNorm before; bias,
+ * q scale, activation, residual add after)
  * happens in the same kernel, so a transformer layer is 5 launches (k|v|q,
  * attention, out, fc1, fc2) and a MoE layer 6 (gate, expert fc1, expert
  * fc2+combine instead of fc1, fc2), few enough to replay as one CUDA graph
@@ -42,7 +43,7 @@
 #define DEC_WARPS (DEC_THREADS / 32)
 #define DEC_MROWS 8                 /* input rows a block multiplies at once */
 #define DEC_SMEM_MAX (112 * 1024)   /* shared memory a product kernel may take (two blocks an SM) */
-#define DEC_U 8                     /* 16-byte weight loads a lane has in one batch */
+#define STAGE_U 4                   /* 16-byte input loads a thread has in flight while staging */
 
 /* ------------------------------------------------------------- helpers */
 
@@ -87,7 +88,7 @@ static __device__ __forceinline__ void widen(const uint4 &r, float *out, __nv_bf
 static __device__ __forceinline__ uint4 ld_stream(const void *p)
 {
     uint4 r;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                  : "l"(p));
     return r;
@@ -109,12 +110,42 @@ template <typename T>
 static __device__ void stage_rows_ln(float *xs, const T *const *xrow, int mm, int64_t k, int layernorm, const T *lnw,
                                      const T *lnb, float eps)
 {
-    for (int i = 0; i < mm; i++) {
-        const T *src = xrow[i];
-        float *dst = xs + (int64_t)i * k;
+    constexpr int VE = vec_elems<T>::n;
+    bool vec = k % VE == 0;
+    for (int i = 0; i < mm; i++)
+        vec = vec && aligned16(xrow[i]);
+    if (vec) {
+        /* 16-byte loads, STAGE_U of them issued before any is used: a row
+         * of 8,192 arrives in one round trip, not in a chain of them */
+        const int64_t nv = k / VE, total = (int64_t)mm * nv;
+        for (int64_t q0 = threadIdx.x; q0 < total; q0 += (int64_t)STAGE_U * blockDim.x) {
+            uint4 v[STAGE_U];
+#pragma unroll
+            for (int u = 0; u < STAGE_U; u++) {
+                const int64_t q = q0 + (int64_t)u * blockDim.x;
+                v[u] = q < total ? *(const uint4 *)(xrow[q / nv] + (q % nv) * VE) : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < STAGE_U; u++) {
+                const int64_t q = q0 + (int64_t)u * blockDim.x;
+                if (q >= total)
+                    break;
+                float f[VE];
+                widen(v[u], f, T());
+                float4 *dst = (float4 *)(xs + (q / nv) * k + (q % nv) * VE);
+#pragma unroll
+                for (int x = 0; x < VE; x += 4)
+                    dst[x / 4] = make_float4(f[x], f[x + 1], f[x + 2], f[x + 3]);
+            }
+        }
+    } else {
+        for (int i = 0; i < mm; i++) {
+            const T *src = xrow[i];
+            float *dst = xs + (int64_t)i * k;
 #pragma unroll 4
-        for (int64_t q = threadIdx.x; q < k; q += blockDim.x)
-            dst[q] = moe_cuda_f32(src[q]);
+            for (int64_t q = threadIdx.x; q < k; q += blockDim.x)
+                dst[q] = moe_cuda_f32(src[q]);
+        }
     }
     __syncthreads();
     if (!layernorm)
@@ -156,120 +187,158 @@ static __device__ void stage_rows_ln(float *xs, const T *const *xrow, int mm, in
     __syncthreads();
 }
 
-/* A warp streaming rows of a weight matrix W (row stride ldw, k columns)
- * against the mm input rows staged in xs (row stride ldxs): rows row0,
- * row0 + stride, ... below nrows, each lane a share of the columns. With
- * VEC the loads are 16 bytes wide, DEC_U of them a batch, and the next
- * batch (of this row or the next) is issued before the current one is
- * used, so two batches are in flight; prime() issues the first, so a kernel
- * can start it before its prologue (staging, LayerNorm). For every row,
- * epi(row, acc) runs on all lanes with acc[i] the dot product with input i. */
-template <typename T, bool VEC> struct row_stream {
+/* A block streaming tiles of R rows of W (row stride ldw, k columns)
+ * against the mm input rows staged in xs (row stride ldxs): tiles tile0,
+ * tile0 + stride, ... below ceil(nrows / R). The k columns are cut into
+ * chunks of DEC_THREADS * VE; thread t owns columns t*VE.. of each chunk,
+ * so every thread loads a 16-byte piece of each of the R rows and a row's
+ * sum is split over the whole block (merged in a fixed order: lanes, then
+ * warps). A pass loads KC chunks of the tile's R rows at once (R * KC loads
+ * a thread), the next pass's loads issued before the current one is used;
+ * prime() issues the first, before the kernel's prologue. For every row j
+ * and input i, epi(j, i, sum) runs once, on some thread of the block. The
+ * scalar path (VEC false: unaligned rows or k not a multiple of VE) loads
+ * the same pieces element by element. */
+template <typename T, bool VEC, int R, int KC> struct tile_stream {
     static constexpr int VE = vec_elems<T>::n;
+    static constexpr int64_t CH = (int64_t)DEC_THREADS * VE;
     const T *W;
-    int64_t ldw, nrows, stride, k;
-    int nb; /* batches a row */
-    uint4 cur[DEC_U];
+    int64_t ldw, nrows, k, ntiles;
+    int np; /* passes a tile */
+    uint4 cur[R][KC];
 
-    __device__ __forceinline__ row_stream(const T *W_, int64_t ldw_, int64_t nrows_, int64_t stride_, int64_t k_)
-        : W(W_), ldw(ldw_), nrows(nrows_), stride(stride_), k(k_),
-          nb((int)((k_ + (int64_t)32 * VE * DEC_U - 1) / ((int64_t)32 * VE * DEC_U)))
+    __device__ __forceinline__ tile_stream(const T *W_, int64_t ldw_, int64_t nrows_, int64_t k_)
+        : W(W_), ldw(ldw_), nrows(nrows_), k(k_), ntiles((nrows_ + R - 1) / R),
+          np((int)((k_ + CH * KC - 1) / (CH * KC)))
     {
     }
 
-    __device__ __forceinline__ void load(uint4 (&buf)[DEC_U], int64_t row, int b) const
+    __device__ __forceinline__ void load(uint4 (&buf)[R][KC], int64_t tile, int pass) const
     {
-        const int lane = threadIdx.x & 31;
 #pragma unroll
-        for (int u = 0; u < DEC_U; u++) {
-            const int64_t q = ((int64_t)b * DEC_U + u) * 32 * VE + (int64_t)lane * VE;
-            buf[u] = q < k ? ld_stream(W + row * ldw + q) : make_uint4(0u, 0u, 0u, 0u);
-        }
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int c = 0; c < KC; c++) {
+                const int64_t row = tile * R + r, q = ((int64_t)pass * KC + c) * CH + (int64_t)threadIdx.x * VE;
+                if (row >= nrows || q >= k) {
+                    buf[r][c] = make_uint4(0u, 0u, 0u, 0u);
+                } else if (VEC) {
+                    buf[r][c] = ld_stream(W + row * ldw + q);
+                } else {
+                    union {
+                        uint4 u;
+                        T t[VE];
+                    } g;
+#pragma unroll
+                    for (int e = 0; e < VE; e++)
+                        g.t[e] = q + e < k ? W[row * ldw + q + e] : moe_cuda_from_f32<T>(0.0f);
+                    buf[r][c] = g.u;
+                }
+            }
     }
 
-    __device__ __forceinline__ void prime(int64_t row0)
+    __device__ __forceinline__ void prime(int64_t tile0)
     {
-        if (VEC && row0 < nrows)
-            load(cur, row0, 0);
+        if (tile0 < ntiles)
+            load(cur, tile0, 0);
     }
 
-    template <typename Epi> __device__ __forceinline__ void run(int64_t row0, const float *xs, int64_t ldxs, int mm,
-                                                                Epi &epi)
+    /* red: 2 * DEC_WARPS * DEC_MROWS * R floats of shared memory */
+    template <typename Epi>
+    __device__ __forceinline__ void run(int64_t tile0, int64_t stride, const float *xs, int64_t ldxs, int mm,
+                                        float *red, Epi &epi)
     {
-        const int lane = threadIdx.x & 31;
-        float acc[DEC_MROWS];
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        float acc[DEC_MROWS][R];
 #pragma unroll
         for (int i = 0; i < DEC_MROWS; i++)
-            acc[i] = 0.0f;
-        if (!VEC) {
-            for (int64_t row = row0; row < nrows; row += stride) {
-                for (int64_t q = lane; q < k; q += 32) {
-                    const float w = moe_cuda_f32(W[row * ldw + q]);
 #pragma unroll
-                    for (int i = 0; i < DEC_MROWS; i++)
-                        if (i < mm)
-                            acc[i] += w * xs[(int64_t)i * ldxs + q];
-                }
-                finish(row, acc, mm, epi);
+            for (int r = 0; r < R; r++)
+                acc[i][r] = 0.0f;
+        int64_t tile = tile0;
+        int pass = 0, half = 0;
+        while (tile < ntiles) { /* block-uniform */
+            int64_t ntile = tile;
+            int npass = pass + 1;
+            if (npass == np) {
+                npass = 0;
+                ntile = tile + stride;
             }
-            return;
-        }
-        int64_t row = row0;
-        int b = 0;
-        while (row < nrows) { /* warp-uniform */
-            int64_t nrow = row;
-            int nbb = b + 1;
-            if (nbb == nb) {
-                nbb = 0;
-                nrow = row + stride;
-            }
-            uint4 nxt[DEC_U];
-            if (nrow < nrows)
-                load(nxt, nrow, nbb);
+            uint4 nxt[R][KC];
+            if (ntile < ntiles)
+                load(nxt, ntile, npass);
             else
 #pragma unroll
-                for (int u = 0; u < DEC_U; u++)
-                    nxt[u] = make_uint4(0u, 0u, 0u, 0u);
+                for (int r = 0; r < R; r++)
 #pragma unroll
-            for (int u = 0; u < DEC_U; u++) {
-                const int64_t q = ((int64_t)b * DEC_U + u) * 32 * VE + (int64_t)lane * VE;
+                    for (int c = 0; c < KC; c++)
+                        nxt[r][c] = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int c = 0; c < KC; c++) {
+                const int64_t q = ((int64_t)pass * KC + c) * CH + (int64_t)threadIdx.x * VE;
                 if (q >= k)
                     break;
-                float wf[VE];
-                widen(cur[u], wf, T());
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    float wf[VE];
+                    widen(cur[r][c], wf, T());
+#pragma unroll
+                    for (int i = 0; i < DEC_MROWS; i++) {
+                        if (i >= mm)
+                            break;
+                        const float *xp = xs + (int64_t)i * ldxs + q;
+                        if (VEC) {
+#pragma unroll
+                            for (int x = 0; x < VE; x += 4) {
+                                const float4 f = *(const float4 *)(xp + x);
+                                acc[i][r] += wf[x] * f.x + wf[x + 1] * f.y + wf[x + 2] * f.z + wf[x + 3] * f.w;
+                            }
+                        } else {
+#pragma unroll
+                            for (int x = 0; x < VE; x++)
+                                if (q + x < k)
+                                    acc[i][r] += wf[x] * xp[x];
+                        }
+                    }
+                }
+            }
+            if (npass == 0) {
+                float *rb = red + (int64_t)half * DEC_WARPS * DEC_MROWS * R;
 #pragma unroll
                 for (int i = 0; i < DEC_MROWS; i++) {
                     if (i >= mm)
                         break;
-                    const float *xp = xs + (int64_t)i * ldxs + q;
 #pragma unroll
-                    for (int x = 0; x < VE; x += 4) {
-                        const float4 f = *(const float4 *)(xp + x);
-                        acc[i] += wf[x] * f.x + wf[x + 1] * f.y + wf[x + 2] * f.z + wf[x + 3] * f.w;
+                    for (int r = 0; r < R; r++) {
+                        const float v = moe_cuda_warp_sum(acc[i][r]);
+                        if (lane == 0)
+                            rb[(warp * DEC_MROWS + i) * R + r] = v;
+                        acc[i][r] = 0.0f;
                     }
                 }
+                /* the other half was last read before this barrier's previous
+                 * crossing, so the next tile may write it without another */
+                __syncthreads();
+                for (int t = threadIdx.x; t < mm * R; t += blockDim.x) {
+                    const int i = t / R, r = t % R;
+                    const int64_t row = tile * R + r;
+                    if (row >= nrows)
+                        continue;
+                    float v = 0.0f;
+                    for (int w = 0; w < DEC_WARPS; w++)
+                        v += rb[(w * DEC_MROWS + i) * R + r];
+                    epi(row, i, v);
+                }
+                half ^= 1;
             }
-            if (nbb == 0)
-                finish(row, acc, mm, epi);
 #pragma unroll
-            for (int u = 0; u < DEC_U; u++)
-                cur[u] = nxt[u];
-            row = nrow;
-            b = nbb;
+            for (int r = 0; r < R; r++)
+#pragma unroll
+                for (int c = 0; c < KC; c++)
+                    cur[r][c] = nxt[r][c];
+            tile = ntile;
+            pass = npass;
         }
-    }
-
-    template <typename Epi>
-    __device__ __forceinline__ void finish(int64_t row, float (&acc)[DEC_MROWS], int mm, Epi &epi) const
-    {
-#pragma unroll
-        for (int i = 0; i < DEC_MROWS; i++)
-            if (i < mm)
-                acc[i] = moe_cuda_warp_sum(acc[i]);
-        epi(row, acc, mm);
-#pragma unroll
-        for (int i = 0; i < DEC_MROWS; i++)
-            acc[i] = 0.0f;
     }
 };
 
@@ -283,17 +352,6 @@ static int group_rows(int64_t m, int64_t k)
     while (g > 1 && g * k * 4 > DEC_SMEM_MAX)
         g--;
     return g * k * 4 > DEC_SMEM_MAX ? 0 : (int)g;
-}
-
-/* blocks for n rows (one warp a row at a time): every SM busy, each warp
- * streaming several rows when there are many */
-static unsigned grid_rows(const moe_ctx *c, int64_t n, int64_t others)
-{
-    const int64_t sms = c->num_sms > 0 ? c->num_sms : 132;
-    int64_t want = (2 * sms + others - 1) / (others > 0 ? others : 1);
-    int64_t need = (n + DEC_WARPS - 1) / DEC_WARPS;
-    int64_t g = need < want ? need : want;
-    return g < 1 ? 1u : (unsigned)g;
 }
 
 /* Programmatic dependent launch: a decoding kernel is launched allowed to
@@ -332,6 +390,27 @@ template <typename K> static moe_status smem_attr(moe_ctx *c, K kernel, size_t b
         *allowed = bytes;
     }
     return MOE_OK;
+}
+
+/* blocks an SM holds at once of kernel k (cached by the caller in *occ) */
+template <typename K> static moe_status occupancy_of(moe_ctx *c, K kernel, size_t smem, int *occ)
+{
+    if (*occ == 0) {
+        MOE_CUDA_TRY(c, cudaOccupancyMaxActiveBlocksPerMultiprocessor(occ, kernel, DEC_THREADS, smem));
+        if (*occ < 1)
+            *occ = 1;
+    }
+    return MOE_OK;
+}
+
+/* one wave of blocks shared by `others` grid rows, at most one a tile */
+static unsigned tile_grid(const moe_ctx *c, int occ, int64_t tiles, int64_t others)
+{
+    const int64_t sms = c->num_sms > 0 ? c->num_sms : 132;
+    int64_t g = (occ * sms + others - 1) / (others > 0 ? others : 1);
+    if (g > tiles)
+        g = tiles;
+    return g < 1 ? 1u : (unsigned)g;
 }
 
 #define DEC_DISPATCH_T(dt, CALL)                        \
@@ -408,52 +487,45 @@ typedef struct rl_params {
     int y_f32;
 } rl_params;
 
-/* output row j of the input rows m0.. (lane i writes input i's) */
+/* output row j of input row m0 + i */
 template <typename T> struct rl_epi {
     const rl_params &p;
     int64_t m0;
-    __device__ __forceinline__ void operator()(int64_t j, const float (&acc)[DEC_MROWS], int mm) const
+    __device__ __forceinline__ void operator()(int64_t j, int i, float v) const
     {
-        const int lane = threadIdx.x & 31;
-#pragma unroll
-        for (int i = 0; i < DEC_MROWS; i++) {
-            if (i >= mm || lane != i)
-                continue;
-            float v = acc[i];
-            if (p.bias != nullptr)
-                v += ld_t<T>(p.bias, j);
-            if (j >= p.q_from)
-                v *= p.q_scale;
-            if (p.act)
-                v = moe_cuda_act(v, p.act_kind);
-            const int64_t o = (m0 + i) * p.ldy + j;
-            if (p.y_f32) {
-                float *y = (float *)p.y;
-                y[o] = p.beta != 0.0f ? p.beta * y[o] + v : v;
-            } else {
-                T *y = (T *)p.y;
-                v = round_t<T>(v);
-                if (p.beta != 0.0f)
-                    v = p.beta * moe_cuda_f32(y[o]) + v;
-                y[o] = moe_cuda_from_f32<T>(v);
-            }
+        if (p.bias != nullptr)
+            v += ld_t<T>(p.bias, j);
+        if (j >= p.q_from)
+            v *= p.q_scale;
+        if (p.act)
+            v = moe_cuda_act(v, p.act_kind);
+        const int64_t o = (m0 + i) * p.ldy + j;
+        if (p.y_f32) {
+            float *y = (float *)p.y;
+            y[o] = p.beta != 0.0f ? p.beta * y[o] + v : v;
+        } else {
+            T *y = (T *)p.y;
+            v = round_t<T>(v);
+            if (p.beta != 0.0f)
+                v = p.beta * moe_cuda_f32(y[o]) + v;
+            y[o] = moe_cuda_from_f32<T>(v);
         }
     }
 };
 
-/* Block (x, y): input rows y*g.. staged once; its warps stream output rows
- * blockIdx.x*8 + warp, then every gridDim.x*8 further. */
-template <typename T, bool VEC> static __global__ void __launch_bounds__(DEC_THREADS) rowlinear_kernel(rl_params p)
+/* Block (x, y): input rows y*g.. staged once; the block streams tiles of R
+ * output rows blockIdx.x, then every gridDim.x further. */
+template <typename T, bool VEC, int R, int KC>
+static __global__ void __launch_bounds__(DEC_THREADS) rowlinear_kernel(rl_params p)
 {
     extern __shared__ __align__(16) float xs[]; /* [g][k] */
     __shared__ const T *s_rows[DEC_MROWS];
-    const int warp = threadIdx.x >> 5;
+    __shared__ float red[2 * DEC_WARPS * DEC_MROWS * R];
     const int64_t m0 = (int64_t)blockIdx.y * p.g;
     const int mm = (int)(p.m - m0 < p.g ? p.m - m0 : p.g);
-    const int64_t row0 = (int64_t)blockIdx.x * DEC_WARPS + warp, stride = (int64_t)gridDim.x * DEC_WARPS;
     pdl_trigger();
-    row_stream<T, VEC> rs((const T *)p.w, p.k, p.n, stride, p.k);
-    rs.prime(row0); /* the first weights travel while the kernel before ends and the inputs are staged */
+    tile_stream<T, VEC, R, KC> ts((const T *)p.w, p.k, p.n, p.k);
+    ts.prime(blockIdx.x); /* the first weights travel while the kernel before ends and the inputs are staged */
     pdl_wait();
     if (threadIdx.x < mm) {
         const int64_t src = p.rows != nullptr ? (int64_t)p.rows[m0 + threadIdx.x] : m0 + threadIdx.x;
@@ -462,18 +534,32 @@ template <typename T, bool VEC> static __global__ void __launch_bounds__(DEC_THR
     __syncthreads();
     stage_rows_ln<T>(xs, s_rows, mm, p.k, p.layernorm, (const T *)p.lnw, (const T *)p.lnb, p.eps);
     rl_epi<T> epi{p, m0};
-    rs.run(row0, xs, p.k, mm, epi);
+    ts.run(blockIdx.x, gridDim.x, xs, p.k, mm, red, epi);
 }
 
-template <typename T, bool VEC> static moe_status rowlinear_launch(moe_ctx *c, const rl_params &p)
+template <typename T, bool VEC, int R, int KC> static moe_status rowlinear_launch(moe_ctx *c, const rl_params &p)
 {
     static size_t allowed = 0;
     const size_t smem = (size_t)p.g * (size_t)p.k * sizeof(float);
-    MOE_TRY(smem_attr(c, rowlinear_kernel<T, VEC>, smem, &allowed));
+    MOE_TRY(smem_attr(c, rowlinear_kernel<T, VEC, R, KC>, smem, &allowed));
+    static int occ = 0;
+    MOE_TRY(occupancy_of(c, rowlinear_kernel<T, VEC, R, KC>, smem, &occ));
     const unsigned gy = (unsigned)((p.m + p.g - 1) / p.g);
-    dim3 grid(grid_rows(c, p.n, gy), gy);
-    MOE_CUDA_TRY(c, launch_pdl(rowlinear_kernel<T, VEC>, grid, dim3(DEC_THREADS), smem, c->stream, p));
+    dim3 grid(tile_grid(c, occ, (p.n + R - 1) / R, gy), gy);
+    MOE_CUDA_TRY(c, launch_pdl(rowlinear_kernel<T, VEC, R, KC>, grid, dim3(DEC_THREADS), smem, c->stream, p));
     return MOE_OK;
+}
+
+/* R rows a tile and KC chunks a pass: two rows, as many chunks as the row
+ * has up to four (few registers, so an SM holds many blocks) */
+template <typename T, bool VEC> static moe_status rowlinear_shape(moe_ctx *c, const rl_params &p)
+{
+    const int64_t ch = (int64_t)DEC_THREADS * vec_elems<T>::n;
+    if (p.k > 2 * ch)
+        return rowlinear_launch<T, VEC, 2, 4>(c, p);
+    if (p.k > ch)
+        return rowlinear_launch<T, VEC, 2, 2>(c, p);
+    return rowlinear_launch<T, VEC, 2, 1>(c, p);
 }
 
 template <typename T> static moe_status rowlinear_typed(moe_ctx *c, const rl_params &p)
@@ -481,8 +567,8 @@ template <typename T> static moe_status rowlinear_typed(moe_ctx *c, const rl_par
     constexpr int VE = vec_elems<T>::n;
     /* 16-byte loads need aligned rows */
     if (aligned16(p.w) && p.k % VE == 0)
-        return rowlinear_launch<T, true>(c, p);
-    return rowlinear_launch<T, false>(c, p);
+        return rowlinear_shape<T, true>(c, p);
+    return rowlinear_shape<T, false>(c, p);
 }
 
 moe_status moe_cuda_rowlinear_forward(moe_ctx *c, const moe_rowlinear_desc *d)
@@ -537,7 +623,7 @@ moe_status moe_cuda_rowlinear_forward(moe_ctx *c, const moe_rowlinear_desc *d)
 /* ------------------------------------------------------------- attention */
 
 #define ATT_THREADS 256
-#define ATT_BATCH 4   /* keys whose key and value loads a thread issues before using them */
+#define ATT_BATCH 8   /* keys whose key and value loads a thread issues before using them */
 
 /* One block per (row b, head h, new query j). Keys t < cache_len come from
  * the cache, newer ones from the step's own k and v.
@@ -752,27 +838,31 @@ typedef struct gate_params {
 /* writes the E gate logits, rounded to T as the arch's gate GEMM stores them */
 template <typename T> struct gate_logit {
     float *l;
-    __device__ __forceinline__ void operator()(int64_t e, const float (&acc)[DEC_MROWS], int mm) const
-    {
-        if ((threadIdx.x & 31) == 0)
-            l[e] = round_t<T>(acc[0]);
-    }
+    __device__ __forceinline__ void operator()(int64_t e, int, float v) const { l[e] = round_t<T>(v); }
 };
 
-/* One block per token: LayerNorm, E logits (a warp each), then
- * route_forward's softmax and choices on thread 0, in its order. */
+#define GATE_R 8 /* gate rows a tile: every row of a gate of up to 8 experts in one pass */
+
+template <typename T, bool VEC>
+static __device__ void gate_logits(const gate_params &p, const float *xs, float *red, float *l)
+{
+    tile_stream<T, VEC, GATE_R, 1> ts((const T *)p.wg, p.d, p.E, p.d);
+    ts.prime(0);
+    gate_logit<T> epi{l};
+    ts.run(0, 1, xs, p.d, 1, red, epi);
+}
+
+/* One block per token: LayerNorm, E logits (tiles of GATE_R rows over the
+ * whole block), then route_forward's softmax and choices on thread 0, in
+ * its order. */
 template <typename T> static __global__ void __launch_bounds__(DEC_THREADS) gate_topk_kernel(gate_params p)
 {
     extern __shared__ __align__(16) float xs[]; /* [d] */
     __shared__ float l[GATE_MAX_E];
     __shared__ const T *s_row[1];
+    __shared__ float red[2 * DEC_WARPS * DEC_MROWS * GATE_R];
     const int64_t s = blockIdx.x;
-    const int warp = threadIdx.x >> 5;
     pdl_trigger();
-    row_stream<T, true> rv((const T *)p.wg, p.d, p.E, DEC_WARPS, p.d);
-    row_stream<T, false> rs((const T *)p.wg, p.d, p.E, DEC_WARPS, p.d);
-    if (p.vec)
-        rv.prime(warp);
     pdl_wait();
     if (p.pad != nullptr && p.pad[s]) {
         if (threadIdx.x < 2) {
@@ -785,11 +875,10 @@ template <typename T> static __global__ void __launch_bounds__(DEC_THREADS) gate
         s_row[0] = (const T *)p.x + s * p.d;
     __syncthreads();
     stage_rows_ln<T>(xs, s_row, 1, p.d, p.layernorm, (const T *)p.lnw, (const T *)p.lnb, p.eps);
-    gate_logit<T> epi{l};
     if (p.vec)
-        rv.run(warp, xs, p.d, 1, epi);
+        gate_logits<T, true>(p, xs, red, l);
     else
-        rs.run(warp, xs, p.d, 1, epi);
+        gate_logits<T, false>(p, xs, red, l);
     __syncthreads();
     if (threadIdx.x != 0)
         return;
@@ -949,60 +1038,41 @@ static __device__ int next_group(const ex_params &p, int e, int64_t from, int64_
     return cnt;
 }
 
-/* hidden[a] = act(acc + b1[e]) rounded to T, for the group's assignments */
+/* hidden[a_i] = act(v + b1[e]) rounded to T */
 template <typename T> struct fc1_epi {
     const ex_params &p;
     const int64_t *asg;
     const T *bias;
-    __device__ __forceinline__ void operator()(int64_t j, const float (&acc)[DEC_MROWS], int mm) const
+    __device__ __forceinline__ void operator()(int64_t j, int i, float v) const
     {
-        const int lane = threadIdx.x & 31;
-#pragma unroll
-        for (int i = 0; i < DEC_MROWS; i++)
-            if (i < mm && lane == i)
-                ((T *)p.hidden)[asg[i] * p.f + j] =
-                    moe_cuda_from_f32<T>(moe_cuda_act(acc[i] + moe_cuda_f32(bias[j]), p.act));
+        ((T *)p.hidden)[asg[i] * p.f + j] = moe_cuda_from_f32<T>(moe_cuda_act(v + moe_cuda_f32(bias[j]), p.act));
     }
 };
 
-/* eout[a] = acc + b2[e] rounded to T (kept as fp32), for the group's assignments */
+/* eout[a_i] = v + b2[e] rounded to T (kept as fp32) */
 template <typename T> struct fc2_epi {
     const ex_params &p;
     const int64_t *asg;
     const T *bias;
-    __device__ __forceinline__ void operator()(int64_t j, const float (&acc)[DEC_MROWS], int mm) const
+    __device__ __forceinline__ void operator()(int64_t j, int i, float v) const
     {
-        const int lane = threadIdx.x & 31;
-#pragma unroll
-        for (int i = 0; i < DEC_MROWS; i++)
-            if (i < mm && lane == i)
-                p.eout[asg[i] * p.d + j] = round_t<T>(acc[i] + moe_cuda_f32(bias[j]));
+        p.eout[asg[i] * p.d + j] = round_t<T>(v + moe_cuda_f32(bias[j]));
     }
 };
 
-/* fc1 of one chosen expert (blockIdx.y), every assignment routed to it, in
- * groups of g: hidden[a] = act(LN(x_s) W1^T + b1) rounded to T */
-template <typename T> static __global__ void __launch_bounds__(DEC_THREADS) expert_fc1_kernel(ex_params p)
+#define EX_R 2 /* rows a tile of the experts' products */
+
+/* The products of expert e's weight rows W (nrows of k) with the tokens
+ * routed to e, in groups of g staged from rows_of(assignment) (LayerNorm'd
+ * with layernorm): epi(j, i, v) for every row j and assignment s_asg[i].
+ * Every thread calls it. */
+template <typename T, bool VEC, int KC, typename Rows, typename Epi>
+static __device__ void expert_rows(const ex_params &p, int e, const T *W, int64_t nrows, int64_t k, int layernorm,
+                                   float *xs, int64_t *s_asg, const T **s_rows, float *red, Rows rows_of, Epi &epi)
 {
-    extern __shared__ __align__(16) float xs[]; /* [g][d] */
-    __shared__ int64_t s_asg[DEC_MROWS];
-    __shared__ const T *s_rows[DEC_MROWS];
-    __shared__ int s_cnt, s_e;
+    __shared__ int s_cnt;
     __shared__ int64_t s_next;
-    const int warp = threadIdx.x >> 5;
-    const int64_t row0 = (int64_t)blockIdx.x * DEC_WARPS + warp, stride = (int64_t)gridDim.x * DEC_WARPS;
-    pdl_trigger();
-    pdl_wait(); /* the routing is the kernel before's */
-    if (threadIdx.x == 0)
-        s_e = p.by_rank ? expert_of_rank(p, (int)blockIdx.y) : (int)blockIdx.y;
-    __syncthreads();
-    const int e = s_e;
-    if (e < 0)
-        return;
-    const T *W = (const T *)p.w1[e];
-    const bool vec = p.vec_rows && aligned16(W);
-    row_stream<T, true> rv(W, p.d, p.f, stride, p.d);
-    row_stream<T, false> rs(W, p.d, p.f, stride, p.d);
+    tile_stream<T, VEC, EX_R, KC> ts(W, k, nrows, k);
     int64_t from = 0;
     for (;;) {
         __syncthreads(); /* the previous group's s_asg, s_rows and xs are no longer read */
@@ -1013,67 +1083,74 @@ template <typename T> static __global__ void __launch_bounds__(DEC_THREADS) expe
         from = s_next;
         if (mm == 0)
             return;
-        if (vec)
-            rv.prime(row0); /* the expert's first weights travel during the LayerNorm */
+        ts.prime(blockIdx.x); /* the expert's first weights travel during the staging and LayerNorm */
         if (threadIdx.x < mm)
-            s_rows[threadIdx.x] = (const T *)p.x + (s_asg[threadIdx.x] / 2) * p.d;
+            s_rows[threadIdx.x] = rows_of(s_asg[threadIdx.x]);
         __syncthreads();
-        stage_rows_ln<T>(xs, s_rows, mm, p.d, p.layernorm, (const T *)p.lnw, (const T *)p.lnb, p.eps);
-        fc1_epi<T> epi{p, s_asg, (const T *)p.b1[e]};
-        if (vec)
-            rv.run(row0, xs, p.d, mm, epi);
-        else
-            rs.run(row0, xs, p.d, mm, epi);
+        stage_rows_ln<T>(xs, s_rows, mm, k, layernorm, (const T *)p.lnw, (const T *)p.lnb, p.eps);
+        ts.run(blockIdx.x, gridDim.x, xs, k, mm, red, epi);
     }
 }
 
-/* fc2 of every chosen expert for this block's output rows (blockIdx.x*8 +
- * warp, every gridDim.x*8), then the combine of those rows: the block owns
- * them for every token */
+template <typename T> struct fc1_rows {
+    const ex_params &p;
+    __device__ __forceinline__ const T *operator()(int64_t a) const { return (const T *)p.x + (a / 2) * p.d; }
+};
+template <typename T> struct fc2_rows {
+    const ex_params &p;
+    __device__ __forceinline__ const T *operator()(int64_t a) const { return (const T *)p.hidden + a * p.f; }
+};
+
+/* fc1 of one chosen expert (blockIdx.y), every assignment routed to it:
+ * hidden[a] = act(LN(x_s) W1^T + b1) rounded to T. One chunk of d a pass. */
+template <typename T> static __global__ void __launch_bounds__(DEC_THREADS) expert_fc1_kernel(ex_params p)
+{
+    extern __shared__ __align__(16) float xs[]; /* [g][d] */
+    __shared__ int64_t s_asg[DEC_MROWS];
+    __shared__ const T *s_rows[DEC_MROWS];
+    __shared__ int s_e;
+    __shared__ float red[2 * DEC_WARPS * DEC_MROWS * EX_R];
+    pdl_trigger();
+    pdl_wait(); /* the routing is the kernel before's */
+    if (threadIdx.x == 0)
+        s_e = p.by_rank ? expert_of_rank(p, (int)blockIdx.y) : (int)blockIdx.y;
+    __syncthreads();
+    const int e = s_e;
+    if (e < 0)
+        return;
+    const T *W = (const T *)p.w1[e];
+    fc1_epi<T> epi{p, s_asg, (const T *)p.b1[e]};
+    if (p.vec_rows && aligned16(W))
+        expert_rows<T, true, 1>(p, e, W, p.f, p.d, p.layernorm, xs, s_asg, s_rows, red, fc1_rows<T>{p}, epi);
+    else
+        expert_rows<T, false, 1>(p, e, W, p.f, p.d, p.layernorm, xs, s_asg, s_rows, red, fc1_rows<T>{p}, epi);
+}
+
+/* fc2 of every chosen expert for this block's tiles of output rows
+ * (blockIdx.x, every gridDim.x), then the combine of those rows: the block
+ * owns them for every token. Up to four chunks of f a pass. */
 template <typename T> static __global__ void __launch_bounds__(DEC_THREADS) expert_fc2_kernel(ex_params p)
 {
     extern __shared__ __align__(16) float xs[]; /* [g][f] */
     __shared__ int64_t s_asg[DEC_MROWS];
     __shared__ const T *s_rows[DEC_MROWS];
-    __shared__ int s_cnt;
-    __shared__ int64_t s_next;
-    const int warp = threadIdx.x >> 5;
-    const int64_t row0 = (int64_t)blockIdx.x * DEC_WARPS + warp, stride = (int64_t)gridDim.x * DEC_WARPS;
+    __shared__ float red[2 * DEC_WARPS * DEC_MROWS * EX_R];
     pdl_trigger();
     pdl_wait();
     for (int e = 0; e < p.E; e++) {
         const T *W = (const T *)p.w2[e];
-        const bool vec = p.vec_rows && aligned16(W);
-        row_stream<T, true> rv(W, p.f, p.d, stride, p.f);
-        row_stream<T, false> rs(W, p.f, p.d, stride, p.f);
-        int64_t from = 0;
-        for (;;) {
-            __syncthreads(); /* the previous group's s_asg, s_rows and xs are no longer read */
-            if (threadIdx.x == 0)
-                s_cnt = next_group(p, e, from, s_asg, &s_next);
-            __syncthreads();
-            const int mm = s_cnt;
-            from = s_next;
-            if (mm == 0)
-                break;
-            if (vec)
-                rv.prime(row0);
-            if (threadIdx.x < mm)
-                s_rows[threadIdx.x] = (const T *)p.hidden + s_asg[threadIdx.x] * p.f;
-            __syncthreads();
-            stage_rows_ln<T>(xs, s_rows, mm, p.f, 0, nullptr, nullptr, 0.0f);
-            fc2_epi<T> epi{p, s_asg, (const T *)p.b2[e]};
-            if (vec)
-                rv.run(row0, xs, p.f, mm, epi);
-            else
-                rs.run(row0, xs, p.f, mm, epi);
-        }
+        fc2_epi<T> epi{p, s_asg, (const T *)p.b2[e]};
+        if (p.vec_rows && aligned16(W))
+            expert_rows<T, true, 4>(p, e, W, p.d, p.f, 0, xs, s_asg, s_rows, red, fc2_rows<T>{p}, epi);
+        else
+            expert_rows<T, false, 4>(p, e, W, p.d, p.f, 0, xs, s_asg, s_rows, red, fc2_rows<T>{p}, epi);
     }
     __syncthreads(); /* every eout row of this block's rows is written */
     T *y = (T *)p.y;
-    for (int64_t base = (int64_t)blockIdx.x * DEC_WARPS; base < p.d; base += stride)
-        for (int64_t e2 = threadIdx.x; e2 < p.S * DEC_WARPS; e2 += blockDim.x) {
-            const int64_t s = e2 / DEC_WARPS, j = base + e2 % DEC_WARPS;
+    const int64_t ntiles = (p.d + EX_R - 1) / EX_R;
+    for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x)
+        for (int64_t e2 = threadIdx.x; e2 < p.S * EX_R; e2 += blockDim.x) {
+            const int64_t s = e2 / EX_R, j = tile * EX_R + e2 % EX_R;
             if (j >= p.d)
                 continue;
             double acc = 0.0;
@@ -1107,17 +1184,21 @@ template <typename T> static moe_status expert_typed(moe_ctx *c, ex_params p)
     const int64_t ny = p1.by_rank ? (2 * p.S < p.E ? 2 * p.S : p.E) : p.E;
     {
         static size_t allowed = 0;
+        static int occ = 0;
         const size_t smem = (size_t)p1.g * (size_t)p.d * sizeof(float);
         MOE_TRY(smem_attr(c, expert_fc1_kernel<T>, smem, &allowed));
-        dim3 grid(grid_rows(c, p.f, ny), (unsigned)ny);
+        MOE_TRY(occupancy_of(c, expert_fc1_kernel<T>, smem, &occ));
+        dim3 grid(tile_grid(c, occ, (p.f + EX_R - 1) / EX_R, ny), (unsigned)ny);
         MOE_CUDA_TRY(c, launch_pdl(expert_fc1_kernel<T>, grid, dim3(DEC_THREADS), smem, c->stream, p1));
     }
     {
         static size_t allowed = 0;
+        static int occ = 0;
         const size_t smem = (size_t)p2.g * (size_t)p.f * sizeof(float);
         MOE_TRY(smem_attr(c, expert_fc2_kernel<T>, smem, &allowed));
-        MOE_CUDA_TRY(c, launch_pdl(expert_fc2_kernel<T>, dim3(grid_rows(c, p.d, 1)), dim3(DEC_THREADS), smem,
-                                   c->stream, p2));
+        MOE_TRY(occupancy_of(c, expert_fc2_kernel<T>, smem, &occ));
+        MOE_CUDA_TRY(c, launch_pdl(expert_fc2_kernel<T>, dim3(tile_grid(c, occ, (p.d + EX_R - 1) / EX_R, 1)),
+                                   dim3(DEC_THREADS), smem, c->stream, p2));
     }
     return MOE_OK;
 }
