@@ -2,7 +2,7 @@
  * sharded unit's parameters around its use, prefetching the next one, and
  * reduce-scattering its gradient into this rank's shard on release.
  *
- * Not here: which units are sharded and how (runtime.c's unit layout),
+ * Not here: which units are sharded and how (the parallel plan, core/plan.h),
  * allocating and initialising the shards (the parameter store, runtime.c),
  * the reduction of unsharded gradients (the trainer).
  */

@@ -14,7 +14,8 @@
  *
  * Not here: the fully sharded engine behind unit_gather, unit_prefetch and
  * unit_release (core/fsdp.c), which works on the structs of
- * core/runtime_private.h.
+ * core/runtime_private.h; the parallel plan the unit layout follows
+ * (core/plan.c).
  */
 #include "core/runtime.h"
 
@@ -279,6 +280,52 @@ moe_status moe_runtime_finish_reductions(moe_runtime *rt) { return moe_fsdp_fini
 
 static uint64_t host_step_seed(const moe_host *h) { return rt_of(h)->step_seed; }
 
+/* ------------------------------------------------------------------ plan */
+
+static moe_status build_plan(moe_runtime *rt, int experts)
+{
+    moe_parallel_plan_spec spec;
+    memset(&spec, 0, sizeof spec);
+    spec.world = rt->host.world;
+    spec.rank = rt->host.rank;
+    spec.experts = experts;
+    spec.fully_sharded = rt->cfg.fully_sharded;
+    const char *ddp = moe_opts_known(rt->opts, "ddp-backend") ? moe_opts_str(rt->opts, "ddp-backend") : NULL;
+    spec.legacy_ddp = ddp && strcmp(ddp, "legacy_ddp") == 0;
+    spec.normalizer = rt->normalizer;
+    moe_parallel_plan p;
+    MOE_TRY(moe_parallel_plan_build(&spec, &p));
+    moe_parallel_plan_free(&rt->plan);
+    rt->plan = p;
+    rt->host.expert_grad_scale = p.expert_grad_scale;
+    return MOE_OK;
+}
+
+static moe_status host_plan_experts(const moe_host *h, int experts, const moe_parallel_plan **plan)
+{
+    moe_runtime *rt = rt_of(h);
+    *plan = &rt->plan;
+    if (rt->plan_declared) {
+        if (experts == rt->plan.experts)
+            return MOE_OK;
+        return moe_error_set(MOE_ERR_INTERNAL, "plan_experts: expected the %d experts declared before, found %d",
+                             rt->plan.experts, experts);
+    }
+    if (experts < 1)
+        return moe_error_set(MOE_ERR_INVALID_ARG, "plan_experts: expected at least one expert, found %d", experts);
+    MOE_TRY(build_plan(rt, experts));
+    rt->plan_declared = 1;
+    /* groups need a communicator that joined several ranks (a dry run plans
+     * for a world it never joins) */
+    if (rt->comm_ops && rt->comm && rt->comm_ops->world(rt->comm) > 1)
+        MOE_TRY(moe_parallel_plan_create_groups(&rt->plan, rt->comm_ops, rt->comm));
+    return MOE_OK;
+}
+
+const moe_parallel_plan *moe_runtime_plan(const moe_runtime *rt) { return &rt->plan; }
+
+void moe_runtime_set_normalizer(moe_runtime *rt, const moe_normalizer_ops *normalizer) { rt->normalizer = normalizer; }
+
 /* ------------------------------------------------------------- lifecycle */
 
 moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runtime_config *cfg, moe_runtime **out)
@@ -320,6 +367,8 @@ moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runti
     h->padding_idx = 1;
     h->rank = 0;
     h->world = 1;
+    h->plan = &rt->plan;
+    h->plan_experts = host_plan_experts;
 
     moe_status st;
     const moe_plugin_desc *d;
@@ -356,6 +405,7 @@ moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runti
         h->world = (int)moe_opts_int(opts, "distributed-world-size");
         h->rank = moe_opts_has_value(opts, "distributed-rank") ? (int)moe_opts_int(opts, "distributed-rank") : 0;
     }
+    MOE_TRY_GOTO(st, build_plan(rt, 0), fail);
     *out = rt;
     return MOE_OK;
 fail:
@@ -391,6 +441,7 @@ void moe_runtime_destroy(moe_runtime *rt)
         free(rt->params[i].name);
     free(rt->units);
     free(rt->params);
+    moe_parallel_plan_free(&rt->plan);
     if (rt->comm_ops && rt->comm)
         rt->comm_ops->destroy(rt->comm);
     if (rt->be && rt->ctx)
@@ -485,25 +536,17 @@ void moe_runtime_wrap(moe_runtime *rt, const moe_ops *ops, const moe_comm_ops *c
 
 int moe_runtime_num_units(const moe_runtime *rt) { return rt->n_units; }
 
-/* The one place the shard layout is decided. Fully sharded over W > 1 ranks:
- * a non-expert unit is padded to W equal shards (torch.chunk) and rank r
- * holds shard r; everything else is held whole. */
-static void unit_layout(const moe_runtime *rt, const moe_unit_entry *u, int *sharded, int64_t *padded, int64_t *shard)
-{
-    const int W = rt->cfg.fully_sharded && rt->host.world > 1 ? rt->host.world : 1;
-    *sharded = W > 1 && u->expert_index < 0 && u->numel > 0;
-    *padded = *sharded ? (u->numel + W - 1) / W * W : u->numel;
-    *shard = *sharded ? *padded / W : u->numel;
-}
-
 void moe_runtime_unit(const moe_runtime *rt, int unit, moe_unit_info *out)
 {
     const moe_unit_entry *u = &rt->units[unit];
     out->name = u->name;
     out->expert_index = u->expert_index;
     out->numel = u->numel;
-    unit_layout(rt, u, &out->sharded, &out->padded, &out->shard);
-    out->start = out->sharded ? (int64_t)rt->host.rank * out->shard : 0;
+    moe_unit_layout l = moe_parallel_plan_unit(&rt->plan, u->expert_index, u->numel);
+    out->sharded = l.sharded;
+    out->padded = l.padded;
+    out->shard = l.shard;
+    out->start = l.start;
     out->param = u->param;
     out->grad = u->grad;
     out->master = u->master;
@@ -596,7 +639,10 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
         moe_unit_entry *u = &rt->units[i];
         if (u->numel == 0)
             continue;
-        unit_layout(rt, u, &u->sharded, &u->padded, &u->shard);
+        moe_unit_layout l = moe_parallel_plan_unit(&rt->plan, u->expert_index, u->numel);
+        u->sharded = l.sharded;
+        u->padded = l.padded;
+        u->shard = l.shard;
         if (u->sharded) {
             snprintf(what, sizeof what, "parameter shard of %s", u->name);
             MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->shard * moe_dtype_size(act), what, &u->param_shard));
@@ -643,7 +689,7 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
             else
                 st = init_tensor(rt, p, offset_ptr(full, p->offset, act), act);
         }
-        const int64_t first = u->sharded ? (int64_t)rt->host.rank * u->shard : 0;
+        const int64_t first = moe_parallel_plan_unit(&rt->plan, u->expert_index, u->numel).start;
         if (full32 && st == MOE_OK)
             st = rt->host.ops->cast(rt->ctx, full, act, full32, MOE_F32, u->padded);
         if (full32 && st == MOE_OK)

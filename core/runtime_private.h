@@ -6,6 +6,7 @@
 #ifndef MOE_CORE_RUNTIME_PRIVATE_H
 #define MOE_CORE_RUNTIME_PRIVATE_H
 
+#include "core/plan.h"
 #include "core/runtime.h"
 
 typedef struct moe_param_entry {
@@ -54,6 +55,9 @@ struct moe_runtime {
     char **argv;
     int observed;         /* ops and communicator wrapped (core/opwrap.h): report unit gathers */
     int64_t total_numel;  /* elements registered over every unit */
+    moe_parallel_plan plan;
+    int plan_declared;    /* the arch declared its experts (host->plan_experts) */
+    const moe_normalizer_ops *normalizer;
 };
 
 #endif

@@ -388,9 +388,7 @@ static moe_status register_layer(tlm *m, int i)
             return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for layer %d's experts", MOE_ARCH_VARIANT, i);
         for (int j = 0; j < m->local_experts; j++) {
             tlm_expert *x = &ly->experts[j];
-            /* FAIRSEQ_SPEC.md §2.4: E >= world: rank r holds experts r*L..r*L+L-1;
-             * E < world: rank r holds a replica of expert r mod E */
-            x->gid = m->E >= h->world ? h->rank * m->local_experts + j : h->rank % m->E;
+            x->gid = m->plan->local_ids[j];
             char epfx[128];
             snprintf(epfx, sizeof epfx, "%s.moe_layer.experts.%d", pfx, x->gid);
             MOE_TRY(h->unit_add(h, epfx, x->gid, &x->unit));
@@ -532,28 +530,10 @@ static moe_status tlm_build(const moe_host *h, int64_t vocab, int padding_idx, v
         }
     }
     if (m->n_moe > 0) {
-        int world = h->world > 0 ? h->world : 1;
-        if (m->E >= world) {
-            if (m->E % world != 0) {
-                st = h->error(h, MOE_ERR_INVALID_ARG,
-                              "%s: expected --moe-expert-count divisible by the world size, found %d experts over %d "
-                              "ranks; choose a multiple or a divisor of the world size",
-                              MOE_ARCH_VARIANT, m->E, world);
-                goto fail;
-            }
-            m->local_experts = m->E / world;
-            m->a2a_world = world;
-        } else {
-            if (world % m->E != 0) {
-                st = h->error(h, MOE_ERR_INVALID_ARG,
-                              "%s: expected the world size divisible by --moe-expert-count, found %d ranks for %d "
-                              "experts; choose a multiple or a divisor of the world size",
-                              MOE_ARCH_VARIANT, world, m->E);
-                goto fail;
-            }
-            m->local_experts = 1;
-            m->a2a_world = m->E;
-        }
+        /* the expert layout (FAIRSEQ_SPEC.md §2.4) is the core's parallel plan */
+        MOE_TRY_GOTO(st, h->plan_experts(h, m->E, &m->plan), fail);
+        m->local_experts = m->plan->local_experts;
+        m->a2a_world = m->plan->a2a_world;
     }
 
     /* root unit: embedding, final norm, untied output projection */
@@ -745,23 +725,7 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
         }
         if (m->C < 1)
             m->C = 1;
-        if (h->world > 1 && m->E < h->world) {
-            /* all-to-all groups are contiguous blocks of E ranks (§2.4); every rank creates all of them */
-            int *ranks = malloc((size_t)m->E * sizeof *ranks);
-            if (!ranks)
-                return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory", MOE_ARCH_VARIANT);
-            moe_status st = MOE_OK;
-            for (int g = 0; g < h->world / m->E && st == MOE_OK; g++) {
-                moe_group *grp = NULL;
-                for (int j = 0; j < m->E; j++)
-                    ranks[j] = g * m->E + j;
-                st = h->comm_ops->group_create(h->comm, ranks, m->E, &grp);
-                if (st == MOE_OK && h->rank / m->E == g)
-                    m->a2a_group = grp;
-            }
-            free(ranks);
-            MOE_TRY(st);
-        }
+        m->a2a_group = m->plan->a2a_group;
     }
 
     int64_t fmax = 0;

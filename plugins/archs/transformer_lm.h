@@ -115,6 +115,7 @@ typedef struct tlm {
     float a2a_ms[2];          /* this layer's forward all-to-alls: host ms, completed ms */
     int E, moe_freq, n_moe, local_experts;
     int a2a_world;            /* W: ranks in this rank's all-to-all group */
+    const moe_parallel_plan *plan; /* the core's expert layout (MoE models only) */
     float emb_scale, q_scale;
     /* parameters */
     int root_unit, emb, out_proj, lnf_w, lnf_b;
