@@ -187,6 +187,7 @@ moe_status moe_components_build(moe_runtime *rt, const moe_selection *sel, moe_l
         padding_idx = c->task->padding_idx(c->task_state);
     }
     moe_runtime_set_padding_idx(rt, padding_idx);
+    moe_runtime_set_normalizer(rt, c->normalizer);
     return c->arch->build(h, vocab, padding_idx, &c->model);
 }
 

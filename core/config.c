@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "core/plan.h"
 
 #define MAX_LIST 256
 
@@ -83,8 +84,6 @@ static moe_status check_list(const moe_opts *o, const char *name, int integers, 
     return MOE_OK;
 }
 
-static int expert_layout_ok(int64_t e, int64_t w) { return e > 0 && (e % w == 0 || w % e == 0); }
-
 static moe_status check_experts(const moe_opts *o, int world)
 {
     int64_t E = int_or_zero(o, "moe-expert-count");
@@ -99,19 +98,7 @@ static moe_status check_experts(const moe_opts *o, int world)
     }
     if (E <= 0)
         return MOE_OK;
-    if (!expert_layout_ok(E, W)) {
-        int64_t lo = 0, hi = 0;
-        for (int64_t v = E - 1; v >= 1 && !lo; v--)
-            if (expert_layout_ok(v, W))
-                lo = v;
-        for (int64_t v = E + 1; !hi; v++)
-            if (expert_layout_ok(v, W))
-                hi = v;
-        return moe_error_set(MOE_ERR_INVALID_ARG,
-                             "--moe-expert-count %lld on %lld ranks: expected the expert count to be a multiple or "
-                             "a divisor of the world size, found neither; use e.g. %lld or %lld experts",
-                             (long long)E, (long long)W, (long long)(lo ? lo : hi), (long long)hi);
-    }
+    MOE_TRY(moe_parallel_plan_check(E, W));
     const char *ddp = moe_opts_str(o, "ddp-backend");
     if (E < W && !(ddp && strcmp(ddp, "fully_sharded") == 0))
         return moe_error_set(MOE_ERR_INVALID_ARG,

@@ -54,9 +54,9 @@ moe_status moe_plan_compute(moe_runtime *rt, const moe_components *c, moe_plan *
     const moe_host *h = moe_runtime_host(rt);
     moe_opts *o = moe_runtime_opts(rt);
     memset(plan, 0, sizeof *plan);
-    plan->world = h->world;
-    const char *ddp = moe_opts_str(o, "ddp-backend");
-    plan->sharded = ddp && strcmp(ddp, "fully_sharded") == 0;
+    const moe_parallel_plan *pp = moe_runtime_plan(rt);
+    plan->world = pp->world;
+    plan->sharded = pp->fully_sharded;
 
     moe_dtype act, grad;
     int master, scaling;
@@ -64,7 +64,6 @@ moe_status moe_plan_compute(moe_runtime *rt, const moe_components *c, moe_plan *
     double state_per_param = c->optimizer->state_bytes_per_param(h);
 
     int n = moe_runtime_num_units(rt);
-    int W = plan->sharded && plan->world > 1 ? plan->world : 1;
     int64_t largest[3] = {0, 0, 0}, max_shard = 0; /* sharded units gathered whole at the same time */
     for (int i = 0; i < n; i++) {
         moe_unit_info u;
@@ -74,9 +73,9 @@ moe_status moe_plan_compute(moe_runtime *rt, const moe_components *c, moe_plan *
             plan->expert_params += u.numel;
         } else {
             plan->non_expert_params += u.numel;
-            if (W > 1) {
-                int64_t padded = (u.numel + W - 1) / W * W;
-                kept = padded / W;
+            if (u.sharded) {
+                int64_t padded = u.padded;
+                kept = u.shard;
                 for (int k = 0; k < 3; k++) /* insert into the three largest, descending */
                     if (padded > largest[k]) {
                         int64_t t = largest[k];

@@ -11,6 +11,11 @@
  * of allocation nor on the rank. Expert units use fairseq's per-expert seed
  * s0 + global_expert (FAIRSEQ_SPEC.md §1.6; s0 is derived from --seed), so
  * replicas of an expert (E < world) are identical on every rank.
+ *
+ * Not here: the fully sharded engine behind unit_gather, unit_prefetch and
+ * unit_release (core/fsdp.c), which works on the structs of
+ * core/runtime_private.h; the parallel plan the unit layout follows
+ * (core/plan.c).
  */
 #include "core/runtime.h"
 
@@ -19,57 +24,11 @@
 #include <string.h>
 
 #include "core/config.h"
+#include "core/fsdp.h"
 #include "core/internal.h"
 #include "core/log.h"
 #include "core/opwrap.h"
-
-typedef struct moe_param_entry {
-    char *name;
-    int unit;
-    int64_t offset, numel;
-    moe_param_def def;
-} moe_param_entry;
-
-typedef struct moe_unit_entry {
-    char *name;
-    int expert_index;
-    int64_t numel;
-    int64_t padded;          /* numel rounded up to a multiple of the shard count */
-    int64_t shard;           /* elements per shard (== padded when not sharded) */
-    int sharded;
-    int gathers;             /* sharded: open unit_gather calls; param/grad exist while > 0 */
-    int prefetched;          /* sharded: param allocated and its all-gather started, not yet gathered */
-    moe_comm_req *inflight;  /* that all-gather (NULL once complete) */
-    void *rs_staging;        /* sharded, released: the reduce-scatter of grad on its way into grad_shard */
-    moe_comm_req *rs_req;
-    /* whole param and grad; for a sharded unit only while gathered (grad once asked for) */
-    void *param, *grad;
-    void *param_shard, *grad_shard; /* sharded: this rank's shard, persistent */
-    void *master;
-} moe_unit_entry;
-
-struct moe_runtime {
-    moe_host host; /* first: plugins get &rt->host */
-    moe_opts *opts;
-    moe_registry *reg;
-    moe_runtime_config cfg;
-    const moe_backend_ops *be;
-    moe_ctx *ctx;
-    const moe_comm_ops *comm_ops;
-    moe_comm *comm;
-    moe_unit_entry *units;
-    int n_units, cap_units;
-    moe_param_entry *params;
-    int n_params, cap_params;
-    int rs_unit;          /* the unit whose gradient reduce-scatter is in flight, or -1 */
-    uint64_t step_seed;
-    int allocated;
-    int owns_opts;        /* created by moe_runtime_create_for_test */
-    int argc;             /* the command line, re-parsed as plugins add options */
-    char **argv;
-    int observed;         /* ops and communicator wrapped (core/opwrap.h): report unit gathers */
-    int64_t total_numel;  /* elements registered over every unit */
-};
+#include "core/runtime_private.h"
 
 static moe_runtime *rt_of(const moe_host *h) { return (moe_runtime *)(uintptr_t)h; }
 
@@ -261,22 +220,6 @@ static void *host_param_data(const moe_host *h, int param_id)
     return offset_ptr(u->param, p->offset, rt->cfg.act_dtype);
 }
 
-/* The whole gradient of a gathered sharded unit, allocated and zeroed when
- * first asked for; unit_release reduces it into this rank's shard. */
-static moe_status reduce_finish(moe_runtime *rt);
-
-static moe_status full_grad(moe_runtime *rt, moe_unit_entry *u)
-{
-    if (u->rs_staging) /* the last backward's gradient is still on its way */
-        MOE_TRY(reduce_finish(rt));
-    if (u->grad)
-        return MOE_OK;
-    char what[200];
-    snprintf(what, sizeof what, "gathered gradients of %s", u->name);
-    MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(rt->cfg.grad_dtype), what, &u->grad));
-    return rt->host.ops->fill(rt->ctx, u->grad, rt->cfg.grad_dtype, u->padded, 0.0f);
-}
-
 static void *host_grad_data(const moe_host *h, int param_id)
 {
     moe_runtime *rt = rt_of(h);
@@ -287,7 +230,7 @@ static void *host_grad_data(const moe_host *h, int param_id)
     if (u->sharded) {
         if (!u->gathers)
             return outside_gather(u, p, "the gradient of parameter");
-        if (full_grad(rt, u) != MOE_OK) {
+        if (moe_fsdp_full_grad(rt, u) != MOE_OK) {
             moe_log(MOE_LOG_ERROR, "moelm.params", "%s", moe_error_message());
             return NULL;
         }
@@ -307,174 +250,9 @@ static void *host_unit_grad(const moe_host *h, int unit_id)
     if (unit_id < 0 || unit_id >= rt->n_units)
         return NULL;
     moe_unit_entry *u = &rt->units[unit_id];
-    if (u->sharded && (!u->gathers || full_grad(rt, u) != MOE_OK))
+    if (u->sharded && (!u->gathers || moe_fsdp_full_grad(rt, u) != MOE_OK))
         return NULL;
     return u->grad;
-}
-
-static moe_status check_unit(const moe_runtime *rt, int unit_id, const char *fn)
-{
-    if (unit_id < 0 || unit_id >= rt->n_units)
-        return moe_error_set(MOE_ERR_INVALID_ARG, "%s: no unit with id %d (%d registered)", fn, unit_id,
-                             rt->n_units);
-    if (!rt->allocated)
-        return moe_error_set(MOE_ERR_INTERNAL, "%s of unit '%s' before parameters were allocated", fn,
-                             rt->units[unit_id].name);
-    return MOE_OK;
-}
-
-moe_status moe_comm_start_all_gather(const moe_comm_ops *o, moe_comm *c, moe_group *g, void *recv, const void *send,
-                                     int64_t n, moe_dtype dt, moe_comm_req **req)
-{
-    if (o->all_gather_start)
-        return o->all_gather_start(c, g, recv, send, n, dt, req);
-    *req = NULL;
-    return o->all_gather(c, g, recv, send, n, dt);
-}
-
-moe_status moe_comm_start_reduce_scatter(const moe_comm_ops *o, moe_comm *c, moe_group *g, void *recv,
-                                         const void *send, int64_t n, moe_dtype dt, moe_reduce_op op,
-                                         moe_comm_req **req)
-{
-    if (o->reduce_scatter_start)
-        return o->reduce_scatter_start(c, g, recv, send, n, dt, op, req);
-    *req = NULL;
-    return o->reduce_scatter(c, g, recv, send, n, dt, op);
-}
-
-/* the registry refuses a start op without wait: no wait, nothing in flight */
-moe_status moe_comm_wait(const moe_comm_ops *o, moe_comm *c, moe_comm_req *req)
-{
-    return o->wait ? o->wait(c, req) : MOE_OK;
-}
-
-/* --ddp-backend fully_sharded (FAIRSEQ_SPEC.md §7.2): the first gather of a
- * sharded unit all-gathers its whole parameters from every rank's shard, or
- * waits for the all-gather unit_prefetch started; nested gathers (a layer
- * recomputed inside its backward) only count. */
-static moe_status gather_start(moe_runtime *rt, moe_unit_entry *u, moe_comm_req **req)
-{
-    char what[200];
-    snprintf(what, sizeof what, "gathered parameters of %s", u->name);
-    MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->padded * moe_dtype_size(rt->cfg.act_dtype), what, &u->param));
-    moe_status st;
-    if (req)
-        st = moe_comm_start_all_gather(rt->comm_ops, rt->comm, NULL, u->param, u->param_shard, u->shard,
-                                       rt->cfg.act_dtype, req);
-    else
-        st = rt->comm_ops->all_gather(rt->comm, NULL, u->param, u->param_shard, u->shard, rt->cfg.act_dtype);
-    if (st != MOE_OK) {
-        rt->be->free(rt->ctx, u->param);
-        u->param = NULL;
-    }
-    return st;
-}
-
-/* the all-gather a prefetch started: completed (wait), then the unit is
- * either gathered or (drop) freed unused */
-static moe_status prefetch_finish(moe_runtime *rt, moe_unit_entry *u, int drop)
-{
-    moe_status st = moe_comm_wait(rt->comm_ops, rt->comm, u->inflight);
-    u->inflight = NULL;
-    u->prefetched = 0;
-    if (st != MOE_OK || drop) {
-        rt->be->free(rt->ctx, u->param);
-        u->param = NULL;
-    }
-    return st;
-}
-
-static moe_status unit_gather(const moe_host *h, int unit_id)
-{
-    moe_runtime *rt = rt_of(h);
-    MOE_TRY(check_unit(rt, unit_id, "unit_gather"));
-    moe_unit_entry *u = &rt->units[unit_id];
-    if (!u->sharded || u->gathers++ > 0)
-        return MOE_OK;
-    moe_status st = u->prefetched ? prefetch_finish(rt, u, 0) : gather_start(rt, u, NULL);
-    if (st != MOE_OK)
-        u->gathers = 0;
-    return st;
-}
-
-static moe_status host_unit_prefetch(const moe_host *h, int unit_id)
-{
-    moe_runtime *rt = rt_of(h);
-    MOE_TRY(check_unit(rt, unit_id, "unit_prefetch"));
-    moe_unit_entry *u = &rt->units[unit_id];
-    if (!u->sharded || u->gathers > 0 || u->prefetched)
-        return MOE_OK;
-    MOE_TRY(gather_start(rt, u, &u->inflight));
-    u->prefetched = 1;
-    return MOE_OK;
-}
-
-/* The reduce-scatter in flight, if any: waited for, added into its unit's
- * gradient shard, and its buffers (the whole gradient, the staging shard)
- * freed. */
-static moe_status reduce_finish(moe_runtime *rt)
-{
-    if (rt->rs_unit < 0)
-        return MOE_OK;
-    moe_unit_entry *u = &rt->units[rt->rs_unit];
-    rt->rs_unit = -1;
-    double pre, post;
-    moe_reduce_factors(rt->host.world, &pre, &post);
-    moe_status st = moe_comm_wait(rt->comm_ops, rt->comm, u->rs_req);
-    if (st == MOE_OK)
-        st = rt->host.ops->axpby(rt->ctx, u->grad_shard, u->rs_staging, rt->cfg.grad_dtype, u->shard,
-                                 (float)(1.0 / post), 1.0f);
-    rt->be->free(rt->ctx, u->rs_staging);
-    rt->be->free(rt->ctx, u->grad);
-    u->rs_req = NULL;
-    u->rs_staging = NULL;
-    u->grad = NULL;
-    return st;
-}
-
-/* The release that closes the first gather frees the whole parameters; a
- * gradient written meanwhile is reduce-scattered (averaged over the ranks,
- * moe_reduce_factors) into this rank's gradient shard. That reduce-scatter is left in flight, so it
- * overlaps the next layer's backward; the next release (or a gather of the
- * same unit, or moe_runtime_finish_reductions) completes it: one in flight at
- * a time, as FSDP's post-backward reduction. */
-static moe_status unit_release(const moe_host *h, int unit_id)
-{
-    moe_runtime *rt = rt_of(h);
-    MOE_TRY(check_unit(rt, unit_id, "unit_release"));
-    moe_unit_entry *u = &rt->units[unit_id];
-    if (!u->sharded)
-        return MOE_OK;
-    if (u->gathers == 0)
-        return moe_error_set(MOE_ERR_INTERNAL, "unit_release of '%s' without a matching unit_gather", u->name);
-    if (--u->gathers > 0)
-        return MOE_OK;
-    rt->be->free(rt->ctx, u->param);
-    u->param = NULL;
-    MOE_TRY(reduce_finish(rt));
-    if (!u->grad)
-        return MOE_OK;
-    char what[200];
-    snprintf(what, sizeof what, "gradient shard of %s on its way", u->name);
-    const moe_dtype gdt = rt->cfg.grad_dtype;
-    double pre, post;
-    moe_reduce_factors(rt->host.world, &pre, &post);
-    moe_status st = rt->be->alloc(rt->ctx, (uint64_t)u->shard * moe_dtype_size(gdt), what, &u->rs_staging);
-    if (st == MOE_OK && pre != 1.0)
-        st = rt->host.ops->axpby(rt->ctx, u->grad, u->grad, gdt, u->padded, 0.0f, (float)(1.0 / pre));
-    if (st == MOE_OK)
-        st = moe_comm_start_reduce_scatter(rt->comm_ops, rt->comm, NULL, u->rs_staging, u->grad, u->shard, gdt,
-                                           MOE_REDUCE_SUM, &u->rs_req);
-    if (st != MOE_OK) {
-        if (u->rs_staging)
-            rt->be->free(rt->ctx, u->rs_staging);
-        rt->be->free(rt->ctx, u->grad);
-        u->rs_staging = NULL;
-        u->grad = NULL;
-        return st;
-    }
-    rt->rs_unit = unit_id;
-    return MOE_OK;
 }
 
 /* The arch brackets each layer's forward and backward with these: observed
@@ -484,21 +262,69 @@ static moe_status host_unit_gather(const moe_host *h, int unit_id)
     moe_runtime *rt = rt_of(h);
     if (rt->observed && unit_id >= 0 && unit_id < rt->n_units)
         moe_opwrap_unit(rt->units[unit_id].name, 1);
-    return unit_gather(h, unit_id);
+    return moe_fsdp_gather(rt, unit_id);
 }
 
 static moe_status host_unit_release(const moe_host *h, int unit_id)
 {
     moe_runtime *rt = rt_of(h);
-    moe_status st = unit_release(h, unit_id);
+    moe_status st = moe_fsdp_release(rt, unit_id);
     if (rt->observed && unit_id >= 0 && unit_id < rt->n_units)
         moe_opwrap_unit(rt->units[unit_id].name, 0);
     return st;
 }
 
-moe_status moe_runtime_finish_reductions(moe_runtime *rt) { return reduce_finish(rt); }
+static moe_status host_unit_prefetch(const moe_host *h, int unit_id) { return moe_fsdp_prefetch(rt_of(h), unit_id); }
+
+moe_status moe_runtime_finish_reductions(moe_runtime *rt) { return moe_fsdp_finish(rt); }
 
 static uint64_t host_step_seed(const moe_host *h) { return rt_of(h)->step_seed; }
+
+/* ------------------------------------------------------------------ plan */
+
+static moe_status build_plan(moe_runtime *rt, int experts)
+{
+    moe_parallel_plan_spec spec;
+    memset(&spec, 0, sizeof spec);
+    spec.world = rt->host.world;
+    spec.rank = rt->host.rank;
+    spec.experts = experts;
+    spec.fully_sharded = rt->cfg.fully_sharded;
+    const char *ddp = moe_opts_known(rt->opts, "ddp-backend") ? moe_opts_str(rt->opts, "ddp-backend") : NULL;
+    spec.legacy_ddp = ddp && strcmp(ddp, "legacy_ddp") == 0;
+    spec.normalizer = rt->normalizer;
+    moe_parallel_plan p;
+    MOE_TRY(moe_parallel_plan_build(&spec, &p));
+    moe_parallel_plan_free(&rt->plan);
+    rt->plan = p;
+    rt->host.expert_grad_scale = p.expert_grad_scale;
+    return MOE_OK;
+}
+
+static moe_status host_plan_experts(const moe_host *h, int experts, const moe_parallel_plan **plan)
+{
+    moe_runtime *rt = rt_of(h);
+    *plan = &rt->plan;
+    if (rt->plan_declared) {
+        if (experts == rt->plan.experts)
+            return MOE_OK;
+        return moe_error_set(MOE_ERR_INTERNAL, "plan_experts: expected the %d experts declared before, found %d",
+                             rt->plan.experts, experts);
+    }
+    if (experts < 1)
+        return moe_error_set(MOE_ERR_INVALID_ARG, "plan_experts: expected at least one expert, found %d", experts);
+    MOE_TRY(build_plan(rt, experts));
+    rt->plan_declared = 1;
+    /* groups need a communicator that joined several ranks (a dry run plans
+     * for a world it never joins) */
+    if (rt->comm_ops && rt->comm && rt->comm_ops->world(rt->comm) > 1)
+        MOE_TRY(moe_parallel_plan_create_groups(&rt->plan, rt->comm_ops, rt->comm));
+    return MOE_OK;
+}
+
+const moe_parallel_plan *moe_runtime_plan(const moe_runtime *rt) { return &rt->plan; }
+
+void moe_runtime_set_normalizer(moe_runtime *rt, const moe_normalizer_ops *normalizer) { rt->normalizer = normalizer; }
 
 /* ------------------------------------------------------------- lifecycle */
 
@@ -541,6 +367,8 @@ moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runti
     h->padding_idx = 1;
     h->rank = 0;
     h->world = 1;
+    h->plan = &rt->plan;
+    h->plan_experts = host_plan_experts;
 
     moe_status st;
     const moe_plugin_desc *d;
@@ -577,6 +405,7 @@ moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runti
         h->world = (int)moe_opts_int(opts, "distributed-world-size");
         h->rank = moe_opts_has_value(opts, "distributed-rank") ? (int)moe_opts_int(opts, "distributed-rank") : 0;
     }
+    MOE_TRY_GOTO(st, build_plan(rt, 0), fail);
     *out = rt;
     return MOE_OK;
 fail:
@@ -589,11 +418,11 @@ void moe_runtime_destroy(moe_runtime *rt)
     if (!rt)
         return;
     if (rt->rs_unit >= 0)
-        reduce_finish(rt);
+        moe_fsdp_finish(rt);
     for (int i = 0; i < rt->n_units; i++) {
         moe_unit_entry *u = &rt->units[i];
         if (u->prefetched)
-            prefetch_finish(rt, u, 1);
+            moe_fsdp_prefetch_finish(rt, u, 1);
         if (rt->be && rt->ctx) {
             if (u->param)
                 rt->be->free(rt->ctx, u->param);
@@ -612,6 +441,7 @@ void moe_runtime_destroy(moe_runtime *rt)
         free(rt->params[i].name);
     free(rt->units);
     free(rt->params);
+    moe_parallel_plan_free(&rt->plan);
     if (rt->comm_ops && rt->comm)
         rt->comm_ops->destroy(rt->comm);
     if (rt->be && rt->ctx)
@@ -634,15 +464,6 @@ void moe_runtime_set_gate(moe_runtime *rt, const moe_gate_ops *gate) { rt->host.
 void moe_runtime_set_expert_grad_scale(moe_runtime *rt, float scale) { rt->host.expert_grad_scale = scale; }
 
 void moe_runtime_set_padding_idx(moe_runtime *rt, int padding_idx) { rt->host.padding_idx = padding_idx; }
-
-void moe_reduce_factors(int n, double *pre, double *post)
-{
-    int f = 1;
-    while (n % f == 0 && n / f > f)
-        f *= 2;
-    *pre = f;
-    *post = (double)n / f;
-}
 
 moe_status moe_runtime_set_args(moe_runtime *rt, int nargs, const char *const *args)
 {
@@ -715,25 +536,17 @@ void moe_runtime_wrap(moe_runtime *rt, const moe_ops *ops, const moe_comm_ops *c
 
 int moe_runtime_num_units(const moe_runtime *rt) { return rt->n_units; }
 
-/* The one place the shard layout is decided. Fully sharded over W > 1 ranks:
- * a non-expert unit is padded to W equal shards (torch.chunk) and rank r
- * holds shard r; everything else is held whole. */
-static void unit_layout(const moe_runtime *rt, const moe_unit_entry *u, int *sharded, int64_t *padded, int64_t *shard)
-{
-    const int W = rt->cfg.fully_sharded && rt->host.world > 1 ? rt->host.world : 1;
-    *sharded = W > 1 && u->expert_index < 0 && u->numel > 0;
-    *padded = *sharded ? (u->numel + W - 1) / W * W : u->numel;
-    *shard = *sharded ? *padded / W : u->numel;
-}
-
 void moe_runtime_unit(const moe_runtime *rt, int unit, moe_unit_info *out)
 {
     const moe_unit_entry *u = &rt->units[unit];
     out->name = u->name;
     out->expert_index = u->expert_index;
     out->numel = u->numel;
-    unit_layout(rt, u, &out->sharded, &out->padded, &out->shard);
-    out->start = out->sharded ? (int64_t)rt->host.rank * out->shard : 0;
+    moe_unit_layout l = moe_parallel_plan_unit(&rt->plan, u->expert_index, u->numel);
+    out->sharded = l.sharded;
+    out->padded = l.padded;
+    out->shard = l.shard;
+    out->start = l.start;
     out->param = u->param;
     out->grad = u->grad;
     out->master = u->master;
@@ -826,7 +639,10 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
         moe_unit_entry *u = &rt->units[i];
         if (u->numel == 0)
             continue;
-        unit_layout(rt, u, &u->sharded, &u->padded, &u->shard);
+        moe_unit_layout l = moe_parallel_plan_unit(&rt->plan, u->expert_index, u->numel);
+        u->sharded = l.sharded;
+        u->padded = l.padded;
+        u->shard = l.shard;
         if (u->sharded) {
             snprintf(what, sizeof what, "parameter shard of %s", u->name);
             MOE_TRY(rt->be->alloc(rt->ctx, (uint64_t)u->shard * moe_dtype_size(act), what, &u->param_shard));
@@ -873,7 +689,7 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
             else
                 st = init_tensor(rt, p, offset_ptr(full, p->offset, act), act);
         }
-        const int64_t first = u->sharded ? (int64_t)rt->host.rank * u->shard : 0;
+        const int64_t first = moe_parallel_plan_unit(&rt->plan, u->expert_index, u->numel).start;
         if (full32 && st == MOE_OK)
             st = rt->host.ops->cast(rt->ctx, full, act, full32, MOE_F32, u->padded);
         if (full32 && st == MOE_OK)
@@ -896,11 +712,11 @@ moe_status moe_runtime_alloc_params(moe_runtime *rt)
  * dropped. */
 moe_status moe_runtime_zero_grads(moe_runtime *rt)
 {
-    MOE_TRY(reduce_finish(rt));
+    MOE_TRY(moe_fsdp_finish(rt));
     for (int i = 0; i < rt->n_units; i++) {
         moe_unit_entry *u = &rt->units[i];
         if (u->prefetched)
-            MOE_TRY(prefetch_finish(rt, u, 1));
+            MOE_TRY(moe_fsdp_prefetch_finish(rt, u, 1));
         if (u->sharded)
             MOE_TRY(rt->host.ops->fill(rt->ctx, u->grad_shard, rt->cfg.grad_dtype, u->shard, 0.0f));
         else if (u->grad)

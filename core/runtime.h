@@ -54,8 +54,14 @@ void moe_runtime_wrap(moe_runtime *rt, const moe_ops *ops, const moe_comm_ops *c
 void moe_runtime_set_step_seed(moe_runtime *rt, uint64_t step_seed);
 /* The gate the arch will drive (host->gate_ops). */
 void moe_runtime_set_gate(moe_runtime *rt, const moe_gate_ops *gate);
-/* host->expert_grad_scale (1 until set). */
+/* host->expert_grad_scale (the plan's until set). */
 void moe_runtime_set_expert_grad_scale(moe_runtime *rt, float scale);
+/* The parallel plan (core/plan.h), also host->plan: built at creation
+ * without experts, rebuilt once when the arch declares them. */
+const moe_parallel_plan *moe_runtime_plan(const moe_runtime *rt);
+/* The normalizer the plan's expert-gradient scale comes from (set before the
+ * arch is built; without one the scale is 1). */
+void moe_runtime_set_normalizer(moe_runtime *rt, const moe_normalizer_ops *normalizer);
 /* host->padding_idx (1, fairseq's <pad>, until set): the task's. */
 void moe_runtime_set_padding_idx(moe_runtime *rt, int padding_idx);
 

@@ -4,9 +4,10 @@
  * values and overflow alike: gradients are accumulated as sums over the tokens
  * of every micro-batch (times the loss scale); non-expert gradients are then
  * averaged over the ranks (pre- and post-divided around the sum, as FSDP), and
- * expert gradients averaged over their replicas (E < world), each expert
- * contribution having been multiplied by the normalizer's 1/N in the arch
- * (host->expert_grad_scale, fairseq's gradient hook, §2.9). Everything else
+ * expert gradients averaged over their replicas (E < world; the groups are
+ * the parallel plan's, core/plan.h), each expert contribution having been
+ * multiplied by the normalizer's 1/N in the arch (host->expert_grad_scale,
+ * the plan's, fairseq's gradient hook, §2.9). Everything else
  * (1/loss_scale, world/sample_size, clipping) is one lazy multiply factor
  * handed to the optimizer as grad_scale, as fairseq's multiply_factor.
  *
@@ -58,8 +59,6 @@ typedef struct trainer {
     int log_moe;              /* the criterion logs MoE metrics and inner_loss */
     int loss_scaling;
     moe_scaler scaler;
-    moe_group *expert_group;  /* replicas of this rank's expert (E < world), or NULL */
-    int expert_group_size;
     int32_t *tokens, *targets;/* device (B,T) */
     float *red;               /* device RED_COUNT */
     float *red_dummy;         /* device RED_COUNT: where a dummy batch's statistics go (discarded) */
@@ -268,36 +267,6 @@ static moe_status setup(trainer *t)
                         moe_opts_float(o, "fp16-scale-tolerance"), threshold, moe_opts_float(o, "min-loss-scale"));
     }
 
-    /* expert gradient normalisation (§2.9): experts are not reduced over the
-     * data-parallel ranks; with E >= world every expert group has one rank. */
-    int E = moe_opts_known(o, "moe-expert-count") ? (int)moe_opts_int(o, "moe-expert-count") : 0;
-    int group = (E > 0 && E < h->world) ? h->world / E : 1;
-    if (group > 1) {
-        /* E < world: expert i lives on ranks i, i+E, i+2E, ... (§2.4); every rank
-         * creates every group, in the same order */
-        int *ranks = malloc((size_t)group * sizeof *ranks);
-        if (!ranks)
-            return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
-        moe_status gst = MOE_OK;
-        for (int i = 0; i < E && gst == MOE_OK; i++) {
-            for (int j = 0; j < group; j++)
-                ranks[j] = i + j * E;
-            moe_group *g = NULL;
-            gst = h->comm_ops->group_create(h->comm, ranks, group, &g);
-            if (g)
-                t->expert_group = g;
-        }
-        free(ranks);
-        MOE_TRY(gst);
-    }
-    t->expert_group_size = group;
-    int num_experts_norm = h->world / group;
-    /* legacy_ddp divides expert gradients by the world size whatever
-     * --moe-normalize-expert-grad says (§2.9) */
-    const char *ddp = moe_opts_str(o, "ddp-backend");
-    double divisor = ddp && strcmp(ddp, "legacy_ddp") == 0 ? (double)h->world
-                                                          : t->c->normalizer->divisor(num_experts_norm);
-    moe_runtime_set_expert_grad_scale(t->rt, (float)(1.0 / divisor));
 
     const char *tb_dir = moe_opts_str(o, "tensorboard-logdir");
     t->tb_on = tb_dir && *tb_dir;
@@ -427,6 +396,7 @@ static moe_status all_reduce_mean(trainer *t, moe_group *g, int n, void *grad, i
 static moe_status reduce_gradients(trainer *t)
 {
     const moe_host *h = t->h;
+    const moe_parallel_plan *plan = moe_runtime_plan(t->rt);
     MOE_TRY(moe_runtime_finish_reductions(t->rt));
     if (h->world <= 1)
         return MOE_OK;
@@ -438,8 +408,8 @@ static moe_status reduce_gradients(trainer *t)
             continue;
         if (u.expert_index < 0)
             MOE_TRY(all_reduce_mean(t, NULL, h->world, u.grad, u.numel));
-        else if (t->expert_group_size > 1)
-            MOE_TRY(all_reduce_mean(t, t->expert_group, t->expert_group_size, u.grad, u.numel));
+        else if (plan->replicas > 1)
+            MOE_TRY(all_reduce_mean(t, plan->replica_group, plan->replicas, u.grad, u.numel));
     }
     return MOE_OK;
 }

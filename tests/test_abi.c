@@ -303,7 +303,7 @@ PIN(moe_comm_ops, reduce_scatter_start, 104); /* 1.1 */
 PIN(moe_comm_ops, wait, 112); /* 1.1 */
 
 /* moe_host, plugin.h */
-PIN_SIZE(moe_host, 232);
+PIN_SIZE(moe_host, 248);
 PIN(moe_host, size, 0);
 PIN(moe_host, log, 8);
 PIN(moe_host, error, 16);
@@ -336,6 +336,23 @@ PIN(moe_host, gate_ops, 208);
 PIN(moe_host, unit_prefetch, 216); /* 1.1 */
 PIN(moe_host, expert_grad_scale, 224); /* 1.2 */
 PIN(moe_host, padding_idx, 228); /* 1.3 */
+PIN(moe_host, plan, 232); /* 1.4 */
+PIN(moe_host, plan_experts, 240); /* 1.4 */
+
+/* moe_parallel_plan, plugin.h (1.4) */
+PIN_SIZE(moe_parallel_plan, 72);
+PIN(moe_parallel_plan, world, 0);
+PIN(moe_parallel_plan, rank, 4);
+PIN(moe_parallel_plan, experts, 8);
+PIN(moe_parallel_plan, local_experts, 12);
+PIN(moe_parallel_plan, local_ids, 16);
+PIN(moe_parallel_plan, a2a_world, 24);
+PIN(moe_parallel_plan, a2a_group, 32);
+PIN(moe_parallel_plan, replicas, 40);
+PIN(moe_parallel_plan, replica_group, 48);
+PIN(moe_parallel_plan, fully_sharded, 56);
+PIN(moe_parallel_plan, shards, 60);
+PIN(moe_parallel_plan, expert_grad_scale, 64);
 
 /* moe_batch, plugin.h */
 PIN_SIZE(moe_batch, 48);

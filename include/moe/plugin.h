@@ -44,6 +44,7 @@
  *       through graph_destroy; moe_route_args: noise_index; the option type
  *       MOE_OPT_FLOATS; the structs moe_rowlinear_desc, moe_gate_topk_args,
  *       moe_expert_ffn_args.
+ *  1.4  moe_host: plan, plan_experts (and the struct moe_parallel_plan).
  */
 #ifndef MOE_PLUGIN_H
 #define MOE_PLUGIN_H
@@ -60,7 +61,7 @@ extern "C" {
 #endif
 
 #define MOE_ABI_MAJOR 1
-#define MOE_ABI_MINOR 3
+#define MOE_ABI_MINOR 4
 #define MOE_PLUGIN_SYMBOL "moe_plugin_descriptor"
 
 #if defined(__GNUC__)
@@ -230,6 +231,30 @@ typedef struct moe_comm_ops {
 
 /* ------------------------------------------------------------- host services */
 
+/* (ABI 1.4) The parallel plan: where experts live and which groups their
+ * tokens and gradients travel in (FAIRSEQ_SPEC.md §2.4, §2.9), and how
+ * non-expert units are sharded (§7.2). The core builds it once, from the
+ * world, the ddp backend and the expert count the arch declares
+ * (host->plan_experts); everything that needs the layout reads it here.
+ *   E >= world: rank r holds experts r*E/world .. (r+1)*E/world - 1 and
+ *     exchanges tokens with every rank; no replicas.
+ *   E < world (world a multiple of E): rank r holds expert r mod E; the
+ *     all-to-all groups are the contiguous blocks of E ranks, the replicas of
+ *     expert i are ranks i, i+E, i+2E, ... */
+typedef struct moe_parallel_plan {
+    int world, rank;
+    int experts;              /* E, global experts per MoE layer; 0 until the arch declares MoE layers */
+    int local_experts;        /* experts this rank holds */
+    const int *local_ids;     /* their global ids, ascending (local_experts of them) */
+    int a2a_world;            /* ranks in this rank's all-to-all group */
+    moe_group *a2a_group;     /* that group; NULL: all ranks (or no communicator) */
+    int replicas;             /* ranks holding each expert (world / E when E < world, else 1) */
+    moe_group *replica_group; /* the ranks holding this rank's expert; NULL when replicas == 1 */
+    int fully_sharded;        /* --ddp-backend fully_sharded */
+    int shards;               /* ranks a non-expert unit is split over (world when fully sharded, else 1) */
+    float expert_grad_scale;  /* 1/N of --moe-normalize-expert-grad (§2.9); 1 when nothing trains */
+} moe_parallel_plan;
+
 /* Everything of the core a plugin may use. Valid for the plugin's lifetime. */
 typedef struct moe_host {
     uint32_t size;  /* sizeof(moe_host) as the core was built */
@@ -316,6 +341,15 @@ typedef struct moe_host {
     /* (ABI 1.3) the task's padding index (fairseq's <pad> = 1 by default):
      * targets equal to it are not scored */
     int padding_idx;
+    /* (ABI 1.4) the parallel plan (experts 0 until the arch declares them); absent in
+     * a core older than 1.4, which an arch of 1.4 is never loaded into */
+    const moe_parallel_plan *plan;
+    /* (ABI 1.3) the arch declares its MoE layers' global expert count, once,
+     * in build, before it registers expert units (which it takes from
+     * plan->local_ids); on every rank in the same order, since the core
+     * creates the plan's communication groups then. An expert count the
+     * world cannot hold fails with one line. */
+    moe_status (*plan_experts)(const struct moe_host *h, int experts, const moe_parallel_plan **plan);
 } moe_host;
 
 /* --------------------------------------------------------- kind: data batch */

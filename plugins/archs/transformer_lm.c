@@ -5,10 +5,11 @@
  * on the command line win over the variant's defaults.
  *
  * What it is: parameter registration (build), activation buffers (setup), the
- * explicit forward and backward of the pre-LN decoder, the MoE layer's gate
- * projection, dispatch, all-to-all, local experts and combine. Incremental
- * decoding (the K/V cache of moelm-generate) is transformer_lm_decode.c; the
- * model struct both files use is transformer_lm.h. Every number is
+ * explicit forward and backward of the pre-LN decoder. The MoE layer (gate
+ * projection, dispatch, all-to-all, local experts and combine) is
+ * moe_layer.c behind moe_layer.h; incremental decoding (the K/V cache of
+ * moelm-generate) is transformer_lm_decode.c; the model struct the files
+ * share is transformer_lm.h. Every number is
  * computed by host->ops on memory from host->backend->alloc; nothing here
  * reads tensor memory, so the same code runs on the cpu and cuda backends.
  * What it is not: the routing policy (the gate plugin, host->gate_ops), the
@@ -50,13 +51,8 @@
  *    with gradient 0 at x == 0, as torch.relu. Whatever the activation, the
  *    activation dropout is --activation-dropout, or --relu-dropout when that
  *    is 0 (fairseq's FeedForwardNetwork), and it runs after the activation.
- *  - Gate: logits = x wg^T in the activation dtype, cast to fp32; all routing
- *    math is fp32 whether or not --moe-gating-use-fp32 is given.
- *  - Expert-parallel layout (§2.4): the dispatched (E*C, d) buffer is rank-
- *    major, so the all-to-all moves contiguous chunks; each local expert
- *    processes the W*C slots it receives from the W ranks of its all-to-all
- *    group. With several local experts and several ranks the received buffer
- *    is permuted to expert-major and back with plain copies.
+ *  - The gate, the expert-parallel layout and its exchange: moe_layer.c's
+ *    opening comment.
  *  - Where fairseq's defaults need what moelm lacks: the gpt3 variants
  *    (learned positions) and wiki103 (adaptive input and softmax) build with
  *    sinusoidal positions and a plain embedding, and say so in a warning.
@@ -81,9 +77,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "moe/plugin.h"
+#include "plugins/archs/moe_layer.h"
 #include "plugins/archs/transformer_lm.h"
 
 /* ------------------------------------------------------------- variants */
@@ -217,15 +213,15 @@ uint64_t tlm_stream(int layer, int site, int micro, int sub)
 
 /* ------------------------------------------------------------ utilities */
 
-static void *off(const void *p, int64_t elems, moe_dtype dt)
+void *tlm_off(const void *p, int64_t elems, moe_dtype dt)
 {
     return (char *)(uintptr_t)p + (size_t)elems * moe_dtype_size(dt);
 }
 
-static void *P(const tlm *m, int id) { return m->h->param_data(m->h, id); }
-static void *G(const tlm *m, int id) { return m->h->grad_data(m->h, id); }
+void *tlm_param(const tlm *m, int id) { return m->h->param_data(m->h, id); }
+void *tlm_grad(const tlm *m, int id) { return m->h->grad_data(m->h, id); }
 
-static moe_status dev_alloc(tlm *m, uint64_t bytes, const char *what, void **out)
+moe_status tlm_dev_alloc(tlm *m, uint64_t bytes, const char *what, void **out)
 {
     *out = NULL;
     if (bytes == 0)
@@ -243,18 +239,18 @@ static moe_status dev_alloc(tlm *m, uint64_t bytes, const char *what, void **out
     return MOE_OK;
 }
 
-static moe_status act_alloc(tlm *m, int64_t elems, const char *what, void **out)
+moe_status tlm_act_alloc(tlm *m, int64_t elems, const char *what, void **out)
 {
-    return dev_alloc(m, (uint64_t)elems * moe_dtype_size(m->dt), what, out);
+    return tlm_dev_alloc(m, (uint64_t)elems * moe_dtype_size(m->dt), what, out);
 }
 
-static moe_status f32_alloc(tlm *m, int64_t elems, const char *what, float **out)
+moe_status tlm_f32_alloc(tlm *m, int64_t elems, const char *what, float **out)
 {
-    return dev_alloc(m, (uint64_t)elems * 4u, what, (void **)out);
+    return tlm_dev_alloc(m, (uint64_t)elems * 4u, what, (void **)out);
 }
 
 /* C(M,Nc) = alpha op(A) op(B) + beta C [+ bias [act]] in the model's dtypes */
-static moe_status mm(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_t K, float alpha, const void *a,
+moe_status tlm_mm(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_t K, float alpha, const void *a,
                      int64_t lda, const void *b, int64_t ldb, float beta, void *c, int64_t ldc, moe_dtype ab_dt,
                      moe_dtype c_dt, moe_epilogue epi, const void *bias, void *aux)
 {
@@ -284,13 +280,13 @@ static moe_status mm(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_
 }
 
 /* plain activation-dtype product without epilogue */
-static moe_status mmp(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_t K, float alpha, const void *a,
+moe_status tlm_mmp(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_t K, float alpha, const void *a,
                       int64_t lda, const void *b, int64_t ldb, float beta, void *c, int64_t ldc)
 {
-    return mm(m, ta, tb, M, Nc, K, alpha, a, lda, b, ldb, beta, c, ldc, m->dt, m->dt, MOE_EPI_NONE, NULL, NULL);
+    return tlm_mm(m, ta, tb, M, Nc, K, alpha, a, lda, b, ldb, beta, c, ldc, m->dt, m->dt, MOE_EPI_NONE, NULL, NULL);
 }
 
-static moe_status dropout_fwd(const tlm *m, void *x, int64_t n, float p, int layer, int site, int sub)
+moe_status tlm_dropout_fwd(const tlm *m, void *x, int64_t n, float p, int layer, int site, int sub)
 {
     if (!m->train || p <= 0.0f)
         return MOE_OK;
@@ -298,7 +294,7 @@ static moe_status dropout_fwd(const tlm *m, void *x, int64_t n, float p, int lay
 }
 
 /* dx = dropout'(dy) into `out`, or dy itself when no dropout applied */
-static moe_status dropout_bwd(const tlm *m, const void *dy, void *out, int64_t n, float p, int layer, int site,
+moe_status tlm_dropout_bwd(const tlm *m, const void *dy, void *out, int64_t n, float p, int layer, int site,
                               int sub, const void **dx)
 {
     if (p <= 0.0f) {
@@ -327,7 +323,7 @@ static moe_status add_param(tlm *m, int unit, const char *name, int64_t rows, in
     return m->h->param_add(m->h, unit, &def, id);
 }
 
-static moe_status add_ffn(tlm *m, int unit, const char *prefix, int64_t width, int *w1, int *b1, int *w2, int *b2)
+moe_status tlm_add_ffn(tlm *m, int unit, const char *prefix, int64_t width, int *w1, int *b1, int *w2, int *b2)
 {
     char name[200];
     float a1 = (float)(1.0 / sqrt((double)m->d)), a2 = (float)(1.0 / sqrt((double)width));
@@ -375,42 +371,15 @@ static moe_status register_layer(tlm *m, int i)
         snprintf(name, sizeof name, "%s.moe_layer.gate.wg.weight", pfx);
         MOE_TRY(add_param(m, ly->unit, name, m->E, m->d, MOE_INIT_UNIFORM, bias_bound, -1, &ly->wg));
     } else {
-        MOE_TRY(add_ffn(m, ly->unit, pfx, ly->ffn, &ly->fc1_w, &ly->fc1_b, &ly->fc2_w, &ly->fc2_b));
+        MOE_TRY(tlm_add_ffn(m, ly->unit, pfx, ly->ffn, &ly->fc1_w, &ly->fc1_b, &ly->fc2_w, &ly->fc2_b));
     }
     snprintf(name, sizeof name, "%s.final_layer_norm.weight", pfx);
     MOE_TRY(add_param(m, ly->unit, name, m->d, 0, MOE_INIT_ONE, 0.0f, -1, &ly->ln2_w));
     snprintf(name, sizeof name, "%s.final_layer_norm.bias", pfx);
     MOE_TRY(add_param(m, ly->unit, name, m->d, 0, MOE_INIT_ZERO, 0.0f, -1, &ly->ln2_b));
 
-    if (ly->moe) {
-        ly->experts = calloc((size_t)m->local_experts, sizeof *ly->experts);
-        if (!ly->experts)
-            return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for layer %d's experts", MOE_ARCH_VARIANT, i);
-        for (int j = 0; j < m->local_experts; j++) {
-            tlm_expert *x = &ly->experts[j];
-            /* FAIRSEQ_SPEC.md §2.4: E >= world: rank r holds experts r*L..r*L+L-1;
-             * E < world: rank r holds a replica of expert r mod E */
-            x->gid = m->E >= h->world ? h->rank * m->local_experts + j : h->rank % m->E;
-            char epfx[128];
-            snprintf(epfx, sizeof epfx, "%s.moe_layer.experts.%d", pfx, x->gid);
-            MOE_TRY(h->unit_add(h, epfx, x->gid, &x->unit));
-            MOE_TRY(add_ffn(m, x->unit, epfx, m->fe, &x->fc1_w, &x->fc1_b, &x->fc2_w, &x->fc2_b));
-        }
-    }
-    return MOE_OK;
-}
-
-moe_status tlm_init_gates(tlm *m)
-{
-    if (m->n_moe == 0 || m->gate_ops)
-        return MOE_OK;
-    const moe_host *h = m->h;
-    if (!h->gate_ops)
-        return MOE_OK; /* resolved later; setup checks again */
-    m->gate_ops = h->gate_ops;
-    for (int i = 0; i < m->L; i++)
-        if (m->layers[i].moe)
-            MOE_TRY(m->gate_ops->init(h, m->E, &m->layers[i].gate));
+    if (ly->moe)
+        MOE_TRY(tlm_moe_register_experts(m, i, pfx));
     return MOE_OK;
 }
 
@@ -531,30 +500,7 @@ static moe_status tlm_build(const moe_host *h, int64_t vocab, int padding_idx, v
             ly->moe_index = m->n_moe++;
         }
     }
-    if (m->n_moe > 0) {
-        int world = h->world > 0 ? h->world : 1;
-        if (m->E >= world) {
-            if (m->E % world != 0) {
-                st = h->error(h, MOE_ERR_INVALID_ARG,
-                              "%s: expected --moe-expert-count divisible by the world size, found %d experts over %d "
-                              "ranks; choose a multiple or a divisor of the world size",
-                              MOE_ARCH_VARIANT, m->E, world);
-                goto fail;
-            }
-            m->local_experts = m->E / world;
-            m->a2a_world = world;
-        } else {
-            if (world % m->E != 0) {
-                st = h->error(h, MOE_ERR_INVALID_ARG,
-                              "%s: expected the world size divisible by --moe-expert-count, found %d ranks for %d "
-                              "experts; choose a multiple or a divisor of the world size",
-                              MOE_ARCH_VARIANT, world, m->E);
-                goto fail;
-            }
-            m->local_experts = 1;
-            m->a2a_world = m->E;
-        }
-    }
+    MOE_TRY_GOTO(st, tlm_moe_plan(m), fail);
 
     /* root unit: embedding, final norm, untied output projection */
     MOE_TRY_GOTO(st, h->unit_add(h, "decoder", -1, &m->root_unit), fail);
@@ -589,13 +535,7 @@ static void tlm_destroy(void *model)
     for (int i = 0; i < m->allocs.n; i++)
         m->h->backend->free(m->h->ctx, m->allocs.ptrs[i]);
     free(m->allocs.ptrs);
-    if (m->layers) {
-        for (int i = 0; i < m->L; i++) {
-            if (m->layers[i].gate && m->gate_ops)
-                m->gate_ops->destroy(m->layers[i].gate);
-            free(m->layers[i].experts);
-        }
-    }
+    tlm_moe_free(m);
     free(m->layers);
     free(m->acts);
     free(m->xs);
@@ -655,34 +595,23 @@ static void tlm_info(void *model, int64_t tokens_per_sample, moe_model_info *out
 
 static moe_status alloc_acts(tlm *m, tlm_acts *a, int dense, int moe, int64_t fmax)
 {
-    const int64_t N = m->Nmax, d = m->d, EC = (int64_t)m->E * m->C;
-    MOE_TRY(act_alloc(m, N * d, "attention layer norm output", &a->h1));
-    MOE_TRY(f32_alloc(m, N, "layer norm mean", &a->mean1));
-    MOE_TRY(f32_alloc(m, N, "layer norm rstd", &a->rstd1));
-    MOE_TRY(act_alloc(m, N * 3 * d, "q, k, v projections", &a->qkv));
-    MOE_TRY(act_alloc(m, N * d, "attention output", &a->att));
-    MOE_TRY(f32_alloc(m, N * m->H, "attention log-sum-exp", &a->lse));
-    MOE_TRY(act_alloc(m, N * d, "residual after attention", &a->xmid));
-    MOE_TRY(act_alloc(m, N * d, "FFN layer norm output", &a->h2));
-    MOE_TRY(f32_alloc(m, N, "layer norm mean", &a->mean2));
-    MOE_TRY(f32_alloc(m, N, "layer norm rstd", &a->rstd2));
+    const int64_t N = m->Nmax, d = m->d;
+    MOE_TRY(tlm_act_alloc(m, N * d, "attention layer norm output", &a->h1));
+    MOE_TRY(tlm_f32_alloc(m, N, "layer norm mean", &a->mean1));
+    MOE_TRY(tlm_f32_alloc(m, N, "layer norm rstd", &a->rstd1));
+    MOE_TRY(tlm_act_alloc(m, N * 3 * d, "q, k, v projections", &a->qkv));
+    MOE_TRY(tlm_act_alloc(m, N * d, "attention output", &a->att));
+    MOE_TRY(tlm_f32_alloc(m, N * m->H, "attention log-sum-exp", &a->lse));
+    MOE_TRY(tlm_act_alloc(m, N * d, "residual after attention", &a->xmid));
+    MOE_TRY(tlm_act_alloc(m, N * d, "FFN layer norm output", &a->h2));
+    MOE_TRY(tlm_f32_alloc(m, N, "layer norm mean", &a->mean2));
+    MOE_TRY(tlm_f32_alloc(m, N, "layer norm rstd", &a->rstd2));
     if (dense) {
-        MOE_TRY(act_alloc(m, N * fmax, "FFN pre-activation", &a->pre));
-        MOE_TRY(act_alloc(m, N * fmax, "FFN activation", &a->act));
+        MOE_TRY(tlm_act_alloc(m, N * fmax, "FFN pre-activation", &a->pre));
+        MOE_TRY(tlm_act_alloc(m, N * fmax, "FFN activation", &a->act));
     }
-    if (moe) {
-        MOE_TRY(f32_alloc(m, N * m->E, "gate logits", &a->logits));
-        MOE_TRY(f32_alloc(m, N * m->E, "gate probabilities", &a->probs));
-        MOE_TRY(dev_alloc(m, (uint64_t)N * 8u, "routing experts", (void **)&a->expert));
-        MOE_TRY(dev_alloc(m, (uint64_t)N * 8u, "routing slots", (void **)&a->slot));
-        MOE_TRY(f32_alloc(m, N * 2, "routing weights", &a->weight));
-        int64_t wsb = m->h->ops->route_workspace_bytes(N, m->E);
-        MOE_TRY(dev_alloc(m, (uint64_t)(wsb > 0 ? wsb : 0), "routing workspace", &a->route_ws));
-        MOE_TRY(act_alloc(m, EC * d, "expert inputs", &a->xe));
-        MOE_TRY(act_alloc(m, EC * m->fe, "expert pre-activations", &a->epre));
-        MOE_TRY(act_alloc(m, EC * m->fe, "expert activations", &a->eact));
-        MOE_TRY(act_alloc(m, EC * d, "expert outputs", &a->eback));
-    }
+    if (moe)
+        MOE_TRY(tlm_moe_alloc_acts(m, a));
     return MOE_OK;
 }
 
@@ -724,45 +653,7 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
     m->Nmax = B * T;
     const int64_t N = m->Nmax, d = m->d;
 
-    /* MoE: the gate, capacity for the largest batch in training and in evaluation, the all-to-all group */
-    m->C = 0;
-    if (m->n_moe > 0) {
-        MOE_TRY(tlm_init_gates(m));
-        if (!m->gate_ops)
-            return h->error(h, MOE_ERR_INTERNAL,
-                            "%s: the model has MoE layers but no gate was resolved (host->gate_ops is NULL); load a "
-                            "gate plugin (--moe-gate) before building the model",
-                            MOE_ARCH_VARIANT);
-        for (int train = 0; train < 2; train++) {
-            moe_route_args a;
-            memset(&a, 0, sizeof a);
-            int g = 0;
-            while (!m->layers[g].moe)
-                g++;
-            MOE_TRY(m->gate_ops->configure(m->layers[g].gate, N, train, &a));
-            if (a.capacity > m->C)
-                m->C = a.capacity;
-        }
-        if (m->C < 1)
-            m->C = 1;
-        if (h->world > 1 && m->E < h->world) {
-            /* all-to-all groups are contiguous blocks of E ranks (§2.4); every rank creates all of them */
-            int *ranks = malloc((size_t)m->E * sizeof *ranks);
-            if (!ranks)
-                return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory", MOE_ARCH_VARIANT);
-            moe_status st = MOE_OK;
-            for (int g = 0; g < h->world / m->E && st == MOE_OK; g++) {
-                moe_group *grp = NULL;
-                for (int j = 0; j < m->E; j++)
-                    ranks[j] = g * m->E + j;
-                st = h->comm_ops->group_create(h->comm, ranks, m->E, &grp);
-                if (st == MOE_OK && h->rank / m->E == g)
-                    m->a2a_group = grp;
-            }
-            free(ranks);
-            MOE_TRY(st);
-        }
-    }
+    MOE_TRY(tlm_moe_setup(m, N));
 
     int64_t fmax = 0;
     int any_dense = 0;
@@ -785,7 +676,7 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
     if (!m->xs || !m->acts)
         return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory", MOE_ARCH_VARIANT);
     for (int i = 0; i <= m->L; i++)
-        MOE_TRY(act_alloc(m, N * d, "layer inputs", &m->xs[i]));
+        MOE_TRY(tlm_act_alloc(m, N * d, "layer inputs", &m->xs[i]));
     if (m->ckpt) {
         MOE_TRY(alloc_acts(m, &m->acts[0], any_dense, m->n_moe > 0, fmax));
     } else {
@@ -793,62 +684,29 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
             MOE_TRY(alloc_acts(m, &m->acts[i], !m->layers[i].moe, m->layers[i].moe, m->layers[i].ffn));
     }
     if (m->final_norm) {
-        MOE_TRY(act_alloc(m, N * d, "final layer norm output", &m->xf));
-        MOE_TRY(f32_alloc(m, N, "layer norm mean", &m->meanf));
-        MOE_TRY(f32_alloc(m, N, "layer norm rstd", &m->rstdf));
+        MOE_TRY(tlm_act_alloc(m, N * d, "final layer norm output", &m->xf));
+        MOE_TRY(tlm_f32_alloc(m, N, "layer norm mean", &m->meanf));
+        MOE_TRY(tlm_f32_alloc(m, N, "layer norm rstd", &m->rstdf));
     }
-    MOE_TRY(act_alloc(m, N * m->V, "logits", &m->logits));
+    MOE_TRY(tlm_act_alloc(m, N * m->V, "logits", &m->logits));
     int nm = m->n_moe > 0 ? m->n_moe : 1;
-    MOE_TRY(f32_alloc(m, nm, "MoE auxiliary losses", &m->l_aux));
-    MOE_TRY(f32_alloc(m, (int64_t)nm * MOE_NUM_METRICS, "MoE metrics", &m->metrics));
-    MOE_TRY(act_alloc(m, N, "ones", &m->ones));
+    MOE_TRY(tlm_f32_alloc(m, nm, "MoE auxiliary losses", &m->l_aux));
+    MOE_TRY(tlm_f32_alloc(m, (int64_t)nm * MOE_NUM_METRICS, "MoE metrics", &m->metrics));
+    MOE_TRY(tlm_act_alloc(m, N, "ones", &m->ones));
     MOE_TRY(ops->fill(h->ctx, m->ones, m->dt, N, 1.0f));
-    MOE_TRY(act_alloc(m, d, "scaled q bias", &m->bq_scaled));
+    MOE_TRY(tlm_act_alloc(m, d, "scaled q bias", &m->bq_scaled));
     MOE_TRY(ops->fill(h->ctx, m->bq_scaled, m->dt, d, 0.0f)); /* axpby reads it with b = 0 */
-    MOE_TRY(act_alloc(m, N * d, "branch output", &m->tmp));
-    MOE_TRY(act_alloc(m, N * d, "residual gradient", &m->dres));
-    MOE_TRY(act_alloc(m, N * d, "dropout gradient", &m->dtmp));
-    MOE_TRY(act_alloc(m, N * d, "layer norm output gradient", &m->dh));
-    MOE_TRY(act_alloc(m, N * d, "attention output gradient", &m->datt));
-    MOE_TRY(act_alloc(m, N * 3 * d, "q, k, v gradient", &m->dqkv));
+    MOE_TRY(tlm_act_alloc(m, N * d, "branch output", &m->tmp));
+    MOE_TRY(tlm_act_alloc(m, N * d, "residual gradient", &m->dres));
+    MOE_TRY(tlm_act_alloc(m, N * d, "dropout gradient", &m->dtmp));
+    MOE_TRY(tlm_act_alloc(m, N * d, "layer norm output gradient", &m->dh));
+    MOE_TRY(tlm_act_alloc(m, N * d, "attention output gradient", &m->datt));
+    MOE_TRY(tlm_act_alloc(m, N * 3 * d, "q, k, v gradient", &m->dqkv));
     if (any_dense)
-        MOE_TRY(act_alloc(m, N * fmax, "FFN activation gradient", &m->dpre));
+        MOE_TRY(tlm_act_alloc(m, N * fmax, "FFN activation gradient", &m->dpre));
 
-    if (m->n_moe > 0) {
-        const int64_t EC = (int64_t)m->E * m->C, W = m->a2a_world;
-        const int perm = W > 1 && m->local_experts > 1;
-        if (m->dt != MOE_F32) {
-            MOE_TRY(act_alloc(m, N * m->E, "gate logits", &m->glog));
-            MOE_TRY(act_alloc(m, N * m->E, "gate logits gradient", &m->dlog));
-        }
-        /* Forward scratch, NULL where aliased: with W == 1 the dispatch writes the
-         * expert inputs directly and the experts write the combine's input. */
-        if (W > 1) {
-            MOE_TRY(act_alloc(m, EC * d, "dispatched tokens", &m->disp));
-            MOE_TRY(act_alloc(m, EC * d, "expert outputs (expert-major)", &m->eout));
-            if (perm) {
-                MOE_TRY(act_alloc(m, EC * d, "received tokens", &m->recv));
-                MOE_TRY(act_alloc(m, EC * d, "expert outputs (rank-major)", &m->eperm));
-            }
-        }
-        MOE_TRY(act_alloc(m, EC * d, "expert output gradient", &m->d_a));
-        if (W > 1)
-            MOE_TRY(act_alloc(m, EC * d, "received expert output gradient", &m->d_b));
-        if (perm)
-            MOE_TRY(act_alloc(m, EC * d, "expert output gradient (expert-major)", &m->d_c));
-        MOE_TRY(act_alloc(m, EC * d, "expert input gradient", &m->d_e));
-        MOE_TRY(act_alloc(m, W * m->C * m->fe, "expert activation gradient", &m->depre));
-        MOE_TRY(f32_alloc(m, N * 2, "routing weight gradient", &m->dweight));
-        MOE_TRY(f32_alloc(m, N * m->E, "gate logits gradient", &m->dlogits));
-        MOE_TRY(act_alloc(m, d > m->fe ? d : m->fe, "expert bias gradient", &m->ebias));
-        if (m->pad_mask) {
-            MOE_TRY(dev_alloc(m, (uint64_t)N, "padding mask", (void **)&m->pad_dev));
-            m->tok_host = malloc((size_t)N * sizeof *m->tok_host);
-            m->pad_host = malloc((size_t)N);
-            if (!m->tok_host || !m->pad_host)
-                return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for the padding mask", MOE_ARCH_VARIANT);
-        }
-    }
+    if (m->n_moe > 0)
+        MOE_TRY(tlm_moe_alloc_scratch(m));
     m->ready = 1;
     return MOE_OK;
 }
@@ -856,121 +714,6 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
 /* --------------------------------------------------------------- forward */
 
 static tlm_acts *acts_of(tlm *m, int i) { return &m->acts[m->ckpt ? 0 : i]; }
-
-/* Rank-major (W, L, C, d) <-> expert-major (L, W, C, d), one copy per block. */
-static moe_status permute(const tlm *m, void *dst, const void *src, int64_t C, int to_expert_major)
-{
-    const int W = m->a2a_world, Le = m->local_experts;
-    const uint64_t block = (uint64_t)C * (uint64_t)m->d * moe_dtype_size(m->dt);
-    for (int w = 0; w < W; w++)
-        for (int l = 0; l < Le; l++) {
-            int64_t rm = (int64_t)w * Le + l, em = (int64_t)l * W + w;
-            int64_t s = to_expert_major ? rm : em, t = to_expert_major ? em : rm;
-            MOE_TRY(m->h->backend->copy(m->h->ctx, (char *)dst + (uint64_t)t * block,
-                                        (const char *)src + (uint64_t)s * block, block));
-        }
-    return MOE_OK;
-}
-
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
-/* With --record-a2a-perf-stats (§2.5) the forward all-to-alls are timed: the
- * host time of the call (fairseq's CPU launch time) and, with the device
- * drained before and after, the time until it completed (its CUDA event
- * interval). Both are summed per layer into a2a_ms. */
-static moe_status all_to_all(tlm *m, void *recv, const void *send, int64_t C, int timed)
-{
-    const moe_host *h = m->h;
-    if (!(timed && m->record_a2a))
-        return h->comm_ops->all_to_all(h->comm, m->a2a_group, recv, send, (int64_t)m->local_experts * C * m->d,
-                                       m->dt);
-    MOE_TRY(h->backend->synchronize(h->ctx));
-    double t0 = now_ms();
-    MOE_TRY(h->comm_ops->all_to_all(h->comm, m->a2a_group, recv, send, (int64_t)m->local_experts * C * m->d, m->dt));
-    double t1 = now_ms();
-    MOE_TRY(h->backend->synchronize(h->ctx));
-    m->a2a_ms[0] += (float)(t1 - t0);
-    m->a2a_ms[1] += (float)(now_ms() - t0);
-    return MOE_OK;
-}
-
-/* y (N,d) = MoE(h2): gate, dispatch, all-to-all, local experts, all-to-all, combine */
-static moe_status moe_forward(tlm *m, int i, tlm_acts *a, void *y)
-{
-    const moe_host *h = m->h;
-    const moe_ops *ops = h->ops;
-    tlm_layer *ly = &m->layers[i];
-    const int64_t N = m->N, d = m->d, fe = m->fe;
-    const int E = m->E, W = m->a2a_world;
-
-    if (m->dt == MOE_F32) {
-        MOE_TRY(mm(m, 0, 1, N, E, d, 1.0f, a->h2, d, P(m, ly->wg), d, 0.0f, a->logits, E, m->dt, MOE_F32,
-                   MOE_EPI_NONE, NULL, NULL));
-    } else {
-        MOE_TRY(mmp(m, 0, 1, N, E, d, 1.0f, a->h2, d, P(m, ly->wg), d, 0.0f, m->glog, E));
-        MOE_TRY(ops->cast(h->ctx, a->logits, MOE_F32, m->glog, m->dt, N * E));
-    }
-    moe_route_args *r = &a->route;
-    memset(r, 0, sizeof *r);
-    MOE_TRY(m->gate_ops->configure(ly->gate, N, m->train, r));
-    if (r->capacity < 1 || r->capacity > m->C)
-        return h->error(h, MOE_ERR_INTERNAL,
-                        "%s: the gate asked for capacity %lld, buffers hold 1..%lld (setup for %lld tokens, now %lld)",
-                        MOE_ARCH_VARIANT, (long long)r->capacity, (long long)m->C, (long long)m->Nmax, (long long)N);
-    r->S = N;
-    r->E = E;
-    r->seed = m->seed;
-    r->stream = tlm_stream(i + 1, SITE_GATE, m->micro, 0);
-    r->logits = a->logits;
-    r->pad = m->pad_mask ? m->pad_dev : NULL;
-    r->probs = a->probs;
-    r->expert = a->expert;
-    r->slot = a->slot;
-    r->weight = a->weight;
-    r->l_aux = m->l_aux + ly->moe_index;
-    r->metrics = m->metrics + (int64_t)ly->moe_index * MOE_NUM_METRICS;
-    r->workspace = a->route_ws;
-    MOE_TRY(m->gate_ops->forward(ly->gate, r));
-    const int64_t C = r->capacity, R = (int64_t)W * C; /* rows each local expert processes */
-
-    void *disp = W > 1 ? m->disp : a->xe;
-    MOE_TRY(ops->dispatch_forward(h->ctx, disp, a->h2, a->expert, a->slot, N, E, C, d, m->dt));
-    m->a2a_ms[0] = m->a2a_ms[1] = 0.0f;
-    if (W > 1) {
-        void *recv = m->recv ? m->recv : a->xe;
-        MOE_TRY(all_to_all(m, recv, disp, C, 1));
-        if (m->recv)
-            MOE_TRY(permute(m, a->xe, recv, C, 1));
-    }
-    void *eout = W > 1 ? m->eout : a->eback;
-    for (int l = 0; l < m->local_experts; l++) {
-        const tlm_expert *x = &ly->experts[l];
-        void *xin = off(a->xe, l * R * d, m->dt), *pre = off(a->epre, l * R * fe, m->dt);
-        void *act = off(a->eact, l * R * fe, m->dt), *o = off(eout, l * R * d, m->dt);
-        MOE_TRY(mm(m, 0, 1, R, fe, d, 1.0f, xin, d, P(m, x->fc1_w), d, 0.0f, act, fe, m->dt, m->dt,
-                   MOE_EPI_BIAS_ACT, P(m, x->fc1_b), pre));
-        MOE_TRY(dropout_fwd(m, act, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid));
-        MOE_TRY(mm(m, 0, 1, R, d, fe, 1.0f, act, fe, P(m, x->fc2_w), fe, 0.0f, o, d, m->dt, m->dt, MOE_EPI_BIAS,
-                   P(m, x->fc2_b), NULL));
-        MOE_TRY(dropout_fwd(m, o, R * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid));
-    }
-    if (W > 1) {
-        void *send = eout;
-        if (m->eperm) {
-            MOE_TRY(permute(m, m->eperm, eout, C, 0));
-            send = m->eperm;
-        }
-        MOE_TRY(all_to_all(m, a->eback, send, C, 1));
-    }
-    if (m->record_a2a) /* into this layer's metrics, after the gate wrote the others */
-        MOE_TRY(h->backend->copy_from_host(h->ctx, r->metrics + MOE_METRIC_A2A_CPU_MS, m->a2a_ms, sizeof m->a2a_ms));
-    return ops->combine_forward(h->ctx, y, a->eback, a->expert, a->slot, a->weight, N, E, C, d, m->dt);
-}
 
 /* xs[i] -> xs[i+1] for decoder layer i (pre-LN block, FAIRSEQ_SPEC.md §1.2 step 6) */
 static moe_status layer_forward(tlm *m, int i)
@@ -982,34 +725,34 @@ static moe_status layer_forward(tlm *m, int i)
     const int64_t N = m->N, d = m->d;
     void *xin = m->xs[i], *xout = m->xs[i + 1];
 
-    MOE_TRY(ops->layernorm_forward(h->ctx, a->h1, a->mean1, a->rstd1, xin, P(m, ly->ln1_w), P(m, ly->ln1_b), N, d,
+    MOE_TRY(ops->layernorm_forward(h->ctx, a->h1, a->mean1, a->rstd1, xin, tlm_param(m, ly->ln1_w), tlm_param(m, ly->ln1_b), N, d,
                                    TLM_LN_EPS, m->dt));
     /* [k | v] = h1 [Wk; Wv]^T + [bk; bv];  q = s (h1 Wq^T + bq) */
-    MOE_TRY(mm(m, 0, 1, N, 2 * d, d, 1.0f, a->h1, d, P(m, ly->wk), d, 0.0f, a->qkv, 3 * d, m->dt, m->dt,
-               MOE_EPI_BIAS, P(m, ly->bk), NULL));
-    MOE_TRY(ops->axpby(h->ctx, m->bq_scaled, P(m, ly->bq), m->dt, d, m->q_scale, 0.0f));
-    MOE_TRY(mm(m, 0, 1, N, d, d, m->q_scale, a->h1, d, P(m, ly->wq), d, 0.0f, off(a->qkv, 2 * d, m->dt), 3 * d,
+    MOE_TRY(tlm_mm(m, 0, 1, N, 2 * d, d, 1.0f, a->h1, d, tlm_param(m, ly->wk), d, 0.0f, a->qkv, 3 * d, m->dt, m->dt,
+               MOE_EPI_BIAS, tlm_param(m, ly->bk), NULL));
+    MOE_TRY(ops->axpby(h->ctx, m->bq_scaled, tlm_param(m, ly->bq), m->dt, d, m->q_scale, 0.0f));
+    MOE_TRY(tlm_mm(m, 0, 1, N, d, d, m->q_scale, a->h1, d, tlm_param(m, ly->wq), d, 0.0f, tlm_off(a->qkv, 2 * d, m->dt), 3 * d,
                m->dt, m->dt, MOE_EPI_BIAS, m->bq_scaled, NULL));
-    MOE_TRY(ops->attention_forward(h->ctx, a->att, a->lse, off(a->qkv, 2 * d, m->dt), a->qkv, off(a->qkv, d, m->dt),
+    MOE_TRY(ops->attention_forward(h->ctx, a->att, a->lse, tlm_off(a->qkv, 2 * d, m->dt), a->qkv, tlm_off(a->qkv, d, m->dt),
                                    3 * d, m->B, m->T, m->H, m->D, m->train ? m->p_attn : 0.0f, m->seed,
                                    tlm_stream(i + 1, SITE_ATTN_PROBS, m->micro, 0), m->dt));
-    MOE_TRY(mm(m, 0, 1, N, d, d, 1.0f, a->att, d, P(m, ly->wo), d, 0.0f, m->tmp, d, m->dt, m->dt, MOE_EPI_BIAS,
-               P(m, ly->bo), NULL));
-    MOE_TRY(dropout_fwd(m, m->tmp, N * d, m->p_drop, i + 1, SITE_ATTN_OUT, 0));
+    MOE_TRY(tlm_mm(m, 0, 1, N, d, d, 1.0f, a->att, d, tlm_param(m, ly->wo), d, 0.0f, m->tmp, d, m->dt, m->dt, MOE_EPI_BIAS,
+               tlm_param(m, ly->bo), NULL));
+    MOE_TRY(tlm_dropout_fwd(m, m->tmp, N * d, m->p_drop, i + 1, SITE_ATTN_OUT, 0));
     MOE_TRY(ops->add(h->ctx, a->xmid, xin, m->tmp, m->dt, N * d));
 
-    MOE_TRY(ops->layernorm_forward(h->ctx, a->h2, a->mean2, a->rstd2, a->xmid, P(m, ly->ln2_w), P(m, ly->ln2_b), N,
+    MOE_TRY(ops->layernorm_forward(h->ctx, a->h2, a->mean2, a->rstd2, a->xmid, tlm_param(m, ly->ln2_w), tlm_param(m, ly->ln2_b), N,
                                    d, TLM_LN_EPS, m->dt));
     if (ly->moe) {
-        MOE_TRY(moe_forward(m, i, a, m->tmp)); /* dropout sits inside the experts */
+        MOE_TRY(tlm_moe_forward(m, i, a, m->tmp)); /* dropout sits inside the experts */
     } else {
         const int64_t f = ly->ffn;
-        MOE_TRY(mm(m, 0, 1, N, f, d, 1.0f, a->h2, d, P(m, ly->fc1_w), d, 0.0f, a->act, f, m->dt, m->dt,
-                   MOE_EPI_BIAS_ACT, P(m, ly->fc1_b), a->pre));
-        MOE_TRY(dropout_fwd(m, a->act, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0));
-        MOE_TRY(mm(m, 0, 1, N, d, f, 1.0f, a->act, f, P(m, ly->fc2_w), f, 0.0f, m->tmp, d, m->dt, m->dt,
-                   MOE_EPI_BIAS, P(m, ly->fc2_b), NULL));
-        MOE_TRY(dropout_fwd(m, m->tmp, N * d, m->p_drop, i + 1, SITE_FFN_OUT, 0));
+        MOE_TRY(tlm_mm(m, 0, 1, N, f, d, 1.0f, a->h2, d, tlm_param(m, ly->fc1_w), d, 0.0f, a->act, f, m->dt, m->dt,
+                   MOE_EPI_BIAS_ACT, tlm_param(m, ly->fc1_b), a->pre));
+        MOE_TRY(tlm_dropout_fwd(m, a->act, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0));
+        MOE_TRY(tlm_mm(m, 0, 1, N, d, f, 1.0f, a->act, f, tlm_param(m, ly->fc2_w), f, 0.0f, m->tmp, d, m->dt, m->dt,
+                   MOE_EPI_BIAS, tlm_param(m, ly->fc2_b), NULL));
+        MOE_TRY(tlm_dropout_fwd(m, m->tmp, N * d, m->p_drop, i + 1, SITE_FFN_OUT, 0));
     }
     MOE_TRY(ops->add(h->ctx, xout, a->xmid, m->tmp, m->dt, N * d));
     m->ws_layer = i;
@@ -1058,8 +801,8 @@ static moe_status tlm_forward(void *model, const int32_t *tokens, int64_t B, int
     }
     MOE_TRY(h->unit_prefetch(h, m->layers[0].unit)); /* overlaps the embedding */
 
-    MOE_TRY(ops->embedding_forward(h->ctx, m->xs[0], tokens, P(m, m->emb), B, T, d, m->emb_scale, m->pad, 1, m->dt));
-    MOE_TRY(dropout_fwd(m, m->xs[0], N * d, m->p_drop, 0, SITE_EMBED, 0));
+    MOE_TRY(ops->embedding_forward(h->ctx, m->xs[0], tokens, tlm_param(m, m->emb), B, T, d, m->emb_scale, m->pad, 1, m->dt));
+    MOE_TRY(tlm_dropout_fwd(m, m->xs[0], N * d, m->p_drop, 0, SITE_EMBED, 0));
     for (int i = 0; i < m->L; i++) {
         MOE_TRY(h->unit_gather(h, m->layers[i].unit));
         if (i + 1 < m->L)
@@ -1069,12 +812,12 @@ static moe_status tlm_forward(void *model, const int32_t *tokens, int64_t B, int
     }
     const void *xf = m->xs[m->L];
     if (m->final_norm) {
-        MOE_TRY(ops->layernorm_forward(h->ctx, m->xf, m->meanf, m->rstdf, m->xs[m->L], P(m, m->lnf_w),
-                                       P(m, m->lnf_b), N, d, TLM_LN_EPS, m->dt));
+        MOE_TRY(ops->layernorm_forward(h->ctx, m->xf, m->meanf, m->rstdf, m->xs[m->L], tlm_param(m, m->lnf_w),
+                                       tlm_param(m, m->lnf_b), N, d, TLM_LN_EPS, m->dt));
         xf = m->xf;
     }
-    const void *wout = P(m, m->tied ? m->emb : m->out_proj);
-    MOE_TRY(mmp(m, 0, 1, N, m->V, d, 1.0f, xf, d, wout, d, 0.0f, m->logits, m->V));
+    const void *wout = tlm_param(m, m->tied ? m->emb : m->out_proj);
+    MOE_TRY(tlm_mmp(m, 0, 1, N, m->V, d, 1.0f, xf, d, wout, d, 0.0f, m->logits, m->V));
     if (!train) {
         m->root_gathered = 0;
         MOE_TRY(h->unit_release(h, m->root_unit));
@@ -1090,88 +833,6 @@ static moe_status tlm_forward(void *model, const int32_t *tokens, int64_t B, int
 
 /* -------------------------------------------------------------- backward */
 
-/* dbias(C) += s * column sums of dy(R,C), s = host->expert_grad_scale: an
- * expert's gradient contribution is scaled as it arrives, as fairseq's hook
- * does (the weight GEMMs take s as alpha) */
-static moe_status expert_bias_backward(const tlm *m, void *dbias, const void *dy, int64_t R, int64_t C)
-{
-    const moe_host *h = m->h;
-    const moe_ops *ops = h->ops;
-    const float s = h->expert_grad_scale;
-    if (s == 1.0f)
-        return ops->bias_backward(h->ctx, dbias, dy, R, C, m->dt);
-    MOE_TRY(ops->fill(h->ctx, m->ebias, m->dt, C, 0.0f));
-    MOE_TRY(ops->bias_backward(h->ctx, m->ebias, dy, R, C, m->dt));
-    return ops->axpby(h->ctx, dbias, m->ebias, m->dt, C, s, 1.0f);
-}
-
-/* dh (N,d) = d loss / d h2 through the MoE layer, given dy = m->dres */
-static moe_status moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
-{
-    const moe_host *h = m->h;
-    const moe_ops *ops = h->ops;
-    tlm_layer *ly = &m->layers[i];
-    const int64_t N = m->N, d = m->d, fe = m->fe;
-    const int E = m->E, W = m->a2a_world;
-    const moe_route_args *r = &a->route;
-    const int64_t C = r->capacity, R = (int64_t)W * C;
-    const float gs = h->expert_grad_scale;
-
-    /* combine -> all-to-all -> expert-major */
-    MOE_TRY(ops->combine_backward(h->ctx, m->d_a, m->dweight, m->dres, a->eback, a->expert, a->slot, a->weight, N, E,
-                                  C, d, m->dt));
-    void *dxo = m->d_a;
-    if (W > 1) {
-        MOE_TRY(all_to_all(m, m->d_b, m->d_a, C, 0));
-        dxo = m->d_b;
-        if (m->d_c) {
-            MOE_TRY(permute(m, m->d_c, m->d_b, C, 1));
-            dxo = m->d_c;
-        }
-    }
-    for (int l = 0; l < m->local_experts; l++) {
-        const tlm_expert *x = &ly->experts[l];
-        void *dyo = off(dxo, l * R * d, m->dt);
-        const void *xin = off(a->xe, l * R * d, m->dt), *pre = off(a->epre, l * R * fe, m->dt);
-        const void *act = off(a->eact, l * R * fe, m->dt);
-        const void *dy;
-        MOE_TRY(dropout_bwd(m, dyo, dyo, R * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid, &dy));
-        MOE_TRY(mmp(m, 1, 0, d, fe, R, gs, dy, d, act, fe, 1.0f, G(m, x->fc2_w), fe));
-        MOE_TRY(expert_bias_backward(m, G(m, x->fc2_b), dy, R, d));
-        MOE_TRY(mmp(m, 0, 0, R, fe, d, 1.0f, dy, d, P(m, x->fc2_w), fe, 0.0f, m->depre, fe));
-        const void *dact;
-        MOE_TRY(dropout_bwd(m, m->depre, m->depre, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid, &dact));
-        MOE_TRY(ops->act_backward(h->ctx, m->depre, pre, dact, R * fe, m->dt, m->act_kind));
-        MOE_TRY(mmp(m, 1, 0, fe, d, R, gs, m->depre, fe, xin, d, 1.0f, G(m, x->fc1_w), d));
-        MOE_TRY(expert_bias_backward(m, G(m, x->fc1_b), m->depre, R, fe));
-        MOE_TRY(mmp(m, 0, 0, R, d, fe, 1.0f, m->depre, fe, P(m, x->fc1_w), d, 0.0f, off(m->d_e, l * R * d, m->dt), d));
-    }
-    /* expert-major -> all-to-all back -> dispatch */
-    const void *dxg = m->d_e;
-    if (W > 1) {
-        const void *send = m->d_e;
-        if (m->d_c) {
-            MOE_TRY(permute(m, m->d_b, m->d_e, C, 0));
-            send = m->d_b;
-        }
-        MOE_TRY(all_to_all(m, m->d_a, send, C, 0));
-        dxg = m->d_a;
-    }
-    MOE_TRY(ops->fill(h->ctx, m->dh, m->dt, N * d, 0.0f));
-    MOE_TRY(ops->dispatch_backward(h->ctx, m->dh, dxg, a->expert, a->slot, N, E, C, d, m->dt));
-
-    /* gate: routing weights and l_aux -> logits -> x and wg */
-    MOE_TRY(m->gate_ops->backward(ly->gate, r, m->dweight, dl_aux, m->dlogits));
-    const void *dlog = m->dlogits;
-    if (m->dt != MOE_F32) {
-        MOE_TRY(ops->cast(h->ctx, m->dlog, m->dt, m->dlogits, MOE_F32, N * E));
-        dlog = m->dlog;
-    }
-    MOE_TRY(mmp(m, 0, 0, N, d, E, 1.0f, dlog, E, P(m, ly->wg), d, 1.0f, m->dh, d));
-    MOE_TRY(mmp(m, 1, 0, E, d, N, 1.0f, dlog, E, a->h2, d, 1.0f, G(m, ly->wg), d));
-    return MOE_OK;
-}
-
 /* m->dres: d loss / d xs[i+1] on entry, d loss / d xs[i] on return */
 static moe_status layer_backward(tlm *m, int i, float dl_aux)
 {
@@ -1184,42 +845,42 @@ static moe_status layer_backward(tlm *m, int i, float dl_aux)
 
     /* FFN / MoE branch: d xmid = dres + LN2'(branch'(dres)) */
     if (ly->moe) {
-        MOE_TRY(moe_backward(m, i, a, dl_aux));
+        MOE_TRY(tlm_moe_backward(m, i, a, dl_aux));
     } else {
         const int64_t f = ly->ffn;
-        MOE_TRY(dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, i + 1, SITE_FFN_OUT, 0, &dy));
-        MOE_TRY(mmp(m, 1, 0, d, f, N, 1.0f, dy, d, a->act, f, 1.0f, G(m, ly->fc2_w), f));
-        MOE_TRY(ops->bias_backward(h->ctx, G(m, ly->fc2_b), dy, N, d, m->dt));
-        MOE_TRY(mmp(m, 0, 0, N, f, d, 1.0f, dy, d, P(m, ly->fc2_w), f, 0.0f, m->dpre, f));
+        MOE_TRY(tlm_dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, i + 1, SITE_FFN_OUT, 0, &dy));
+        MOE_TRY(tlm_mmp(m, 1, 0, d, f, N, 1.0f, dy, d, a->act, f, 1.0f, tlm_grad(m, ly->fc2_w), f));
+        MOE_TRY(ops->bias_backward(h->ctx, tlm_grad(m, ly->fc2_b), dy, N, d, m->dt));
+        MOE_TRY(tlm_mmp(m, 0, 0, N, f, d, 1.0f, dy, d, tlm_param(m, ly->fc2_w), f, 0.0f, m->dpre, f));
         const void *dact;
-        MOE_TRY(dropout_bwd(m, m->dpre, m->dpre, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0, &dact));
+        MOE_TRY(tlm_dropout_bwd(m, m->dpre, m->dpre, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0, &dact));
         MOE_TRY(ops->act_backward(h->ctx, m->dpre, a->pre, dact, N * f, m->dt, m->act_kind));
-        MOE_TRY(mmp(m, 1, 0, f, d, N, 1.0f, m->dpre, f, a->h2, d, 1.0f, G(m, ly->fc1_w), d));
-        MOE_TRY(ops->bias_backward(h->ctx, G(m, ly->fc1_b), m->dpre, N, f, m->dt));
-        MOE_TRY(mmp(m, 0, 0, N, d, f, 1.0f, m->dpre, f, P(m, ly->fc1_w), d, 0.0f, m->dh, d));
+        MOE_TRY(tlm_mmp(m, 1, 0, f, d, N, 1.0f, m->dpre, f, a->h2, d, 1.0f, tlm_grad(m, ly->fc1_w), d));
+        MOE_TRY(ops->bias_backward(h->ctx, tlm_grad(m, ly->fc1_b), m->dpre, N, f, m->dt));
+        MOE_TRY(tlm_mmp(m, 0, 0, N, d, f, 1.0f, m->dpre, f, tlm_param(m, ly->fc1_w), d, 0.0f, m->dh, d));
     }
-    MOE_TRY(ops->layernorm_backward(h->ctx, m->dres, G(m, ly->ln2_w), G(m, ly->ln2_b), m->dh, a->xmid,
-                                    P(m, ly->ln2_w), a->mean2, a->rstd2, N, d, m->dt));
+    MOE_TRY(ops->layernorm_backward(h->ctx, m->dres, tlm_grad(m, ly->ln2_w), tlm_grad(m, ly->ln2_b), m->dh, a->xmid,
+                                    tlm_param(m, ly->ln2_w), a->mean2, a->rstd2, N, d, m->dt));
 
     /* attention branch: d xin = dres + LN1'(attn'(dres)) */
-    MOE_TRY(dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, i + 1, SITE_ATTN_OUT, 0, &dy));
-    MOE_TRY(mmp(m, 1, 0, d, d, N, 1.0f, dy, d, a->att, d, 1.0f, G(m, ly->wo), d));
-    MOE_TRY(ops->bias_backward(h->ctx, G(m, ly->bo), dy, N, d, m->dt));
-    MOE_TRY(mmp(m, 0, 0, N, d, d, 1.0f, dy, d, P(m, ly->wo), d, 0.0f, m->datt, d));
-    void *dq = off(m->dqkv, 2 * d, m->dt), *dk = m->dqkv, *dv = off(m->dqkv, d, m->dt);
-    MOE_TRY(ops->attention_backward(h->ctx, dq, dk, dv, 3 * d, m->datt, a->att, a->lse, off(a->qkv, 2 * d, m->dt),
-                                    a->qkv, off(a->qkv, d, m->dt), 3 * d, m->B, m->T, m->H, m->D, m->p_attn, m->seed,
+    MOE_TRY(tlm_dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, i + 1, SITE_ATTN_OUT, 0, &dy));
+    MOE_TRY(tlm_mmp(m, 1, 0, d, d, N, 1.0f, dy, d, a->att, d, 1.0f, tlm_grad(m, ly->wo), d));
+    MOE_TRY(ops->bias_backward(h->ctx, tlm_grad(m, ly->bo), dy, N, d, m->dt));
+    MOE_TRY(tlm_mmp(m, 0, 0, N, d, d, 1.0f, dy, d, tlm_param(m, ly->wo), d, 0.0f, m->datt, d));
+    void *dq = tlm_off(m->dqkv, 2 * d, m->dt), *dk = m->dqkv, *dv = tlm_off(m->dqkv, d, m->dt);
+    MOE_TRY(ops->attention_backward(h->ctx, dq, dk, dv, 3 * d, m->datt, a->att, a->lse, tlm_off(a->qkv, 2 * d, m->dt),
+                                    a->qkv, tlm_off(a->qkv, d, m->dt), 3 * d, m->B, m->T, m->H, m->D, m->p_attn, m->seed,
                                     tlm_stream(i + 1, SITE_ATTN_PROBS, m->micro, 0), m->dt));
     /* dq is the gradient of the scaled q: the unscaled projection gets q_scale * dq */
     const float s = m->q_scale;
-    MOE_TRY(mmp(m, 1, 0, 2 * d, d, N, 1.0f, m->dqkv, 3 * d, a->h1, d, 1.0f, G(m, ly->wk), d));
-    MOE_TRY(mmp(m, 1, 0, d, d, N, s, dq, 3 * d, a->h1, d, 1.0f, G(m, ly->wq), d));
-    MOE_TRY(mmp(m, 0, 0, 1, 2 * d, N, 1.0f, m->ones, N, m->dqkv, 3 * d, 1.0f, G(m, ly->bk), 2 * d));
-    MOE_TRY(mmp(m, 0, 0, 1, d, N, s, m->ones, N, dq, 3 * d, 1.0f, G(m, ly->bq), d));
-    MOE_TRY(mmp(m, 0, 0, N, d, 2 * d, 1.0f, m->dqkv, 3 * d, P(m, ly->wk), d, 0.0f, m->dh, d));
-    MOE_TRY(mmp(m, 0, 0, N, d, d, s, dq, 3 * d, P(m, ly->wq), d, 1.0f, m->dh, d));
-    MOE_TRY(ops->layernorm_backward(h->ctx, m->dres, G(m, ly->ln1_w), G(m, ly->ln1_b), m->dh, m->xs[i],
-                                    P(m, ly->ln1_w), a->mean1, a->rstd1, N, d, m->dt));
+    MOE_TRY(tlm_mmp(m, 1, 0, 2 * d, d, N, 1.0f, m->dqkv, 3 * d, a->h1, d, 1.0f, tlm_grad(m, ly->wk), d));
+    MOE_TRY(tlm_mmp(m, 1, 0, d, d, N, s, dq, 3 * d, a->h1, d, 1.0f, tlm_grad(m, ly->wq), d));
+    MOE_TRY(tlm_mmp(m, 0, 0, 1, 2 * d, N, 1.0f, m->ones, N, m->dqkv, 3 * d, 1.0f, tlm_grad(m, ly->bk), 2 * d));
+    MOE_TRY(tlm_mmp(m, 0, 0, 1, d, N, s, m->ones, N, dq, 3 * d, 1.0f, tlm_grad(m, ly->bq), d));
+    MOE_TRY(tlm_mmp(m, 0, 0, N, d, 2 * d, 1.0f, m->dqkv, 3 * d, tlm_param(m, ly->wk), d, 0.0f, m->dh, d));
+    MOE_TRY(tlm_mmp(m, 0, 0, N, d, d, s, dq, 3 * d, tlm_param(m, ly->wq), d, 1.0f, m->dh, d));
+    MOE_TRY(ops->layernorm_backward(h->ctx, m->dres, tlm_grad(m, ly->ln1_w), tlm_grad(m, ly->ln1_b), m->dh, m->xs[i],
+                                    tlm_param(m, ly->ln1_w), a->mean1, a->rstd1, N, d, m->dt));
     return MOE_OK;
 }
 
@@ -1239,14 +900,14 @@ static moe_status tlm_backward(void *model, float dl_aux)
     const void *xf = m->final_norm ? m->xf : m->xs[m->L];
 
     /* logits = xf W^T: dW += dlogits^T xf, dxf = dlogits W */
-    MOE_TRY(mmp(m, 1, 0, V, d, N, 1.0f, m->logits, V, xf, d, 1.0f, G(m, wid), d));
+    MOE_TRY(tlm_mmp(m, 1, 0, V, d, N, 1.0f, m->logits, V, xf, d, 1.0f, tlm_grad(m, wid), d));
     if (m->final_norm) {
-        MOE_TRY(mmp(m, 0, 0, N, d, V, 1.0f, m->logits, V, P(m, wid), d, 0.0f, m->dh, d));
+        MOE_TRY(tlm_mmp(m, 0, 0, N, d, V, 1.0f, m->logits, V, tlm_param(m, wid), d, 0.0f, m->dh, d));
         MOE_TRY(ops->fill(h->ctx, m->dres, m->dt, N * d, 0.0f));
-        MOE_TRY(ops->layernorm_backward(h->ctx, m->dres, G(m, m->lnf_w), G(m, m->lnf_b), m->dh, m->xs[m->L],
-                                        P(m, m->lnf_w), m->meanf, m->rstdf, N, d, m->dt));
+        MOE_TRY(ops->layernorm_backward(h->ctx, m->dres, tlm_grad(m, m->lnf_w), tlm_grad(m, m->lnf_b), m->dh, m->xs[m->L],
+                                        tlm_param(m, m->lnf_w), m->meanf, m->rstdf, N, d, m->dt));
     } else {
-        MOE_TRY(mmp(m, 0, 0, N, d, V, 1.0f, m->logits, V, P(m, wid), d, 0.0f, m->dres, d));
+        MOE_TRY(tlm_mmp(m, 0, 0, N, d, V, 1.0f, m->logits, V, tlm_param(m, wid), d, 0.0f, m->dres, d));
     }
     for (int i = m->L - 1; i >= 0; i--) {
         MOE_TRY(h->unit_gather(h, m->layers[i].unit));
@@ -1258,8 +919,8 @@ static moe_status tlm_backward(void *model, float dl_aux)
         MOE_TRY(h->unit_release(h, m->layers[i].unit));
     }
     const void *demb;
-    MOE_TRY(dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, 0, SITE_EMBED, 0, &demb));
-    MOE_TRY(ops->embedding_backward(h->ctx, G(m, m->emb), demb, m->tokens, m->B, m->T, d, V, m->emb_scale, m->pad,
+    MOE_TRY(tlm_dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, 0, SITE_EMBED, 0, &demb));
+    MOE_TRY(ops->embedding_backward(h->ctx, tlm_grad(m, m->emb), demb, m->tokens, m->B, m->T, d, V, m->emb_scale, m->pad,
                                     m->dt));
     m->ws_layer = -1; /* recomputation overwrote the shared activations */
     m->root_gathered = 0;

@@ -3,9 +3,12 @@
  * training buffers), the dropout-stream sites, and the entry points of
  * incremental decoding. Private to plugins/archs/: nothing here is ABI.
  *
- *   transformer_lm.c         options, variants, build, setup, the training
- *                            forward and backward (the conventions in its
- *                            opening comment hold for both files)
+ *   transformer_lm.c         options, variants, build, setup, the decoder's
+ *                            training forward and backward (the conventions
+ *                            in its opening comment hold for every file), and
+ *                            the helpers below that the others share
+ *   moe_layer.c              the MoE layer (moe_layer.h): experts, gates,
+ *                            dispatch, all-to-all, combine, their backward
  *   transformer_lm_decode.c  decode_setup / decode_step / decode_reset: the
  *                            K/V cache and the eval-mode decoding step
  */
@@ -115,6 +118,7 @@ typedef struct tlm {
     float a2a_ms[2];          /* this layer's forward all-to-alls: host ms, completed ms */
     int E, moe_freq, n_moe, local_experts;
     int a2a_world;            /* W: ranks in this rank's all-to-all group */
+    const moe_parallel_plan *plan; /* the core's expert layout (MoE models only) */
     float emb_scale, q_scale;
     /* parameters */
     int root_unit, emb, out_proj, lnf_w, lnf_b;
@@ -158,9 +162,32 @@ typedef struct tlm {
     struct tlm_decode *dec;   /* incremental decoding's state (transformer_lm_decode.c), or NULL */
 } tlm;
 
-/* transformer_lm.c: the gate plugin's state for every MoE layer, once
+/* moe_layer.c: the gate plugin's state for every MoE layer, once
  * host->gate_ops is known (setup and decode_setup need it) */
 moe_status tlm_init_gates(tlm *m);
+
+/* transformer_lm.c: helpers the decoder and the MoE layer share */
+void *tlm_off(const void *p, int64_t elems, moe_dtype dt);   /* p + elems elements */
+void *tlm_param(const tlm *m, int id);                       /* host->param_data */
+void *tlm_grad(const tlm *m, int id);                        /* host->grad_data */
+/* backend memory freed with the model (tlm_destroy) */
+moe_status tlm_dev_alloc(tlm *m, uint64_t bytes, const char *what, void **out);
+moe_status tlm_act_alloc(tlm *m, int64_t elems, const char *what, void **out);
+moe_status tlm_f32_alloc(tlm *m, int64_t elems, const char *what, float **out);
+/* C(M,Nc) = alpha op(A) op(B) + beta C [+ bias [act]] in the model's dtypes */
+moe_status tlm_mm(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_t K, float alpha, const void *a,
+                  int64_t lda, const void *b, int64_t ldb, float beta, void *c, int64_t ldc, moe_dtype ab_dt,
+                  moe_dtype c_dt, moe_epilogue epi, const void *bias, void *aux);
+/* plain activation-dtype product without epilogue */
+moe_status tlm_mmp(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_t K, float alpha, const void *a,
+                   int64_t lda, const void *b, int64_t ldb, float beta, void *c, int64_t ldc);
+/* dropout at a site (tlm_stream) in training; dx = dropout'(dy) into `out`,
+ * or dy itself when no dropout applied */
+moe_status tlm_dropout_fwd(const tlm *m, void *x, int64_t n, float p, int layer, int site, int sub);
+moe_status tlm_dropout_bwd(const tlm *m, const void *dy, void *out, int64_t n, float p, int layer, int site, int sub,
+                           const void **dx);
+/* fc1/fc2 weights and biases of an FFN of `width` under `prefix` in `unit` */
+moe_status tlm_add_ffn(tlm *m, int unit, const char *prefix, int64_t width, int *w1, int *b1, int *w2, int *b2);
 
 /* transformer_lm_decode.c */
 moe_status tlm_decode_setup(void *model, int64_t B, int64_t max_len, int64_t max_step, unsigned flags);

@@ -1,0 +1,385 @@
+/* moe_layer.c: the MoE layer of the transformer_lm archs (FAIRSEQ_SPEC.md
+ * §2): its expert units and layout (the core's parallel plan, host->plan),
+ * the gates, the buffers, and the explicit forward and backward of gate
+ * projection, dispatch, all-to-all, local experts, all-to-all back and
+ * combine. The decoder (transformer_lm.c) calls the interface of
+ * moe_layer.h; the gate weight stays in the decoder layer's unit, where
+ * fairseq's state_dict puts it.
+ *
+ * What it is not: the routing policy (the gate plugin, host->gate_ops), the
+ * reduction of expert gradients over replicas (the trainer), incremental
+ * decoding's routed experts (transformer_lm_decode.c).
+ *
+ * Conventions a reader would trip over (transformer_lm.c's opening comment
+ * has the rest):
+ *  - Gate: logits = x wg^T in the activation dtype, cast to fp32; all routing
+ *    math is fp32 whether or not --moe-gating-use-fp32 is given.
+ *  - Expert-parallel layout (§2.4): the dispatched (E*C, d) buffer is rank-
+ *    major, so the all-to-all moves contiguous chunks; each local expert
+ *    processes the W*C slots it receives from the W ranks of its all-to-all
+ *    group. With several local experts and several ranks the received buffer
+ *    is permuted to expert-major and back with plain copies.
+ *  - An expert's gradient contribution is multiplied by
+ *    host->expert_grad_scale as it accumulates (fairseq's hook, §2.9).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "moe/plugin.h"
+#include "plugins/archs/moe_layer.h"
+
+/* ------------------------------------------------------------------ build */
+
+moe_status tlm_moe_plan(tlm *m)
+{
+    const moe_host *h = m->h;
+    if (m->n_moe == 0)
+        return MOE_OK;
+    /* the expert layout (FAIRSEQ_SPEC.md §2.4) is the core's parallel plan */
+    MOE_TRY(h->plan_experts(h, m->E, &m->plan));
+    m->local_experts = m->plan->local_experts;
+    m->a2a_world = m->plan->a2a_world;
+    m->a2a_group = m->plan->a2a_group;
+    return MOE_OK;
+}
+
+/* The local experts of MoE layer i, one unit each after the layer's unit:
+ * "<pfx>.moe_layer.experts.<global id>" holding fc1/fc2.{weight,bias}, in the
+ * plan's order. */
+moe_status tlm_moe_register_experts(tlm *m, int i, const char *pfx)
+{
+    const moe_host *h = m->h;
+    tlm_layer *ly = &m->layers[i];
+    ly->experts = calloc((size_t)m->local_experts, sizeof *ly->experts);
+    if (!ly->experts)
+        return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for layer %d's experts", MOE_ARCH_VARIANT, i);
+    for (int j = 0; j < m->local_experts; j++) {
+        tlm_expert *x = &ly->experts[j];
+        x->gid = m->plan->local_ids[j];
+        char epfx[128];
+        snprintf(epfx, sizeof epfx, "%s.moe_layer.experts.%d", pfx, x->gid);
+        MOE_TRY(h->unit_add(h, epfx, x->gid, &x->unit));
+        MOE_TRY(tlm_add_ffn(m, x->unit, epfx, m->fe, &x->fc1_w, &x->fc1_b, &x->fc2_w, &x->fc2_b));
+    }
+    return MOE_OK;
+}
+
+moe_status tlm_init_gates(tlm *m)
+{
+    if (m->n_moe == 0 || m->gate_ops)
+        return MOE_OK;
+    const moe_host *h = m->h;
+    if (!h->gate_ops)
+        return MOE_OK; /* resolved later; setup checks again */
+    m->gate_ops = h->gate_ops;
+    for (int i = 0; i < m->L; i++)
+        if (m->layers[i].moe)
+            MOE_TRY(m->gate_ops->init(h, m->E, &m->layers[i].gate));
+    return MOE_OK;
+}
+
+void tlm_moe_free(tlm *m)
+{
+    if (!m->layers)
+        return;
+    for (int i = 0; i < m->L; i++) {
+        if (m->layers[i].gate && m->gate_ops)
+            m->gate_ops->destroy(m->layers[i].gate);
+        free(m->layers[i].experts);
+    }
+}
+
+/* ------------------------------------------------------------------ setup */
+
+/* The gates and the capacity C the buffers hold: the largest the gate asks
+ * for N tokens, in training and in evaluation. */
+moe_status tlm_moe_setup(tlm *m, int64_t N)
+{
+    const moe_host *h = m->h;
+    m->C = 0;
+    if (m->n_moe == 0)
+        return MOE_OK;
+    MOE_TRY(tlm_init_gates(m));
+    if (!m->gate_ops)
+        return h->error(h, MOE_ERR_INTERNAL,
+                        "%s: the model has MoE layers but no gate was resolved (host->gate_ops is NULL); load a "
+                        "gate plugin (--moe-gate) before building the model",
+                        MOE_ARCH_VARIANT);
+    for (int train = 0; train < 2; train++) {
+        moe_route_args a;
+        memset(&a, 0, sizeof a);
+        int g = 0;
+        while (!m->layers[g].moe)
+            g++;
+        MOE_TRY(m->gate_ops->configure(m->layers[g].gate, N, train, &a));
+        if (a.capacity > m->C)
+            m->C = a.capacity;
+    }
+    if (m->C < 1)
+        m->C = 1;
+    return MOE_OK;
+}
+
+/* A MoE layer's activations for backward (one set per layer, or the shared
+ * set with checkpointing). */
+moe_status tlm_moe_alloc_acts(tlm *m, tlm_acts *a)
+{
+    const int64_t N = m->Nmax, d = m->d, EC = (int64_t)m->E * m->C;
+    MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate logits", &a->logits));
+    MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate probabilities", &a->probs));
+    MOE_TRY(tlm_dev_alloc(m, (uint64_t)N * 8u, "routing experts", (void **)&a->expert));
+    MOE_TRY(tlm_dev_alloc(m, (uint64_t)N * 8u, "routing slots", (void **)&a->slot));
+    MOE_TRY(tlm_f32_alloc(m, N * 2, "routing weights", &a->weight));
+    int64_t wsb = m->h->ops->route_workspace_bytes(N, m->E);
+    MOE_TRY(tlm_dev_alloc(m, (uint64_t)(wsb > 0 ? wsb : 0), "routing workspace", &a->route_ws));
+    MOE_TRY(tlm_act_alloc(m, EC * d, "expert inputs", &a->xe));
+    MOE_TRY(tlm_act_alloc(m, EC * m->fe, "expert pre-activations", &a->epre));
+    MOE_TRY(tlm_act_alloc(m, EC * m->fe, "expert activations", &a->eact));
+    MOE_TRY(tlm_act_alloc(m, EC * d, "expert outputs", &a->eback));
+    return MOE_OK;
+}
+
+/* Scratch every MoE layer shares (forward exchange buffers, backward
+ * gradients, the padding mask). */
+moe_status tlm_moe_alloc_scratch(tlm *m)
+{
+    const moe_host *h = m->h;
+    const int64_t N = m->Nmax, d = m->d;
+    const int64_t EC = (int64_t)m->E * m->C, W = m->a2a_world;
+    const int perm = W > 1 && m->local_experts > 1;
+    if (m->dt != MOE_F32) {
+        MOE_TRY(tlm_act_alloc(m, N * m->E, "gate logits", &m->glog));
+        MOE_TRY(tlm_act_alloc(m, N * m->E, "gate logits gradient", &m->dlog));
+    }
+    /* Forward scratch, NULL where aliased: with W == 1 the dispatch writes the
+     * expert inputs directly and the experts write the combine's input. */
+    if (W > 1) {
+        MOE_TRY(tlm_act_alloc(m, EC * d, "dispatched tokens", &m->disp));
+        MOE_TRY(tlm_act_alloc(m, EC * d, "expert outputs (expert-major)", &m->eout));
+        if (perm) {
+            MOE_TRY(tlm_act_alloc(m, EC * d, "received tokens", &m->recv));
+            MOE_TRY(tlm_act_alloc(m, EC * d, "expert outputs (rank-major)", &m->eperm));
+        }
+    }
+    MOE_TRY(tlm_act_alloc(m, EC * d, "expert output gradient", &m->d_a));
+    if (W > 1)
+        MOE_TRY(tlm_act_alloc(m, EC * d, "received expert output gradient", &m->d_b));
+    if (perm)
+        MOE_TRY(tlm_act_alloc(m, EC * d, "expert output gradient (expert-major)", &m->d_c));
+    MOE_TRY(tlm_act_alloc(m, EC * d, "expert input gradient", &m->d_e));
+    MOE_TRY(tlm_act_alloc(m, W * m->C * m->fe, "expert activation gradient", &m->depre));
+    MOE_TRY(tlm_f32_alloc(m, N * 2, "routing weight gradient", &m->dweight));
+    MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate logits gradient", &m->dlogits));
+    MOE_TRY(tlm_act_alloc(m, d > m->fe ? d : m->fe, "expert bias gradient", &m->ebias));
+    if (m->pad_mask) {
+        MOE_TRY(tlm_dev_alloc(m, (uint64_t)N, "padding mask", (void **)&m->pad_dev));
+        m->tok_host = malloc((size_t)N * sizeof *m->tok_host);
+        m->pad_host = malloc((size_t)N);
+        if (!m->tok_host || !m->pad_host)
+            return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for the padding mask", MOE_ARCH_VARIANT);
+    }
+    return MOE_OK;
+}
+
+/* ---------------------------------------------------------------- forward */
+
+/* Rank-major (W, L, C, d) <-> expert-major (L, W, C, d), one copy per block. */
+static moe_status permute(const tlm *m, void *dst, const void *src, int64_t C, int to_expert_major)
+{
+    const int W = m->a2a_world, Le = m->local_experts;
+    const uint64_t block = (uint64_t)C * (uint64_t)m->d * moe_dtype_size(m->dt);
+    for (int w = 0; w < W; w++)
+        for (int l = 0; l < Le; l++) {
+            int64_t rm = (int64_t)w * Le + l, em = (int64_t)l * W + w;
+            int64_t s = to_expert_major ? rm : em, t = to_expert_major ? em : rm;
+            MOE_TRY(m->h->backend->copy(m->h->ctx, (char *)dst + (uint64_t)t * block,
+                                        (const char *)src + (uint64_t)s * block, block));
+        }
+    return MOE_OK;
+}
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+/* With --record-a2a-perf-stats (§2.5) the forward all-to-alls are timed: the
+ * host time of the call (fairseq's CPU launch time) and, with the device
+ * drained before and after, the time until it completed (its CUDA event
+ * interval). Both are summed per layer into a2a_ms. */
+static moe_status all_to_all(tlm *m, void *recv, const void *send, int64_t C, int timed)
+{
+    const moe_host *h = m->h;
+    if (!(timed && m->record_a2a))
+        return h->comm_ops->all_to_all(h->comm, m->a2a_group, recv, send, (int64_t)m->local_experts * C * m->d,
+                                       m->dt);
+    MOE_TRY(h->backend->synchronize(h->ctx));
+    double t0 = now_ms();
+    MOE_TRY(h->comm_ops->all_to_all(h->comm, m->a2a_group, recv, send, (int64_t)m->local_experts * C * m->d, m->dt));
+    double t1 = now_ms();
+    MOE_TRY(h->backend->synchronize(h->ctx));
+    m->a2a_ms[0] += (float)(t1 - t0);
+    m->a2a_ms[1] += (float)(now_ms() - t0);
+    return MOE_OK;
+}
+
+/* y (N,d) = MoE(h2): gate, dispatch, all-to-all, local experts, all-to-all, combine */
+moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
+{
+    const moe_host *h = m->h;
+    const moe_ops *ops = h->ops;
+    tlm_layer *ly = &m->layers[i];
+    const int64_t N = m->N, d = m->d, fe = m->fe;
+    const int E = m->E, W = m->a2a_world;
+
+    if (m->dt == MOE_F32) {
+        MOE_TRY(tlm_mm(m, 0, 1, N, E, d, 1.0f, a->h2, d, tlm_param(m, ly->wg), d, 0.0f, a->logits, E, m->dt, MOE_F32,
+                   MOE_EPI_NONE, NULL, NULL));
+    } else {
+        MOE_TRY(tlm_mmp(m, 0, 1, N, E, d, 1.0f, a->h2, d, tlm_param(m, ly->wg), d, 0.0f, m->glog, E));
+        MOE_TRY(ops->cast(h->ctx, a->logits, MOE_F32, m->glog, m->dt, N * E));
+    }
+    moe_route_args *r = &a->route;
+    memset(r, 0, sizeof *r);
+    MOE_TRY(m->gate_ops->configure(ly->gate, N, m->train, r));
+    if (r->capacity < 1 || r->capacity > m->C)
+        return h->error(h, MOE_ERR_INTERNAL,
+                        "%s: the gate asked for capacity %lld, buffers hold 1..%lld (setup for %lld tokens, now %lld)",
+                        MOE_ARCH_VARIANT, (long long)r->capacity, (long long)m->C, (long long)m->Nmax, (long long)N);
+    r->S = N;
+    r->E = E;
+    r->seed = m->seed;
+    r->stream = tlm_stream(i + 1, SITE_GATE, m->micro, 0);
+    r->logits = a->logits;
+    r->pad = m->pad_mask ? m->pad_dev : NULL;
+    r->probs = a->probs;
+    r->expert = a->expert;
+    r->slot = a->slot;
+    r->weight = a->weight;
+    r->l_aux = m->l_aux + ly->moe_index;
+    r->metrics = m->metrics + (int64_t)ly->moe_index * MOE_NUM_METRICS;
+    r->workspace = a->route_ws;
+    MOE_TRY(m->gate_ops->forward(ly->gate, r));
+    const int64_t C = r->capacity, R = (int64_t)W * C; /* rows each local expert processes */
+
+    void *disp = W > 1 ? m->disp : a->xe;
+    MOE_TRY(ops->dispatch_forward(h->ctx, disp, a->h2, a->expert, a->slot, N, E, C, d, m->dt));
+    m->a2a_ms[0] = m->a2a_ms[1] = 0.0f;
+    if (W > 1) {
+        void *recv = m->recv ? m->recv : a->xe;
+        MOE_TRY(all_to_all(m, recv, disp, C, 1));
+        if (m->recv)
+            MOE_TRY(permute(m, a->xe, recv, C, 1));
+    }
+    void *eout = W > 1 ? m->eout : a->eback;
+    for (int l = 0; l < m->local_experts; l++) {
+        const tlm_expert *x = &ly->experts[l];
+        void *xin = tlm_off(a->xe, l * R * d, m->dt), *pre = tlm_off(a->epre, l * R * fe, m->dt);
+        void *act = tlm_off(a->eact, l * R * fe, m->dt), *o = tlm_off(eout, l * R * d, m->dt);
+        MOE_TRY(tlm_mm(m, 0, 1, R, fe, d, 1.0f, xin, d, tlm_param(m, x->fc1_w), d, 0.0f, act, fe, m->dt, m->dt,
+                   MOE_EPI_BIAS_ACT, tlm_param(m, x->fc1_b), pre));
+        MOE_TRY(tlm_dropout_fwd(m, act, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid));
+        MOE_TRY(tlm_mm(m, 0, 1, R, d, fe, 1.0f, act, fe, tlm_param(m, x->fc2_w), fe, 0.0f, o, d, m->dt, m->dt, MOE_EPI_BIAS,
+                   tlm_param(m, x->fc2_b), NULL));
+        MOE_TRY(tlm_dropout_fwd(m, o, R * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid));
+    }
+    if (W > 1) {
+        void *send = eout;
+        if (m->eperm) {
+            MOE_TRY(permute(m, m->eperm, eout, C, 0));
+            send = m->eperm;
+        }
+        MOE_TRY(all_to_all(m, a->eback, send, C, 1));
+    }
+    if (m->record_a2a) /* into this layer's metrics, after the gate wrote the others */
+        MOE_TRY(h->backend->copy_from_host(h->ctx, r->metrics + MOE_METRIC_A2A_CPU_MS, m->a2a_ms, sizeof m->a2a_ms));
+    return ops->combine_forward(h->ctx, y, a->eback, a->expert, a->slot, a->weight, N, E, C, d, m->dt);
+}
+
+/* --------------------------------------------------------------- backward */
+
+/* dbias(C) += s * column sums of dy(R,C), s = host->expert_grad_scale: an
+ * expert's gradient contribution is scaled as it arrives, as fairseq's hook
+ * does (the weight GEMMs take s as alpha) */
+static moe_status expert_bias_backward(const tlm *m, void *dbias, const void *dy, int64_t R, int64_t C)
+{
+    const moe_host *h = m->h;
+    const moe_ops *ops = h->ops;
+    const float s = h->expert_grad_scale;
+    if (s == 1.0f)
+        return ops->bias_backward(h->ctx, dbias, dy, R, C, m->dt);
+    MOE_TRY(ops->fill(h->ctx, m->ebias, m->dt, C, 0.0f));
+    MOE_TRY(ops->bias_backward(h->ctx, m->ebias, dy, R, C, m->dt));
+    return ops->axpby(h->ctx, dbias, m->ebias, m->dt, C, s, 1.0f);
+}
+
+/* dh (N,d) = d loss / d h2 through the MoE layer, given dy = m->dres */
+moe_status tlm_moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
+{
+    const moe_host *h = m->h;
+    const moe_ops *ops = h->ops;
+    tlm_layer *ly = &m->layers[i];
+    const int64_t N = m->N, d = m->d, fe = m->fe;
+    const int E = m->E, W = m->a2a_world;
+    const moe_route_args *r = &a->route;
+    const int64_t C = r->capacity, R = (int64_t)W * C;
+    const float gs = h->expert_grad_scale;
+
+    /* combine -> all-to-all -> expert-major */
+    MOE_TRY(ops->combine_backward(h->ctx, m->d_a, m->dweight, m->dres, a->eback, a->expert, a->slot, a->weight, N, E,
+                                  C, d, m->dt));
+    void *dxo = m->d_a;
+    if (W > 1) {
+        MOE_TRY(all_to_all(m, m->d_b, m->d_a, C, 0));
+        dxo = m->d_b;
+        if (m->d_c) {
+            MOE_TRY(permute(m, m->d_c, m->d_b, C, 1));
+            dxo = m->d_c;
+        }
+    }
+    for (int l = 0; l < m->local_experts; l++) {
+        const tlm_expert *x = &ly->experts[l];
+        void *dyo = tlm_off(dxo, l * R * d, m->dt);
+        const void *xin = tlm_off(a->xe, l * R * d, m->dt), *pre = tlm_off(a->epre, l * R * fe, m->dt);
+        const void *act = tlm_off(a->eact, l * R * fe, m->dt);
+        const void *dy;
+        MOE_TRY(tlm_dropout_bwd(m, dyo, dyo, R * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid, &dy));
+        MOE_TRY(tlm_mmp(m, 1, 0, d, fe, R, gs, dy, d, act, fe, 1.0f, tlm_grad(m, x->fc2_w), fe));
+        MOE_TRY(expert_bias_backward(m, tlm_grad(m, x->fc2_b), dy, R, d));
+        MOE_TRY(tlm_mmp(m, 0, 0, R, fe, d, 1.0f, dy, d, tlm_param(m, x->fc2_w), fe, 0.0f, m->depre, fe));
+        const void *dact;
+        MOE_TRY(tlm_dropout_bwd(m, m->depre, m->depre, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid, &dact));
+        MOE_TRY(ops->act_backward(h->ctx, m->depre, pre, dact, R * fe, m->dt, m->act_kind));
+        MOE_TRY(tlm_mmp(m, 1, 0, fe, d, R, gs, m->depre, fe, xin, d, 1.0f, tlm_grad(m, x->fc1_w), d));
+        MOE_TRY(expert_bias_backward(m, tlm_grad(m, x->fc1_b), m->depre, R, fe));
+        MOE_TRY(tlm_mmp(m, 0, 0, R, d, fe, 1.0f, m->depre, fe, tlm_param(m, x->fc1_w), d, 0.0f, tlm_off(m->d_e, l * R * d, m->dt), d));
+    }
+    /* expert-major -> all-to-all back -> dispatch */
+    const void *dxg = m->d_e;
+    if (W > 1) {
+        const void *send = m->d_e;
+        if (m->d_c) {
+            MOE_TRY(permute(m, m->d_b, m->d_e, C, 0));
+            send = m->d_b;
+        }
+        MOE_TRY(all_to_all(m, m->d_a, send, C, 0));
+        dxg = m->d_a;
+    }
+    MOE_TRY(ops->fill(h->ctx, m->dh, m->dt, N * d, 0.0f));
+    MOE_TRY(ops->dispatch_backward(h->ctx, m->dh, dxg, a->expert, a->slot, N, E, C, d, m->dt));
+
+    /* gate: routing weights and l_aux -> logits -> x and wg */
+    MOE_TRY(m->gate_ops->backward(ly->gate, r, m->dweight, dl_aux, m->dlogits));
+    const void *dlog = m->dlogits;
+    if (m->dt != MOE_F32) {
+        MOE_TRY(ops->cast(h->ctx, m->dlog, m->dt, m->dlogits, MOE_F32, N * E));
+        dlog = m->dlog;
+    }
+    MOE_TRY(tlm_mmp(m, 0, 0, N, d, E, 1.0f, dlog, E, tlm_param(m, ly->wg), d, 1.0f, m->dh, d));
+    MOE_TRY(tlm_mmp(m, 1, 0, E, d, N, 1.0f, dlog, E, a->h2, d, 1.0f, tlm_grad(m, ly->wg), d));
+    return MOE_OK;
+}
