@@ -15,7 +15,8 @@
  * host->unit_prefetch, expert_grad_scale; 1.2 the task's set_epoch and
  * max_batch, the optimizer's state_layout, the arch's decode_setup,
  * decode_step and decode_reset, the backend's timer_mark, timer_elapsed_ms
- * and timer_free, the option type MOE_OPT_FLOATS. The loader refuses another major,
+ * and timer_free, the option type MOE_OPT_FLOATS; 1.3 the gate's log_fields,
+ * update and state, and moe_route_args' top-k router fields. The loader refuses another major,
  * a newer minor, and struct sizes that do not match what the core was built with.
  */
 #ifndef MOE_PLUGIN_H
@@ -33,7 +34,7 @@ extern "C" {
 #endif
 
 #define MOE_ABI_MAJOR 1
-#define MOE_ABI_MINOR 2
+#define MOE_ABI_MINOR 3
 #define MOE_PLUGIN_SYMBOL "moe_plugin_descriptor"
 
 #if defined(__GNUC__)
@@ -383,7 +384,8 @@ typedef struct moe_arch_ops {
 
 /* ------------------------------------------------------------- kind: gate */
 
-/* Kind MOE_KIND_GATE: turns gate logits into a routing (calls ops->route_*). */
+/* Kind MOE_KIND_GATE: turns gate logits into a routing (calls ops->route_*).
+ * One gate instance per MoE layer (init once per layer). */
 typedef struct moe_gate_ops {
     moe_status (*init)(const moe_host *h, int num_experts, void **gate);
     void (*destroy)(void *gate);
@@ -392,6 +394,20 @@ typedef struct moe_gate_ops {
     moe_status (*forward)(void *gate, const moe_route_args *a);
     moe_status (*backward)(void *gate, const moe_route_args *a, const float *dweight, float dl_aux,
                            float *dlogits);
+    /* (ABI 1.3) the log fields the gate adds: NULL-terminated names, name i
+     * for entry i of a->gate_metrics (ops.h's MOE_GATE_METRIC_* order), which
+     * forward writes when the caller passes the buffer; NULL for none. They
+     * log per MoE layer as the routing metrics do (averaged over layers). */
+    const char *const *log_fields;
+    /* (ABI 1.3) once per update on every rank, in the same order, after the
+     * update's forward and backward passes (before the next forward): the
+     * aux-loss-free expert-bias update from the training loads routed since
+     * the last call. NULL, or a no-op, for gates without one. */
+    moe_status (*update)(void *gate);
+    /* (ABI 1.3) the state a checkpoint keeps for this gate (the expert bias):
+     * a backend fp32 buffer of *n values the caller may read or overwrite
+     * between updates, or NULL with *n = 0. NULL for gates without state. */
+    float *(*state)(void *gate, int64_t *n);
 } moe_gate_ops;
 
 /* -------------------------------------------------------- kind: criterion */
