@@ -67,7 +67,7 @@ PIN(moe_matmul_desc, aux, 152);
 PIN(moe_matmul_desc, act, 160);
 
 /* moe_route_args, ops.h */
-PIN_SIZE(moe_route_args, 136);
+PIN_SIZE(moe_route_args, 200);
 PIN(moe_route_args, S, 0);
 PIN(moe_route_args, E, 8);
 PIN(moe_route_args, capacity, 16);
@@ -87,6 +87,18 @@ PIN(moe_route_args, l_aux, 104);
 PIN(moe_route_args, metrics, 112);
 PIN(moe_route_args, workspace, 120);
 PIN(moe_route_args, noise_index, 128); /* 1.3 */
+PIN(moe_route_args, topk, 136); /* 1.4 */
+PIN(moe_route_args, width, 140); /* 1.4 */
+PIN(moe_route_args, score, 144); /* 1.4 */
+PIN(moe_route_args, renormalize, 148); /* 1.4 */
+PIN(moe_route_args, z_loss_coeff, 152); /* 1.4 */
+PIN(moe_route_args, aux, 156); /* 1.4 */
+PIN(moe_route_args, seq_len, 160); /* 1.4 */
+PIN(moe_route_args, num_groups, 168); /* 1.4 */
+PIN(moe_route_args, group_topk, 172); /* 1.4 */
+PIN(moe_route_args, expert_bias, 176); /* 1.4 */
+PIN(moe_route_args, expert_load, 184); /* 1.4 */
+PIN(moe_route_args, gate_metrics, 192); /* 1.4 */
 
 /* moe_adam_args, ops.h */
 PIN_SIZE(moe_adam_args, 128);
@@ -408,12 +420,15 @@ PIN(moe_arch_ops, decode_step, 56); /* 1.3 */
 PIN(moe_arch_ops, decode_reset, 64); /* 1.3 */
 
 /* moe_gate_ops, plugin.h */
-PIN_SIZE(moe_gate_ops, 40);
+PIN_SIZE(moe_gate_ops, 64);
 PIN(moe_gate_ops, init, 0);
 PIN(moe_gate_ops, destroy, 8);
 PIN(moe_gate_ops, configure, 16);
 PIN(moe_gate_ops, forward, 24);
 PIN(moe_gate_ops, backward, 32);
+PIN(moe_gate_ops, log_fields, 40); /* 1.4 */
+PIN(moe_gate_ops, update, 48); /* 1.4 */
+PIN(moe_gate_ops, state, 56); /* 1.4 */
 
 /* moe_crit_in, plugin.h */
 PIN_SIZE(moe_crit_in, 48);

@@ -887,6 +887,131 @@ static void test_parity_route(void **state)
     end_case();
 }
 
+/* The general top-k router (moe_route_args.topk = 1) at production sizes:
+ * 8,192 tokens over 8 and 64 experts, softmax and sigmoid, group-limited
+ * with a selection bias, per-sequence loss (4 sequences of 2,048), z-loss,
+ * pads; capacity k * ceil(S / E), so choices are dropped. Forward on both
+ * backends, then backward from the cpu's routing on both. */
+typedef struct topk_pcase {
+    int E, k;
+    moe_route_score score;
+    int renormalize, groups, bias, with_pad;
+    float z;
+    moe_route_aux aux;
+} topk_pcase;
+
+static void test_parity_route_topk(void **state)
+{
+    (void)state;
+    begin_case();
+    const int64_t S = 8192;
+    const topk_pcase cases[] = {
+        {8, 2, MOE_SCORE_SOFTMAX, 1, 0, 0, 0, 0.0f, MOE_AUX_BATCH},
+        {8, 1, MOE_SCORE_SOFTMAX, 0, 0, 0, 1, 1e-3f, MOE_AUX_SEQ},
+        {8, 3, MOE_SCORE_SIGMOID, 1, 0, 1, 0, 0.0f, MOE_AUX_BATCH},
+        {64, 8, MOE_SCORE_SIGMOID, 1, 1, 1, 0, 1e-3f, MOE_AUX_SEQ},
+        {64, 6, MOE_SCORE_SOFTMAX, 1, 0, 0, 1, 1e-2f, MOE_AUX_BATCH},
+        {64, 4, MOE_SCORE_SOFTMAX, 0, 1, 0, 0, 0.0f, MOE_AUX_NONE},
+    };
+    char what[160];
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const topk_pcase *tc = &cases[i];
+        const int E = tc->E, W = tc->k > 2 ? tc->k : 2;
+        const size_t SE = (size_t)(S * E), SW = (size_t)(S * W);
+        char tag[96];
+        snprintf(tag, sizeof tag, "top%d E%d %s%s%s%s%s %s", tc->k, E,
+                 tc->score == MOE_SCORE_SIGMOID ? "sigmoid" : "softmax", tc->renormalize ? " renorm" : "",
+                 tc->groups ? " groups" : "", tc->bias ? " bias" : "", tc->with_pad ? " pad" : "",
+                 tc->aux == MOE_AUX_SEQ ? "seq" : tc->aux == MOE_AUX_BATCH ? "batch" : "no-aux");
+        pbuf logits = pb_rand(MOE_F32, SE, -2.0f, 2.0f), bias = pb_rand(MOE_F32, (size_t)E, -0.1f, 0.1f);
+        pbuf probs = pb_nan(MOE_F32, SE), expert = pb_nan(MOE_I32, SW), slot = pb_nan(MOE_I32, SW);
+        pbuf weight = pb_nan(MOE_F32, SW), l_aux = pb_nan(MOE_F32, 1), metrics = pb_nan(MOE_F32, MOE_NUM_METRICS);
+        pbuf gm = pb_nan(MOE_F32, MOE_NUM_GATE_METRICS), load = pb_alloc((size_t)E * 4), pad = pb_alloc((size_t)S);
+        float *ones = malloc((size_t)E * 4);
+        uint8_t *pads = malloc((size_t)S);
+        assert_non_null(ones);
+        assert_non_null(pads);
+        for (int e = 0; e < E; e++)
+            ones[e] = 1.0f; /* loads accumulate onto what is there */
+        for (int64_t s = 0; s < S; s++)
+            pads[s] = tc->with_pad && s % 7 == 5;
+        pb_upload(&load, ones, (size_t)E * 4);
+        pb_upload(&pad, pads, (size_t)S);
+        free(ones);
+        free(pads);
+        pbuf ws;
+        int64_t wc = g_cpu.ops->route_workspace_bytes(S, E), wg = g_gpu.ops->route_workspace_bytes(S, E);
+        assert_true(wc >= 0 && wg > 0);
+        ws = pb_alloc((size_t)(wc > wg ? wc : wg));
+        moe_route_args a;
+        memset(&a, 0, sizeof a);
+        a.topk = 1;
+        a.S = S;
+        a.E = E;
+        a.k = tc->k;
+        a.width = W;
+        a.capacity = (int64_t)tc->k * ((S + E - 1) / E);
+        a.score = tc->score;
+        a.renormalize = tc->renormalize;
+        a.z_loss_coeff = tc->z;
+        a.aux = tc->aux;
+        a.seq_len = 2048;
+        a.num_groups = tc->groups ? 8 : 0;
+        a.group_topk = tc->groups ? 4 : 0;
+        moe_route_args ac = a, ag = a;
+#define TOPK_PTRS(dst, x)                                              \
+    do {                                                               \
+        (dst).logits = (const float *)logits.x;                        \
+        (dst).pad = tc->with_pad ? (const uint8_t *)pad.x : NULL;      \
+        (dst).expert_bias = tc->bias ? (const float *)bias.x : NULL;   \
+        (dst).probs = (float *)probs.x;                                \
+        (dst).expert = (int32_t *)expert.x;                            \
+        (dst).slot = (int32_t *)slot.x;                                \
+        (dst).weight = (float *)weight.x;                              \
+        (dst).l_aux = (float *)l_aux.x;                                \
+        (dst).metrics = (float *)metrics.x;                            \
+        (dst).gate_metrics = (float *)gm.x;                            \
+        (dst).expert_load = (float *)load.x;                           \
+        (dst).workspace = ws.x;                                        \
+    } while (0)
+        TOPK_PTRS(ac, c);
+        TOPK_PTRS(ag, g);
+#undef TOPK_PTRS
+        check_ok("route_forward top-k", g_cpu.ops->route_forward(g_cpu.ctx, &ac),
+                 g_gpu.ops->route_forward(g_gpu.ctx, &ag));
+#define CMP(name, buf, dt, n, tol)                                     \
+    do {                                                               \
+        snprintf(what, sizeof what, "route_forward %s %s", name, tag); \
+        compare(what, &(buf), dt, n, tol);                             \
+    } while (0)
+        CMP("probs", probs, MOE_F32, SE, TOL32);
+        CMP("expert", expert, MOE_I32, SW, 0.0);
+        CMP("slot", slot, MOE_I32, SW, 0.0);
+        CMP("weight", weight, MOE_F32, SW, TOL32);
+        CMP("l_aux", l_aux, MOE_F32, 1, TOL32);
+        CMP("metrics", metrics, MOE_F32, MOE_NUM_METRICS, TOL32);
+        CMP("z_loss", gm, MOE_F32, MOE_NUM_GATE_METRICS, TOL32);
+        CMP("expert_load", load, MOE_F32, (size_t)E, 0.0);
+#undef CMP
+
+        pb_sync_from_cpu(&probs, SE * 4);
+        pb_sync_from_cpu(&expert, SW * 4);
+        pb_sync_from_cpu(&slot, SW * 4);
+        pb_sync_from_cpu(&weight, SW * 4);
+        pbuf dweight = pb_rand(MOE_F32, SW, -1.0f, 1.0f), dlogits = pb_nan(MOE_F32, SE);
+        check_ok("route_backward top-k",
+                 g_cpu.ops->route_backward(g_cpu.ctx, &ac, (const float *)dweight.c, 0.7f, (float *)dlogits.c),
+                 g_gpu.ops->route_backward(g_gpu.ctx, &ag, (const float *)dweight.g, 0.7f, (float *)dlogits.g));
+        snprintf(what, sizeof what, "route_backward dlogits %s", tag);
+        compare(what, &dlogits, MOE_F32, SE, TOL32);
+        pb_free(&dweight);
+        pb_free(&dlogits);
+        pb_free(&logits); pb_free(&bias); pb_free(&probs); pb_free(&expert); pb_free(&slot); pb_free(&weight);
+        pb_free(&l_aux); pb_free(&metrics); pb_free(&gm); pb_free(&load); pb_free(&pad); pb_free(&ws);
+    }
+    end_case();
+}
+
 static void test_parity_dispatch_combine(void **state)
 {
     (void)state;
@@ -1872,7 +1997,8 @@ int main(void)
         cmocka_unit_test(test_parity_elementwise),   cmocka_unit_test(test_parity_matmul),
         cmocka_unit_test(test_parity_layernorm),     cmocka_unit_test(test_parity_embedding),
         cmocka_unit_test(test_parity_cross_entropy), cmocka_unit_test(test_parity_attention),
-        cmocka_unit_test(test_parity_route),         cmocka_unit_test(test_parity_dispatch_combine),
+        cmocka_unit_test(test_parity_route),         cmocka_unit_test(test_parity_route_topk),
+        cmocka_unit_test(test_parity_dispatch_combine),
         cmocka_unit_test(test_parity_optim),         cmocka_unit_test(test_parity_memory_and_copies),
         cmocka_unit_test(test_parity_determinism),
         cmocka_unit_test(test_parity_decode_rowlinear),   cmocka_unit_test(test_parity_decode_attention),

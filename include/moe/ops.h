@@ -72,6 +72,20 @@ typedef enum moe_route_policy {
     MOE_ROUTE_RANDOM
 } moe_route_policy;
 
+/* Scores of the general top-k router (moe_route_args.topk = 1). */
+typedef enum moe_route_score { MOE_SCORE_SOFTMAX = 0, MOE_SCORE_SIGMOID } moe_route_score;
+
+/* Load-balancing loss of the general top-k router: GShard/Switch's over the
+ * whole batch, the same per sequence averaged over the sequences
+ * (DeepSeek-V3's sequence-wise loss, Megatron-Core's seq_aux_loss), or none. */
+typedef enum moe_route_aux { MOE_AUX_BATCH = 0, MOE_AUX_SEQ, MOE_AUX_NONE } moe_route_aux;
+
+/* Values a gate adds to the log (moe_gate_ops.log_fields names them), per
+ * MoE layer, in this order: what route_forward writes to
+ * moe_route_args.gate_metrics. z_loss is the router z-loss times its
+ * coefficient, the part of l_aux it is. */
+enum { MOE_GATE_METRIC_Z_LOSS = 0, MOE_NUM_GATE_METRICS };
+
 /* Routing metrics, per MoE layer, in this order (FAIRSEQ_SPEC.md §2.2, §8.2). */
 enum {
     MOE_METRIC_OVERFLOW_EXPERT1 = 0,
@@ -89,28 +103,38 @@ enum {
 };
 
 /* One routing decision for S tokens over E experts with capacity C.
- * Index form: for token s and choice j (0 = first, 1 = second):
- *   expert[s*2+j]  global expert id, or -1 (no choice: pad token, top-1's j=1)
- *   slot[s*2+j]    capacity slot 0..C-1, or -1 if dropped (capacity, random policy)
- *   weight[s*2+j]  combine weight (0 when dropped)
- * route_forward writes expert/slot/weight/probs, accumulates nothing, and
- * writes l_aux (1 float) and metrics (MOE_NUM_METRICS floats; the a2a entries
- * are left untouched for the caller). */
+ * Index form: for token s and choice j (0 = first, 1 = second, ...), with W
+ * columns (W = width, or 2 when width is 0):
+ *   expert[s*W+j]  global expert id, or -1 (no choice: pad token, top-1's j=1)
+ *   slot[s*W+j]    capacity slot 0..C-1, or -1 if dropped (capacity, random policy)
+ *   weight[s*W+j]  combine weight (0 when dropped)
+ * route_forward writes expert/slot/weight/probs, writes l_aux (1 float) and
+ * metrics (MOE_NUM_METRICS floats; the a2a entries are left untouched for the
+ * caller) and, when given, gate_metrics; it accumulates only expert_load.
+ *
+ * Two routers share these arguments. topk = 0 is fairseq's top-1/top-2
+ * (FAIRSEQ_SPEC.md §2.2-2.3; W must be 2). topk = 1 is the general top-k
+ * router (kernels/cpu/route.c describes its math): k of the E experts by
+ * softmax or sigmoid scores, optionally group-limited and with a selection
+ * bias, capacity claims in token order with choice j's claims after every
+ * claim of the choices before it, GShard/Switch's loss per batch or per
+ * sequence plus the router z-loss; it ignores policy and seed, and refuses
+ * normalize_before_drop and batch_prioritized. */
 typedef struct moe_route_args {
     int64_t S;                  /* tokens */
     int E;                      /* global experts */
     int64_t capacity;           /* C */
-    int k;                      /* 1 (top-1) or 2 (top-2) */
+    int k;                      /* choices per token: 1 or 2 (topk = 0), 1..E (topk = 1) */
     moe_route_policy policy;    /* second-expert policy, k == 2 only */
     int normalize_before_drop;  /* --moe-normalize-gate-prob-before-dropping */
     int batch_prioritized;      /* --moe-batch-prioritized-routing */
     uint64_t seed, stream;      /* for Gumbel noise and the random policy */
     const float *logits;        /* (S,E) fp32 in */
     const uint8_t *pad;         /* (S) 1 = padding token, or NULL */
-    float *probs;               /* (S,E) fp32 out: softmax(logits), kept for backward */
-    int32_t *expert;            /* (S,2) out */
-    int32_t *slot;              /* (S,2) out */
-    float *weight;              /* (S,2) out */
+    float *probs;               /* (S,E) fp32 out: softmax(logits) (sigmoid with MOE_SCORE_SIGMOID), kept for backward */
+    int32_t *expert;            /* (S,W) out */
+    int32_t *slot;              /* (S,W) out */
+    float *weight;              /* (S,W) out */
     float *l_aux;               /* (1) out */
     float *metrics;             /* (MOE_NUM_METRICS) out */
     void *workspace;            /* route_workspace_bytes(S,E) bytes of backend scratch */
@@ -120,6 +144,19 @@ typedef struct moe_route_args {
      * token's place in its own sequence, so its routing does not depend on
      * the other rows of the batch. */
     const int32_t *noise_index;
+
+    /* ---- (ABI 1.4) the general top-k router; all 0/NULL for fairseq's ---- */
+    int topk;                   /* 1: the general top-k router; 0: fairseq's top-1/top-2 */
+    int width;                  /* W, columns of expert/slot/weight: 0 means 2; >= k */
+    moe_route_score score;      /* softmax over the experts, or a sigmoid per expert */
+    int renormalize;            /* weights of the k choices divided by their sum (before capacity) */
+    float z_loss_coeff;         /* >= 0: l_aux += coeff * mean_s logsumexp(logits[s])^2 */
+    moe_route_aux aux;          /* the load-balancing loss */
+    int64_t seq_len;            /* tokens per sequence (MOE_AUX_SEQ; divides S; set by the caller) */
+    int num_groups, group_topk; /* group-limited routing: E/num_groups experts per group; 0, 0: none */
+    const float *expert_bias;   /* (E) or NULL: added to the scores to select, not to weigh */
+    float *expert_load;         /* (E) or NULL: accumulates the non-pad choices per expert (before capacity) */
+    float *gate_metrics;        /* (MOE_NUM_GATE_METRICS) out, or NULL */
 } moe_route_args;
 
 /* Adam (fairseq FusedAdamV1 semantics, FAIRSEQ_SPEC.md §5.2) on one tensor. */
@@ -332,10 +369,11 @@ typedef struct moe_ops {
     /* ---- MoE routing, dispatch, combine ---- */
     int64_t (*route_workspace_bytes)(int64_t S, int E);
     moe_status (*route_forward)(moe_ctx *c, const moe_route_args *a);
-    /* dlogits(S,E) fp32 written from dweight(S,2) (gradient of the combine
+    /* dlogits(S,E) fp32 written from dweight(S,W) (gradient of the combine
      * weights) and dl_aux (host scalar: d loss / d l_aux), through the weight
-     * normalisation, the softmax and the load-balancing loss. Uses a->probs,
-     * a->expert, a->slot as route_forward left them. */
+     * normalisation, the softmax (or sigmoid), the load-balancing loss and
+     * the z-loss. Uses a->probs, a->expert, a->slot as route_forward left
+     * them (and a->logits for the z-loss). */
     moe_status (*route_backward)(moe_ctx *c, const moe_route_args *a, const float *dweight, float dl_aux,
                                  float *dlogits);
     /* out(E*C, d): row e*C+slot = x[s] for each kept (s, j); other rows zero */

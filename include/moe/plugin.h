@@ -44,7 +44,9 @@
  *       through graph_destroy; moe_route_args: noise_index; the option type
  *       MOE_OPT_FLOATS; the structs moe_rowlinear_desc, moe_gate_topk_args,
  *       moe_expert_ffn_args.
- *  1.4  moe_host: plan, plan_experts (and the struct moe_parallel_plan).
+ *  1.4  moe_host: plan, plan_experts (and the struct moe_parallel_plan);
+ *       moe_gate_ops: log_fields, update, state; moe_route_args: topk
+ *       through gate_metrics (the top-k router's fields).
  */
 #ifndef MOE_PLUGIN_H
 #define MOE_PLUGIN_H
@@ -344,7 +346,7 @@ typedef struct moe_host {
     /* (ABI 1.4) the parallel plan (experts 0 until the arch declares them); absent in
      * a core older than 1.4, which an arch of 1.4 is never loaded into */
     const moe_parallel_plan *plan;
-    /* (ABI 1.3) the arch declares its MoE layers' global expert count, once,
+    /* (ABI 1.4) the arch declares its MoE layers' global expert count, once,
      * in build, before it registers expert units (which it takes from
      * plan->local_ids); on every rank in the same order, since the core
      * creates the plan's communication groups then. An expert count the
@@ -453,7 +455,8 @@ typedef struct moe_arch_ops {
 
 /* ------------------------------------------------------------- kind: gate */
 
-/* Kind MOE_KIND_GATE: turns gate logits into a routing (calls ops->route_*). */
+/* Kind MOE_KIND_GATE: turns gate logits into a routing (calls ops->route_*).
+ * One gate instance per MoE layer (init once per layer). */
 typedef struct moe_gate_ops {
     moe_status (*init)(const moe_host *h, int num_experts, void **gate);
     void (*destroy)(void *gate);
@@ -462,6 +465,20 @@ typedef struct moe_gate_ops {
     moe_status (*forward)(void *gate, const moe_route_args *a);
     moe_status (*backward)(void *gate, const moe_route_args *a, const float *dweight, float dl_aux,
                            float *dlogits);
+    /* (ABI 1.4) the log fields the gate adds: NULL-terminated names, name i
+     * for entry i of a->gate_metrics (ops.h's MOE_GATE_METRIC_* order), which
+     * forward writes when the caller passes the buffer; NULL for none. They
+     * log per MoE layer as the routing metrics do (averaged over layers). */
+    const char *const *log_fields;
+    /* (ABI 1.4) once per update on every rank, in the same order, after the
+     * update's forward and backward passes (before the next forward): the
+     * aux-loss-free expert-bias update from the training loads routed since
+     * the last call. NULL, or a no-op, for gates without one. */
+    moe_status (*update)(void *gate);
+    /* (ABI 1.4) the state a checkpoint keeps for this gate (the expert bias):
+     * a backend fp32 buffer of *n values the caller may read or overwrite
+     * between updates, or NULL with *n = 0. NULL for gates without state. */
+    float *(*state)(void *gate, int64_t *n);
 } moe_gate_ops;
 
 /* -------------------------------------------------------- kind: criterion */

@@ -1,6 +1,7 @@
 /* route.c: the cpu reference for MoE routing (top-1 and top-2 gating,
- * FAIRSEQ_SPEC.md §2.2-2.3), and for dispatch and combine in index form
- * (§2.4). The cuda backend is tested against these functions.
+ * FAIRSEQ_SPEC.md §2.2-2.3, and the general top-k router), and for dispatch
+ * and combine in index form (§2.4). The cuda backend is tested against these
+ * functions.
  *
  * It is not the gate plugin (plugins/gates/ choose capacity, policy and seed)
  * and it never builds fairseq's dense (S, E, C) combine tensor: a routing is
@@ -35,6 +36,31 @@
  *  - Arithmetic is fp32 as fairseq's --moe-gating-use-fp32 path; sums over
  *    tokens or experts (softmax denominator, entropy, me, l_aux, histogram
  *    sums, dot products) accumulate in double and are rounded once.
+ *
+ * The general top-k router (moe_route_args.topk = 1; its per-token math is
+ * moe_route_topk_token in kernels/route_common.h, shared with cuda):
+ *  - Scores: softmax over the experts, or sigmoid per expert. The k choices
+ *    maximise score + expert_bias (the bias selects, never weighs), within
+ *    the group_topk groups of largest top-(k / group_topk) sums when
+ *    group-limited. Weights are the scores of the choices, renormalised over
+ *    the k choices (kept or dropped) when asked: Megatron-Core's semantics,
+ *    where softmax-then-top-k without renormalisation is its
+ *    --moe-router-pre-softmax and sigmoid divides by the sum plus 1e-20.
+ *  - Capacity: choice 0 of every token in token order, then choice 1 after
+ *    all choice-0 claims on the expert, and so on (fairseq's top-2 rule,
+ *    generalised); overflow_expert1 counts choice 0, overflow_expert2 the
+ *    choices 1..k-1; the histograms are of choices 0 and 1.
+ *  - Load-balancing loss over segments of T tokens (the whole batch, or each
+ *    sequence with MOE_AUX_SEQ), averaged over the segments:
+ *    E * sum_e P_e f_e, P_e the mean over the segment of the token's score
+ *    distribution q (softmax, or sigmoid / (its sum + 1e-20)), pads
+ *    included as fairseq's me; f_e = (non-pad choices of e) / (k T), before
+ *    capacity. f counts the experts the router chose (bias and groups
+ *    included) as GShard/Switch count dispatched tokens; Megatron-Core
+ *    recounts a plain top-k of the scores, the same without bias or groups.
+ *    1.0 at perfect balance. Gradient flows through P only.
+ *  - z-loss: z_loss_coeff * mean over all S tokens of logsumexp(logits)^2,
+ *    added to l_aux and written to gate_metrics.
  */
 #include <float.h>
 #include <math.h>
@@ -60,12 +86,14 @@
  *   key[S]             fp32   max probability per token (batch-prioritized order)
  *   cnt[6*E]           int64  running claims 1 and 2, first-choice totals,
  *                             argmax histograms 1 and 2, scratch
- *   acc[E]             double me (forward) or d loss/d probs of one token (backward) */
+ *   acc[E]             double me (forward) or d loss/d probs of one token (backward)
+ *   cnt[E]             int32  top-k: choices per expert in the current segment */
 typedef struct route_ws {
     int32_t *order, *tmp;
     float *key;
     int64_t *run1, *run2, *tot1, *hist1, *hist2, *scratch;
     double *acc;
+    int *cnt;
 } route_ws;
 
 static int64_t align64(int64_t x) { return (x + 63) & ~(int64_t)63; }
@@ -75,7 +103,7 @@ int64_t moe_cpu_route_workspace_bytes(int64_t S, int E)
     if (S < 0 || E < 0)
         return 0;
     return 3 * align64(S * 4) + align64(6 * (int64_t)E * (int64_t)sizeof(int64_t)) +
-           align64((int64_t)E * (int64_t)sizeof(double));
+           align64((int64_t)E * (int64_t)sizeof(double)) + align64((int64_t)E * (int64_t)sizeof(int));
 }
 
 static route_ws ws_carve(void *base, int64_t S, int E)
@@ -97,6 +125,8 @@ static route_ws ws_carve(void *base, int64_t S, int E)
     w.scratch = cnt + 5 * E;
     p += align64(6 * (int64_t)E * (int64_t)sizeof(int64_t));
     w.acc = (double *)p;
+    p += align64((int64_t)E * (int64_t)sizeof(double));
+    w.cnt = (int *)p;
     return w;
 }
 
@@ -137,12 +167,104 @@ static void sort_desc_stable(int32_t *order, int32_t *tmp, int64_t n, const floa
 
 /* ------------------------------------------------------------- forward */
 
+/* The top-k router's forward (the file comment). */
+static void topk_forward(const moe_route_args *a)
+{
+    const int64_t S = a->S, C = a->capacity;
+    const int E = a->E, k = a->k, W = moe_route_width(a);
+    const int64_t T = a->aux == MOE_AUX_SEQ ? a->seq_len : S, nseg = S / T;
+    route_ws w = ws_carve(a->workspace, S, E);
+    for (int e = 0; e < E; e++)
+        w.run1[e] = w.tot1[e] = w.hist1[e] = w.hist2[e] = 0;
+
+    /* per token, and the loss's sums per segment */
+    double entropy = 0.0, z = 0.0, laux = 0.0;
+    for (int64_t b = 0; b < nseg; b++) {
+        for (int e = 0; e < E; e++) {
+            w.acc[e] = 0.0;
+            w.cnt[e] = 0;
+        }
+        for (int64_t s = b * T; s < (b + 1) * T; s++) {
+            const moe_topk_token t = moe_route_topk_token(a, s);
+            entropy += t.entropy;
+            z += t.lse * t.lse;
+            if (t.first >= 0)
+                w.hist1[t.first]++;
+            if (t.second >= 0)
+                w.hist2[t.second]++;
+            for (int e = 0; e < E; e++)
+                w.acc[e] += (double)a->probs[s * E + e] / t.norm;
+            for (int j = 0; j < k; j++) {
+                const int e = a->expert[s * W + j];
+                if (e >= 0)
+                    w.cnt[e]++;
+            }
+        }
+        double term = 0.0;
+        for (int e = 0; e < E; e++) {
+            term += w.acc[e] * (double)w.cnt[e];
+            w.tot1[e] += w.cnt[e];
+        }
+        laux += term;
+    }
+
+    /* capacity: choice j claims after every claim of choices 0..j-1 */
+    int64_t claims1 = 0, over1 = 0, claims2 = 0, over2 = 0;
+    for (int j = 0; j < k; j++)
+        for (int64_t s = 0; s < S; s++) {
+            int32_t *sl = &a->slot[s * W + j];
+            if (*sl != 1)
+                continue;
+            const int64_t loc = w.run1[a->expert[s * W + j]]++;
+            claims1 += j == 0;
+            over1 += j == 0 && loc >= C;
+            claims2 += j > 0;
+            over2 += j > 0 && loc >= C;
+            *sl = loc < C ? (int32_t)loc : -1;
+        }
+    /* dropped: weight 0; a kept weight of exactly 0 is not dispatched (as fairseq) */
+    for (int64_t i = 0; i < S * W; i++) {
+        if (a->slot[i] < 0)
+            a->weight[i] = 0.0f;
+        else if (a->weight[i] == 0.0f)
+            a->slot[i] = -1;
+    }
+
+    const double zl = (double)a->z_loss_coeff * z / (double)S;
+    const double aux = a->aux == MOE_AUX_NONE ? 0.0 : laux * (double)E / ((double)nseg * (double)T * (double)T * k);
+    *a->l_aux = (float)(aux + zl);
+    if (a->gate_metrics != NULL)
+        a->gate_metrics[MOE_GATE_METRIC_Z_LOSS] = (float)zl;
+    if (a->expert_load != NULL)
+        for (int e = 0; e < E; e++)
+            a->expert_load[e] += (float)w.tot1[e];
+
+    float *m = a->metrics;
+    m[MOE_METRIC_OVERFLOW_EXPERT1] = claims1 > 0 ? (100.0f * (float)over1) / (float)claims1 : 0.0f;
+    m[MOE_METRIC_OVERFLOW_EXPERT2] = claims2 > 0 ? (100.0f * (float)over2) / (float)claims2 : 0.0f;
+    m[MOE_METRIC_ENTROPY_GATING] = (float)(entropy / (double)S);
+    moe_route_hist_metrics(w.hist1, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT],
+                           &m[MOE_METRIC_EXPERT1_BALANCE_TOP], &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
+    if (k >= 2) {
+        moe_route_hist_metrics(w.hist2, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT],
+                               &m[MOE_METRIC_EXPERT2_BALANCE_TOP], &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
+    } else {
+        m[MOE_METRIC_UNUSED_EXPERT2_COUNT] = 0.0f;
+        m[MOE_METRIC_EXPERT2_BALANCE_TOP] = 0.0f;
+        m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM] = 0.0f;
+    }
+}
+
 moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
 {
     MOE_TRY(check_route_args(c, "route_forward", a));
     if (a->logits == NULL || a->weight == NULL || a->l_aux == NULL || a->metrics == NULL)
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
                            "cpu route_forward: expected logits, weight, l_aux and metrics buffers, found NULL");
+    if (a->topk) {
+        topk_forward(a);
+        return MOE_OK;
+    }
 
     const int64_t S = a->S, C = a->capacity;
     const int E = a->E, k = a->k;
@@ -336,12 +458,49 @@ static void normalize_grad(double g1, double g2, double dw1, double dw2, double 
     }
 }
 
+/* The top-k router's backward, segment by segment: the counts of the
+ * segment's choices, then each token (moe_route_topk_token_backward). */
+static moe_status topk_backward(moe_ctx *c, const moe_route_args *a, const float *dweight, float dl_aux,
+                                float *dlogits)
+{
+    const int64_t S = a->S;
+    const int E = a->E, k = a->k, W = moe_route_width(a);
+    const int64_t T = a->aux == MOE_AUX_SEQ ? a->seq_len : S, nseg = S / T;
+    if (a->z_loss_coeff != 0.0f && a->logits == NULL)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
+                           "cpu route_backward: expected the logits for the z-loss's gradient, found NULL");
+    route_ws w = ws_carve(a->workspace, S, E);
+    const double aux_scale =
+        a->aux == MOE_AUX_NONE ? 0.0 : (double)dl_aux * (double)E / ((double)nseg * (double)T * (double)T * k);
+    const double z_scale = (double)dl_aux * (double)a->z_loss_coeff * 2.0 / (double)S;
+    for (int64_t b = 0; b < nseg; b++) {
+        for (int e = 0; e < E; e++)
+            w.cnt[e] = 0;
+        for (int64_t s = b * T; s < (b + 1) * T; s++)
+            for (int j = 0; j < k; j++) {
+                const int e = a->expert[s * W + j];
+                if (e >= E)
+                    return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
+                                       "cpu route_backward: expected expert ids in [0, %d), found %d at token %lld; "
+                                       "pass the routing route_forward wrote",
+                                       E, e, (long long)s);
+                if (e >= 0)
+                    w.cnt[e]++;
+            }
+        for (int64_t s = b * T; s < (b + 1) * T; s++)
+            moe_route_topk_token_backward(a, s, dweight, w.cnt, aux_scale, z_scale, dlogits);
+    }
+    return MOE_OK;
+}
+
 moe_status moe_cpu_route_backward(moe_ctx *c, const moe_route_args *a, const float *dweight, float dl_aux,
                                   float *dlogits)
 {
     MOE_TRY(check_route_args(c, "route_backward", a));
     if (dweight == NULL || dlogits == NULL)
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu route_backward: expected dweight and dlogits, found NULL");
+    if (a->topk)
+        return topk_backward(c, a, dweight, dl_aux, dlogits);
 
     const int64_t S = a->S;
     const int E = a->E, k = a->k;

@@ -1,7 +1,8 @@
-/* route.cu: MoE routing (top-1 and top-2 gating, FAIRSEQ_SPEC.md §2.2-2.3),
- * its backward, and dispatch/combine in index form (§2.4) for the cuda
- * backend. kernels/cpu/route.c is the reference; the conventions below are
- * its conventions, restated where the GPU does them differently.
+/* route.cu: MoE routing (top-1 and top-2 gating, FAIRSEQ_SPEC.md §2.2-2.3,
+ * and the general top-k router), its backward, and dispatch/combine in index
+ * form (§2.4) for the cuda backend. kernels/cpu/route.c is the reference;
+ * the conventions below are its conventions, restated where the GPU does
+ * them differently.
  *
  * Not here: the gate's policy choices (plugins/gates/ fill moe_route_args),
  * fairseq's dense (S, E, C) tensors, and checks that need the host to read
@@ -27,6 +28,22 @@
  * moe_route_gumbel (-log(-log(u)), u = philox_uniform(seed, stream, t*E + e)
  * clamped to [FLT_MIN, 1 - FLT_EPSILON]); the random policy draws
  * philox_uniform(seed, stream ^ 0x52414E44, t).
+ *
+ * The general top-k router (moe_route_args.topk = 1) runs the same shape
+ * with the per-token math shared with the cpu (kernels/route_common.h):
+ *  1. one thread per token: moe_route_topk_token (scores, choices, weights,
+ *     claims), its entropy, squared logsumexp and score normaliser;
+ *  2. one block per expert: for each segment (the batch, or each sequence)
+ *     the sums of the loss's distribution and of the choices, and their
+ *     product; the expert's choices, histograms and load; one more block
+ *     sums the entropy and the z-loss;
+ *  3. one block per expert: capacity, choice 0 of every token in token
+ *     order, then choice 1 after them, and so on;
+ *  4. one thread per assignment: dropped weights to 0;
+ *  5. one thread: l_aux, gate_metrics and the metrics.
+ * Its backward runs one block per (segment, chunk of tokens): the block
+ * counts the segment's choices per expert in shared memory, then each
+ * thread writes a token's dlogits (moe_route_topk_token_backward).
  */
 #include <cfloat>
 #include <cstring>
@@ -45,7 +62,7 @@
 typedef struct route_ws {
     int32_t *first, *second, *claim, *order, *iota;
     float *key, *key_sorted;
-    double *ent, *me;
+    double *ent, *z, *norm, *me; /* z, norm: top-k only */
     int64_t *tot1, *hist1, *hist2, *claims2, *over1, *over2, *sorted;
     void *cub_temp;
     size_t cub_bytes;
@@ -83,6 +100,8 @@ static int64_t ws_carve(void *base, int64_t S, int E, route_ws *w)
     WS_TAKE(key, float, S);
     WS_TAKE(key_sorted, float, S);
     WS_TAKE(ent, double, S);
+    WS_TAKE(z, double, S);
+    WS_TAKE(norm, double, S);
     WS_TAKE(me, double, E);
     WS_TAKE(tot1, int64_t, E);
     WS_TAKE(hist1, int64_t, E);
@@ -373,6 +392,180 @@ static __global__ void route_finish_kernel(route_k a, route_ws w, const double *
     }
 }
 
+/* ------------------------------------------------- top-k router, forward */
+
+/* tokens per loss segment: the batch, or a sequence */
+static __host__ __device__ int64_t topk_segment(const moe_route_args &a)
+{
+    return a.aux == MOE_AUX_SEQ ? a.seq_len : a.S;
+}
+
+/* step 1: one thread per token */
+static __global__ void topk_token_kernel(moe_route_args a, route_ws w)
+{
+    for (int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; s < a.S; s += (int64_t)gridDim.x * blockDim.x) {
+        const moe_topk_token t = moe_route_topk_token(&a, s);
+        w.ent[s] = t.entropy;
+        w.z[s] = t.lse * t.lse;
+        w.norm[s] = t.norm;
+        w.first[s] = t.first;
+        w.second[s] = t.second;
+    }
+}
+
+/* step 2: block e < E: sum over segments of P_e * choices_e (into me[e]),
+ * choices, histograms and load of expert e; block E: entropy and z sums */
+static __global__ void topk_stats_kernel(moe_route_args a, route_ws w, double *sums)
+{
+    __shared__ double sh[32];
+    const int e = blockIdx.x, E = a.E, k = a.k, W = moe_route_width(&a);
+    if (e == E) {
+        double s_ent = 0.0, s_z = 0.0;
+        for (int64_t s = threadIdx.x; s < a.S; s += blockDim.x) {
+            s_ent += w.ent[s];
+            s_z += w.z[s];
+        }
+        s_ent = moe_cuda_block_sum_d(s_ent, sh);
+        s_z = moe_cuda_block_sum_d(s_z, sh);
+        if (threadIdx.x == 0) {
+            sums[0] = s_ent;
+            sums[1] = s_z;
+        }
+        return;
+    }
+    const int64_t T = topk_segment(a), nseg = a.S / T;
+    double term = 0.0, tot = 0.0;
+    for (int64_t b = 0; b < nseg; b++) {
+        double pe = 0.0, ce = 0.0;
+        for (int64_t s = b * T + threadIdx.x; s < (b + 1) * T; s += blockDim.x) {
+            pe += (double)a.probs[s * E + e] / w.norm[s];
+            for (int j = 0; j < k; j++)
+                ce += a.expert[s * W + j] == e;
+        }
+        pe = moe_cuda_block_sum_d(pe, sh);
+        ce = moe_cuda_block_sum_d(ce, sh);
+        term += pe * ce;
+        tot += ce;
+    }
+    double h1 = 0.0, h2 = 0.0;
+    for (int64_t s = threadIdx.x; s < a.S; s += blockDim.x) {
+        h1 += w.first[s] == e;
+        h2 += w.second[s] == e;
+    }
+    h1 = moe_cuda_block_sum_d(h1, sh);
+    h2 = moe_cuda_block_sum_d(h2, sh);
+    if (threadIdx.x == 0) {
+        w.me[e] = term;
+        w.tot1[e] = (int64_t)tot;
+        w.hist1[e] = (int64_t)h1;
+        w.hist2[e] = (int64_t)h2;
+        if (a.expert_load != NULL)
+            a.expert_load[e] += (float)tot;
+    }
+}
+
+/* step 3: one block per expert; claims (slot 1) become slots */
+static __global__ void topk_capacity_kernel(moe_route_args a, route_ws w)
+{
+    __shared__ int sh[32];
+    const int e = blockIdx.x, W = moe_route_width(&a);
+    const int64_t C = a.capacity;
+    int64_t run = 0, over1 = 0, claims2 = 0, over2 = 0;
+    for (int j = 0; j < a.k; j++) {
+        const int64_t start = run;
+        for (int64_t r0 = 0; r0 < a.S; r0 += blockDim.x) {
+            const int64_t s = r0 + threadIdx.x;
+            const bool f = s < a.S && a.expert[s * W + j] == e && a.slot[s * W + j] == 1;
+            int64_t total;
+            const int64_t loc = run + block_flag_scan(f, sh, &total);
+            if (f)
+                a.slot[s * W + j] = loc < C ? (int32_t)loc : -1;
+            run += total;
+        }
+        /* claims at start .. run-1; those at C or above overflow */
+        const int64_t lo = start > C ? start : C, over = run > lo ? run - lo : 0;
+        if (j == 0) {
+            over1 = over;
+        } else {
+            over2 += over;
+            claims2 += run - start;
+        }
+    }
+    if (threadIdx.x == 0) {
+        w.over1[e] = over1;
+        w.claims2[e] = claims2;
+        w.over2[e] = over2;
+    }
+}
+
+/* step 4: dropped assignments weigh 0; a kept weight of 0 is not dispatched */
+static __global__ void topk_weight_kernel(moe_route_args a)
+{
+    const int64_t n = a.S * moe_route_width(&a);
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        if (a.slot[i] < 0)
+            a.weight[i] = 0.0f;
+        else if (a.weight[i] == 0.0f)
+            a.slot[i] = -1;
+    }
+}
+
+/* step 5: l_aux, gate_metrics and metrics, one thread */
+static __global__ void topk_finish_kernel(moe_route_args a, route_ws w, const double *sums)
+{
+    if (threadIdx.x != 0 || blockIdx.x != 0)
+        return;
+    const int E = a.E;
+    const int64_t S = a.S, T = topk_segment(a), nseg = S / T;
+    double laux = 0.0;
+    int64_t claims1 = 0, over1 = 0, claims2 = 0, over2 = 0;
+    for (int e = 0; e < E; e++) {
+        laux += w.me[e];
+        claims1 += w.tot1[e] - w.claims2[e];
+        over1 += w.over1[e];
+        claims2 += w.claims2[e];
+        over2 += w.over2[e];
+    }
+    const double zl = (double)a.z_loss_coeff * sums[1] / (double)S;
+    const double aux =
+        a.aux == MOE_AUX_NONE ? 0.0 : laux * (double)E / ((double)nseg * (double)T * (double)T * a.k);
+    *a.l_aux = (float)(aux + zl);
+    if (a.gate_metrics != NULL)
+        a.gate_metrics[MOE_GATE_METRIC_Z_LOSS] = (float)zl;
+    float *m = a.metrics;
+    m[MOE_METRIC_OVERFLOW_EXPERT1] = claims1 > 0 ? (100.0f * (float)over1) / (float)claims1 : 0.0f;
+    m[MOE_METRIC_OVERFLOW_EXPERT2] = claims2 > 0 ? (100.0f * (float)over2) / (float)claims2 : 0.0f;
+    m[MOE_METRIC_ENTROPY_GATING] = (float)(sums[0] / (double)S);
+    moe_route_hist_metrics(w.hist1, w.sorted, E, S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT],
+                           &m[MOE_METRIC_EXPERT1_BALANCE_TOP], &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
+    if (a.k >= 2) {
+        moe_route_hist_metrics(w.hist2, w.sorted, E, S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT],
+                               &m[MOE_METRIC_EXPERT2_BALANCE_TOP], &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
+    } else {
+        m[MOE_METRIC_UNUSED_EXPERT2_COUNT] = 0.0f;
+        m[MOE_METRIC_EXPERT2_BALANCE_TOP] = 0.0f;
+        m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM] = 0.0f;
+    }
+}
+
+static moe_status topk_forward(moe_ctx *c, const moe_route_args *a, const route_ws &w)
+{
+    double *sums = (double *)c->scratch;
+    const unsigned tb = moe_cuda_blocks(c, a->S, ROUTE_THREADS);
+    topk_token_kernel<<<tb, ROUTE_THREADS, 0, c->stream>>>(*a, w);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    topk_stats_kernel<<<a->E + 1, ROUTE_THREADS, 0, c->stream>>>(*a, w, sums);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    topk_capacity_kernel<<<a->E, SCAN_THREADS, 0, c->stream>>>(*a, w);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    topk_weight_kernel<<<moe_cuda_blocks(c, a->S * moe_route_width(a), ROUTE_THREADS), ROUTE_THREADS, 0,
+                         c->stream>>>(*a);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    topk_finish_kernel<<<1, 32, 0, c->stream>>>(*a, w, sums);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    return MOE_OK;
+}
+
 moe_status moe_cuda_route_forward(moe_ctx *c, const moe_route_args *a)
 {
     MOE_TRY(check_route_args(c, "route_forward", a));
@@ -381,6 +574,8 @@ moe_status moe_cuda_route_forward(moe_ctx *c, const moe_route_args *a)
                              "cuda route_forward: expected logits, weight, l_aux and metrics buffers, found NULL");
     route_ws w;
     ws_carve(a->workspace, a->S, a->E, &w);
+    if (a->topk)
+        return topk_forward(c, a, w);
     route_k k;
     k.S = a->S;
     k.C = a->capacity;
@@ -500,12 +695,59 @@ static __global__ void route_backward_kernel(route_k a, const int64_t *tot1, con
     }
 }
 
+/* top-k: block (x, y) takes chunk x of the tokens of segments y, y +
+ * gridDim.y, ...; the segment's choices per expert are counted in shared
+ * memory (E ints) first */
+static __global__ void topk_backward_kernel(moe_route_args a, const float *dweight, double aux_scale, double z_scale,
+                                            float *dlogits)
+{
+    extern __shared__ int cnt[];
+    const int E = a.E, k = a.k, W = moe_route_width(&a);
+    const int64_t T = topk_segment(a), nseg = a.S / T;
+    for (int64_t b = blockIdx.y; b < nseg; b += gridDim.y) {
+        __syncthreads(); /* the previous segment's counts are no longer read */
+        for (int e = threadIdx.x; e < E; e += blockDim.x)
+            cnt[e] = 0;
+        __syncthreads();
+        for (int64_t i = b * T * W + threadIdx.x; i < (b + 1) * T * W; i += blockDim.x) {
+            const int e = a.expert[i];
+            if (i % W < k && e >= 0 && e < E)
+                atomicAdd(&cnt[e], 1);
+        }
+        __syncthreads();
+        for (int64_t s = b * T + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; s < (b + 1) * T;
+             s += (int64_t)gridDim.x * blockDim.x)
+            moe_route_topk_token_backward(&a, s, dweight, cnt, aux_scale, z_scale, dlogits);
+    }
+}
+
+static moe_status topk_backward(moe_ctx *c, const moe_route_args *a, const float *dweight, float dl_aux,
+                                float *dlogits)
+{
+    if (a->z_loss_coeff != 0.0f && a->logits == NULL)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda route_backward: expected the logits for the z-loss's gradient, found NULL");
+    const int64_t T = topk_segment(*a), nseg = a->S / T;
+    const double aux_scale = a->aux == MOE_AUX_NONE ? 0.0
+                                                    : (double)dl_aux * (double)a->E /
+                                                          ((double)nseg * (double)T * (double)T * a->k);
+    const double z_scale = (double)dl_aux * (double)a->z_loss_coeff * 2.0 / (double)a->S;
+    const int64_t chunks = (T + ROUTE_THREADS - 1) / ROUTE_THREADS;
+    dim3 grid((unsigned)(chunks < 64 ? chunks : 64), (unsigned)(nseg < 65535 ? nseg : 65535));
+    topk_backward_kernel<<<grid, ROUTE_THREADS, (size_t)a->E * sizeof(int), c->stream>>>(*a, dweight, aux_scale,
+                                                                                         z_scale, dlogits);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    return MOE_OK;
+}
+
 moe_status moe_cuda_route_backward(moe_ctx *c, const moe_route_args *a, const float *dweight, float dl_aux,
                                    float *dlogits)
 {
     MOE_TRY(check_route_args(c, "route_backward", a));
     if (dweight == NULL || dlogits == NULL)
         return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda route_backward: expected dweight and dlogits, found NULL");
+    if (a->topk)
+        return topk_backward(c, a, dweight, dl_aux, dlogits);
     route_ws w;
     ws_carve(a->workspace, a->S, a->E, &w);
     route_k k;

@@ -2,9 +2,9 @@
  * selected by --moe-top1-expert (FAIRSEQ_SPEC.md §2.3): each token goes to
  * its most probable expert with the raw probability as combine weight.
  *
- * It decides the routing's policy only (capacity, flags); the routing itself
- * is the backend's route_forward and route_backward (kernels/cpu/route.c is
- * the reference).
+ * It is only settings of the shared gate (gate_common.h): k = 1 of
+ * fairseq's router. The routing itself is the backend's route_forward and
+ * route_backward (kernels/cpu/route.c is the reference).
  *
  * Conventions a reader would trip over:
  *  - Training capacity is ceil(S / E): fairseq's capacity_factor is fixed at
@@ -16,16 +16,7 @@
  *  - Top-1 produces no overflow metrics and no second-expert metrics; they
  *    log as 0 (route_forward writes 0).
  */
-#include <math.h>
-#include <stdlib.h>
-
-#include "moe/plugin.h"
-
-typedef struct top1_gate {
-    const moe_host *h;
-    int num_experts;
-    double eval_fraction;    /* --moe-eval-capacity-token-fraction */
-} top1_gate;
+#include "plugins/gates/gate_common.h"
 
 static const moe_option top1_options[] = {
     {"moe-second-expert-policy", MOE_OPT_CHOICE, "sampling",
@@ -37,25 +28,15 @@ static const moe_option top1_options[] = {
     {"moe-batch-prioritized-routing", MOE_OPT_FLAG, NULL,
      "assign expert capacity in order of descending max gate probability instead of token order (top-2 only)", 0,
      0, NULL},
-    {"moe-eval-capacity-token-fraction", MOE_OPT_FLOAT, "0.25",
-     "expert capacity at evaluation as a fraction of the tokens (ceil(fraction * tokens)); <= 0 uses the "
-     "training capacity (an expert never receives more than all the tokens, hence at most 1)",
-     -1.0, 1.0, NULL},
+    GATE_OPT_EVAL_CAPACITY,
 };
 
 static moe_status top1_init(const moe_host *h, int num_experts, void **out)
 {
-    *out = NULL;
-    if (num_experts < 1)
-        return h->error(h, MOE_ERR_INVALID_ARG, "gate top1: expected --moe-expert-count >= 1, found %d",
-                        num_experts);
-    top1_gate *g = calloc(1, sizeof *g);
-    if (g == NULL)
-        return h->error(h, MOE_ERR_NOMEM, "gate top1: out of host memory allocating the gate (%zu bytes)",
-                        sizeof *g);
-    g->h = h;
-    g->num_experts = num_experts;
-    g->eval_fraction = h->opt_float(h, "moe-eval-capacity-token-fraction");
+    gate *g;
+    MOE_TRY(gate_create(h, "top1", num_experts, 1, "", &g));
+    g->route.k = 1;
+    g->route.policy = MOE_ROUTE_ALL; /* unused with k = 1 */
     static const char *const ignored[] = {"moe-normalize-gate-prob-before-dropping",
                                           "moe-batch-prioritized-routing"};
     for (int i = 0; i < 2; i++)
@@ -66,42 +47,7 @@ static moe_status top1_init(const moe_host *h, int num_experts, void **out)
     return MOE_OK;
 }
 
-static void top1_destroy(void *gate) { free(gate); }
-
-static moe_status top1_configure(void *gate, int64_t S, int train, moe_route_args *a)
-{
-    top1_gate *g = gate;
-    if (S < 1)
-        return g->h->error(g->h, MOE_ERR_INVALID_ARG, "gate top1: expected at least one token to route, found %lld",
-                           (long long)S);
-    a->S = S;
-    a->E = g->num_experts;
-    a->k = 1;
-    a->policy = MOE_ROUTE_ALL; /* unused with k = 1 */
-    a->normalize_before_drop = 0;
-    a->batch_prioritized = 0;
-    if (!train && g->eval_fraction > 0.0)
-        a->capacity = (int64_t)ceil(g->eval_fraction * (double)S);
-    else
-        a->capacity = (S + g->num_experts - 1) / g->num_experts;
-    a->seed = g->h->step_seed(g->h);
-    return MOE_OK;
-}
-
-static moe_status top1_forward(void *gate, const moe_route_args *a)
-{
-    top1_gate *g = gate;
-    return g->h->ops->route_forward(g->h->ctx, a);
-}
-
-static moe_status top1_backward(void *gate, const moe_route_args *a, const float *dweight, float dl_aux,
-                                float *dlogits)
-{
-    top1_gate *g = gate;
-    return g->h->ops->route_backward(g->h->ctx, a, dweight, dl_aux, dlogits);
-}
-
-static const moe_gate_ops top1_ops = {top1_init, top1_destroy, top1_configure, top1_forward, top1_backward};
+static const moe_gate_ops top1_ops = GATE_OPS(top1_init, NULL);
 
 MOE_PLUGIN_DEFINE(MOE_KIND_GATE, moe_gate_ops, "top1", "1.0",
                   "top-1 gating (Switch; fairseq Top1Gate, --moe-top1-expert): raw probability as combine weight",

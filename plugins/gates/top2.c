@@ -2,34 +2,21 @@
  * (FAIRSEQ_SPEC.md §2.2, §2.7): each token goes to its two most probable
  * experts, the second chosen by the --moe-second-expert-policy.
  *
- * It decides the routing's policy only: capacity (step 4), policy, flags and
- * the per-update seed. The routing itself is the backend's route_forward and
- * route_backward (kernels/cpu/route.c is the reference); the gate projection
- * wg belongs to the arch.
+ * It is only settings of the shared gate (gate_common.h): k = 2 of
+ * fairseq's router, the policy and flags. The routing itself is the
+ * backend's route_forward and route_backward (kernels/cpu/route.c is the
+ * reference); the gate projection wg belongs to the arch.
  *
  * Conventions a reader would trip over:
- *  - configure() sets a->seed to the per-update seed (fairseq reseeds its RNG
- *    with seed + num_updates every update) and leaves a->stream to the caller,
- *    which knows the layer and micro-batch: both must enter the stream so the
+ *  - The per-update seed and the caller's stream both enter the noise, so the
  *    layers draw independent noise and a recomputed layer
- *    (--checkpoint-activations) draws the same noise again.
+ *    (--checkpoint-activations) draws the same noise again (gate_common.h).
  *  - There is no capacity-factor option, as in fairseq: training capacity is
  *    2 * ceil(S / E).
  */
-#include <math.h>
-#include <stdlib.h>
 #include <string.h>
 
-#include "moe/plugin.h"
-
-typedef struct top2_gate {
-    const moe_host *h;
-    int num_experts;
-    moe_route_policy policy;
-    int normalize_before_drop;
-    int batch_prioritized;
-    double eval_fraction;    /* --moe-eval-capacity-token-fraction */
-} top2_gate;
+#include "plugins/gates/gate_common.h"
 
 static const moe_option top2_options[] = {
     {"moe-second-expert-policy", MOE_OPT_CHOICE, "sampling",
@@ -40,20 +27,12 @@ static const moe_option top2_options[] = {
      "normalize the two gate probabilities before capacity and random dropping, and not after", 0, 0, NULL},
     {"moe-batch-prioritized-routing", MOE_OPT_FLAG, NULL,
      "assign expert capacity in order of descending max gate probability instead of token order", 0, 0, NULL},
-    {"moe-eval-capacity-token-fraction", MOE_OPT_FLOAT, "0.25",
-     "expert capacity at evaluation as a fraction of the tokens (ceil(fraction * tokens)); <= 0 uses the "
-     "training capacity (an expert never receives more than all the tokens, hence at most 1)",
-     -1.0, 1.0, NULL},
+    GATE_OPT_EVAL_CAPACITY,
 };
 
 static moe_status top2_init(const moe_host *h, int num_experts, void **out)
 {
     *out = NULL;
-    if (num_experts < 2)
-        return h->error(h, MOE_ERR_INVALID_ARG,
-                        "gate top2: expected --moe-expert-count >= 2 for top-2 gating, found %d; use "
-                        "--moe-top1-expert for a single expert",
-                        num_experts);
     const char *policy = h->opt_str(h, "moe-second-expert-policy");
     moe_route_policy p;
     if (policy == NULL || strcmp(policy, "sampling") == 0)
@@ -65,56 +44,17 @@ static moe_status top2_init(const moe_host *h, int num_experts, void **out)
     else
         return h->error(h, MOE_ERR_INVALID_ARG,
                         "gate top2: expected --moe-second-expert-policy sampling, all or random, found '%s'", policy);
-    top2_gate *g = calloc(1, sizeof *g);
-    if (g == NULL)
-        return h->error(h, MOE_ERR_NOMEM, "gate top2: out of host memory allocating the gate (%zu bytes)",
-                        sizeof *g);
-    g->h = h;
-    g->num_experts = num_experts;
-    g->policy = p;
-    g->normalize_before_drop = h->opt_flag(h, "moe-normalize-gate-prob-before-dropping");
-    g->batch_prioritized = h->opt_flag(h, "moe-batch-prioritized-routing");
-    g->eval_fraction = h->opt_float(h, "moe-eval-capacity-token-fraction");
+    gate *g;
+    MOE_TRY(gate_create(h, "top2", num_experts, 2, "; use --moe-top1-expert for a single expert", &g));
+    g->route.k = 2;
+    g->route.policy = p;
+    g->route.normalize_before_drop = h->opt_flag(h, "moe-normalize-gate-prob-before-dropping");
+    g->route.batch_prioritized = h->opt_flag(h, "moe-batch-prioritized-routing");
     *out = g;
     return MOE_OK;
 }
 
-static void top2_destroy(void *gate) { free(gate); }
-
-static moe_status top2_configure(void *gate, int64_t S, int train, moe_route_args *a)
-{
-    top2_gate *g = gate;
-    if (S < 1)
-        return g->h->error(g->h, MOE_ERR_INVALID_ARG, "gate top2: expected at least one token to route, found %lld",
-                           (long long)S);
-    a->S = S;
-    a->E = g->num_experts;
-    a->k = 2;
-    a->policy = g->policy;
-    a->normalize_before_drop = g->normalize_before_drop;
-    a->batch_prioritized = g->batch_prioritized;
-    if (!train && g->eval_fraction > 0.0)
-        a->capacity = (int64_t)ceil(g->eval_fraction * (double)S);
-    else
-        a->capacity = 2 * ((S + g->num_experts - 1) / g->num_experts);
-    a->seed = g->h->step_seed(g->h);
-    return MOE_OK;
-}
-
-static moe_status top2_forward(void *gate, const moe_route_args *a)
-{
-    top2_gate *g = gate;
-    return g->h->ops->route_forward(g->h->ctx, a);
-}
-
-static moe_status top2_backward(void *gate, const moe_route_args *a, const float *dweight, float dl_aux,
-                                float *dlogits)
-{
-    top2_gate *g = gate;
-    return g->h->ops->route_backward(g->h->ctx, a, dweight, dl_aux, dlogits);
-}
-
-static const moe_gate_ops top2_ops = {top2_init, top2_destroy, top2_configure, top2_forward, top2_backward};
+static const moe_gate_ops top2_ops = GATE_OPS(top2_init, NULL);
 
 MOE_PLUGIN_DEFINE(MOE_KIND_GATE, moe_gate_ops, "top2", "1.0",
                   "top-2 gating (GShard; fairseq Top2Gate) with second-expert policies sampling, all, random",

@@ -6,3 +6,11 @@ moe_add_test(test_route LABELS unit plugin
   LIBS ${CMAKE_DL_LIBS}
   TIMEOUT 60)
 add_dependencies(test_route moe-gate-top1 moe-gate-top2)
+
+# the general top-k router (kernels/cpu/route.c with moe_route_args.topk = 1)
+# and the topk gate plugin
+moe_add_test(test_route_topk LABELS unit plugin
+  SOURCES test_route_topk.c ${PROJECT_SOURCE_DIR}/kernels/cpu/route.c
+  LIBS ${CMAKE_DL_LIBS}
+  TIMEOUT 60)
+add_dependencies(test_route_topk moe-gate-topk)
