@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "data/error.h"
+#include "data/text.h"
 
 #define MAGIC "MMIDIDX\0\0"
 #define MAGIC_LEN 9
@@ -893,18 +894,12 @@ static moe_status write_pointers(moe_idx_builder *b)
         int64_t k = b->count - at < CHUNK ? b->count - at : CHUNK;
         if (k <= 0) /* cannot happen (at < count); says so to the compiler's range analysis */
             break;
-        size_t want = (size_t)k * 4, got = 0;
-        off_t off = (off_t)(FAIRSEQ_HEADER + 4 * at);
-        while (got < want) {
-            ssize_t r = pread(b->idx.fd, (uint8_t *)sizes + got, want - got, off + (off_t)got);
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r <= 0) {
-                if (r == 0)
-                    errno = EIO;
-                return io_fail(b, "cannot read back", b->idx_tmp);
-            }
-            got += (size_t)r;
+        const size_t want = (size_t)k * 4;
+        const ssize_t r = moe_data_pread(b->idx.fd, sizes, want, FAIRSEQ_HEADER + 4 * at);
+        if (r != (ssize_t)want) {
+            if (r >= 0)
+                errno = EIO;
+            return io_fail(b, "cannot read back", b->idx_tmp);
         }
         for (int64_t i = 0; i < k; i++) {
             int64_t p = (int64_t)addr;

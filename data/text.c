@@ -52,8 +52,7 @@ static char *dup_str(const char *s)
     return d;
 }
 
-/* pread until `n` bytes or the end of the file; returns the count or -1. */
-static ssize_t read_at(int fd, void *buf, size_t n, int64_t off)
+ssize_t moe_data_pread(int fd, void *buf, size_t n, int64_t off)
 {
     size_t got = 0;
     while (got < n) {
@@ -133,7 +132,7 @@ static int64_t lines_before(int fd, int64_t off)
     int cr = 0; /* the previous byte was a "\r" */
     while (at < off) {
         size_t want = off - at < (int64_t)sizeof block ? (size_t)(off - at) : sizeof block;
-        ssize_t k = read_at(fd, block, want, at);
+        ssize_t k = moe_data_pread(fd, block, want, at);
         if (k <= 0)
             break;
         for (ssize_t i = 0; i < k; i++) {
@@ -238,7 +237,7 @@ static moe_status refill(moe_text_reader *r)
         want = 0;
     else if ((int64_t)want > r->end - r->next)
         want = (size_t)(r->end - r->next);
-    ssize_t k = read_at(r->fd, r->buf + r->fill, want, r->next);
+    ssize_t k = moe_data_pread(r->fd, r->buf + r->fill, want, r->next);
     if (k < 0)
         return moe_data_fail(MOE_ERR_IO, "cannot read '%s' at byte %lld: %s", r->path, (long long)r->next,
                              strerror(errno));
@@ -337,7 +336,7 @@ moe_status moe_text_chunks(const char *path, int n, int64_t *offsets)
         if (at < offsets[i - 1])
             at = offsets[i - 1];
         while (at < size) {
-            ssize_t k = read_at(fd, block, sizeof block, at);
+            ssize_t k = moe_data_pread(fd, block, sizeof block, at);
             if (k < 0) {
                 int e = errno;
                 close(fd);
@@ -358,7 +357,7 @@ moe_status moe_text_chunks(const char *path, int n, int64_t *offsets)
                 unsigned char next;
                 if (j + 1 < k)
                     next = block[j + 1];
-                else if (read_at(fd, &next, 1, at + j + 1) != 1)
+                else if (moe_data_pread(fd, &next, 1, at + j + 1) != 1)
                     next = 0;
                 if (next == '\n')
                     found++;

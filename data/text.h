@@ -28,6 +28,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "moe/status.h"
 
@@ -48,6 +49,10 @@ moe_status moe_text_next(moe_text_reader *r, const char **line, size_t *len);
  * read of that part of the file), so ask only when a message needs it. */
 int64_t moe_text_line_number(moe_text_reader *r);
 void moe_text_close(moe_text_reader *r);
+
+/* pread until `n` bytes or the end of the file (EINTR retried); returns the
+ * count read or -1 with errno set. */
+ssize_t moe_data_pread(int fd, void *buf, size_t n, int64_t off);
 
 /* offsets[0..n] for n >= 1 ranges of `path`: offsets[0] = 0, offsets[n] =
  * the file size, and offsets[i] just after the end of the line holding byte
