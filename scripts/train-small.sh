@@ -17,24 +17,8 @@ bin=build/bin
 work=${WORK:-build/example}
 mkdir -p "$work"
 
-# ---- corpus: the UTF-8 license texts; every 20th line to valid, the next to test
-corpus=()
-for f in /usr/share/common-licenses/*; do
-  [ -f "$f" ] && iconv -f utf-8 -t utf-8 "$f" >/dev/null 2>&1 && corpus+=("$f")
-done
-if [ ${#corpus[@]} -eq 0 ]; then
-  echo "train-small.sh: no license texts in /usr/share/common-licenses" >&2
-  exit 1
-fi
-cat "${corpus[@]}" | awk -v dir="$work" '{
-  f = NR % 20 == 0 ? "valid" : NR % 20 == 1 ? "test" : "train"
-  print > (dir "/" f ".txt")
-}'
-
-# ---- words to ids: fairseq-preprocess's dictionary and mmap datasets
-rm -rf "$work/data-bin"
-"$bin/moelm-preprocess" --only-source --trainpref "$work/train.txt" --validpref "$work/valid.txt" \
-  --testpref "$work/test.txt" --destdir "$work/data-bin" --thresholdsrc 2 --workers "$(nproc)"
+# ---- corpus: the UTF-8 license texts, binarized (fairseq-preprocess's dictionary and mmap datasets)
+scripts/small-corpus.sh "$work" "$bin"
 
 # ---- train: a GPU trains a larger model in about the same time
 if "$bin/moelm-train" --list-plugins 2>/dev/null | grep -q "cuda" && command -v nvidia-smi >/dev/null 2>&1 \
