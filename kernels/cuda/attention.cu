@@ -328,8 +328,10 @@ static __global__ void attn_bwd_dq_simple_kernel(void *dq, int64_t ldd, const vo
 template <typename T, int D> struct mma_cfg {
     static constexpr int LD = D + 8; /* row stride in elements: ldmatrix rows hit distinct banks */
     static constexpr size_t tile = (size_t)MMA_ROWS * LD * sizeof(T);
-    static constexpr size_t fwd_bytes = 3 * tile;
-    static constexpr size_t bwd_bytes = 4 * tile + 2 * MMA_ROWS * sizeof(float);
+    /* the tiles a loop walks are double-buffered: the next one is copied
+     * (cp.async) while the current one is used */
+    static constexpr size_t fwd_bytes = 5 * tile;
+    static constexpr size_t bwd_bytes = 6 * tile + 4 * MMA_ROWS * sizeof(float);
 };
 
 static __device__ __forceinline__ uint32_t smem_addr(const void *p)
@@ -412,6 +414,37 @@ static __device__ __forceinline__ void mma_load_tile(T *dst, const T *src, int64
             int64_t t = r0 + r;
             dst[r * LD + d] = t < T_ ? src[(b * T_ + t) * ld + h * D + d] : moe_cuda_from_f32<T>(0.0f);
         }
+    }
+}
+
+static __device__ __forceinline__ void cp_async16(void *dst, const void *src)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+/* waits until at most N committed groups of this thread are in flight */
+template <int N> static __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+/* mma_load_tile, but with vec the copies are issued (cp.async) and not
+ * waited for: the caller commits them as a group and waits before use */
+template <typename T, int D>
+static __device__ __forceinline__ void mma_load_tile_async(T *dst, const T *src, int64_t ld, int64_t b, int64_t h,
+                                                           int64_t r0, int64_t T_, bool vec)
+{
+    constexpr int LD = mma_cfg<T, D>::LD;
+    if (!vec) {
+        mma_load_tile<T, D>(dst, src, ld, b, h, r0, T_, vec);
+        return;
+    }
+    constexpr int CH = D / 8;
+    for (int e = threadIdx.x; e < MMA_ROWS * CH; e += blockDim.x) {
+        const int r = e / CH, ch = e % CH;
+        const int64_t t = r0 + r;
+        T *d = dst + r * LD + ch * 8;
+        if (t < T_)
+            cp_async16(d, src + (b * T_ + t) * ld + h * D + ch * 8);
+        else
+            *(uint4 *)d = make_uint4(0u, 0u, 0u, 0u);
     }
 }
 
@@ -508,14 +541,17 @@ static __global__ void __launch_bounds__(MMA_THREADS)
 {
     constexpr int LD = mma_cfg<T, D>::LD;
     extern __shared__ __align__(128) unsigned char smem[];
-    T *Qs = (T *)smem, *Ks = Qs + MMA_ROWS * LD, *Vs = Ks + MMA_ROWS * LD;
+    T *Qs = (T *)smem, *Kb = Qs + MMA_ROWS * LD, *Vb = Kb + 2 * MMA_ROWS * LD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, cq = lane & 3;
     const int64_t bh = blockIdx.x, b = bh / H, h = bh % H;
-    const int qt = blockIdx.y;
+    const int qt = (int)gridDim.y - 1 - (int)blockIdx.y; /* the longest rows (most key tiles) start first */
     const int64_t i0 = (int64_t)qt * MMA_ROWS;
     const int64_t ia = i0 + warp * 16 + g, ib = ia + 8;
 
-    mma_load_tile<T, D>(Qs, q, ld, b, h, i0, T_, vec);
+    mma_load_tile_async<T, D>(Qs, q, ld, b, h, i0, T_, vec);
+    mma_load_tile_async<T, D>(Kb, k, ld, b, h, 0, T_, vec);
+    mma_load_tile_async<T, D>(Vb, v, ld, b, h, 0, T_, vec);
+    cp_async_commit();
     float o[D / 8][4];
 #pragma unroll
     for (int nt = 0; nt < D / 8; nt++)
@@ -523,9 +559,15 @@ static __global__ void __launch_bounds__(MMA_THREADS)
     float ma = -INFINITY, mb = -INFINITY, la = 0.0f, lb = 0.0f; /* l: this thread's partial sums */
     for (int kt = 0; kt <= qt; kt++) {
         const int64_t j0 = (int64_t)kt * MMA_ROWS;
-        __syncthreads();
-        mma_load_tile<T, D>(Ks, k, ld, b, h, j0, T_, vec);
-        mma_load_tile<T, D>(Vs, v, ld, b, h, j0, T_, vec);
+        const T *Ks = Kb + (kt & 1) * MMA_ROWS * LD, *Vs = Vb + (kt & 1) * MMA_ROWS * LD;
+        if (kt < qt) { /* the next key tile travels while this one is used */
+            mma_load_tile_async<T, D>(Kb + ((kt + 1) & 1) * MMA_ROWS * LD, k, ld, b, h, j0 + MMA_ROWS, T_, vec);
+            mma_load_tile_async<T, D>(Vb + ((kt + 1) & 1) * MMA_ROWS * LD, v, ld, b, h, j0 + MMA_ROWS, T_, vec);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
         float s[8][4];
         mma_abt<T, D>(s, Qs, warp * 16, Ks);
@@ -593,6 +635,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
             }
         }
         mma_px<T, D>(o, s, Vs);
+        __syncthreads(); /* this tile's buffers are refilled by the next iteration's copies */
     }
     la += __shfl_xor_sync(0xffffffffu, la, 1);
     la += __shfl_xor_sync(0xffffffffu, la, 2);
@@ -626,28 +669,41 @@ static __global__ void __launch_bounds__(MMA_THREADS)
 {
     constexpr int LD = mma_cfg<T, D>::LD;
     extern __shared__ __align__(128) unsigned char smem[];
-    T *Ks = (T *)smem, *Vs = Ks + MMA_ROWS * LD, *Qs = Vs + MMA_ROWS * LD, *dOs = Qs + MMA_ROWS * LD;
-    float *ls = (float *)(dOs + MMA_ROWS * LD), *dls = ls + MMA_ROWS;
+    T *Ks = (T *)smem, *Vs = Ks + MMA_ROWS * LD, *Qb = Vs + MMA_ROWS * LD, *dOb = Qb + 2 * MMA_ROWS * LD;
+    float *lb = (float *)(dOb + 2 * MMA_ROWS * LD), *dlb = lb + 2 * MMA_ROWS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, cq = lane & 3;
     const int64_t bh = blockIdx.x, b = bh / H, h = bh % H, C = H * D;
     const int kt = blockIdx.y;
     const int64_t j0 = (int64_t)kt * MMA_ROWS;
     const int64_t ja = j0 + warp * 16 + g, jb = ja + 8;
 
-    mma_load_tile<T, D>(Ks, k, ld, b, h, j0, T_, vec);
-    mma_load_tile<T, D>(Vs, v, ld, b, h, j0, T_, vec);
+    /* query tile i0 (and its lse and delta) into buffer `buf` */
+    auto load_q = [&](int64_t i0, int buf) {
+        mma_load_tile_async<T, D>(Qb + buf * MMA_ROWS * LD, q, ld, b, h, i0, T_, vec);
+        mma_load_tile_async<T, D>(dOb + buf * MMA_ROWS * LD, dout, C, b, h, i0, T_, vec_o);
+        if (threadIdx.x < MMA_ROWS) {
+            const int64_t i = i0 + threadIdx.x;
+            lb[buf * MMA_ROWS + threadIdx.x] = i < T_ ? lse[bh * T_ + i] : 0.0f;
+            dlb[buf * MMA_ROWS + threadIdx.x] = i < T_ ? delta[bh * T_ + i] : 0.0f;
+        }
+        cp_async_commit();
+    };
+    mma_load_tile_async<T, D>(Ks, k, ld, b, h, j0, T_, vec);
+    mma_load_tile_async<T, D>(Vs, v, ld, b, h, j0, T_, vec);
+    load_q(j0, 0);
     float gk[D / 8][4], gv[D / 8][4];
 #pragma unroll
     for (int nt = 0; nt < D / 8; nt++)
         gk[nt][0] = gk[nt][1] = gk[nt][2] = gk[nt][3] = gv[nt][0] = gv[nt][1] = gv[nt][2] = gv[nt][3] = 0.0f;
-    for (int64_t i0 = j0; i0 < T_; i0 += MMA_ROWS) {
-        __syncthreads();
-        mma_load_tile<T, D>(Qs, q, ld, b, h, i0, T_, vec);
-        mma_load_tile<T, D>(dOs, dout, C, b, h, i0, T_, vec_o);
-        if (threadIdx.x < MMA_ROWS) {
-            int64_t i = i0 + threadIdx.x;
-            ls[threadIdx.x] = i < T_ ? lse[bh * T_ + i] : 0.0f;
-            dls[threadIdx.x] = i < T_ ? delta[bh * T_ + i] : 0.0f;
+    int buf = 0;
+    for (int64_t i0 = j0; i0 < T_; i0 += MMA_ROWS, buf ^= 1) {
+        const T *Qs = Qb + buf * MMA_ROWS * LD, *dOs = dOb + buf * MMA_ROWS * LD;
+        const float *ls = lb + buf * MMA_ROWS, *dls = dlb + buf * MMA_ROWS;
+        if (i0 + MMA_ROWS < T_) { /* the next query tile travels while this one is used */
+            load_q(i0 + MMA_ROWS, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
         float st[8][4], dp[8][4];
@@ -676,6 +732,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
         }
         mma_px<T, D>(gv, st, dOs);
         mma_px<T, D>(gk, dp, Qs);
+        __syncthreads(); /* this tile's buffers are refilled by the next iteration's copies */
     }
     mma_store_rows<T, D>(dk, ldd, b, h, j0 + warp * 16, T_, gk, 1.0f, 1.0f);
     mma_store_rows<T, D>(dv, ldd, b, h, j0 + warp * 16, T_, gv, 1.0f, 1.0f);
@@ -690,26 +747,35 @@ static __global__ void __launch_bounds__(MMA_THREADS)
 {
     constexpr int LD = mma_cfg<T, D>::LD;
     extern __shared__ __align__(128) unsigned char smem[];
-    T *Qs = (T *)smem, *dOs = Qs + MMA_ROWS * LD, *Ks = dOs + MMA_ROWS * LD, *Vs = Ks + MMA_ROWS * LD;
+    T *Qs = (T *)smem, *dOs = Qs + MMA_ROWS * LD, *Kb = dOs + MMA_ROWS * LD, *Vb = Kb + 2 * MMA_ROWS * LD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, cq = lane & 3;
     const int64_t bh = blockIdx.x, b = bh / H, h = bh % H, C = H * D;
-    const int qt = blockIdx.y;
+    const int qt = (int)gridDim.y - 1 - (int)blockIdx.y; /* the longest rows (most key tiles) start first */
     const int64_t i0 = (int64_t)qt * MMA_ROWS;
     const int64_t ia = i0 + warp * 16 + g, ib = ia + 8;
     const float lse_a = ia < T_ ? lse[bh * T_ + ia] : 0.0f, lse_b = ib < T_ ? lse[bh * T_ + ib] : 0.0f;
     const float dl_a = ia < T_ ? delta[bh * T_ + ia] : 0.0f, dl_b = ib < T_ ? delta[bh * T_ + ib] : 0.0f;
 
-    mma_load_tile<T, D>(Qs, q, ld, b, h, i0, T_, vec);
-    mma_load_tile<T, D>(dOs, dout, C, b, h, i0, T_, vec_o);
+    mma_load_tile_async<T, D>(Qs, q, ld, b, h, i0, T_, vec);
+    mma_load_tile_async<T, D>(dOs, dout, C, b, h, i0, T_, vec_o);
+    mma_load_tile_async<T, D>(Kb, k, ld, b, h, 0, T_, vec);
+    mma_load_tile_async<T, D>(Vb, v, ld, b, h, 0, T_, vec);
+    cp_async_commit();
     float gq[D / 8][4];
 #pragma unroll
     for (int nt = 0; nt < D / 8; nt++)
         gq[nt][0] = gq[nt][1] = gq[nt][2] = gq[nt][3] = 0.0f;
     for (int kt = 0; kt <= qt; kt++) {
         const int64_t j0 = (int64_t)kt * MMA_ROWS;
-        __syncthreads();
-        mma_load_tile<T, D>(Ks, k, ld, b, h, j0, T_, vec);
-        mma_load_tile<T, D>(Vs, v, ld, b, h, j0, T_, vec);
+        const T *Ks = Kb + (kt & 1) * MMA_ROWS * LD, *Vs = Vb + (kt & 1) * MMA_ROWS * LD;
+        if (kt < qt) { /* the next key tile travels while this one is used */
+            mma_load_tile_async<T, D>(Kb + ((kt + 1) & 1) * MMA_ROWS * LD, k, ld, b, h, j0 + MMA_ROWS, T_, vec);
+            mma_load_tile_async<T, D>(Vb + ((kt + 1) & 1) * MMA_ROWS * LD, v, ld, b, h, j0 + MMA_ROWS, T_, vec);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
         float s[8][4], dp[8][4];
         mma_abt<T, D>(s, Qs, warp * 16, Ks);
@@ -732,6 +798,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
             }
         }
         mma_px<T, D>(gq, dp, Ks);
+        __syncthreads(); /* this tile's buffers are refilled by the next iteration's copies */
     }
     mma_store_rows<T, D>(dq, ldd, b, h, i0 + warp * 16, T_, gq, 1.0f, 1.0f);
 }
