@@ -6,7 +6,9 @@
  * Two paths with the same math (kernels/cpu/attention.c is the reference):
  *  - fp16/bf16 with head_dim 32, 64 or 128: tensor cores, FlashAttention-2
  *    style (mma.sync with ldmatrix operands, tiles of 64 x 64, 4 warps of 16
- *    rows). Scores and their gradients are fp32 in registers; the
+ *    rows, the next tile copied with cp.async while the current one is used,
+ *    exponentials by the hardware's ex2 (__expf), as FlashAttention does: the
+ *    softmax is ALU-bound at these head sizes). Scores and their gradients are fp32 in registers; the
  *    probabilities and dS that feed the P.V, dS.K and dS^T.Q products are
  *    rounded to the storage dtype, as in FlashAttention-2.
  *  - every other case (fp32, other head sizes up to 256): CUDA cores in fp32,
@@ -594,16 +596,16 @@ static __global__ void __launch_bounds__(MMA_THREADS)
         xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 1));
         xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 2));
         const float na = fmaxf(ma, xa), nb = fmaxf(mb, xb);
-        const float alpha_a = expf(ma - na), alpha_b = expf(mb - nb);
+        const float alpha_a = __expf(ma - na), alpha_b = __expf(mb - nb);
         ma = na;
         mb = nb;
         float sa = 0.0f, sb = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
-            s[nt][0] = expf(s[nt][0] - na);
-            s[nt][1] = expf(s[nt][1] - na);
-            s[nt][2] = expf(s[nt][2] - nb);
-            s[nt][3] = expf(s[nt][3] - nb);
+            s[nt][0] = __expf(s[nt][0] - na);
+            s[nt][1] = __expf(s[nt][1] - na);
+            s[nt][2] = __expf(s[nt][2] - nb);
+            s[nt][3] = __expf(s[nt][3] - nb);
             sa += s[nt][0] + s[nt][1];
             sb += s[nt][2] + s[nt][3];
         }
@@ -721,7 +723,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
                 const int col = nt * 8 + 2 * cq + (e & 1);
                 const int64_t i = i0 + col, j = e < 2 ? ja : jb;
                 const bool valid = !edge || (i >= j && i < T_ && j < T_);
-                const float pr = valid ? expf(st[nt][e] - ls[col]) : 0.0f;
+                const float pr = valid ? __expf(st[nt][e] - ls[col]) : 0.0f;
                 const float z = !valid                 ? 0.0f
                                 : DROP == DROP_NONE    ? 1.0f
                                 : DROP == DROP_GROUPS  ? ((keep >> e) & 1u ? scale : 0.0f)
@@ -789,7 +791,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
             for (int e = 0; e < 4; e++) {
                 const int64_t j = j0 + nt * 8 + 2 * cq + (e & 1), i = e < 2 ? ia : ib;
                 const bool valid = (!edge || (j <= i && j < T_)) && i < T_;
-                const float pr = valid ? expf(s[nt][e] - (e < 2 ? lse_a : lse_b)) : 0.0f;
+                const float pr = valid ? __expf(s[nt][e] - (e < 2 ? lse_a : lse_b)) : 0.0f;
                 const float z = !valid                 ? 0.0f
                                 : DROP == DROP_NONE    ? 1.0f
                                 : DROP == DROP_GROUPS  ? ((keep >> e) & 1u ? scale : 0.0f)
