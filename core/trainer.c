@@ -77,6 +77,8 @@ typedef struct trainer {
     int n_moe;                /* the model's MoE layers */
     const moe_gate_ops *gate; /* their gate plugin (NULL without MoE layers) */
     int gate_fields;          /* the gate's log fields (at most MOE_NUM_GATE_METRICS) */
+    moe_ckpt_buffer *gate_bufs; /* the gates' state, checkpointed */
+    int n_gate_bufs;
     int loss_scaling;
     moe_scaler scaler;
     int32_t *tokens, *targets;/* device (B,T) */
@@ -298,6 +300,7 @@ static moe_status setup(trainer *t)
                              t->gate->log_fields[t->gate_fields];
          t->gate_fields++)
         ;
+    MOE_TRY(moe_ckpt_gate_buffers(t->rt, t->c->arch, t->c->model, &t->gate_bufs, &t->n_gate_bufs));
     if (t->gate && t->gate->update && !t->c->arch->moe_gate)
         moe_log(MOE_LOG_WARNING, "fairseq.trainer",
                 "the arch gives no access to its gates (moe_arch_ops.moe_gate, ABI 1.4): the gate's update does "
@@ -337,6 +340,7 @@ static void teardown(trainer *t)
     moe_meters_destroy(t->epoch_m);
     moe_opwrap_set_route_observer(NULL, NULL);
     moe_tb_close(t->tb);
+    moe_ckpt_free_buffers(t->gate_bufs, t->n_gate_bufs);
     free(t->load_layer);
     free(t->load);
     free(t->load_dropped);
@@ -791,8 +795,14 @@ static moe_status validate(trainer *t)
 
 static moe_ckpt_run ckpt_run(const trainer *t)
 {
-    moe_ckpt_run run = {t->rt, moe_opts_str(t->o, "arch"), moe_opts_str(t->o, "optimizer"), t->c->optimizer,
-                        t->opt, t->c->task->vocab_size(t->c->task_state)};
+    moe_ckpt_run run = {t->rt,
+                        moe_opts_str(t->o, "arch"),
+                        moe_opts_str(t->o, "optimizer"),
+                        t->c->optimizer,
+                        t->opt,
+                        t->c->task->vocab_size(t->c->task_state),
+                        t->n_gate_bufs,
+                        t->gate_bufs};
     return run;
 }
 
