@@ -2484,11 +2484,10 @@ static moe_status load_units(moe_ckpt *c, moe_runtime *rt, const moe_ckpt_run *r
 
 /* the run's buffers from the checkpoint's (every file holds the same: file
  * 0's are read); one the checkpoint lacks keeps its value, with a warning */
-static moe_status load_buffers(moe_ckpt *c, const moe_ckpt_run *run)
+static moe_status load_buffers(moe_ckpt *c, const moe_host *h, const moe_ckpt_buffer *bufs, int n_bufs)
 {
-    const moe_host *h = moe_runtime_host(run->rt);
-    for (int i = 0; i < run->n_buffers; i++) {
-        const moe_ckpt_buffer *b = &run->buffers[i];
+    for (int i = 0; i < n_bufs; i++) {
+        const moe_ckpt_buffer *b = &bufs[i];
         int k = moe_ckpt_find_buffer(c, b->name);
         if (k < 0) {
             moe_log(MOE_LOG_WARNING, "fairseq.trainer", "checkpoint %s holds no %s; it keeps its initial value",
@@ -2526,12 +2525,23 @@ moe_status moe_ckpt_load(const moe_ckpt_run *run, const char *path, int load_opt
     if (st == MOE_OK)
         st = load_units(c, run->rt, run, mode, 1);
     if (st == MOE_OK)
-        st = load_buffers(c, run);
+        st = load_buffers(c, moe_runtime_host(run->rt), run->buffers, run->n_buffers);
     if (st == MOE_OK) {
         *s = c->meta.state;
         if (loaded_from)
             snprintf(loaded_from, size, "%s", c->files[0].path);
     }
+    moe_ckpt_close(c);
+    return st;
+}
+
+moe_status moe_ckpt_load_buffers(moe_runtime *rt, const char *path, const moe_ckpt_buffer *bufs, int n)
+{
+    if (n == 0)
+        return MOE_OK;
+    moe_ckpt *c;
+    MOE_TRY(moe_ckpt_open(path, &c));
+    moe_status st = load_buffers(c, moe_runtime_host(rt), bufs, n);
     moe_ckpt_close(c);
     return st;
 }

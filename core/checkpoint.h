@@ -164,6 +164,10 @@ void moe_ckpt_free_args(int argc, char **argv);
 moe_status moe_ckpt_gate_buffers(moe_runtime *rt, const moe_arch_ops *arch, void *model, moe_ckpt_buffer **out,
                                  int *n);
 void moe_ckpt_free_buffers(moe_ckpt_buffer *b, int n);
+/* The buffers of the checkpoint `path` names into bufs, by name, as
+ * moe_ckpt_load restores them (the tools' sessions, after
+ * moe_ckpt_load_params). */
+moe_status moe_ckpt_load_buffers(moe_runtime *rt, const char *path, const moe_ckpt_buffer *bufs, int n);
 
 /* Loads the parameters (and fp32 masters when the runtime keeps them) of
  * every unit of rt from the checkpoint, whatever world size wrote it;

@@ -455,8 +455,8 @@ typedef struct moe_arch_ops {
     /* Every row back to empty (a new batch of prompts). */
     moe_status (*decode_reset)(void *model);
     /* (ABI 1.4) the gate instance (moe_gate_ops' `gate`) of MoE layer j,
-     * 0 <= j < num_moe_layers, once setup or decode_setup has made the
-     * gates; NULL before. The core calls the gate's update once per update
+     * 0 <= j < num_moe_layers, after build once host->gate_ops is set (the
+     * arch makes its gates then if it has not yet); NULL otherwise. The core calls the gate's update once per update
      * and saves and restores its state in checkpoints through it. NULL (an
      * arch of an older minor): the core reaches no gate, so no gate update
      * runs and no gate state is saved; it warns once when the gate has an

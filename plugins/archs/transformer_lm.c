@@ -932,10 +932,13 @@ static moe_status tlm_backward(void *model, float dl_aux)
 
 /* ------------------------------------------------------------ descriptor */
 
-/* the gate of MoE layer j, once the gates exist (setup or decode_setup) */
+/* the gate of MoE layer j, the gates made on first use (NULL when they
+ * cannot be: no gate resolved yet, or its init failed) */
 static void *tlm_moe_gate(void *model, int j)
 {
     tlm *m = model;
+    if (tlm_init_gates(m) != MOE_OK)
+        return NULL;
     for (int i = 0; m->layers && i < m->L; i++)
         if (m->layers[i].moe && m->layers[i].moe_index == j)
             return m->layers[i].gate;
