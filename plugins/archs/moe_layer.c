@@ -21,6 +21,9 @@
  *    is permuted to expert-major and back with plain copies.
  *  - An expert's gradient contribution is multiplied by
  *    host->expert_grad_scale as it accumulates (fairseq's hook, §2.9).
+ *  - The routing arrays hold m->width = max(k, 2) choices per token
+ *    (moe_route_args.width); the general top-k router's sequence-wise loss
+ *    takes each row of the batch as one sequence (seq_len = T).
  */
 #include <stdio.h>
 #include <stdlib.h>
