@@ -277,6 +277,14 @@ typedef struct ck_unit {
     uint64_t off, bytes;  /* its section in the file */
 } ck_unit;
 
+/* One named fp32 buffer of a file (format 3): a gate's state. */
+typedef struct ck_buf {
+    char *name;
+    int64_t n;
+    int section;
+    uint64_t off, bytes;
+} ck_buf;
+
 /* A header, parsed or about to be written. `owned`: the strings are the
  * header's (parsed), else borrowed (a runtime's, an opened checkpoint's). */
 typedef struct ck_hdr {
@@ -299,6 +307,8 @@ typedef struct ck_hdr {
     ck_unit *units;
     int n_tensors;
     moe_ckpt_tensor *tensors;
+    int n_bufs;
+    ck_buf *bufs;
     int owned;
 } ck_hdr;
 
@@ -311,10 +321,13 @@ static void hdr_free(ck_hdr *h)
             free(h->units[i].name);
         for (int i = 0; i < h->n_tensors; i++)
             free((char *)h->tensors[i].name);
+        for (int i = 0; i < h->n_bufs; i++)
+            free(h->bufs[i].name);
     }
     free(h->argv);
     free(h->units);
     free(h->tensors);
+    free(h->bufs);
     memset(h, 0, sizeof *h);
 }
 
@@ -336,7 +349,29 @@ static uint64_t unit_bytes(const ck_hdr *h, const ck_unit *u)
     return b;
 }
 
-static int n_sections_of(const ck_hdr *h) { return 1 + h->n_units + (h->opt_kind == MOE_CKPT_OPT_OPAQUE); }
+static int n_sections_of(const ck_hdr *h)
+{
+    return 1 + h->n_units + h->n_bufs + (h->opt_kind == MOE_CKPT_OPT_OPAQUE);
+}
+
+/* the sections after the header: units, buffers, then (opaque) the optimizer's */
+static uint64_t place_sections(ck_hdr *h)
+{
+    uint64_t off = h->header_bytes;
+    for (int i = 0; i < h->n_units; i++) {
+        h->units[i].section = 1 + i;
+        h->units[i].off = off;
+        h->units[i].bytes = unit_bytes(h, &h->units[i]);
+        off += h->units[i].bytes;
+    }
+    for (int i = 0; i < h->n_bufs; i++) {
+        h->bufs[i].section = 1 + h->n_units + i;
+        h->bufs[i].off = off;
+        h->bufs[i].bytes = (uint64_t)h->bufs[i].n * 4u;
+        off += h->bufs[i].bytes;
+    }
+    return off;
+}
 
 /* Serializes h; fills header_bytes, file_bytes (and the unit sections'
  * offsets) in h and in the bytes. */
@@ -406,16 +441,15 @@ static void build_header(ck_hdr *h, hbuf *b)
             put_i64(b, t->offset);
         }
     }
+    put_u32(b, (uint32_t)h->n_bufs);
+    for (int i = 0; i < h->n_bufs; i++) {
+        put_str(b, h->bufs[i].name);
+        put_i64(b, h->bufs[i].n);
+    }
     if (b->oom)
         return;
     h->header_bytes = (uint32_t)b->n;
-    uint64_t off = b->n;
-    for (int i = 0; i < h->n_units; i++) {
-        h->units[i].section = 1 + i;
-        h->units[i].off = off;
-        h->units[i].bytes = unit_bytes(h, &h->units[i]);
-        off += h->units[i].bytes;
-    }
+    uint64_t off = place_sections(h);
     if (h->opt_kind == MOE_CKPT_OPT_OPAQUE)
         off += h->opaque_bytes;
     h->file_bytes = off + (uint64_t)n_sections_of(h) * SECTION_ENTRY + TRAILER_BYTES;
@@ -536,15 +570,27 @@ static moe_status parse_header(const unsigned char *p, size_t n, const char *pat
     }
     if (c.bad || h->argc != (int)n_args || h->n_units != (int)n_units || h->n_tensors != (int)n_tensors)
         return malformed(path, "the tables are cut short");
+    uint32_t n_bufs = h->version >= 3 ? get_u32(&c) : 0; /* format 2 has no buffers */
+    if (n_bufs > (1u << 20))
+        return malformed(path, "buffer count out of range");
+    h->bufs = calloc(n_bufs ? n_bufs : 1, sizeof *h->bufs);
+    if (!h->bufs)
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory reading checkpoint %s", path);
+    for (uint32_t i = 0; i < n_bufs && !c.bad; i++) {
+        ck_buf *bf = &h->bufs[i];
+        bf->name = get_str(&c);
+        bf->n = get_i64(&c);
+        if (!bf->name)
+            break;
+        h->n_bufs++;
+        if (!c.bad && (bf->n < 0 || bf->n > ((int64_t)1 << 40)))
+            return malformed(path, "a buffer's size is out of range");
+    }
+    if (c.bad || h->n_bufs != (int)n_bufs)
+        return malformed(path, "the buffer table is cut short");
     if (c.at != n)
         return malformed(path, "bytes left over after the tables");
-    uint64_t off = h->header_bytes;
-    for (int i = 0; i < h->n_units; i++) {
-        h->units[i].section = 1 + i;
-        h->units[i].off = off;
-        h->units[i].bytes = unit_bytes(h, &h->units[i]);
-        off += h->units[i].bytes;
-    }
+    place_sections(h);
     return MOE_OK;
 }
 
@@ -773,10 +819,10 @@ static moe_status file_open(ck_file *f, const char *path)
                              "format %u, which any world size can resume): resume it with the moelm that wrote it, "
                              "or start afresh",
                              path, MOE_CKPT_VERSION);
-    if (version != MOE_CKPT_VERSION)
+    if (version != MOE_CKPT_VERSION && version != 2)
         return moe_error_set(MOE_ERR_UNSUPPORTED,
-                             "checkpoint %s has format version %u, this moelm reads version %u; use the moelm that "
-                             "wrote it",
+                             "checkpoint %s has format version %u, this moelm reads versions 2 and %u; use the moelm "
+                             "that wrote it",
                              path, version, MOE_CKPT_VERSION);
     if (f->size != fb)
         return moe_error_set(MOE_ERR_IO, "checkpoint %s is truncated or damaged: %llu bytes, the header says %llu",
@@ -843,7 +889,9 @@ static moe_status file_open(ck_file *f, const char *path)
                              f->n_sections, n_sections_of(h));
     uint64_t off = hb;
     for (int s = 1; s < f->n_sections; s++) {
-        uint64_t want = s <= h->n_units ? h->units[s - 1].bytes : h->opaque_bytes;
+        uint64_t want = s <= h->n_units             ? h->units[s - 1].bytes
+                        : s <= h->n_units + h->n_bufs ? h->bufs[s - 1 - h->n_units].bytes
+                                                      : h->opaque_bytes;
         if (f->sec_off[s] != off || f->sec_bytes[s] != want)
             return moe_error_set(MOE_ERR_IO, "checkpoint %s is damaged: its sections do not add up to its size",
                                  path);
@@ -1681,6 +1729,30 @@ static moe_status mem_put(void *ctx, int part, uint64_t off, const void *data, u
     return MOE_OK;
 }
 
+int moe_ckpt_num_buffers(const moe_ckpt *c) { return c->files[0].h.n_bufs; }
+
+void moe_ckpt_buffer_at(const moe_ckpt *c, int i, const char **name, int64_t *n)
+{
+    *name = c->files[0].h.bufs[i].name;
+    *n = c->files[0].h.bufs[i].n;
+}
+
+int moe_ckpt_find_buffer(const moe_ckpt *c, const char *name)
+{
+    for (int i = 0; i < c->files[0].h.n_bufs; i++)
+        if (strcmp(c->files[0].h.bufs[i].name, name) == 0)
+            return i;
+    return -1;
+}
+
+moe_status moe_ckpt_read_buffer(moe_ckpt *c, int i, float *dst)
+{
+    const ck_buf *b = &c->files[0].h.bufs[i];
+    mem_sink sink = {dst};
+    ck_part part = {0, 0, b->bytes};
+    return scan_section(c, 0, b->section, &part, 1, mem_put, &sink);
+}
+
 moe_status moe_ckpt_read(moe_ckpt *c, int unit, int master, int64_t first, int64_t n, moe_dtype dtype, void *dst)
 {
     const ck_mu *m = &c->mus[c->order[unit]];
@@ -1911,6 +1983,11 @@ static moe_status save_body(const moe_ckpt_run *run, ck_hdr *hd, ck_writer *w, v
                                  (unsigned long long)w->sec_bytes[w->cur_sec],
                                  (unsigned long long)hd->units[i].bytes);
     }
+    for (int i = 0; i < hd->n_bufs; i++) {
+        w_begin(w);
+        MOE_TRY(w_device(w, h, run->buffers[i].data, hd->bufs[i].bytes, stage));
+        w_end(w);
+    }
     if (hd->opt_kind == MOE_CKPT_OPT_OPAQUE) {
         w_begin(w);
         MOE_TRY(w_opt(w, run, 0, hd->opaque_bytes, stage));
@@ -1947,6 +2024,16 @@ moe_status moe_ckpt_save(const moe_ckpt_run *run, const moe_ckpt_state *s, const
         st = moe_error_set(MOE_ERR_UNSUPPORTED, "optimizer %s reports state but cannot save it", hd.optimizer);
     if (st == MOE_OK)
         st = hdr_from_runtime(run->rt, &hd);
+    if (st == MOE_OK && run->n_buffers > 0) {
+        hd.bufs = calloc((size_t)run->n_buffers, sizeof *hd.bufs);
+        if (!hd.bufs)
+            st = moe_error_set(MOE_ERR_NOMEM, "out of host memory writing a checkpoint");
+        for (int i = 0; st == MOE_OK && i < run->n_buffers; i++) {
+            hd.bufs[i].name = (char *)run->buffers[i].name;
+            hd.bufs[i].n = run->buffers[i].n;
+        }
+        hd.n_bufs = hd.bufs ? run->n_buffers : 0;
+    }
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     void *stage = st == MOE_OK ? malloc(CHUNK_BYTES) : NULL;
@@ -2395,6 +2482,36 @@ static moe_status load_units(moe_ckpt *c, moe_runtime *rt, const moe_ckpt_run *r
     return h->backend->synchronize(h->ctx);
 }
 
+/* the run's buffers from the checkpoint's (every file holds the same: file
+ * 0's are read); one the checkpoint lacks keeps its value, with a warning */
+static moe_status load_buffers(moe_ckpt *c, const moe_host *h, const moe_ckpt_buffer *bufs, int n_bufs)
+{
+    for (int i = 0; i < n_bufs; i++) {
+        const moe_ckpt_buffer *b = &bufs[i];
+        int k = moe_ckpt_find_buffer(c, b->name);
+        if (k < 0) {
+            moe_log(MOE_LOG_WARNING, "fairseq.trainer", "checkpoint %s holds no %s; it keeps its initial value",
+                    c->files[0].path, b->name);
+            continue;
+        }
+        int64_t n = c->files[0].h.bufs[k].n;
+        if (n != b->n)
+            return moe_error_set(MOE_ERR_INVALID_ARG, "checkpoint %s: expected %lld values of %s, found %lld",
+                                 c->files[0].path, (long long)b->n, b->name, (long long)n);
+        float *host = malloc(n > 0 ? (size_t)n * sizeof *host : 1u);
+        if (!host)
+            return moe_error_set(MOE_ERR_NOMEM, "out of host memory reading checkpoint %s", c->files[0].path);
+        moe_status st = moe_ckpt_read_buffer(c, k, host);
+        if (st == MOE_OK)
+            st = h->backend->copy_from_host(h->ctx, b->data, host, (uint64_t)n * sizeof *host);
+        if (st == MOE_OK)
+            st = h->backend->synchronize(h->ctx); /* before the host copy is freed */
+        free(host);
+        MOE_TRY(st);
+    }
+    return MOE_OK;
+}
+
 moe_status moe_ckpt_load(const moe_ckpt_run *run, const char *path, int load_optimizer, moe_ckpt_state *s,
                          char *loaded_from, size_t size)
 {
@@ -2407,11 +2524,24 @@ moe_status moe_ckpt_load(const moe_ckpt_run *run, const char *path, int load_opt
         st = check_optimizer(c, run, &mode);
     if (st == MOE_OK)
         st = load_units(c, run->rt, run, mode, 1);
+    if (st == MOE_OK)
+        st = load_buffers(c, moe_runtime_host(run->rt), run->buffers, run->n_buffers);
     if (st == MOE_OK) {
         *s = c->meta.state;
         if (loaded_from)
             snprintf(loaded_from, size, "%s", c->files[0].path);
     }
+    moe_ckpt_close(c);
+    return st;
+}
+
+moe_status moe_ckpt_load_buffers(moe_runtime *rt, const char *path, const moe_ckpt_buffer *bufs, int n)
+{
+    if (n == 0)
+        return MOE_OK;
+    moe_ckpt *c;
+    MOE_TRY(moe_ckpt_open(path, &c));
+    moe_status st = load_buffers(c, moe_runtime_host(rt), bufs, n);
     moe_ckpt_close(c);
     return st;
 }
@@ -2593,6 +2723,15 @@ moe_status moe_ckpt_write(moe_ckpt *c, const moe_ckpt_layout *l, int with_optimi
         hd.sharded |= (uint32_t)u->sharded;
     }
     hd.n_units = l->n_units;
+    if (src->n_bufs > 0) { /* every file of a save holds the buffers */
+        hd.bufs = malloc((size_t)src->n_bufs * sizeof *hd.bufs);
+        if (!hd.bufs) {
+            hdr_free(&hd);
+            return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+        }
+        memcpy(hd.bufs, src->bufs, (size_t)src->n_bufs * sizeof *hd.bufs);
+        hd.n_bufs = src->n_bufs;
+    }
     hbuf b = {0};
     build_header(&hd, &b);
     ck_writer w;
@@ -2618,6 +2757,12 @@ moe_status moe_ckpt_write(moe_ckpt *c, const moe_ckpt_layout *l, int with_optimi
                                hd.units[i].name, (unsigned long long)w.sec_bytes[w.cur_sec],
                                (unsigned long long)hd.units[i].bytes);
     }
+    for (int i = 0; i < hd.n_bufs && st == MOE_OK; i++) {
+        ck_part part = {0, 0, src->bufs[i].bytes};
+        w_begin(&w);
+        st = scan_section(c, 0, src->bufs[i].section, &part, 1, file_put, &w);
+        w_end(&w);
+    }
     if (st == MOE_OK && hd.opt_kind == MOE_CKPT_OPT_OPAQUE) {
         const ck_file *f = &c->files[l->rank];
         int sec = f->n_sections - 1;
@@ -2634,6 +2779,55 @@ moe_status moe_ckpt_write(moe_ckpt *c, const moe_ckpt_layout *l, int with_optimi
 }
 
 /* ---------------------------------------------------------------- names */
+
+#define GATE_WG ".moe_layer.gate.wg.weight"
+
+moe_status moe_ckpt_gate_buffers(moe_runtime *rt, const moe_arch_ops *arch, void *model, moe_ckpt_buffer **out,
+                                 int *n)
+{
+    const moe_host *h = moe_runtime_host(rt);
+    const moe_gate_ops *gate = h->gate_ops;
+    *out = NULL;
+    *n = 0;
+    if (!gate || !gate->state || !arch->moe_gate)
+        return MOE_OK;
+    int np = moe_runtime_num_params(rt), j = 0;
+    moe_ckpt_buffer *b = calloc(np ? (size_t)np : 1u, sizeof *b);
+    if (!b)
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+    const size_t wl = strlen(GATE_WG);
+    for (int p = 0; p < np; p++) {
+        moe_param_info pi;
+        moe_runtime_param(rt, p, &pi);
+        size_t len = strlen(pi.name);
+        if (len < wl || strcmp(pi.name + len - wl, GATE_WG) != 0)
+            continue;
+        void *g = arch->moe_gate(model, j++); /* the j-th gate projection is MoE layer j's */
+        int64_t count = 0;
+        float *data = g ? gate->state(g, &count) : NULL;
+        if (!data || count <= 0)
+            continue;
+        char *name = malloc(len - wl + sizeof ".moe_layer.gate.expert_bias");
+        if (!name) {
+            moe_ckpt_free_buffers(b, *n);
+            return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+        }
+        sprintf(name, "%.*s.moe_layer.gate.expert_bias", (int)(len - wl), pi.name);
+        b[*n].name = name;
+        b[*n].data = data;
+        b[*n].n = count;
+        (*n)++;
+    }
+    *out = b;
+    return MOE_OK;
+}
+
+void moe_ckpt_free_buffers(moe_ckpt_buffer *b, int n)
+{
+    for (int i = 0; b && i < n; i++)
+        free((char *)b[i].name);
+    free(b);
+}
 
 void moe_ckpt_rank_path(char *out, size_t size, const char *dir, const char *name, int rank)
 {

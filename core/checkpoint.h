@@ -10,7 +10,8 @@
  * in theirs), and the element range a rank holds is put together from the
  * pieces of the files that overlap it.
  *
- * File format, version 2, little-endian only:
+ * File format, version 3, little-endian only (version 2, the same without
+ * buffers, is read too):
  *   header   (section 0)
  *     "MOELMCKP", u32 version (2), u32 header_bytes, u64 file_bytes,
  *     u32 world, u32 rank, u32 act_dtype, u32 grad_dtype (moe_dtype),
@@ -31,13 +32,17 @@
  *       i64 start, i64 n (this file holds elements [start, start + n) of the
  *       padded unit), u32 n_tensors, u32 name_bytes, name, then per tensor:
  *       u32 ndim, u32 name_bytes, name, i64 shape[2], i64 offset (elements
- *       into the unit)
+ *       into the unit),
+ *     u32 n_buffers, then per buffer: u32 name_bytes, name, i64 n (named
+ *       fp32 state that is not a parameter, the same in every file of a
+ *       save: "decoder.layers.<i>.moe_layer.gate.expert_bias")
  *   sections 1 .. n_units, one per unit: n elements of act_dtype (the
  *     parameters), n fp32 masters (when master), then the optimizer state of
  *     the piece as its layout says (moe_opt_state_layout: each field's n
  *     elements, then the unit's `scalars` fp32 values; units with numel 0
- *     have none); with opaque optimizer state, one more section holding the
- *     optimizer's bytes as save_state gives them
+ *     have none); then one section per buffer (n fp32 values); with opaque
+ *     optimizer state, one more section holding the optimizer's bytes as
+ *     save_state gives them
  *   footer   per section {u64 offset, u64 bytes, u64 checksum}, then
  *     u32 n_sections, u32 0, u64 checksum of the footer, u64 checksum of
  *     every byte before it, "MOELMEND"
@@ -65,7 +70,7 @@
 #include "core/runtime.h"
 #include "core/scaler.h"
 
-#define MOE_CKPT_VERSION 2u
+#define MOE_CKPT_VERSION 3u
 
 /* The training loop's state a checkpoint carries besides tensors. */
 typedef struct moe_ckpt_state {
@@ -79,6 +84,14 @@ typedef struct moe_ckpt_state {
     uint64_t save_id;      /* load: the checkpoint's (equal on every rank that read the same files) */
 } moe_ckpt_state;
 
+/* A named fp32 buffer of the run saved beside the parameters (a gate's
+ * state): the same on every rank. */
+typedef struct moe_ckpt_buffer {
+    const char *name;
+    float *data;           /* backend memory */
+    int64_t n;
+} moe_ckpt_buffer;
+
 /* What the run is, to write into the header and check a file against. */
 typedef struct moe_ckpt_run {
     moe_runtime *rt;
@@ -86,6 +99,8 @@ typedef struct moe_ckpt_run {
     const moe_optimizer_ops *opt_ops;
     void *opt;
     int64_t vocab;         /* the task's dictionary size (recorded for the tools) */
+    int n_buffers;         /* saved, and restored by name (a checkpoint without one leaves it, with a warning) */
+    const moe_ckpt_buffer *buffers;
 } moe_ckpt_run;
 
 /* <dir>/<name> with "-rank-<rank>" inserted before a final ".pt" (appended
@@ -140,6 +155,19 @@ moe_status moe_ckpt_load(const moe_ckpt_run *run, const char *path, int load_opt
  * strings (free with moe_ckpt_free_args). */
 moe_status moe_ckpt_read_args(const char *path, int *argc, char ***argv);
 void moe_ckpt_free_args(int argc, char **argv);
+
+/* The state of a model's gates (moe_gate_ops.state, reached through
+ * moe_arch_ops.moe_gate once the arch has made its gates) as buffers named
+ * "<layer>.moe_layer.gate.expert_bias", <layer> the unit prefix of MoE layer
+ * j's "<layer>.moe_layer.gate.wg.weight"; none for gates without state.
+ * Free with moe_ckpt_free_buffers. */
+moe_status moe_ckpt_gate_buffers(moe_runtime *rt, const moe_arch_ops *arch, void *model, moe_ckpt_buffer **out,
+                                 int *n);
+void moe_ckpt_free_buffers(moe_ckpt_buffer *b, int n);
+/* The buffers of the checkpoint `path` names into bufs, by name, as
+ * moe_ckpt_load restores them (the tools' sessions, after
+ * moe_ckpt_load_params). */
+moe_status moe_ckpt_load_buffers(moe_runtime *rt, const char *path, const moe_ckpt_buffer *bufs, int n);
 
 /* Loads the parameters (and fp32 masters when the runtime keeps them) of
  * every unit of rt from the checkpoint, whatever world size wrote it;
@@ -216,6 +244,13 @@ const moe_ckpt_unit *moe_ckpt_unit_at(const moe_ckpt *c, int unit);
 int moe_ckpt_find_unit(const moe_ckpt *c, const char *name); /* -1 when absent */
 /* Reads every byte of every file: each section's checksum and each file's. */
 moe_status moe_ckpt_verify(moe_ckpt *c);
+
+/* The checkpoint's buffers (file 0's; every file holds the same). */
+int moe_ckpt_num_buffers(const moe_ckpt *c);
+void moe_ckpt_buffer_at(const moe_ckpt *c, int i, const char **name, int64_t *n);
+int moe_ckpt_find_buffer(const moe_ckpt *c, const char *name); /* -1 when absent */
+/* Buffer i's n fp32 values into dst, its checksum checked. */
+moe_status moe_ckpt_read_buffer(moe_ckpt *c, int i, float *dst);
 
 /* Elements [first, first + n) of a unit's parameters (master = 0) or fp32
  * masters (master = 1), converted to `dtype` (round to nearest even). */

@@ -70,6 +70,11 @@ const moe_option moe_core_options[] = {
      "path to save logs for tensorboard, should match --logdir of running tensorboard (default: no tensorboard "
      "logging); rank 0 writes train, train_inner and valid event files below it",
      NOLIMIT, NULL},
+    {"log-expert-load", MOE_OPT_FLAG, NULL,
+     "after each train_inner line, one line with the tokens routed to each expert of each MoE layer (before "
+     "capacity), summed over the log interval and the ranks: 'expert_load | <layer>: n0 n1 ... | <layer>: ...' "
+     "(with --tensorboard-logdir the expert_load histograms then sum the interval too)",
+     NOLIMIT, NULL},
 
     /* distributed training */
     {"distributed-world-size", MOE_OPT_INT, NULL,

@@ -149,6 +149,13 @@ static moe_status open_session(moe_session *s, const moe_session_config *cfg, in
     MOE_TRY(moe_runtime_alloc_params(s->rt));
     if (s->ckpt_path[0]) {
         MOE_TRY(moe_ckpt_load_params(s->rt, s->ckpt_path, &s->num_updates));
+        /* the gates' state (the expert bias routes in evaluation too) */
+        moe_ckpt_buffer *gb;
+        int ngb;
+        MOE_TRY(moe_ckpt_gate_buffers(s->rt, s->c.arch, s->c.model, &gb, &ngb));
+        moe_status lst = moe_ckpt_load_buffers(s->rt, s->ckpt_path, gb, ngb);
+        moe_ckpt_free_buffers(gb, ngb);
+        MOE_TRY(lst);
         moe_log(MOE_LOG_INFO, "fairseq.checkpoint_utils", "loaded checkpoint %s (%lld updates)", s->ckpt_path,
                 (long long)s->num_updates);
         /* randomness the model draws in evaluation (top-2 'sampling' adds

@@ -31,6 +31,7 @@
 #include "core/profile.h"
 #include "core/runctl.h"
 #include "core/scaler.h"
+#include "core/strbuf.h"
 #include "core/tensorboard.h"
 
 static const char *const metric_keys[MOE_NUM_METRICS] = {
@@ -38,13 +39,29 @@ static const char *const metric_keys[MOE_NUM_METRICS] = {
     "expert1_balance_bottom", "unused_expert1_count",  "expert2_balance_top",    "expert2_balance_bottom",
     "unused_expert2_count",   "all_to_all_cpu_time_ms", "all_to_all_cuda_time_ms"};
 
-/* host copy of the per-update reductions: stats then the two squared norms */
-enum { RED_NORM_DENSE = MOE_STAT_COUNT, RED_NORM_EXPERT, RED_NORM_SHARDED, RED_COUNT };
+/* host copy of the per-update reductions: stats, the three squared norms,
+ * then the gate's log fields (per micro-batch averages over the MoE layers,
+ * summed as the criterion sums the routing metrics) */
+enum {
+    RED_NORM_DENSE = MOE_STAT_COUNT,
+    RED_NORM_EXPERT,
+    RED_NORM_SHARDED,
+    RED_GATE,
+    RED_COUNT = RED_GATE + MOE_NUM_GATE_METRICS
+};
 
 /* what is summed over the ranks in fp64: the statistics, then this rank's
- * token, sentence and (non-dummy) batch counts, and whether a signal asked
- * this rank to stop (so the ranks agree on the update to stop after) */
-enum { SUM_NTOKENS = MOE_STAT_COUNT, SUM_NSENTENCES, SUM_BATCHES, SUM_STOP, SUM_COUNT };
+ * token, sentence and (non-dummy) batch counts, whether a signal asked
+ * this rank to stop (so the ranks agree on the update to stop after), and
+ * the gate's log fields */
+enum {
+    SUM_NTOKENS = MOE_STAT_COUNT,
+    SUM_NSENTENCES,
+    SUM_BATCHES,
+    SUM_STOP,
+    SUM_GATE,
+    SUM_COUNT = SUM_GATE + MOE_NUM_GATE_METRICS
+};
 
 typedef struct trainer {
     moe_runtime *rt;
@@ -57,6 +74,11 @@ typedef struct trainer {
     int log_interval, validate_interval_updates, disable_validation;
     double clip_norm;
     int log_moe;              /* the criterion logs MoE metrics and inner_loss */
+    int n_moe;                /* the model's MoE layers */
+    const moe_gate_ops *gate; /* their gate plugin (NULL without MoE layers) */
+    int gate_fields;          /* the gate's log fields (at most MOE_NUM_GATE_METRICS) */
+    moe_ckpt_buffer *gate_bufs; /* the gates' state, checkpointed */
+    int n_gate_bufs;
     int loss_scaling;
     moe_scaler scaler;
     int32_t *tokens, *targets;/* device (B,T) */
@@ -86,12 +108,13 @@ typedef struct trainer {
     /* --tensorboard-logdir */
     int tb_on;                /* asked for (every rank: the expert load is summed over them) */
     moe_tb *tb;               /* rank 0's writer, NULL elsewhere or after a write failed */
-    int load_collect;         /* this update's forwards count their routing (the update that is logged) */
+    int log_load;             /* --log-expert-load */
+    int load_collect;         /* this update's forwards count their routing (logged, or in a logged interval) */
     int in_forward;           /* inside a training forward (not a recomputation, not validation) */
     int load_experts;         /* E of the routing seen */
     int load_n;               /* MoE layers seen, in order */
     const char **load_layer;  /* their unit names */
-    double *load;             /* (load_n, E): tokens routed to each expert (first and second choices) */
+    double *load;             /* (load_n, E): tokens routed to each expert (every choice) */
     double *load_dropped;     /* (load_n, E): of those, dropped for capacity */
     int32_t *load_host;       /* host copy of one routing's expert and slot arrays */
     int64_t load_host_cap;
@@ -268,11 +291,27 @@ static moe_status setup(trainer *t)
     }
 
 
+    moe_model_info info;
+    memset(&info, 0, sizeof info);
+    t->c->arch->info(t->c->model, t->Tmax, &info);
+    t->n_moe = (int)info.num_moe_layers;
+    t->gate = t->n_moe > 0 ? h->gate_ops : NULL;
+    for (t->gate_fields = 0; t->gate && t->gate->log_fields && t->gate_fields < MOE_NUM_GATE_METRICS &&
+                             t->gate->log_fields[t->gate_fields];
+         t->gate_fields++)
+        ;
+    MOE_TRY(moe_ckpt_gate_buffers(t->rt, t->c->arch, t->c->model, &t->gate_bufs, &t->n_gate_bufs));
+    if (t->gate && t->gate->update && !t->c->arch->moe_gate)
+        moe_log(MOE_LOG_WARNING, "fairseq.trainer",
+                "the arch gives no access to its gates (moe_arch_ops.moe_gate, ABI 1.4): the gate's update does "
+                "not run and its state is not checkpointed");
+
     const char *tb_dir = moe_opts_str(o, "tensorboard-logdir");
     t->tb_on = tb_dir && *tb_dir;
-    if (t->tb_on) {
+    t->log_load = moe_opts_flag(o, "log-expert-load");
+    if (t->tb_on || t->log_load) {
         moe_opwrap_set_route_observer(observe_route, t);
-        if (h->rank == 0)
+        if (t->tb_on && h->rank == 0)
             MOE_TRY(moe_tb_open(tb_dir, &t->tb));
     }
     moe_profile_attach(h);
@@ -301,6 +340,7 @@ static void teardown(trainer *t)
     moe_meters_destroy(t->epoch_m);
     moe_opwrap_set_route_observer(NULL, NULL);
     moe_tb_close(t->tb);
+    moe_ckpt_free_buffers(t->gate_bufs, t->n_gate_bufs);
     free(t->load_layer);
     free(t->load);
     free(t->load_dropped);
@@ -336,6 +376,10 @@ static moe_status run_batch(trainer *t, const char *split, int64_t index, int tr
     in.sample_size = b->ntokens;
     in.grad_scale = grad_scale;
     in.stats = b->ntokens > 0 ? t->red : t->red_dummy;
+    if (t->gate_fields > 0 && out.gate_metrics && out.n_moe_layers > 0) /* averaged over the layers */
+        for (int f = 0; f < t->gate_fields; f++)
+            MOE_TRY(h->ops->sum_f32(h->ctx, in.stats + RED_GATE + f, out.gate_metrics + f, out.n_moe_layers,
+                                    MOE_NUM_GATE_METRICS, 1.0f / (float)out.n_moe_layers));
     in.scratch = t->scratch;
     float dl_aux = 0.0f;
     int loss = train ? moe_profile_begin(MOE_PROF_FORWARD, "loss") : -1;
@@ -365,6 +409,8 @@ static moe_status fetch_reductions(trainer *t, double *red, double *counts)
     for (int k = 0; k < 3; k++)
         sum[SUM_NTOKENS + k] = counts[k];
     sum[SUM_STOP] = moe_runctl_stop_signal() != 0 ? 1.0 : 0.0;
+    for (int k = 0; k < MOE_NUM_GATE_METRICS; k++)
+        sum[SUM_GATE + k] = red[RED_GATE + k];
     MOE_TRY(h->backend->copy_from_host(h->ctx, t->red64, sum, sizeof sum));
     MOE_TRY(h->comm_ops->all_reduce(h->comm, NULL, t->red64, SUM_COUNT, MOE_F64, MOE_REDUCE_SUM));
     MOE_TRY(h->backend->copy_to_host(h->ctx, sum, t->red64, sizeof sum));
@@ -373,6 +419,8 @@ static moe_status fetch_reductions(trainer *t, double *red, double *counts)
     for (int k = 0; k < 3; k++)
         counts[k] = sum[SUM_NTOKENS + k];
     t->stop_ranks = (int)sum[SUM_STOP];
+    for (int k = 0; k < MOE_NUM_GATE_METRICS; k++)
+        red[RED_GATE + k] = sum[SUM_GATE + k];
     return MOE_OK;
 }
 
@@ -445,7 +493,8 @@ static double mem_total_bytes(const moe_mem_stats *m)
 }
 
 /* the criterion's fields (§3.3): loss and, for MoE criteria, the gate loss,
- * the routing metrics and inner_loss; then ppl */
+ * the routing metrics and inner_loss; then ppl; the gate's own log fields
+ * (z_loss) come after every other field but the wall clock */
 static void log_losses(const trainer *t, moe_meters *m, const double *red, double ntokens, double batch_count)
 {
     const double ln2 = log(2.0);
@@ -457,6 +506,8 @@ static void log_losses(const trainer *t, moe_meters *m, const double *red, doubl
             moe_meters_scalar(m, metric_keys[k], red[MOE_STAT_METRICS + k] / batch_count, batch_count, 10, 3);
         moe_meters_scalar(m, "inner_loss", red[MOE_STAT_INNER_LOSS] / ss / ln2, ss, 10, 3);
         moe_meters_ppl(m, "ppl", "inner_loss", 20);
+        for (int k = 0; k < t->gate_fields; k++)
+            moe_meters_scalar(m, t->gate->log_fields[k], red[RED_GATE + k] / batch_count, batch_count, 1600, 8);
     } else {
         moe_meters_ppl(m, "ppl", "loss", 20);
     }
@@ -537,7 +588,7 @@ static void observe_route(void *ctx, const char *layer, const moe_route_args *a)
         memset(t->load_dropped + (size_t)li * (size_t)E, 0, (size_t)E * sizeof *t->load_dropped);
         t->load_n++;
     }
-    int64_t n = 2 * a->S;
+    int64_t n = (int64_t)(a->width > 0 ? a->width : 2) * a->S; /* every choice of every token */
     if (2 * n > t->load_host_cap) {
         int32_t *p = realloc(t->load_host, (size_t)(2 * n) * sizeof *p);
         if (!p)
@@ -584,10 +635,13 @@ static moe_status tb_expert_histogram(trainer *t, const char *name, const double
     return st;
 }
 
-/* The logged update's expert load, summed over the ranks (every rank takes
- * part), written by rank 0: per MoE layer, a histogram of the tokens each
- * expert was routed (expert_load/<layer>) and of those dropped for capacity
- * (expert_dropped/<layer>). */
+/* The logged update's expert load (the interval's with --log-expert-load),
+ * summed over the ranks (every rank takes part), written by rank 0: per MoE
+ * layer, a histogram of the tokens each expert was routed
+ * (expert_load/<layer>) and of those dropped for capacity
+ * (expert_dropped/<layer>); with --log-expert-load also one log line,
+ * "expert_load | <layer>: n0 n1 ... | <layer>: ...", layers in the order
+ * they route. */
 static moe_status log_expert_load(trainer *t)
 {
     const moe_host *h = t->h;
@@ -618,6 +672,21 @@ static moe_status log_expert_load(trainer *t)
         }
         free(all);
         MOE_TRY(st);
+    }
+    if (t->log_load && h->rank == 0) {
+        moe_strbuf line = {0};
+        moe_sb_puts(&line, "expert_load");
+        for (int li = 0; li < t->load_n; li++) {
+            moe_sb_printf(&line, " | %s:", t->load_layer[li] ? t->load_layer[li] : "moe_layer");
+            for (int e = 0; e < E; e++)
+                moe_sb_printf(&line, " %.0f", t->load[(size_t)li * (size_t)E + (size_t)e]);
+        }
+        if (line.failed) {
+            free(line.p);
+            return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+        }
+        moe_log(MOE_LOG_INFO, "moelm.expert_load", "%s", line.p);
+        free(line.p);
     }
     moe_status st = MOE_OK;
     for (int li = 0; li < t->load_n && t->tb && st == MOE_OK; li++) {
@@ -726,8 +795,14 @@ static moe_status validate(trainer *t)
 
 static moe_ckpt_run ckpt_run(const trainer *t)
 {
-    moe_ckpt_run run = {t->rt, moe_opts_str(t->o, "arch"), moe_opts_str(t->o, "optimizer"), t->c->optimizer,
-                        t->opt, t->c->task->vocab_size(t->c->task_state)};
+    moe_ckpt_run run = {t->rt,
+                        moe_opts_str(t->o, "arch"),
+                        moe_opts_str(t->o, "optimizer"),
+                        t->c->optimizer,
+                        t->opt,
+                        t->c->task->vocab_size(t->c->task_state),
+                        t->n_gate_bufs,
+                        t->gate_bufs};
     return run;
 }
 
@@ -854,6 +929,22 @@ static moe_status end_of_epoch(trainer *t)
     return MOE_OK;
 }
 
+/* Each MoE layer's gate update (the expert bias of aux-loss-free
+ * balancing), in layer order on every rank: the gates sum their loads over
+ * the ranks. After a successful step only: an overflowed step's loads count
+ * towards the next update. */
+static moe_status update_gates(trainer *t)
+{
+    if (!t->gate || !t->gate->update || !t->c->arch->moe_gate)
+        return MOE_OK;
+    for (int j = 0; j < t->n_moe; j++) {
+        void *g = t->c->arch->moe_gate(t->c->model, j);
+        if (g)
+            MOE_TRY(t->gate->update(g));
+    }
+    return MOE_OK;
+}
+
 /* One update: --update-freq micro-batches (fewer at the end of an epoch, as
  * fairseq's GroupedIterator), gradient reduction, norms, the overflow check,
  * clipping, the optimizer and scheduler steps. *updated is 0 when the step
@@ -917,6 +1008,7 @@ static moe_status train_step_inner(trainer *t, int *updated)
     span = moe_profile_begin(MOE_PROF_OPTIMIZER, "optimizer");
     MOE_TRY(t->c->optimizer->step(t->opt, t->lr, 1.0 / multiply, t->num_updates + 1));
     moe_profile_end(span);
+    MOE_TRY(update_gates(t));
     if (t->loss_scaling)
         moe_scaler_update(&t->scaler);
     t->num_updates++;
@@ -939,7 +1031,7 @@ static moe_status train_step_inner(trainer *t, int *updated)
     if (t->log_interval > 0 && t->num_updates % t->log_interval == 0) {
         emit(t, t->inner, "train_inner", "", 1, now);
         moe_meters_reset(t->inner, now_s());
-        if (t->tb_on)
+        if (t->tb_on || t->log_load)
             MOE_TRY(log_expert_load(t));
     }
     return MOE_OK;
@@ -950,7 +1042,7 @@ static moe_status train_step_inner(trainer *t, int *updated)
 static moe_status train_step(trainer *t, int *updated)
 {
     int64_t u = t->num_updates + 1;
-    t->load_collect = t->tb_on && t->log_interval > 0 && u % t->log_interval == 0;
+    t->load_collect = t->log_load || (t->tb_on && t->log_interval > 0 && u % t->log_interval == 0);
     moe_profile_step_begin(u);
     int span = moe_profile_begin(MOE_PROF_STEP, "update");
     moe_status st = train_step_inner(t, updated);

@@ -207,7 +207,7 @@ PIN(moe_expert_ffn_args, eout, 144);
 PIN(moe_expert_ffn_args, dt, 152);
 
 /* moe_ops, ops.h */
-PIN_SIZE(moe_ops, 320);
+PIN_SIZE(moe_ops, 352);
 PIN(moe_ops, fill, 0);
 PIN(moe_ops, cast, 8);
 PIN(moe_ops, axpby, 16);
@@ -248,6 +248,10 @@ PIN(moe_ops, graph_begin, 288); /* 1.3 */
 PIN(moe_ops, graph_end, 296); /* 1.3 */
 PIN(moe_ops, graph_launch, 304); /* 1.3 */
 PIN(moe_ops, graph_destroy, 312); /* 1.3 */
+PIN(moe_ops, dispatch_wide_forward, 320); /* 1.4 */
+PIN(moe_ops, dispatch_wide_backward, 328); /* 1.4 */
+PIN(moe_ops, combine_wide_forward, 336); /* 1.4 */
+PIN(moe_ops, combine_wide_backward, 344); /* 1.4 */
 
 /* moe_option, plugin.h */
 PIN_SIZE(moe_option, 56);
@@ -388,13 +392,14 @@ PIN(moe_task_ops, set_epoch, 56); /* 1.2 */
 PIN(moe_task_ops, max_batch, 64); /* 1.2 */
 
 /* moe_fwd_out, plugin.h */
-PIN_SIZE(moe_fwd_out, 48);
+PIN_SIZE(moe_fwd_out, 56);
 PIN(moe_fwd_out, logits, 0);
 PIN(moe_fwd_out, N, 8);
 PIN(moe_fwd_out, V, 16);
 PIN(moe_fwd_out, n_moe_layers, 24);
 PIN(moe_fwd_out, l_aux, 32);
 PIN(moe_fwd_out, metrics, 40);
+PIN(moe_fwd_out, gate_metrics, 48); /* 1.4 */
 
 /* moe_model_info, plugin.h */
 PIN_SIZE(moe_model_info, 64);
@@ -408,7 +413,7 @@ PIN(moe_model_info, local_experts, 48);
 PIN(moe_model_info, flops_per_token, 56);
 
 /* moe_arch_ops, plugin.h */
-PIN_SIZE(moe_arch_ops, 72);
+PIN_SIZE(moe_arch_ops, 80);
 PIN(moe_arch_ops, build, 0);
 PIN(moe_arch_ops, destroy, 8);
 PIN(moe_arch_ops, info, 16);
@@ -418,6 +423,7 @@ PIN(moe_arch_ops, backward, 40);
 PIN(moe_arch_ops, decode_setup, 48); /* 1.3 */
 PIN(moe_arch_ops, decode_step, 56); /* 1.3 */
 PIN(moe_arch_ops, decode_reset, 64); /* 1.3 */
+PIN(moe_arch_ops, moe_gate, 72); /* 1.4 */
 
 /* moe_gate_ops, plugin.h */
 PIN_SIZE(moe_gate_ops, 64);

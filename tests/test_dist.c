@@ -16,15 +16,17 @@
 
 #include "runcmd.h"
 
-#define TINY_MODEL                                                                                               \
+/* the model and run without a gate's flags */
+#define TINY_ANY_GATE                                                                                            \
     "--cpu --task dummy_lm --tokens-per-sample 32 --dict-size 96 "                                               \
     "--arch transformer_lm_gpt --share-decoder-input-output-embed "                                              \
     "--decoder-layers 2 --decoder-embed-dim 32 --decoder-ffn-embed-dim 64 --decoder-attention-heads 2 "          \
-    "--moe-freq 2 --moe-second-expert-policy all "                                                              \
+    "--moe-freq 2 "                                                                                              \
     "--criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum "                 \
     "--optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.002 --warmup-updates 2 "                                 \
     "--dropout 0 --attention-dropout 0 --batch-size 2 "                                                          \
     "--log-format json --log-interval 1 --max-update 6 --no-save "
+#define TINY_MODEL TINY_ANY_GATE "--moe-second-expert-policy all "
 #define TINY TINY_MODEL "--disable-validation "
 
 #define NUPD 6
@@ -119,6 +121,55 @@ static void test_dist_experts_4_over_2(void **s)
     (void)s;
     expect_same_losses(2, "--moe-expert-count 4 --update-freq 2 --moe-normalize-expert-grad world_size",
                        "--moe-expert-count 4 --update-freq 1 --moe-normalize-expert-grad world_size");
+}
+
+/* the general top-k router with everything it does across ranks: k = 4 of
+ * 8 experts (4 per rank), sigmoid scores, z-loss, the per-sequence loss,
+ * groups, and the expert bias whose loads are summed over the ranks; the
+ * z-loss and the per-expert loads (--log-expert-load, summed over ranks)
+ * match the one-rank run too */
+#define TOPK_FLAGS                                                                                               \
+    "--moe-expert-count 8 --moe-gate topk --moe-router-topk 4 --moe-router-score-function sigmoid "             \
+    "--moe-z-loss-coeff 0.001 --moe-aux-loss-type seq --moe-router-num-groups 4 --moe-router-group-topk 2 "      \
+    "--moe-router-enable-expert-bias --moe-router-bias-update-rate 0.01 --moe-normalize-expert-grad world_size " \
+    "--log-expert-load --disable-validation "
+
+static void test_dist_topk_experts_8_over_2(void **s)
+{
+    (void)s;
+    if (!have_mpirun) {
+        printf("SKIP: mpirun not found\n");
+        skip();
+    }
+    moe_cmd_result a, b;
+    assert_int_equal(run_ranks_on(1, TINY_ANY_GATE, TOPK_FLAGS "--update-freq 2", &a), 0);
+    assert_int_equal(run_ranks_on(2, TINY_ANY_GATE, TOPK_FLAGS "--update-freq 1", &b), 0);
+    if (a.status != 0 || b.status != 0)
+        fprintf(stderr, "%s\n%s\n%s\n%s\n", a.out, a.err, b.out, b.err);
+    assert_int_equal(a.status, 0);
+    assert_int_equal(b.status, 0);
+    double la[NUPD], lb[NUPD], za[NUPD], zb[NUPD];
+    assert_int_equal(values(a.out, "loss", la, NUPD), NUPD);
+    assert_int_equal(values(b.out, "loss", lb, NUPD), NUPD);
+    assert_int_equal(values(a.out, "z_loss", za, NUPD), NUPD);
+    assert_int_equal(values(b.out, "z_loss", zb, NUPD), NUPD);
+    for (int i = 0; i < NUPD; i++) {
+        if (fabs(la[i] - lb[i]) > 0.0025)
+            fail_msg("update %d: 1 rank loss %.3f, 2 ranks %.3f", i + 1, la[i], lb[i]);
+        if (!(za[i] > 0.0) || fabs(za[i] - zb[i]) > 1e-6 + 1e-4 * za[i])
+            fail_msg("update %d: 1 rank z_loss %.8f, 2 ranks %.8f", i + 1, za[i], zb[i]);
+    }
+    /* one expert_load line per logged update, on rank 0 only, the same counts */
+    assert_int_equal(moe_count_lines(a.out, "| expert_load | "), NUPD);
+    assert_int_equal(moe_count_lines(b.out, "| expert_load | "), NUPD);
+    for (const char *p = strstr(a.out, "| expert_load | "), *q = strstr(b.out, "| expert_load | "); p && q;
+         p = strstr(p + 1, "| expert_load | "), q = strstr(q + 1, "| expert_load | ")) {
+        size_t n = strcspn(p, "\n");
+        if (n != strcspn(q, "\n") || strncmp(p, q, n) != 0)
+            fail_msg("expert loads differ: 1 rank '%.*s', 2 ranks '%.*s'", (int)n, p, (int)strcspn(q, "\n"), q);
+    }
+    moe_cmd_result_free(&a);
+    moe_cmd_result_free(&b);
 }
 
 static void test_dist_experts_4_over_4(void **s)
@@ -271,7 +322,8 @@ int main(void)
     have_mpirun = moe_mpirun_prepare();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dist_data_parallel_2),  cmocka_unit_test(test_dist_experts_4_over_2),
-        cmocka_unit_test(test_dist_experts_4_over_4), cmocka_unit_test(test_dist_replicated_experts_2_over_4),
+cmocka_unit_test(test_dist_topk_experts_8_over_2),
+                cmocka_unit_test(test_dist_experts_4_over_4), cmocka_unit_test(test_dist_replicated_experts_2_over_4),
         cmocka_unit_test(test_dist_fully_sharded_2),  cmocka_unit_test(test_dist_fully_sharded_fp16_master_4),
         cmocka_unit_test(test_dist_normalizer_scaling), cmocka_unit_test(test_dist_a2a_perf_stats),
         cmocka_unit_test(test_dist_fully_sharded_checkpoint_validation),

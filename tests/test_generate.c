@@ -281,6 +281,56 @@ static void test_generate_decode_gates_and_layouts(void **state)
     close_model(&md);
 }
 
+#define TOPK_MODEL                                                                                               \
+    "--decoder-embed-dim 32 --decoder-ffn-embed-dim 48 --decoder-layers 4 --decoder-attention-heads 4 "         \
+    "--moe-expert-count 8 --moe-freq 2 --moe-expert-ffn-dim 40 --seed 5 --moe-eval-capacity-token-fraction 1.0 "
+
+/* every MoE layer's expert bias set to distinct values, large enough to
+ * change which experts the scores alone would pick */
+static void set_expert_bias(model *md)
+{
+    const moe_gate_ops *g = md->h->gate_ops;
+    for (int j = 0;; j++) {
+        void *gate = md->arch->moe_gate(md->m, j);
+        if (!gate)
+            break;
+        int64_t n = 0;
+        float *bias = g->state(gate, &n);
+        assert_non_null(bias);
+        float v[64];
+        assert_true(n > 0 && n <= 64);
+        for (int64_t e = 0; e < n; e++)
+            v[e] = 0.15f * (float)((e * 5 + j * 3) % 7) - 0.4f;
+        check_ok(md->h->backend->copy_from_host(md->h->ctx, bias, v, (uint64_t)n * 4), "set expert bias");
+    }
+}
+
+/* The general top-k router decodes through route_forward (never fairseq's
+ * softmax top-1/top-2 shortcut): more than two choices per token, sigmoid
+ * scores, groups and a selection bias route as the full forward routes. */
+static void test_generate_decode_topk(void **state)
+{
+    (void)state;
+    static const int one[] = {6}, long_one[] = {12}, pair[] = {4, 9};
+    model md;
+    open_model(&md,
+               TOPK_MODEL "--moe-router-topk 4 --moe-router-score-function sigmoid --moe-router-num-groups 4 "
+                          "--moe-router-group-topk 2 --moe-router-enable-expert-bias --moe-aux-loss-type seq",
+               "topk");
+    set_expert_bias(&md);
+    decode_vs_forward(&md, 1, one, 6, 8, NULL, 1e-4, "topk 4 sigmoid, groups, bias (rows mode)");
+    decode_vs_forward(&md, 1, long_one, 12, 4, NULL, 1e-4, "topk 4 sigmoid, groups, bias (matrix mode)");
+    decode_vs_forward(&md, 2, pair, 9, 5, NULL, 1e-4, "topk 4 sigmoid, groups, bias, batch of 2");
+    close_model(&md);
+    open_model(&md, TOPK_MODEL "--moe-router-topk 2 --moe-router-enable-expert-bias", "topk");
+    set_expert_bias(&md);
+    decode_vs_forward(&md, 2, pair, 9, 5, NULL, 1e-4, "topk 2 softmax, bias");
+    close_model(&md);
+    open_model(&md, TOPK_MODEL "--moe-router-topk 1 --moe-router-pre-softmax", "topk");
+    decode_vs_forward(&md, 1, one, 6, 6, NULL, 1e-4, "topk 1 softmax, pre-softmax weights");
+    close_model(&md);
+}
+
 /* A fraction below 1 drops by capacity; a prompt fed at once is routed as
  * the forward over that prompt routes it (the same tokens in one call). */
 static void test_generate_decode_capacity_drops(void **state)
@@ -688,6 +738,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_generate_decode_matches_forward),
         cmocka_unit_test(test_generate_decode_gates_and_layouts),
+        cmocka_unit_test(test_generate_decode_topk),
         cmocka_unit_test(test_generate_decode_capacity_drops),
         cmocka_unit_test(test_generate_decode_half_precision),
         cmocka_unit_test(test_generate_decode_refusals),

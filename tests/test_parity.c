@@ -1064,6 +1064,93 @@ static void test_parity_dispatch_combine(void **state)
     end_case();
 }
 
+/* Dispatch and combine over W = k choices per token (the *_wide_* ops) at
+ * production sizes: 8,192 tokens routed by the cpu's top-k router to k = 4
+ * and 8 of 64 experts at capacity k * ceil(S / E), so some choices drop. */
+static void test_parity_dispatch_combine_wide(void **state)
+{
+    (void)state;
+    begin_case();
+    const int64_t S = 8192, d = 32;
+    const int E = 64, ks[] = {4, 8};
+    char what[128];
+    for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++) {
+        const int W = ks[ki];
+        const int64_t Cap = (int64_t)W * ((S + E - 1) / E);
+        const size_t SE = (size_t)(S * E), SW = (size_t)(S * W), rows = (size_t)(E * Cap);
+        pbuf logits = pb_rand(MOE_F32, SE, -2.0f, 2.0f), probs = pb_nan(MOE_F32, SE);
+        pbuf expert = pb_nan(MOE_I32, SW), slot = pb_nan(MOE_I32, SW), weight = pb_nan(MOE_F32, SW);
+        pbuf l_aux = pb_nan(MOE_F32, 1), metrics = pb_nan(MOE_F32, MOE_NUM_METRICS);
+        pbuf ws = pb_alloc((size_t)g_cpu.ops->route_workspace_bytes(S, E));
+        moe_route_args a;
+        memset(&a, 0, sizeof a);
+        a.topk = 1;
+        a.S = S;
+        a.E = E;
+        a.k = W;
+        a.width = W;
+        a.capacity = Cap;
+        a.renormalize = 1;
+        a.aux = MOE_AUX_BATCH;
+        a.logits = (const float *)logits.c;
+        a.probs = (float *)probs.c;
+        a.expert = (int32_t *)expert.c;
+        a.slot = (int32_t *)slot.c;
+        a.weight = (float *)weight.c;
+        a.l_aux = (float *)l_aux.c;
+        a.metrics = (float *)metrics.c;
+        a.workspace = ws.c;
+        assert_int_equal(g_cpu.ops->route_forward(g_cpu.ctx, &a), MOE_OK);
+        pb_sync_from_cpu(&expert, SW * 4);
+        pb_sync_from_cpu(&slot, SW * 4);
+        pb_sync_from_cpu(&weight, SW * 4);
+        for (int t = 0; t < 3; t++) {
+            const moe_dtype dt = k_dtypes[t];
+            const double tol = tol_of(dt);
+            pbuf x = pb_rand(dt, (size_t)(S * d), -1.0f, 1.0f), out = pb_nan(dt, rows * (size_t)d);
+#define EXP(s) ((const int32_t *)expert.s)
+#define SLT(s) ((const int32_t *)slot.s)
+#define WGT(s) ((const float *)weight.s)
+#define DF(o, cx, s) (o)->dispatch_wide_forward((cx), out.s, x.s, EXP(s), SLT(s), S, W, E, Cap, d, dt)
+            BOTH("dispatch_wide_forward", DF);
+#undef DF
+            snprintf(what, sizeof what, "dispatch_wide_forward k%d E%d", W, E);
+            compare(what, &out, dt, rows * (size_t)d, tol);
+            pbuf dout = pb_rand(dt, rows * (size_t)d, -1.0f, 1.0f), dx = pb_rand(dt, (size_t)(S * d), -1.0f, 1.0f);
+#define DB(o, cx, s) (o)->dispatch_wide_backward((cx), dx.s, dout.s, EXP(s), SLT(s), S, W, E, Cap, d, dt)
+            BOTH("dispatch_wide_backward", DB);
+#undef DB
+            snprintf(what, sizeof what, "dispatch_wide_backward k%d E%d (accumulates)", W, E);
+            compare(what, &dx, dt, (size_t)(S * d), tol);
+            pbuf eout = pb_rand(dt, rows * (size_t)d, -1.0f, 1.0f), y = pb_nan(dt, (size_t)(S * d));
+#define CF(o, cx, s) (o)->combine_wide_forward((cx), y.s, eout.s, EXP(s), SLT(s), WGT(s), S, W, E, Cap, d, dt)
+            BOTH("combine_wide_forward", CF);
+#undef CF
+            snprintf(what, sizeof what, "combine_wide_forward k%d E%d", W, E);
+            compare(what, &y, dt, (size_t)(S * d), tol);
+            pbuf dy = pb_rand(dt, (size_t)(S * d), -1.0f, 1.0f), deout = pb_nan(dt, rows * (size_t)d);
+            pbuf dw = pb_nan(MOE_F32, SW);
+#define CB(o, cx, s)                                                                                              \
+    (o)->combine_wide_backward((cx), deout.s, (float *)dw.s, dy.s, eout.s, EXP(s), SLT(s), WGT(s), S, W, E, Cap, d, \
+                               dt)
+            BOTH("combine_wide_backward", CB);
+#undef CB
+#undef EXP
+#undef SLT
+#undef WGT
+            snprintf(what, sizeof what, "combine_wide_backward deout k%d E%d", W, E);
+            compare(what, &deout, dt, rows * (size_t)d, tol);
+            snprintf(what, sizeof what, "combine_wide_backward dweight k%d E%d", W, E);
+            compare(what, &dw, MOE_F32, SW, TOL32);
+            pb_free(&x); pb_free(&out); pb_free(&dout); pb_free(&dx); pb_free(&eout); pb_free(&y); pb_free(&dy);
+            pb_free(&deout); pb_free(&dw);
+        }
+        pb_free(&logits); pb_free(&probs); pb_free(&expert); pb_free(&slot); pb_free(&weight);
+        pb_free(&l_aux); pb_free(&metrics); pb_free(&ws);
+    }
+    end_case();
+}
+
 /* -------------------------------------------------------- optimizers */
 
 typedef struct adam_case {
@@ -1998,7 +2085,7 @@ int main(void)
         cmocka_unit_test(test_parity_layernorm),     cmocka_unit_test(test_parity_embedding),
         cmocka_unit_test(test_parity_cross_entropy), cmocka_unit_test(test_parity_attention),
         cmocka_unit_test(test_parity_route),         cmocka_unit_test(test_parity_route_topk),
-        cmocka_unit_test(test_parity_dispatch_combine),
+        cmocka_unit_test(test_parity_dispatch_combine), cmocka_unit_test(test_parity_dispatch_combine_wide),
         cmocka_unit_test(test_parity_optim),         cmocka_unit_test(test_parity_memory_and_copies),
         cmocka_unit_test(test_parity_determinism),
         cmocka_unit_test(test_parity_decode_rowlinear),   cmocka_unit_test(test_parity_decode_attention),

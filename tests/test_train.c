@@ -4,7 +4,10 @@
  *    at least half within a few hundred updates; every §8 field is present;
  *  - two identical runs (dropout on) give identical logs apart from timing;
  *  - the reference precision flags (memory-efficient fp16, fp16 Adam moments,
- *    activation checkpointing) train too, with the loss scale logged. */
+ *    activation checkpointing) train too, with the loss scale logged;
+ *  - the general top-k router (k = 4, sigmoid, z-loss, per-sequence loss,
+ *    groups, expert bias) learns, logs z_loss and the expert loads, and its
+ *    bias survives a checkpoint: a resumed run logs the same updates. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -17,6 +20,7 @@
 #include <cmocka.h>
 
 #include "runcmd.h"
+#include "tmpdir.h"
 
 #define TINY                                                                                                     \
     "--cpu --task dummy_lm --tokens-per-sample 64 --dict-size 996 "                                              \
@@ -182,10 +186,93 @@ static void test_train_loss_scaler_overflow_and_minimum(void **state)
     moe_cmd_result_free(&r);
 }
 
+/* the general top-k router with all it does: k = 4 of 8 experts, sigmoid
+ * scores, z-loss, the per-sequence loss, groups, the expert bias */
+#define TOPK                                                                                                     \
+    "--cpu --task dummy_lm --tokens-per-sample 32 --dict-size 996 "                                              \
+    "--arch transformer_lm_gpt --share-decoder-input-output-embed "                                              \
+    "--decoder-layers 2 --decoder-embed-dim 32 --decoder-ffn-embed-dim 64 --decoder-attention-heads 4 "         \
+    "--moe-expert-count 8 --moe-freq 2 --moe-gate topk --moe-router-topk 4 --moe-router-score-function sigmoid " \
+    "--moe-z-loss-coeff 0.001 --moe-aux-loss-type seq --moe-router-num-groups 4 --moe-router-group-topk 2 "      \
+    "--moe-router-enable-expert-bias --moe-router-bias-update-rate 0.01 --moe-eval-capacity-token-fraction -1.0 " \
+    "--criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --moe-gate-loss-combine-method sum "                 \
+    "--optimizer adam --lr 0.005 --clip-norm 0.0 --dropout 0.1 --batch-size 4 --disable-validation "           \
+    "--log-format json --log-interval 5 --log-expert-load --max-update 40 "                                      \
+    "--save-interval-updates 20 --no-epoch-checkpoints "
+
+/* the train_inner lines of `out` from the n-th on, timing stripped */
+static char *inner_lines_from(const char *out, int n)
+{
+    const char *p = strstr(out, "| train_inner | ");
+    for (int i = 0; i < n && p; i++)
+        p = strstr(p + 1, "| train_inner | ");
+    assert_non_null(p);
+    size_t len = 0;
+    char *r = malloc(strlen(p) + 1);
+    assert_non_null(r);
+    for (const char *q = p; q; q = strstr(q + 1, "| train_inner | ")) {
+        size_t k = strcspn(q, "\n");
+        memcpy(r + len, q, k);
+        len += k;
+        r[len++] = '\n';
+    }
+    r[len] = '\0';
+    strip_timing(r);
+    return r;
+}
+
+/* It learns and logs z_loss and the expert loads; the bias moves, is saved,
+ * and a run resumed from the checkpoint logs the same updates afterwards. */
+static void test_train_topk_router(void **state)
+{
+    (void)state;
+    char dir[128], args[2048], cmd[512];
+    assert_int_equal(moe_test_mkdtemp(dir, sizeof dir, "topk"), 0);
+    moe_cmd_result a, b, info;
+    snprintf(args, sizeof args, TOPK "--save-dir %s", dir);
+    assert_int_equal(moe_run_train(args, &a), 0);
+    if (a.status != 0)
+        fprintf(stderr, "%s\n%s\n", a.out, a.err);
+    assert_int_equal(a.status, 0);
+    assert_int_equal(moe_count_lines(a.out, "| train_inner | "), 8);
+    assert_int_equal(moe_count_lines(a.out, "| expert_load | decoder.layers.1: "), 8);
+    const char *z = strstr(strstr(a.out, "| train_inner | "), "\"z_loss\": \"");
+    assert_non_null(z);
+    assert_true(atof(z + 11) > 0.0);
+    double l0 = loss_of_line(a.out, 0), l_last = loss_of_line(a.out, 7);
+    fprintf(stderr, "topk: first loss %.3f, last loss %.3f\n", l0, l_last);
+    assert_true(l_last < 0.75 * l0);
+
+    /* the bias left zero by now would mean no update ran */
+    snprintf(cmd, sizeof cmd, "%s/moelm-checkpoint info %s/checkpoint_1_20.pt", MOE_TEST_BIN_DIR, dir);
+    assert_int_equal(moe_run_shell(cmd, &info), 0);
+    assert_int_equal(info.status, 0);
+    const char *bias = strstr(info.out, "decoder.layers.1.moe_layer.gate.expert_bias [8] fp32, min ");
+    assert_non_null(bias);
+    double lo = 0.0, hi = 0.0;
+    assert_int_equal(sscanf(bias, "decoder.layers.1.moe_layer.gate.expert_bias [8] fp32, min %lf, max %lf", &lo, &hi),
+                     2);
+    assert_true(lo < 0.0 && hi > 0.0);
+
+    snprintf(args, sizeof args, TOPK "--save-dir %s --restore-file checkpoint_1_20.pt", dir);
+    assert_int_equal(moe_run_train(args, &b), 0);
+    assert_int_equal(b.status, 0);
+    assert_int_equal(moe_count_lines(b.out, "| train_inner | "), 4);
+    char *after_a = inner_lines_from(a.out, 4), *after_b = inner_lines_from(b.out, 0);
+    assert_string_equal(after_a, after_b);
+    free(after_a);
+    free(after_b);
+    moe_cmd_result_free(&a);
+    moe_cmd_result_free(&b);
+    moe_cmd_result_free(&info);
+    assert_int_equal(moe_test_rmtree(dir), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_train_tiny_model_learns),
+        cmocka_unit_test(test_train_topk_router),
         cmocka_unit_test(test_train_identical_runs_identical_logs),
         cmocka_unit_test(test_train_reference_precision_flags),
         cmocka_unit_test(test_train_precision_modes),

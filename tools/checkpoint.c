@@ -383,12 +383,50 @@ static json_t *info_json(const moe_ckpt *c, const char *path)
         json_array_append_new(units, x);
     }
     json_object_set_new(j, "units", units);
+    json_t *bufs = json_array();
+    for (int i = 0; i < moe_ckpt_num_buffers(c); i++) {
+        const char *name;
+        int64_t n;
+        moe_ckpt_buffer_at(c, i, &name, &n);
+        json_t *x = json_object(), *shape = json_array();
+        json_object_set_new(x, "name", json_string(name));
+        json_array_append_new(shape, json_integer((json_int_t)n));
+        json_object_set_new(x, "shape", shape);
+        json_object_set_new(x, "dtype", json_string("F32"));
+        json_array_append_new(bufs, x);
+    }
+    json_object_set_new(j, "buffers", bufs);
     int64_t ne, ex;
     counts(c, &ne, &ex);
     json_object_set_new(j, "num_non_expert_params", json_integer((json_int_t)ne));
     json_object_set_new(j, "num_expert_params", json_integer((json_int_t)ex));
     json_object_set_new(j, "num_params", json_integer((json_int_t)(ne + ex)));
     return j;
+}
+
+/* the buffers (gate state): name, size, and the range of the values */
+static moe_status info_buffers(moe_ckpt *c)
+{
+    if (moe_ckpt_num_buffers(c) > 0)
+        printf("buffers: %d\n", moe_ckpt_num_buffers(c));
+    for (int i = 0; i < moe_ckpt_num_buffers(c); i++) {
+        const char *name;
+        int64_t n;
+        moe_ckpt_buffer_at(c, i, &name, &n);
+        float *v = malloc(n > 0 ? (size_t)n * sizeof *v : 1u);
+        if (!v)
+            return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+        moe_status st = moe_ckpt_read_buffer(c, i, v);
+        float lo = n > 0 ? v[0] : 0.0f, hi = lo;
+        for (int64_t k = 1; k < n; k++) {
+            lo = v[k] < lo ? v[k] : lo;
+            hi = v[k] > hi ? v[k] : hi;
+        }
+        free(v);
+        MOE_TRY(st);
+        printf("  %s [%lld] fp32, min %.6g, max %.6g\n", name, (long long)n, (double)lo, (double)hi);
+    }
+    return MOE_OK;
 }
 
 static void info_text(const moe_ckpt *c, const char *path)
@@ -651,6 +689,26 @@ static moe_status write_safetensors(moe_ckpt *c, moe_dtype dt, int from_master, 
             json_object_set_new(hdr, t->name, x);
         }
     }
+    for (int i = 0; i < moe_ckpt_num_buffers(c); i++) { /* gate state, fp32 whatever the export dtype */
+        const char *name;
+        int64_t bn;
+        moe_ckpt_buffer_at(c, i, &name, &bn);
+        json_t *x = json_object(), *shape = json_array(), *offs = json_array();
+        json_object_set_new(x, "dtype", json_string("F32"));
+        json_array_append_new(shape, json_integer((json_int_t)bn));
+        json_object_set_new(x, "shape", shape);
+        json_array_append_new(offs, json_integer((json_int_t)off));
+        off += (uint64_t)bn * 4u;
+        json_array_append_new(offs, json_integer((json_int_t)off));
+        json_object_set_new(x, "data_offsets", offs);
+        if (json_object_get(hdr, name)) {
+            json_decref(x);
+            json_decref(hdr);
+            return moe_error_set(MOE_ERR_INVALID_ARG, "checkpoint %s names tensor '%s' twice",
+                                 moe_ckpt_file_path(c, 0), name);
+        }
+        json_object_set_new(hdr, name, x);
+    }
     char *text = json_dumps(hdr, JSON_COMPACT | JSON_PRESERVE_ORDER);
     json_decref(hdr);
     if (!text)
@@ -682,6 +740,19 @@ static moe_status write_safetensors(moe_ckpt *c, moe_dtype dt, int from_master, 
                     ok = fwrite(data, es, (size_t)len, f) == (size_t)len;
             }
         }
+    }
+    for (int i = 0; i < moe_ckpt_num_buffers(c) && st == MOE_OK && ok; i++) {
+        const char *name;
+        int64_t bn;
+        moe_ckpt_buffer_at(c, i, &name, &bn);
+        float *v = bn <= chunk ? data : NULL; /* gate state: E values, far below a chunk */
+        if (!v)
+            st = moe_error_set(MOE_ERR_UNSUPPORTED, "buffer '%s' of %lld values is too large to export", name,
+                               (long long)bn);
+        if (st == MOE_OK)
+            st = moe_ckpt_read_buffer(c, i, v);
+        if (st == MOE_OK)
+            ok = fwrite(v, 4, (size_t)bn, f) == (size_t)bn;
     }
     free(data);
     if (st == MOE_OK && (!ok || fflush(f) != 0 || fsync(fileno(f)) != 0))
@@ -750,6 +821,7 @@ static moe_status cmd_info(moe_ckpt *c, moe_opts *o, const char *path)
         json_decref(j);
     } else {
         info_text(c, path);
+        MOE_TRY(info_buffers(c));
         if (moe_opts_flag(o, "verify"))
             printf("every checksum matches\n");
     }

@@ -438,6 +438,26 @@ typedef struct moe_ops {
     moe_status (*graph_end)(moe_ctx *c, void **graph);
     moe_status (*graph_launch)(moe_ctx *c, void *graph);
     void (*graph_destroy)(moe_ctx *c, void *graph);
+
+    /* ---- (ABI 1.4) dispatch and combine over W choices per token ----
+     * dispatch_forward through combine_backward with expert, slot, weight
+     * and dweight (S,W) instead of (S,2), W >= 1 (moe_route_args.width: the
+     * general top-k router with k > 2); at W = 2 they are the ops above.
+     * Choices are summed in the order j = 0..W-1. NULL in a table of an
+     * older minor: the MoE layer then refuses more than two choices per
+     * token, naming the op. */
+    moe_status (*dispatch_wide_forward)(moe_ctx *c, void *out, const void *x, const int32_t *expert,
+                                        const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                        moe_dtype dt);
+    moe_status (*dispatch_wide_backward)(moe_ctx *c, void *dx, const void *dout, const int32_t *expert,
+                                         const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                         moe_dtype dt);
+    moe_status (*combine_wide_forward)(moe_ctx *c, void *y, const void *eout, const int32_t *expert,
+                                       const int32_t *slot, const float *weight, int64_t S, int W, int E, int64_t C,
+                                       int64_t d, moe_dtype dt);
+    moe_status (*combine_wide_backward)(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
+                                        const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
+                                        int W, int E, int64_t C, int64_t d, moe_dtype dt);
 } moe_ops;
 
 #ifdef __cplusplus

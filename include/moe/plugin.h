@@ -46,7 +46,9 @@
  *       moe_expert_ffn_args.
  *  1.4  moe_host: plan, plan_experts (and the struct moe_parallel_plan);
  *       moe_gate_ops: log_fields, update, state; moe_route_args: topk
- *       through gate_metrics (the top-k router's fields).
+ *       through gate_metrics (the top-k router's fields); moe_ops:
+ *       dispatch_wide_forward through combine_wide_backward; moe_fwd_out:
+ *       gate_metrics; moe_arch_ops: moe_gate.
  */
 #ifndef MOE_PLUGIN_H
 #define MOE_PLUGIN_H
@@ -402,6 +404,10 @@ typedef struct moe_fwd_out {
     int n_moe_layers;
     float *l_aux;          /* (n_moe_layers) fp32 */
     float *metrics;        /* (n_moe_layers, MOE_NUM_METRICS) fp32 */
+    /* (ABI 1.4) (n_moe_layers, MOE_NUM_GATE_METRICS) fp32: what each MoE
+     * layer's gate wrote for its log_fields (zeros for fields it lacks), or
+     * NULL (an arch of an older minor: the gate's fields are not logged) */
+    float *gate_metrics;
 } moe_fwd_out;
 
 typedef struct moe_model_info {
@@ -448,6 +454,14 @@ typedef struct moe_arch_ops {
                               int all_positions, const float **logits);
     /* Every row back to empty (a new batch of prompts). */
     moe_status (*decode_reset)(void *model);
+    /* (ABI 1.4) the gate instance (moe_gate_ops' `gate`) of MoE layer j,
+     * 0 <= j < num_moe_layers, after build once host->gate_ops is set (the
+     * arch makes its gates then if it has not yet); NULL otherwise. The core calls the gate's update once per update
+     * and saves and restores its state in checkpoints through it. NULL (an
+     * arch of an older minor): the core reaches no gate, so no gate update
+     * runs and no gate state is saved; it warns once when the gate has an
+     * update. */
+    void *(*moe_gate)(void *model, int j);
 } moe_arch_ops;
 
 /* decode_setup flags */

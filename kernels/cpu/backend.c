@@ -297,6 +297,10 @@ static const moe_ops cpu_ops_table = {
     .expert_ffn_forward = moe_cpu_expert_ffn_forward,
     .logits_stats = moe_cpu_logits_stats,
     /* graph_*: NULL, every op runs when it is called */
+    .dispatch_wide_forward = moe_cpu_dispatch_wide_forward,
+    .dispatch_wide_backward = moe_cpu_dispatch_wide_backward,
+    .combine_wide_forward = moe_cpu_combine_wide_forward,
+    .combine_wide_backward = moe_cpu_combine_wide_backward,
 };
 
 static const moe_backend_ops cpu_backend = {

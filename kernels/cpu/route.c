@@ -577,26 +577,26 @@ moe_status moe_cpu_route_backward(moe_ctx *c, const moe_route_args *a, const flo
 /* ------------------------------------------------- dispatch and combine */
 
 static moe_status check_assign(moe_ctx *c, const char *op, const int32_t *expert, const int32_t *slot, int64_t S,
-                               int E, int64_t C, int64_t d, moe_dtype dt)
+                               int W, int E, int64_t C, int64_t d, moe_dtype dt)
 {
     if (dt != MOE_F32 && dt != MOE_F16 && dt != MOE_BF16)
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected storage dtype f32, f16 or bf16, found %d", op,
                            (int)dt);
-    if (S < 0 || E < 1 || C < 0 || d < 0)
+    if (S < 0 || W < 1 || E < 1 || C < 0 || d < 0)
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
-                           "cpu %s: expected S >= 0, E >= 1, C >= 0, d >= 0, found S = %lld, E = %d, C = %lld, "
-                           "d = %lld",
-                           op, (long long)S, E, (long long)C, (long long)d);
+                           "cpu %s: expected S >= 0, W >= 1, E >= 1, C >= 0, d >= 0, found S = %lld, W = %d, "
+                           "E = %d, C = %lld, d = %lld",
+                           op, (long long)S, W, E, (long long)C, (long long)d);
     if (S > 0 && (expert == NULL || slot == NULL))
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected expert and slot arrays, found NULL", op);
-    for (int64_t i = 0; i < 2 * S; i++) {
+    for (int64_t i = 0; i < W * S; i++) {
         if (expert[i] < 0 || slot[i] < 0)
             continue;
         if (expert[i] >= E || slot[i] >= C)
             return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
                                "cpu %s: expected (expert, slot) in [0, %d) x [0, %lld), found (%d, %d) at token "
                                "%lld choice %d; pass the routing route_forward wrote with the same capacity",
-                               op, E, (long long)C, expert[i], slot[i], (long long)(i / 2), (int)(i % 2));
+                               op, E, (long long)C, expert[i], slot[i], (long long)(i / W), (int)(i % W));
     }
     return MOE_OK;
 }
@@ -607,19 +607,52 @@ static int64_t assign_row(const int32_t *expert, const int32_t *slot, int64_t i,
     return expert[i] >= 0 && slot[i] >= 0 ? (int64_t)expert[i] * C + slot[i] : -1;
 }
 
-moe_status moe_cpu_dispatch_forward(moe_ctx *c, void *out, const void *x, const int32_t *expert,
-                                    const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
+/* The ops of two choices per token are the wide ops at W = 2. */
+
+moe_status moe_cpu_dispatch_wide_forward(moe_ctx *c, void *out, const void *x, const int32_t *expert,
+                                         const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                         moe_dtype dt)
 {
-    MOE_TRY(check_assign(c, "dispatch_forward", expert, slot, S, E, C, d, dt));
+    MOE_TRY(check_assign(c, "dispatch_forward", expert, slot, S, W, E, C, d, dt));
     const int64_t rows = (int64_t)E * C;
     for (int64_t i = 0; i < rows * d; i++)
         moe_cpu_store(out, dt, i, 0.0f);
-    for (int64_t i = 0; i < 2 * S; i++) {
+    for (int64_t i = 0; i < W * S; i++) {
         int64_t r = assign_row(expert, slot, i, C);
         if (r < 0)
             continue;
         for (int64_t j = 0; j < d; j++)
-            moe_cpu_store(out, dt, r * d + j, moe_cpu_load(x, dt, (i / 2) * d + j));
+            moe_cpu_store(out, dt, r * d + j, moe_cpu_load(x, dt, (i / W) * d + j));
+    }
+    return MOE_OK;
+}
+
+moe_status moe_cpu_dispatch_forward(moe_ctx *c, void *out, const void *x, const int32_t *expert,
+                                    const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
+{
+    return moe_cpu_dispatch_wide_forward(c, out, x, expert, slot, S, 2, E, C, d, dt);
+}
+
+moe_status moe_cpu_dispatch_wide_backward(moe_ctx *c, void *dx, const void *dout, const int32_t *expert,
+                                          const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                          moe_dtype dt)
+{
+    MOE_TRY(check_assign(c, "dispatch_backward", expert, slot, S, W, E, C, d, dt));
+    for (int64_t s = 0; s < S; s++) {
+        int any = 0;
+        for (int k = 0; k < W; k++)
+            any |= assign_row(expert, slot, s * W + k, C) >= 0;
+        if (!any)
+            continue;
+        for (int64_t j = 0; j < d; j++) {
+            double acc = (double)moe_cpu_load(dx, dt, s * d + j);
+            for (int k = 0; k < W; k++) {
+                int64_t r = assign_row(expert, slot, s * W + k, C);
+                if (r >= 0)
+                    acc += (double)moe_cpu_load(dout, dt, r * d + j);
+            }
+            moe_cpu_store(dx, dt, s * d + j, (float)acc);
+        }
     }
     return MOE_OK;
 }
@@ -627,18 +660,25 @@ moe_status moe_cpu_dispatch_forward(moe_ctx *c, void *out, const void *x, const 
 moe_status moe_cpu_dispatch_backward(moe_ctx *c, void *dx, const void *dout, const int32_t *expert,
                                      const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
 {
-    MOE_TRY(check_assign(c, "dispatch_backward", expert, slot, S, E, C, d, dt));
+    return moe_cpu_dispatch_wide_backward(c, dx, dout, expert, slot, S, 2, E, C, d, dt);
+}
+
+moe_status moe_cpu_combine_wide_forward(moe_ctx *c, void *y, const void *eout, const int32_t *expert,
+                                        const int32_t *slot, const float *weight, int64_t S, int W, int E, int64_t C,
+                                        int64_t d, moe_dtype dt)
+{
+    MOE_TRY(check_assign(c, "combine_forward", expert, slot, S, W, E, C, d, dt));
+    if (S > 0 && weight == NULL)
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu combine_forward: expected weights, found NULL");
     for (int64_t s = 0; s < S; s++) {
-        int64_t r0 = assign_row(expert, slot, s * 2, C), r1 = assign_row(expert, slot, s * 2 + 1, C);
-        if (r0 < 0 && r1 < 0)
-            continue;
         for (int64_t j = 0; j < d; j++) {
-            double acc = (double)moe_cpu_load(dx, dt, s * d + j);
-            if (r0 >= 0)
-                acc += (double)moe_cpu_load(dout, dt, r0 * d + j);
-            if (r1 >= 0)
-                acc += (double)moe_cpu_load(dout, dt, r1 * d + j);
-            moe_cpu_store(dx, dt, s * d + j, (float)acc);
+            double acc = 0.0;
+            for (int k = 0; k < W; k++) {
+                int64_t r = assign_row(expert, slot, s * W + k, C);
+                if (r >= 0)
+                    acc += (double)weight[s * W + k] * (double)moe_cpu_load(eout, dt, r * d + j);
+            }
+            moe_cpu_store(y, dt, s * d + j, (float)acc);
         }
     }
     return MOE_OK;
@@ -647,35 +687,21 @@ moe_status moe_cpu_dispatch_backward(moe_ctx *c, void *dx, const void *dout, con
 moe_status moe_cpu_combine_forward(moe_ctx *c, void *y, const void *eout, const int32_t *expert, const int32_t *slot,
                                    const float *weight, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
 {
-    MOE_TRY(check_assign(c, "combine_forward", expert, slot, S, E, C, d, dt));
-    if (S > 0 && weight == NULL)
-        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu combine_forward: expected weights, found NULL");
-    for (int64_t s = 0; s < S; s++) {
-        int64_t r0 = assign_row(expert, slot, s * 2, C), r1 = assign_row(expert, slot, s * 2 + 1, C);
-        for (int64_t j = 0; j < d; j++) {
-            double acc = 0.0;
-            if (r0 >= 0)
-                acc += (double)weight[s * 2] * (double)moe_cpu_load(eout, dt, r0 * d + j);
-            if (r1 >= 0)
-                acc += (double)weight[s * 2 + 1] * (double)moe_cpu_load(eout, dt, r1 * d + j);
-            moe_cpu_store(y, dt, s * d + j, (float)acc);
-        }
-    }
-    return MOE_OK;
+    return moe_cpu_combine_wide_forward(c, y, eout, expert, slot, weight, S, 2, E, C, d, dt);
 }
 
-moe_status moe_cpu_combine_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
-                                    const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
-                                    int E, int64_t C, int64_t d, moe_dtype dt)
+moe_status moe_cpu_combine_wide_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
+                                         const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
+                                         int W, int E, int64_t C, int64_t d, moe_dtype dt)
 {
-    MOE_TRY(check_assign(c, "combine_backward", expert, slot, S, E, C, d, dt));
+    MOE_TRY(check_assign(c, "combine_backward", expert, slot, S, W, E, C, d, dt));
     if (S > 0 && (weight == NULL || dweight == NULL))
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu combine_backward: expected weight and dweight, found NULL");
     const int64_t rows = (int64_t)E * C;
     for (int64_t i = 0; i < rows * d; i++)
         moe_cpu_store(deout, dt, i, 0.0f);
-    for (int64_t i = 0; i < 2 * S; i++) {
-        int64_t r = assign_row(expert, slot, i, C), s = i / 2;
+    for (int64_t i = 0; i < W * S; i++) {
+        int64_t r = assign_row(expert, slot, i, C), s = i / W;
         if (r < 0) {
             dweight[i] = 0.0f;
             continue;
@@ -689,4 +715,11 @@ moe_status moe_cpu_combine_backward(moe_ctx *c, void *deout, float *dweight, con
         dweight[i] = (float)dot;
     }
     return MOE_OK;
+}
+
+moe_status moe_cpu_combine_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
+                                    const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
+                                    int E, int64_t C, int64_t d, moe_dtype dt)
+{
+    return moe_cpu_combine_wide_backward(c, deout, dweight, dy, eout, expert, slot, weight, S, 2, E, C, d, dt);
 }

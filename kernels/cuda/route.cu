@@ -771,13 +771,13 @@ moe_status moe_cuda_route_backward(moe_ctx *c, const moe_route_args *a, const fl
 /* ------------------------------------------------- dispatch and combine */
 
 static moe_status check_assign(moe_ctx *c, const char *op, const int32_t *expert, const int32_t *slot, int64_t S,
-                               int E, int64_t C, int64_t d, moe_dtype dt)
+                               int W, int E, int64_t C, int64_t d, moe_dtype dt)
 {
-    if (S < 0 || E < 1 || C < 0 || d < 0 || !moe_cuda_is_float(dt))
+    if (S < 0 || W < 1 || E < 1 || C < 0 || d < 0 || !moe_cuda_is_float(dt))
         return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
-                             "cuda %s: expected S >= 0, E >= 1, C >= 0, d >= 0 and a float dtype, found S = %lld, "
-                             "E = %d, C = %lld, d = %lld, %s",
-                             op, (long long)S, E, (long long)C, (long long)d, moe_cuda_dtype_name(dt));
+                             "cuda %s: expected S >= 0, W >= 1, E >= 1, C >= 0, d >= 0 and a float dtype, found "
+                             "S = %lld, W = %d, E = %d, C = %lld, d = %lld, %s",
+                             op, (long long)S, W, E, (long long)C, (long long)d, moe_cuda_dtype_name(dt));
     if (S > 0 && (expert == NULL || slot == NULL))
         return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda %s: expected expert and slot arrays, found NULL", op);
     return MOE_OK;
@@ -791,43 +791,48 @@ static __device__ __forceinline__ int64_t assign_row(const int32_t *expert, cons
 
 /* each kept assignment owns its row: one writer per element */
 static __global__ void dispatch_scatter_kernel(void *out, const void *x, const int32_t *expert, const int32_t *slot,
-                                               int64_t S, int64_t C, int64_t d, moe_dtype dt)
+                                               int64_t S, int W, int64_t C, int64_t d, moe_dtype dt)
 {
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < 2 * S * d; e += (int64_t)gridDim.x * blockDim.x) {
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < W * S * d; e += (int64_t)gridDim.x * blockDim.x) {
         int64_t i = e / d, j = e % d, r = assign_row(expert, slot, i, C);
         if (r >= 0)
-            moe_cuda_st(out, dt, r * d + j, moe_cuda_ld(x, dt, (i / 2) * d + j));
+            moe_cuda_st(out, dt, r * d + j, moe_cuda_ld(x, dt, (i / W) * d + j));
     }
 }
 
+/* choices summed in the order j = 0..W-1, as the cpu reference */
 static __global__ void dispatch_gather_kernel(void *dx, const void *dout, const int32_t *expert, const int32_t *slot,
-                                              int64_t S, int64_t C, int64_t d, moe_dtype dt)
+                                              int64_t S, int W, int64_t C, int64_t d, moe_dtype dt)
 {
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < S * d; e += (int64_t)gridDim.x * blockDim.x) {
         int64_t s = e / d, j = e % d;
-        int64_t r0 = assign_row(expert, slot, s * 2, C), r1 = assign_row(expert, slot, s * 2 + 1, C);
-        if (r0 < 0 && r1 < 0)
-            continue;
-        double acc = (double)moe_cuda_ld(dx, dt, e);
-        if (r0 >= 0)
-            acc += (double)moe_cuda_ld(dout, dt, r0 * d + j);
-        if (r1 >= 0)
-            acc += (double)moe_cuda_ld(dout, dt, r1 * d + j);
-        moe_cuda_st(dx, dt, e, (float)acc);
+        bool any = false;
+        double acc = 0.0;
+        for (int k = 0; k < W; k++) {
+            int64_t r = assign_row(expert, slot, s * W + k, C);
+            if (r < 0)
+                continue;
+            if (!any)
+                acc = (double)moe_cuda_ld(dx, dt, e);
+            any = true;
+            acc += (double)moe_cuda_ld(dout, dt, r * d + j);
+        }
+        if (any)
+            moe_cuda_st(dx, dt, e, (float)acc);
     }
 }
 
 static __global__ void combine_kernel(void *y, const void *eout, const int32_t *expert, const int32_t *slot,
-                                      const float *weight, int64_t S, int64_t C, int64_t d, moe_dtype dt)
+                                      const float *weight, int64_t S, int W, int64_t C, int64_t d, moe_dtype dt)
 {
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < S * d; e += (int64_t)gridDim.x * blockDim.x) {
         int64_t s = e / d, j = e % d;
-        int64_t r0 = assign_row(expert, slot, s * 2, C), r1 = assign_row(expert, slot, s * 2 + 1, C);
         double acc = 0.0;
-        if (r0 >= 0)
-            acc += (double)weight[s * 2] * (double)moe_cuda_ld(eout, dt, r0 * d + j);
-        if (r1 >= 0)
-            acc += (double)weight[s * 2 + 1] * (double)moe_cuda_ld(eout, dt, r1 * d + j);
+        for (int k = 0; k < W; k++) {
+            int64_t r = assign_row(expert, slot, s * W + k, C);
+            if (r >= 0)
+                acc += (double)weight[s * W + k] * (double)moe_cuda_ld(eout, dt, r * d + j);
+        }
         moe_cuda_st(y, dt, e, (float)acc);
     }
 }
@@ -835,12 +840,12 @@ static __global__ void combine_kernel(void *y, const void *eout, const int32_t *
 /* one warp per assignment: deout row = weight * dy, dweight = <dy, eout row> */
 static __global__ void combine_backward_kernel(void *deout, float *dweight, const void *dy, const void *eout,
                                                const int32_t *expert, const int32_t *slot, const float *weight,
-                                               int64_t S, int64_t C, int64_t d, moe_dtype dt)
+                                               int64_t S, int W, int64_t C, int64_t d, moe_dtype dt)
 {
     const int lane = threadIdx.x & 31;
     const int64_t nw = (int64_t)gridDim.x * (blockDim.x >> 5);
-    for (int64_t i = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); i < 2 * S; i += nw) {
-        const int64_t r = assign_row(expert, slot, i, C), s = i / 2;
+    for (int64_t i = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); i < W * S; i += nw) {
+        const int64_t r = assign_row(expert, slot, i, C), s = i / W;
         if (r < 0) {
             if (lane == 0)
                 dweight[i] = 0.0f;
@@ -859,17 +864,39 @@ static __global__ void combine_backward_kernel(void *deout, float *dweight, cons
     }
 }
 
-moe_status moe_cuda_dispatch_forward(moe_ctx *c, void *out, const void *x, const int32_t *expert,
-                                     const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
+/* The ops of two choices per token are the wide ops at W = 2. */
+
+moe_status moe_cuda_dispatch_wide_forward(moe_ctx *c, void *out, const void *x, const int32_t *expert,
+                                          const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                          moe_dtype dt)
 {
-    MOE_TRY(check_assign(c, "dispatch_forward", expert, slot, S, E, C, d, dt));
+    MOE_TRY(check_assign(c, "dispatch_forward", expert, slot, S, W, E, C, d, dt));
     const int64_t rows = (int64_t)E * C;
     if (rows * d > 0)
         MOE_CUDA_TRY(c, cudaMemsetAsync(out, 0, (size_t)(rows * d) * moe_dtype_size(dt), c->stream));
     if (S == 0 || d == 0)
         return MOE_OK;
-    dispatch_scatter_kernel<<<moe_cuda_blocks(c, 2 * S * d, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
-        out, x, expert, slot, S, C, d, dt);
+    dispatch_scatter_kernel<<<moe_cuda_blocks(c, W * S * d, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
+        out, x, expert, slot, S, W, C, d, dt);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    return MOE_OK;
+}
+
+moe_status moe_cuda_dispatch_forward(moe_ctx *c, void *out, const void *x, const int32_t *expert,
+                                     const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
+{
+    return moe_cuda_dispatch_wide_forward(c, out, x, expert, slot, S, 2, E, C, d, dt);
+}
+
+moe_status moe_cuda_dispatch_wide_backward(moe_ctx *c, void *dx, const void *dout, const int32_t *expert,
+                                           const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                           moe_dtype dt)
+{
+    MOE_TRY(check_assign(c, "dispatch_backward", expert, slot, S, W, E, C, d, dt));
+    if (S == 0 || d == 0)
+        return MOE_OK;
+    dispatch_gather_kernel<<<moe_cuda_blocks(c, S * d, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
+        dx, dout, expert, slot, S, W, C, d, dt);
     MOE_CUDA_CHECK_LAUNCH(c);
     return MOE_OK;
 }
@@ -877,11 +904,20 @@ moe_status moe_cuda_dispatch_forward(moe_ctx *c, void *out, const void *x, const
 moe_status moe_cuda_dispatch_backward(moe_ctx *c, void *dx, const void *dout, const int32_t *expert,
                                       const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
 {
-    MOE_TRY(check_assign(c, "dispatch_backward", expert, slot, S, E, C, d, dt));
+    return moe_cuda_dispatch_wide_backward(c, dx, dout, expert, slot, S, 2, E, C, d, dt);
+}
+
+moe_status moe_cuda_combine_wide_forward(moe_ctx *c, void *y, const void *eout, const int32_t *expert,
+                                         const int32_t *slot, const float *weight, int64_t S, int W, int E, int64_t C,
+                                         int64_t d, moe_dtype dt)
+{
+    MOE_TRY(check_assign(c, "combine_forward", expert, slot, S, W, E, C, d, dt));
+    if (S > 0 && weight == NULL)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda combine_forward: expected weights, found NULL");
     if (S == 0 || d == 0)
         return MOE_OK;
-    dispatch_gather_kernel<<<moe_cuda_blocks(c, S * d, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
-        dx, dout, expert, slot, S, C, d, dt);
+    combine_kernel<<<moe_cuda_blocks(c, S * d, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
+        y, eout, expert, slot, weight, S, W, C, d, dt);
     MOE_CUDA_CHECK_LAUNCH(c);
     return MOE_OK;
 }
@@ -889,13 +925,23 @@ moe_status moe_cuda_dispatch_backward(moe_ctx *c, void *dx, const void *dout, co
 moe_status moe_cuda_combine_forward(moe_ctx *c, void *y, const void *eout, const int32_t *expert, const int32_t *slot,
                                     const float *weight, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
 {
-    MOE_TRY(check_assign(c, "combine_forward", expert, slot, S, E, C, d, dt));
-    if (S > 0 && weight == NULL)
-        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda combine_forward: expected weights, found NULL");
-    if (S == 0 || d == 0)
+    return moe_cuda_combine_wide_forward(c, y, eout, expert, slot, weight, S, 2, E, C, d, dt);
+}
+
+moe_status moe_cuda_combine_wide_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
+                                          const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
+                                          int W, int E, int64_t C, int64_t d, moe_dtype dt)
+{
+    MOE_TRY(check_assign(c, "combine_backward", expert, slot, S, W, E, C, d, dt));
+    if (S > 0 && (weight == NULL || dweight == NULL))
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda combine_backward: expected weight and dweight, found NULL");
+    const int64_t rows = (int64_t)E * C;
+    if (rows * d > 0)
+        MOE_CUDA_TRY(c, cudaMemsetAsync(deout, 0, (size_t)(rows * d) * moe_dtype_size(dt), c->stream));
+    if (S == 0)
         return MOE_OK;
-    combine_kernel<<<moe_cuda_blocks(c, S * d, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
-        y, eout, expert, slot, weight, S, C, d, dt);
+    combine_backward_kernel<<<moe_cuda_blocks(c, W * S * 32, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
+        deout, dweight, dy, eout, expert, slot, weight, S, W, C, d, dt);
     MOE_CUDA_CHECK_LAUNCH(c);
     return MOE_OK;
 }
@@ -904,16 +950,5 @@ moe_status moe_cuda_combine_backward(moe_ctx *c, void *deout, float *dweight, co
                                      const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
                                      int E, int64_t C, int64_t d, moe_dtype dt)
 {
-    MOE_TRY(check_assign(c, "combine_backward", expert, slot, S, E, C, d, dt));
-    if (S > 0 && (weight == NULL || dweight == NULL))
-        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda combine_backward: expected weight and dweight, found NULL");
-    const int64_t rows = (int64_t)E * C;
-    if (rows * d > 0)
-        MOE_CUDA_TRY(c, cudaMemsetAsync(deout, 0, (size_t)(rows * d) * moe_dtype_size(dt), c->stream));
-    if (S == 0)
-        return MOE_OK;
-    combine_backward_kernel<<<moe_cuda_blocks(c, 2 * S * 32, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(
-        deout, dweight, dy, eout, expert, slot, weight, S, C, d, dt);
-    MOE_CUDA_CHECK_LAUNCH(c);
-    return MOE_OK;
+    return moe_cuda_combine_wide_backward(c, deout, dweight, dy, eout, expert, slot, weight, S, 2, E, C, d, dt);
 }

@@ -18,5 +18,18 @@ moe_status moe_cuda_combine_forward(moe_ctx *c, void *y, const void *eout, const
 moe_status moe_cuda_combine_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
                                      const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
                                      int E, int64_t C, int64_t d, moe_dtype dt);
+/* the four above over W choices per token (ops.h's *_wide_* ops) */
+moe_status moe_cuda_dispatch_wide_forward(moe_ctx *c, void *out, const void *x, const int32_t *expert,
+                                          const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                          moe_dtype dt);
+moe_status moe_cuda_dispatch_wide_backward(moe_ctx *c, void *dx, const void *dout, const int32_t *expert,
+                                           const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                           moe_dtype dt);
+moe_status moe_cuda_combine_wide_forward(moe_ctx *c, void *y, const void *eout, const int32_t *expert,
+                                         const int32_t *slot, const float *weight, int64_t S, int W, int E, int64_t C,
+                                         int64_t d, moe_dtype dt);
+moe_status moe_cuda_combine_wide_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
+                                          const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
+                                          int W, int E, int64_t C, int64_t d, moe_dtype dt);
 
 #endif

@@ -21,6 +21,9 @@
  *    is permuted to expert-major and back with plain copies.
  *  - An expert's gradient contribution is multiplied by
  *    host->expert_grad_scale as it accumulates (fairseq's hook, §2.9).
+ *  - The routing arrays hold m->width = max(k, 2) choices per token
+ *    (moe_route_args.width); the general top-k router's sequence-wise loss
+ *    takes each row of the batch as one sequence (seq_len = T).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -116,10 +119,36 @@ moe_status tlm_moe_setup(tlm *m, int64_t N)
         MOE_TRY(m->gate_ops->configure(m->layers[g].gate, N, train, &a));
         if (a.capacity > m->C)
             m->C = a.capacity;
+        m->width = a.k > 2 ? a.k : 2;
     }
     if (m->C < 1)
         m->C = 1;
+    if (m->width > 2 && !h->ops->dispatch_wide_forward)
+        return h->error(h, MOE_ERR_UNSUPPORTED,
+                        "%s: %d experts per token expects the backend's dispatch_wide_forward op (ABI 1.4), found "
+                        "none; use a backend built against ABI 1.4 or later, or route to at most 2 experts",
+                        MOE_ARCH_VARIANT, m->width);
     return MOE_OK;
+}
+
+/* Dispatch and combine over W choices per token: the wide ops (ABI 1.4), or
+ * the two-choice ops of an older backend (tlm_moe_setup refuses W > 2 there). */
+moe_status tlm_dispatch_forward(const tlm *m, int W, void *out, const void *x, const int32_t *expert,
+                                const int32_t *slot, int64_t S, int64_t C)
+{
+    const moe_host *h = m->h;
+    if (h->ops->dispatch_wide_forward)
+        return h->ops->dispatch_wide_forward(h->ctx, out, x, expert, slot, S, W, m->E, C, m->d, m->dt);
+    return h->ops->dispatch_forward(h->ctx, out, x, expert, slot, S, m->E, C, m->d, m->dt);
+}
+
+moe_status tlm_combine_forward(const tlm *m, int W, void *y, const void *eout, const int32_t *expert,
+                               const int32_t *slot, const float *weight, int64_t S, int64_t C)
+{
+    const moe_host *h = m->h;
+    if (h->ops->combine_wide_forward)
+        return h->ops->combine_wide_forward(h->ctx, y, eout, expert, slot, weight, S, W, m->E, C, m->d, m->dt);
+    return h->ops->combine_forward(h->ctx, y, eout, expert, slot, weight, S, m->E, C, m->d, m->dt);
 }
 
 /* A MoE layer's activations for backward (one set per layer, or the shared
@@ -129,9 +158,10 @@ moe_status tlm_moe_alloc_acts(tlm *m, tlm_acts *a)
     const int64_t N = m->Nmax, d = m->d, EC = (int64_t)m->E * m->C;
     MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate logits", &a->logits));
     MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate probabilities", &a->probs));
-    MOE_TRY(tlm_dev_alloc(m, (uint64_t)N * 8u, "routing experts", (void **)&a->expert));
-    MOE_TRY(tlm_dev_alloc(m, (uint64_t)N * 8u, "routing slots", (void **)&a->slot));
-    MOE_TRY(tlm_f32_alloc(m, N * 2, "routing weights", &a->weight));
+    const uint64_t NW = (uint64_t)N * (uint64_t)m->width;
+    MOE_TRY(tlm_dev_alloc(m, NW * 4u, "routing experts", (void **)&a->expert));
+    MOE_TRY(tlm_dev_alloc(m, NW * 4u, "routing slots", (void **)&a->slot));
+    MOE_TRY(tlm_f32_alloc(m, (int64_t)NW, "routing weights", &a->weight));
     int64_t wsb = m->h->ops->route_workspace_bytes(N, m->E);
     MOE_TRY(tlm_dev_alloc(m, (uint64_t)(wsb > 0 ? wsb : 0), "routing workspace", &a->route_ws));
     MOE_TRY(tlm_act_alloc(m, EC * d, "expert inputs", &a->xe));
@@ -170,7 +200,7 @@ moe_status tlm_moe_alloc_scratch(tlm *m)
         MOE_TRY(tlm_act_alloc(m, EC * d, "expert output gradient (expert-major)", &m->d_c));
     MOE_TRY(tlm_act_alloc(m, EC * d, "expert input gradient", &m->d_e));
     MOE_TRY(tlm_act_alloc(m, W * m->C * m->fe, "expert activation gradient", &m->depre));
-    MOE_TRY(tlm_f32_alloc(m, N * 2, "routing weight gradient", &m->dweight));
+    MOE_TRY(tlm_f32_alloc(m, N * m->width, "routing weight gradient", &m->dweight));
     MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate logits gradient", &m->dlogits));
     MOE_TRY(tlm_act_alloc(m, d > m->fe ? d : m->fe, "expert bias gradient", &m->ebias));
     if (m->pad_mask) {
@@ -252,6 +282,8 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
                         MOE_ARCH_VARIANT, (long long)r->capacity, (long long)m->C, (long long)m->Nmax, (long long)N);
     r->S = N;
     r->E = E;
+    r->width = m->width;
+    r->seq_len = m->T;
     r->seed = m->seed;
     r->stream = tlm_stream(i + 1, SITE_GATE, m->micro, 0);
     r->logits = a->logits;
@@ -262,12 +294,13 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
     r->weight = a->weight;
     r->l_aux = m->l_aux + ly->moe_index;
     r->metrics = m->metrics + (int64_t)ly->moe_index * MOE_NUM_METRICS;
+    r->gate_metrics = m->gate_metrics + (int64_t)ly->moe_index * MOE_NUM_GATE_METRICS;
     r->workspace = a->route_ws;
     MOE_TRY(m->gate_ops->forward(ly->gate, r));
     const int64_t C = r->capacity, R = (int64_t)W * C; /* rows each local expert processes */
 
     void *disp = W > 1 ? m->disp : a->xe;
-    MOE_TRY(ops->dispatch_forward(h->ctx, disp, a->h2, a->expert, a->slot, N, E, C, d, m->dt));
+    MOE_TRY(tlm_dispatch_forward(m, m->width, disp, a->h2, a->expert, a->slot, N, C));
     m->a2a_ms[0] = m->a2a_ms[1] = 0.0f;
     if (W > 1) {
         void *recv = m->recv ? m->recv : a->xe;
@@ -297,7 +330,7 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
     }
     if (m->record_a2a) /* into this layer's metrics, after the gate wrote the others */
         MOE_TRY(h->backend->copy_from_host(h->ctx, r->metrics + MOE_METRIC_A2A_CPU_MS, m->a2a_ms, sizeof m->a2a_ms));
-    return ops->combine_forward(h->ctx, y, a->eback, a->expert, a->slot, a->weight, N, E, C, d, m->dt);
+    return tlm_combine_forward(m, m->width, y, a->eback, a->expert, a->slot, a->weight, N, C);
 }
 
 /* --------------------------------------------------------------- backward */
@@ -330,8 +363,12 @@ moe_status tlm_moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
     const float gs = h->expert_grad_scale;
 
     /* combine -> all-to-all -> expert-major */
-    MOE_TRY(ops->combine_backward(h->ctx, m->d_a, m->dweight, m->dres, a->eback, a->expert, a->slot, a->weight, N, E,
-                                  C, d, m->dt));
+    if (ops->combine_wide_backward)
+        MOE_TRY(ops->combine_wide_backward(h->ctx, m->d_a, m->dweight, m->dres, a->eback, a->expert, a->slot,
+                                           a->weight, N, m->width, E, C, d, m->dt));
+    else
+        MOE_TRY(ops->combine_backward(h->ctx, m->d_a, m->dweight, m->dres, a->eback, a->expert, a->slot, a->weight, N,
+                                      E, C, d, m->dt));
     void *dxo = m->d_a;
     if (W > 1) {
         MOE_TRY(all_to_all(m, m->d_b, m->d_a, C, 0));
@@ -370,7 +407,10 @@ moe_status tlm_moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
         dxg = m->d_a;
     }
     MOE_TRY(ops->fill(h->ctx, m->dh, m->dt, N * d, 0.0f));
-    MOE_TRY(ops->dispatch_backward(h->ctx, m->dh, dxg, a->expert, a->slot, N, E, C, d, m->dt));
+    if (ops->dispatch_wide_backward)
+        MOE_TRY(ops->dispatch_wide_backward(h->ctx, m->dh, dxg, a->expert, a->slot, N, m->width, E, C, d, m->dt));
+    else
+        MOE_TRY(ops->dispatch_backward(h->ctx, m->dh, dxg, a->expert, a->slot, N, E, C, d, m->dt));
 
     /* gate: routing weights and l_aux -> logits -> x and wg */
     MOE_TRY(m->gate_ops->backward(ly->gate, r, m->dweight, dl_aux, m->dlogits));

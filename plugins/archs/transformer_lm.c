@@ -692,6 +692,7 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
     int nm = m->n_moe > 0 ? m->n_moe : 1;
     MOE_TRY(tlm_f32_alloc(m, nm, "MoE auxiliary losses", &m->l_aux));
     MOE_TRY(tlm_f32_alloc(m, (int64_t)nm * MOE_NUM_METRICS, "MoE metrics", &m->metrics));
+    MOE_TRY(tlm_f32_alloc(m, (int64_t)nm * MOE_NUM_GATE_METRICS, "MoE gate metrics", &m->gate_metrics));
     MOE_TRY(tlm_act_alloc(m, N, "ones", &m->ones));
     MOE_TRY(ops->fill(h->ctx, m->ones, m->dt, N, 1.0f));
     MOE_TRY(tlm_act_alloc(m, d, "scaled q bias", &m->bq_scaled));
@@ -793,6 +794,7 @@ static moe_status tlm_forward(void *model, const int32_t *tokens, int64_t B, int
     int nm = m->n_moe > 0 ? m->n_moe : 1;
     MOE_TRY(ops->fill(h->ctx, m->l_aux, MOE_F32, nm, 0.0f));
     MOE_TRY(ops->fill(h->ctx, m->metrics, MOE_F32, (int64_t)nm * MOE_NUM_METRICS, 0.0f));
+    MOE_TRY(ops->fill(h->ctx, m->gate_metrics, MOE_F32, (int64_t)nm * MOE_NUM_GATE_METRICS, 0.0f));
     if (m->pad_mask && m->n_moe > 0)
         MOE_TRY(build_pad_mask(m));
     if (!m->root_gathered) {
@@ -828,6 +830,7 @@ static moe_status tlm_forward(void *model, const int32_t *tokens, int64_t B, int
     out->n_moe_layers = m->n_moe;
     out->l_aux = m->l_aux;
     out->metrics = m->metrics;
+    out->gate_metrics = m->gate_metrics;
     return MOE_OK;
 }
 
@@ -929,8 +932,22 @@ static moe_status tlm_backward(void *model, float dl_aux)
 
 /* ------------------------------------------------------------ descriptor */
 
-static const moe_arch_ops tlm_ops = {tlm_build,    tlm_destroy,      tlm_info,        tlm_setup,       tlm_forward,
-                                     tlm_backward, tlm_decode_setup, tlm_decode_step, tlm_decode_reset};
+/* the gate of MoE layer j, the gates made on first use (NULL when they
+ * cannot be: no gate resolved yet, or its init failed) */
+static void *tlm_moe_gate(void *model, int j)
+{
+    tlm *m = model;
+    if (tlm_init_gates(m) != MOE_OK)
+        return NULL;
+    for (int i = 0; m->layers && i < m->L; i++)
+        if (m->layers[i].moe && m->layers[i].moe_index == j)
+            return m->layers[i].gate;
+    return NULL;
+}
+
+static const moe_arch_ops tlm_ops = {tlm_build,        tlm_destroy,     tlm_info,         tlm_setup,
+                                     tlm_forward,      tlm_backward,    tlm_decode_setup, tlm_decode_step,
+                                     tlm_decode_reset, tlm_moe_gate};
 
 static char tlm_defaults[OPT_VARIANT_COUNT][32];
 static moe_plugin_desc tlm_desc;

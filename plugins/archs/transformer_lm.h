@@ -90,8 +90,8 @@ typedef struct tlm_acts {
     moe_route_args route;     /* as the gate's forward left it */
     float *logits;            /* (N,E) fp32 */
     float *probs;             /* (N,E) */
-    int32_t *expert, *slot;   /* (N,2) */
-    float *weight;            /* (N,2) */
+    int32_t *expert, *slot;   /* (N,W), W = tlm.width */
+    float *weight;            /* (N,W) */
     void *route_ws;
     void *xe;                 /* (E*C,d) expert inputs, expert-major */
     void *epre, *eact;        /* (E*C,fe) */
@@ -126,6 +126,7 @@ typedef struct tlm {
     /* buffers (setup) */
     int ready;
     int64_t Bmax, Tmax, Nmax, C;  /* C: capacity the MoE buffers hold */
+    int width;                /* W = max(k, 2): choices per token the routing arrays hold */
     moe_group *a2a_group;
     tlm_alloc allocs;
     void **xs;                /* (L+1) x (N,d): layer inputs, xs[L] the last output */
@@ -133,6 +134,7 @@ typedef struct tlm {
     float *meanf, *rstdf;
     void *logits;             /* (N,V) */
     float *l_aux, *metrics;   /* (n_moe), (n_moe, MOE_NUM_METRICS) */
+    float *gate_metrics;      /* (n_moe, MOE_NUM_GATE_METRICS) */
     void *ones;               /* (N) ones: column sums of strided gradients */
     void *bq_scaled;          /* (d) q bias times q_scale */
     void *tmp;                /* (N,d) a branch's output before the residual add */
@@ -149,7 +151,7 @@ typedef struct tlm {
     void *dpre;               /* (N, max dense f) */
     void *d_a, *d_b, *d_c, *d_e; /* MoE (E*C,d): combine grad, received, expert-major, expert input grads */
     void *depre;              /* (W*C, fe) */
-    float *dweight, *dlogits; /* (N,2), (N,E) fp32 */
+    float *dweight, *dlogits; /* (N,W), (N,E) fp32 */
     void *ebias;              /* (max(d, fe)) an expert's bias gradient before host->expert_grad_scale */
     void *dlog;               /* (N,E) act dtype (fp16/bf16 only) */
     /* the last forward */
@@ -165,6 +167,13 @@ typedef struct tlm {
 /* moe_layer.c: the gate plugin's state for every MoE layer, once
  * host->gate_ops is known (setup and decode_setup need it) */
 moe_status tlm_init_gates(tlm *m);
+
+/* moe_layer.c: dispatch and combine (ops.h) of S tokens routed to W choices
+ * each, at capacity C, in the model's width and dtype; decoding uses them too */
+moe_status tlm_dispatch_forward(const tlm *m, int W, void *out, const void *x, const int32_t *expert,
+                                const int32_t *slot, int64_t S, int64_t C);
+moe_status tlm_combine_forward(const tlm *m, int W, void *y, const void *eout, const int32_t *expert,
+                               const int32_t *slot, const float *weight, int64_t S, int64_t C);
 
 /* transformer_lm.c: helpers the decoder and the MoE layer share */
 void *tlm_off(const void *p, int64_t elems, moe_dtype dt);   /* p + elems elements */

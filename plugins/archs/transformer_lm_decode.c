@@ -17,6 +17,9 @@
  *    activation, residual add after). A MoE layer routes with
  *    gate_topk_forward and runs only the chosen experts
  *    (expert_ffn_forward), reading top-k experts' weights instead of all E.
+ *    The general top-k router (--moe-gate topk) routes with route_forward
+ *    instead (gate_topk_forward is fairseq's softmax top-1/top-2), and with
+ *    more than two choices per token its experts run as in matrix mode.
  *    Per layer: k|v|q, attention, out, then fc1, fc2 (dense) or gate, expert
  *    fc1, expert fc2 (MoE). On a backend that records graphs (cuda) the step
  *    is recorded on its second run of a shape and replayed afterwards: one
@@ -73,8 +76,9 @@ typedef struct tlm_decode {
     void *bq;                   /* (d) q bias times q_scale (matrix mode) */
     float *logits;              /* (Nmax,V) fp32 */
     /* MoE, rows mode */
-    int32_t *ex;                /* (Nmax,2) */
-    float *ew;                  /* (Nmax,2) */
+    int width;                  /* W = max(k, 2): choices per token the routing arrays hold */
+    int32_t *ex;                /* (Nmax,W) */
+    float *ew;                  /* (Nmax,W) */
     void *ehid;                 /* (2*DEC_ROWS, fe) */
     float *eout;                /* (2*DEC_ROWS, d) */
     const void **tab;           /* device: per MoE layer, 4*E pointers (w1 | b1 | w2 | b2) */
@@ -82,7 +86,7 @@ typedef struct tlm_decode {
     int64_t C;                  /* capacity the dispatch buffers hold */
     void *glog;                 /* (Nmax,E) gate logits in the activation dtype */
     float *glog32, *probs;      /* (Nmax,E) */
-    int32_t *slot;              /* (Nmax,2) */
+    int32_t *slot;              /* (Nmax,W) */
     float *l_aux, *metrics;
     void *route_ws;
     void *xe, *eact, *eo;       /* (E*C,d), (E*C,fe), (E*C,d) */
@@ -219,9 +223,11 @@ static moe_status alloc_moe(tlm *m, tlm_decode *dc)
         g++;
     MOE_TRY(m->gate_ops->configure(m->layers[g].gate, N, 0, &a));
     dc->C = a.capacity > 0 ? a.capacity : 1;
-    MOE_TRY(dalloc(m, dc, (uint64_t)N * 8u, "decoding routing experts", (void **)&dc->ex));
-    MOE_TRY(dalloc(m, dc, (uint64_t)N * 8u, "decoding routing weights", (void **)&dc->ew));
-    MOE_TRY(dalloc(m, dc, (uint64_t)N * 8u, "decoding routing slots", (void **)&dc->slot));
+    dc->width = a.k > 2 ? a.k : 2;
+    const uint64_t NW = (uint64_t)N * (uint64_t)dc->width;
+    MOE_TRY(dalloc(m, dc, NW * 4u, "decoding routing experts", (void **)&dc->ex));
+    MOE_TRY(dalloc(m, dc, NW * 4u, "decoding routing weights", (void **)&dc->ew));
+    MOE_TRY(dalloc(m, dc, NW * 4u, "decoding routing slots", (void **)&dc->slot));
     MOE_TRY(aalloc(m, dc, 2 * DEC_ROWS * m->fe, "decoding expert hidden", &dc->ehid));
     MOE_TRY(dalloc(m, dc, (uint64_t)(2 * DEC_ROWS * d) * 4u, "decoding expert outputs", (void **)&dc->eout));
     MOE_TRY(aalloc(m, dc, N * E, "decoding gate logits", &dc->glog));
@@ -231,7 +237,7 @@ static moe_status alloc_moe(tlm *m, tlm_decode *dc)
     MOE_TRY(dalloc(m, dc, MOE_NUM_METRICS * 4u, "decoding routing metrics", (void **)&dc->metrics));
     int64_t wsb = h->ops->route_workspace_bytes(N, m->E);
     MOE_TRY(dalloc(m, dc, (uint64_t)(wsb > 0 ? wsb : 0), "decoding routing workspace", &dc->route_ws));
-    if (N > DEC_ROWS) { /* matrix mode exists only for steps of more tokens */
+    if (N > DEC_ROWS || dc->width > 2) { /* the capacity path: steps of more tokens, or more than 2 choices */
         const int64_t EC = E * dc->C;
         MOE_TRY(aalloc(m, dc, EC * d, "decoding expert inputs", &dc->xe));
         MOE_TRY(aalloc(m, dc, EC * m->fe, "decoding expert activations", &dc->eact));
@@ -381,8 +387,12 @@ static moe_status moe_step(tlm *m, int i, int64_t N, int rows, const step_views 
     moe_route_args r;
     memset(&r, 0, sizeof r);
     MOE_TRY(m->gate_ops->configure(ly->gate, N, 0, &r));
-    /* nothing drops when every expert can take every token; the random policy drops by itself */
-    const int no_drop = r.capacity >= N && (r.k == 1 || r.policy != MOE_ROUTE_RANDOM);
+    /* nothing drops when every expert can take every token; the random policy drops by itself.
+     * gate_topk_forward is fairseq's softmax top-1/top-2: the general top-k
+     * router (scores, groups, bias) always goes through route_forward. */
+    const int no_drop = !r.topk && r.capacity >= N && (r.k == 1 || r.policy != MOE_ROUTE_RANDOM);
+    /* expert_ffn_forward reads two choices per token; wider routings take the capacity path */
+    const int W = dc->width, expert_rows = rows && W == 2;
     const uint64_t stream = tlm_stream(i + 1, SITE_GATE, 0, 0);
     if (rows && no_drop) {
         moe_gate_topk_args g;
@@ -423,6 +433,8 @@ static moe_status moe_step(tlm *m, int i, int64_t N, int rows, const step_views 
         MOE_TRY(ops->cast(h->ctx, dc->glog32, MOE_F32, dc->glog, m->dt, N * E));
         r.S = N;
         r.E = (int)E;
+        r.width = W;
+        r.seq_len = N; /* the sequence-wise loss is not used here: one segment */
         r.stream = stream;
         r.logits = dc->glog32;
         r.pad = v->pad;
@@ -436,7 +448,7 @@ static moe_status moe_step(tlm *m, int i, int64_t N, int rows, const step_views 
         r.workspace = dc->route_ws;
         MOE_TRY(m->gate_ops->forward(ly->gate, &r));
     }
-    if (rows) {
+    if (expert_rows) {
         /* dropped assignments carry weight 0: expert_ffn skips them as combine does */
         const int64_t per = 4 * E;
         const void **t = dc->tab + per * ly->moe_index;
@@ -467,7 +479,10 @@ static moe_status moe_step(tlm *m, int i, int64_t N, int rows, const step_views 
     }
     /* matrix mode: capacity slots, each local expert's GEMMs over them, combine */
     const int64_t C = r.capacity, fe = m->fe;
-    MOE_TRY(ops->dispatch_forward(h->ctx, dc->xe, dc->h, dc->ex, dc->slot, N, (int)E, C, d, m->dt));
+    if (rows) /* the rows gate fused LN2 into its product */
+        MOE_TRY(ops->layernorm_forward(h->ctx, dc->h, NULL, NULL, dc->x, param(m, ly->ln2_w), param(m, ly->ln2_b), N,
+                                       d, TLM_LN_EPS, m->dt));
+    MOE_TRY(tlm_dispatch_forward(m, W, dc->xe, dc->h, dc->ex, dc->slot, N, C));
     for (int l = 0; l < m->local_experts; l++) {
         const tlm_expert *x = &ly->experts[l];
         void *xin = doff(dc->xe, (int64_t)x->gid * C * d, m->dt), *act = doff(dc->eact, (int64_t)x->gid * C * fe, m->dt);
@@ -477,7 +492,7 @@ static moe_status moe_step(tlm *m, int i, int64_t N, int rows, const step_views 
         MOE_TRY(gemm(m, C, d, fe, 1.0f, act, fe, param(m, x->fc2_w), 0.0f, o, d, m->dt, MOE_EPI_BIAS,
                      param(m, x->fc2_b)));
     }
-    MOE_TRY(ops->combine_forward(h->ctx, dc->att, dc->eo, dc->ex, dc->slot, dc->ew, N, (int)E, C, d, m->dt));
+    MOE_TRY(tlm_combine_forward(m, W, dc->att, dc->eo, dc->ex, dc->slot, dc->ew, N, C));
     return ops->add(h->ctx, dc->x, dc->x, dc->att, m->dt, N * d);
 }
 
