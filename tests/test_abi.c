@@ -67,7 +67,7 @@ PIN(moe_matmul_desc, aux, 152);
 PIN(moe_matmul_desc, act, 160);
 
 /* moe_route_args, ops.h */
-PIN_SIZE(moe_route_args, 200);
+PIN_SIZE(moe_route_args, 208);
 PIN(moe_route_args, S, 0);
 PIN(moe_route_args, E, 8);
 PIN(moe_route_args, capacity, 16);
@@ -99,6 +99,7 @@ PIN(moe_route_args, group_topk, 172); /* 1.4 */
 PIN(moe_route_args, expert_bias, 176); /* 1.4 */
 PIN(moe_route_args, expert_load, 184); /* 1.4 */
 PIN(moe_route_args, gate_metrics, 192); /* 1.4 */
+PIN(moe_route_args, expert_choice, 200); /* 1.4 */
 
 /* moe_adam_args, ops.h */
 PIN_SIZE(moe_adam_args, 128);
@@ -207,7 +208,7 @@ PIN(moe_expert_ffn_args, eout, 144);
 PIN(moe_expert_ffn_args, dt, 152);
 
 /* moe_ops, ops.h */
-PIN_SIZE(moe_ops, 320);
+PIN_SIZE(moe_ops, 352);
 PIN(moe_ops, fill, 0);
 PIN(moe_ops, cast, 8);
 PIN(moe_ops, axpby, 16);
@@ -248,6 +249,10 @@ PIN(moe_ops, graph_begin, 288); /* 1.3 */
 PIN(moe_ops, graph_end, 296); /* 1.3 */
 PIN(moe_ops, graph_launch, 304); /* 1.3 */
 PIN(moe_ops, graph_destroy, 312); /* 1.3 */
+PIN(moe_ops, dispatch_wide_forward, 320); /* 1.4 */
+PIN(moe_ops, dispatch_wide_backward, 328); /* 1.4 */
+PIN(moe_ops, combine_wide_forward, 336); /* 1.4 */
+PIN(moe_ops, combine_wide_backward, 344); /* 1.4 */
 
 /* moe_option, plugin.h */
 PIN_SIZE(moe_option, 56);

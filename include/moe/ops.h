@@ -119,7 +119,10 @@ enum {
  * bias, capacity claims in token order with choice j's claims after every
  * claim of the choices before it, GShard/Switch's loss per batch or per
  * sequence plus the router z-loss; it ignores policy and seed, and refuses
- * normalize_before_drop and batch_prioritized. */
+ * normalize_before_drop and batch_prioritized. expert_choice = 1 is
+ * expert-choice routing: expert[s*E+e] = e where expert e took token s (-1
+ * elsewhere), slot its rank among the tokens e took, weight the token's
+ * softmax score for e; a token gets 0..E experts, none overflows. */
 typedef struct moe_route_args {
     int64_t S;                  /* tokens */
     int E;                      /* global experts */
@@ -157,6 +160,12 @@ typedef struct moe_route_args {
     const float *expert_bias;   /* (E) or NULL: added to the scores to select, not to weigh */
     float *expert_load;         /* (E) or NULL: accumulates the non-pad choices per expert (before capacity) */
     float *gate_metrics;        /* (MOE_NUM_GATE_METRICS) out, or NULL */
+    /* (ABI 1.4) 1: expert-choice routing (Zhou et al. 2022; kernels/cpu/route.c
+     * describes it): each expert takes the `capacity` tokens of largest
+     * softmax score, in the per-expert layout W = E (column e is expert e);
+     * needs topk = 0 and width = E. 0 (or absent, a caller older than this
+     * member): the router topk names. */
+    int expert_choice;
 } moe_route_args;
 
 /* Adam (fairseq FusedAdamV1 semantics, FAIRSEQ_SPEC.md §5.2) on one tensor. */
@@ -438,6 +447,24 @@ typedef struct moe_ops {
     moe_status (*graph_end)(moe_ctx *c, void **graph);
     moe_status (*graph_launch)(moe_ctx *c, void *graph);
     void (*graph_destroy)(moe_ctx *c, void *graph);
+
+    /* ---- (ABI 1.4) dispatch and combine over W columns per token ----
+     * The four ops of "MoE routing, dispatch, combine" with expert, slot,
+     * weight and dweight of (S,W) instead of (S,2): choice (s, j) is entry
+     * s*W+j (moe_route_args.width; W = E for expert choice). W = 2 is the
+     * ops above. NULL in a table of an older minor: only width 2. */
+    moe_status (*dispatch_wide_forward)(moe_ctx *c, void *out, const void *x, const int32_t *expert,
+                                        const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                        moe_dtype dt);
+    moe_status (*dispatch_wide_backward)(moe_ctx *c, void *dx, const void *dout, const int32_t *expert,
+                                         const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                         moe_dtype dt);
+    moe_status (*combine_wide_forward)(moe_ctx *c, void *y, const void *eout, const int32_t *expert,
+                                       const int32_t *slot, const float *weight, int64_t S, int W, int E,
+                                       int64_t C, int64_t d, moe_dtype dt);
+    moe_status (*combine_wide_backward)(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
+                                        const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
+                                        int W, int E, int64_t C, int64_t d, moe_dtype dt);
 } moe_ops;
 
 #ifdef __cplusplus

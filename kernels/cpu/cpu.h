@@ -108,6 +108,18 @@ moe_status moe_cpu_combine_forward(moe_ctx *c, void *y, const void *eout, const 
 moe_status moe_cpu_combine_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
                                     const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
                                     int E, int64_t C, int64_t d, moe_dtype dt);
+moe_status moe_cpu_dispatch_wide_forward(moe_ctx *c, void *out, const void *x, const int32_t *expert,
+                                         const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                         moe_dtype dt);
+moe_status moe_cpu_dispatch_wide_backward(moe_ctx *c, void *dx, const void *dout, const int32_t *expert,
+                                          const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                          moe_dtype dt);
+moe_status moe_cpu_combine_wide_forward(moe_ctx *c, void *y, const void *eout, const int32_t *expert,
+                                        const int32_t *slot, const float *weight, int64_t S, int W, int E, int64_t C,
+                                        int64_t d, moe_dtype dt);
+moe_status moe_cpu_combine_wide_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
+                                         const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
+                                         int W, int E, int64_t C, int64_t d, moe_dtype dt);
 
 /* decode.c */
 moe_status moe_cpu_embedding_at_forward(moe_ctx *c, void *out, const int32_t *tokens, const int32_t *positions,

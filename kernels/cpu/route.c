@@ -61,6 +61,23 @@
  *    1.0 at perfect balance. Gradient flows through P only.
  *  - z-loss: z_loss_coeff * mean over all S tokens of logsumexp(logits)^2,
  *    added to l_aux and written to gate_metrics.
+ *
+ * Expert-choice routing (moe_route_args.expert_choice = 1; Zhou et al.
+ * 2022, "Mixture-of-Experts with Expert Choice Routing"):
+ *  - Scores: the softmax over the experts of each token. Each expert e
+ *    takes the C = capacity non-pad tokens of largest score for e (score
+ *    descending, ties to the lower token index); with fewer non-pad tokens
+ *    it takes them all. A token gets 0..E experts; none overflows.
+ *  - Layout, W = E columns: expert[s*E+e] = e where e took s, else -1;
+ *    slot[s*E+e] = the token's rank among e's C, so slots fill the (E, C)
+ *    table directly; weight = probs[s, e], not renormalised (the paper's
+ *    gating matrix). A weight of exactly 0 is not dispatched (slot -1).
+ *  - No auxiliary loss (l_aux = 0): the load is balanced by construction.
+ *    Metrics: overflow_expert1 is the percentage of non-pad tokens no expert
+ *    took (their MoE output is 0), overflow_expert2 0; the histograms are of
+ *    each token's first and second preference (argmax scores), as top-2's.
+ *  - Backward: the gradient of each taken weight flows through the softmax
+ *    to the logits; the selection is a constant.
  */
 #include <float.h>
 #include <math.h>
@@ -255,12 +272,72 @@ static void topk_forward(const moe_route_args *a)
     }
 }
 
+/* Expert-choice routing's forward (the file comment). */
+static void ec_forward(const moe_route_args *a)
+{
+    const int64_t S = a->S, C = a->capacity;
+    const int E = a->E;
+    route_ws w = ws_carve(a->workspace, S, E);
+    for (int e = 0; e < E; e++)
+        w.hist1[e] = w.hist2[e] = 0;
+    double entropy = 0.0;
+    for (int64_t s = 0; s < S; s++) {
+        const moe_topk_token t = moe_route_ec_token(a, s);
+        entropy += t.entropy;
+        if (t.first >= 0)
+            w.hist1[t.first]++;
+        if (t.second >= 0)
+            w.hist2[t.second]++;
+    }
+    /* each expert sorts the tokens by its score (pads last) and takes C */
+    for (int e = 0; e < E; e++) {
+        for (int64_t s = 0; s < S; s++) {
+            w.order[s] = (int32_t)s;
+            w.key[s] = a->pad != NULL && a->pad[s] ? -1.0f : a->probs[s * E + e];
+        }
+        sort_desc_stable(w.order, w.tmp, S, w.key);
+        for (int64_t r = 0; r < C; r++) {
+            const int64_t s = w.order[r];
+            if (w.key[s] < 0.0f)
+                break;
+            a->expert[s * E + e] = e;
+            a->weight[s * E + e] = w.key[s];
+            a->slot[s * E + e] = w.key[s] != 0.0f ? (int32_t)r : -1;
+        }
+    }
+    int64_t tokens = 0, untaken = 0;
+    for (int64_t s = 0; s < S; s++) {
+        if (a->pad != NULL && a->pad[s])
+            continue;
+        int taken = 0;
+        for (int e = 0; e < E; e++)
+            taken |= a->slot[s * E + e] >= 0;
+        tokens++;
+        untaken += !taken;
+    }
+    *a->l_aux = 0.0f;
+    if (a->gate_metrics != NULL)
+        a->gate_metrics[MOE_GATE_METRIC_Z_LOSS] = 0.0f;
+    float *m = a->metrics;
+    m[MOE_METRIC_OVERFLOW_EXPERT1] = tokens > 0 ? (100.0f * (float)untaken) / (float)tokens : 0.0f;
+    m[MOE_METRIC_OVERFLOW_EXPERT2] = 0.0f;
+    m[MOE_METRIC_ENTROPY_GATING] = (float)(entropy / (double)S);
+    moe_route_hist_metrics(w.hist1, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT],
+                           &m[MOE_METRIC_EXPERT1_BALANCE_TOP], &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
+    moe_route_hist_metrics(w.hist2, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT],
+                           &m[MOE_METRIC_EXPERT2_BALANCE_TOP], &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
+}
+
 moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
 {
     MOE_TRY(check_route_args(c, "route_forward", a));
     if (a->logits == NULL || a->weight == NULL || a->l_aux == NULL || a->metrics == NULL)
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
                            "cpu route_forward: expected logits, weight, l_aux and metrics buffers, found NULL");
+    if (a->expert_choice) {
+        ec_forward(a);
+        return MOE_OK;
+    }
     if (a->topk) {
         topk_forward(a);
         return MOE_OK;
@@ -499,6 +576,11 @@ moe_status moe_cpu_route_backward(moe_ctx *c, const moe_route_args *a, const flo
     MOE_TRY(check_route_args(c, "route_backward", a));
     if (dweight == NULL || dlogits == NULL)
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu route_backward: expected dweight and dlogits, found NULL");
+    if (a->expert_choice) {
+        for (int64_t s = 0; s < a->S; s++)
+            moe_route_ec_token_backward(a, s, dweight, dlogits);
+        return MOE_OK;
+    }
     if (a->topk)
         return topk_backward(c, a, dweight, dl_aux, dlogits);
 
@@ -576,27 +658,28 @@ moe_status moe_cpu_route_backward(moe_ctx *c, const moe_route_args *a, const flo
 
 /* ------------------------------------------------- dispatch and combine */
 
+/* W columns per token (the ops of width 2 are W = 2) */
 static moe_status check_assign(moe_ctx *c, const char *op, const int32_t *expert, const int32_t *slot, int64_t S,
-                               int E, int64_t C, int64_t d, moe_dtype dt)
+                               int W, int E, int64_t C, int64_t d, moe_dtype dt)
 {
     if (dt != MOE_F32 && dt != MOE_F16 && dt != MOE_BF16)
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected storage dtype f32, f16 or bf16, found %d", op,
                            (int)dt);
-    if (S < 0 || E < 1 || C < 0 || d < 0)
+    if (S < 0 || W < 1 || E < 1 || C < 0 || d < 0)
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
-                           "cpu %s: expected S >= 0, E >= 1, C >= 0, d >= 0, found S = %lld, E = %d, C = %lld, "
-                           "d = %lld",
-                           op, (long long)S, E, (long long)C, (long long)d);
+                           "cpu %s: expected S >= 0, W >= 1, E >= 1, C >= 0, d >= 0, found S = %lld, W = %d, E = %d, "
+                           "C = %lld, d = %lld",
+                           op, (long long)S, W, E, (long long)C, (long long)d);
     if (S > 0 && (expert == NULL || slot == NULL))
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu %s: expected expert and slot arrays, found NULL", op);
-    for (int64_t i = 0; i < 2 * S; i++) {
+    for (int64_t i = 0; i < (int64_t)W * S; i++) {
         if (expert[i] < 0 || slot[i] < 0)
             continue;
         if (expert[i] >= E || slot[i] >= C)
             return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
                                "cpu %s: expected (expert, slot) in [0, %d) x [0, %lld), found (%d, %d) at token "
                                "%lld choice %d; pass the routing route_forward wrote with the same capacity",
-                               op, E, (long long)C, expert[i], slot[i], (long long)(i / 2), (int)(i % 2));
+                               op, E, (long long)C, expert[i], slot[i], (long long)(i / W), (int)(i % W));
     }
     return MOE_OK;
 }
@@ -607,75 +690,80 @@ static int64_t assign_row(const int32_t *expert, const int32_t *slot, int64_t i,
     return expert[i] >= 0 && slot[i] >= 0 ? (int64_t)expert[i] * C + slot[i] : -1;
 }
 
-moe_status moe_cpu_dispatch_forward(moe_ctx *c, void *out, const void *x, const int32_t *expert,
-                                    const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
+moe_status moe_cpu_dispatch_wide_forward(moe_ctx *c, void *out, const void *x, const int32_t *expert,
+                                         const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                         moe_dtype dt)
 {
-    MOE_TRY(check_assign(c, "dispatch_forward", expert, slot, S, E, C, d, dt));
+    MOE_TRY(check_assign(c, "dispatch_forward", expert, slot, S, W, E, C, d, dt));
     const int64_t rows = (int64_t)E * C;
     for (int64_t i = 0; i < rows * d; i++)
         moe_cpu_store(out, dt, i, 0.0f);
-    for (int64_t i = 0; i < 2 * S; i++) {
+    for (int64_t i = 0; i < (int64_t)W * S; i++) {
         int64_t r = assign_row(expert, slot, i, C);
         if (r < 0)
             continue;
         for (int64_t j = 0; j < d; j++)
-            moe_cpu_store(out, dt, r * d + j, moe_cpu_load(x, dt, (i / 2) * d + j));
+            moe_cpu_store(out, dt, r * d + j, moe_cpu_load(x, dt, (i / W) * d + j));
     }
     return MOE_OK;
 }
 
-moe_status moe_cpu_dispatch_backward(moe_ctx *c, void *dx, const void *dout, const int32_t *expert,
-                                     const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
+moe_status moe_cpu_dispatch_wide_backward(moe_ctx *c, void *dx, const void *dout, const int32_t *expert,
+                                          const int32_t *slot, int64_t S, int W, int E, int64_t C, int64_t d,
+                                          moe_dtype dt)
 {
-    MOE_TRY(check_assign(c, "dispatch_backward", expert, slot, S, E, C, d, dt));
+    MOE_TRY(check_assign(c, "dispatch_backward", expert, slot, S, W, E, C, d, dt));
     for (int64_t s = 0; s < S; s++) {
-        int64_t r0 = assign_row(expert, slot, s * 2, C), r1 = assign_row(expert, slot, s * 2 + 1, C);
-        if (r0 < 0 && r1 < 0)
+        int any = 0;
+        for (int k = 0; k < W; k++)
+            any |= assign_row(expert, slot, s * W + k, C) >= 0;
+        if (!any)
             continue;
         for (int64_t j = 0; j < d; j++) {
             double acc = (double)moe_cpu_load(dx, dt, s * d + j);
-            if (r0 >= 0)
-                acc += (double)moe_cpu_load(dout, dt, r0 * d + j);
-            if (r1 >= 0)
-                acc += (double)moe_cpu_load(dout, dt, r1 * d + j);
+            for (int k = 0; k < W; k++) {
+                const int64_t r = assign_row(expert, slot, s * W + k, C);
+                if (r >= 0)
+                    acc += (double)moe_cpu_load(dout, dt, r * d + j);
+            }
             moe_cpu_store(dx, dt, s * d + j, (float)acc);
         }
     }
     return MOE_OK;
 }
 
-moe_status moe_cpu_combine_forward(moe_ctx *c, void *y, const void *eout, const int32_t *expert, const int32_t *slot,
-                                   const float *weight, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
+moe_status moe_cpu_combine_wide_forward(moe_ctx *c, void *y, const void *eout, const int32_t *expert,
+                                        const int32_t *slot, const float *weight, int64_t S, int W, int E, int64_t C,
+                                        int64_t d, moe_dtype dt)
 {
-    MOE_TRY(check_assign(c, "combine_forward", expert, slot, S, E, C, d, dt));
+    MOE_TRY(check_assign(c, "combine_forward", expert, slot, S, W, E, C, d, dt));
     if (S > 0 && weight == NULL)
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu combine_forward: expected weights, found NULL");
-    for (int64_t s = 0; s < S; s++) {
-        int64_t r0 = assign_row(expert, slot, s * 2, C), r1 = assign_row(expert, slot, s * 2 + 1, C);
+    for (int64_t s = 0; s < S; s++)
         for (int64_t j = 0; j < d; j++) {
             double acc = 0.0;
-            if (r0 >= 0)
-                acc += (double)weight[s * 2] * (double)moe_cpu_load(eout, dt, r0 * d + j);
-            if (r1 >= 0)
-                acc += (double)weight[s * 2 + 1] * (double)moe_cpu_load(eout, dt, r1 * d + j);
+            for (int k = 0; k < W; k++) {
+                const int64_t r = assign_row(expert, slot, s * W + k, C);
+                if (r >= 0)
+                    acc += (double)weight[s * W + k] * (double)moe_cpu_load(eout, dt, r * d + j);
+            }
             moe_cpu_store(y, dt, s * d + j, (float)acc);
         }
-    }
     return MOE_OK;
 }
 
-moe_status moe_cpu_combine_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
-                                    const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
-                                    int E, int64_t C, int64_t d, moe_dtype dt)
+moe_status moe_cpu_combine_wide_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
+                                         const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
+                                         int W, int E, int64_t C, int64_t d, moe_dtype dt)
 {
-    MOE_TRY(check_assign(c, "combine_backward", expert, slot, S, E, C, d, dt));
+    MOE_TRY(check_assign(c, "combine_backward", expert, slot, S, W, E, C, d, dt));
     if (S > 0 && (weight == NULL || dweight == NULL))
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu combine_backward: expected weight and dweight, found NULL");
     const int64_t rows = (int64_t)E * C;
     for (int64_t i = 0; i < rows * d; i++)
         moe_cpu_store(deout, dt, i, 0.0f);
-    for (int64_t i = 0; i < 2 * S; i++) {
-        int64_t r = assign_row(expert, slot, i, C), s = i / 2;
+    for (int64_t i = 0; i < (int64_t)W * S; i++) {
+        int64_t r = assign_row(expert, slot, i, C), s = i / W;
         if (r < 0) {
             dweight[i] = 0.0f;
             continue;
@@ -689,4 +777,29 @@ moe_status moe_cpu_combine_backward(moe_ctx *c, void *deout, float *dweight, con
         dweight[i] = (float)dot;
     }
     return MOE_OK;
+}
+
+moe_status moe_cpu_dispatch_forward(moe_ctx *c, void *out, const void *x, const int32_t *expert,
+                                    const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
+{
+    return moe_cpu_dispatch_wide_forward(c, out, x, expert, slot, S, 2, E, C, d, dt);
+}
+
+moe_status moe_cpu_dispatch_backward(moe_ctx *c, void *dx, const void *dout, const int32_t *expert,
+                                     const int32_t *slot, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
+{
+    return moe_cpu_dispatch_wide_backward(c, dx, dout, expert, slot, S, 2, E, C, d, dt);
+}
+
+moe_status moe_cpu_combine_forward(moe_ctx *c, void *y, const void *eout, const int32_t *expert, const int32_t *slot,
+                                   const float *weight, int64_t S, int E, int64_t C, int64_t d, moe_dtype dt)
+{
+    return moe_cpu_combine_wide_forward(c, y, eout, expert, slot, weight, S, 2, E, C, d, dt);
+}
+
+moe_status moe_cpu_combine_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
+                                    const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
+                                    int E, int64_t C, int64_t d, moe_dtype dt)
+{
+    return moe_cpu_combine_wide_backward(c, deout, dweight, dy, eout, expert, slot, weight, S, 2, E, C, d, dt);
 }

@@ -93,12 +93,13 @@ void tlm_moe_free(tlm *m)
 
 /* ------------------------------------------------------------------ setup */
 
-/* The gates and the capacity C the buffers hold: the largest the gate asks
- * for N tokens, in training and in evaluation. */
+/* The gates, the capacity C and the routing width W the buffers hold: the
+ * largest the gate asks for N tokens, in training and in evaluation. */
 moe_status tlm_moe_setup(tlm *m, int64_t N)
 {
     const moe_host *h = m->h;
     m->C = 0;
+    m->route_W = 2;
     if (m->n_moe == 0)
         return MOE_OK;
     MOE_TRY(tlm_init_gates(m));
@@ -116,6 +117,8 @@ moe_status tlm_moe_setup(tlm *m, int64_t N)
         MOE_TRY(m->gate_ops->configure(m->layers[g].gate, N, train, &a));
         if (a.capacity > m->C)
             m->C = a.capacity;
+        if (a.width > m->route_W)
+            m->route_W = a.width;
     }
     if (m->C < 1)
         m->C = 1;
@@ -129,9 +132,9 @@ moe_status tlm_moe_alloc_acts(tlm *m, tlm_acts *a)
     const int64_t N = m->Nmax, d = m->d, EC = (int64_t)m->E * m->C;
     MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate logits", &a->logits));
     MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate probabilities", &a->probs));
-    MOE_TRY(tlm_dev_alloc(m, (uint64_t)N * 8u, "routing experts", (void **)&a->expert));
-    MOE_TRY(tlm_dev_alloc(m, (uint64_t)N * 8u, "routing slots", (void **)&a->slot));
-    MOE_TRY(tlm_f32_alloc(m, N * 2, "routing weights", &a->weight));
+    MOE_TRY(tlm_dev_alloc(m, (uint64_t)(N * m->route_W) * 4u, "routing experts", (void **)&a->expert));
+    MOE_TRY(tlm_dev_alloc(m, (uint64_t)(N * m->route_W) * 4u, "routing slots", (void **)&a->slot));
+    MOE_TRY(tlm_f32_alloc(m, N * m->route_W, "routing weights", &a->weight));
     int64_t wsb = m->h->ops->route_workspace_bytes(N, m->E);
     MOE_TRY(tlm_dev_alloc(m, (uint64_t)(wsb > 0 ? wsb : 0), "routing workspace", &a->route_ws));
     MOE_TRY(tlm_act_alloc(m, EC * d, "expert inputs", &a->xe));
@@ -170,7 +173,7 @@ moe_status tlm_moe_alloc_scratch(tlm *m)
         MOE_TRY(tlm_act_alloc(m, EC * d, "expert output gradient (expert-major)", &m->d_c));
     MOE_TRY(tlm_act_alloc(m, EC * d, "expert input gradient", &m->d_e));
     MOE_TRY(tlm_act_alloc(m, W * m->C * m->fe, "expert activation gradient", &m->depre));
-    MOE_TRY(tlm_f32_alloc(m, N * 2, "routing weight gradient", &m->dweight));
+    MOE_TRY(tlm_f32_alloc(m, N * m->route_W, "routing weight gradient", &m->dweight));
     MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate logits gradient", &m->dlogits));
     MOE_TRY(tlm_act_alloc(m, d > m->fe ? d : m->fe, "expert bias gradient", &m->ebias));
     if (m->pad_mask) {
@@ -184,6 +187,9 @@ moe_status tlm_moe_alloc_scratch(tlm *m)
 }
 
 /* ---------------------------------------------------------------- forward */
+
+/* columns of the routing arrays (W = E with expert choice) */
+static int route_width(const moe_route_args *r) { return r->width > 0 ? r->width : 2; }
 
 /* Rank-major (W, L, C, d) <-> expert-major (L, W, C, d), one copy per block. */
 static moe_status permute(const tlm *m, void *dst, const void *src, int64_t C, int to_expert_major)
@@ -246,10 +252,12 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
     moe_route_args *r = &a->route;
     memset(r, 0, sizeof *r);
     MOE_TRY(m->gate_ops->configure(ly->gate, N, m->train, r));
-    if (r->capacity < 1 || r->capacity > m->C)
+    if (r->capacity < 1 || r->capacity > m->C || route_width(r) > m->route_W)
         return h->error(h, MOE_ERR_INTERNAL,
-                        "%s: the gate asked for capacity %lld, buffers hold 1..%lld (setup for %lld tokens, now %lld)",
-                        MOE_ARCH_VARIANT, (long long)r->capacity, (long long)m->C, (long long)m->Nmax, (long long)N);
+                        "%s: the gate asked for capacity %lld and %d routing columns, buffers hold 1..%lld and %lld "
+                        "(setup for %lld tokens, now %lld)",
+                        MOE_ARCH_VARIANT, (long long)r->capacity, route_width(r), (long long)m->C,
+                        (long long)m->route_W, (long long)m->Nmax, (long long)N);
     r->S = N;
     r->E = E;
     r->seed = m->seed;
@@ -267,7 +275,7 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
     const int64_t C = r->capacity, R = (int64_t)W * C; /* rows each local expert processes */
 
     void *disp = W > 1 ? m->disp : a->xe;
-    MOE_TRY(ops->dispatch_forward(h->ctx, disp, a->h2, a->expert, a->slot, N, E, C, d, m->dt));
+    MOE_TRY(ops->dispatch_wide_forward(h->ctx, disp, a->h2, a->expert, a->slot, N, route_width(r), E, C, d, m->dt));
     m->a2a_ms[0] = m->a2a_ms[1] = 0.0f;
     if (W > 1) {
         void *recv = m->recv ? m->recv : a->xe;
@@ -297,7 +305,8 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
     }
     if (m->record_a2a) /* into this layer's metrics, after the gate wrote the others */
         MOE_TRY(h->backend->copy_from_host(h->ctx, r->metrics + MOE_METRIC_A2A_CPU_MS, m->a2a_ms, sizeof m->a2a_ms));
-    return ops->combine_forward(h->ctx, y, a->eback, a->expert, a->slot, a->weight, N, E, C, d, m->dt);
+    return ops->combine_wide_forward(h->ctx, y, a->eback, a->expert, a->slot, a->weight, N, route_width(r), E, C, d,
+                                     m->dt);
 }
 
 /* --------------------------------------------------------------- backward */
@@ -330,8 +339,8 @@ moe_status tlm_moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
     const float gs = h->expert_grad_scale;
 
     /* combine -> all-to-all -> expert-major */
-    MOE_TRY(ops->combine_backward(h->ctx, m->d_a, m->dweight, m->dres, a->eback, a->expert, a->slot, a->weight, N, E,
-                                  C, d, m->dt));
+    MOE_TRY(ops->combine_wide_backward(h->ctx, m->d_a, m->dweight, m->dres, a->eback, a->expert, a->slot, a->weight, N,
+                                       route_width(r), E, C, d, m->dt));
     void *dxo = m->d_a;
     if (W > 1) {
         MOE_TRY(all_to_all(m, m->d_b, m->d_a, C, 0));
@@ -370,7 +379,7 @@ moe_status tlm_moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
         dxg = m->d_a;
     }
     MOE_TRY(ops->fill(h->ctx, m->dh, m->dt, N * d, 0.0f));
-    MOE_TRY(ops->dispatch_backward(h->ctx, m->dh, dxg, a->expert, a->slot, N, E, C, d, m->dt));
+    MOE_TRY(ops->dispatch_wide_backward(h->ctx, m->dh, dxg, a->expert, a->slot, N, route_width(r), E, C, d, m->dt));
 
     /* gate: routing weights and l_aux -> logits -> x and wg */
     MOE_TRY(m->gate_ops->backward(ly->gate, r, m->dweight, dl_aux, m->dlogits));

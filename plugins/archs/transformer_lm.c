@@ -555,7 +555,7 @@ static void tlm_info(void *model, int64_t tokens_per_sample, moe_model_info *out
 {
     tlm *m = model;
     const moe_host *h = m->h;
-    int k = 2;
+    double k = 2.0; /* experts a token visits: k, or C * E / S with expert choice */
     if (m->n_moe > 0 && m->gate_ops) {
         moe_route_args a;
         memset(&a, 0, sizeof a);
@@ -563,11 +563,11 @@ static void tlm_info(void *model, int64_t tokens_per_sample, moe_model_info *out
             if (m->layers[i].moe) {
                 if (m->gate_ops->configure(m->layers[i].gate, tokens_per_sample > 0 ? tokens_per_sample : 1, 1,
                                            &a) == MOE_OK)
-                    k = a.k;
+                    k = a.expert_choice ? (double)a.capacity * (double)m->E / (double)a.S : (double)a.k;
                 break;
             }
     } else if (h->opt_set(h, "moe-top1-expert") && h->opt_flag(h, "moe-top1-expert")) {
-        k = 1;
+        k = 1.0;
     }
     const double d = (double)m->d, T = (double)(tokens_per_sample > 0 ? tokens_per_sample : 0);
     double fwd = 0.0;
@@ -575,7 +575,7 @@ static void tlm_info(void *model, int64_t tokens_per_sample, moe_model_info *out
         const tlm_layer *ly = &m->layers[i];
         fwd += 2.0 * 4.0 * d * d + 2.0 * 2.0 * T * d;
         if (ly->moe)
-            fwd += (double)k * 2.0 * 2.0 * d * (double)m->fe + 2.0 * d * (double)m->E;
+            fwd += k * 2.0 * 2.0 * d * (double)m->fe + 2.0 * d * (double)m->E;
         else
             fwd += 2.0 * 2.0 * d * (double)ly->ffn;
     }

@@ -90,8 +90,8 @@ typedef struct tlm_acts {
     moe_route_args route;     /* as the gate's forward left it */
     float *logits;            /* (N,E) fp32 */
     float *probs;             /* (N,E) */
-    int32_t *expert, *slot;   /* (N,2) */
-    float *weight;            /* (N,2) */
+    int32_t *expert, *slot;   /* (N,route_W) */
+    float *weight;            /* (N,route_W) */
     void *route_ws;
     void *xe;                 /* (E*C,d) expert inputs, expert-major */
     void *epre, *eact;        /* (E*C,fe) */
@@ -149,7 +149,7 @@ typedef struct tlm {
     void *dpre;               /* (N, max dense f) */
     void *d_a, *d_b, *d_c, *d_e; /* MoE (E*C,d): combine grad, received, expert-major, expert input grads */
     void *depre;              /* (W*C, fe) */
-    float *dweight, *dlogits; /* (N,2), (N,E) fp32 */
+    float *dweight, *dlogits; /* (N,route_W), (N,E) fp32 */
     void *ebias;              /* (max(d, fe)) an expert's bias gradient before host->expert_grad_scale */
     void *dlog;               /* (N,E) act dtype (fp16/bf16 only) */
     /* the last forward */
@@ -160,6 +160,7 @@ typedef struct tlm {
     int ws_layer;             /* checkpointing: layer whose activations the shared set holds */
     int root_gathered;        /* a training forward holds the root unit until its backward */
     struct tlm_decode *dec;   /* incremental decoding's state (transformer_lm_decode.c), or NULL */
+    int64_t route_W;          /* columns of the routing arrays the MoE buffers hold (2, or E for expert choice) */
 } tlm;
 
 /* moe_layer.c: the gate plugin's state for every MoE layer, once

@@ -265,6 +265,25 @@ static moe_status alloc_moe(tlm *m, tlm_decode *dc)
     return st;
 }
 
+/* Expert choice routes a forward's tokens together (each expert takes the
+ * best of all of them), which a step of a few new tokens cannot reproduce. */
+static moe_status refuse_expert_choice(tlm *m)
+{
+    moe_route_args a;
+    memset(&a, 0, sizeof a);
+    int g = 0;
+    while (!m->layers[g].moe)
+        g++;
+    MOE_TRY(m->gate_ops->configure(m->layers[g].gate, 1, 0, &a));
+    if (a.expert_choice)
+        return m->h->error(m->h, MOE_ERR_UNSUPPORTED,
+                           "%s: expected a gate that routes each token on its own for decoding, found expert choice, "
+                           "whose experts choose among all the tokens of a forward (later ones included); evaluate "
+                           "the model with moelm-eval-lm instead",
+                           MOE_ARCH_VARIANT);
+    return MOE_OK;
+}
+
 moe_status tlm_decode_setup(void *model, int64_t B, int64_t max_len, int64_t max_step, unsigned flags)
 {
     tlm *m = model;
@@ -301,6 +320,7 @@ moe_status tlm_decode_setup(void *model, int64_t B, int64_t max_len, int64_t max
             return h->error(h, MOE_ERR_INTERNAL,
                             "%s: the model has MoE layers but no gate was resolved (host->gate_ops is NULL)",
                             MOE_ARCH_VARIANT);
+        MOE_TRY(refuse_expert_choice(m));
     }
     tlm_decode *dc = calloc(1, sizeof *dc);
     if (!dc)
