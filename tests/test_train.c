@@ -4,7 +4,8 @@
  *    at least half within a few hundred updates; every §8 field is present;
  *  - two identical runs (dropout on) give identical logs apart from timing;
  *  - the reference precision flags (memory-efficient fp16, fp16 Adam moments,
- *    activation checkpointing) train too, with the loss scale logged. */
+ *    activation checkpointing) train too, with the loss scale logged;
+ *  - expert-choice routing trains: no gate loss, and the loss falls by half. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -77,6 +78,32 @@ static void test_train_tiny_model_learns(void **state)
     assert_true(l_last < 0.5 * l0);
     assert_non_null(strstr(r.out, "| train | {\"epoch\": 1, \"train_loss\": "));
     assert_non_null(strstr(r.out, "done training in"));
+    moe_cmd_result_free(&r);
+}
+
+static void test_train_expert_choice_learns(void **state)
+{
+    (void)state;
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train("--cpu --task dummy_lm --tokens-per-sample 64 --dict-size 996 "
+                                   "--arch transformer_lm_gpt --share-decoder-input-output-embed "
+                                   "--decoder-layers 2 --decoder-embed-dim 64 --decoder-ffn-embed-dim 128 "
+                                   "--decoder-attention-heads 4 --moe-expert-count 4 --moe-freq 2 "
+                                   "--moe-gate expert_choice --moe-expert-capacity-factor 1.5 "
+                                   "--criterion moe_cross_entropy --moe-gate-loss-wt 0.01 "
+                                   "--optimizer adam --clip-norm 0.0 --dropout 0.1 --batch-size 4 "
+                                   "--disable-validation --log-format json --log-interval 10 --no-save "
+                                   "--lr 0.005 --warmup-updates 20 --max-update 60",
+                                   &r),
+                     0);
+    if (r.status != 0)
+        fprintf(stderr, "%s\n%s\n", r.out, r.err);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(moe_count_lines(r.out, "| train_inner | "), 6);
+    assert_non_null(strstr(r.out, "\"moe_gate_loss\": \"0\""));
+    double l0 = loss_of_line(r.out, 0), l_last = loss_of_line(r.out, 5);
+    fprintf(stderr, "expert choice: first loss %.3f, last loss %.3f\n", l0, l_last);
+    assert_true(l_last < 0.5 * l0);
     moe_cmd_result_free(&r);
 }
 
@@ -190,6 +217,7 @@ int main(void)
         cmocka_unit_test(test_train_reference_precision_flags),
         cmocka_unit_test(test_train_precision_modes),
         cmocka_unit_test(test_train_loss_scaler_overflow_and_minimum),
+        cmocka_unit_test(test_train_expert_choice_learns),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
