@@ -143,6 +143,27 @@ static void test_dist_fully_sharded_2(void **s)
                        "--moe-expert-count 2 --update-freq 1 --ddp-backend fully_sharded");
 }
 
+/* expert choice routes each micro-batch on its own, so 2 ranks of 2
+ * experts each route as one rank does micro-batch by micro-batch */
+static void test_dist_expert_choice_4_over_2(void **s)
+{
+    (void)s;
+    expect_same_losses(2, "--moe-expert-count 4 --moe-gate expert_choice --update-freq 2 "
+                          "--moe-normalize-expert-grad world_size",
+                       "--moe-expert-count 4 --moe-gate expert_choice --update-freq 1 "
+                       "--moe-normalize-expert-grad world_size");
+}
+
+/* a shared expert is a non-expert part of its layer: sharded with it */
+static void test_dist_shared_expert_fully_sharded_2(void **s)
+{
+    (void)s;
+    expect_same_losses(2, "--moe-expert-count 4 --moe-expert-ffn-dim 16 --moe-shared-expert-ffn-dim 24 "
+                          "--update-freq 2 --moe-normalize-expert-grad world_size",
+                       "--moe-expert-count 4 --moe-expert-ffn-dim 16 --moe-shared-expert-ffn-dim 24 "
+                       "--update-freq 1 --moe-normalize-expert-grad world_size --ddp-backend fully_sharded");
+}
+
 /* ZeRO-3 against plain data parallel on the same 2 ranks: layers gathered
  * again for their recomputation (--checkpoint-activations), and validation
  * forwards that gather and free the root unit between updates */
@@ -276,6 +297,8 @@ int main(void)
         cmocka_unit_test(test_dist_normalizer_scaling), cmocka_unit_test(test_dist_a2a_perf_stats),
         cmocka_unit_test(test_dist_fully_sharded_checkpoint_validation),
         cmocka_unit_test(test_dist_legacy_ddp_ignores_normalizer),
+        cmocka_unit_test(test_dist_expert_choice_4_over_2),
+        cmocka_unit_test(test_dist_shared_expert_fully_sharded_2),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

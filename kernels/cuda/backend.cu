@@ -515,6 +515,10 @@ static moe_ops make_ops(void)
     o.dispatch_backward = moe_cuda_dispatch_backward;
     o.combine_forward = moe_cuda_combine_forward;
     o.combine_backward = moe_cuda_combine_backward;
+    o.dispatch_wide_forward = moe_cuda_dispatch_wide_forward;
+    o.dispatch_wide_backward = moe_cuda_dispatch_wide_backward;
+    o.combine_wide_forward = moe_cuda_combine_wide_forward;
+    o.combine_wide_backward = moe_cuda_combine_wide_backward;
     o.adam_step = moe_cuda_adam_step;
     o.sgd_step = moe_cuda_sgd_step;
     o.embedding_at_forward = moe_cuda_embedding_at_forward;

@@ -21,6 +21,10 @@
  *    is permuted to expert-major and back with plain copies.
  *  - An expert's gradient contribution is multiplied by
  *    host->expert_grad_scale as it accumulates (fairseq's hook, §2.9).
+ *  - Routing arrays have W columns per token, W the gate's
+ *    moe_route_args.width (2 unless set; E for expert choice, whose column
+ *    e is expert e), through the backend's *_wide_* dispatch and combine
+ *    (ABI 1.4; a backend without them does width 2 only).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -122,6 +126,11 @@ moe_status tlm_moe_setup(tlm *m, int64_t N)
     }
     if (m->C < 1)
         m->C = 1;
+    if (m->route_W > 2 && !h->ops->dispatch_wide_forward)
+        return h->error(h, MOE_ERR_UNSUPPORTED,
+                        "%s: the gate routes %lld columns per token, which needs the backend's dispatch_wide_forward "
+                        "(ABI 1.4), found none; use a backend built against ABI 1.4 or later",
+                        MOE_ARCH_VARIANT, (long long)m->route_W);
     return MOE_OK;
 }
 
@@ -275,7 +284,9 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
     const int64_t C = r->capacity, R = (int64_t)W * C; /* rows each local expert processes */
 
     void *disp = W > 1 ? m->disp : a->xe;
-    MOE_TRY(ops->dispatch_wide_forward(h->ctx, disp, a->h2, a->expert, a->slot, N, route_width(r), E, C, d, m->dt));
+    MOE_TRY(ops->dispatch_wide_forward
+                ? ops->dispatch_wide_forward(h->ctx, disp, a->h2, a->expert, a->slot, N, route_width(r), E, C, d, m->dt)
+                : ops->dispatch_forward(h->ctx, disp, a->h2, a->expert, a->slot, N, E, C, d, m->dt));
     m->a2a_ms[0] = m->a2a_ms[1] = 0.0f;
     if (W > 1) {
         void *recv = m->recv ? m->recv : a->xe;
@@ -305,8 +316,10 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
     }
     if (m->record_a2a) /* into this layer's metrics, after the gate wrote the others */
         MOE_TRY(h->backend->copy_from_host(h->ctx, r->metrics + MOE_METRIC_A2A_CPU_MS, m->a2a_ms, sizeof m->a2a_ms));
-    return ops->combine_wide_forward(h->ctx, y, a->eback, a->expert, a->slot, a->weight, N, route_width(r), E, C, d,
-                                     m->dt);
+    return ops->combine_wide_forward
+               ? ops->combine_wide_forward(h->ctx, y, a->eback, a->expert, a->slot, a->weight, N, route_width(r), E, C,
+                                           d, m->dt)
+               : ops->combine_forward(h->ctx, y, a->eback, a->expert, a->slot, a->weight, N, E, C, d, m->dt);
 }
 
 /* --------------------------------------------------------------- backward */
@@ -339,8 +352,11 @@ moe_status tlm_moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
     const float gs = h->expert_grad_scale;
 
     /* combine -> all-to-all -> expert-major */
-    MOE_TRY(ops->combine_wide_backward(h->ctx, m->d_a, m->dweight, m->dres, a->eback, a->expert, a->slot, a->weight, N,
-                                       route_width(r), E, C, d, m->dt));
+    MOE_TRY(ops->combine_wide_backward
+                ? ops->combine_wide_backward(h->ctx, m->d_a, m->dweight, m->dres, a->eback, a->expert, a->slot,
+                                             a->weight, N, route_width(r), E, C, d, m->dt)
+                : ops->combine_backward(h->ctx, m->d_a, m->dweight, m->dres, a->eback, a->expert, a->slot, a->weight, N,
+                                        E, C, d, m->dt));
     void *dxo = m->d_a;
     if (W > 1) {
         MOE_TRY(all_to_all(m, m->d_b, m->d_a, C, 0));
@@ -379,7 +395,9 @@ moe_status tlm_moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
         dxg = m->d_a;
     }
     MOE_TRY(ops->fill(h->ctx, m->dh, m->dt, N * d, 0.0f));
-    MOE_TRY(ops->dispatch_wide_backward(h->ctx, m->dh, dxg, a->expert, a->slot, N, route_width(r), E, C, d, m->dt));
+    MOE_TRY(ops->dispatch_wide_backward
+                ? ops->dispatch_wide_backward(h->ctx, m->dh, dxg, a->expert, a->slot, N, route_width(r), E, C, d, m->dt)
+                : ops->dispatch_backward(h->ctx, m->dh, dxg, a->expert, a->slot, N, E, C, d, m->dt));
 
     /* gate: routing weights and l_aux -> logits -> x and wg */
     MOE_TRY(m->gate_ops->backward(ly->gate, r, m->dweight, dl_aux, m->dlogits));
