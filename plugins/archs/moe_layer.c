@@ -21,10 +21,11 @@
  *    is permuted to expert-major and back with plain copies.
  *  - An expert's gradient contribution is multiplied by
  *    host->expert_grad_scale as it accumulates (fairseq's hook, §2.9).
- *  - Routing arrays have W columns per token, W the gate's
- *    moe_route_args.width (2 unless set; E for expert choice, whose column
- *    e is expert e), through the backend's *_wide_* dispatch and combine
- *    (ABI 1.4; a backend without them does width 2 only).
+ *  - The routing arrays have the gate's moe_route_args.width columns per
+ *    token (m->route_W at most; 2 unless the gate sets it, E for expert
+ *    choice, whose column e is expert e), dispatched and combined by the
+ *    backend's *_wide_* ops (ABI 1.4; a backend without them does 2 only).
+ *    Not to be confused with W below, the ranks of the all-to-all group.
  */
 #include <stdio.h>
 #include <stdlib.h>
