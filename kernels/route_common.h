@@ -8,6 +8,10 @@
  *    general top-k router (moe_route_args.topk = 1), forward and backward,
  *    host or device (MOE_HD); the backends add capacity and the sums over
  *    tokens around them;
+ *  - moe_route_ec_token, moe_route_ec_token_backward: one token of
+ *    expert-choice routing (moe_route_args.expert_choice = 1), forward
+ *    (scores, entropy, preference histograms; the backends select) and
+ *    backward;
  *  - moe_route_hist_metrics: unused count, top and bottom sums of one argmax
  *    histogram (FAIRSEQ_SPEC.md §2.2 step 15), host or device (MOE_HD);
  *  - moe_route_gumbel: the sampling policy's noise, so route_forward and the
@@ -85,6 +89,22 @@ static inline const char *moe_route_args_problem(const moe_route_args *a, const 
 {
     if (a == NULL)
         snprintf(buf, size, "%s %s: expected route arguments, found NULL", backend, op);
+    else if (a->expert_choice != 0 && (a->expert_choice != 1 || a->topk != 0))
+        snprintf(buf, size, "%s %s: expected expert_choice 0 or 1, and topk 0 with it, found %d and %d", backend, op,
+                 a->expert_choice, a->topk);
+    else if (a->expert_choice && (a->E < 1 || moe_route_width(a) != a->E))
+        snprintf(buf, size,
+                 "%s %s: expected routing buffers of E = %d columns (moe_route_args.width) for expert choice, found "
+                 "%d",
+                 backend, op, a->E, moe_route_width(a));
+    else if (a->expert_choice && (a->S < 1 || a->S > INT32_MAX || a->capacity < 1 || a->capacity > a->S))
+        snprintf(buf, size, "%s %s: expected 1 <= capacity <= S <= %d for expert choice, found capacity %lld, S %lld",
+                 backend, op, INT32_MAX, (long long)a->capacity, (long long)a->S);
+    else if (a->expert_choice)
+        return a->probs == NULL || a->expert == NULL || a->slot == NULL
+                   ? (snprintf(buf, size, "%s %s: expected probs, expert and slot buffers, found NULL", backend, op),
+                      buf)
+                   : NULL;
     else if (a->topk != 0 && a->topk != 1)
         snprintf(buf, size, "%s %s: expected topk 0 (fairseq's top-1/top-2) or 1 (top-k), found %d", backend, op,
                  a->topk);
@@ -417,6 +437,57 @@ MOE_HD void moe_route_topk_token_backward(const moe_route_args *a, int64_t s, co
         dlogits[s * E + e] = (float)dl;
     }
 #undef MOE_TOPK_DG
+}
+
+/* ------------------------------------------------- expert choice, per token */
+
+/* One token s of expert-choice routing before the selection: probs[s] =
+ * softmax(logits[s]), and the token's row of expert/slot/weight cleared
+ * (-1, -1, 0) for the selection to fill. Its entropy and first two
+ * preferences (for the histograms) are the top-2 softmax router's. */
+MOE_HD moe_topk_token moe_route_ec_token(const moe_route_args *a, int64_t s)
+{
+    moe_route_args t = *a;
+    t.topk = 1;
+    t.k = a->E < 2 ? a->E : 2;
+    t.score = MOE_SCORE_SOFTMAX;
+    t.renormalize = 0;
+    t.z_loss_coeff = 0.0f;
+    t.num_groups = t.group_topk = 0;
+    t.expert_bias = NULL;
+    t.pad = NULL;
+    const moe_topk_token r = moe_route_topk_token(&t, s);
+    const int E = a->E;
+    for (int e = 0; e < E; e++) {
+        a->expert[s * E + e] = -1;
+        a->slot[s * E + e] = -1;
+        a->weight[s * E + e] = 0.0f;
+    }
+    return r;
+}
+
+/* (v, t) goes before (pv, pt) in an expert's choice order: score
+ * descending, token index ascending; pads (v < 0) never go before others */
+MOE_HD int moe_route_ec_before(float v, int64_t t, float pv, int64_t pt) { return v > pv || (v == pv && t < pt); }
+
+/* One token s of expert-choice backward: the weight of a kept (s, e) is
+ * probs[s, e], so d loss / d probs[s, e] = dweight[s*E+e] there and 0
+ * elsewhere; dlogits[s] = p * (dp - sum_e p dp) (softmax), in double. The
+ * selection itself carries no gradient, and there is no auxiliary loss. */
+MOE_HD void moe_route_ec_token_backward(const moe_route_args *a, int64_t s, const float *dweight, float *dlogits)
+{
+    const int E = a->E;
+    const float *p = a->probs + s * E;
+    const int32_t *ex = a->expert + s * E, *sl = a->slot + s * E;
+    const float *dw = dweight + s * E;
+    double dot = 0.0;
+    for (int e = 0; e < E; e++)
+        if (ex[e] >= 0 && sl[e] >= 0)
+            dot += (double)p[e] * (double)dw[e];
+    for (int e = 0; e < E; e++) {
+        const double dp = ex[e] >= 0 && sl[e] >= 0 ? (double)dw[e] : 0.0;
+        dlogits[s * E + e] = (float)((double)p[e] * (dp - dot));
+    }
 }
 
 #endif

@@ -67,7 +67,7 @@ PIN(moe_matmul_desc, aux, 152);
 PIN(moe_matmul_desc, act, 160);
 
 /* moe_route_args, ops.h */
-PIN_SIZE(moe_route_args, 200);
+PIN_SIZE(moe_route_args, 208);
 PIN(moe_route_args, S, 0);
 PIN(moe_route_args, E, 8);
 PIN(moe_route_args, capacity, 16);
@@ -99,6 +99,7 @@ PIN(moe_route_args, group_topk, 172); /* 1.4 */
 PIN(moe_route_args, expert_bias, 176); /* 1.4 */
 PIN(moe_route_args, expert_load, 184); /* 1.4 */
 PIN(moe_route_args, gate_metrics, 192); /* 1.4 */
+PIN(moe_route_args, expert_choice, 200); /* 1.4 */
 
 /* moe_adam_args, ops.h */
 PIN_SIZE(moe_adam_args, 128);

@@ -204,6 +204,46 @@ static void test_ckpt_resume_fp16(void **s)
     resume_matches(1, "--memory-efficient-fp16 --fp16-adam-stats --fp16-scale-window 3", 5, at6, 1);
 }
 
+/* whether buf[0..n) holds the bytes of s */
+static int holds(const char *buf, size_t n, const char *s)
+{
+    const size_t k = strlen(s);
+    for (size_t i = 0; i + k <= n; i++)
+        if (memcmp(buf + i, s, k) == 0)
+            return 1;
+    return 0;
+}
+
+/* a shared expert beside 16 fine-grained experts resumes exactly, and the
+ * checkpoint names its tensors decoder.layers.1.moe_layer.shared_expert.* */
+static void test_ckpt_resume_shared_expert(void **s)
+{
+    (void)s;
+    static const char *const at6[] = {"checkpoint_last-rank-0.pt"};
+    const char *extra = "--moe-expert-count 16 --moe-expert-ffn-dim 8 --moe-shared-expert-ffn-dim 24";
+    resume_matches(1, extra, 6, at6, 1);
+    char d[64], path[512], args[512];
+    tmpdir(d, sizeof d);
+    moe_cmd_result r;
+    snprintf(args, sizeof args, "%s --max-update 1", extra);
+    train_ok(1, d, args, &r);
+    moe_cmd_result_free(&r);
+    snprintf(path, sizeof path, "%s/checkpoint_last-rank-0.pt", d);
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    static char buf[1 << 21];
+    const size_t n = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    static const char *const names[] = {"decoder.layers.1.moe_layer.shared_expert.fc1.weight",
+                                        "decoder.layers.1.moe_layer.shared_expert.fc1.bias",
+                                        "decoder.layers.1.moe_layer.shared_expert.fc2.weight",
+                                        "decoder.layers.1.moe_layer.shared_expert.fc2.bias"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (!holds(buf, n, names[i]))
+            fail_msg("%s does not name %s", path, names[i]);
+    rmdir_all(d);
+}
+
 /* sgd's momentum buffers come back too */
 static void test_ckpt_resume_sgd_momentum(void **s)
 {
@@ -471,6 +511,7 @@ int main(void)
         cmocka_unit_test(test_ckpt_leftover_temporary), cmocka_unit_test(test_ckpt_names_and_pruning),
         cmocka_unit_test(test_ckpt_no_save),          cmocka_unit_test(test_ckpt_resume_sgd_momentum),
         cmocka_unit_test(test_ckpt_resume_language_modeling),
+        cmocka_unit_test(test_ckpt_resume_shared_expert),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

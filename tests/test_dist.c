@@ -81,18 +81,19 @@ static double first_gnorm(int ranks, const char *extra)
     return v[0];
 }
 
-static void expect_same_losses(int ranks, const char *one_rank_extra, const char *n_rank_extra)
+/* one rank against `ranks` on the model `base` */
+static void expect_same_losses_on(int ranks, const char *base, const char *one_rank_extra, const char *n_rank_extra)
 {
     if (!have_mpirun) {
         printf("SKIP: mpirun not found\n");
         skip();
     }
     moe_cmd_result a, b;
-    assert_int_equal(run_ranks(1, one_rank_extra, &a), 0);
+    assert_int_equal(run_ranks_on(1, base, one_rank_extra, &a), 0);
     if (a.status != 0)
         fprintf(stderr, "%s\n%s\n", a.out, a.err);
     assert_int_equal(a.status, 0);
-    assert_int_equal(run_ranks(ranks, n_rank_extra, &b), 0);
+    assert_int_equal(run_ranks_on(ranks, base, n_rank_extra, &b), 0);
     if (b.status != 0)
         fprintf(stderr, "%s\n%s\n", b.out, b.err);
     assert_int_equal(b.status, 0);
@@ -108,6 +109,11 @@ static void expect_same_losses(int ranks, const char *one_rank_extra, const char
     assert_int_equal(moe_count_lines(b.out, "| train_inner | "), NUPD);
     moe_cmd_result_free(&a);
     moe_cmd_result_free(&b);
+}
+
+static void expect_same_losses(int ranks, const char *one_rank_extra, const char *n_rank_extra)
+{
+    expect_same_losses_on(ranks, TINY, one_rank_extra, n_rank_extra);
 }
 
 static void test_dist_data_parallel_2(void **s)
@@ -192,6 +198,28 @@ static void test_dist_fully_sharded_2(void **s)
     (void)s;
     expect_same_losses(2, "--moe-expert-count 2 --update-freq 2",
                        "--moe-expert-count 2 --update-freq 1 --ddp-backend fully_sharded");
+}
+
+/* expert choice routes each micro-batch on its own, so 2 ranks of 2
+ * experts each route as one rank does micro-batch by micro-batch */
+static void test_dist_expert_choice_4_over_2(void **s)
+{
+    (void)s;
+    expect_same_losses_on(2, TINY_ANY_GATE "--disable-validation ",
+                          "--moe-expert-count 4 --moe-gate expert_choice --update-freq 2 "
+                          "--moe-normalize-expert-grad world_size",
+                          "--moe-expert-count 4 --moe-gate expert_choice --update-freq 1 "
+                          "--moe-normalize-expert-grad world_size");
+}
+
+/* a shared expert is a non-expert part of its layer: sharded with it */
+static void test_dist_shared_expert_fully_sharded_2(void **s)
+{
+    (void)s;
+    expect_same_losses(2, "--moe-expert-count 4 --moe-expert-ffn-dim 16 --moe-shared-expert-ffn-dim 24 "
+                          "--update-freq 2 --moe-normalize-expert-grad world_size",
+                       "--moe-expert-count 4 --moe-expert-ffn-dim 16 --moe-shared-expert-ffn-dim 24 "
+                       "--update-freq 1 --moe-normalize-expert-grad world_size --ddp-backend fully_sharded");
 }
 
 /* ZeRO-3 against plain data parallel on the same 2 ranks: layers gathered
@@ -328,6 +356,8 @@ cmocka_unit_test(test_dist_topk_experts_8_over_2),
         cmocka_unit_test(test_dist_normalizer_scaling), cmocka_unit_test(test_dist_a2a_perf_stats),
         cmocka_unit_test(test_dist_fully_sharded_checkpoint_validation),
         cmocka_unit_test(test_dist_legacy_ddp_ignores_normalizer),
+        cmocka_unit_test(test_dist_expert_choice_4_over_2),
+        cmocka_unit_test(test_dist_shared_expert_fully_sharded_2),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -279,6 +279,13 @@ static void test_generate_decode_gates_and_layouts(void **state)
                "top2");
     decode_vs_forward(&md, 1, one, 7, 4, NULL, 1e-4, "tied, unscaled embedding");
     close_model(&md);
+    /* a shared expert beside fine-grained experts: in both modes */
+    open_model(&md, TINY "--moe-shared-expert-ffn-dim 24 --moe-expert-count 8 --moe-expert-ffn-dim 8 "
+                         "--moe-second-expert-policy all",
+               "top2");
+    decode_vs_forward(&md, 1, one, 7, 6, NULL, 1e-4, "shared expert, rows mode");
+    decode_vs_forward(&md, 2, pair, 10, 4, NULL, 1e-4, "shared expert, matrix mode prefill");
+    close_model(&md);
 }
 
 #define TOPK_MODEL                                                                                               \
@@ -389,6 +396,12 @@ static void test_generate_decode_refusals(void **state)
     check_ok(md.arch->decode_step(md.m, tok, nn, 2, 0, &lg), "decode_step after reset");
     moe_error_clear();
     assert_int_equal(md.arch->decode_setup(md.m, 1, 4, 5, 0), MOE_ERR_INVALID_ARG); /* max_step > max_len */
+    close_model(&md);
+    /* expert choice routes a forward's tokens together: no token-by-token decoding */
+    open_model(&md, TINY, "expert_choice");
+    moe_error_clear();
+    assert_int_equal(md.arch->decode_setup(md.m, 1, 8, 1, 0), MOE_ERR_UNSUPPORTED);
+    assert_non_null(strstr(moe_error_message(), "found expert choice"));
     close_model(&md);
 }
 

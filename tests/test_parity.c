@@ -1012,6 +1012,125 @@ static void test_parity_route_topk(void **state)
     end_case();
 }
 
+/* Expert-choice routing (moe_route_args.expert_choice = 1) at production
+ * sizes: 8,192 tokens over 8 and 64 experts, capacity ceil(f * S / E) for
+ * f = 2 and 1, with and without pads. Forward on both backends; backward,
+ * dispatch and combine over the E columns from the cpu's routing on both. */
+static void test_parity_route_expert_choice(void **state)
+{
+    (void)state;
+    begin_case();
+    const int64_t S = 8192, d = 16;
+    const struct {
+        int E;
+        double factor;
+        int with_pad;
+    } cases[] = {{8, 2.0, 0}, {8, 1.0, 1}, {64, 2.0, 1}, {64, 1.0, 0}};
+    char what[160];
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const int E = cases[i].E;
+        const int64_t C = (int64_t)ceil(cases[i].factor * (double)S / (double)E);
+        const size_t SE = (size_t)(S * E), rows = (size_t)(E * C);
+        char tag[64];
+        snprintf(tag, sizeof tag, "expert choice E%d C%lld%s", E, (long long)C, cases[i].with_pad ? " pad" : "");
+        pbuf logits = pb_rand(MOE_F32, SE, -2.0f, 2.0f), probs = pb_nan(MOE_F32, SE);
+        pbuf expert = pb_nan(MOE_I32, SE), slot = pb_nan(MOE_I32, SE), weight = pb_nan(MOE_F32, SE);
+        pbuf l_aux = pb_nan(MOE_F32, 1), metrics = pb_nan(MOE_F32, MOE_NUM_METRICS), pad = pb_alloc((size_t)S);
+        uint8_t *pads = malloc((size_t)S);
+        assert_non_null(pads);
+        for (int64_t s = 0; s < S; s++)
+            pads[s] = cases[i].with_pad && s % 5 == 3;
+        pb_upload(&pad, pads, (size_t)S);
+        free(pads);
+        int64_t wc = g_cpu.ops->route_workspace_bytes(S, E), wg = g_gpu.ops->route_workspace_bytes(S, E);
+        assert_true(wc >= 0 && wg > 0);
+        pbuf ws = pb_alloc((size_t)(wc > wg ? wc : wg));
+        moe_route_args a;
+        memset(&a, 0, sizeof a);
+        a.expert_choice = 1;
+        a.S = S;
+        a.E = E;
+        a.k = 1;
+        a.width = E;
+        a.capacity = C;
+        moe_route_args ac = a, ag = a;
+#define EC_PTRS(dst, x)                                                \
+    do {                                                               \
+        (dst).logits = (const float *)logits.x;                        \
+        (dst).pad = cases[i].with_pad ? (const uint8_t *)pad.x : NULL; \
+        (dst).probs = (float *)probs.x;                                \
+        (dst).expert = (int32_t *)expert.x;                            \
+        (dst).slot = (int32_t *)slot.x;                                \
+        (dst).weight = (float *)weight.x;                              \
+        (dst).l_aux = (float *)l_aux.x;                                \
+        (dst).metrics = (float *)metrics.x;                            \
+        (dst).workspace = ws.x;                                        \
+    } while (0)
+        EC_PTRS(ac, c);
+        EC_PTRS(ag, g);
+#undef EC_PTRS
+        check_ok("route_forward expert choice", g_cpu.ops->route_forward(g_cpu.ctx, &ac),
+                 g_gpu.ops->route_forward(g_gpu.ctx, &ag));
+#define CMP(name, buf, dt, n, tol)                                     \
+    do {                                                               \
+        snprintf(what, sizeof what, "%s %s", name, tag);               \
+        compare(what, &(buf), dt, n, tol);                             \
+    } while (0)
+        CMP("route_forward probs", probs, MOE_F32, SE, TOL32);
+        CMP("route_forward expert", expert, MOE_I32, SE, 0.0);
+        CMP("route_forward slot", slot, MOE_I32, SE, 0.0);
+        CMP("route_forward weight", weight, MOE_F32, SE, TOL32);
+        CMP("route_forward l_aux", l_aux, MOE_F32, 1, TOL32);
+        CMP("route_forward metrics", metrics, MOE_F32, MOE_NUM_METRICS, TOL32);
+
+        pb_sync_from_cpu(&probs, SE * 4);
+        pb_sync_from_cpu(&expert, SE * 4);
+        pb_sync_from_cpu(&slot, SE * 4);
+        pb_sync_from_cpu(&weight, SE * 4);
+        pbuf dweight = pb_rand(MOE_F32, SE, -1.0f, 1.0f), dlogits = pb_nan(MOE_F32, SE);
+        check_ok("route_backward expert choice",
+                 g_cpu.ops->route_backward(g_cpu.ctx, &ac, (const float *)dweight.c, 0.7f, (float *)dlogits.c),
+                 g_gpu.ops->route_backward(g_gpu.ctx, &ag, (const float *)dweight.g, 0.7f, (float *)dlogits.g));
+        CMP("route_backward dlogits", dlogits, MOE_F32, SE, TOL32);
+
+        /* the E columns through dispatch and combine */
+        pbuf x = pb_rand(MOE_F32, (size_t)(S * d), -1.0f, 1.0f), out = pb_nan(MOE_F32, rows * (size_t)d);
+#define EXP(s) ((const int32_t *)expert.s)
+#define SLT(s) ((const int32_t *)slot.s)
+#define DF(o, cx, s) (o)->dispatch_wide_forward((cx), out.s, x.s, EXP(s), SLT(s), S, E, E, C, d, MOE_F32)
+        BOTH("dispatch_wide_forward", DF);
+#undef DF
+        CMP("dispatch_wide_forward", out, MOE_F32, rows * (size_t)d, TOL32);
+        pbuf dout = pb_rand(MOE_F32, rows * (size_t)d, -1.0f, 1.0f), dx = pb_rand(MOE_F32, (size_t)(S * d), -1.0f, 1.0f);
+#define DB(o, cx, s) (o)->dispatch_wide_backward((cx), dx.s, dout.s, EXP(s), SLT(s), S, E, E, C, d, MOE_F32)
+        BOTH("dispatch_wide_backward", DB);
+#undef DB
+        CMP("dispatch_wide_backward", dx, MOE_F32, (size_t)(S * d), TOL32);
+        pbuf y = pb_nan(MOE_F32, (size_t)(S * d));
+#define CF(o, cx, s)                                                                                               \
+    (o)->combine_wide_forward((cx), y.s, dout.s, EXP(s), SLT(s), (const float *)weight.s, S, E, E, C, d, MOE_F32)
+        BOTH("combine_wide_forward", CF);
+#undef CF
+        CMP("combine_wide_forward", y, MOE_F32, (size_t)(S * d), TOL32);
+        pbuf deout = pb_nan(MOE_F32, rows * (size_t)d), dw = pb_nan(MOE_F32, SE);
+#define CB(o, cx, s)                                                                                               \
+    (o)->combine_wide_backward((cx), deout.s, (float *)dw.s, x.s, dout.s, EXP(s), SLT(s), (const float *)weight.s, S, \
+                               E, E, C, d, MOE_F32)
+        BOTH("combine_wide_backward", CB);
+#undef CB
+#undef EXP
+#undef SLT
+        CMP("combine_wide_backward deout", deout, MOE_F32, rows * (size_t)d, TOL32);
+        CMP("combine_wide_backward dweight", dw, MOE_F32, SE, TOL32);
+#undef CMP
+        pb_free(&x); pb_free(&out); pb_free(&dout); pb_free(&dx); pb_free(&y); pb_free(&deout); pb_free(&dw);
+        pb_free(&dweight); pb_free(&dlogits);
+        pb_free(&logits); pb_free(&probs); pb_free(&expert); pb_free(&slot); pb_free(&weight);
+        pb_free(&l_aux); pb_free(&metrics); pb_free(&pad); pb_free(&ws);
+    }
+    end_case();
+}
+
 static void test_parity_dispatch_combine(void **state)
 {
     (void)state;
@@ -2085,6 +2204,7 @@ int main(void)
         cmocka_unit_test(test_parity_layernorm),     cmocka_unit_test(test_parity_embedding),
         cmocka_unit_test(test_parity_cross_entropy), cmocka_unit_test(test_parity_attention),
         cmocka_unit_test(test_parity_route),         cmocka_unit_test(test_parity_route_topk),
+        cmocka_unit_test(test_parity_route_expert_choice),
         cmocka_unit_test(test_parity_dispatch_combine), cmocka_unit_test(test_parity_dispatch_combine_wide),
         cmocka_unit_test(test_parity_optim),         cmocka_unit_test(test_parity_memory_and_copies),
         cmocka_unit_test(test_parity_determinism),

@@ -7,7 +7,10 @@
  *    activation checkpointing) train too, with the loss scale logged;
  *  - the general top-k router (k = 4, sigmoid, z-loss, per-sequence loss,
  *    groups, expert bias) learns, logs z_loss and the expert loads, and its
- *    bias survives a checkpoint: a resumed run logs the same updates. */
+ *    bias survives a checkpoint: a resumed run logs the same updates;
+ *  - expert-choice routing trains: no gate loss, and the loss falls by half;
+ *  - a shared expert with 16 fine-grained experts trains, and the logged
+ *    parameter counts are the hand formula's. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -81,6 +84,79 @@ static void test_train_tiny_model_learns(void **state)
     assert_true(l_last < 0.5 * l0);
     assert_non_null(strstr(r.out, "| train | {\"epoch\": 1, \"train_loss\": "));
     assert_non_null(strstr(r.out, "done training in"));
+    moe_cmd_result_free(&r);
+}
+
+static void test_train_expert_choice_learns(void **state)
+{
+    (void)state;
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train("--cpu --task dummy_lm --tokens-per-sample 64 --dict-size 996 "
+                                   "--arch transformer_lm_gpt --share-decoder-input-output-embed "
+                                   "--decoder-layers 2 --decoder-embed-dim 64 --decoder-ffn-embed-dim 128 "
+                                   "--decoder-attention-heads 4 --moe-expert-count 4 --moe-freq 2 "
+                                   "--moe-gate expert_choice --moe-expert-capacity-factor 1.5 "
+                                   "--criterion moe_cross_entropy --moe-gate-loss-wt 0.01 "
+                                   "--optimizer adam --clip-norm 0.0 --dropout 0.1 --batch-size 4 "
+                                   "--disable-validation --log-format json --log-interval 10 --no-save "
+                                   "--lr 0.005 --warmup-updates 20 --max-update 60",
+                                   &r),
+                     0);
+    if (r.status != 0)
+        fprintf(stderr, "%s\n%s\n", r.out, r.err);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(moe_count_lines(r.out, "| train_inner | "), 6);
+    assert_non_null(strstr(r.out, "\"moe_gate_loss\": \"0\""));
+    double l0 = loss_of_line(r.out, 0), l_last = loss_of_line(r.out, 5);
+    fprintf(stderr, "expert choice: first loss %.3f, last loss %.3f\n", l0, l_last);
+    assert_true(l_last < 0.5 * l0);
+    moe_cmd_result_free(&r);
+}
+
+/* "num. <kind> model params: N" as logged */
+static long params_of(const char *out, const char *kind)
+{
+    char pat[64];
+    snprintf(pat, sizeof pat, "num. %s model params: ", kind);
+    const char *p = strstr(out, pat);
+    assert_non_null(p);
+    long v = 0;
+    for (p += strlen(pat); *p && *p != ' '; p++)
+        if (*p >= '0' && *p <= '9')
+            v = v * 10 + (*p - '0');
+    return v;
+}
+
+/* d = 32, 2 layers (layer 1 MoE), FFN 64, V = 104 (96 + 8 dummy_lm
+ * specials), tied embedding; 16 experts of width 8, shared expert width 24:
+ *   non-expert: embedding 104*32 = 3328, final norm 64, per layer attention
+ *     4*32*32 + 4*32 = 4224 and two norms 128; dense FFN 2*32*64 + 64 + 32 =
+ *     4192; gate 16*32 = 512; shared expert 2*32*24 + 24 + 32 = 1592:
+ *     3392 + 2*4352 + 4192 + 512 + 1592 = 18392
+ *   expert: 16 * (2*32*8 + 8 + 32) = 8832 */
+static void test_train_shared_expert_fine_grained(void **state)
+{
+    (void)state;
+    moe_cmd_result r;
+    assert_int_equal(moe_run_train("--cpu --task dummy_lm --tokens-per-sample 32 --dict-size 96 --batch-size 4 "
+                                   "--arch transformer_lm_gpt --share-decoder-input-output-embed "
+                                   "--decoder-layers 2 --decoder-embed-dim 32 --decoder-ffn-embed-dim 64 "
+                                   "--decoder-attention-heads 2 --moe-expert-count 16 --moe-freq 2 "
+                                   "--moe-expert-ffn-dim 8 --moe-shared-expert-ffn-dim 24 "
+                                   "--moe-second-expert-policy all --criterion moe_cross_entropy "
+                                   "--moe-gate-loss-wt 0.01 --optimizer adam --clip-norm 0.0 --dropout 0.1 "
+                                   "--disable-validation --log-format json --log-interval 10 --no-save "
+                                   "--lr 0.005 --warmup-updates 20 --max-update 60",
+                                   &r),
+                     0);
+    if (r.status != 0)
+        fprintf(stderr, "%s\n%s\n", r.out, r.err);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(params_of(r.out, "non-expert"), 18392);
+    assert_int_equal(params_of(r.out, "expert"), 8832);
+    double l0 = loss_of_line(r.out, 0), l_last = loss_of_line(r.out, 5);
+    fprintf(stderr, "shared expert: first loss %.3f, last loss %.3f\n", l0, l_last);
+    assert_true(l_last < 0.5 * l0);
     moe_cmd_result_free(&r);
 }
 
@@ -277,6 +353,8 @@ int main(void)
         cmocka_unit_test(test_train_reference_precision_flags),
         cmocka_unit_test(test_train_precision_modes),
         cmocka_unit_test(test_train_loss_scaler_overflow_and_minimum),
+        cmocka_unit_test(test_train_expert_choice_learns),
+        cmocka_unit_test(test_train_shared_expert_fine_grained),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

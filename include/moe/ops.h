@@ -119,7 +119,10 @@ enum {
  * bias, capacity claims in token order with choice j's claims after every
  * claim of the choices before it, GShard/Switch's loss per batch or per
  * sequence plus the router z-loss; it ignores policy and seed, and refuses
- * normalize_before_drop and batch_prioritized. */
+ * normalize_before_drop and batch_prioritized. expert_choice = 1 is
+ * expert-choice routing: expert[s*E+e] = e where expert e took token s (-1
+ * elsewhere), slot its rank among the tokens e took, weight the token's
+ * softmax score for e; a token gets 0..E experts, none overflows. */
 typedef struct moe_route_args {
     int64_t S;                  /* tokens */
     int E;                      /* global experts */
@@ -157,6 +160,12 @@ typedef struct moe_route_args {
     const float *expert_bias;   /* (E) or NULL: added to the scores to select, not to weigh */
     float *expert_load;         /* (E) or NULL: accumulates the non-pad choices per expert (before capacity) */
     float *gate_metrics;        /* (MOE_NUM_GATE_METRICS) out, or NULL */
+    /* (ABI 1.4) 1: expert-choice routing (Zhou et al. 2022; kernels/cpu/route.c
+     * describes it): each expert takes the `capacity` tokens of largest
+     * softmax score, in the per-expert layout W = E (column e is expert e);
+     * needs topk = 0 and width = E. 0 (or absent, a caller older than this
+     * member): the router topk names. */
+    int expert_choice;
 } moe_route_args;
 
 /* Adam (fairseq FusedAdamV1 semantics, FAIRSEQ_SPEC.md §5.2) on one tensor. */
@@ -442,7 +451,8 @@ typedef struct moe_ops {
     /* ---- (ABI 1.4) dispatch and combine over W choices per token ----
      * dispatch_forward through combine_backward with expert, slot, weight
      * and dweight (S,W) instead of (S,2), W >= 1 (moe_route_args.width: the
-     * general top-k router with k > 2); at W = 2 they are the ops above.
+     * general top-k router with k > 2, W = E for expert choice); at W = 2
+     * they are the ops above.
      * Choices are summed in the order j = 0..W-1. NULL in a table of an
      * older minor: the MoE layer then refuses more than two choices per
      * token, naming the op. */

@@ -46,7 +46,7 @@
  *       moe_expert_ffn_args.
  *  1.4  moe_host: plan, plan_experts (and the struct moe_parallel_plan);
  *       moe_gate_ops: log_fields, update, state; moe_route_args: topk
- *       through gate_metrics (the top-k router's fields); moe_ops:
+ *       through gate_metrics (the top-k router's fields), expert_choice; moe_ops:
  *       dispatch_wide_forward through combine_wide_backward; moe_fwd_out:
  *       gate_metrics; moe_arch_ops: moe_gate.
  */

@@ -288,6 +288,10 @@ static const moe_ops cpu_ops_table = {
     .dispatch_backward = moe_cpu_dispatch_backward,
     .combine_forward = moe_cpu_combine_forward,
     .combine_backward = moe_cpu_combine_backward,
+    .dispatch_wide_forward = moe_cpu_dispatch_wide_forward,
+    .dispatch_wide_backward = moe_cpu_dispatch_wide_backward,
+    .combine_wide_forward = moe_cpu_combine_wide_forward,
+    .combine_wide_backward = moe_cpu_combine_wide_backward,
     .adam_step = moe_cpu_adam_step,
     .sgd_step = moe_cpu_sgd_step,
     .embedding_at_forward = moe_cpu_embedding_at_forward,
@@ -297,10 +301,6 @@ static const moe_ops cpu_ops_table = {
     .expert_ffn_forward = moe_cpu_expert_ffn_forward,
     .logits_stats = moe_cpu_logits_stats,
     /* graph_*: NULL, every op runs when it is called */
-    .dispatch_wide_forward = moe_cpu_dispatch_wide_forward,
-    .dispatch_wide_backward = moe_cpu_dispatch_wide_backward,
-    .combine_wide_forward = moe_cpu_combine_wide_forward,
-    .combine_wide_backward = moe_cpu_combine_wide_backward,
 };
 
 static const moe_backend_ops cpu_backend = {

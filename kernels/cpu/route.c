@@ -61,6 +61,23 @@
  *    1.0 at perfect balance. Gradient flows through P only.
  *  - z-loss: z_loss_coeff * mean over all S tokens of logsumexp(logits)^2,
  *    added to l_aux and written to gate_metrics.
+ *
+ * Expert-choice routing (moe_route_args.expert_choice = 1; Zhou et al.
+ * 2022, "Mixture-of-Experts with Expert Choice Routing"):
+ *  - Scores: the softmax over the experts of each token. Each expert e
+ *    takes the C = capacity non-pad tokens of largest score for e (score
+ *    descending, ties to the lower token index); with fewer non-pad tokens
+ *    it takes them all. A token gets 0..E experts; none overflows.
+ *  - Layout, W = E columns: expert[s*E+e] = e where e took s, else -1;
+ *    slot[s*E+e] = the token's rank among e's C, so slots fill the (E, C)
+ *    table directly; weight = probs[s, e], not renormalised (the paper's
+ *    gating matrix). A weight of exactly 0 is not dispatched (slot -1).
+ *  - No auxiliary loss (l_aux = 0): the load is balanced by construction.
+ *    Metrics: overflow_expert1 is the percentage of non-pad tokens no expert
+ *    took (their MoE output is 0), overflow_expert2 0; the histograms are of
+ *    each token's first and second preference (argmax scores), as top-2's.
+ *  - Backward: the gradient of each taken weight flows through the softmax
+ *    to the logits; the selection is a constant.
  */
 #include <float.h>
 #include <math.h>
@@ -255,12 +272,72 @@ static void topk_forward(const moe_route_args *a)
     }
 }
 
+/* Expert-choice routing's forward (the file comment). */
+static void ec_forward(const moe_route_args *a)
+{
+    const int64_t S = a->S, C = a->capacity;
+    const int E = a->E;
+    route_ws w = ws_carve(a->workspace, S, E);
+    for (int e = 0; e < E; e++)
+        w.hist1[e] = w.hist2[e] = 0;
+    double entropy = 0.0;
+    for (int64_t s = 0; s < S; s++) {
+        const moe_topk_token t = moe_route_ec_token(a, s);
+        entropy += t.entropy;
+        if (t.first >= 0)
+            w.hist1[t.first]++;
+        if (t.second >= 0)
+            w.hist2[t.second]++;
+    }
+    /* each expert sorts the tokens by its score (pads last) and takes C */
+    for (int e = 0; e < E; e++) {
+        for (int64_t s = 0; s < S; s++) {
+            w.order[s] = (int32_t)s;
+            w.key[s] = a->pad != NULL && a->pad[s] ? -1.0f : a->probs[s * E + e];
+        }
+        sort_desc_stable(w.order, w.tmp, S, w.key);
+        for (int64_t r = 0; r < C; r++) {
+            const int64_t s = w.order[r];
+            if (w.key[s] < 0.0f)
+                break;
+            a->expert[s * E + e] = e;
+            a->weight[s * E + e] = w.key[s];
+            a->slot[s * E + e] = w.key[s] != 0.0f ? (int32_t)r : -1;
+        }
+    }
+    int64_t tokens = 0, untaken = 0;
+    for (int64_t s = 0; s < S; s++) {
+        if (a->pad != NULL && a->pad[s])
+            continue;
+        int taken = 0;
+        for (int e = 0; e < E; e++)
+            taken |= a->slot[s * E + e] >= 0;
+        tokens++;
+        untaken += !taken;
+    }
+    *a->l_aux = 0.0f;
+    if (a->gate_metrics != NULL)
+        a->gate_metrics[MOE_GATE_METRIC_Z_LOSS] = 0.0f;
+    float *m = a->metrics;
+    m[MOE_METRIC_OVERFLOW_EXPERT1] = tokens > 0 ? (100.0f * (float)untaken) / (float)tokens : 0.0f;
+    m[MOE_METRIC_OVERFLOW_EXPERT2] = 0.0f;
+    m[MOE_METRIC_ENTROPY_GATING] = (float)(entropy / (double)S);
+    moe_route_hist_metrics(w.hist1, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT],
+                           &m[MOE_METRIC_EXPERT1_BALANCE_TOP], &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
+    moe_route_hist_metrics(w.hist2, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT],
+                           &m[MOE_METRIC_EXPERT2_BALANCE_TOP], &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
+}
+
 moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
 {
     MOE_TRY(check_route_args(c, "route_forward", a));
     if (a->logits == NULL || a->weight == NULL || a->l_aux == NULL || a->metrics == NULL)
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
                            "cpu route_forward: expected logits, weight, l_aux and metrics buffers, found NULL");
+    if (a->expert_choice) {
+        ec_forward(a);
+        return MOE_OK;
+    }
     if (a->topk) {
         topk_forward(a);
         return MOE_OK;
@@ -499,6 +576,11 @@ moe_status moe_cpu_route_backward(moe_ctx *c, const moe_route_args *a, const flo
     MOE_TRY(check_route_args(c, "route_backward", a));
     if (dweight == NULL || dlogits == NULL)
         return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG, "cpu route_backward: expected dweight and dlogits, found NULL");
+    if (a->expert_choice) {
+        for (int64_t s = 0; s < a->S; s++)
+            moe_route_ec_token_backward(a, s, dweight, dlogits);
+        return MOE_OK;
+    }
     if (a->topk)
         return topk_backward(c, a, dweight, dl_aux, dlogits);
 

@@ -44,6 +44,18 @@
  * Its backward runs one block per (segment, chunk of tokens): the block
  * counts the segment's choices per expert in shared memory, then each
  * thread writes a token's dlogits (moe_route_topk_token_backward).
+ *
+ * Expert-choice routing (moe_route_args.expert_choice = 1):
+ *  1. one thread per token: moe_route_ec_token (softmax, entropy, the two
+ *     preferences, the token's row cleared);
+ *  2. one thread per (token, expert): the token's rank in the expert's order
+ *     (score descending, token index ascending, pads never counted), by
+ *     comparing against every token through shared-memory tiles: O(S^2 E)
+ *     compares, exact and without workspace; rank < C takes the token;
+ *  3. one block per expert: the preference histograms; one more block: the
+ *     entropy sum and the tokens no expert took;
+ *  4. one thread: the metrics (l_aux 0).
+ * Its backward is one thread per token (moe_route_ec_token_backward).
  */
 #include <cfloat>
 #include <cstring>
@@ -566,6 +578,135 @@ static moe_status topk_forward(moe_ctx *c, const moe_route_args *a, const route_
     return MOE_OK;
 }
 
+/* ------------------------------------------------------ expert choice */
+
+#define EC_TILE 256
+
+/* step 1: one thread per token */
+static __global__ void ec_token_kernel(moe_route_args a, route_ws w)
+{
+    for (int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; s < a.S; s += (int64_t)gridDim.x * blockDim.x) {
+        const moe_topk_token t = moe_route_ec_token(&a, s);
+        w.ent[s] = t.entropy;
+        w.first[s] = t.first;
+        w.second[s] = t.second;
+    }
+}
+
+/* expert e's selection key of token s: its score, or -1 for a pad */
+static __device__ __forceinline__ float ec_key(const moe_route_args &a, int64_t s, int e)
+{
+    return a.pad != NULL && a.pad[s] ? -1.0f : a.probs[s * a.E + e];
+}
+
+/* step 2: thread (s, e) of grid (token tiles, E); every thread of the block
+ * loads the tiles, whether or not its token exists */
+static __global__ void ec_select_kernel(moe_route_args a)
+{
+    __shared__ float key[EC_TILE];
+    const int e = blockIdx.y;
+    const int64_t s = (int64_t)blockIdx.x * EC_TILE + threadIdx.x;
+    const float v = s < a.S ? ec_key(a, s, e) : -1.0f;
+    int64_t rank = 0;
+    for (int64_t t0 = 0; t0 < a.S; t0 += EC_TILE) {
+        __syncthreads();
+        if (t0 + threadIdx.x < a.S)
+            key[threadIdx.x] = ec_key(a, t0 + threadIdx.x, e);
+        __syncthreads();
+        const int n = a.S - t0 < EC_TILE ? (int)(a.S - t0) : EC_TILE;
+        for (int j = 0; j < n; j++)
+            rank += key[j] >= 0.0f && moe_route_ec_before(key[j], t0 + j, v, s);
+    }
+    if (s < a.S && v >= 0.0f && rank < a.capacity) {
+        const int64_t i = s * a.E + e;
+        a.expert[i] = e;
+        a.weight[i] = v;
+        a.slot[i] = v != 0.0f ? (int32_t)rank : -1;
+    }
+}
+
+/* step 3: block e < E: histograms of expert e; block E: sums[0] entropy,
+ * sums[1] non-pad tokens no expert took, sums[2] non-pad tokens */
+static __global__ void ec_stats_kernel(moe_route_args a, route_ws w, double *sums)
+{
+    __shared__ double sh[32];
+    const int e = blockIdx.x, E = a.E;
+    if (e == E) {
+        double ent = 0.0, untaken = 0.0, tokens = 0.0;
+        for (int64_t s = threadIdx.x; s < a.S; s += blockDim.x) {
+            ent += w.ent[s];
+            if (a.pad != NULL && a.pad[s])
+                continue;
+            int taken = 0;
+            for (int x = 0; x < E; x++)
+                taken |= a.slot[s * E + x] >= 0;
+            tokens += 1.0;
+            untaken += !taken;
+        }
+        ent = moe_cuda_block_sum_d(ent, sh);
+        untaken = moe_cuda_block_sum_d(untaken, sh);
+        tokens = moe_cuda_block_sum_d(tokens, sh);
+        if (threadIdx.x == 0) {
+            sums[0] = ent;
+            sums[1] = untaken;
+            sums[2] = tokens;
+        }
+        return;
+    }
+    double h1 = 0.0, h2 = 0.0;
+    for (int64_t s = threadIdx.x; s < a.S; s += blockDim.x) {
+        h1 += w.first[s] == e;
+        h2 += w.second[s] == e;
+    }
+    h1 = moe_cuda_block_sum_d(h1, sh);
+    h2 = moe_cuda_block_sum_d(h2, sh);
+    if (threadIdx.x == 0) {
+        w.hist1[e] = (int64_t)h1;
+        w.hist2[e] = (int64_t)h2;
+    }
+}
+
+/* step 4: one thread */
+static __global__ void ec_finish_kernel(moe_route_args a, route_ws w, const double *sums)
+{
+    if (threadIdx.x != 0 || blockIdx.x != 0)
+        return;
+    const int E = a.E;
+    *a.l_aux = 0.0f;
+    if (a.gate_metrics != NULL)
+        a.gate_metrics[MOE_GATE_METRIC_Z_LOSS] = 0.0f;
+    float *m = a.metrics;
+    const int64_t untaken = (int64_t)sums[1], tokens = (int64_t)sums[2];
+    m[MOE_METRIC_OVERFLOW_EXPERT1] = tokens > 0 ? (100.0f * (float)untaken) / (float)tokens : 0.0f;
+    m[MOE_METRIC_OVERFLOW_EXPERT2] = 0.0f;
+    m[MOE_METRIC_ENTROPY_GATING] = (float)(sums[0] / (double)a.S);
+    moe_route_hist_metrics(w.hist1, w.sorted, E, a.S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT],
+                           &m[MOE_METRIC_EXPERT1_BALANCE_TOP], &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
+    moe_route_hist_metrics(w.hist2, w.sorted, E, a.S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT],
+                           &m[MOE_METRIC_EXPERT2_BALANCE_TOP], &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
+}
+
+static moe_status ec_forward(moe_ctx *c, const moe_route_args *a, const route_ws &w)
+{
+    double *sums = (double *)c->scratch;
+    ec_token_kernel<<<moe_cuda_blocks(c, a->S, ROUTE_THREADS), ROUTE_THREADS, 0, c->stream>>>(*a, w);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    dim3 grid((unsigned)((a->S + EC_TILE - 1) / EC_TILE), (unsigned)a->E);
+    ec_select_kernel<<<grid, EC_TILE, 0, c->stream>>>(*a);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    ec_stats_kernel<<<a->E + 1, ROUTE_THREADS, 0, c->stream>>>(*a, w, sums);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    ec_finish_kernel<<<1, 32, 0, c->stream>>>(*a, w, sums);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    return MOE_OK;
+}
+
+static __global__ void ec_backward_kernel(moe_route_args a, const float *dweight, float *dlogits)
+{
+    for (int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; s < a.S; s += (int64_t)gridDim.x * blockDim.x)
+        moe_route_ec_token_backward(&a, s, dweight, dlogits);
+}
+
 moe_status moe_cuda_route_forward(moe_ctx *c, const moe_route_args *a)
 {
     MOE_TRY(check_route_args(c, "route_forward", a));
@@ -574,6 +715,8 @@ moe_status moe_cuda_route_forward(moe_ctx *c, const moe_route_args *a)
                              "cuda route_forward: expected logits, weight, l_aux and metrics buffers, found NULL");
     route_ws w;
     ws_carve(a->workspace, a->S, a->E, &w);
+    if (a->expert_choice)
+        return ec_forward(c, a, w);
     if (a->topk)
         return topk_forward(c, a, w);
     route_k k;
@@ -746,6 +889,12 @@ moe_status moe_cuda_route_backward(moe_ctx *c, const moe_route_args *a, const fl
     MOE_TRY(check_route_args(c, "route_backward", a));
     if (dweight == NULL || dlogits == NULL)
         return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda route_backward: expected dweight and dlogits, found NULL");
+    if (a->expert_choice) {
+        ec_backward_kernel<<<moe_cuda_blocks(c, a->S, ROUTE_THREADS), ROUTE_THREADS, 0, c->stream>>>(*a, dweight,
+                                                                                                  dlogits);
+        MOE_CUDA_CHECK_LAUNCH(c);
+        return MOE_OK;
+    }
     if (a->topk)
         return topk_backward(c, a, dweight, dl_aux, dlogits);
     route_ws w;

@@ -1,5 +1,6 @@
-/* route.h: the cuda backend's MoE routing (top-1/top-2 gating), dispatch
- * and combine in index form (ops.h's moe_route_args). Defined in route.cu. */
+/* route.h: the cuda backend's MoE routing (top-1/top-2, top-k and expert
+ * choice), dispatch and combine in index form (ops.h's moe_route_args).
+ * Defined in route.cu. */
 #ifndef MOE_KERNELS_CUDA_ROUTE_H
 #define MOE_KERNELS_CUDA_ROUTE_H
 

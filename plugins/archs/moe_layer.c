@@ -21,9 +21,13 @@
  *    is permuted to expert-major and back with plain copies.
  *  - An expert's gradient contribution is multiplied by
  *    host->expert_grad_scale as it accumulates (fairseq's hook, §2.9).
- *  - The routing arrays hold m->width = max(k, 2) choices per token
- *    (moe_route_args.width); the general top-k router's sequence-wise loss
- *    takes each row of the batch as one sequence (seq_len = T).
+ *  - The routing arrays hold m->width choices per token
+ *    (moe_route_args.width): max(k, 2) for the top-k gates, E for expert
+ *    choice (whose column e is expert e), dispatched and combined by the
+ *    backend's *_wide_* ops (ABI 1.4; a backend without them does 2 only).
+ *    Not to be confused with W below, the ranks of the all-to-all group. The
+ *    general top-k router's sequence-wise loss takes each row of the batch
+ *    as one sequence (seq_len = T).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -96,12 +100,13 @@ void tlm_moe_free(tlm *m)
 
 /* ------------------------------------------------------------------ setup */
 
-/* The gates and the capacity C the buffers hold: the largest the gate asks
- * for N tokens, in training and in evaluation. */
+/* The gates, the capacity C and the routing width W the buffers hold: the
+ * largest the gate asks for N tokens, in training and in evaluation. */
 moe_status tlm_moe_setup(tlm *m, int64_t N)
 {
     const moe_host *h = m->h;
     m->C = 0;
+    m->width = 2;
     if (m->n_moe == 0)
         return MOE_OK;
     MOE_TRY(tlm_init_gates(m));
@@ -119,14 +124,16 @@ moe_status tlm_moe_setup(tlm *m, int64_t N)
         MOE_TRY(m->gate_ops->configure(m->layers[g].gate, N, train, &a));
         if (a.capacity > m->C)
             m->C = a.capacity;
-        m->width = a.k > 2 ? a.k : 2;
+        const int w = a.width > (a.k > 2 ? a.k : 2) ? a.width : (a.k > 2 ? a.k : 2);
+        if (w > m->width)
+            m->width = w;
     }
     if (m->C < 1)
         m->C = 1;
     if (m->width > 2 && !h->ops->dispatch_wide_forward)
         return h->error(h, MOE_ERR_UNSUPPORTED,
-                        "%s: %d experts per token expects the backend's dispatch_wide_forward op (ABI 1.4), found "
-                        "none; use a backend built against ABI 1.4 or later, or route to at most 2 experts",
+                        "%s: the gate routes %d experts per token, which needs the backend's dispatch_wide_forward "
+                        "op (ABI 1.4), found none; use a backend built against ABI 1.4 or later",
                         MOE_ARCH_VARIANT, m->width);
     return MOE_OK;
 }
@@ -215,6 +222,9 @@ moe_status tlm_moe_alloc_scratch(tlm *m)
 
 /* ---------------------------------------------------------------- forward */
 
+/* columns of the routing arrays (W = E with expert choice) */
+static int route_width(const moe_route_args *r) { return r->width > 0 ? r->width : 2; }
+
 /* Rank-major (W, L, C, d) <-> expert-major (L, W, C, d), one copy per block. */
 static moe_status permute(const tlm *m, void *dst, const void *src, int64_t C, int to_expert_major)
 {
@@ -276,10 +286,12 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
     moe_route_args *r = &a->route;
     memset(r, 0, sizeof *r);
     MOE_TRY(m->gate_ops->configure(ly->gate, N, m->train, r));
-    if (r->capacity < 1 || r->capacity > m->C)
+    if (r->capacity < 1 || r->capacity > m->C || route_width(r) > m->width)
         return h->error(h, MOE_ERR_INTERNAL,
-                        "%s: the gate asked for capacity %lld, buffers hold 1..%lld (setup for %lld tokens, now %lld)",
-                        MOE_ARCH_VARIANT, (long long)r->capacity, (long long)m->C, (long long)m->Nmax, (long long)N);
+                        "%s: the gate asked for capacity %lld and %d routing columns, buffers hold 1..%lld and %lld "
+                        "(setup for %lld tokens, now %lld)",
+                        MOE_ARCH_VARIANT, (long long)r->capacity, route_width(r), (long long)m->C,
+                        (long long)m->width, (long long)m->Nmax, (long long)N);
     r->S = N;
     r->E = E;
     r->width = m->width;

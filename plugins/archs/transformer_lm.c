@@ -24,8 +24,9 @@
  *    --no-decoder-final-norm), output_projection.weight (untied only); unit
  *    "decoder.layers.i" = self_attn.{k,v,q}_proj.weight, then their biases,
  *    out_proj.{weight,bias}, self_attn_layer_norm.{weight,bias}, then
- *    fc1/fc2.{weight,bias} (dense) or moe_layer.gate.wg.weight (MoE), then
- *    final_layer_norm.{weight,bias}; after a MoE layer one unit per local
+ *    fc1/fc2.{weight,bias} (dense) or moe_layer.gate.wg.weight (MoE) and,
+ *    with --moe-shared-expert-ffn-dim, moe_layer.shared_expert.fc1/fc2.
+ *    {weight,bias}, then final_layer_norm.{weight,bias}; after a MoE layer one unit per local
  *    expert, "decoder.layers.i.moe_layer.experts.<global id>", holding
  *    fc1/fc2.{weight,bias}.
  *  - Because k, v, q weights are consecutive, the projection is one (N, 3d)
@@ -53,6 +54,13 @@
  *    is 0 (fairseq's FeedForwardNetwork), and it runs after the activation.
  *  - The gate, the expert-parallel layout and its exchange: moe_layer.c's
  *    opening comment.
+ *  - Shared expert (--moe-shared-expert-ffn-dim F, DeepSeek-MoE and
+ *    Megatron-Core's shared experts): a dense FFN of width F in every MoE
+ *    layer, on the same input as the routed experts, its output added to
+ *    theirs with no gate. It is the dense FFN's code, initialisation and
+ *    dropout sites (SITE_FFN_ACT, SITE_FFN_OUT, which a MoE layer does not
+ *    otherwise use), and its parameters sit in the layer's own unit:
+ *    non-expert, sharded with fully_sharded, never expert-parallel.
  *  - Where fairseq's defaults need what moelm lacks: the gpt3 variants
  *    (learned positions) and wiki103 (adaptive input and softmax) build with
  *    sinusoidal positions and a plain embedding, and say so in a warning.
@@ -141,6 +149,7 @@ enum {
     OPT_EXPERT_FFN,
     OPT_PAD_MASK,
     OPT_ALT_FFN,
+    OPT_SHARED_FFN,
     OPT_COUNT
 };
 
@@ -201,6 +210,10 @@ static moe_option tlm_options[OPT_COUNT] = {
     {"alternate-decoder-ffn-embed-dim", MOE_OPT_INT, "0",
      "if > 0, layers that would be MoE are dense FFNs of this width instead (dense baseline with matched FLOPs)", 0,
      1 << 22, NULL},
+    {"moe-shared-expert-ffn-dim", MOE_OPT_INT, "0",
+     "if > 0, every MoE layer also has a shared expert: a dense FFN of this width on every token, its output added "
+     "to the routed experts' (DeepSeek-MoE, Megatron-Core)",
+     0, 1 << 22, NULL},
 };
 
 /* ----------------------------------------------------------------- model */
@@ -370,6 +383,12 @@ static moe_status register_layer(tlm *m, int i)
     if (ly->moe) {
         snprintf(name, sizeof name, "%s.moe_layer.gate.wg.weight", pfx);
         MOE_TRY(add_param(m, ly->unit, name, m->E, m->d, MOE_INIT_UNIFORM, bias_bound, -1, &ly->wg));
+        if (m->fs > 0) {
+            tlm_ffn *x = &ly->shared;
+            snprintf(name, sizeof name, "%s.moe_layer.shared_expert", pfx);
+            x->width = m->fs;
+            MOE_TRY(tlm_add_ffn(m, ly->unit, name, m->fs, &x->fc1_w, &x->fc1_b, &x->fc2_w, &x->fc2_b));
+        }
     } else {
         MOE_TRY(tlm_add_ffn(m, ly->unit, pfx, ly->ffn, &ly->fc1_w, &ly->fc1_b, &ly->fc2_w, &ly->fc2_b));
     }
@@ -428,6 +447,7 @@ static moe_status read_options(tlm *m)
     int64_t f1 = h->opt_int(h, "moe-freq"), f2 = h->opt_int(h, "decoder-moe-freq");
     m->moe_freq = (int)(f1 > f2 ? f1 : f2);
     m->fe = h->opt_set(h, "moe-expert-ffn-dim") ? h->opt_int(h, "moe-expert-ffn-dim") : m->f;
+    m->fs = h->opt_int(h, "moe-shared-expert-ffn-dim");
     (void)h->opt_flag(h, "moe-gating-use-fp32"); /* accepted: routing is always fp32 here */
 
     if (m->d < 1 || m->H < 1 || m->d % m->H != 0)
@@ -441,6 +461,11 @@ static moe_status read_options(tlm *m)
         return h->error(h, MOE_ERR_INVALID_ARG,
                         "%s: --moe-freq %d asks for MoE layers but --moe-expert-count is %d; give the number of experts",
                         MOE_ARCH_VARIANT, m->moe_freq, m->E);
+    if (m->fs > 0 && (m->moe_freq < 1 || h->opt_int(h, "alternate-decoder-ffn-embed-dim") > 0))
+        return h->error(h, MOE_ERR_INVALID_ARG,
+                        "%s: --moe-shared-expert-ffn-dim %lld expects MoE layers (--moe-freq and --moe-expert-count, "
+                        "without --alternate-decoder-ffn-embed-dim), found none",
+                        MOE_ARCH_VARIANT, (long long)m->fs);
     return MOE_OK;
 }
 
@@ -549,13 +574,14 @@ static void tlm_destroy(void *model)
 /* Model FLOPs per token, forward: per layer 2*(4d^2) for the q, k, v and out
  * projections, 2*2*T*d for the scores and the weighted sum of values over the
  * full T (no causal halving), then 2*2*d*f for a dense FFN or, for a MoE layer,
- * k*2*2*d*fe for the k experts a token visits plus 2*d*E for the gate; plus
+ * k*2*2*d*fe for the k experts a token visits plus 2*d*E for the gate (and
+ * 2*2*d*fs for a shared expert); plus
  * 2*d*V for the output projection. Training is three times the forward. */
 static void tlm_info(void *model, int64_t tokens_per_sample, moe_model_info *out)
 {
     tlm *m = model;
     const moe_host *h = m->h;
-    int k = 2;
+    double k = 2.0; /* experts a token visits: k, or C * E / S with expert choice */
     if (m->n_moe > 0 && m->gate_ops) {
         moe_route_args a;
         memset(&a, 0, sizeof a);
@@ -563,11 +589,11 @@ static void tlm_info(void *model, int64_t tokens_per_sample, moe_model_info *out
             if (m->layers[i].moe) {
                 if (m->gate_ops->configure(m->layers[i].gate, tokens_per_sample > 0 ? tokens_per_sample : 1, 1,
                                            &a) == MOE_OK)
-                    k = a.k;
+                    k = a.expert_choice ? (double)a.capacity * (double)m->E / (double)a.S : (double)a.k;
                 break;
             }
     } else if (h->opt_set(h, "moe-top1-expert") && h->opt_flag(h, "moe-top1-expert")) {
-        k = 1;
+        k = 1.0;
     }
     const double d = (double)m->d, T = (double)(tokens_per_sample > 0 ? tokens_per_sample : 0);
     double fwd = 0.0;
@@ -575,7 +601,7 @@ static void tlm_info(void *model, int64_t tokens_per_sample, moe_model_info *out
         const tlm_layer *ly = &m->layers[i];
         fwd += 2.0 * 4.0 * d * d + 2.0 * 2.0 * T * d;
         if (ly->moe)
-            fwd += (double)k * 2.0 * 2.0 * d * (double)m->fe + 2.0 * d * (double)m->E;
+            fwd += k * 2.0 * 2.0 * d * (double)m->fe + 2.0 * d * (double)m->E + 2.0 * 2.0 * d * (double)m->fs;
         else
             fwd += 2.0 * 2.0 * d * (double)ly->ffn;
     }
@@ -624,6 +650,9 @@ static int64_t elems(int64_t a, int64_t b)
     return a * b;
 }
 
+/* width of a layer's FFN activations: the dense FFN's, the shared expert's, or 0 */
+static int64_t ffn_width(const tlm_layer *ly) { return ly->moe ? ly->shared.width : ly->ffn; }
+
 static moe_status tlm_setup(void *model, int64_t B, int64_t T)
 {
     tlm *m = model;
@@ -655,13 +684,13 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
 
     MOE_TRY(tlm_moe_setup(m, N));
 
-    int64_t fmax = 0;
+    int64_t fmax = 0; /* widest FFN activations: dense layers and shared experts */
     int any_dense = 0;
     for (int i = 0; i < m->L; i++)
-        if (!m->layers[i].moe) {
+        if (ffn_width(&m->layers[i]) > 0) {
             any_dense = 1;
-            if (m->layers[i].ffn > fmax)
-                fmax = m->layers[i].ffn;
+            if (ffn_width(&m->layers[i]) > fmax)
+                fmax = ffn_width(&m->layers[i]);
         }
     if (elems(N, fmax) < 0 || elems(N, m->E) < 0 || elems(elems(m->E, m->C), d) < 0 ||
         elems(elems(m->a2a_world > 0 ? m->a2a_world : 1, m->C), m->fe) < 0)
@@ -681,7 +710,8 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
         MOE_TRY(alloc_acts(m, &m->acts[0], any_dense, m->n_moe > 0, fmax));
     } else {
         for (int i = 0; i < m->L; i++)
-            MOE_TRY(alloc_acts(m, &m->acts[i], !m->layers[i].moe, m->layers[i].moe, m->layers[i].ffn));
+            MOE_TRY(alloc_acts(m, &m->acts[i], ffn_width(&m->layers[i]) > 0, m->layers[i].moe,
+                               ffn_width(&m->layers[i])));
     }
     if (m->final_norm) {
         MOE_TRY(tlm_act_alloc(m, N * d, "final layer norm output", &m->xf));
@@ -705,6 +735,8 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
     MOE_TRY(tlm_act_alloc(m, N * 3 * d, "q, k, v gradient", &m->dqkv));
     if (any_dense)
         MOE_TRY(tlm_act_alloc(m, N * fmax, "FFN activation gradient", &m->dpre));
+    if (m->fs > 0)
+        MOE_TRY(tlm_act_alloc(m, N * d, "shared expert output", &m->shy));
 
     if (m->n_moe > 0)
         MOE_TRY(tlm_moe_alloc_scratch(m));
@@ -715,6 +747,38 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
 /* --------------------------------------------------------------- forward */
 
 static tlm_acts *acts_of(tlm *m, int i) { return &m->acts[m->ckpt ? 0 : i]; }
+
+/* out (N,d) = dropout(fc2(dropout(act(fc1(h2))))) of layer i's dense FFN or
+ * shared expert f, keeping a->pre and a->act for backward */
+static moe_status ffn_forward(tlm *m, int i, const tlm_ffn *x, tlm_acts *a, void *out)
+{
+    const int64_t N = m->N, d = m->d, f = x->width;
+    MOE_TRY(tlm_mm(m, 0, 1, N, f, d, 1.0f, a->h2, d, tlm_param(m, x->fc1_w), d, 0.0f, a->act, f, m->dt, m->dt,
+                   MOE_EPI_BIAS_ACT, tlm_param(m, x->fc1_b), a->pre));
+    MOE_TRY(tlm_dropout_fwd(m, a->act, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0));
+    MOE_TRY(tlm_mm(m, 0, 1, N, d, f, 1.0f, a->act, f, tlm_param(m, x->fc2_w), f, 0.0f, out, d, m->dt, m->dt,
+                   MOE_EPI_BIAS, tlm_param(m, x->fc2_b), NULL));
+    return tlm_dropout_fwd(m, out, N * d, m->p_drop, i + 1, SITE_FFN_OUT, 0);
+}
+
+/* ffn_forward's backward given dy = m->dres: accumulates f's gradients;
+ * m->dh = beta * m->dh + d loss / d h2 */
+static moe_status ffn_backward(tlm *m, int i, const tlm_ffn *x, tlm_acts *a, float beta)
+{
+    const moe_host *h = m->h;
+    const moe_ops *ops = h->ops;
+    const int64_t N = m->N, d = m->d, f = x->width;
+    const void *dy, *dact;
+    MOE_TRY(tlm_dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, i + 1, SITE_FFN_OUT, 0, &dy));
+    MOE_TRY(tlm_mmp(m, 1, 0, d, f, N, 1.0f, dy, d, a->act, f, 1.0f, tlm_grad(m, x->fc2_w), f));
+    MOE_TRY(ops->bias_backward(h->ctx, tlm_grad(m, x->fc2_b), dy, N, d, m->dt));
+    MOE_TRY(tlm_mmp(m, 0, 0, N, f, d, 1.0f, dy, d, tlm_param(m, x->fc2_w), f, 0.0f, m->dpre, f));
+    MOE_TRY(tlm_dropout_bwd(m, m->dpre, m->dpre, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0, &dact));
+    MOE_TRY(ops->act_backward(h->ctx, m->dpre, a->pre, dact, N * f, m->dt, m->act_kind));
+    MOE_TRY(tlm_mmp(m, 1, 0, f, d, N, 1.0f, m->dpre, f, a->h2, d, 1.0f, tlm_grad(m, x->fc1_w), d));
+    MOE_TRY(ops->bias_backward(h->ctx, tlm_grad(m, x->fc1_b), m->dpre, N, f, m->dt));
+    return tlm_mmp(m, 0, 0, N, d, f, 1.0f, m->dpre, f, tlm_param(m, x->fc1_w), d, beta, m->dh, d);
+}
 
 /* xs[i] -> xs[i+1] for decoder layer i (pre-LN block, FAIRSEQ_SPEC.md §1.2 step 6) */
 static moe_status layer_forward(tlm *m, int i)
@@ -746,14 +810,13 @@ static moe_status layer_forward(tlm *m, int i)
                                    d, TLM_LN_EPS, m->dt));
     if (ly->moe) {
         MOE_TRY(tlm_moe_forward(m, i, a, m->tmp)); /* dropout sits inside the experts */
+        if (ly->shared.width > 0) {
+            MOE_TRY(ffn_forward(m, i, &ly->shared, a, m->shy));
+            MOE_TRY(ops->add(h->ctx, m->tmp, m->tmp, m->shy, m->dt, N * d));
+        }
     } else {
-        const int64_t f = ly->ffn;
-        MOE_TRY(tlm_mm(m, 0, 1, N, f, d, 1.0f, a->h2, d, tlm_param(m, ly->fc1_w), d, 0.0f, a->act, f, m->dt, m->dt,
-                   MOE_EPI_BIAS_ACT, tlm_param(m, ly->fc1_b), a->pre));
-        MOE_TRY(tlm_dropout_fwd(m, a->act, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0));
-        MOE_TRY(tlm_mm(m, 0, 1, N, d, f, 1.0f, a->act, f, tlm_param(m, ly->fc2_w), f, 0.0f, m->tmp, d, m->dt, m->dt,
-                   MOE_EPI_BIAS, tlm_param(m, ly->fc2_b), NULL));
-        MOE_TRY(tlm_dropout_fwd(m, m->tmp, N * d, m->p_drop, i + 1, SITE_FFN_OUT, 0));
+        const tlm_ffn dense = {ly->fc1_w, ly->fc1_b, ly->fc2_w, ly->fc2_b, ly->ffn};
+        MOE_TRY(ffn_forward(m, i, &dense, a, m->tmp));
     }
     MOE_TRY(ops->add(h->ctx, xout, a->xmid, m->tmp, m->dt, N * d));
     m->ws_layer = i;
@@ -849,18 +912,11 @@ static moe_status layer_backward(tlm *m, int i, float dl_aux)
     /* FFN / MoE branch: d xmid = dres + LN2'(branch'(dres)) */
     if (ly->moe) {
         MOE_TRY(tlm_moe_backward(m, i, a, dl_aux));
+        if (ly->shared.width > 0)
+            MOE_TRY(ffn_backward(m, i, &ly->shared, a, 1.0f));
     } else {
-        const int64_t f = ly->ffn;
-        MOE_TRY(tlm_dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, i + 1, SITE_FFN_OUT, 0, &dy));
-        MOE_TRY(tlm_mmp(m, 1, 0, d, f, N, 1.0f, dy, d, a->act, f, 1.0f, tlm_grad(m, ly->fc2_w), f));
-        MOE_TRY(ops->bias_backward(h->ctx, tlm_grad(m, ly->fc2_b), dy, N, d, m->dt));
-        MOE_TRY(tlm_mmp(m, 0, 0, N, f, d, 1.0f, dy, d, tlm_param(m, ly->fc2_w), f, 0.0f, m->dpre, f));
-        const void *dact;
-        MOE_TRY(tlm_dropout_bwd(m, m->dpre, m->dpre, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0, &dact));
-        MOE_TRY(ops->act_backward(h->ctx, m->dpre, a->pre, dact, N * f, m->dt, m->act_kind));
-        MOE_TRY(tlm_mmp(m, 1, 0, f, d, N, 1.0f, m->dpre, f, a->h2, d, 1.0f, tlm_grad(m, ly->fc1_w), d));
-        MOE_TRY(ops->bias_backward(h->ctx, tlm_grad(m, ly->fc1_b), m->dpre, N, f, m->dt));
-        MOE_TRY(tlm_mmp(m, 0, 0, N, d, f, 1.0f, m->dpre, f, tlm_param(m, ly->fc1_w), d, 0.0f, m->dh, d));
+        const tlm_ffn dense = {ly->fc1_w, ly->fc1_b, ly->fc2_w, ly->fc2_b, ly->ffn};
+        MOE_TRY(ffn_backward(m, i, &dense, a, 0.0f));
     }
     MOE_TRY(ops->layernorm_backward(h->ctx, m->dres, tlm_grad(m, ly->ln2_w), tlm_grad(m, ly->ln2_b), m->dh, a->xmid,
                                     tlm_param(m, ly->ln2_w), a->mean2, a->rstd2, N, d, m->dt));

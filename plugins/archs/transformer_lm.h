@@ -62,6 +62,12 @@ typedef struct tlm_expert {
     int fc1_w, fc1_b, fc2_w, fc2_b;
 } tlm_expert;
 
+/* An FFN's parameter ids and hidden width (0: none): a MoE layer's shared expert. */
+typedef struct tlm_ffn {
+    int fc1_w, fc1_b, fc2_w, fc2_b;
+    int64_t width;
+} tlm_ffn;
+
 typedef struct tlm_layer {
     int moe;                  /* gate + experts instead of a dense FFN */
     int moe_index;            /* index among MoE layers, -1 for dense */
@@ -73,6 +79,7 @@ typedef struct tlm_layer {
     int ln2_w, ln2_b;
     tlm_expert *experts;      /* local experts (MoE) */
     void *gate;               /* the gate plugin's state (MoE) */
+    tlm_ffn shared;           /* the shared expert (MoE with --moe-shared-expert-ffn-dim), width 0 without */
 } tlm_layer;
 
 /* What backward needs of one layer (one shared set with checkpointing). */
@@ -85,7 +92,7 @@ typedef struct tlm_acts {
     void *xmid;               /* (N,d) residual stream after attention */
     void *h2;                 /* (N,d) final_layer_norm output */
     float *mean2, *rstd2;     /* (N) */
-    void *pre, *act;          /* (N,f) dense fc1 pre-activation, activation after dropout */
+    void *pre, *act;          /* (N,f) dense (or shared expert) fc1 pre-activation, activation after dropout */
     /* MoE */
     moe_route_args route;     /* as the gate's forward left it */
     float *logits;            /* (N,E) fp32 */
@@ -126,7 +133,7 @@ typedef struct tlm {
     /* buffers (setup) */
     int ready;
     int64_t Bmax, Tmax, Nmax, C;  /* C: capacity the MoE buffers hold */
-    int width;                /* W = max(k, 2): choices per token the routing arrays hold */
+    int width;                /* W: choices per token the routing arrays hold (max(k, 2); E for expert choice) */
     moe_group *a2a_group;
     tlm_alloc allocs;
     void **xs;                /* (L+1) x (N,d): layer inputs, xs[L] the last output */
@@ -162,6 +169,8 @@ typedef struct tlm {
     int ws_layer;             /* checkpointing: layer whose activations the shared set holds */
     int root_gathered;        /* a training forward holds the root unit until its backward */
     struct tlm_decode *dec;   /* incremental decoding's state (transformer_lm_decode.c), or NULL */
+    int64_t fs;               /* --moe-shared-expert-ffn-dim (0: no shared expert) */
+    void *shy;                /* (N,d) the shared expert's output (NULL without one) */
 } tlm;
 
 /* moe_layer.c: the gate plugin's state for every MoE layer, once

@@ -21,7 +21,7 @@
  *    instead (gate_topk_forward is fairseq's softmax top-1/top-2), and with
  *    more than two choices per token its experts run as in matrix mode.
  *    Per layer: k|v|q, attention, out, then fc1, fc2 (dense) or gate, expert
- *    fc1, expert fc2 (MoE). On a backend that records graphs (cuda) the step
+ *    fc1, expert fc2 (MoE; a shared expert's fc1, fc2 before them). On a backend that records graphs (cuda) the step
  *    is recorded on its second run of a shape and replayed afterwards: one
  *    launch per token instead of ~140.
  *  - matrix mode, for larger steps (a prompt fed at once): the training ops
@@ -72,7 +72,8 @@ typedef struct tlm_decode {
     void *h;                    /* (Nmax,d) LayerNorm output (matrix mode) */
     void *qkv;                  /* (Nmax,3d) [k | v | q] */
     void *att;                  /* (Nmax,d) attention output, then the MoE output (matrix mode) */
-    void *ffh;                  /* (Nmax,max dense f) */
+    void *ffh;                  /* (Nmax,max dense or shared expert f) */
+    void *shy;                  /* (Nmax,d) the shared expert's output, or NULL */
     void *bq;                   /* (d) q bias times q_scale (matrix mode) */
     float *logits;              /* (Nmax,V) fp32 */
     /* MoE, rows mode */
@@ -271,6 +272,25 @@ static moe_status alloc_moe(tlm *m, tlm_decode *dc)
     return st;
 }
 
+/* Expert choice routes a forward's tokens together (each expert takes the
+ * best of all of them), which a step of a few new tokens cannot reproduce. */
+static moe_status refuse_expert_choice(tlm *m)
+{
+    moe_route_args a;
+    memset(&a, 0, sizeof a);
+    int g = 0;
+    while (!m->layers[g].moe)
+        g++;
+    MOE_TRY(m->gate_ops->configure(m->layers[g].gate, 1, 0, &a));
+    if (a.expert_choice)
+        return m->h->error(m->h, MOE_ERR_UNSUPPORTED,
+                           "%s: expected a gate that routes each token on its own for decoding, found expert choice, "
+                           "whose experts choose among all the tokens of a forward (later ones included); evaluate "
+                           "the model with moelm-eval-lm instead",
+                           MOE_ARCH_VARIANT);
+    return MOE_OK;
+}
+
 moe_status tlm_decode_setup(void *model, int64_t B, int64_t max_len, int64_t max_step, unsigned flags)
 {
     tlm *m = model;
@@ -307,6 +327,7 @@ moe_status tlm_decode_setup(void *model, int64_t B, int64_t max_len, int64_t max
             return h->error(h, MOE_ERR_INTERNAL,
                             "%s: the model has MoE layers but no gate was resolved (host->gate_ops is NULL)",
                             MOE_ARCH_VARIANT);
+        MOE_TRY(refuse_expert_choice(m));
     }
     tlm_decode *dc = calloc(1, sizeof *dc);
     if (!dc)
@@ -331,7 +352,7 @@ moe_status tlm_decode_setup(void *model, int64_t B, int64_t max_len, int64_t max
         MOE_TRY(aalloc(m, dc, cache, "key cache", &dc->kc[i]));
         MOE_TRY(aalloc(m, dc, cache, "value cache", &dc->vc[i]));
     }
-    int64_t fmax = 0;
+    int64_t fmax = m->fs;
     for (int i = 0; i < m->L; i++)
         if (!m->layers[i].moe && m->layers[i].ffn > fmax)
             fmax = m->layers[i].ffn;
@@ -340,6 +361,8 @@ moe_status tlm_decode_setup(void *model, int64_t B, int64_t max_len, int64_t max
     MOE_TRY(aalloc(m, dc, N * 3 * d, "decoding q, k, v", &dc->qkv));
     MOE_TRY(aalloc(m, dc, N * d, "decoding attention output", &dc->att));
     MOE_TRY(aalloc(m, dc, N * fmax, "decoding FFN hidden", &dc->ffh));
+    if (m->fs > 0)
+        MOE_TRY(aalloc(m, dc, N * d, "decoding shared expert output", &dc->shy));
     MOE_TRY(aalloc(m, dc, d, "decoding scaled q bias", &dc->bq));
     MOE_TRY(dalloc(m, dc, (uint64_t)(N * m->V) * 4u, "decoding logits", (void **)&dc->logits));
     if (m->n_moe > 0)
@@ -496,6 +519,25 @@ static moe_status moe_step(tlm *m, int i, int64_t N, int rows, const step_views 
     return ops->add(h->ctx, dc->x, dc->x, dc->att, m->dt, N * d);
 }
 
+/* y = beta * y + fc2(act(fc1(LN2(x)))) of FFN f (dense, or a shared expert) */
+static moe_status ffn_step(tlm *m, const tlm_layer *ly, const tlm_ffn *x, int64_t N, int rows, void *y, float beta)
+{
+    const moe_host *h = m->h;
+    tlm_decode *dc = m->dec;
+    const int64_t d = m->d, f = x->width;
+    if (rows) {
+        MOE_TRY(rowlin(m, N, dc->x, d, NULL, ly->ln2_w, ly->ln2_b, param(m, x->fc1_w), f, d, param(m, x->fc1_b),
+                       dc->ffh, f, m->dt, 0.0f, 1, 1.0f, 0));
+        return rowlin(m, N, dc->ffh, f, NULL, -1, -1, param(m, x->fc2_w), d, f, param(m, x->fc2_b), y, d, m->dt, beta, 0,
+                      1.0f, 0);
+    }
+    MOE_TRY(h->ops->layernorm_forward(h->ctx, dc->h, NULL, NULL, dc->x, param(m, ly->ln2_w), param(m, ly->ln2_b), N,
+                                      d, TLM_LN_EPS, m->dt));
+    MOE_TRY(gemm(m, N, f, d, 1.0f, dc->h, d, param(m, x->fc1_w), 0.0f, dc->ffh, f, m->dt, MOE_EPI_BIAS_ACT,
+                 param(m, x->fc1_b)));
+    return gemm(m, N, d, f, 1.0f, dc->ffh, f, param(m, x->fc2_w), beta, y, d, m->dt, MOE_EPI_BIAS, param(m, x->fc2_b));
+}
+
 /* one decoder layer on the step's tokens */
 static moe_status layer_step(tlm *m, int i, int64_t n, int rows, const step_views *v)
 {
@@ -529,22 +571,16 @@ static moe_status layer_step(tlm *m, int i, int64_t n, int rows, const step_view
         MOE_TRY(gemm(m, N, d, d, 1.0f, dc->att, d, param(m, ly->wo), 1.0f, dc->x, d, m->dt, MOE_EPI_BIAS,
                      param(m, ly->bo)));
 
-    if (ly->moe)
-        return moe_step(m, i, N, rows, v);
-    /* x += fc2(act(fc1(LN2(x)))) */
-    const int64_t f = ly->ffn;
-    if (rows) {
-        MOE_TRY(rowlin(m, N, dc->x, d, NULL, ly->ln2_w, ly->ln2_b, param(m, ly->fc1_w), f, d, param(m, ly->fc1_b),
-                       dc->ffh, f, m->dt, 0.0f, 1, 1.0f, 0));
-        return rowlin(m, N, dc->ffh, f, NULL, -1, -1, param(m, ly->fc2_w), d, f, param(m, ly->fc2_b), dc->x, d, m->dt,
-                      1.0f, 0, 1.0f, 0);
+    if (!ly->moe) {
+        const tlm_ffn dense = {ly->fc1_w, ly->fc1_b, ly->fc2_w, ly->fc2_b, ly->ffn};
+        return ffn_step(m, ly, &dense, N, rows, dc->x, 1.0f);
     }
-    MOE_TRY(ops->layernorm_forward(h->ctx, dc->h, NULL, NULL, dc->x, param(m, ly->ln2_w), param(m, ly->ln2_b), N, d,
-                                   TLM_LN_EPS, m->dt));
-    MOE_TRY(gemm(m, N, f, d, 1.0f, dc->h, d, param(m, ly->fc1_w), 0.0f, dc->ffh, f, m->dt, MOE_EPI_BIAS_ACT,
-                 param(m, ly->fc1_b)));
-    return gemm(m, N, d, f, 1.0f, dc->ffh, f, param(m, ly->fc2_w), 1.0f, dc->x, d, m->dt, MOE_EPI_BIAS,
-                param(m, ly->fc2_b));
+    if (ly->shared.width == 0)
+        return moe_step(m, i, N, rows, v);
+    /* both branches read LN2(x): the shared expert's output waits in shy */
+    MOE_TRY(ffn_step(m, ly, &ly->shared, N, rows, dc->shy, 0.0f));
+    MOE_TRY(moe_step(m, i, N, rows, v));
+    return ops->add(h->ctx, dc->x, dc->x, dc->shy, m->dt, N * d);
 }
 
 /* every launch of a step, from the inputs already on the device */

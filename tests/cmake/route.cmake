@@ -14,3 +14,11 @@ moe_add_test(test_route_topk LABELS unit plugin
   LIBS ${CMAKE_DL_LIBS}
   TIMEOUT 60)
 add_dependencies(test_route_topk moe-gate-topk)
+
+# expert-choice routing (kernels/cpu/route.c with moe_route_args.expert_choice
+# = 1), dispatch and combine over its E columns, and the expert_choice plugin
+moe_add_test(test_route_ec LABELS unit plugin
+  SOURCES test_route_ec.c ${PROJECT_SOURCE_DIR}/kernels/cpu/route.c
+  LIBS ${CMAKE_DL_LIBS}
+  TIMEOUT 60)
+add_dependencies(test_route_ec moe-gate-expert_choice)
