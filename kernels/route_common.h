@@ -36,6 +36,12 @@
 /* columns of expert/slot/weight */
 MOE_HD int moe_route_width(const moe_route_args *a) { return a->width > 0 ? a->width : 2; }
 
+/* exp of a float, correctly rounded on both backends (glibc's expf is, CUDA's
+ * expf is not, by up to 2 ulp): the choices compare probabilities exactly,
+ * and expert choice ranks thousands of near-equal ones, so an ulp would
+ * move a token across an expert's capacity on one backend only */
+MOE_HD float moe_route_exp(float x) { return (float)exp((double)x); }
+
 /* the top-k router's fields; NULL if acceptable */
 static inline const char *moe_route_topk_problem(const moe_route_args *a, const char *backend, const char *op,
                                                  char *buf, size_t size)
@@ -295,7 +301,7 @@ MOE_HD moe_topk_token moe_route_topk_token(const moe_route_args *a, int64_t s)
     if (a->score == MOE_SCORE_SOFTMAX || a->z_loss_coeff != 0.0f) {
         double den = 0.0;
         for (int e = 0; e < E; e++) {
-            float x = expf(l[e] - mx);
+            float x = moe_route_exp(l[e] - mx);
             den += (double)x;
             if (a->score == MOE_SCORE_SOFTMAX)
                 p[e] = x;
@@ -419,7 +425,7 @@ MOE_HD void moe_route_topk_token_backward(const moe_route_args *a, int64_t s, co
                 m = l[e];
         double den = 0.0;
         for (int e = 0; e < E; e++)
-            den += (double)expf(l[e] - m);
+            den += (double)moe_route_exp(l[e] - m);
         mx = (double)m;
         lse = mx + log(den);
         zs = z_scale * lse / den; /* times exp(l - m): softmax * lse * z_scale */
@@ -433,7 +439,7 @@ MOE_HD void moe_route_topk_token_backward(const moe_route_args *a, int64_t s, co
         else
             dl = pe * (dg + c - dot);
         if (z_scale != 0.0)
-            dl += zs * (double)expf(a->logits[s * E + e] - (float)mx);
+            dl += zs * (double)moe_route_exp(a->logits[s * E + e] - (float)mx);
         dlogits[s * E + e] = (float)dl;
     }
 #undef MOE_TOPK_DG
