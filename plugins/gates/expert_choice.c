@@ -26,7 +26,7 @@
  */
 #include <math.h>
 
-#include "plugins/gates/gate_common.h"
+#include "moe/gate.h"
 
 static const moe_option ec_options[] = {
     {"moe-expert-capacity-factor", MOE_OPT_FLOAT, "2.0",
@@ -41,8 +41,8 @@ static const moe_option ec_options[] = {
 
 static moe_status ec_init(const moe_host *h, int num_experts, void **out)
 {
-    gate *g;
-    MOE_TRY(gate_create(h, "expert_choice", num_experts, 1, "", &g));
+    moe_gate_base *g;
+    MOE_TRY(moe_gate_create(h, "expert_choice", num_experts, 1, "", &g));
     g->capacity_factor = h->opt_float(h, "moe-expert-capacity-factor");
     *out = g;
     return MOE_OK;
@@ -50,8 +50,8 @@ static moe_status ec_init(const moe_host *h, int num_experts, void **out)
 
 static moe_status ec_configure(void *gate_, int64_t S, int train, moe_route_args *a)
 {
-    gate *g = gate_;
-    MOE_TRY(gate_configure(g, S, train, a));
+    moe_gate_base *g = gate_;
+    MOE_TRY(moe_gate_configure(g, S, train, a));
     a->expert_choice = 1;
     a->width = g->num_experts;
     if (train || !(g->eval_fraction > 0.0))
@@ -63,8 +63,8 @@ static moe_status ec_configure(void *gate_, int64_t S, int train, moe_route_args
     return MOE_OK;
 }
 
-static const moe_gate_ops ec_ops = {ec_init,      gate_destroy, ec_configure, gate_forward,
-                                    gate_backward, NULL,         gate_update,  gate_state};
+static const moe_gate_ops ec_ops = {ec_init,      moe_gate_destroy, ec_configure, moe_gate_forward,
+                                    moe_gate_backward, NULL,         moe_gate_update,  moe_gate_state};
 
 MOE_PLUGIN_DEFINE(MOE_KIND_GATE, moe_gate_ops, "expert_choice", "1.0",
                   "expert-choice routing (Zhou et al. 2022): each expert takes its top tokens by softmax score; "

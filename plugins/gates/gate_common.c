@@ -1,5 +1,5 @@
 /* gate_common.c: the gate implementation the gate plugins share
- * (gate_common.h): creation, capacity, the calls into the backend's route
+ * (moe/gate.h, the gate SDK): creation, capacity, the calls into the backend's route
  * ops, and the aux-loss-free expert-bias update.
  *
  * It touches only what moe_host hands it: options, the backend's memory and
@@ -14,19 +14,19 @@
  *    recomputed under --checkpoint-activations double every load alike,
  *    which leaves the signs as they were.
  */
-#include "plugins/gates/gate_common.h"
+#include "moe/gate.h"
 
 #include <math.h>
 #include <stdlib.h>
 
-moe_status gate_create(const moe_host *h, const char *name, int num_experts, int min_experts, const char *hint,
-                       gate **out)
+moe_status moe_gate_create(const moe_host *h, const char *name, int num_experts, int min_experts, const char *hint,
+                       moe_gate_base **out)
 {
     *out = NULL;
     if (num_experts < min_experts)
         return h->error(h, MOE_ERR_INVALID_ARG, "gate %s: expected --moe-expert-count >= %d, found %d%s", name,
                         min_experts, num_experts, hint);
-    gate *g = calloc(1, sizeof *g);
+    moe_gate_base *g = calloc(1, sizeof *g);
     if (g == NULL)
         return h->error(h, MOE_ERR_NOMEM, "gate %s: out of host memory allocating the gate (%zu bytes)", name,
                         sizeof *g);
@@ -40,7 +40,7 @@ moe_status gate_create(const moe_host *h, const char *name, int num_experts, int
     return MOE_OK;
 }
 
-moe_status gate_enable_expert_bias(gate *g, float rate)
+moe_status moe_gate_enable_expert_bias(moe_gate_base *g, float rate)
 {
     const moe_host *h = g->h;
     if (h->backend == NULL || h->ops == NULL)
@@ -55,9 +55,9 @@ moe_status gate_enable_expert_bias(gate *g, float rate)
     return MOE_OK;
 }
 
-void gate_destroy(void *gate_)
+void moe_gate_destroy(void *gate_)
 {
-    gate *g = gate_;
+    moe_gate_base *g = gate_;
     if (g == NULL)
         return;
     if (g->h->backend != NULL) {
@@ -69,9 +69,9 @@ void gate_destroy(void *gate_)
     free(g);
 }
 
-moe_status gate_configure(void *gate_, int64_t S, int train, moe_route_args *a)
+moe_status moe_gate_configure(void *gate_, int64_t S, int train, moe_route_args *a)
 {
-    gate *g = gate_;
+    moe_gate_base *g = gate_;
     const moe_route_args *r = &g->route;
     if (S < 1)
         return g->h->error(g->h, MOE_ERR_INVALID_ARG, "gate %s: expected at least one token to route, found %lld",
@@ -102,21 +102,21 @@ moe_status gate_configure(void *gate_, int64_t S, int train, moe_route_args *a)
     return MOE_OK;
 }
 
-moe_status gate_forward(void *gate_, const moe_route_args *a)
+moe_status moe_gate_forward(void *gate_, const moe_route_args *a)
 {
-    gate *g = gate_;
+    moe_gate_base *g = gate_;
     return g->h->ops->route_forward(g->h->ctx, a);
 }
 
-moe_status gate_backward(void *gate_, const moe_route_args *a, const float *dweight, float dl_aux, float *dlogits)
+moe_status moe_gate_backward(void *gate_, const moe_route_args *a, const float *dweight, float dl_aux, float *dlogits)
 {
-    gate *g = gate_;
+    moe_gate_base *g = gate_;
     return g->h->ops->route_backward(g->h->ctx, a, dweight, dl_aux, dlogits);
 }
 
-moe_status gate_update(void *gate_)
+moe_status moe_gate_update(void *gate_)
 {
-    gate *g = gate_;
+    moe_gate_base *g = gate_;
     const moe_host *h = g->h;
     if (g->bias == NULL)
         return MOE_OK;
@@ -145,9 +145,9 @@ moe_status gate_update(void *gate_)
     return st;
 }
 
-float *gate_state(void *gate_, int64_t *n)
+float *moe_gate_state(void *gate_, int64_t *n)
 {
-    gate *g = gate_;
+    moe_gate_base *g = gate_;
     *n = g->bias != NULL ? g->num_experts : 0;
     return g->bias;
 }

@@ -16,7 +16,7 @@
  *  - Top-1 produces no overflow metrics and no second-expert metrics; they
  *    log as 0 (route_forward writes 0).
  */
-#include "plugins/gates/gate_common.h"
+#include "moe/gate.h"
 
 static const moe_option top1_options[] = {
     {"moe-second-expert-policy", MOE_OPT_CHOICE, "sampling",
@@ -28,13 +28,13 @@ static const moe_option top1_options[] = {
     {"moe-batch-prioritized-routing", MOE_OPT_FLAG, NULL,
      "assign expert capacity in order of descending max gate probability instead of token order (top-2 only)", 0,
      0, NULL},
-    GATE_OPT_EVAL_CAPACITY,
+    MOE_GATE_OPT_EVAL_CAPACITY,
 };
 
 static moe_status top1_init(const moe_host *h, int num_experts, void **out)
 {
-    gate *g;
-    MOE_TRY(gate_create(h, "top1", num_experts, 1, "", &g));
+    moe_gate_base *g;
+    MOE_TRY(moe_gate_create(h, "top1", num_experts, 1, "", &g));
     g->route.k = 1;
     g->route.policy = MOE_ROUTE_ALL; /* unused with k = 1 */
     static const char *const ignored[] = {"moe-normalize-gate-prob-before-dropping",
@@ -47,7 +47,7 @@ static moe_status top1_init(const moe_host *h, int num_experts, void **out)
     return MOE_OK;
 }
 
-static const moe_gate_ops top1_ops = GATE_OPS(top1_init, NULL);
+static const moe_gate_ops top1_ops = MOE_GATE_OPS(top1_init, NULL);
 
 MOE_PLUGIN_DEFINE(MOE_KIND_GATE, moe_gate_ops, "top1", "1.0",
                   "top-1 gating (Switch; fairseq Top1Gate, --moe-top1-expert): raw probability as combine weight",

@@ -16,7 +16,7 @@
  */
 #include <string.h>
 
-#include "plugins/gates/gate_common.h"
+#include "moe/gate.h"
 
 static const moe_option top2_options[] = {
     {"moe-second-expert-policy", MOE_OPT_CHOICE, "sampling",
@@ -27,7 +27,7 @@ static const moe_option top2_options[] = {
      "normalize the two gate probabilities before capacity and random dropping, and not after", 0, 0, NULL},
     {"moe-batch-prioritized-routing", MOE_OPT_FLAG, NULL,
      "assign expert capacity in order of descending max gate probability instead of token order", 0, 0, NULL},
-    GATE_OPT_EVAL_CAPACITY,
+    MOE_GATE_OPT_EVAL_CAPACITY,
 };
 
 static moe_status top2_init(const moe_host *h, int num_experts, void **out)
@@ -44,8 +44,8 @@ static moe_status top2_init(const moe_host *h, int num_experts, void **out)
     else
         return h->error(h, MOE_ERR_INVALID_ARG,
                         "gate top2: expected --moe-second-expert-policy sampling, all or random, found '%s'", policy);
-    gate *g;
-    MOE_TRY(gate_create(h, "top2", num_experts, 2, "; use --moe-top1-expert for a single expert", &g));
+    moe_gate_base *g;
+    MOE_TRY(moe_gate_create(h, "top2", num_experts, 2, "; use --moe-top1-expert for a single expert", &g));
     g->route.k = 2;
     g->route.policy = p;
     g->route.normalize_before_drop = h->opt_flag(h, "moe-normalize-gate-prob-before-dropping");
@@ -54,7 +54,7 @@ static moe_status top2_init(const moe_host *h, int num_experts, void **out)
     return MOE_OK;
 }
 
-static const moe_gate_ops top2_ops = GATE_OPS(top2_init, NULL);
+static const moe_gate_ops top2_ops = MOE_GATE_OPS(top2_init, NULL);
 
 MOE_PLUGIN_DEFINE(MOE_KIND_GATE, moe_gate_ops, "top2", "1.0",
                   "top-2 gating (GShard; fairseq Top2Gate) with second-expert policies sampling, all, random",

@@ -1,4 +1,4 @@
-/* topk.c: the general top-k gate plugin (libmoe-gate-topk.so, --moe-gate
+/* topk.c: the general top-k gate plugin (libmoe-gate-topk.so, --moe-moe_gate_base
  * topk) with Megatron-Core's router flags: any k, softmax or sigmoid scores,
  * router z-loss, GShard/Switch load-balancing loss per batch or per
  * sequence, group-limited routing, and DeepSeek-V3's aux-loss-free
@@ -28,7 +28,7 @@
  */
 #include <string.h>
 
-#include "plugins/gates/gate_common.h"
+#include "moe/gate.h"
 
 static const moe_option topk_options[] = {
     {"moe-router-topk", MOE_OPT_INT, "2", "number of experts each token is routed to (1 .. --moe-expert-count)", 1,
@@ -61,7 +61,7 @@ static const moe_option topk_options[] = {
     {"moe-expert-capacity-factor", MOE_OPT_FLOAT, "1.0",
      "training capacity ceil(factor * k * ceil(tokens / experts)); 0 drops no token (capacity = tokens)", 0.0,
      1e6, NULL},
-    GATE_OPT_EVAL_CAPACITY,
+    MOE_GATE_OPT_EVAL_CAPACITY,
 };
 
 static const char *const topk_log_fields[] = {"z_loss", NULL};
@@ -112,8 +112,8 @@ static moe_status topk_init(const moe_host *h, int num_experts, void **out)
                         "--moe-router-topk (%d), with groups holding at least k experts (%d each), found %d",
                         G, k, E / G, Gk);
 
-    gate *g;
-    MOE_TRY(gate_create(h, "topk", E, 1, "", &g));
+    moe_gate_base *g;
+    MOE_TRY(moe_gate_create(h, "topk", E, 1, "", &g));
     moe_route_args *r = &g->route;
     r->topk = 1;
     r->k = k;
@@ -126,9 +126,9 @@ static moe_status topk_init(const moe_host *h, int num_experts, void **out)
     g->capacity_factor = h->opt_set(h, "moe-expert-capacity-factor") ? h->opt_float(h, "moe-expert-capacity-factor")
                                                                       : 1.0;
     if (h->opt_flag(h, "moe-router-enable-expert-bias")) {
-        moe_status st = gate_enable_expert_bias(g, (float)h->opt_float(h, "moe-router-bias-update-rate"));
+        moe_status st = moe_gate_enable_expert_bias(g, (float)h->opt_float(h, "moe-router-bias-update-rate"));
         if (st != MOE_OK) {
-            gate_destroy(g);
+            moe_gate_destroy(g);
             return st;
         }
     }
@@ -136,7 +136,7 @@ static moe_status topk_init(const moe_host *h, int num_experts, void **out)
     return MOE_OK;
 }
 
-static const moe_gate_ops topk_ops = GATE_OPS(topk_init, topk_log_fields);
+static const moe_gate_ops topk_ops = MOE_GATE_OPS(topk_init, topk_log_fields);
 
 MOE_PLUGIN_DEFINE(MOE_KIND_GATE, moe_gate_ops, "topk", "1.0",
                   "top-k gating with Megatron-Core's router options: softmax or sigmoid scores, z-loss, batch or "

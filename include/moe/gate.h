@@ -1,12 +1,16 @@
-/* gate_common.h: the one gate implementation every gate plugin compiles in
- * (gate_common.c). A gate plugin is its options and an init that turns them
- * into routing settings (the policy fields of moe_route_args); configure,
- * forward, backward, the expert-bias update and the state are shared, and
- * the routing itself is the backend's route_forward and route_backward
- * (kernels/cpu/route.c is the reference).
+/* gate.h: the gate SDK, the one gate implementation every gate plugin
+ * compiles in (plugins/gates/gate_common.c; installed as
+ * share/moelm/gate_common.c, which moelm_add_plugin(gate ...) adds to an
+ * out-of-tree gate). A gate plugin is its options and an init that turns
+ * them into routing settings (the policy fields of moe_route_args);
+ * configure, forward, backward, the expert-bias update and the state are
+ * shared, and the routing itself is the backend's route_forward and
+ * route_backward (kernels/cpu/route.c is the reference). Not part of the
+ * plugin ABI: the core never sees moe_gate_base, only the moe_gate_ops a
+ * plugin builds with MOE_GATE_OPS.
  *
  * Not here: option tables (each plugin declares its own; the one option
- * every gate shares is GATE_OPT_EVAL_CAPACITY) and the gate projection wg,
+ * every gate shares is MOE_GATE_OPT_EVAL_CAPACITY) and the gate projection wg,
  * which belongs to the arch.
  *
  * Conventions a reader would trip over:
@@ -21,12 +25,12 @@
  *    micro-batch), the buffers, width, seq_len and gate_metrics.
  *  - These functions have hidden visibility: each plugin holds its own copy.
  */
-#ifndef MOE_PLUGINS_GATES_GATE_COMMON_H
-#define MOE_PLUGINS_GATES_GATE_COMMON_H
+#ifndef MOE_GATE_H
+#define MOE_GATE_H
 
 #include "moe/plugin.h"
 
-typedef struct gate {
+typedef struct moe_gate_base {
     const moe_host *h;
     const char *name;          /* the plugin's name, for messages */
     int num_experts;
@@ -35,10 +39,10 @@ typedef struct gate {
     double eval_fraction;      /* --moe-eval-capacity-token-fraction */
     float *bias, *load;        /* aux-loss-free balancing: (E) backend fp32 each, or NULL */
     float bias_rate;           /* --moe-router-bias-update-rate */
-} gate;
+} moe_gate_base;
 
 /* the option every gate declares (fairseq's, shared by top1 and top2) */
-#define GATE_OPT_EVAL_CAPACITY                                                                                  \
+#define MOE_GATE_OPT_EVAL_CAPACITY                                                                                  \
     {"moe-eval-capacity-token-fraction", MOE_OPT_FLOAT, "0.25",                                               \
      "expert capacity at evaluation as a fraction of the tokens (ceil(fraction * tokens)); <= 0 uses the "     \
      "training capacity (an expert never receives more than all the tokens, hence at most 1)",                \
@@ -47,22 +51,22 @@ typedef struct gate {
 /* A gate of `name` over num_experts (at least min_experts, else an error
  * ending with `hint`) with k = 1, capacity factor 1 and the eval fraction
  * read; the plugin's init fills g->route and may change the factor. */
-moe_status gate_create(const moe_host *h, const char *name, int num_experts, int min_experts, const char *hint,
-                       gate **out);
+moe_status moe_gate_create(const moe_host *h, const char *name, int num_experts, int min_experts, const char *hint,
+                       moe_gate_base **out);
 /* Aux-loss-free balancing (DeepSeek-V3): a zero bias and load per expert on
  * the backend; update() moves the bias by `rate` towards balance. */
-moe_status gate_enable_expert_bias(gate *g, float rate);
+moe_status moe_gate_enable_expert_bias(moe_gate_base *g, float rate);
 
 /* the moe_gate_ops entries every gate shares */
-void gate_destroy(void *gate);
-moe_status gate_configure(void *gate, int64_t S, int train, moe_route_args *a);
-moe_status gate_forward(void *gate, const moe_route_args *a);
-moe_status gate_backward(void *gate, const moe_route_args *a, const float *dweight, float dl_aux, float *dlogits);
-moe_status gate_update(void *gate);
-float *gate_state(void *gate, int64_t *n);
+void moe_gate_destroy(void *gate);
+moe_status moe_gate_configure(void *gate, int64_t S, int train, moe_route_args *a);
+moe_status moe_gate_forward(void *gate, const moe_route_args *a);
+moe_status moe_gate_backward(void *gate, const moe_route_args *a, const float *dweight, float dl_aux, float *dlogits);
+moe_status moe_gate_update(void *gate);
+float *moe_gate_state(void *gate, int64_t *n);
 
 /* A gate plugin's ops table: its init, the shared rest, its log fields. */
-#define GATE_OPS(init_fn, log_fields)                                                                          \
-    {(init_fn), gate_destroy, gate_configure, gate_forward, gate_backward, (log_fields), gate_update, gate_state}
+#define MOE_GATE_OPS(init_fn, log_fields)                                                                          \
+    {(init_fn), moe_gate_destroy, moe_gate_configure, moe_gate_forward, moe_gate_backward, (log_fields), moe_gate_update, moe_gate_state}
 
 #endif
