@@ -140,16 +140,21 @@ static void test_dist_experts_4_over_2(void **s)
     "--moe-router-enable-expert-bias --moe-router-bias-update-rate 0.01 --moe-normalize-expert-grad world_size " \
     "--log-expert-load --disable-validation "
 
-static void test_dist_topk_experts_8_over_2(void **s)
+/* the run of `ranks` ranks (experts 8 / ranks each) against one rank
+ * accumulating the same micro-batches */
+static void topk_over(int ranks)
 {
-    (void)s;
     if (!have_mpirun) {
         printf("SKIP: mpirun not found\n");
         skip();
     }
+    char one[64];
+    snprintf(one, sizeof one, "--update-freq %d", ranks);
+    char flags[sizeof TOPK_FLAGS + 64];
+    snprintf(flags, sizeof flags, "%s%s", TOPK_FLAGS, one);
     moe_cmd_result a, b;
-    assert_int_equal(run_ranks_on(1, TINY_ANY_GATE, TOPK_FLAGS "--update-freq 2", &a), 0);
-    assert_int_equal(run_ranks_on(2, TINY_ANY_GATE, TOPK_FLAGS "--update-freq 1", &b), 0);
+    assert_int_equal(run_ranks_on(1, TINY_ANY_GATE, flags, &a), 0);
+    assert_int_equal(run_ranks_on(ranks, TINY_ANY_GATE, TOPK_FLAGS "--update-freq 1", &b), 0);
     if (a.status != 0 || b.status != 0)
         fprintf(stderr, "%s\n%s\n%s\n%s\n", a.out, a.err, b.out, b.err);
     assert_int_equal(a.status, 0);
@@ -161,9 +166,9 @@ static void test_dist_topk_experts_8_over_2(void **s)
     assert_int_equal(values(b.out, "z_loss", zb, NUPD), NUPD);
     for (int i = 0; i < NUPD; i++) {
         if (fabs(la[i] - lb[i]) > 0.0025)
-            fail_msg("update %d: 1 rank loss %.3f, 2 ranks %.3f", i + 1, la[i], lb[i]);
+            fail_msg("update %d: 1 rank loss %.3f, %d ranks %.3f", i + 1, la[i], ranks, lb[i]);
         if (!(za[i] > 0.0) || fabs(za[i] - zb[i]) > 1e-6 + 1e-4 * za[i])
-            fail_msg("update %d: 1 rank z_loss %.8f, 2 ranks %.8f", i + 1, za[i], zb[i]);
+            fail_msg("update %d: 1 rank z_loss %.8f, %d ranks %.8f", i + 1, za[i], ranks, zb[i]);
     }
     /* one expert_load line per logged update, on rank 0 only, the same counts */
     assert_int_equal(moe_count_lines(a.out, "| expert_load | "), NUPD);
@@ -172,10 +177,23 @@ static void test_dist_topk_experts_8_over_2(void **s)
          p = strstr(p + 1, "| expert_load | "), q = strstr(q + 1, "| expert_load | ")) {
         size_t n = strcspn(p, "\n");
         if (n != strcspn(q, "\n") || strncmp(p, q, n) != 0)
-            fail_msg("expert loads differ: 1 rank '%.*s', 2 ranks '%.*s'", (int)n, p, (int)strcspn(q, "\n"), q);
+            fail_msg("expert loads differ: 1 rank '%.*s', %d ranks '%.*s'", (int)n, p, ranks, (int)strcspn(q, "\n"),
+                     q);
     }
     moe_cmd_result_free(&a);
     moe_cmd_result_free(&b);
+}
+
+static void test_dist_topk_experts_8_over_2(void **s)
+{
+    (void)s;
+    topk_over(2);
+}
+
+static void test_dist_topk_experts_8_over_4(void **s)
+{
+    (void)s;
+    topk_over(4);
 }
 
 static void test_dist_experts_4_over_4(void **s)
@@ -209,6 +227,16 @@ static void test_dist_expert_choice_4_over_2(void **s)
                           "--moe-expert-count 4 --moe-gate expert_choice --update-freq 2 "
                           "--moe-normalize-expert-grad world_size",
                           "--moe-expert-count 4 --moe-gate expert_choice --update-freq 1 "
+                          "--moe-normalize-expert-grad world_size");
+}
+
+static void test_dist_expert_choice_8_over_4(void **s)
+{
+    (void)s;
+    expect_same_losses_on(4, TINY_ANY_GATE "--disable-validation ",
+                          "--moe-expert-count 8 --moe-gate expert_choice --update-freq 4 "
+                          "--moe-normalize-expert-grad world_size",
+                          "--moe-expert-count 8 --moe-gate expert_choice --update-freq 1 "
                           "--moe-normalize-expert-grad world_size");
 }
 
@@ -350,13 +378,13 @@ int main(void)
     have_mpirun = moe_mpirun_prepare();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dist_data_parallel_2),  cmocka_unit_test(test_dist_experts_4_over_2),
-cmocka_unit_test(test_dist_topk_experts_8_over_2),
+        cmocka_unit_test(test_dist_topk_experts_8_over_2), cmocka_unit_test(test_dist_topk_experts_8_over_4),
                 cmocka_unit_test(test_dist_experts_4_over_4), cmocka_unit_test(test_dist_replicated_experts_2_over_4),
         cmocka_unit_test(test_dist_fully_sharded_2),  cmocka_unit_test(test_dist_fully_sharded_fp16_master_4),
         cmocka_unit_test(test_dist_normalizer_scaling), cmocka_unit_test(test_dist_a2a_perf_stats),
         cmocka_unit_test(test_dist_fully_sharded_checkpoint_validation),
         cmocka_unit_test(test_dist_legacy_ddp_ignores_normalizer),
-        cmocka_unit_test(test_dist_expert_choice_4_over_2),
+        cmocka_unit_test(test_dist_expert_choice_4_over_2), cmocka_unit_test(test_dist_expert_choice_8_over_4),
         cmocka_unit_test(test_dist_shared_expert_fully_sharded_2),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
