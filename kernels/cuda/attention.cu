@@ -450,6 +450,26 @@ static __device__ __forceinline__ void mma_load_tile_async(T *dst, const T *src,
     }
 }
 
+/* Key tile kt of qt + 1 is in buffer kt & 1 of Kb and Vb (its copies were
+ * committed as one group): starts the copies of tile kt + 1 into the other
+ * buffer, then waits for tile kt's (and the block's barrier) */
+template <typename T, int D>
+static __device__ __forceinline__ void next_kv_tile(T *Kb, T *Vb, const T *k, const T *v, int64_t ld, int64_t b,
+                                                    int64_t h, int kt, int qt, int64_t T_, bool vec)
+{
+    constexpr int LD = mma_cfg<T, D>::LD;
+    if (kt < qt) {
+        const int64_t j1 = (int64_t)(kt + 1) * MMA_ROWS;
+        mma_load_tile_async<T, D>(Kb + ((kt + 1) & 1) * MMA_ROWS * LD, k, ld, b, h, j1, T_, vec);
+        mma_load_tile_async<T, D>(Vb + ((kt + 1) & 1) * MMA_ROWS * LD, v, ld, b, h, j1, T_, vec);
+        cp_async_commit();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+}
+
 /* A operand (16 x 16 at rows r0.., cols k0..) of a row-major [rows][LD] tile */
 template <int LD, typename T>
 static __device__ __forceinline__ void frag_a(uint32_t a[4], const T *tile, int r0, int k0)
@@ -562,15 +582,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
     for (int kt = 0; kt <= qt; kt++) {
         const int64_t j0 = (int64_t)kt * MMA_ROWS;
         const T *Ks = Kb + (kt & 1) * MMA_ROWS * LD, *Vs = Vb + (kt & 1) * MMA_ROWS * LD;
-        if (kt < qt) { /* the next key tile travels while this one is used */
-            mma_load_tile_async<T, D>(Kb + ((kt + 1) & 1) * MMA_ROWS * LD, k, ld, b, h, j0 + MMA_ROWS, T_, vec);
-            mma_load_tile_async<T, D>(Vb + ((kt + 1) & 1) * MMA_ROWS * LD, v, ld, b, h, j0 + MMA_ROWS, T_, vec);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        next_kv_tile<T, D>(Kb, Vb, k, v, ld, b, h, kt, qt, T_, vec);
         float s[8][4];
         mma_abt<T, D>(s, Qs, warp * 16, Ks);
         /* masks: the diagonal tile and the tile holding T; key j0 <= i is valid
@@ -770,15 +782,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
     for (int kt = 0; kt <= qt; kt++) {
         const int64_t j0 = (int64_t)kt * MMA_ROWS;
         const T *Ks = Kb + (kt & 1) * MMA_ROWS * LD, *Vs = Vb + (kt & 1) * MMA_ROWS * LD;
-        if (kt < qt) { /* the next key tile travels while this one is used */
-            mma_load_tile_async<T, D>(Kb + ((kt + 1) & 1) * MMA_ROWS * LD, k, ld, b, h, j0 + MMA_ROWS, T_, vec);
-            mma_load_tile_async<T, D>(Vb + ((kt + 1) & 1) * MMA_ROWS * LD, v, ld, b, h, j0 + MMA_ROWS, T_, vec);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        next_kv_tile<T, D>(Kb, Vb, k, v, ld, b, h, kt, qt, T_, vec);
         float s[8][4], dp[8][4];
         mma_abt<T, D>(s, Qs, warp * 16, Ks);
         mma_abt<T, D>(dp, dOs, warp * 16, Vs);
