@@ -566,6 +566,28 @@ static void tb_stats(trainer *t, const char *tag, const char *prefix, const moe_
         tb_failed(t);
 }
 
+/* A routing's expert and slot arrays in t->load_host (expert, then slot):
+ * returns the choices per array (every choice of every token), or -1 when
+ * they could not be copied. */
+static int64_t route_to_host(trainer *t, const moe_route_args *a)
+{
+    const int64_t n = (int64_t)(a->width > 0 ? a->width : 2) * a->S;
+    if (2 * n > t->load_host_cap) {
+        int32_t *p = realloc(t->load_host, (size_t)(2 * n) * sizeof *p);
+        if (!p)
+            return -1;
+        t->load_host = p;
+        t->load_host_cap = 2 * n;
+    }
+    const moe_host *h = t->h;
+    if (h->backend->copy_to_host(h->ctx, t->load_host, a->expert, (uint64_t)n * 4u) != MOE_OK ||
+        h->backend->copy_to_host(h->ctx, t->load_host + n, a->slot, (uint64_t)n * 4u) != MOE_OK) {
+        moe_error_clear();
+        return -1;
+    }
+    return n;
+}
+
 /* route_forward's observer (core/opwrap.h): during the forwards of a logged
  * update, the tokens each expert of each MoE layer was given */
 static void observe_route(void *ctx, const char *layer, const moe_route_args *a)
@@ -598,20 +620,9 @@ static void observe_route(void *ctx, const char *layer, const moe_route_args *a)
         memset(t->load_dropped + (size_t)li * (size_t)E, 0, (size_t)E * sizeof *t->load_dropped);
         t->load_n++;
     }
-    int64_t n = (int64_t)(a->width > 0 ? a->width : 2) * a->S; /* every choice of every token */
-    if (2 * n > t->load_host_cap) {
-        int32_t *p = realloc(t->load_host, (size_t)(2 * n) * sizeof *p);
-        if (!p)
-            return;
-        t->load_host = p;
-        t->load_host_cap = 2 * n;
-    }
-    const moe_host *h = t->h;
-    if (h->backend->copy_to_host(h->ctx, t->load_host, a->expert, (uint64_t)n * 4u) != MOE_OK ||
-        h->backend->copy_to_host(h->ctx, t->load_host + n, a->slot, (uint64_t)n * 4u) != MOE_OK) {
-        moe_error_clear();
+    const int64_t n = route_to_host(t, a);
+    if (n < 0)
         return;
-    }
     double *l = t->load + (size_t)li * (size_t)t->load_experts;
     double *dr = t->load_dropped + (size_t)li * (size_t)t->load_experts;
     for (int64_t i = 0; i < n; i++) {
@@ -747,20 +758,11 @@ static void probe_route(void *ctx, const char *layer, const moe_route_args *a)
 {
     dropless_probe *p = ctx;
     trainer *t = p->t;
-    const int W = a->width > 0 ? a->width : 2;
-    const int64_t n = (int64_t)W * a->S;
-    if (a->E <= 0 || n <= 0)
+    if (a->E <= 0 || a->S <= 0)
         return;
     int64_t *load = calloc((size_t)a->E, sizeof *load);
-    if (n > t->load_host_cap) {
-        int32_t *q = realloc(t->load_host, (size_t)n * sizeof *q);
-        if (q) {
-            t->load_host = q;
-            t->load_host_cap = n;
-        }
-    }
-    if (load && n <= t->load_host_cap &&
-        t->h->backend->copy_to_host(t->h->ctx, t->load_host, a->expert, (uint64_t)n * 4u) == MOE_OK) {
+    const int64_t n = load ? route_to_host(t, a) : -1;
+    if (n > 0) {
         for (int64_t i = 0; i < n; i++)
             if (t->load_host[i] >= 0 && t->load_host[i] < a->E)
                 load[t->load_host[i]]++;
@@ -773,7 +775,6 @@ static void probe_route(void *ctx, const char *layer, const moe_route_args *a)
                 p->layer = layer;
             }
     }
-    moe_error_clear();
     free(load);
 }
 
