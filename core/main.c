@@ -121,9 +121,12 @@ static int run(cli_state *s)
         moe_log(MOE_LOG_INFO, "fairseq.distributed.utils", "distributed init (rank %d of %d, launched by %s)", h->rank,
                 h->world, moe_launch_method_name(launch.method));
     /* --profile, --tensorboard-logdir and --log-expert-load watch the ops and
-     * collectives: wrap them before any plugin sees them */
+     * collectives, --moe-dropless the routing when it names an overloaded
+     * expert: wrap them before any plugin sees them */
     const char *tb_dir = moe_opts_str(s->opts, "tensorboard-logdir");
-    if (!dry_run && (moe_profile_wanted() || (tb_dir && *tb_dir) || moe_opts_flag(s->opts, "log-expert-load")))
+    const int dropless = moe_opts_known(s->opts, "moe-dropless") && moe_opts_flag(s->opts, "moe-dropless");
+    if (!dry_run && (moe_profile_wanted() || (tb_dir && *tb_dir) || moe_opts_flag(s->opts, "log-expert-load") ||
+                     dropless))
         MOE_TRY_GOTO(st, moe_opwrap_install(s->rt), failure);
     moe_components *cp = &s->c;
     st = moe_components_build(s->rt, &sel, &s->lc, 1, 0, 0, cp);

@@ -2,9 +2,10 @@
  * of the backend's and communicator's tables whose entries call the real
  * ones inside a profile span named after the op (core/profile.h), and whose
  * route_forward also shows each routing decision to an observer (the
- * trainer's per-expert token load for TensorBoard). Installed by
- * moe_opwrap_install only when --profile or --tensorboard-logdir asks, so a
- * plain run calls the backend directly.
+ * trainer's per-expert token load for TensorBoard and --log-expert-load,
+ * and the expert --moe-dropless names when one is over its bound).
+ * Installed by moe_opwrap_install only when one of those flags asks
+ * (--profile too), so a plain run calls the backend directly.
  *
  * Ops added to the tables later than this file pass through unobserved (the
  * tables are copied whole, then the known entries replaced). One runtime per

@@ -13,6 +13,9 @@
  *
  * Host synchronisation: one copy of the statistics and the two squared norms
  * per update (the overflow decision needs them), none inside micro-batches.
+ * --moe-dropless is checked on that copy too: any capacity overflow in the
+ * summed routing metrics stops training, and only then are the update's
+ * micro-batches routed again, observed on the host, to name the expert.
  */
 #include "core/trainer.h"
 
@@ -77,6 +80,7 @@ typedef struct trainer {
     int n_moe;                /* the model's MoE layers */
     const moe_gate_ops *gate; /* their gate plugin (NULL without MoE layers) */
     int gate_fields;          /* the gate's log fields (at most MOE_NUM_GATE_METRICS) */
+    int dropless;             /* --moe-dropless: a capacity overflow is an error */
     moe_ckpt_buffer *gate_bufs; /* the gates' state, checkpointed */
     int n_gate_bufs;
     int loss_scaling;
@@ -296,6 +300,12 @@ static moe_status setup(trainer *t)
     t->c->arch->info(t->c->model, t->Tmax, &info);
     t->n_moe = (int)info.num_moe_layers;
     t->gate = t->n_moe > 0 ? h->gate_ops : NULL;
+    t->dropless = t->n_moe > 0 && moe_opts_known(o, "moe-dropless") && moe_opts_flag(o, "moe-dropless");
+    if (t->dropless && !t->log_moe)
+        return moe_error_set(MOE_ERR_INVALID_ARG,
+                             "expected --criterion moe_cross_entropy with --moe-dropless (its capacity check reads "
+                             "the routing metrics that criterion sums), found --criterion %s",
+                             t->c->criterion_name ? t->c->criterion_name : "(none)");
     for (t->gate_fields = 0; t->gate && t->gate->log_fields && t->gate_fields < MOE_NUM_GATE_METRICS &&
                              t->gate->log_fields[t->gate_fields];
          t->gate_fields++)
@@ -556,6 +566,28 @@ static void tb_stats(trainer *t, const char *tag, const char *prefix, const moe_
         tb_failed(t);
 }
 
+/* A routing's expert and slot arrays in t->load_host (expert, then slot):
+ * returns the choices per array (every choice of every token), or -1 when
+ * they could not be copied. */
+static int64_t route_to_host(trainer *t, const moe_route_args *a)
+{
+    const int64_t n = (int64_t)(a->width > 0 ? a->width : 2) * a->S;
+    if (2 * n > t->load_host_cap) {
+        int32_t *p = realloc(t->load_host, (size_t)(2 * n) * sizeof *p);
+        if (!p)
+            return -1;
+        t->load_host = p;
+        t->load_host_cap = 2 * n;
+    }
+    const moe_host *h = t->h;
+    if (h->backend->copy_to_host(h->ctx, t->load_host, a->expert, (uint64_t)n * 4u) != MOE_OK ||
+        h->backend->copy_to_host(h->ctx, t->load_host + n, a->slot, (uint64_t)n * 4u) != MOE_OK) {
+        moe_error_clear();
+        return -1;
+    }
+    return n;
+}
+
 /* route_forward's observer (core/opwrap.h): during the forwards of a logged
  * update, the tokens each expert of each MoE layer was given */
 static void observe_route(void *ctx, const char *layer, const moe_route_args *a)
@@ -588,20 +620,9 @@ static void observe_route(void *ctx, const char *layer, const moe_route_args *a)
         memset(t->load_dropped + (size_t)li * (size_t)E, 0, (size_t)E * sizeof *t->load_dropped);
         t->load_n++;
     }
-    int64_t n = (int64_t)(a->width > 0 ? a->width : 2) * a->S; /* every choice of every token */
-    if (2 * n > t->load_host_cap) {
-        int32_t *p = realloc(t->load_host, (size_t)(2 * n) * sizeof *p);
-        if (!p)
-            return;
-        t->load_host = p;
-        t->load_host_cap = 2 * n;
-    }
-    const moe_host *h = t->h;
-    if (h->backend->copy_to_host(h->ctx, t->load_host, a->expert, (uint64_t)n * 4u) != MOE_OK ||
-        h->backend->copy_to_host(h->ctx, t->load_host + n, a->slot, (uint64_t)n * 4u) != MOE_OK) {
-        moe_error_clear();
+    const int64_t n = route_to_host(t, a);
+    if (n < 0)
         return;
-    }
     double *l = t->load + (size_t)li * (size_t)t->load_experts;
     double *dr = t->load_dropped + (size_t)li * (size_t)t->load_experts;
     for (int64_t i = 0; i < n; i++) {
@@ -724,6 +745,93 @@ static void emit(trainer *t, moe_meters *m, const char *tag, const char *prefix,
  * rank (--max-valid-steps N: the first N), statistics summed over the ranks
  * per batch; logged as "valid on '<subset>' subset", keys <subset>_*. The
  * first subset's loss is the run's validation loss. */
+/* --moe-dropless: the largest load over the bound that the routings seen
+ * so far gave one expert, with where it was */
+typedef struct dropless_probe {
+    trainer *t;
+    int64_t load, bound, tokens;
+    int expert;
+    const char *layer;
+} dropless_probe;
+
+static void probe_route(void *ctx, const char *layer, const moe_route_args *a)
+{
+    dropless_probe *p = ctx;
+    trainer *t = p->t;
+    if (a->E <= 0 || a->S <= 0)
+        return;
+    int64_t *load = calloc((size_t)a->E, sizeof *load);
+    const int64_t n = load ? route_to_host(t, a) : -1;
+    if (n > 0) {
+        for (int64_t i = 0; i < n; i++)
+            if (t->load_host[i] >= 0 && t->load_host[i] < a->E)
+                load[t->load_host[i]]++;
+        for (int e = 0; e < a->E; e++)
+            if (load[e] > a->capacity && load[e] > p->load) {
+                p->load = load[e];
+                p->bound = a->capacity;
+                p->tokens = a->S;
+                p->expert = e;
+                p->layer = layer;
+            }
+    }
+    free(load);
+}
+
+/* The error for a capacity overflow under --moe-dropless, found in the
+ * summed metrics of batches first .. first + n - 1 of `split`: their
+ * forwards run again (same seed, same micro-batch streams, so the same
+ * routing) with the routing observed on the host, which names the expert.
+ * Training stops here, so the extra forwards and copies cost nothing that
+ * matters; every rank takes part, as the forwards exchange tokens. */
+static moe_status dropless_overflow(trainer *t, const char *split, int64_t first, int64_t n, int train,
+                                    const double *red)
+{
+    const moe_host *h = t->h;
+    dropless_probe p = {t, 0, 0, 0, -1, NULL};
+    moe_opwrap_set_route_observer(probe_route, &p);
+    for (int64_t i = 0; i < n; i++) {
+        moe_batch b;
+        if (t->c->task->get_batch(t->c->task_state, split, first + i, &b) != MOE_OK)
+            break;
+        moe_fwd_out out;
+        moe_status st = h->backend->copy_from_host(h->ctx, t->tokens, b.src, (uint64_t)(b.B * b.T) * 4u);
+        if (st == MOE_OK)
+            st = t->c->arch->forward(t->c->model, t->tokens, b.B, b.T, train, train ? (int)i : 0, &out);
+        t->c->task->free_batch(t->c->task_state, &b);
+        if (st != MOE_OK)
+            break;
+    }
+    moe_error_clear();
+    moe_opwrap_set_route_observer(t->tb_on || t->log_load ? observe_route : NULL, t);
+    const double f = moe_opts_float(t->o, "moe-dropless-capacity-factor");
+    char where[96];
+    if (train)
+        snprintf(where, sizeof where, "at update %lld", (long long)t->num_updates + 1);
+    else
+        snprintf(where, sizeof where, "in validation on '%s'", split);
+    if (p.expert >= 0)
+        return moe_error_set(MOE_ERR_INVALID_ARG,
+                             "--moe-dropless: expected at most %lld tokens per expert in a micro-batch of %lld "
+                             "(the bound with --moe-dropless-capacity-factor %g), found %lld routed to expert %d "
+                             "of %s %s (routing collapse); raise --moe-dropless-capacity-factor",
+                             (long long)p.bound, (long long)p.tokens, f, (long long)p.load, p.expert,
+                             p.layer ? p.layer : "a MoE layer", where);
+    return moe_error_set(MOE_ERR_INVALID_ARG,
+                         "--moe-dropless: expected no expert over the bound (--moe-dropless-capacity-factor %g), "
+                         "found tokens over capacity %s on another rank (overflow_expert1 %.3f, overflow_expert2 "
+                         "%.3f, summed over the ranks) (routing collapse); raise --moe-dropless-capacity-factor",
+                         f, where, red[MOE_STAT_METRICS + MOE_METRIC_OVERFLOW_EXPERT1],
+                         red[MOE_STAT_METRICS + MOE_METRIC_OVERFLOW_EXPERT2]);
+}
+
+/* whether the summed routing metrics show a token dropped for capacity */
+static int dropless_overflowed(const trainer *t, const double *red)
+{
+    return t->dropless && (red[MOE_STAT_METRICS + MOE_METRIC_OVERFLOW_EXPERT1] > 0.0 ||
+                           red[MOE_STAT_METRICS + MOE_METRIC_OVERFLOW_EXPERT2] > 0.0);
+}
+
 static moe_status validate_subset(trainer *t, const char *subset, int first)
 {
     const moe_host *h = t->h;
@@ -749,6 +857,8 @@ static moe_status validate_subset(trainer *t, const char *subset, int first)
         double counts[3] = {(double)b.ntokens, (double)b.nsentences, b.ntokens > 0 ? 1.0 : 0.0};
         t->c->task->free_batch(t->c->task_state, &b);
         st = fetch_reductions(t, red, counts);
+        if (st == MOE_OK && dropless_overflowed(t, red))
+            st = dropless_overflow(t, subset, i, 1, 0, red);
         if (st != MOE_OK || counts[0] <= 0)
             continue; /* every rank had a dummy batch */
         total_tokens += counts[0];
@@ -960,6 +1070,7 @@ static moe_status train_step_inner(trainer *t, int *updated)
     MOE_TRY(ops->fill(h->ctx, t->red, MOE_F32, RED_COUNT, 0.0f));
     float scale = t->loss_scaling ? (float)t->scaler.scale : 1.0f;
     double counts[3] = {0, 0, 0}; /* ntokens, nsentences, non-dummy batches */
+    const int64_t first = t->iter;
     for (int micro = 0; micro < t->update_freq && t->iter < t->batches_per_epoch; micro++) {
         moe_batch b;
         MOE_TRY(run_batch(t, "train", t->iter, 1, micro, scale, &b));
@@ -981,6 +1092,8 @@ static moe_status train_step_inner(trainer *t, int *updated)
     double red[RED_COUNT];
     MOE_TRY(fetch_reductions(t, red, counts));
     moe_profile_end(span);
+    if (dropless_overflowed(t, red))
+        return dropless_overflow(t, "train", first, t->iter - first, 1, red);
     double ntokens = counts[0], nsentences = counts[1], batch_count = counts[2];
 
     /* ntokens: all ranks'; fairseq divides by 1 when a step has none */

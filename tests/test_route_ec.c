@@ -332,7 +332,9 @@ static const char *g_factor, *g_fraction;
 static int fake_opt_set(const moe_host *h, const char *name)
 {
     (void)h;
-    return strcmp(name, "moe-eval-capacity-token-fraction") == 0 ? g_fraction != NULL : g_factor != NULL;
+    if (strcmp(name, "moe-eval-capacity-token-fraction") == 0)
+        return g_fraction != NULL;
+    return strcmp(name, "moe-expert-capacity-factor") == 0 && g_factor != NULL; /* nothing else is given */
 }
 static double fake_opt_float(const moe_host *h, const char *name)
 {

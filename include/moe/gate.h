@@ -19,6 +19,12 @@
  *    2 * ceil(S / E) for top-2 exactly as fairseq; a factor <= 0 means no
  *    token is dropped (capacity S). Evaluation with
  *    --moe-eval-capacity-token-fraction f > 0 uses ceil(f * S).
+ *  - --moe-dropless (a gate that declares MOE_GATE_OPT_DROPLESS): no token
+ *    is dropped for capacity. The capacity, in training and evaluation
+ *    alike, is then the buffer bound min(S, ceil(F * k * ceil(S / E))),
+ *    F = --moe-dropless-capacity-factor; an expert that receives more is an
+ *    error, raised by the trainer from the overflow metrics (any overflow
+ *    with dropless on), so the routing itself needs no host round trip.
  *  - configure() copies the settings, sets the per-update seed (fairseq
  *    reseeds with seed + num_updates every update) and, in training, the
  *    expert-bias buffers; it leaves to the caller the stream (layer and
@@ -39,6 +45,8 @@ typedef struct moe_gate_base {
     double eval_fraction;      /* --moe-eval-capacity-token-fraction */
     float *bias, *load;        /* aux-loss-free balancing: (E) backend fp32 each, or NULL */
     float bias_rate;           /* --moe-router-bias-update-rate */
+    int dropless;              /* --moe-dropless */
+    double dropless_factor;    /* --moe-dropless-capacity-factor: the bound, see above */
 } moe_gate_base;
 
 /* the option every gate declares (fairseq's, shared by top1 and top2) */
@@ -48,9 +56,23 @@ typedef struct moe_gate_base {
      "training capacity (an expert never receives more than all the tokens, hence at most 1)",                \
      -1.0, 1.0, NULL}
 
+/* --moe-dropless and its bound, for the gates that offer it (top1, top2,
+ * topk); moe_gate_create reads them when the plugin declares them */
+#define MOE_GATE_OPT_DROPLESS                                                                                       \
+    {"moe-dropless", MOE_OPT_FLAG, NULL,                                                                        \
+     "drop no token for capacity (Megatron-Core's flag): experts take every token routed to them, up to the "  \
+     "bound set by --moe-dropless-capacity-factor; more is an error",                                          \
+     0, 0, NULL},                                                                                               \
+    {"moe-dropless-capacity-factor", MOE_OPT_FLOAT, "4",                                                        \
+     "with --moe-dropless: the most tokens one expert may receive in a micro-batch, "                          \
+     "min(tokens, ceil(factor * k * ceil(tokens / experts))), which sizes the expert buffers",                 \
+     1e-6, 1e6, NULL}
+
 /* A gate of `name` over num_experts (at least min_experts, else an error
  * ending with `hint`) with k = 1, capacity factor 1 and the eval fraction
- * read; the plugin's init fills g->route and may change the factor. */
+ * read, and --moe-dropless with its factor where the plugin declares them
+ * (MOE_GATE_OPT_DROPLESS); the plugin's init fills g->route and may change
+ * the factor. */
 moe_status moe_gate_create(const moe_host *h, const char *name, int num_experts, int min_experts, const char *hint,
                        moe_gate_base **out);
 /* Aux-loss-free balancing (DeepSeek-V3): a zero bias and load per expert on

@@ -28,6 +28,13 @@
  *    Not to be confused with W below, the ranks of the all-to-all group. The
  *    general top-k router's sequence-wise loss takes each row of the batch
  *    as one sequence (seq_len = T).
+ *  - Rows an expert processes: its whole capacity C per rank, slots left
+ *    empty included (zero inputs, outputs never combined), except on a
+ *    backend whose ops run on the host (no device timers: the cpu) with
+ *    the tokens on one rank: there the routing is read back (no
+ *    synchronisation to pay) and each expert multiplies only the slots
+ *    filled, which --moe-dropless's large bound makes worth it. The result
+ *    is the same: an empty slot adds exact zeros to every gradient.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,7 +67,8 @@ moe_status tlm_moe_register_experts(tlm *m, int i, const char *pfx)
     const moe_host *h = m->h;
     tlm_layer *ly = &m->layers[i];
     ly->experts = calloc((size_t)m->local_experts, sizeof *ly->experts);
-    if (!ly->experts)
+    ly->rows = calloc((size_t)m->local_experts, sizeof *ly->rows);
+    if (!ly->experts || !ly->rows)
         return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for layer %d's experts", MOE_ARCH_VARIANT, i);
     for (int j = 0; j < m->local_experts; j++) {
         tlm_expert *x = &ly->experts[j];
@@ -95,7 +103,9 @@ void tlm_moe_free(tlm *m)
         if (m->layers[i].gate && m->gate_ops)
             m->gate_ops->destroy(m->layers[i].gate);
         free(m->layers[i].experts);
+        free(m->layers[i].rows);
     }
+    free(m->route_host);
 }
 
 /* ------------------------------------------------------------------ setup */
@@ -178,6 +188,35 @@ moe_status tlm_moe_alloc_acts(tlm *m, tlm_acts *a)
     return MOE_OK;
 }
 
+/* Whether the experts process only their filled slots (opening comment):
+ * the backend runs on the host (the cpu has no device timers, plugin.h) and
+ * every expert is local, in id order. */
+static int count_rows(const tlm *m)
+{
+    return m->h->backend->timer_mark == NULL && m->a2a_world == 1 && m->local_experts == m->E;
+}
+
+/* ly->rows: each expert's slots up to its last filled one (C when not
+ * counted) */
+static moe_status expert_rows(tlm *m, tlm_layer *ly, const tlm_acts *a, int64_t C)
+{
+    for (int l = 0; l < m->local_experts; l++)
+        ly->rows[l] = (int64_t)m->a2a_world * C;
+    if (!m->route_host)
+        return MOE_OK;
+    const moe_host *h = m->h;
+    const int64_t n = m->N * m->width;
+    int32_t *expert = m->route_host, *slot = m->route_host + n;
+    MOE_TRY(h->backend->copy_to_host(h->ctx, expert, a->expert, (uint64_t)n * sizeof *expert));
+    MOE_TRY(h->backend->copy_to_host(h->ctx, slot, a->slot, (uint64_t)n * sizeof *slot));
+    for (int l = 0; l < m->local_experts; l++)
+        ly->rows[l] = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (expert[i] >= 0 && expert[i] < m->E && slot[i] >= 0 && slot[i] < C && slot[i] + 1 > ly->rows[expert[i]])
+            ly->rows[expert[i]] = slot[i] + 1;
+    return MOE_OK;
+}
+
 /* Scratch every MoE layer shares (forward exchange buffers, backward
  * gradients, the padding mask). */
 moe_status tlm_moe_alloc_scratch(tlm *m)
@@ -210,6 +249,11 @@ moe_status tlm_moe_alloc_scratch(tlm *m)
     MOE_TRY(tlm_f32_alloc(m, N * m->width, "routing weight gradient", &m->dweight));
     MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate logits gradient", &m->dlogits));
     MOE_TRY(tlm_act_alloc(m, d > m->fe ? d : m->fe, "expert bias gradient", &m->ebias));
+    if (count_rows(m)) {
+        m->route_host = malloc(2 * (size_t)N * (size_t)m->width * sizeof *m->route_host);
+        if (!m->route_host)
+            return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for the routing's host copy", MOE_ARCH_VARIANT);
+    }
     if (m->pad_mask) {
         MOE_TRY(tlm_dev_alloc(m, (uint64_t)N, "padding mask", (void **)&m->pad_dev));
         m->tok_host = malloc((size_t)N * sizeof *m->tok_host);
@@ -321,16 +365,20 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
             MOE_TRY(permute(m, a->xe, recv, C, 1));
     }
     void *eout = W > 1 ? m->eout : a->eback;
+    MOE_TRY(expert_rows(m, ly, a, C));
     for (int l = 0; l < m->local_experts; l++) {
         const tlm_expert *x = &ly->experts[l];
+        const int64_t Rl = ly->rows[l];
+        if (Rl == 0)
+            continue;
         void *xin = tlm_off(a->xe, l * R * d, m->dt), *pre = tlm_off(a->epre, l * R * fe, m->dt);
         void *act = tlm_off(a->eact, l * R * fe, m->dt), *o = tlm_off(eout, l * R * d, m->dt);
-        MOE_TRY(tlm_mm(m, 0, 1, R, fe, d, 1.0f, xin, d, tlm_param(m, x->fc1_w), d, 0.0f, act, fe, m->dt, m->dt,
+        MOE_TRY(tlm_mm(m, 0, 1, Rl, fe, d, 1.0f, xin, d, tlm_param(m, x->fc1_w), d, 0.0f, act, fe, m->dt, m->dt,
                    MOE_EPI_BIAS_ACT, tlm_param(m, x->fc1_b), pre));
-        MOE_TRY(tlm_dropout_fwd(m, act, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid));
-        MOE_TRY(tlm_mm(m, 0, 1, R, d, fe, 1.0f, act, fe, tlm_param(m, x->fc2_w), fe, 0.0f, o, d, m->dt, m->dt, MOE_EPI_BIAS,
-                   tlm_param(m, x->fc2_b), NULL));
-        MOE_TRY(tlm_dropout_fwd(m, o, R * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid));
+        MOE_TRY(tlm_dropout_fwd(m, act, Rl * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid));
+        MOE_TRY(tlm_mm(m, 0, 1, Rl, d, fe, 1.0f, act, fe, tlm_param(m, x->fc2_w), fe, 0.0f, o, d, m->dt, m->dt,
+                   MOE_EPI_BIAS, tlm_param(m, x->fc2_b), NULL));
+        MOE_TRY(tlm_dropout_fwd(m, o, Rl * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid));
     }
     if (W > 1) {
         void *send = eout;
@@ -392,20 +440,23 @@ moe_status tlm_moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
     }
     for (int l = 0; l < m->local_experts; l++) {
         const tlm_expert *x = &ly->experts[l];
+        const int64_t Rl = ly->rows[l]; /* as the forward set them */
+        if (Rl == 0)
+            continue;
         void *dyo = tlm_off(dxo, l * R * d, m->dt);
         const void *xin = tlm_off(a->xe, l * R * d, m->dt), *pre = tlm_off(a->epre, l * R * fe, m->dt);
         const void *act = tlm_off(a->eact, l * R * fe, m->dt);
         const void *dy;
-        MOE_TRY(tlm_dropout_bwd(m, dyo, dyo, R * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid, &dy));
-        MOE_TRY(tlm_mmp(m, 1, 0, d, fe, R, gs, dy, d, act, fe, 1.0f, tlm_grad(m, x->fc2_w), fe));
-        MOE_TRY(expert_bias_backward(m, tlm_grad(m, x->fc2_b), dy, R, d));
-        MOE_TRY(tlm_mmp(m, 0, 0, R, fe, d, 1.0f, dy, d, tlm_param(m, x->fc2_w), fe, 0.0f, m->depre, fe));
+        MOE_TRY(tlm_dropout_bwd(m, dyo, dyo, Rl * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid, &dy));
+        MOE_TRY(tlm_mmp(m, 1, 0, d, fe, Rl, gs, dy, d, act, fe, 1.0f, tlm_grad(m, x->fc2_w), fe));
+        MOE_TRY(expert_bias_backward(m, tlm_grad(m, x->fc2_b), dy, Rl, d));
+        MOE_TRY(tlm_mmp(m, 0, 0, Rl, fe, d, 1.0f, dy, d, tlm_param(m, x->fc2_w), fe, 0.0f, m->depre, fe));
         const void *dact;
-        MOE_TRY(tlm_dropout_bwd(m, m->depre, m->depre, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid, &dact));
-        MOE_TRY(ops->act_backward(h->ctx, m->depre, pre, dact, R * fe, m->dt, m->act_kind));
-        MOE_TRY(tlm_mmp(m, 1, 0, fe, d, R, gs, m->depre, fe, xin, d, 1.0f, tlm_grad(m, x->fc1_w), d));
-        MOE_TRY(expert_bias_backward(m, tlm_grad(m, x->fc1_b), m->depre, R, fe));
-        MOE_TRY(tlm_mmp(m, 0, 0, R, d, fe, 1.0f, m->depre, fe, tlm_param(m, x->fc1_w), d, 0.0f, tlm_off(m->d_e, l * R * d, m->dt), d));
+        MOE_TRY(tlm_dropout_bwd(m, m->depre, m->depre, Rl * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid, &dact));
+        MOE_TRY(ops->act_backward(h->ctx, m->depre, pre, dact, Rl * fe, m->dt, m->act_kind));
+        MOE_TRY(tlm_mmp(m, 1, 0, fe, d, Rl, gs, m->depre, fe, xin, d, 1.0f, tlm_grad(m, x->fc1_w), d));
+        MOE_TRY(expert_bias_backward(m, tlm_grad(m, x->fc1_b), m->depre, Rl, fe));
+        MOE_TRY(tlm_mmp(m, 0, 0, Rl, d, fe, 1.0f, m->depre, fe, tlm_param(m, x->fc1_w), d, 0.0f, tlm_off(m->d_e, l * R * d, m->dt), d));
     }
     /* expert-major -> all-to-all back -> dispatch */
     const void *dxg = m->d_e;

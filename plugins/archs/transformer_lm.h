@@ -78,6 +78,7 @@ typedef struct tlm_layer {
     int wg;                         /* MoE gate projection (E, d) */
     int ln2_w, ln2_b;
     tlm_expert *experts;      /* local experts (MoE) */
+    int64_t *rows;            /* (local experts) rows each processes, set by the MoE forward */
     void *gate;               /* the gate plugin's state (MoE) */
     tlm_ffn shared;           /* the shared expert (MoE with --moe-shared-expert-ffn-dim), width 0 without */
 } tlm_layer;
@@ -152,6 +153,7 @@ typedef struct tlm {
     uint8_t *pad_dev;         /* (N) 1 = pad token */
     int32_t *tok_host;
     uint8_t *pad_host;
+    int32_t *route_host;      /* (2 N width) host copy of a routing, on a backend that runs on the host */
     /* backward scratch */
     void *dres, *dtmp, *dh, *datt; /* (N,d) */
     void *dqkv;               /* (N,3d) */

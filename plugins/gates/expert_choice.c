@@ -23,6 +23,8 @@
  *    column e is expert e, its slot the token's rank among e's C tokens.
  *  - There is no load-balancing loss (l_aux is 0) and nothing overflows;
  *    overflow_expert1 logs the percentage of tokens no expert took.
+ *  - --moe-dropless is declared only to be refused with a message: each
+ *    expert takes a fixed C tokens, so the choice of tokens is the capacity.
  */
 #include <math.h>
 
@@ -37,12 +39,20 @@ static const moe_option ec_options[] = {
      "expert capacity at evaluation as a fraction of the tokens (ceil(fraction * tokens)); <= 0 uses the "
      "training capacity",
      -1.0, 1.0, NULL},
+    MOE_GATE_OPT_DROPLESS,
 };
 
 static moe_status ec_init(const moe_host *h, int num_experts, void **out)
 {
     moe_gate_base *g;
     MOE_TRY(moe_gate_create(h, "expert_choice", num_experts, 1, "", &g));
+    if (g->dropless) {
+        moe_gate_destroy(g);
+        return h->error(h, MOE_ERR_INVALID_ARG,
+                        "gate expert_choice: expected --moe-dropless only with the top1, top2 or topk gate, found it "
+                        "with expert choice, where each expert takes a fixed number of tokens; raise "
+                        "--moe-expert-capacity-factor instead");
+    }
     g->capacity_factor = h->opt_float(h, "moe-expert-capacity-factor");
     *out = g;
     return MOE_OK;

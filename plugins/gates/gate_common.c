@@ -36,6 +36,8 @@ moe_status moe_gate_create(const moe_host *h, const char *name, int num_experts,
     g->route.k = 1;
     g->capacity_factor = 1.0;
     g->eval_fraction = h->opt_float(h, "moe-eval-capacity-token-fraction");
+    g->dropless = h->opt_set(h, "moe-dropless") && h->opt_flag(h, "moe-dropless");
+    g->dropless_factor = g->dropless ? h->opt_float(h, "moe-dropless-capacity-factor") : 0.0;
     *out = g;
     return MOE_OK;
 }
@@ -91,7 +93,13 @@ moe_status moe_gate_configure(void *gate_, int64_t S, int train, moe_route_args 
     a->group_topk = r->group_topk;
     a->expert_bias = g->bias;
     a->expert_load = train ? g->load : NULL;
-    if (!train && g->eval_fraction > 0.0)
+    if (g->dropless) { /* the bound, in training and evaluation (gate.h) */
+        const double c = ceil(g->dropless_factor * (double)r->k *
+                              (double)((S + g->num_experts - 1) / g->num_experts));
+        a->capacity = c < (double)S ? (int64_t)c : S;
+        if (a->capacity < 1)
+            a->capacity = 1;
+    } else if (!train && g->eval_fraction > 0.0)
         a->capacity = (int64_t)ceil(g->eval_fraction * (double)S);
     else if (g->capacity_factor > 0.0)
         a->capacity = (int64_t)ceil(g->capacity_factor * (double)r->k *

@@ -15,6 +15,10 @@
  *    says so in a warning rather than ignoring them silently.
  *  - Top-1 produces no overflow metrics and no second-expert metrics; they
  *    log as 0 (route_forward writes 0).
+ *  - With --moe-dropless it routes through the general top-k router at
+ *    k = 1 with the raw softmax probability as weight: the same choice,
+ *    weight and load-balancing loss, and the router reports
+ *    overflow_expert1, which the trainer's capacity check reads (gate.h).
  */
 #include "moe/gate.h"
 
@@ -29,6 +33,7 @@ static const moe_option top1_options[] = {
      "assign expert capacity in order of descending max gate probability instead of token order (top-2 only)", 0,
      0, NULL},
     MOE_GATE_OPT_EVAL_CAPACITY,
+    MOE_GATE_OPT_DROPLESS,
 };
 
 static moe_status top1_init(const moe_host *h, int num_experts, void **out)
@@ -37,6 +42,12 @@ static moe_status top1_init(const moe_host *h, int num_experts, void **out)
     MOE_TRY(moe_gate_create(h, "top1", num_experts, 1, "", &g));
     g->route.k = 1;
     g->route.policy = MOE_ROUTE_ALL; /* unused with k = 1 */
+    if (g->dropless) {
+        g->route.topk = 1;
+        g->route.score = MOE_SCORE_SOFTMAX;
+        g->route.renormalize = 0;
+        g->route.aux = MOE_AUX_BATCH;
+    }
     static const char *const ignored[] = {"moe-normalize-gate-prob-before-dropping",
                                           "moe-batch-prioritized-routing"};
     for (int i = 0; i < 2; i++)

@@ -12,7 +12,7 @@
  *    layers draw independent noise and a recomputed layer
  *    (--checkpoint-activations) draws the same noise again (gate_common.h).
  *  - There is no capacity-factor option, as in fairseq: training capacity is
- *    2 * ceil(S / E).
+ *    2 * ceil(S / E); --moe-dropless replaces it with its bound (gate.h).
  */
 #include <string.h>
 
@@ -28,6 +28,7 @@ static const moe_option top2_options[] = {
     {"moe-batch-prioritized-routing", MOE_OPT_FLAG, NULL,
      "assign expert capacity in order of descending max gate probability instead of token order", 0, 0, NULL},
     MOE_GATE_OPT_EVAL_CAPACITY,
+    MOE_GATE_OPT_DROPLESS,
 };
 
 static moe_status top2_init(const moe_host *h, int num_experts, void **out)

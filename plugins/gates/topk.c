@@ -16,7 +16,8 @@
  *    softmax at k = 1 without --moe-router-pre-softmax weighs every token 1.
  *  - Training capacity is ceil(--moe-expert-capacity-factor * k * ceil(S / E)),
  *    k * ceil(S / E) by default as top-2's 2 * ceil(S / E); factor 0 drops
- *    nothing (capacity S).
+ *    nothing (capacity S). --moe-dropless replaces it with its bound
+ *    (gate.h) and refuses a factor other than the default alongside.
  *  - The load-balancing loss is l_aux (weighted by the criterion's
  *    --moe-gate-loss-wt, as fairseq's); the z-loss is added to l_aux, so its
  *    weight in the loss is --moe-z-loss-coeff times --moe-gate-loss-wt, and
@@ -62,6 +63,7 @@ static const moe_option topk_options[] = {
      "training capacity ceil(factor * k * ceil(tokens / experts)); 0 drops no token (capacity = tokens)", 0.0,
      1e6, NULL},
     MOE_GATE_OPT_EVAL_CAPACITY,
+    MOE_GATE_OPT_DROPLESS,
 };
 
 static const char *const topk_log_fields[] = {"z_loss", NULL};
@@ -125,6 +127,13 @@ static moe_status topk_init(const moe_host *h, int num_experts, void **out)
     r->group_topk = Gk;
     g->capacity_factor = h->opt_set(h, "moe-expert-capacity-factor") ? h->opt_float(h, "moe-expert-capacity-factor")
                                                                       : 1.0;
+    if (g->dropless && g->capacity_factor != 1.0) {
+        moe_gate_destroy(g);
+        return h->error(h, MOE_ERR_INVALID_ARG,
+                        "gate topk: expected no --moe-expert-capacity-factor with --moe-dropless (the bound is "
+                        "--moe-dropless-capacity-factor), found --moe-expert-capacity-factor %g",
+                        h->opt_float(h, "moe-expert-capacity-factor"));
+    }
     if (h->opt_flag(h, "moe-router-enable-expert-bias")) {
         moe_status st = moe_gate_enable_expert_bias(g, (float)h->opt_float(h, "moe-router-bias-update-rate"));
         if (st != MOE_OK) {
