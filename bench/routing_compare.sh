@@ -27,6 +27,7 @@ fi
 # name | gate flags (8 experts unless the flags say otherwise)
 configs=(
   "top2|--moe-expert-count 8 --moe-second-expert-policy all"
+  "top2_dropless|--moe-expert-count 8 --moe-second-expert-policy all --moe-dropless"
   "topk_k2_zloss|--moe-expert-count 8 --moe-gate topk --moe-router-topk 2 --moe-z-loss-coeff 0.001"
   "topk_k4_sigmoid_seq|--moe-expert-count 8 --moe-gate topk --moe-router-topk 4 --moe-router-score-function sigmoid --moe-aux-loss-type seq"
   "aux_free|--moe-expert-count 8 --moe-gate topk --moe-router-topk 2 --moe-router-enable-expert-bias --moe-aux-loss-type none"
