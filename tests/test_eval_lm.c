@@ -205,6 +205,33 @@ static void expect_refused(const char *args, const char *needle)
     moe_cmd_result_free(&r);
 }
 
+/* a --moe-dropless model evaluates at its bound; a bound too small for a
+ * batch's routing is the training's error, never a silent drop */
+static void test_eval_lm_dropless(void **s)
+{
+    (void)s;
+    moe_cmd_result t, e;
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s/moelm-train --task language_modeling %s/data-bin " MODEL
+             "--moe-dropless --max-update 4 --save-dir %s/dropless",
+             MOE_TEST_BIN_DIR, dir, dir);
+    shell_ok(cmd, &t);
+    assert_int_equal(t.status, 0);
+    eval(1, "dropless", "--gen-subset valid --batch-size 4", &e);
+    assert_int_equal(e.status, 0);
+    assert_true(isfinite(eval_loss(e.out)));
+    moe_cmd_result_free(&e);
+    char args[1024];
+    snprintf(args, sizeof args,
+             "%s/data-bin --path %s/dropless/checkpoint_last.pt --gen-subset valid --batch-size 4 "
+             "--moe-dropless-capacity-factor 0.05",
+             dir, dir);
+    expect_refused(args, "--moe-dropless: expected no expert over the bound (--moe-dropless-capacity-factor 0.05), "
+                         "found ");
+    expect_refused(args, "(routing collapse); raise --moe-dropless-capacity-factor");
+    moe_cmd_result_free(&t);
+}
+
 static void test_eval_lm_bad_input(void **s)
 {
     (void)s;
@@ -229,6 +256,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_eval_lm_equals_validation),
         cmocka_unit_test(test_eval_lm_ranks),
+        cmocka_unit_test(test_eval_lm_dropless),
         cmocka_unit_test(test_eval_lm_bad_input),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

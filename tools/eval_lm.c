@@ -114,6 +114,7 @@ typedef struct evaluator {
     int64_t C;
     int add_bos;
     int32_t pad;
+    int dropless;                  /* --moe-dropless: a capacity overflow is an error */
     int64_t nb;                    /* batches of this rank */
     int64_t max_tokens, max_len;   /* the largest batch, widened */
     int32_t *tokens, *targets;     /* device */
@@ -139,6 +140,34 @@ static moe_status bound_batches(evaluator *e)
         c->task->free_batch(c->task_state, &b);
     }
     return MOE_OK;
+}
+
+/* --moe-dropless: batch i's routing dropped no token (the overflow metrics
+ * of every MoE layer are 0), else the error moelm-train gives */
+static moe_status check_dropless(const evaluator *e, const moe_fwd_out *out, int64_t i, int64_t N)
+{
+    const int L = out->n_moe_layers;
+    if (L < 1 || out->metrics == NULL)
+        return MOE_OK;
+    float *m = malloc((size_t)L * MOE_NUM_METRICS * sizeof *m);
+    if (m == NULL)
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory for %d layers' routing metrics", L);
+    moe_status st = e->h->backend->copy_to_host(e->h->ctx, m, out->metrics, (uint64_t)L * MOE_NUM_METRICS * 4u);
+    for (int l = 0; l < L && st == MOE_OK; l++) {
+        const float *ml = m + (int64_t)l * MOE_NUM_METRICS;
+        const float o = ml[MOE_METRIC_OVERFLOW_EXPERT1] > ml[MOE_METRIC_OVERFLOW_EXPERT2]
+                            ? ml[MOE_METRIC_OVERFLOW_EXPERT1]
+                            : ml[MOE_METRIC_OVERFLOW_EXPERT2];
+        if (o > 0.0f)
+            st = moe_error_set(MOE_ERR_INVALID_ARG,
+                               "--moe-dropless: expected no expert over the bound (--moe-dropless-capacity-factor "
+                               "%g), found %.3f%% of the choices of MoE layer %d over it in batch %lld of %lld "
+                               "tokens (routing collapse); raise --moe-dropless-capacity-factor",
+                               moe_opts_float(e->s->opts, "moe-dropless-capacity-factor"), (double)o, l,
+                               (long long)i, (long long)N);
+    }
+    free(m);
+    return st;
 }
 
 static moe_status evaluate(evaluator *e, double *loss_sum, double *count, double *ntokens)
@@ -185,6 +214,8 @@ static moe_status evaluate(evaluator *e, double *loss_sum, double *count, double
         moe_fwd_out out;
         if (st == MOE_OK) /* every rank runs every step (its empty batches too): MoE layers exchange tokens */
             st = c->arch->forward(c->model, e->tokens, B, T, 0, 0, &out);
+        if (st == MOE_OK && e->dropless)
+            st = check_dropless(e, &out, i, N);
         if (st == MOE_OK)
             st = h->ops->cross_entropy(h->ctx, e->losses, out.logits, e->targets, N, out.V, e->pad, 0.0f,
                                        h->act_dtype);
@@ -281,6 +312,7 @@ int main(int argc, char **argv)
     e.C = moe_opts_int(s->opts, "context-window");
     e.add_bos = moe_opts_known(s->opts, "add-bos-token") && moe_opts_flag(s->opts, "add-bos-token");
     e.pad = (int32_t)s->h->padding_idx;
+    e.dropless = moe_opts_known(s->opts, "moe-dropless") && moe_opts_flag(s->opts, "moe-dropless");
     double loss_sum = 0, count = 0, ntokens = 0;
     double t0 = now_s();
     moe_status st = bound_batches(&e);
