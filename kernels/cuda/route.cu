@@ -425,6 +425,20 @@ static __global__ void topk_token_kernel(moe_route_args a, route_ws w)
     }
 }
 
+/* the tokens whose first and second preference is expert e (block-wide
+ * sums, in every thread) */
+static __device__ void preference_counts(const moe_route_args &a, const route_ws &w, int e, double *sh, double *h1,
+                                         double *h2)
+{
+    double c1 = 0.0, c2 = 0.0;
+    for (int64_t s = threadIdx.x; s < a.S; s += blockDim.x) {
+        c1 += w.first[s] == e;
+        c2 += w.second[s] == e;
+    }
+    *h1 = moe_cuda_block_sum_d(c1, sh);
+    *h2 = moe_cuda_block_sum_d(c2, sh);
+}
+
 /* step 2: block e < E: sum over segments of P_e * choices_e (into me[e]),
  * choices, histograms and load of expert e; block E: entropy and z sums */
 static __global__ void topk_stats_kernel(moe_route_args a, route_ws w, double *sums)
@@ -459,13 +473,8 @@ static __global__ void topk_stats_kernel(moe_route_args a, route_ws w, double *s
         term += pe * ce;
         tot += ce;
     }
-    double h1 = 0.0, h2 = 0.0;
-    for (int64_t s = threadIdx.x; s < a.S; s += blockDim.x) {
-        h1 += w.first[s] == e;
-        h2 += w.second[s] == e;
-    }
-    h1 = moe_cuda_block_sum_d(h1, sh);
-    h2 = moe_cuda_block_sum_d(h2, sh);
+    double h1, h2;
+    preference_counts(a, w, e, sh, &h1, &h2);
     if (threadIdx.x == 0) {
         w.me[e] = term;
         w.tot1[e] = (int64_t)tot;
@@ -653,13 +662,8 @@ static __global__ void ec_stats_kernel(moe_route_args a, route_ws w, double *sum
         }
         return;
     }
-    double h1 = 0.0, h2 = 0.0;
-    for (int64_t s = threadIdx.x; s < a.S; s += blockDim.x) {
-        h1 += w.first[s] == e;
-        h2 += w.second[s] == e;
-    }
-    h1 = moe_cuda_block_sum_d(h1, sh);
-    h2 = moe_cuda_block_sum_d(h2, sh);
+    double h1, h2;
+    preference_counts(a, w, e, sh, &h1, &h2);
     if (threadIdx.x == 0) {
         w.hist1[e] = (int64_t)h1;
         w.hist2[e] = (int64_t)h2;
