@@ -4,8 +4,9 @@
 # all 8 experts local. Two modes:
 #   reference  --memory-efficient-fp16 --checkpoint-activations --fp16-adam-stats --update-freq 8
 #   bf16       --bf16, no activation checkpointing
+#   dropless   bf16 with --moe-dropless (no capacity drops; bound --moe-dropless-capacity-factor 4)
 # Prints words per second, model TFLOP/s (FLOPs per token from --dry-run) and peak memory.
-# Usage: bench/reference_1gpu.sh [reference|bf16|both] [updates]
+# Usage: bench/reference_1gpu.sh [reference|bf16|dropless|both] [updates]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-both}
@@ -42,4 +43,7 @@ case "$mode" in
 esac
 case "$mode" in
   bf16|both) run bf16 --bf16 --update-freq 1 ;;
+esac
+case "$mode" in
+  dropless) run dropless --bf16 --update-freq 1 --moe-dropless ;;
 esac
