@@ -31,6 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/fsutil.h"
 #include "core/internal.h"
 #include "core/log.h"
 #include "core/options.h"
@@ -2850,20 +2851,16 @@ void moe_ckpt_join(char *out, size_t size, const char *dir, const char *name)
 
 moe_status moe_ckpt_mkdirs(const char *dir)
 {
-    char p[4096];
-    snprintf(p, sizeof p, "%s", dir);
-    size_t n = strlen(p);
-    for (size_t i = 1; i <= n; i++) {
-        if (p[i] != '/' && p[i] != '\0')
-            continue;
-        char c = p[i];
-        p[i] = '\0';
-        if (mkdir(p, 0755) != 0 && errno != EEXIST)
-            return moe_error_set(MOE_ERR_IO, "cannot create --save-dir %s: %s", p, strerror(errno));
-        p[i] = c;
+    char at[4096];
+    int last = 0;
+    switch (moe_mkdir_p(dir, 0755, at, sizeof at, &last)) {
+    case MOE_MKDIR_OK:
+        return MOE_OK;
+    case MOE_MKDIR_NOT_DIR:
+        if (last)
+            return moe_error_set(MOE_ERR_IO, "--save-dir %s is not a directory", dir);
+        return moe_error_set(MOE_ERR_IO, "cannot create --save-dir %s: %s", dir, strerror(ENOTDIR));
+    default:
+        return moe_error_set(MOE_ERR_IO, "cannot create --save-dir %s: %s", at, strerror(errno));
     }
-    struct stat sb;
-    if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
-        return moe_error_set(MOE_ERR_IO, "--save-dir %s is not a directory", dir);
-    return MOE_OK;
 }

@@ -13,9 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/fsutil.h"
 #include "core/internal.h"
 
 static volatile sig_atomic_t g_stop_signal;
@@ -113,39 +113,31 @@ moe_status moe_runctl_check_save_dir(const char *dir)
 {
     if (!dir || !*dir)
         dir = ".";
+    int last = 0;
+    switch (moe_mkdir_p(dir, 0777, NULL, 0, &last)) {
+    case MOE_MKDIR_OK:
+        break;
+    case MOE_MKDIR_NOT_DIR:
+        return dir_error(dir, last ? "a file that is not a directory" : "a path through a file", 0);
+    case MOE_MKDIR_UNREADABLE:
+        return dir_error(dir, "a path that cannot be examined", errno);
+    case MOE_MKDIR_CREATE:
+        return dir_error(dir, "that it cannot be created", errno);
+    }
     size_t n = strlen(dir);
     char *p = malloc(n + 64);
     if (!p)
         return moe_error_set(MOE_ERR_NOMEM, "out of host memory checking --save-dir");
     memcpy(p, dir, n + 1);
     moe_status st = MOE_OK;
-    /* mkdir -p: each prefix that ends a component */
-    for (size_t i = 1; i <= n && st == MOE_OK; i++) {
-        if (p[i] != '/' && p[i] != '\0')
-            continue;
-        char c = p[i];
-        p[i] = '\0';
-        struct stat sb;
-        if (stat(p, &sb) == 0) {
-            if (!S_ISDIR(sb.st_mode))
-                st = dir_error(dir, i == n ? "a file that is not a directory" : "a path through a file", 0);
-        } else if (errno != ENOENT) {
-            st = dir_error(dir, "a path that cannot be examined", errno);
-        } else if (mkdir(p, 0777) != 0 && errno != EEXIST) {
-            st = dir_error(dir, "that it cannot be created", errno);
-        }
-        p[i] = c;
-    }
-    if (st == MOE_OK) {
-        /* writable: what a save will do, on this filesystem, as this user */
-        snprintf(p + n, 64, "/.moelm-write-test-%ld", (long)getpid());
-        int fd = open(p, O_WRONLY | O_CREAT | O_EXCL, 0600);
-        if (fd < 0) {
-            st = dir_error(dir, "a directory in which no file can be created", errno);
-        } else {
-            close(fd);
-            unlink(p);
-        }
+    /* writable: what a save will do, on this filesystem, as this user */
+    snprintf(p + n, 64, "/.moelm-write-test-%ld", (long)getpid());
+    int fd = open(p, O_WRONLY | O_CREAT | O_EXCL, 0600);
+    if (fd < 0) {
+        st = dir_error(dir, "a directory in which no file can be created", errno);
+    } else {
+        close(fd);
+        unlink(p);
     }
     free(p);
     return st;

@@ -19,10 +19,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "core/fsutil.h"
 #include "core/internal.h"
 
 /* ------------------------------------------------------------ CRC-32C */
@@ -167,28 +167,17 @@ static double wall_now(void)
 
 static moe_status mkdirs(const char *dir)
 {
-    size_t n = strlen(dir);
-    char *p = malloc(n + 1);
-    if (!p)
-        return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
-    memcpy(p, dir, n + 1);
-    moe_status st = MOE_OK;
-    for (size_t i = 1; i <= n && st == MOE_OK; i++) {
-        if (p[i] != '/' && p[i] != '\0')
-            continue;
-        char c = p[i];
-        p[i] = '\0';
-        struct stat sb;
-        if (mkdir(p, 0777) != 0 && errno != EEXIST)
-            st = moe_error_set(MOE_ERR_IO, "--tensorboard-logdir '%s': cannot create '%s' (%s)", dir, p,
-                               strerror(errno));
-        else if (stat(p, &sb) != 0 || !S_ISDIR(sb.st_mode))
-            st = moe_error_set(MOE_ERR_IO, "--tensorboard-logdir '%s': expected a directory, found '%s' is not one",
-                               dir, p);
-        p[i] = c;
+    char at[4096];
+    switch (moe_mkdir_p(dir, 0777, at, sizeof at, NULL)) {
+    case MOE_MKDIR_OK:
+        return MOE_OK;
+    case MOE_MKDIR_NOT_DIR:
+        return moe_error_set(MOE_ERR_IO, "--tensorboard-logdir '%s': expected a directory, found '%s' is not one",
+                             dir, at);
+    default:
+        return moe_error_set(MOE_ERR_IO, "--tensorboard-logdir '%s': cannot create '%s' (%s)", dir, at,
+                             strerror(errno));
     }
-    free(p);
-    return st;
 }
 
 /* One TFRecord around `data`. */
