@@ -147,6 +147,24 @@ static route_ws ws_carve(void *base, int64_t S, int E)
     return w;
 }
 
+/* The metrics every router writes alike: the mean gating entropy and the
+ * first (and, with `second`, second) choices' histogram statistics; without
+ * `second` those of the second choice are 0. */
+static void hist_metrics(float *m, route_ws *w, int E, int64_t S, double entropy, int second)
+{
+    m[MOE_METRIC_ENTROPY_GATING] = (float)(entropy / (double)S);
+    moe_route_hist_metrics(w->hist1, w->scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT],
+                           &m[MOE_METRIC_EXPERT1_BALANCE_TOP], &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
+    if (second) {
+        moe_route_hist_metrics(w->hist2, w->scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT],
+                               &m[MOE_METRIC_EXPERT2_BALANCE_TOP], &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
+    } else {
+        m[MOE_METRIC_UNUSED_EXPERT2_COUNT] = 0.0f;
+        m[MOE_METRIC_EXPERT2_BALANCE_TOP] = 0.0f;
+        m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM] = 0.0f;
+    }
+}
+
 static moe_status check_route_args(moe_ctx *c, const char *op, const moe_route_args *a)
 {
     char msg[256];
@@ -259,17 +277,7 @@ static void topk_forward(const moe_route_args *a)
     float *m = a->metrics;
     m[MOE_METRIC_OVERFLOW_EXPERT1] = claims1 > 0 ? (100.0f * (float)over1) / (float)claims1 : 0.0f;
     m[MOE_METRIC_OVERFLOW_EXPERT2] = claims2 > 0 ? (100.0f * (float)over2) / (float)claims2 : 0.0f;
-    m[MOE_METRIC_ENTROPY_GATING] = (float)(entropy / (double)S);
-    moe_route_hist_metrics(w.hist1, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT],
-                           &m[MOE_METRIC_EXPERT1_BALANCE_TOP], &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
-    if (k >= 2) {
-        moe_route_hist_metrics(w.hist2, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT],
-                               &m[MOE_METRIC_EXPERT2_BALANCE_TOP], &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
-    } else {
-        m[MOE_METRIC_UNUSED_EXPERT2_COUNT] = 0.0f;
-        m[MOE_METRIC_EXPERT2_BALANCE_TOP] = 0.0f;
-        m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM] = 0.0f;
-    }
+    hist_metrics(m, &w, E, S, entropy, k >= 2);
 }
 
 /* Expert-choice routing's forward (the file comment). */
@@ -321,11 +329,7 @@ static void ec_forward(const moe_route_args *a)
     float *m = a->metrics;
     m[MOE_METRIC_OVERFLOW_EXPERT1] = tokens > 0 ? (100.0f * (float)untaken) / (float)tokens : 0.0f;
     m[MOE_METRIC_OVERFLOW_EXPERT2] = 0.0f;
-    m[MOE_METRIC_ENTROPY_GATING] = (float)(entropy / (double)S);
-    moe_route_hist_metrics(w.hist1, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT],
-                           &m[MOE_METRIC_EXPERT1_BALANCE_TOP], &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
-    moe_route_hist_metrics(w.hist2, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT],
-                           &m[MOE_METRIC_EXPERT2_BALANCE_TOP], &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
+    hist_metrics(m, &w, E, S, entropy, 1);
 }
 
 moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
@@ -503,17 +507,7 @@ moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
     float *m = a->metrics;
     m[MOE_METRIC_OVERFLOW_EXPERT1] = k == 2 && claims1 > 0 ? (100.0f * (float)over1) / (float)claims1 : 0.0f;
     m[MOE_METRIC_OVERFLOW_EXPERT2] = k == 2 && claims2 > 0 ? (100.0f * (float)over2) / (float)claims2 : 0.0f;
-    m[MOE_METRIC_ENTROPY_GATING] = (float)(entropy / (double)S);
-    moe_route_hist_metrics(w.hist1, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT1_COUNT],
-                           &m[MOE_METRIC_EXPERT1_BALANCE_TOP], &m[MOE_METRIC_EXPERT1_BALANCE_BOTTOM]);
-    if (k == 2) {
-        moe_route_hist_metrics(w.hist2, w.scratch, E, S, &m[MOE_METRIC_UNUSED_EXPERT2_COUNT],
-                               &m[MOE_METRIC_EXPERT2_BALANCE_TOP], &m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM]);
-    } else {
-        m[MOE_METRIC_UNUSED_EXPERT2_COUNT] = 0.0f;
-        m[MOE_METRIC_EXPERT2_BALANCE_TOP] = 0.0f;
-        m[MOE_METRIC_EXPERT2_BALANCE_BOTTOM] = 0.0f;
-    }
+    hist_metrics(m, &w, E, S, entropy, k == 2);
     return MOE_OK;
 }
 
