@@ -142,6 +142,24 @@ static inline const char *moe_route_args_problem(const moe_route_args *a, const 
     return buf;
 }
 
+/* p = softmax(l) over E experts as fairseq's top-1/top-2 routing computes
+ * it: shifted by the largest logit, expf, the sum in double, each quotient
+ * rounded to float. */
+MOE_HD void moe_route_softmax(const float *l, float *p, int E)
+{
+    float mx = l[0];
+    for (int e = 1; e < E; e++)
+        if (l[e] > mx)
+            mx = l[e];
+    double den = 0.0;
+    for (int e = 0; e < E; e++) {
+        p[e] = expf(l[e] - mx);
+        den += (double)p[e];
+    }
+    for (int e = 0; e < E; e++)
+        p[e] = (float)((double)p[e] / den);
+}
+
 /* Gumbel(0, 1) noise of the sampling policy for logit e of the token drawn
  * at index `tok` (s, or moe_route_args.noise_index[s]): -log(-log(u)) in
  * double, u = philox_uniform(seed, stream, tok*E + e) kept within

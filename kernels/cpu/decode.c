@@ -273,17 +273,7 @@ moe_status moe_cpu_gate_topk_forward(moe_ctx *c, const moe_gate_topk_args *a)
         for (int e = 0; e < E; e++)
             l[e] = round_dt(dot_row(h, a->wg, e, a->d, a->dt), a->dt);
         /* softmax and choices exactly as route_forward */
-        float mx = l[0];
-        for (int e = 1; e < E; e++)
-            if (l[e] > mx)
-                mx = l[e];
-        double den = 0.0;
-        for (int e = 0; e < E; e++) {
-            p[e] = expf(l[e] - mx);
-            den += (double)p[e];
-        }
-        for (int e = 0; e < E; e++)
-            p[e] = (float)((double)p[e] / den);
+        moe_route_softmax(l, p, E);
         int i1 = 0;
         for (int e = 1; e < E; e++)
             if (p[e] > p[i1])

@@ -370,18 +370,9 @@ moe_status moe_cpu_route_forward(moe_ctx *c, const moe_route_args *a)
         const int64_t tok = a->noise_index != NULL ? (int64_t)a->noise_index[s] : s; /* index of its draws */
         const float *l = a->logits + s * E;
         float *p = probs + s * E;
-        float mx = l[0];
-        for (int e = 1; e < E; e++)
-            if (l[e] > mx)
-                mx = l[e];
-        double den = 0.0;
-        for (int e = 0; e < E; e++) {
-            p[e] = expf(l[e] - mx);
-            den += (double)p[e];
-        }
+        moe_route_softmax(l, p, E);
         double h = 0.0;
         for (int e = 0; e < E; e++) {
-            p[e] = (float)((double)p[e] / den);
             w.acc[e] += (double)p[e];
             /* torch's Categorical entropy clamps p to [eps, 1-eps] inside the log */
             float pc = p[e] < FLT_EPSILON ? FLT_EPSILON : (p[e] > 1.0f - FLT_EPSILON ? 1.0f - FLT_EPSILON : p[e]);
