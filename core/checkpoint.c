@@ -2137,13 +2137,6 @@ static void prune_interval_checkpoints(const char *dir, int rank, int64_t keep)
     free(list);
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 moe_status moe_ckpt_save_all(const moe_ckpt_run *run, const moe_ckpt_state *s, const moe_ckpt_save_spec *spec,
                              int *wrote)
 {
@@ -2166,7 +2159,7 @@ moe_status moe_ckpt_save_all(const moe_ckpt_run *run, const moe_ckpt_state *s, c
         moe_ckpt_rank_path(names[n++], sizeof names[0], dir, "checkpoint_last.pt", h->rank);
     if (n == 0)
         return MOE_OK;
-    double start = now_s();
+    double start = moe_mono_s();
     moe_ckpt_state st = *s;
     MOE_TRY(agree_save_id(h, s->num_updates, &st.save_id));
     MOE_TRY(moe_ckpt_mkdirs(dir));
@@ -2186,7 +2179,7 @@ moe_status moe_ckpt_save_all(const moe_ckpt_run *run, const moe_ckpt_state *s, c
         snprintf(score, sizeof score, "None");
     else
         moe_format_pyfloat(score, sizeof score, spec->score);
-    moe_format_pyfloat(took, sizeof took, now_s() - start);
+    moe_format_pyfloat(took, sizeof took, moe_mono_s() - start);
     moe_log(MOE_LOG_INFO, "fairseq.checkpoint_utils",
             "saved checkpoint %s (epoch %lld @ %lld updates, score %s) (writing took %s seconds)", names[0],
             (long long)s->epoch, (long long)s->num_updates, score, took);

@@ -532,6 +532,20 @@ void moe_log_stats(const char *tag, int epoch, const char *update, const moe_sta
     free(b.p);
 }
 
+double moe_mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+double moe_wall_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 /* ------------------------------------------------------------ live progress */
 
 static int terminal_columns(FILE *out)

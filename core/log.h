@@ -53,6 +53,11 @@ void moe_format_stat(char *buf, size_t size, double value, int digits);
  * 6.103515625e-05, 1e+16, inf, nan). */
 void moe_format_pyfloat(char *buf, size_t size, double v);
 
+/* Seconds on the monotonic clock (durations) and on the wall clock (event
+ * times), as doubles. */
+double moe_mono_s(void);
+double moe_wall_s(void);
+
 /* Live progress (only when the output is a terminal): one rewritten line,
  * cleared before the next log line. Call moe_progress_update every update. */
 void moe_progress_update(const char *text);

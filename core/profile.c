@@ -17,7 +17,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "core/internal.h"
 #include "core/log.h"
@@ -51,20 +50,6 @@ static struct {
     void *origin_mark;     /* device marker at the origin */
     int dropped;           /* spans lost to a failed allocation */
 } P;
-
-static double mono_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static double real_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static int device_timers(void)
 {
@@ -131,8 +116,8 @@ void moe_profile_step_begin(int64_t update)
         moe_error_clear();
         P.origin_mark = mark();
     }
-    P.mono0 = mono_s();
-    P.real0 = real_s();
+    P.mono0 = moe_mono_s();
+    P.real0 = moe_wall_s();
 }
 
 int moe_profile_begin(int cat, const char *name)
@@ -159,7 +144,7 @@ int moe_profile_begin(int cat, const char *name)
     s->update = P.update;
     s->m0 = mark();
     s->m1 = NULL;
-    s->t0 = (mono_s() - P.mono0) * 1e6;
+    s->t0 = (moe_mono_s() - P.mono0) * 1e6;
     s->t1 = s->t0;
     P.stack[P.depth++] = P.n;
     return P.n++;
@@ -175,7 +160,7 @@ void moe_profile_end(int id)
             at = d;
     if (at < 0)
         return;
-    double t = (mono_s() - P.mono0) * 1e6;
+    double t = (moe_mono_s() - P.mono0) * 1e6;
     for (int d = P.depth - 1; d >= at; d--) {
         span *s = &P.spans[P.stack[d]];
         s->t1 = t;

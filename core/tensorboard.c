@@ -24,6 +24,7 @@
 
 #include "core/fsutil.h"
 #include "core/internal.h"
+#include "core/log.h"
 
 /* ------------------------------------------------------------ CRC-32C */
 
@@ -158,13 +159,6 @@ struct moe_tb {
     int seq;
 };
 
-static double wall_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static moe_status mkdirs(const char *dir)
 {
     char at[4096];
@@ -247,7 +241,7 @@ static moe_status file_for(moe_tb *tb, const char *tag, FILE **out)
         return st;
     }
     pbuf b = {0};
-    pb_double(&b, 1, wall_now());
+    pb_double(&b, 1, moe_wall_s());
     pb_bytes(&b, 3, "brain.Event:2", 13);
     st = write_record(f, &b, path);
     free(b.p);
@@ -313,7 +307,7 @@ static moe_status write_summary(moe_tb *tb, const char *tag, int64_t step, const
     MOE_TRY(file_for(tb, tag, &f));
     pbuf summary = {0}, ev = {0};
     pb_bytes(&summary, 1, value->p, value->len);
-    pb_double(&ev, 1, wall_now());
+    pb_double(&ev, 1, moe_wall_s());
     pb_key(&ev, 2, 0);
     pb_varint(&ev, (uint64_t)(step < 0 ? 0 : step));
     pb_bytes(&ev, 5, summary.p, summary.len);

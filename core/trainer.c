@@ -22,7 +22,6 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "core/checkpoint.h"
@@ -123,13 +122,6 @@ typedef struct trainer {
     int32_t *load_host;       /* host copy of one routing's expert and slot arrays */
     int64_t load_host_cap;
 } trainer;
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static moe_status dev_alloc(trainer *t, uint64_t bytes, const char *what, void **p)
 {
@@ -326,8 +318,8 @@ static moe_status setup(trainer *t)
     }
     moe_profile_attach(h);
 
-    t->inner = moe_meters_create(now_s());
-    t->epoch_m = moe_meters_create(now_s());
+    t->inner = moe_meters_create(moe_mono_s());
+    t->epoch_m = moe_meters_create(moe_mono_s());
     if (!t->inner || !t->epoch_m)
         return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
     return MOE_OK;
@@ -840,7 +832,7 @@ static moe_status validate_subset(trainer *t, const char *subset, int first)
         return MOE_ERR_INVALID_ARG; /* the task set the message */
     if (t->max_valid_steps > 0 && nb > t->max_valid_steps)
         nb = t->max_valid_steps;
-    double start = now_s();
+    double start = moe_mono_s();
     moe_meters *m = moe_meters_create(start);
     if (!m)
         return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
@@ -863,12 +855,12 @@ static moe_status validate_subset(trainer *t, const char *subset, int first)
             continue; /* every rank had a dummy batch */
         total_tokens += counts[0];
         log_losses(t, m, red, counts[0], counts[2]);
-        moe_meters_speed(m, "wps", counts[0], now_s(), 90, 1);
+        moe_meters_speed(m, "wps", counts[0], moe_mono_s(), 90, 1);
         moe_meters_scalar(m, "wpb", counts[0], 1, 180, 1);
         moe_meters_scalar(m, "bsz", counts[1], 1, 190, 1);
     }
     if (st == MOE_OK && total_tokens > 0) {
-        double loss = moe_meters_value(m, "loss", now_s());
+        double loss = moe_meters_value(m, "loss", moe_mono_s());
         if (first) {
             if (loss < t->best_valid_loss)
                 t->best_valid_loss = loss;
@@ -879,7 +871,7 @@ static moe_status validate_subset(trainer *t, const char *subset, int first)
         char prefix[160];
         snprintf(prefix, sizeof prefix, "%s_", subset);
         moe_stat_kv kv[64];
-        int n = moe_meters_format(m, prefix, now_s(), kv, 64);
+        int n = moe_meters_format(m, prefix, moe_mono_s(), kv, 64);
         moe_log_stats(subset, t->epoch, NULL, kv, n);
         tb_stats(t, subset, prefix, kv, n);
     } else if (st == MOE_OK && first) {
@@ -1034,8 +1026,8 @@ static moe_status load_checkpoint(trainer *t)
 static moe_status end_of_epoch(trainer *t)
 {
     moe_log(MOE_LOG_INFO, "fairseq_cli.train", "end of epoch %d (average epoch stats below)", t->epoch);
-    emit(t, t->epoch_m, "train", "train_", 0, now_s());
-    moe_meters_reset(t->epoch_m, now_s());
+    emit(t, t->epoch_m, "train", "train_", 0, moe_mono_s());
+    moe_meters_reset(t->epoch_m, moe_mono_s());
     return MOE_OK;
 }
 
@@ -1063,7 +1055,7 @@ static moe_status train_step_inner(trainer *t, int *updated)
 {
     const moe_host *h = t->h;
     const moe_ops *ops = h->ops;
-    double step_start = now_s();
+    double step_start = moe_mono_s();
     *updated = 0;
     moe_runtime_set_step_seed(t->rt, h->seed + (uint64_t)t->num_updates);
     MOE_TRY(moe_runtime_zero_grads(t->rt));
@@ -1108,7 +1100,7 @@ static moe_status train_step_inner(trainer *t, int *updated)
         moe_status st = moe_scaler_check_overflow(&t->scaler, gnorm, note, sizeof note);
         if (st == MOE_ERR_OVERFLOW) {
             moe_log(MOE_LOG_INFO, "fairseq.trainer", "NOTE: %s", note);
-            t->wall_pending += now_s() - step_start;
+            t->wall_pending += moe_mono_s() - step_start;
             return MOE_OK;
         }
         return st; /* minimum loss scale reached: message already set */
@@ -1128,7 +1120,7 @@ static moe_status train_step_inner(trainer *t, int *updated)
     t->lr = t->c->lr_scheduler->lr_at(t->sched, t->num_updates);
     *updated = 1;
 
-    double now = now_s();
+    double now = moe_mono_s();
     double wall = now - step_start + t->wall_pending;
     t->wall_pending = 0.0;
     if (ntokens > 0) {
@@ -1143,7 +1135,7 @@ static moe_status train_step_inner(trainer *t, int *updated)
     moe_progress_update(progress);
     if (t->log_interval > 0 && t->num_updates % t->log_interval == 0) {
         emit(t, t->inner, "train_inner", "", 1, now);
-        moe_meters_reset(t->inner, now_s());
+        moe_meters_reset(t->inner, moe_mono_s());
         if (t->tb_on || t->log_load)
             MOE_TRY(log_expert_load(t));
     }
@@ -1225,7 +1217,7 @@ static moe_status validate_and_save(trainer *t, int end_of_epoch, int updated, i
         return stop_for_signal(t, end_of_epoch);
     }
     *should_stop = t->max_update > 0 && u >= t->max_update;
-    double stop_hours = moe_opts_float(o, "stop-time-hours"), hours = (now_s() - t->t0) / 3600.0;
+    double stop_hours = moe_opts_float(o, "stop-time-hours"), hours = (moe_mono_s() - t->t0) / 3600.0;
     if (stop_hours > 0 && hours > stop_hours) {
         moe_log(MOE_LOG_INFO, "fairseq_cli.train",
                 "Stopping training due to cumulative_training_time: %g > stop_time_hours: %g hour(s)", hours,
@@ -1302,7 +1294,7 @@ moe_status moe_train(moe_runtime *rt, const moe_components *c)
     t.h = moe_runtime_host(rt);
     t.c = c;
     t.o = moe_runtime_opts(rt);
-    t.t0 = now_s();
+    t.t0 = moe_mono_s();
     t.log_moe = c->criterion_name && strncmp(c->criterion_name, "moe_", 4) == 0;
     t.saved_updates = 0; /* nothing to save before the first update */
     t.valid_loss_now = NAN;
@@ -1316,7 +1308,7 @@ moe_status moe_train(moe_runtime *rt, const moe_components *c)
     if (st == MOE_OK)
         st = moe_profile_finish();
     if (st == MOE_OK)
-        moe_log(MOE_LOG_INFO, "fairseq_cli.train", "done training in %.1f seconds", now_s() - t.t0);
+        moe_log(MOE_LOG_INFO, "fairseq_cli.train", "done training in %.1f seconds", moe_mono_s() - t.t0);
     teardown(&t);
     return st;
 }

@@ -30,7 +30,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "core/dryrun.h"
 #include "core/internal.h"
@@ -58,13 +57,6 @@ static const char *const eval_reset[] = {
     "max-tokens", "batch-size", "max-tokens-valid", "batch-size-valid", "required-batch-size-multiple",
     "valid-subset", "train-subset", "max-valid-steps", "skip-invalid-size-inputs-valid-test", NULL,
 };
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* LMContextWindowDataset's collater: row i becomes prev ++ row ++ pad, its
  * target the row's own, at offset |prev|; prev is then the row's last C
@@ -314,13 +306,13 @@ int main(int argc, char **argv)
     e.pad = (int32_t)s->h->padding_idx;
     e.dropless = moe_opts_known(s->opts, "moe-dropless") && moe_opts_flag(s->opts, "moe-dropless");
     double loss_sum = 0, count = 0, ntokens = 0;
-    double t0 = now_s();
+    double t0 = moe_mono_s();
     moe_status st = bound_batches(&e);
     if (st == MOE_OK) {
-        t0 = now_s();
+        t0 = moe_mono_s();
         st = evaluate(&e, &loss_sum, &count, &ntokens);
     }
-    double t = now_s() - t0;
+    double t = moe_mono_s() - t0;
     evaluator_free(&e);
     if (st != MOE_OK) {
         rc = moe_error_report(PROG, st, 0);

@@ -59,7 +59,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "core/internal.h"
@@ -127,13 +126,6 @@ static const char *const gen_reset[] = {"max-tokens", "batch-size", "max-tokens-
                                         "moe-eval-capacity-token-fraction", NULL};
 
 /* ------------------------------------------------------------ utilities */
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static moe_status nomem(void) { return moe_error_set(MOE_ERR_NOMEM, "out of host memory"); }
 
@@ -522,7 +514,7 @@ static moe_status generate_batch(gen *g, row *rows, int64_t n)
     }
     moe_status st = MOE_OK;
     /* the prompts: bos and the prefix, every position scored */
-    double t0 = now_s();
+    double t0 = moe_mono_s();
     for (;;) {
         int64_t step_n = 0;
         for (int64_t b = 0; b < B; b++) {
@@ -564,13 +556,13 @@ static moe_status generate_batch(gen *g, row *rows, int64_t n)
             g->n_prefill += nn[b];
         }
     }
-    g->t_prefill += now_s() - t0;
+    g->t_prefill += moe_mono_s() - t0;
     /* one token a row and step until every row has its </s> */
-    t0 = now_s();
+    t0 = moe_mono_s();
     double t_warm = 0.0;
     for (int64_t step = 0;; step++) {
         if (step == 2) /* the first steps load kernels and record the step's graph */
-            t_warm = now_s();
+            t_warm = moe_mono_s();
         int any = 0;
         for (int64_t b = 0; b < B; b++) {
             nn[b] = b < n && !rows[b].done ? 1 : 0;
@@ -596,9 +588,9 @@ static moe_status generate_batch(gen *g, row *rows, int64_t n)
             MOE_TRY_GOTO(st, take(g, r, r->fed - 1, max_len, &x), done);
         }
     }
-    g->t_decode += now_s() - t0;
+    g->t_decode += moe_mono_s() - t0;
     if (t_warm > 0.0)
-        g->t_steady += now_s() - t_warm;
+        g->t_steady += moe_mono_s() - t_warm;
 done:
     free(tok);
     free(nn);
@@ -867,9 +859,9 @@ static moe_status run_buffer(gen *g, FILE *in, const char *prompt, int64_t *next
         *more = 1;
     for (int64_t b0 = 0; b0 < n && st == MOE_OK; b0 += g->batch) {
         const int64_t nb = n - b0 < g->batch ? n - b0 : g->batch;
-        double t0 = now_s();
+        double t0 = moe_mono_s();
         st = generate_batch(g, rows + b0, nb);
-        double per = (now_s() - t0) / (double)nb;
+        double per = (moe_mono_s() - t0) / (double)nb;
         for (int64_t i = 0; i < nb && st == MOE_OK; i++)
             st = print_row(g, &rows[b0 + i], per);
     }
@@ -930,7 +922,7 @@ int main(int argc, char **argv)
     int rc = moe_session_start(&cfg, argc, argv, &s);
     if (rc >= 0)
         return rc;
-    const double t_start = now_s();
+    const double t_start = moe_mono_s();
     gen g;
     memset(&g, 0, sizeof g);
     g.out = results;
@@ -965,7 +957,7 @@ int main(int argc, char **argv)
     if (in && in != stdin)
         fclose(in);
     if (st == MOE_OK) {
-        moe_log(MOE_LOG_INFO, LOGGER, "Total time: %.3f seconds; translation time: %.3f", now_s() - t_start,
+        moe_log(MOE_LOG_INFO, LOGGER, "Total time: %.3f seconds; translation time: %.3f", moe_mono_s() - t_start,
                 g.t_prefill + g.t_decode);
         if (g.report)
             fprintf(stderr,
