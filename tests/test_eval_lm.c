@@ -23,6 +23,7 @@
 
 #include <cmocka.h>
 
+#include "lmcorpus.h"
 #include "runcmd.h"
 
 #define MODEL                                                                                                    \
@@ -75,43 +76,13 @@ static int setup(void **state)
 {
     (void)state;
     have_mpirun = moe_mpirun_prepare();
-    snprintf(dir, sizeof dir, "/tmp/moelm-eval-XXXXXX");
-    if (!mkdtemp(dir))
-        return -1;
-    char path[128];
-    snprintf(path, sizeof path, "%s/corpus.txt", dir);
-    FILE *f = fopen(path, "w");
-    if (!f)
-        return -1;
-    uint32_t x = 777;
-    for (int line = 0; line < 300; line++) {
-        x = x * 1103515245u + 12345u;
-        int words = 1 + (int)((x >> 16) % 15);
-        for (int w = 0; w < words; w++) {
-            x = x * 1103515245u + 12345u;
-            /* a little structure to learn: every word is followed by its successor half the time */
-            fprintf(f, "%sw%u", w ? " " : "", (x >> 16) % 2 ? (unsigned)(line + w) % 40u : (x >> 17) % 40u);
-        }
-        fputc('\n', f);
-    }
-    fclose(f);
-    char cmd[1024];
-    snprintf(cmd, sizeof cmd,
-             "%s/moelm-preprocess --only-source --trainpref %s --validpref %s --testpref %s --destdir %s/data-bin",
-             MOE_TEST_BIN_DIR, path, path, path, dir);
-    moe_cmd_result r;
-    if (moe_run_shell(cmd, &r) != 0 || r.status != 0)
-        return -1;
-    moe_cmd_result_free(&r);
-    return 0;
+    return moe_test_lm_corpus(dir, sizeof dir, "eval", 777, 300, 15, 1);
 }
 
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    return system(cmd);
+    return moe_test_rmtree(dir);
 }
 
 /* trains 12 updates on `ranks` ranks into dir/<ckpt>, validating at the end */

@@ -36,6 +36,7 @@
 #include "data/bpe.h"
 #include "kernels/half.h"
 #include "moe/plugin.h"
+#include "lmcorpus.h"
 #include "runcmd.h"
 
 #define MAX_ARGS 64
@@ -492,41 +493,13 @@ static int count_words(const char *s)
 static int tool_setup(void **state)
 {
     (void)state;
-    snprintf(dir, sizeof dir, "/tmp/moelm-generate-XXXXXX");
-    if (!mkdtemp(dir))
-        return -1;
-    char path[128];
-    snprintf(path, sizeof path, "%s/corpus.txt", dir);
-    FILE *f = fopen(path, "w");
-    if (!f)
-        return -1;
-    uint32_t x = 4242;
-    for (int line = 0; line < 200; line++) {
-        x = x * 1103515245u + 12345u;
-        int words = 1 + (int)((x >> 16) % 12);
-        for (int w = 0; w < words; w++) {
-            x = x * 1103515245u + 12345u;
-            fprintf(f, "%sw%u", w ? " " : "", (x >> 16) % 2 ? (unsigned)(line + w) % 40u : (x >> 17) % 40u);
-        }
-        fputc('\n', f);
-    }
-    fclose(f);
-    char cmd[1024];
-    snprintf(cmd, sizeof cmd, "%s/moelm-preprocess --only-source --trainpref %s --validpref %s --destdir %s/data-bin",
-             MOE_TEST_BIN_DIR, path, path, dir);
-    moe_cmd_result r;
-    if (moe_run_shell(cmd, &r) != 0 || r.status != 0)
-        return -1;
-    moe_cmd_result_free(&r);
-    return 0;
+    return moe_test_lm_corpus(dir, sizeof dir, "generate", 4242, 200, 12, 0);
 }
 
 static int tool_teardown(void **state)
 {
     (void)state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    return system(cmd);
+    return moe_test_rmtree(dir);
 }
 
 /* A checkpoint trained here: its flags come from the file, the prompt is
