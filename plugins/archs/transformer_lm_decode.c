@@ -150,32 +150,13 @@ void tlm_decode_free(tlm *m)
     m->dec = NULL;
 }
 
-/* C(M,Nc) = alpha op(A) op(B) + beta C [+ bias [act]] (matrix mode) */
+/* C(M,Nc) = alpha A W^T + beta C [+ bias [act]] (matrix mode): every product
+ * here is x W^T with W a Linear's (out, in) weight */
 static moe_status gemm(const tlm *m, int64_t M, int64_t Nc, int64_t K, float alpha, const void *a, int64_t lda,
                        const void *b, float beta, void *c, int64_t ldc, moe_dtype c_dt, moe_epilogue epi,
                        const void *bias)
 {
-    moe_matmul_desc d;
-    memset(&d, 0, sizeof d);
-    d.trans_b = 1; /* every product here is x W^T with W a Linear's (out, in) weight */
-    d.m = M;
-    d.n = Nc;
-    d.k = K;
-    d.alpha = alpha;
-    d.beta = beta;
-    d.a = a;
-    d.lda = lda;
-    d.b = b;
-    d.ldb = K;
-    d.c = c;
-    d.ldc = ldc;
-    d.ab_dtype = m->dt;
-    d.c_dtype = c_dt;
-    d.batch = 1;
-    d.epilogue = epi;
-    d.bias = bias;
-    d.act = m->act_kind;
-    return m->h->ops->matmul(m->h->ctx, &d);
+    return tlm_mm(m, 0, 1, M, Nc, K, alpha, a, lda, b, K, beta, c, ldc, m->dt, c_dt, epi, bias, NULL);
 }
 
 /* y = epilogue(LN?(x) W^T) over M rows (rows mode) */
