@@ -208,7 +208,7 @@ PIN(moe_expert_ffn_args, eout, 144);
 PIN(moe_expert_ffn_args, dt, 152);
 
 /* moe_ops, ops.h */
-PIN_SIZE(moe_ops, 352);
+PIN_SIZE(moe_ops, 368);
 PIN(moe_ops, fill, 0);
 PIN(moe_ops, cast, 8);
 PIN(moe_ops, axpby, 16);
@@ -253,6 +253,33 @@ PIN(moe_ops, dispatch_wide_forward, 320); /* 1.4 */
 PIN(moe_ops, dispatch_wide_backward, 328); /* 1.4 */
 PIN(moe_ops, combine_wide_forward, 336); /* 1.4 */
 PIN(moe_ops, combine_wide_backward, 344); /* 1.4 */
+PIN(moe_ops, expert_rows, 352); /* 1.5 */
+PIN(moe_ops, grouped_matmul, 360); /* 1.5 */
+
+/* moe_grouped_matmul_args, ops.h (1.5) */
+PIN_SIZE(moe_grouped_matmul_args, 152);
+PIN(moe_grouped_matmul_args, trans_a, 0);
+PIN(moe_grouped_matmul_args, trans_b, 4);
+PIN(moe_grouped_matmul_args, groups, 8);
+PIN(moe_grouped_matmul_args, rows, 16);
+PIN(moe_grouped_matmul_args, rows_total, 24);
+PIN(moe_grouped_matmul_args, m, 32);
+PIN(moe_grouped_matmul_args, n, 40);
+PIN(moe_grouped_matmul_args, k, 48);
+PIN(moe_grouped_matmul_args, alpha, 56);
+PIN(moe_grouped_matmul_args, beta, 60);
+PIN(moe_grouped_matmul_args, a, 64);
+PIN(moe_grouped_matmul_args, lda, 72);
+PIN(moe_grouped_matmul_args, b, 80);
+PIN(moe_grouped_matmul_args, ldb, 88);
+PIN(moe_grouped_matmul_args, c, 96);
+PIN(moe_grouped_matmul_args, ldc, 104);
+PIN(moe_grouped_matmul_args, dtype, 112);
+PIN(moe_grouped_matmul_args, epilogue, 116);
+PIN(moe_grouped_matmul_args, bias, 120);
+PIN(moe_grouped_matmul_args, aux, 128);
+PIN(moe_grouped_matmul_args, act, 136);
+PIN(moe_grouped_matmul_args, dbias, 144);
 
 /* moe_option, plugin.h */
 PIN_SIZE(moe_option, 56);

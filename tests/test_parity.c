@@ -1186,6 +1186,168 @@ static void test_parity_dispatch_combine(void **state)
 /* Dispatch and combine over W = k choices per token (the *_wide_* ops) at
  * production sizes: 8,192 tokens routed by the cpu's top-k router to k = 4
  * and 8 of 64 experts at capacity k * ceil(S / E), so some choices drop. */
+/* ------------------------------------------- grouped expert products */
+
+/* grouped_matmul: G groups, each with its own operands (one buffer, groups
+ * at a stride) and a count of rows on the device: none, all, and partial
+ * ones, so the tiles past a count, the bound and a group with no rows are
+ * all crossed (a count past the bound is cut to it). Rows a count leaves
+ * out stay NaN on both sides. */
+typedef struct gm_case {
+    int ta, tb;
+    int64_t G, m, n, k;
+    float alpha, beta;
+    moe_epilogue epi;
+    moe_act_kind act;
+    int dbias;
+    moe_dtype dt;
+} gm_case;
+
+static void run_grouped_case(const gm_case *tc)
+{
+    const moe_dtype dt = tc->dt;
+    const int64_t G = tc->G, m = tc->m, n = tc->n, k = tc->k, V = tc->ta ? k : m;
+    const size_t sa = (size_t)(m * k), sb = (size_t)(k * n), sc = (size_t)(m * n), es = moe_dtype_size(dt);
+    int32_t *rows = malloc((size_t)G * sizeof *rows);
+    assert_non_null(rows);
+    int64_t total = 0;
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t kind = g % 4;
+        rows[g] = (int32_t)(kind == 0 ? 0 : kind == 1 ? V + 7 : kind == 2 ? V / 3 + 1 : moe_test_rng_int(&g_rng, 1, V));
+        total += rows[g];
+    }
+    pbuf rb = pb_alloc((size_t)G * sizeof *rows);
+    pb_upload(&rb, rows, (size_t)G * sizeof *rows);
+    pbuf A = pb_rand(dt, (size_t)G * sa, -1.0f, 1.0f), B = pb_rand(dt, (size_t)G * sb, -1.0f, 1.0f);
+    pbuf C = tc->beta != 0.0f ? pb_rand(dt, (size_t)G * sc, -1.0f, 1.0f) : pb_nan(dt, (size_t)G * sc);
+    pbuf bias = pb_rand(dt, (size_t)(G * n), -0.5f, 0.5f), aux = pb_nan(dt, (size_t)G * sc);
+    pbuf db = pb_rand(dt, (size_t)(G * m), -0.5f, 0.5f);
+    const void *pa[2][64], *pbv[2][64], *pbias[2][64];
+    void *pc[2][64], *paux[2][64], *pdb[2][64];
+    assert_true(G <= 64);
+    for (int side = 0; side < 2; side++)
+        for (int64_t g = 0; g < G; g++) {
+#define AT(buf, off) ((char *)(side == 0 ? (buf).c : (buf).g) + (size_t)(off) * es)
+            pa[side][g] = AT(A, (size_t)g * sa);
+            pbv[side][g] = AT(B, (size_t)g * sb);
+            pc[side][g] = AT(C, (size_t)g * sc);
+            pbias[side][g] = AT(bias, g * n);
+            paux[side][g] = AT(aux, (size_t)g * sc);
+            pdb[side][g] = AT(db, g * m);
+#undef AT
+        }
+    moe_grouped_matmul_args ga[2];
+    for (int side = 0; side < 2; side++) {
+        moe_grouped_matmul_args *a = &ga[side];
+        memset(a, 0, sizeof *a);
+        a->trans_a = tc->ta;
+        a->trans_b = tc->tb;
+        a->groups = G;
+        a->rows = side == 0 ? rb.c : rb.g;
+        a->rows_total = tc->ta ? 0 : total;
+        a->m = m;
+        a->n = n;
+        a->k = k;
+        a->alpha = tc->alpha;
+        a->beta = tc->beta;
+        a->a = pa[side];
+        a->lda = tc->ta ? m : k;
+        a->b = pbv[side];
+        a->ldb = tc->tb ? k : n;
+        a->c = pc[side];
+        a->ldc = n;
+        a->dtype = dt;
+        a->epilogue = tc->epi;
+        a->bias = tc->epi != MOE_EPI_NONE ? pbias[side] : NULL;
+        a->aux = tc->epi == MOE_EPI_BIAS_ACT ? paux[side] : NULL;
+        a->act = tc->act;
+        a->dbias = tc->dbias ? pdb[side] : NULL;
+    }
+    char what[128];
+    snprintf(what, sizeof what, "grouped_matmul %c%c G%lld m%lld n%lld k%lld%s%s", tc->ta ? 'T' : 'N',
+             tc->tb ? 'T' : 'N', (long long)G, (long long)m, (long long)n, (long long)k,
+             tc->epi == MOE_EPI_BIAS_ACT ? " bias+act" : tc->epi == MOE_EPI_BIAS ? " bias" : "",
+             tc->dbias ? " dbias" : "");
+    moe_status s0 = g_cpu.ops->grouped_matmul(g_cpu.ctx, &ga[0]);
+    moe_status s1 = g_gpu.ops->grouped_matmul(g_gpu.ctx, &ga[1]);
+    check_ok(what, s0, s1);
+    compare(what, &C, dt, (size_t)G * sc, tol_of(dt));
+    if (tc->epi == MOE_EPI_BIAS_ACT) {
+        snprintf(what + strlen(what), sizeof what - strlen(what), " aux");
+        compare(what, &aux, dt, (size_t)G * sc, tol_of(dt));
+    }
+    if (tc->dbias) {
+        snprintf(what + strlen(what), sizeof what - strlen(what), " (bias grad)");
+        compare(what, &db, dt, (size_t)(G * m), tol_of(dt));
+    }
+    pb_free(&rb);
+    pb_free(&A);
+    pb_free(&B);
+    pb_free(&C);
+    pb_free(&bias);
+    pb_free(&aux);
+    pb_free(&db);
+    free(rows);
+}
+
+static void test_parity_grouped(void **state)
+{
+    (void)state;
+    begin_case();
+    for (int t = 0; t < 3; t++) {
+        const moe_dtype dt = k_dtypes[t];
+        const gm_case cases[] = {
+            /* the expert forward: fc1 with bias + activation, fc2 with bias */
+            {0, 1, 5, 300, 136, 72, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_GELU_TANH, 0, dt},
+            {0, 1, 6, 260, 72, 136, 1.0f, 0.0f, MOE_EPI_BIAS, MOE_ACT_GELU_TANH, 0, dt},
+            {0, 1, 4, 130, 64, 40, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_RELU, 0, dt},
+            /* input gradients */
+            {0, 0, 4, 260, 72, 136, 1.0f, 0.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 0, dt},
+            /* weight and bias gradients, accumulated and scaled */
+            {1, 0, 5, 136, 72, 300, 0.5f, 1.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 1, dt},
+            {1, 1, 3, 64, 40, 100, 1.0f, 1.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 0, dt},
+            {1, 0, 4, 72, 136, 260, 1.0f, 0.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 1, dt},
+            /* sizes the tensor-core path does not take */
+            {0, 1, 3, 37, 45, 70, 1.0f, 0.0f, MOE_EPI_BIAS, MOE_ACT_GELU_TANH, 0, dt},
+            {1, 0, 3, 37, 45, 70, 1.0f, 1.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 1, dt},
+        };
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+            run_grouped_case(&cases[i]);
+    }
+    /* the reference expert's shapes, scaled down: 8 experts */
+    const gm_case big[] = {
+        {0, 1, 8, 1024, 512, 256, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_GELU_TANH, 0, MOE_BF16},
+        {0, 0, 8, 1024, 256, 512, 1.0f, 0.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 0, MOE_BF16},
+        {1, 0, 8, 512, 256, 1024, 0.25f, 1.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 1, MOE_BF16},
+    };
+    for (size_t i = 0; i < sizeof big / sizeof big[0]; i++)
+        run_grouped_case(&big[i]);
+
+    /* expert_rows: routing with dropped choices (-1) and slots past C */
+    const int64_t S = 8192, C = 1200;
+    const int W = 2, E = 16;
+    int32_t *ex = malloc((size_t)(S * W) * sizeof *ex), *sl = malloc((size_t)(S * W) * sizeof *sl);
+    assert_non_null(ex);
+    assert_non_null(sl);
+    for (int64_t i = 0; i < S * W; i++) {
+        ex[i] = (int32_t)moe_test_rng_int(&g_rng, -1, E);
+        sl[i] = (int32_t)moe_test_rng_int(&g_rng, -1, C + 50);
+    }
+    pbuf pe = pb_alloc((size_t)(S * W) * 4), ps = pb_alloc((size_t)(S * W) * 4), pr = pb_nan(MOE_I32, (size_t)E);
+    pb_upload(&pe, ex, (size_t)(S * W) * 4);
+    pb_upload(&ps, sl, (size_t)(S * W) * 4);
+#define ER(o, cx, s) (o)->expert_rows((cx), (int32_t *)pr.s, (const int32_t *)pe.s, (const int32_t *)ps.s, S, W, E, C)
+    BOTH("expert_rows", ER);
+#undef ER
+    compare("expert_rows", &pr, MOE_I32, (size_t)E, 0.0);
+    pb_free(&pe);
+    pb_free(&ps);
+    pb_free(&pr);
+    free(ex);
+    free(sl);
+    end_case();
+}
+
 static void test_parity_dispatch_combine_wide(void **state)
 {
     (void)state;
@@ -2206,6 +2368,7 @@ int main(void)
         cmocka_unit_test(test_parity_route),         cmocka_unit_test(test_parity_route_topk),
         cmocka_unit_test(test_parity_route_expert_choice),
         cmocka_unit_test(test_parity_dispatch_combine), cmocka_unit_test(test_parity_dispatch_combine_wide),
+        cmocka_unit_test(test_parity_grouped),
         cmocka_unit_test(test_parity_optim),         cmocka_unit_test(test_parity_memory_and_copies),
         cmocka_unit_test(test_parity_determinism),
         cmocka_unit_test(test_parity_decode_rowlinear),   cmocka_unit_test(test_parity_decode_attention),

@@ -290,6 +290,37 @@ typedef struct moe_expert_ffn_args {
     moe_dtype dt;
 } moe_expert_ffn_args;
 
+/* Products of grouped_matmul (ABI 1.5): one per group g < groups, each as
+ * moe_matmul_desc's with batch 1 (row-major, op(A) m x k, op(B) k x n, C m x
+ * n, fp32 accumulation, A, B, C, bias and aux in one dtype), group g's
+ * operands at a[g], b[g], c[g] (host arrays of device pointers) and its
+ * variable dimension cut to rows[g] (device memory, read by the kernels, so
+ * the sizes never visit the host):
+ *  - trans_a == 0: the first min(rows[g], m) rows of op(A) and C (the other
+ *    rows of C are not written);
+ *  - trans_a == 1: the sum runs over the first min(rows[g], k) rows of A
+ *    and op(B) (none: C = beta C); with dbias, dbias[g] (m) += alpha times
+ *    the column sums of those rows of A (the bias gradient of a Linear
+ *    layer whose output gradient is A).
+ * Epilogues as moe_matmul_desc's (BIAS_ACT with beta 0, trans_a 0 only). */
+typedef struct moe_grouped_matmul_args {
+    int trans_a, trans_b;
+    int64_t groups;
+    const int32_t *rows;         /* (groups) int32, device memory */
+    int64_t rows_total;          /* trans_a == 0: a bound on the sum of rows[g] (the grid's), 0 = groups * m */
+    int64_t m, n, k;             /* the variable one's bound */
+    float alpha, beta;
+    const void *const *a; int64_t lda;
+    const void *const *b; int64_t ldb;
+    void *const *c;       int64_t ldc;
+    moe_dtype dtype;
+    moe_epilogue epilogue;
+    const void *const *bias;     /* (n) per group, or NULL */
+    void *const *aux;            /* BIAS_ACT: pre-activations like C, or NULL */
+    moe_act_kind act;
+    void *const *dbias;          /* trans_a == 1: (m) per group, or NULL */
+} moe_grouped_matmul_args;
+
 typedef struct moe_ops {
     /* ---- elementwise and utility ---- */
     /* x[i] = value */
@@ -468,6 +499,17 @@ typedef struct moe_ops {
     moe_status (*combine_wide_backward)(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
                                         const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
                                         int W, int E, int64_t C, int64_t d, moe_dtype dt);
+
+    /* ---- (ABI 1.5) experts over the rows they were given ----
+     * rows[e] = 1 + the largest slot < C of a choice routed to expert e
+     * (0 when none) for e < E, from expert and slot (S,W): how far expert
+     * e's slots are filled, computed on the device (int32). With
+     * grouped_matmul (above) the experts multiply only those rows, without
+     * a host synchronisation. NULL in a table of an older minor: the MoE
+     * layer then multiplies every slot up to the capacity. */
+    moe_status (*expert_rows)(moe_ctx *c, int32_t *rows, const int32_t *expert, const int32_t *slot, int64_t S,
+                              int W, int E, int64_t C);
+    moe_status (*grouped_matmul)(moe_ctx *c, const moe_grouped_matmul_args *g);
 } moe_ops;
 
 #ifdef __cplusplus

@@ -49,6 +49,8 @@
  *       through gate_metrics (the top-k router's fields), expert_choice; moe_ops:
  *       dispatch_wide_forward through combine_wide_backward; moe_fwd_out:
  *       gate_metrics; moe_arch_ops: moe_gate.
+ *  1.5  moe_ops: expert_rows, grouped_matmul (and the struct
+ *       moe_grouped_matmul_args).
  */
 #ifndef MOE_PLUGIN_H
 #define MOE_PLUGIN_H
@@ -65,7 +67,7 @@ extern "C" {
 #endif
 
 #define MOE_ABI_MAJOR 1
-#define MOE_ABI_MINOR 4
+#define MOE_ABI_MINOR 5
 #define MOE_PLUGIN_SYMBOL "moe_plugin_descriptor"
 
 #if defined(__GNUC__)

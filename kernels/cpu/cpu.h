@@ -61,6 +61,7 @@ moe_status moe_cpu_sumsq(moe_ctx *c, float *out, const void *x, moe_dtype dt, in
 /* matmul.c */
 moe_status moe_cpu_matmul(moe_ctx *c, const moe_matmul_desc *d);
 moe_status moe_cpu_bias_backward(moe_ctx *c, void *dbias, const void *dy, int64_t N, int64_t C, moe_dtype dt);
+moe_status moe_cpu_grouped_matmul(moe_ctx *c, const moe_grouped_matmul_args *g);
 
 /* nn.c */
 float moe_cpu_act(float x, moe_act_kind kind); /* one element: the forward of act_forward */
@@ -120,6 +121,8 @@ moe_status moe_cpu_combine_wide_forward(moe_ctx *c, void *y, const void *eout, c
 moe_status moe_cpu_combine_wide_backward(moe_ctx *c, void *deout, float *dweight, const void *dy, const void *eout,
                                          const int32_t *expert, const int32_t *slot, const float *weight, int64_t S,
                                          int W, int E, int64_t C, int64_t d, moe_dtype dt);
+moe_status moe_cpu_expert_rows(moe_ctx *c, int32_t *rows, const int32_t *expert, const int32_t *slot, int64_t S,
+                               int W, int E, int64_t C);
 
 /* decode.c */
 moe_status moe_cpu_embedding_at_forward(moe_ctx *c, void *out, const int32_t *tokens, const int32_t *positions,

@@ -211,3 +211,56 @@ moe_status moe_cpu_bias_backward(moe_ctx *c, void *dbias, const void *dy, int64_
     free(sum);
     return MOE_OK;
 }
+
+/* grouped_matmul (ops.h): each group is one moe_cpu_matmul with its variable
+ * dimension cut to rows[g] (the cpu's device memory is the host's), then
+ * its bias gradient as bias_backward computes it (column sums in double) */
+moe_status moe_cpu_grouped_matmul(moe_ctx *c, const moe_grouped_matmul_args *g)
+{
+    if (g->groups < 0 || (g->groups > 0 && (g->rows == NULL || g->a == NULL || g->b == NULL || g->c == NULL)))
+        return CPU_ERROR(c, MOE_ERR_INVALID_ARG,
+                         "cpu grouped_matmul: expected groups >= 0 and rows, a, b, c arrays, found groups %lld",
+                         (long long)g->groups);
+    if (g->dbias != NULL && !g->trans_a)
+        return CPU_ERROR(c, MOE_ERR_INVALID_ARG,
+                         "cpu grouped_matmul: dbias needs trans_a (the rows summed are the variable k)");
+    for (int64_t i = 0; i < g->groups; i++) {
+        const int64_t r = g->rows[i] < 0 ? 0 : g->rows[i];
+        moe_matmul_desc d;
+        memset(&d, 0, sizeof d);
+        d.trans_a = g->trans_a;
+        d.trans_b = g->trans_b;
+        d.m = g->trans_a ? g->m : (r < g->m ? r : g->m);
+        d.n = g->n;
+        d.k = g->trans_a ? (r < g->k ? r : g->k) : g->k;
+        d.alpha = g->alpha;
+        d.beta = g->beta;
+        d.a = g->a[i];
+        d.lda = g->lda;
+        d.b = g->b[i];
+        d.ldb = g->ldb;
+        d.c = g->c[i];
+        d.ldc = g->ldc;
+        d.ab_dtype = d.c_dtype = g->dtype;
+        d.batch = 1;
+        d.epilogue = g->epilogue;
+        d.bias = g->bias != NULL ? g->bias[i] : NULL;
+        d.aux = g->aux != NULL ? g->aux[i] : NULL;
+        d.act = g->act;
+        MOE_TRY(moe_cpu_matmul(c, &d));
+        if (g->dbias == NULL || g->m == 0)
+            continue;
+        double *sum = calloc((size_t)g->m, sizeof(double));
+        if (sum == NULL)
+            return CPU_ERROR(c, MOE_ERR_NOMEM, "cpu grouped_matmul: out of host memory for %lld column sums",
+                             (long long)g->m);
+        for (int64_t p = 0; p < d.k; p++)
+            for (int64_t j = 0; j < g->m; j++)
+                sum[j] += (double)moe_cpu_load(d.a, g->dtype, p * g->lda + j);
+        for (int64_t j = 0; j < g->m; j++)
+            moe_cpu_store(g->dbias[i], g->dtype, j,
+                          (float)((double)moe_cpu_load(g->dbias[i], g->dtype, j) + (double)g->alpha * sum[j]));
+        free(sum);
+    }
+    return MOE_OK;
+}

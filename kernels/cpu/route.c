@@ -790,3 +790,19 @@ moe_status moe_cpu_combine_backward(moe_ctx *c, void *deout, float *dweight, con
 {
     return moe_cpu_combine_wide_backward(c, deout, dweight, dy, eout, expert, slot, weight, S, 2, E, C, d, dt);
 }
+
+moe_status moe_cpu_expert_rows(moe_ctx *c, int32_t *rows, const int32_t *expert, const int32_t *slot, int64_t S,
+                               int W, int E, int64_t C)
+{
+    if (S < 0 || W < 1 || E < 1 || C < 0 || C > INT32_MAX || (S > 0 && (expert == NULL || slot == NULL)))
+        return ROUTE_ERROR(c, MOE_ERR_INVALID_ARG,
+                           "cpu expert_rows: expected S >= 0, W >= 1, E >= 1, 0 <= C < 2^31 and the routing arrays, "
+                           "found S %lld, W %d, E %d, C %lld",
+                           (long long)S, W, E, (long long)C);
+    for (int e = 0; e < E; e++)
+        rows[e] = 0;
+    for (int64_t i = 0; i < W * S; i++)
+        if (expert[i] >= 0 && expert[i] < E && slot[i] >= 0 && slot[i] < C && slot[i] + 1 > rows[expert[i]])
+            rows[expert[i]] = slot[i] + 1;
+    return MOE_OK;
+}

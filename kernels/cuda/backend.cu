@@ -26,6 +26,7 @@
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/decode.h"
 #include "kernels/cuda/elementwise.h"
+#include "kernels/cuda/grouped.h"
 #include "kernels/cuda/matmul.h"
 #include "kernels/cuda/nn.h"
 #include "kernels/cuda/optim.h"
@@ -519,6 +520,8 @@ static moe_ops make_ops(void)
     o.dispatch_wide_backward = moe_cuda_dispatch_wide_backward;
     o.combine_wide_forward = moe_cuda_combine_wide_forward;
     o.combine_wide_backward = moe_cuda_combine_wide_backward;
+    o.expert_rows = moe_cuda_expert_rows;
+    o.grouped_matmul = moe_cuda_grouped_matmul;
     o.adam_step = moe_cuda_adam_step;
     o.sgd_step = moe_cuda_sgd_step;
     o.embedding_at_forward = moe_cuda_embedding_at_forward;

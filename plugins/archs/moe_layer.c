@@ -29,12 +29,22 @@
  *    general top-k router's sequence-wise loss takes each row of the batch
  *    as one sequence (seq_len = T).
  *  - Rows an expert processes: its whole capacity C per rank, slots left
- *    empty included (zero inputs, outputs never combined), except on a
- *    backend whose ops run on the host (no device timers: the cpu) with
- *    the tokens on one rank: there the routing is read back (no
- *    synchronisation to pay) and each expert multiplies only the slots
- *    filled, which --moe-dropless's large bound makes worth it. The result
- *    is the same: an empty slot adds exact zeros to every gradient.
+ *    empty included (zero inputs, outputs never combined), except with
+ *    every expert local (one rank, or experts replicated), where the
+ *    backend's expert_rows op (ABI 1.5) counts each expert's filled slots:
+ *     - on a backend whose ops run on the host (no device timers: the cpu)
+ *       the counts are read back (no synchronisation to pay) and each
+ *       expert multiplies only its filled slots;
+ *     - on a device, when the capacity is more than twice the choices
+ *       routed (E C > 2 N W: --moe-dropless's bound), the counts stay on
+ *       the device and the expert products are the backend's
+ *       grouped_matmul over them: no host synchronisation, the step stays
+ *       capturable, and the compute follows the tokens routed, not the
+ *       bound. Elementwise passes (dropout, the activation's backward)
+ *       still run over every slot; rows past a count are left unwritten
+ *       and never read.
+ *    The result is the same: an empty slot adds exact zeros to every
+ *    gradient.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -105,7 +115,8 @@ void tlm_moe_free(tlm *m)
         free(m->layers[i].experts);
         free(m->layers[i].rows);
     }
-    free(m->route_host);
+    free(m->rows_host);
+    free(m->gptr);
 }
 
 /* ------------------------------------------------------------------ setup */
@@ -188,32 +199,45 @@ moe_status tlm_moe_alloc_acts(tlm *m, tlm_acts *a)
     return MOE_OK;
 }
 
-/* Whether the experts process only their filled slots (opening comment):
- * the backend runs on the host (the cpu has no device timers, plugin.h) and
- * every expert is local, in id order. */
-static int count_rows(const tlm *m)
+/* columns of the routing arrays (W = E with expert choice) */
+static int route_width(const moe_route_args *r) { return r->width > 0 ? r->width : 2; }
+
+/* Every expert is local, in id order: expert_rows' counts are the local
+ * experts' (opening comment). */
+static int all_local(const tlm *m)
 {
-    return m->h->backend->timer_mark == NULL && m->a2a_world == 1 && m->local_experts == m->E;
+    return m->a2a_world == 1 && m->local_experts == m->E && m->h->ops->expert_rows != NULL;
 }
 
-/* ly->rows: each expert's slots up to its last filled one (C when not
- * counted) */
-static moe_status expert_rows(tlm *m, tlm_layer *ly, const tlm_acts *a, int64_t C)
+/* The experts multiply only their filled slots, counted on the host: the
+ * backend runs on the host (the cpu has no device timers, plugin.h). */
+static int rows_on_host(const tlm *m) { return all_local(m) && m->h->backend->timer_mark == NULL; }
+
+/* ... or counted on the device, through grouped_matmul: when the capacity
+ * is more than twice the choices routed. */
+static int rows_on_device(const tlm *m, const moe_route_args *r)
 {
+    return all_local(m) && !rows_on_host(m) && m->h->ops->grouped_matmul != NULL &&
+           (int64_t)m->E * r->capacity > 2 * m->N * (int64_t)route_width(r);
+}
+
+/* ly->rows: each expert's slots up to its last filled one on the host path,
+ * else its whole W*C; m->rows_dev: the same counts on the device path */
+static moe_status expert_rows(tlm *m, tlm_layer *ly, const tlm_acts *a, const moe_route_args *r)
+{
+    const moe_host *h = m->h;
+    const int64_t C = r->capacity;
     for (int l = 0; l < m->local_experts; l++)
         ly->rows[l] = (int64_t)m->a2a_world * C;
-    if (!m->route_host)
+    const int host = rows_on_host(m);
+    if (!host && !rows_on_device(m, r))
         return MOE_OK;
-    const moe_host *h = m->h;
-    const int64_t n = m->N * m->width;
-    int32_t *expert = m->route_host, *slot = m->route_host + n;
-    MOE_TRY(h->backend->copy_to_host(h->ctx, expert, a->expert, (uint64_t)n * sizeof *expert));
-    MOE_TRY(h->backend->copy_to_host(h->ctx, slot, a->slot, (uint64_t)n * sizeof *slot));
+    MOE_TRY(h->ops->expert_rows(h->ctx, m->rows_dev, a->expert, a->slot, m->N, m->width, m->E, C));
+    if (!host)
+        return MOE_OK;
+    MOE_TRY(h->backend->copy_to_host(h->ctx, m->rows_host, m->rows_dev, (uint64_t)m->E * sizeof *m->rows_host));
     for (int l = 0; l < m->local_experts; l++)
-        ly->rows[l] = 0;
-    for (int64_t i = 0; i < n; i++)
-        if (expert[i] >= 0 && expert[i] < m->E && slot[i] >= 0 && slot[i] < C && slot[i] + 1 > ly->rows[expert[i]])
-            ly->rows[expert[i]] = slot[i] + 1;
+        ly->rows[l] = m->rows_host[l];
     return MOE_OK;
 }
 
@@ -249,10 +273,12 @@ moe_status tlm_moe_alloc_scratch(tlm *m)
     MOE_TRY(tlm_f32_alloc(m, N * m->width, "routing weight gradient", &m->dweight));
     MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate logits gradient", &m->dlogits));
     MOE_TRY(tlm_act_alloc(m, d > m->fe ? d : m->fe, "expert bias gradient", &m->ebias));
-    if (count_rows(m)) {
-        m->route_host = malloc(2 * (size_t)N * (size_t)m->width * sizeof *m->route_host);
-        if (!m->route_host)
-            return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for the routing's host copy", MOE_ARCH_VARIANT);
+    if (all_local(m)) {
+        MOE_TRY(tlm_dev_alloc(m, (uint64_t)m->E * sizeof *m->rows_dev, "filled expert rows", (void **)&m->rows_dev));
+        m->rows_host = malloc((size_t)m->E * sizeof *m->rows_host);
+        m->gptr = calloc(6 * (size_t)m->local_experts, sizeof *m->gptr);
+        if (!m->rows_host || !m->gptr)
+            return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for the experts' row counts", MOE_ARCH_VARIANT);
     }
     if (m->pad_mask) {
         MOE_TRY(tlm_dev_alloc(m, (uint64_t)N, "padding mask", (void **)&m->pad_dev));
@@ -265,9 +291,6 @@ moe_status tlm_moe_alloc_scratch(tlm *m)
 }
 
 /* ---------------------------------------------------------------- forward */
-
-/* columns of the routing arrays (W = E with expert choice) */
-static int route_width(const moe_route_args *r) { return r->width > 0 ? r->width : 2; }
 
 /* Rank-major (W, L, C, d) <-> expert-major (L, W, C, d), one copy per block. */
 static moe_status permute(const tlm *m, void *dst, const void *src, int64_t C, int to_expert_major)
@@ -309,6 +332,119 @@ static moe_status all_to_all(tlm *m, void *recv, const void *send, int64_t C, in
     m->a2a_ms[0] += (float)(t1 - t0);
     m->a2a_ms[1] += (float)(now_ms() - t0);
     return MOE_OK;
+}
+
+/* The grouped products of the local experts (rows_on_device): group l is
+ * local expert l, its rows counted in m->rows_dev. ptr(j) is the j-th of
+ * the six operand arrays in m->gptr. */
+static const void **gp(const tlm *m, int j) { return (const void **)m->gptr + (size_t)j * (size_t)m->local_experts; }
+
+static moe_status grouped(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_t K, float alpha, int64_t lda,
+                          int64_t ldb, float beta, int64_t ldc, moe_epilogue epi, int with_bias, int with_aux,
+                          int with_dbias)
+{
+    moe_grouped_matmul_args g;
+    memset(&g, 0, sizeof g);
+    g.trans_a = ta;
+    g.trans_b = tb;
+    g.groups = m->local_experts;
+    g.rows = m->rows_dev;
+    g.rows_total = m->N * m->width; /* each choice fills one slot at most */
+    g.m = M;
+    g.n = Nc;
+    g.k = K;
+    g.alpha = alpha;
+    g.beta = beta;
+    g.a = gp(m, 0);
+    g.lda = lda;
+    g.b = gp(m, 1);
+    g.ldb = ldb;
+    g.c = (void *const *)gp(m, 2);
+    g.ldc = ldc;
+    g.dtype = m->dt;
+    g.epilogue = epi;
+    g.bias = with_bias ? gp(m, 3) : NULL;
+    g.aux = with_aux ? (void *const *)gp(m, 4) : NULL;
+    g.act = m->act_kind;
+    g.dbias = with_dbias ? (void *const *)gp(m, 5) : NULL;
+    return m->h->ops->grouped_matmul(m->h->ctx, &g);
+}
+
+/* expert l's fc1 and fc2 as grouped products over its filled rows (R each,
+ * the bound), dropout over every slot per expert as the loop below does */
+static moe_status experts_forward_grouped(tlm *m, int i, const tlm_layer *ly, tlm_acts *a, void *eout, int64_t R)
+{
+    const int64_t d = m->d, fe = m->fe;
+    const int Le = m->local_experts;
+    for (int l = 0; l < Le; l++) {
+        const tlm_expert *x = &ly->experts[l];
+        gp(m, 0)[l] = tlm_off(a->xe, l * R * d, m->dt);
+        gp(m, 1)[l] = tlm_param(m, x->fc1_w);
+        gp(m, 2)[l] = tlm_off(a->eact, l * R * fe, m->dt);
+        gp(m, 3)[l] = tlm_param(m, x->fc1_b);
+        gp(m, 4)[l] = tlm_off(a->epre, l * R * fe, m->dt);
+    }
+    MOE_TRY(grouped(m, 0, 1, R, fe, d, 1.0f, d, d, 0.0f, fe, MOE_EPI_BIAS_ACT, 1, 1, 0));
+    for (int l = 0; l < Le; l++) {
+        const tlm_expert *x = &ly->experts[l];
+        MOE_TRY(tlm_dropout_fwd(m, tlm_off(a->eact, l * R * fe, m->dt), R * fe, m->p_act, i + 1, SITE_EXPERT_ACT,
+                                x->gid));
+        gp(m, 0)[l] = tlm_off(a->eact, l * R * fe, m->dt);
+        gp(m, 1)[l] = tlm_param(m, x->fc2_w);
+        gp(m, 2)[l] = tlm_off(eout, l * R * d, m->dt);
+        gp(m, 3)[l] = tlm_param(m, x->fc2_b);
+    }
+    MOE_TRY(grouped(m, 0, 1, R, d, fe, 1.0f, fe, fe, 0.0f, d, MOE_EPI_BIAS, 1, 0, 0));
+    for (int l = 0; l < Le; l++)
+        MOE_TRY(tlm_dropout_fwd(m, tlm_off(eout, l * R * d, m->dt), R * d, m->p_drop, i + 1, SITE_EXPERT_OUT,
+                                ly->experts[l].gid));
+    return MOE_OK;
+}
+
+/* The backward of experts_forward_grouped, given the experts' output
+ * gradients dxo (expert-major, R rows each); writes m->d_e. The
+ * pre-activation gradient overwrites the activations (a->eact), which only
+ * fc2's weight gradient reads, first. */
+static moe_status experts_backward_grouped(tlm *m, int i, const tlm_layer *ly, tlm_acts *a, void *dxo, int64_t R)
+{
+    const moe_host *h = m->h;
+    const int64_t d = m->d, fe = m->fe;
+    const int Le = m->local_experts;
+    const float gs = h->expert_grad_scale;
+    for (int l = 0; l < Le; l++) {
+        const tlm_expert *x = &ly->experts[l];
+        void *dyo = tlm_off(dxo, l * R * d, m->dt);
+        const void *dy;
+        MOE_TRY(tlm_dropout_bwd(m, dyo, dyo, R * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid, &dy));
+        gp(m, 0)[l] = dy;
+        gp(m, 1)[l] = tlm_off(a->eact, l * R * fe, m->dt);
+        gp(m, 2)[l] = tlm_grad(m, x->fc2_w);
+        gp(m, 5)[l] = tlm_grad(m, x->fc2_b);
+    }
+    MOE_TRY(grouped(m, 1, 0, d, fe, R, gs, d, fe, 1.0f, fe, MOE_EPI_NONE, 0, 0, 1));
+    for (int l = 0; l < Le; l++) {
+        gp(m, 1)[l] = tlm_param(m, ly->experts[l].fc2_w);
+        gp(m, 2)[l] = tlm_off(a->eact, l * R * fe, m->dt);
+    }
+    MOE_TRY(grouped(m, 0, 0, R, fe, d, 1.0f, d, fe, 0.0f, fe, MOE_EPI_NONE, 0, 0, 0));
+    for (int l = 0; l < Le; l++) {
+        const tlm_expert *x = &ly->experts[l];
+        void *depre = tlm_off(a->eact, l * R * fe, m->dt);
+        const void *dact;
+        MOE_TRY(tlm_dropout_bwd(m, depre, depre, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid, &dact));
+        MOE_TRY(h->ops->act_backward(h->ctx, depre, tlm_off(a->epre, l * R * fe, m->dt), dact, R * fe, m->dt,
+                                     m->act_kind));
+        gp(m, 0)[l] = depre;
+        gp(m, 1)[l] = tlm_off(a->xe, l * R * d, m->dt);
+        gp(m, 2)[l] = tlm_grad(m, x->fc1_w);
+        gp(m, 5)[l] = tlm_grad(m, x->fc1_b);
+    }
+    MOE_TRY(grouped(m, 1, 0, fe, d, R, gs, fe, d, 1.0f, d, MOE_EPI_NONE, 0, 0, 1));
+    for (int l = 0; l < Le; l++) {
+        gp(m, 1)[l] = tlm_param(m, ly->experts[l].fc1_w);
+        gp(m, 2)[l] = tlm_off(m->d_e, l * R * d, m->dt);
+    }
+    return grouped(m, 0, 0, R, d, fe, 1.0f, fe, d, 0.0f, d, MOE_EPI_NONE, 0, 0, 0);
 }
 
 /* y (N,d) = MoE(h2): gate, dispatch, all-to-all, local experts, all-to-all, combine */
@@ -365,8 +501,10 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
             MOE_TRY(permute(m, a->xe, recv, C, 1));
     }
     void *eout = W > 1 ? m->eout : a->eback;
-    MOE_TRY(expert_rows(m, ly, a, C));
-    for (int l = 0; l < m->local_experts; l++) {
+    MOE_TRY(expert_rows(m, ly, a, r));
+    if (rows_on_device(m, r))
+        MOE_TRY(experts_forward_grouped(m, i, ly, a, eout, R));
+    for (int l = 0; l < m->local_experts && !rows_on_device(m, r); l++) {
         const tlm_expert *x = &ly->experts[l];
         const int64_t Rl = ly->rows[l];
         if (Rl == 0)
@@ -438,7 +576,11 @@ moe_status tlm_moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
             dxo = m->d_c;
         }
     }
-    for (int l = 0; l < m->local_experts; l++) {
+    if (rows_on_device(m, r)) {
+        MOE_TRY(expert_rows(m, ly, a, r)); /* the counts' buffer is shared by the layers */
+        MOE_TRY(experts_backward_grouped(m, i, ly, a, dxo, R));
+    }
+    for (int l = 0; l < m->local_experts && !rows_on_device(m, r); l++) {
         const tlm_expert *x = &ly->experts[l];
         const int64_t Rl = ly->rows[l]; /* as the forward set them */
         if (Rl == 0)

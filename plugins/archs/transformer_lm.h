@@ -153,7 +153,9 @@ typedef struct tlm {
     uint8_t *pad_dev;         /* (N) 1 = pad token */
     int32_t *tok_host;
     uint8_t *pad_host;
-    int32_t *route_host;      /* (2 N width) host copy of a routing, on a backend that runs on the host */
+    int32_t *rows_dev;        /* (E) filled rows per expert (expert_rows op), all experts local only */
+    int32_t *rows_host;       /* (E) their host copy, on a backend that runs on the host */
+    void **gptr;              /* (6 local experts) operand arrays of the grouped expert products */
     /* backward scratch */
     void *dres, *dtmp, *dh, *datt; /* (N,d) */
     void *dqkv;               /* (N,3d) */

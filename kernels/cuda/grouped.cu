@@ -1,0 +1,444 @@
+/* grouped.cu: the cuda backend's expert_rows and grouped_matmul (ops.h, ABI
+ * 1.5): the local experts' products over the rows routing filled, with the
+ * counts read by the kernels on the device, so the sizes never visit the
+ * host and the step stays capturable in a graph.
+ *
+ * grouped_matmul for fp16/bf16 with 16-byte aligned rows is a tensor-core
+ * kernel: 128 x 128 output tiles, k steps of 32 through 4 stages of cp.async
+ * copies (rows past a count or a bound are zero-filled), 8 warps of 64 x 32,
+ * mma.sync m16n8k16 with fp32 accumulators (kernels/cuda/mma.cuh), operands
+ * read from shared memory by ldmatrix, transposed by ldmatrix .trans where
+ * an operand is stored the other way. Block to tile:
+ *  - trans_a == 0 (rows vary in m: expert forward, input gradients): block
+ *    (x, y) is n tile y of the x-th m tile of the groups' concatenated
+ *    tiles; it walks the groups' tile counts ceil(min(rows[g], m) / 128) to
+ *    find its group. The grid holds the host's bound on the tiles
+ *    (ceil(rows_total / 128) + groups), blocks past the last tile return.
+ *  - trans_a == 1 (rows vary in k: weight gradients): block (x, y, g) owns
+ *    one output tile of group g and sums over its rows.
+ * Everything else (fp32, odd sizes, unaligned operands) takes a plain kernel,
+ * one thread per output element, same results up to rounding. dbias is a
+ * column sum over each group's rows, added in a fixed order.
+ *
+ * Groups travel in the kernels' parameters, GM_MAXG per launch (parameter
+ * space is 4 KB); more groups take several launches.
+ */
+#include <string.h>
+
+#include <type_traits>
+
+#include "kernels/cuda/cuda.h"
+#include "kernels/cuda/grouped.h"
+#include "kernels/cuda/mma.cuh"
+
+#define GM_BM 128
+#define GM_BN 128
+#define GM_BK 32
+#define GM_STAGES 4
+#define GM_THREADS 256
+#define GM_MAXG 64
+#define GM_LDK (GM_BK + 8)  /* a [rows][k] tile's row stride: ldmatrix rows hit distinct banks */
+#define GM_LDR (GM_BM + 8)  /* a [k][rows] tile's */
+#define GM_TILE (GM_BM * GM_LDK > GM_BK * GM_LDR ? GM_BM * GM_LDK : GM_BK * GM_LDR)
+#define GM_SMEM (2 * GM_STAGES * GM_TILE * 2)
+
+/* ------------------------------------------------------------ expert_rows */
+
+static __global__ void expert_rows_kernel(int32_t *rows, const int32_t *expert, const int32_t *slot, int64_t n,
+                                          int E, int64_t C)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const int32_t e = expert[i], s = slot[i];
+        if (e >= 0 && e < E && s >= 0 && s < C)
+            atomicMax(rows + e, s + 1);
+    }
+}
+
+moe_status moe_cuda_expert_rows(moe_ctx *c, int32_t *rows, const int32_t *expert, const int32_t *slot, int64_t S,
+                                int W, int E, int64_t C)
+{
+    if (S < 0 || W < 1 || E < 1 || C < 0 || C > INT32_MAX || (S > 0 && (expert == NULL || slot == NULL)))
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda expert_rows: expected S >= 0, W >= 1, E >= 1, 0 <= C < 2^31 and the routing "
+                             "arrays, found S %lld, W %d, E %d, C %lld",
+                             (long long)S, W, E, (long long)C);
+    MOE_CUDA_TRY(c, cudaMemsetAsync(rows, 0, (size_t)E * sizeof *rows, c->stream));
+    const int64_t n = S * W;
+    if (n == 0)
+        return MOE_OK;
+    expert_rows_kernel<<<moe_cuda_blocks(c, n, MOE_CUDA_THREADS), MOE_CUDA_THREADS, 0, c->stream>>>(rows, expert, slot,
+                                                                                                   n, E, C);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    return MOE_OK;
+}
+
+/* --------------------------------------------------------- grouped_matmul */
+
+typedef struct gm_params {
+    int64_t groups; /* in this launch, <= GM_MAXG */
+    const int32_t *rows;
+    int64_t m, n, k;
+    float alpha, beta;
+    int64_t lda, ldb, ldc;
+    int epi; /* moe_epilogue */
+    int act; /* moe_act_kind */
+    const void *a[GM_MAXG], *b[GM_MAXG];
+    void *c[GM_MAXG];
+    const void *bias[GM_MAXG];
+    void *aux[GM_MAXG];
+} gm_params;
+
+/* the rows of group g the product covers, clamped to [0, bound] */
+static __device__ __forceinline__ int64_t gm_rows(const gm_params &p, int64_t g, int64_t bound)
+{
+    const int64_t r = p.rows[g];
+    return r < 0 ? 0 : r > bound ? bound : r;
+}
+
+/* C(r, j) of group g from the fp32 product acc: alpha, beta, the epilogue */
+template <typename T>
+static __device__ __forceinline__ void gm_store(const gm_params &p, int64_t g, int64_t r, int64_t j, float acc)
+{
+    T *c = (T *)p.c[g];
+    float v = p.alpha * acc;
+    if (p.beta != 0.0f)
+        v += p.beta * moe_cuda_f32(c[r * p.ldc + j]);
+    if (p.epi != MOE_EPI_NONE)
+        v += moe_cuda_f32(((const T *)p.bias[g])[j]);
+    if (p.epi == MOE_EPI_BIAS_ACT) {
+        if (p.aux[g])
+            ((T *)p.aux[g])[r * p.ldc + j] = moe_cuda_from_f32<T>(v);
+        v = moe_cuda_act(v, (moe_act_kind)p.act);
+    }
+    c[r * p.ldc + j] = moe_cuda_from_f32<T>(v);
+}
+
+/* op(A)(i, q) and op(B)(q, j) of group g, row-major storage */
+template <typename T>
+static __device__ __forceinline__ float gm_a(const gm_params &p, int ta, int64_t g, int64_t i, int64_t q)
+{
+    return moe_cuda_f32(((const T *)p.a[g])[ta ? q * p.lda + i : i * p.lda + q]);
+}
+template <typename T>
+static __device__ __forceinline__ float gm_b(const gm_params &p, int tb, int64_t g, int64_t q, int64_t j)
+{
+    return moe_cuda_f32(((const T *)p.b[g])[tb ? j * p.ldb + q : q * p.ldb + j]);
+}
+
+/* the plain path: one thread per C element, grid (n / 16, bound / 16, groups) */
+template <typename T> static __global__ void gm_plain_kernel(gm_params p, int ta, int tb)
+{
+    const int64_t g = blockIdx.z;
+    const int64_t i = (int64_t)blockIdx.y * 16 + threadIdx.y, j = (int64_t)blockIdx.x * 16 + threadIdx.x;
+    const int64_t M = ta ? p.m : gm_rows(p, g, p.m), K = ta ? gm_rows(p, g, p.k) : p.k;
+    if (i >= M || j >= p.n || (ta && K == 0 && p.beta == 1.0f && p.epi == MOE_EPI_NONE))
+        return;
+    float acc = 0.0f;
+    for (int64_t q = 0; q < K; q++)
+        acc += gm_a<T>(p, ta, g, i, q) * gm_b<T>(p, tb, g, q, j);
+    gm_store<T>(p, g, i, j, acc);
+}
+
+/* 16 bytes from src to shared dst, or zeros when !pred (nothing is read) */
+static __device__ __forceinline__ void cp_async16_or_zero(void *dst, const void *src, bool pred)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(pred ? 16 : 0));
+}
+
+/* Rows [r0, r0 + R) x columns [c0, c0 + 32 * 8 / R ... ) of a row-major
+ * operand into a tile: TILE_ROWS rows of TILE_COLS elements (stride LD);
+ * row r is valid below rlim, column chunks below clim. */
+template <int TILE_ROWS, int TILE_COLS, int LD, typename T>
+static __device__ __forceinline__ void gm_load(T *dst, const T *src, int64_t ld, int64_t r0, int64_t rlim,
+                                               int64_t c0, int64_t clim)
+{
+    constexpr int CH = TILE_COLS / 8, N = TILE_ROWS * CH;
+    static_assert(N % GM_THREADS == 0, "tile copies split evenly over the block");
+#pragma unroll
+    for (int e = threadIdx.x; e < N; e += GM_THREADS) {
+        const int r = e / CH, ch = (e % CH) * 8;
+        const bool ok = r0 + r < rlim && c0 + ch < clim;
+        cp_async16_or_zero(dst + r * LD + ch, ok ? src + (r0 + r) * ld + c0 + ch : src, ok);
+    }
+}
+
+/* k step kt's A and B tiles into stage buffers As, Bs. A: [m][k] (TA 0) or
+ * [k][m] (TA 1); B: [n][k] (TB 1) or [k][n] (TB 0). Mlim, Klim: valid rows. */
+template <int TA, int TB, typename T>
+static __device__ __forceinline__ void gm_stage(T *As, T *Bs, const gm_params &p, const T *a, const T *b, int64_t m0,
+                                                int64_t n0, int64_t k0, int64_t Mlim, int64_t Klim)
+{
+    if (TA == 0)
+        gm_load<GM_BM, GM_BK, GM_LDK>(As, a, p.lda, m0, Mlim, k0, Klim);
+    else
+        gm_load<GM_BK, GM_BM, GM_LDR>(As, a, p.lda, k0, Klim, m0, Mlim);
+    if (TB == 1)
+        gm_load<GM_BN, GM_BK, GM_LDK>(Bs, b, p.ldb, n0, p.n, k0, Klim);
+    else
+        gm_load<GM_BK, GM_BN, GM_LDR>(Bs, b, p.ldb, k0, Klim, n0, p.n);
+}
+
+template <int TA, int TB, typename T>
+static __global__ void __launch_bounds__(GM_THREADS, 2) gm_mma_kernel(gm_params p)
+{
+    extern __shared__ __align__(16) unsigned char gm_smem[];
+    T *smem = (T *)gm_smem;
+    /* the block's group and tile */
+    int64_t g, m0, Mlim, Klim;
+    if (TA == 0) {
+        int64_t t = blockIdx.x;
+        for (g = 0; g < p.groups; g++) {
+            const int64_t tiles = (gm_rows(p, g, p.m) + GM_BM - 1) / GM_BM;
+            if (t < tiles)
+                break;
+            t -= tiles;
+        }
+        if (g == p.groups)
+            return;
+        m0 = t * GM_BM;
+        Mlim = gm_rows(p, g, p.m);
+        Klim = p.k;
+    } else {
+        g = blockIdx.z;
+        m0 = (int64_t)blockIdx.y * GM_BM;
+        Mlim = p.m;
+        Klim = gm_rows(p, g, p.k);
+        if (Klim == 0 && p.beta == 1.0f && p.epi == MOE_EPI_NONE)
+            return;
+    }
+    const int64_t n0 = (int64_t)(TA == 0 ? blockIdx.y : blockIdx.x) * GM_BN;
+    const T *a = (const T *)p.a[g], *b = (const T *)p.b[g];
+    const int warp = threadIdx.x >> 5, wm = warp >> 2, wn = warp & 3;
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+
+    const int KT = (int)((Klim + GM_BK - 1) / GM_BK);
+#pragma unroll
+    for (int s = 0; s < GM_STAGES - 1; s++) {
+        if (s < KT)
+            gm_stage<TA, TB>(smem + 2 * s * GM_TILE, smem + (2 * s + 1) * GM_TILE, p, a, b, m0, n0,
+                             (int64_t)s * GM_BK, Mlim, Klim);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; kt++) {
+        cp_async_wait<GM_STAGES - 2>();
+        __syncthreads();
+        const int nk = kt + GM_STAGES - 1;
+        if (nk < KT) {
+            const int s = nk % GM_STAGES;
+            gm_stage<TA, TB>(smem + 2 * s * GM_TILE, smem + (2 * s + 1) * GM_TILE, p, a, b, m0, n0,
+                             (int64_t)nk * GM_BK, Mlim, Klim);
+        }
+        cp_async_commit();
+        const T *As = smem + 2 * (kt % GM_STAGES) * GM_TILE, *Bs = As + GM_TILE;
+#pragma unroll
+        for (int kk = 0; kk < GM_BK; kk += 16) {
+            uint32_t af[4][4], bf[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++) {
+                if (TA == 0)
+                    frag_a<GM_LDK>(af[mi], As, wm * 64 + mi * 16, kk);
+                else
+                    frag_a_t<GM_LDR>(af[mi], As, wm * 64 + mi * 16, kk);
+            }
+#pragma unroll
+            for (int np = 0; np < 2; np++) {
+                uint32_t r[4];
+                if (TB == 1)
+                    frag_b_nk<GM_LDK>(r, Bs, wn * 32 + np * 16, kk);
+                else
+                    frag_b_kn<GM_LDR>(r, Bs, kk, wn * 32 + np * 16);
+                bf[2 * np][0] = r[0];
+                bf[2 * np][1] = r[1];
+                bf[2 * np + 1][0] = r[2];
+                bf[2 * np + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+                for (int nj = 0; nj < 4; nj++)
+                    mma16816<T>(acc[mi][nj], af[mi], bf[nj][0], bf[nj][1]);
+        }
+    }
+    cp_async_wait<0>();
+
+    const int lane = threadIdx.x & 31, gr = lane >> 2, cq = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+        for (int nj = 0; nj < 4; nj++) {
+            const int64_t r = m0 + wm * 64 + mi * 16 + gr, j = n0 + wn * 32 + nj * 8 + 2 * cq;
+            if (j >= p.n)
+                continue;
+            if (r < Mlim) {
+                gm_store<T>(p, g, r, j, acc[mi][nj][0]);
+                gm_store<T>(p, g, r, j + 1, acc[mi][nj][1]);
+            }
+            if (r + 8 < Mlim) {
+                gm_store<T>(p, g, r + 8, j, acc[mi][nj][2]);
+                gm_store<T>(p, g, r + 8, j + 1, acc[mi][nj][3]);
+            }
+        }
+}
+
+/* dbias[g](j) += alpha * sum over the first rows[g] rows of A(g) (K x m,
+ * row-major): 64 columns x 4 row lanes a block, the lanes added in order */
+typedef struct gm_dbias_params {
+    int64_t groups;
+    const int32_t *rows;
+    int64_t m, k, lda;
+    float alpha;
+    const void *a[GM_MAXG];
+    void *dbias[GM_MAXG];
+} gm_dbias_params;
+
+template <typename T> static __global__ void gm_dbias_kernel(gm_dbias_params p)
+{
+    __shared__ float part[4][64];
+    const int64_t g = blockIdx.y, j = (int64_t)blockIdx.x * 64 + (threadIdx.x & 63);
+    const int lane_r = threadIdx.x >> 6;
+    const int64_t r = p.rows[g], K = r < 0 ? 0 : r > p.k ? p.k : r;
+    const T *a = (const T *)p.a[g];
+    float s = 0.0f;
+    if (j < p.m)
+        for (int64_t q = lane_r; q < K; q += 4)
+            s += moe_cuda_f32(a[q * p.lda + j]);
+    part[lane_r][threadIdx.x & 63] = s;
+    __syncthreads();
+    if (lane_r == 0 && j < p.m) {
+        const float t = ((part[0][threadIdx.x] + part[1][threadIdx.x]) + part[2][threadIdx.x]) + part[3][threadIdx.x];
+        T *db = (T *)p.dbias[g];
+        db[j] = moe_cuda_from_f32<T>(moe_cuda_f32(db[j]) + p.alpha * t);
+    }
+}
+
+static bool aligned16(const void *p, int64_t ld) { return ((uintptr_t)p % 16u) == 0 && ld % 8 == 0; }
+
+/* Whether groups [g0, g0 + G) take the tensor-core kernel */
+static bool use_mma(const moe_grouped_matmul_args *a, int64_t g0, int64_t G)
+{
+    if (a->dtype != MOE_F16 && a->dtype != MOE_BF16)
+        return false;
+    if (a->n % 8 != 0 || (a->trans_a ? a->m % 8 : a->k % 8) != 0 || (a->trans_b ? a->k % 8 : a->n % 8) != 0)
+        return false;
+    for (int64_t g = g0; g < g0 + G; g++)
+        if (!aligned16(a->a[g], a->lda) || !aligned16(a->b[g], a->ldb) || !aligned16(a->c[g], a->ldc) ||
+            (a->aux && a->aux[g] && !aligned16(a->aux[g], a->ldc)))
+            return false;
+    return true;
+}
+
+template <typename T> static moe_status launch(moe_ctx *c, const moe_grouped_matmul_args *a, int64_t g0, int64_t G)
+{
+    gm_params p;
+    memset(&p, 0, sizeof p);
+    p.groups = G;
+    p.rows = a->rows + g0;
+    p.m = a->m;
+    p.n = a->n;
+    p.k = a->k;
+    p.alpha = a->alpha;
+    p.beta = a->beta;
+    p.lda = a->lda;
+    p.ldb = a->ldb;
+    p.ldc = a->ldc;
+    p.epi = (int)a->epilogue;
+    p.act = (int)a->act;
+    for (int64_t g = 0; g < G; g++) {
+        p.a[g] = a->a[g0 + g];
+        p.b[g] = a->b[g0 + g];
+        p.c[g] = a->c[g0 + g];
+        p.bias[g] = a->bias ? a->bias[g0 + g] : NULL;
+        p.aux[g] = a->aux ? a->aux[g0 + g] : NULL;
+    }
+    bool mma = false;
+    if constexpr (!std::is_same<T, float>::value) {
+        if (use_mma(a, g0, G)) {
+            mma = true;
+            const unsigned nt = (unsigned)((a->n + GM_BN - 1) / GM_BN);
+            const int64_t mt_bound = (a->m + GM_BM - 1) / GM_BM;
+            dim3 grid;
+            void (*kern)(gm_params);
+            if (!a->trans_a) {
+                int64_t tiles = G * mt_bound;
+                if (a->rows_total > 0 && (a->rows_total + GM_BM - 1) / GM_BM + G < tiles)
+                    tiles = (a->rows_total + GM_BM - 1) / GM_BM + G;
+                grid = dim3((unsigned)tiles, nt, 1);
+                kern = a->trans_b ? gm_mma_kernel<0, 1, T> : gm_mma_kernel<0, 0, T>;
+            } else {
+                grid = dim3(nt, (unsigned)mt_bound, (unsigned)G);
+                kern = a->trans_b ? gm_mma_kernel<1, 1, T> : gm_mma_kernel<1, 0, T>;
+            }
+            if (grid.x == 0 || grid.y == 0)
+                return MOE_OK;
+            MOE_CUDA_TRY(c, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, GM_SMEM));
+            kern<<<grid, GM_THREADS, GM_SMEM, c->stream>>>(p);
+        }
+    }
+    if (!mma) {
+        dim3 grid((unsigned)((a->n + 15) / 16), (unsigned)((a->m + 15) / 16), (unsigned)G);
+        gm_plain_kernel<T><<<grid, dim3(16, 16), 0, c->stream>>>(p, a->trans_a, a->trans_b);
+    }
+    MOE_CUDA_CHECK_LAUNCH(c);
+    if (a->dbias && a->m > 0) {
+        gm_dbias_params q;
+        memset(&q, 0, sizeof q);
+        q.groups = G;
+        q.rows = a->rows + g0;
+        q.m = a->m;
+        q.k = a->k;
+        q.lda = a->lda;
+        q.alpha = a->alpha;
+        for (int64_t g = 0; g < G; g++) {
+            q.a[g] = a->a[g0 + g];
+            q.dbias[g] = a->dbias[g0 + g];
+        }
+        gm_dbias_kernel<T><<<dim3((unsigned)((a->m + 63) / 64), (unsigned)G), 256, 0, c->stream>>>(q);
+        MOE_CUDA_CHECK_LAUNCH(c);
+    }
+    return MOE_OK;
+}
+
+moe_status moe_cuda_grouped_matmul(moe_ctx *c, const moe_grouped_matmul_args *a)
+{
+    if (a->groups < 0 || a->m < 0 || a->n < 0 || a->k < 0 ||
+        (a->groups > 0 && (a->rows == NULL || a->a == NULL || a->b == NULL || a->c == NULL)))
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda grouped_matmul: expected groups, m, n, k >= 0 and rows, a, b, c arrays, found "
+                             "groups %lld, m %lld, n %lld, k %lld",
+                             (long long)a->groups, (long long)a->m, (long long)a->n, (long long)a->k);
+    const int64_t a_cols = a->trans_a ? a->m : a->k, b_cols = a->trans_b ? a->k : a->n;
+    if (a->lda < a_cols || a->ldb < b_cols || a->ldc < a->n)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda grouped_matmul: expected lda >= %lld, ldb >= %lld, ldc >= %lld, found %lld, %lld, %lld",
+                             (long long)a_cols, (long long)b_cols, (long long)a->n, (long long)a->lda,
+                             (long long)a->ldb, (long long)a->ldc);
+    if (a->epilogue != MOE_EPI_NONE && (a->bias == NULL || a->epilogue > MOE_EPI_BIAS_ACT))
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda grouped_matmul: epilogue %d needs a bias array (and NONE, BIAS or BIAS_ACT)",
+                             (int)a->epilogue);
+    if ((a->epilogue == MOE_EPI_BIAS_ACT && (a->beta != 0.0f || a->trans_a)) || (a->dbias && !a->trans_a))
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda grouped_matmul: BIAS_ACT expects beta 0 and trans_a 0, dbias trans_a 1");
+    if (a->dtype != MOE_F32 && a->dtype != MOE_F16 && a->dtype != MOE_BF16)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda grouped_matmul: expected a f32/f16/bf16 dtype, found %d",
+                             (int)a->dtype);
+    if (a->n == 0 || (!a->trans_a && a->m == 0))
+        return MOE_OK;
+    for (int64_t g0 = 0; g0 < a->groups; g0 += GM_MAXG) {
+        const int64_t G = a->groups - g0 < GM_MAXG ? a->groups - g0 : GM_MAXG;
+        if (a->dtype == MOE_F16)
+            MOE_TRY(launch<__half>(c, a, g0, G));
+        else if (a->dtype == MOE_BF16)
+            MOE_TRY(launch<__nv_bfloat16>(c, a, g0, G));
+        else
+            MOE_TRY(launch<float>(c, a, g0, G));
+    }
+    return MOE_OK;
+}
