@@ -1220,7 +1220,8 @@ static void run_grouped_case(const gm_case *tc)
     pb_upload(&rb, rows, (size_t)G * sizeof *rows);
     pbuf A = pb_rand(dt, (size_t)G * sa, -1.0f, 1.0f), B = pb_rand(dt, (size_t)G * sb, -1.0f, 1.0f);
     pbuf C = tc->beta != 0.0f ? pb_rand(dt, (size_t)G * sc, -1.0f, 1.0f) : pb_nan(dt, (size_t)G * sc);
-    pbuf bias = pb_rand(dt, (size_t)(G * n), -0.5f, 0.5f), aux = pb_nan(dt, (size_t)G * sc);
+    pbuf bias = pb_rand(dt, (size_t)(G * n), -0.5f, 0.5f);
+    pbuf aux = tc->epi == MOE_EPI_DACT ? pb_rand(dt, (size_t)G * sc, -3.0f, 3.0f) : pb_nan(dt, (size_t)G * sc);
     pbuf db = pb_rand(dt, (size_t)(G * m), -0.5f, 0.5f);
     const void *pa[2][64], *pbv[2][64], *pbias[2][64];
     void *pc[2][64], *paux[2][64], *pdb[2][64];
@@ -1259,14 +1260,17 @@ static void run_grouped_case(const gm_case *tc)
         a->dtype = dt;
         a->epilogue = tc->epi;
         a->bias = tc->epi != MOE_EPI_NONE ? pbias[side] : NULL;
-        a->aux = tc->epi == MOE_EPI_BIAS_ACT ? paux[side] : NULL;
+        a->aux = tc->epi == MOE_EPI_BIAS_ACT || tc->epi == MOE_EPI_DACT ? paux[side] : NULL;
         a->act = tc->act;
         a->dbias = tc->dbias ? pdb[side] : NULL;
     }
     char what[128];
     snprintf(what, sizeof what, "grouped_matmul %c%c G%lld m%lld n%lld k%lld%s%s", tc->ta ? 'T' : 'N',
              tc->tb ? 'T' : 'N', (long long)G, (long long)m, (long long)n, (long long)k,
-             tc->epi == MOE_EPI_BIAS_ACT ? " bias+act" : tc->epi == MOE_EPI_BIAS ? " bias" : "",
+             tc->epi == MOE_EPI_BIAS_ACT ? " bias+act"
+             : tc->epi == MOE_EPI_BIAS  ? " bias"
+             : tc->epi == MOE_EPI_DACT  ? " dact"
+                                        : "",
              tc->dbias ? " dbias" : "");
     moe_status s0 = g_cpu.ops->grouped_matmul(g_cpu.ctx, &ga[0]);
     moe_status s1 = g_gpu.ops->grouped_matmul(g_gpu.ctx, &ga[1]);
@@ -1301,8 +1305,11 @@ static void test_parity_grouped(void **state)
             {0, 1, 5, 300, 136, 72, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_GELU_TANH, 0, dt},
             {0, 1, 6, 260, 72, 136, 1.0f, 0.0f, MOE_EPI_BIAS, MOE_ACT_GELU_TANH, 0, dt},
             {0, 1, 4, 130, 64, 40, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_RELU, 0, dt},
-            /* input gradients */
+            /* input gradients, through the activation's backward or not */
             {0, 0, 4, 260, 72, 136, 1.0f, 0.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 0, dt},
+            {0, 0, 5, 260, 136, 72, 1.0f, 0.0f, MOE_EPI_DACT, MOE_ACT_GELU_TANH, 0, dt},
+            {0, 0, 4, 200, 64, 48, 1.0f, 0.0f, MOE_EPI_DACT, MOE_ACT_GELU_ERF, 0, dt},
+            {0, 0, 3, 100, 40, 56, 1.0f, 0.0f, MOE_EPI_DACT, MOE_ACT_RELU, 0, dt},
             /* weight and bias gradients, accumulated and scaled */
             {1, 0, 5, 136, 72, 300, 0.5f, 1.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 1, dt},
             {1, 1, 3, 64, 40, 100, 1.0f, 1.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 0, dt},
@@ -1317,6 +1324,7 @@ static void test_parity_grouped(void **state)
     /* the reference expert's shapes, scaled down: 8 experts */
     const gm_case big[] = {
         {0, 1, 8, 1024, 512, 256, 1.0f, 0.0f, MOE_EPI_BIAS_ACT, MOE_ACT_GELU_TANH, 0, MOE_BF16},
+        {0, 0, 8, 1024, 512, 256, 1.0f, 0.0f, MOE_EPI_DACT, MOE_ACT_GELU_TANH, 0, MOE_BF16},
         {0, 0, 8, 1024, 256, 512, 1.0f, 0.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 0, MOE_BF16},
         {1, 0, 8, 512, 256, 1024, 0.25f, 1.0f, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 1, MOE_BF16},
     };

@@ -43,7 +43,9 @@ typedef enum moe_act_kind { MOE_ACT_GELU_TANH = 0, MOE_ACT_GELU_ERF = 1, MOE_ACT
 typedef enum moe_epilogue {
     MOE_EPI_NONE = 0,
     MOE_EPI_BIAS,      /* C = alpha*op(A)op(B) + beta*C + bias                    */
-    MOE_EPI_BIAS_ACT   /* pre = alpha*op(A)op(B) + bias; C = act(pre); aux = pre  */
+    MOE_EPI_BIAS_ACT,  /* pre = alpha*op(A)op(B) + bias; C = act(pre); aux = pre  */
+    MOE_EPI_DACT       /* (ABI 1.5, grouped_matmul only) C = alpha*op(A)op(B) times
+                        * act'(aux): aux holds the pre-activations, read        */
 } moe_epilogue;
 
 /* C(m,n) = alpha * op(A)(m,k) * op(B)(k,n) + beta * C, row-major, for `batch`
@@ -302,7 +304,9 @@ typedef struct moe_expert_ffn_args {
  *    and op(B) (none: C = beta C); with dbias, dbias[g] (m) += alpha times
  *    the column sums of those rows of A (the bias gradient of a Linear
  *    layer whose output gradient is A).
- * Epilogues as moe_matmul_desc's (BIAS_ACT with beta 0, trans_a 0 only). */
+ * Epilogues as moe_matmul_desc's (BIAS_ACT with beta 0, trans_a 0 only), and
+ * DACT (beta 0, trans_a 0): the gradient through the activation act of the
+ * pre-activations aux, an activation's backward fused into the product. */
 typedef struct moe_grouped_matmul_args {
     int trans_a, trans_b;
     int64_t groups;
@@ -316,7 +320,7 @@ typedef struct moe_grouped_matmul_args {
     moe_dtype dtype;
     moe_epilogue epilogue;
     const void *const *bias;     /* (n) per group, or NULL */
-    void *const *aux;            /* BIAS_ACT: pre-activations like C, or NULL */
+    void *const *aux;            /* BIAS_ACT: pre-activations like C (written), or NULL; DACT: read */
     moe_act_kind act;
     void *const *dbias;          /* trans_a == 1: (m) per group, or NULL */
 } moe_grouped_matmul_args;

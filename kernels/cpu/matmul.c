@@ -224,6 +224,10 @@ moe_status moe_cpu_grouped_matmul(moe_ctx *c, const moe_grouped_matmul_args *g)
     if (g->dbias != NULL && !g->trans_a)
         return CPU_ERROR(c, MOE_ERR_INVALID_ARG,
                          "cpu grouped_matmul: dbias needs trans_a (the rows summed are the variable k)");
+    if (g->epilogue == MOE_EPI_DACT && (g->trans_a || g->beta != 0.0f || g->aux == NULL))
+        return CPU_ERROR(c, MOE_ERR_INVALID_ARG,
+                         "cpu grouped_matmul: the DACT epilogue expects trans_a 0, beta 0 and the pre-activations "
+                         "(aux)");
     for (int64_t i = 0; i < g->groups; i++) {
         const int64_t r = g->rows[i] < 0 ? 0 : g->rows[i];
         moe_matmul_desc d;
@@ -243,11 +247,17 @@ moe_status moe_cpu_grouped_matmul(moe_ctx *c, const moe_grouped_matmul_args *g)
         d.ldc = g->ldc;
         d.ab_dtype = d.c_dtype = g->dtype;
         d.batch = 1;
-        d.epilogue = g->epilogue;
+        const int dact = g->epilogue == MOE_EPI_DACT;
+        d.epilogue = dact ? MOE_EPI_NONE : g->epilogue;
         d.bias = g->bias != NULL ? g->bias[i] : NULL;
-        d.aux = g->aux != NULL ? g->aux[i] : NULL;
+        d.aux = g->aux != NULL && !dact ? g->aux[i] : NULL;
         d.act = g->act;
         MOE_TRY(moe_cpu_matmul(c, &d));
+        for (int64_t row = 0; dact && row < d.m; row++) { /* the product rounded, then act_backward as its own op */
+            void *cr = (char *)g->c[i] + (size_t)(row * g->ldc) * moe_dtype_size(g->dtype);
+            const void *pre = (const char *)g->aux[i] + (size_t)(row * g->ldc) * moe_dtype_size(g->dtype);
+            MOE_TRY(moe_cpu_act_backward(c, cr, pre, cr, g->n, g->dtype, g->act));
+        }
         if (g->dbias == NULL || g->m == 0)
             continue;
         double *sum = calloc((size_t)g->m, sizeof(double));

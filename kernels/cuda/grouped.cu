@@ -103,6 +103,11 @@ static __device__ __forceinline__ void gm_store(const gm_params &p, int64_t g, i
     float v = p.alpha * acc;
     if (p.beta != 0.0f)
         v += p.beta * moe_cuda_f32(c[r * p.ldc + j]);
+    if (p.epi == MOE_EPI_DACT) {
+        c[r * p.ldc + j] = moe_cuda_from_f32<T>(
+            moe_cuda_act_backward_one(v, moe_cuda_f32(((const T *)p.aux[g])[r * p.ldc + j]), (moe_act_kind)p.act));
+        return;
+    }
     if (p.epi != MOE_EPI_NONE)
         v += moe_cuda_f32(((const T *)p.bias[g])[j]);
     if (p.epi == MOE_EPI_BIAS_ACT) {
@@ -419,10 +424,15 @@ moe_status moe_cuda_grouped_matmul(moe_ctx *c, const moe_grouped_matmul_args *a)
                              "cuda grouped_matmul: expected lda >= %lld, ldb >= %lld, ldc >= %lld, found %lld, %lld, %lld",
                              (long long)a_cols, (long long)b_cols, (long long)a->n, (long long)a->lda,
                              (long long)a->ldb, (long long)a->ldc);
-    if (a->epilogue != MOE_EPI_NONE && (a->bias == NULL || a->epilogue > MOE_EPI_BIAS_ACT))
+    if (a->epilogue > MOE_EPI_DACT || ((a->epilogue == MOE_EPI_BIAS || a->epilogue == MOE_EPI_BIAS_ACT) && !a->bias))
         return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
-                             "cuda grouped_matmul: epilogue %d needs a bias array (and NONE, BIAS or BIAS_ACT)",
+                             "cuda grouped_matmul: expected the epilogue NONE, BIAS, BIAS_ACT or DACT (the bias ones "
+                             "with a bias array), found %d",
                              (int)a->epilogue);
+    if (a->epilogue == MOE_EPI_DACT && (a->trans_a || a->beta != 0.0f || !a->aux))
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
+                             "cuda grouped_matmul: the DACT epilogue expects trans_a 0, beta 0 and the pre-activations "
+                             "(aux)");
     if ((a->epilogue == MOE_EPI_BIAS_ACT && (a->beta != 0.0f || a->trans_a)) || (a->dbias && !a->trans_a))
         return moe_cuda_fail(c, MOE_ERR_INVALID_ARG,
                              "cuda grouped_matmul: BIAS_ACT expects beta 0 and trans_a 0, dbias trans_a 1");

@@ -40,9 +40,8 @@
  *       the device and the expert products are the backend's
  *       grouped_matmul over them: no host synchronisation, the step stays
  *       capturable, and the compute follows the tokens routed, not the
- *       bound. Elementwise passes (dropout, the activation's backward)
- *       still run over every slot; rows past a count are left unwritten
- *       and never read.
+ *       bound. Dropout (when on) still runs over every slot; rows past a
+ *       count are left unwritten and never read.
  *    The result is the same: an empty slot adds exact zeros to every
  *    gradient.
  */
@@ -404,7 +403,9 @@ static moe_status experts_forward_grouped(tlm *m, int i, const tlm_layer *ly, tl
 /* The backward of experts_forward_grouped, given the experts' output
  * gradients dxo (expert-major, R rows each); writes m->d_e. The
  * pre-activation gradient overwrites the activations (a->eact), which only
- * fc2's weight gradient reads, first. */
+ * fc2's weight gradient reads, first. Without activation dropout the
+ * activation's backward is fc2's input-gradient epilogue (DACT), so no pass
+ * runs over the slots past the counts. */
 static moe_status experts_backward_grouped(tlm *m, int i, const tlm_layer *ly, tlm_acts *a, void *dxo, int64_t R)
 {
     const moe_host *h = m->h;
@@ -422,18 +423,24 @@ static moe_status experts_backward_grouped(tlm *m, int i, const tlm_layer *ly, t
         gp(m, 5)[l] = tlm_grad(m, x->fc2_b);
     }
     MOE_TRY(grouped(m, 1, 0, d, fe, R, gs, d, fe, 1.0f, fe, MOE_EPI_NONE, 0, 0, 1));
+    /* fc2's input gradient, through the activation in its epilogue when no
+     * dropout sits between them */
+    const int fuse = m->p_act <= 0.0f;
     for (int l = 0; l < Le; l++) {
         gp(m, 1)[l] = tlm_param(m, ly->experts[l].fc2_w);
         gp(m, 2)[l] = tlm_off(a->eact, l * R * fe, m->dt);
+        gp(m, 4)[l] = tlm_off(a->epre, l * R * fe, m->dt);
     }
-    MOE_TRY(grouped(m, 0, 0, R, fe, d, 1.0f, d, fe, 0.0f, fe, MOE_EPI_NONE, 0, 0, 0));
+    MOE_TRY(grouped(m, 0, 0, R, fe, d, 1.0f, d, fe, 0.0f, fe, fuse ? MOE_EPI_DACT : MOE_EPI_NONE, 0, fuse, 0));
     for (int l = 0; l < Le; l++) {
         const tlm_expert *x = &ly->experts[l];
         void *depre = tlm_off(a->eact, l * R * fe, m->dt);
-        const void *dact;
-        MOE_TRY(tlm_dropout_bwd(m, depre, depre, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid, &dact));
-        MOE_TRY(h->ops->act_backward(h->ctx, depre, tlm_off(a->epre, l * R * fe, m->dt), dact, R * fe, m->dt,
-                                     m->act_kind));
+        if (!fuse) {
+            const void *dact;
+            MOE_TRY(tlm_dropout_bwd(m, depre, depre, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid, &dact));
+            MOE_TRY(h->ops->act_backward(h->ctx, depre, tlm_off(a->epre, l * R * fe, m->dt), dact, R * fe, m->dt,
+                                         m->act_kind));
+        }
         gp(m, 0)[l] = depre;
         gp(m, 1)[l] = tlm_off(a->xe, l * R * d, m->dt);
         gp(m, 2)[l] = tlm_grad(m, x->fc1_w);
