@@ -2180,7 +2180,7 @@ static void test_parity_bench(void **state)
         moe_grouped_matmul_args g;
         memset(&g, 0, sizeof g);
         g.groups = 8; g.rows = (const int32_t *)rows_d; g.rows_total = 2 * N; g.alpha = 1.0f;
-        g.a = ga_a; g.b = ga_b; g.c = ga_c; g.bias = ga_bias; g.aux = ga_aux; g.dbias = ga_db;
+        g.a = ga_a; g.b = ga_b; g.c = ga_c; g.bias = ga_bias; g.aux = ga_aux;
         g.dtype = MOE_F16; g.act = MOE_ACT_GELU_TANH;
         for (int e = 0; e < 8; e++) { /* fc1: y rows of group e = x rows . w^T */
             ga_a[e] = (const char *)x + (size_t)e * 768 * Cm * 2;
@@ -2207,7 +2207,7 @@ static void test_parity_bench(void **state)
             ga_b[e] = (const char *)x + (size_t)e * 768 * Cm * 2;
             ga_c[e] = (char *)wg + (size_t)e * F * Cm * 2;
         }
-        g.trans_a = 1; g.m = F; g.n = Cm; g.k = N; g.lda = F; g.ldb = Cm; g.ldc = Cm; g.beta = 1.0f;
+        g.trans_a = 1; g.m = F; g.n = Cm; g.k = N; g.lda = F; g.ldb = Cm; g.ldc = Cm; g.beta = 1.0f; g.dbias = ga_db;
         BENCH("grouped_matmul fc1 wgrad 8x8192x2048x2048 +dbias f16", 10, mm, "TFLOP/s", o->grouped_matmul(cx, &g));
         g.dbias = NULL;
         BENCH("grouped_matmul fc1 wgrad 8x8192x2048x2048 f16", 10, mm, "TFLOP/s", o->grouped_matmul(cx, &g));

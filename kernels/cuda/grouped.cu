@@ -5,13 +5,14 @@
  *
  * grouped_matmul for fp16/bf16 with 16-byte aligned rows is a tensor-core
  * kernel: 128 x 128 output tiles, k steps of 32 through 4 stages of cp.async
- * copies (rows past a count or a bound are zero-filled), 8 warps of 64 x 32,
+ * copies (rows past a count or a bound are zero-filled), 4 warps of 64 x 64
+ * (the warp tile that keeps ldmatrix traffic under shared memory's bandwidth),
  * mma.sync m16n8k16 with fp32 accumulators (kernels/cuda/mma.cuh), operands
  * read from shared memory by ldmatrix, transposed by ldmatrix .trans where
  * an operand is stored the other way. Block to tile:
  *  - trans_a == 0 (rows vary in m: expert forward, input gradients): block
- *    (x, y) is n tile y of the x-th m tile of the groups' concatenated
- *    tiles; it walks the groups' tile counts ceil(min(rows[g], m) / 128) to
+ *    (x, y) is n tile x of the y-th m tile of the groups' concatenated
+ *    tiles (n fastest, so the blocks in flight share their A rows); it walks the groups' tile counts ceil(min(rows[g], m) / 128) to
  *    find its group. The grid holds the host's bound on the tiles
  *    (ceil(rows_total / 128) + groups), blocks past the last tile return.
  *  - trans_a == 1 (rows vary in k: weight gradients): block (x, y, g) owns
@@ -35,7 +36,7 @@
 #define GM_BN 128
 #define GM_BK 32
 #define GM_STAGES 4
-#define GM_THREADS 256
+#define GM_THREADS 128
 #define GM_MAXG 64
 #define GM_LDK (GM_BK + 8)  /* a [rows][k] tile's row stride: ldmatrix rows hit distinct banks */
 #define GM_LDR (GM_BM + 8)  /* a [k][rows] tile's */
@@ -118,6 +119,37 @@ static __device__ __forceinline__ void gm_store(const gm_params &p, int64_t g, i
     c[r * p.ldc + j] = moe_cuda_from_f32<T>(v);
 }
 
+/* gm_store of C(r, j) and C(r, j + 1) as one 4-byte access each (j even,
+ * rows 4-byte aligned: the tensor-core path's conditions) */
+template <typename T>
+static __device__ __forceinline__ void gm_store2(const gm_params &p, int64_t g, int64_t r, int64_t j, float a0,
+                                                 float a1)
+{
+    const int64_t at = r * p.ldc + j;
+    T *c = (T *)p.c[g] + at;
+    float v0 = p.alpha * a0, v1 = p.alpha * a1;
+    if (p.beta != 0.0f) {
+        v0 += p.beta * moe_cuda_f32(c[0]);
+        v1 += p.beta * moe_cuda_f32(c[1]);
+    }
+    if (p.epi == MOE_EPI_DACT) {
+        const T *pre = (const T *)p.aux[g] + at;
+        v0 = moe_cuda_act_backward_one(v0, moe_cuda_f32(pre[0]), (moe_act_kind)p.act);
+        v1 = moe_cuda_act_backward_one(v1, moe_cuda_f32(pre[1]), (moe_act_kind)p.act);
+    } else if (p.epi != MOE_EPI_NONE) {
+        const T *bias = (const T *)p.bias[g] + j;
+        v0 += moe_cuda_f32(bias[0]);
+        v1 += moe_cuda_f32(bias[1]);
+        if (p.epi == MOE_EPI_BIAS_ACT) {
+            if (p.aux[g])
+                *(uint32_t *)((T *)p.aux[g] + at) = pack2<T>(v0, v1);
+            v0 = moe_cuda_act(v0, (moe_act_kind)p.act);
+            v1 = moe_cuda_act(v1, (moe_act_kind)p.act);
+        }
+    }
+    *(uint32_t *)c = pack2<T>(v0, v1);
+}
+
 /* op(A)(i, q) and op(B)(q, j) of group g, row-major storage */
 template <typename T>
 static __device__ __forceinline__ float gm_a(const gm_params &p, int ta, int64_t g, int64_t i, int64_t q)
@@ -185,14 +217,14 @@ static __device__ __forceinline__ void gm_stage(T *As, T *Bs, const gm_params &p
 }
 
 template <int TA, int TB, typename T>
-static __global__ void __launch_bounds__(GM_THREADS, 2) gm_mma_kernel(gm_params p)
+static __global__ void __launch_bounds__(GM_THREADS) gm_mma_kernel(gm_params p)
 {
     extern __shared__ __align__(16) unsigned char gm_smem[];
     T *smem = (T *)gm_smem;
     /* the block's group and tile */
     int64_t g, m0, Mlim, Klim;
     if (TA == 0) {
-        int64_t t = blockIdx.x;
+        int64_t t = blockIdx.y;
         for (g = 0; g < p.groups; g++) {
             const int64_t tiles = (gm_rows(p, g, p.m) + GM_BM - 1) / GM_BM;
             if (t < tiles)
@@ -212,15 +244,15 @@ static __global__ void __launch_bounds__(GM_THREADS, 2) gm_mma_kernel(gm_params 
         if (Klim == 0 && p.beta == 1.0f && p.epi == MOE_EPI_NONE)
             return;
     }
-    const int64_t n0 = (int64_t)(TA == 0 ? blockIdx.y : blockIdx.x) * GM_BN;
+    const int64_t n0 = (int64_t)blockIdx.x * GM_BN;
     const T *a = (const T *)p.a[g], *b = (const T *)p.b[g];
-    const int warp = threadIdx.x >> 5, wm = warp >> 2, wn = warp & 3;
+    const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
 
-    float acc[4][4][4];
+    float acc[4][8][4];
 #pragma unroll
     for (int i = 0; i < 4; i++)
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < 8; j++)
             acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
 
     const int KT = (int)((Klim + GM_BK - 1) / GM_BK);
@@ -244,7 +276,7 @@ static __global__ void __launch_bounds__(GM_THREADS, 2) gm_mma_kernel(gm_params 
         const T *As = smem + 2 * (kt % GM_STAGES) * GM_TILE, *Bs = As + GM_TILE;
 #pragma unroll
         for (int kk = 0; kk < GM_BK; kk += 16) {
-            uint32_t af[4][4], bf[4][2];
+            uint32_t af[4][4], bf[8][2];
 #pragma unroll
             for (int mi = 0; mi < 4; mi++) {
                 if (TA == 0)
@@ -253,12 +285,12 @@ static __global__ void __launch_bounds__(GM_THREADS, 2) gm_mma_kernel(gm_params 
                     frag_a_t<GM_LDR>(af[mi], As, wm * 64 + mi * 16, kk);
             }
 #pragma unroll
-            for (int np = 0; np < 2; np++) {
+            for (int np = 0; np < 4; np++) {
                 uint32_t r[4];
                 if (TB == 1)
-                    frag_b_nk<GM_LDK>(r, Bs, wn * 32 + np * 16, kk);
+                    frag_b_nk<GM_LDK>(r, Bs, wn * 64 + np * 16, kk);
                 else
-                    frag_b_kn<GM_LDR>(r, Bs, kk, wn * 32 + np * 16);
+                    frag_b_kn<GM_LDR>(r, Bs, kk, wn * 64 + np * 16);
                 bf[2 * np][0] = r[0];
                 bf[2 * np][1] = r[1];
                 bf[2 * np + 1][0] = r[2];
@@ -267,7 +299,7 @@ static __global__ void __launch_bounds__(GM_THREADS, 2) gm_mma_kernel(gm_params 
 #pragma unroll
             for (int mi = 0; mi < 4; mi++)
 #pragma unroll
-                for (int nj = 0; nj < 4; nj++)
+                for (int nj = 0; nj < 8; nj++)
                     mma16816<T>(acc[mi][nj], af[mi], bf[nj][0], bf[nj][1]);
         }
     }
@@ -277,18 +309,14 @@ static __global__ void __launch_bounds__(GM_THREADS, 2) gm_mma_kernel(gm_params 
 #pragma unroll
     for (int mi = 0; mi < 4; mi++)
 #pragma unroll
-        for (int nj = 0; nj < 4; nj++) {
-            const int64_t r = m0 + wm * 64 + mi * 16 + gr, j = n0 + wn * 32 + nj * 8 + 2 * cq;
+        for (int nj = 0; nj < 8; nj++) {
+            const int64_t r = m0 + wm * 64 + mi * 16 + gr, j = n0 + wn * 64 + nj * 8 + 2 * cq;
             if (j >= p.n)
                 continue;
-            if (r < Mlim) {
-                gm_store<T>(p, g, r, j, acc[mi][nj][0]);
-                gm_store<T>(p, g, r, j + 1, acc[mi][nj][1]);
-            }
-            if (r + 8 < Mlim) {
-                gm_store<T>(p, g, r + 8, j, acc[mi][nj][2]);
-                gm_store<T>(p, g, r + 8, j + 1, acc[mi][nj][3]);
-            }
+            if (r < Mlim)
+                gm_store2<T>(p, g, r, j, acc[mi][nj][0], acc[mi][nj][1]);
+            if (r + 8 < Mlim)
+                gm_store2<T>(p, g, r + 8, j, acc[mi][nj][2], acc[mi][nj][3]);
         }
 }
 
@@ -374,7 +402,12 @@ template <typename T> static moe_status launch(moe_ctx *c, const moe_grouped_mat
                 int64_t tiles = G * mt_bound;
                 if (a->rows_total > 0 && (a->rows_total + GM_BM - 1) / GM_BM + G < tiles)
                     tiles = (a->rows_total + GM_BM - 1) / GM_BM + G;
-                grid = dim3((unsigned)tiles, nt, 1);
+                if (tiles > 65535)
+                    return moe_cuda_fail(c, MOE_ERR_UNSUPPORTED,
+                                         "cuda grouped_matmul: %lld row tiles exceed a launch's 65535; pass a "
+                                         "tighter rows_total or fewer groups",
+                                         (long long)tiles);
+                grid = dim3(nt, (unsigned)tiles, 1);
                 kern = a->trans_b ? gm_mma_kernel<0, 1, T> : gm_mma_kernel<0, 0, T>;
             } else {
                 grid = dim3(nt, (unsigned)mt_bound, (unsigned)G);
