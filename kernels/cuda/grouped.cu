@@ -4,7 +4,7 @@
  * host and the step stays capturable in a graph.
  *
  * grouped_matmul for fp16/bf16 with 16-byte aligned rows is a tensor-core
- * kernel: 128 x 128 output tiles, k steps of 32 through 4 stages of cp.async
+ * kernel: 128 x 128 output tiles, k steps of 64 through 3 stages of cp.async
  * copies (rows past a count or a bound are zero-filled), 4 warps of 64 x 64
  * (the warp tile that keeps ldmatrix traffic under shared memory's bandwidth),
  * mma.sync m16n8k16 with fp32 accumulators (kernels/cuda/mma.cuh), operands
@@ -34,8 +34,8 @@
 
 #define GM_BM 128
 #define GM_BN 128
-#define GM_BK 32
-#define GM_STAGES 4
+#define GM_BK 64
+#define GM_STAGES 3
 #define GM_THREADS 128
 #define GM_MAXG 64
 #define GM_LDK (GM_BK + 8)  /* a [rows][k] tile's row stride: ldmatrix rows hit distinct banks */
@@ -119,27 +119,26 @@ static __device__ __forceinline__ void gm_store(const gm_params &p, int64_t g, i
     c[r * p.ldc + j] = moe_cuda_from_f32<T>(v);
 }
 
-/* gm_store of C(r, j) and C(r, j + 1) as one 4-byte access each (j even,
- * rows 4-byte aligned: the tensor-core path's conditions) */
+/* gm_store of C(r, j) and C(r, j + 1) as one 4-byte store each (j even,
+ * rows 4-byte aligned: the tensor-core path's conditions), given the bias
+ * at j, j + 1 and what the epilogue reads there (C with beta, or the
+ * pre-activations with DACT), loaded beforehand */
 template <typename T>
 static __device__ __forceinline__ void gm_store2(const gm_params &p, int64_t g, int64_t r, int64_t j, float a0,
-                                                 float a1)
+                                                 float a1, const float bias[2], const float in[2])
 {
     const int64_t at = r * p.ldc + j;
-    T *c = (T *)p.c[g] + at;
     float v0 = p.alpha * a0, v1 = p.alpha * a1;
-    if (p.beta != 0.0f) {
-        v0 += p.beta * moe_cuda_f32(c[0]);
-        v1 += p.beta * moe_cuda_f32(c[1]);
-    }
     if (p.epi == MOE_EPI_DACT) {
-        const T *pre = (const T *)p.aux[g] + at;
-        v0 = moe_cuda_act_backward_one(v0, moe_cuda_f32(pre[0]), (moe_act_kind)p.act);
-        v1 = moe_cuda_act_backward_one(v1, moe_cuda_f32(pre[1]), (moe_act_kind)p.act);
-    } else if (p.epi != MOE_EPI_NONE) {
-        const T *bias = (const T *)p.bias[g] + j;
-        v0 += moe_cuda_f32(bias[0]);
-        v1 += moe_cuda_f32(bias[1]);
+        v0 = moe_cuda_act_backward_one(v0, in[0], (moe_act_kind)p.act);
+        v1 = moe_cuda_act_backward_one(v1, in[1], (moe_act_kind)p.act);
+    } else {
+        if (p.beta != 0.0f) {
+            v0 += p.beta * in[0];
+            v1 += p.beta * in[1];
+        }
+        v0 += bias[0];
+        v1 += bias[1];
         if (p.epi == MOE_EPI_BIAS_ACT) {
             if (p.aux[g])
                 *(uint32_t *)((T *)p.aux[g] + at) = pack2<T>(v0, v1);
@@ -147,7 +146,7 @@ static __device__ __forceinline__ void gm_store2(const gm_params &p, int64_t g, 
             v1 = moe_cuda_act(v1, (moe_act_kind)p.act);
         }
     }
-    *(uint32_t *)c = pack2<T>(v0, v1);
+    *(uint32_t *)((T *)p.c[g] + at) = pack2<T>(v0, v1);
 }
 
 /* op(A)(i, q) and op(B)(q, j) of group g, row-major storage */
@@ -305,19 +304,54 @@ static __global__ void __launch_bounds__(GM_THREADS) gm_mma_kernel(gm_params p)
     }
     cp_async_wait<0>();
 
+    /* The epilogue reads (bias, pre-activations, C with beta) before it
+     * writes: the compiler cannot move a load past a store to a pointer that
+     * may alias it, so loads interleaved with stores would each wait out a
+     * memory latency. */
     const int lane = threadIdx.x & 31, gr = lane >> 2, cq = lane & 3;
+    float bias[8][2];
 #pragma unroll
-    for (int mi = 0; mi < 4; mi++)
+    for (int nj = 0; nj < 8; nj++) {
+        const int64_t j = n0 + wn * 64 + nj * 8 + 2 * cq;
+        bias[nj][0] = bias[nj][1] = 0.0f;
+        if ((p.epi == MOE_EPI_BIAS || p.epi == MOE_EPI_BIAS_ACT) && j < p.n) {
+            const T *b = (const T *)p.bias[g] + j;
+            bias[nj][0] = moe_cuda_f32(b[0]);
+            bias[nj][1] = moe_cuda_f32(b[1]);
+        }
+    }
+    const bool read = p.epi == MOE_EPI_DACT || p.beta != 0.0f;
+    const T *src = (const T *)(p.epi == MOE_EPI_DACT ? p.aux[g] : p.c[g]);
+#pragma unroll
+    for (int mi = 0; mi < 4; mi++) {
+        const int64_t r = m0 + wm * 64 + mi * 16 + gr;
+        float in[8][4];
 #pragma unroll
         for (int nj = 0; nj < 8; nj++) {
-            const int64_t r = m0 + wm * 64 + mi * 16 + gr, j = n0 + wn * 64 + nj * 8 + 2 * cq;
+            const int64_t j = n0 + wn * 64 + nj * 8 + 2 * cq;
+            in[nj][0] = in[nj][1] = in[nj][2] = in[nj][3] = 0.0f;
+            if (read && j < p.n) {
+                if (r < Mlim) {
+                    in[nj][0] = moe_cuda_f32(src[r * p.ldc + j]);
+                    in[nj][1] = moe_cuda_f32(src[r * p.ldc + j + 1]);
+                }
+                if (r + 8 < Mlim) {
+                    in[nj][2] = moe_cuda_f32(src[(r + 8) * p.ldc + j]);
+                    in[nj][3] = moe_cuda_f32(src[(r + 8) * p.ldc + j + 1]);
+                }
+            }
+        }
+#pragma unroll
+        for (int nj = 0; nj < 8; nj++) {
+            const int64_t j = n0 + wn * 64 + nj * 8 + 2 * cq;
             if (j >= p.n)
                 continue;
             if (r < Mlim)
-                gm_store2<T>(p, g, r, j, acc[mi][nj][0], acc[mi][nj][1]);
+                gm_store2<T>(p, g, r, j, acc[mi][nj][0], acc[mi][nj][1], bias[nj], in[nj]);
             if (r + 8 < Mlim)
-                gm_store2<T>(p, g, r + 8, j, acc[mi][nj][2], acc[mi][nj][3]);
+                gm_store2<T>(p, g, r + 8, j, acc[mi][nj][2], acc[mi][nj][3], bias[nj], in[nj] + 2);
         }
+    }
 }
 
 /* dbias[g](j) += alpha * sum over the first rows[g] rows of A(g) (K x m,
