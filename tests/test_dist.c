@@ -240,6 +240,32 @@ static void test_dist_expert_choice_8_over_4(void **s)
                           "--moe-normalize-expert-grad world_size");
 }
 
+/* --moe-dropless with experts over ranks: each rank's experts multiply
+ * only the filled rows of every rank's chunk, counted by expert_rows and
+ * exchanged by an all-to-all (the grouped products, here the cpu's); one
+ * rank counts on the host. The same losses either way. */
+static void dropless_over(int ranks)
+{
+    char one[256], many[256];
+    snprintf(one, sizeof one, "--moe-expert-count 8 --moe-dropless --update-freq %d "
+             "--moe-normalize-expert-grad world_size", ranks);
+    snprintf(many, sizeof many, "--moe-expert-count 8 --moe-dropless --update-freq 1 "
+             "--moe-normalize-expert-grad world_size");
+    expect_same_losses(ranks, one, many);
+}
+
+static void test_dist_dropless_experts_8_over_2(void **s)
+{
+    (void)s;
+    dropless_over(2);
+}
+
+static void test_dist_dropless_experts_8_over_4(void **s)
+{
+    (void)s;
+    dropless_over(4);
+}
+
 /* a shared expert is a non-expert part of its layer: sharded with it */
 static void test_dist_shared_expert_fully_sharded_2(void **s)
 {
@@ -385,6 +411,7 @@ int main(void)
         cmocka_unit_test(test_dist_fully_sharded_checkpoint_validation),
         cmocka_unit_test(test_dist_legacy_ddp_ignores_normalizer),
         cmocka_unit_test(test_dist_expert_choice_4_over_2), cmocka_unit_test(test_dist_expert_choice_8_over_4),
+        cmocka_unit_test(test_dist_dropless_experts_8_over_2), cmocka_unit_test(test_dist_dropless_experts_8_over_4),
         cmocka_unit_test(test_dist_shared_expert_fully_sharded_2),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

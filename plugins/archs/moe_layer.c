@@ -29,16 +29,20 @@
  *    general top-k router's sequence-wise loss takes each row of the batch
  *    as one sequence (seq_len = T).
  *  - Rows an expert processes: its whole capacity C per rank, slots left
- *    empty included (zero inputs, outputs never combined), except with
- *    every expert local (one rank, or experts replicated), where the
- *    backend's expert_rows op (ABI 1.5) counts each expert's filled slots:
+ *    empty included (zero inputs, outputs never combined), except where the
+ *    backend's expert_rows op (ABI 1.5) counts each expert's filled slots
+ *    (the all-to-all group's ranks hold consecutive expert ids, as the
+ *    rank-major layout has them):
  *     - on a backend whose ops run on the host (no device timers: the cpu)
- *       the counts are read back (no synchronisation to pay) and each
- *       expert multiplies only its filled slots;
- *     - on a device, when the capacity is more than twice the choices
- *       routed (E C > 2 N W: --moe-dropless's bound), the counts stay on
- *       the device and the expert products are the backend's
- *       grouped_matmul over them: no host synchronisation, the step stays
+ *       with every expert local, the counts are read back (no
+ *       synchronisation to pay) and each expert multiplies only its filled
+ *       slots;
+ *     - otherwise, when the capacity is more than twice the choices routed
+ *       (E C > 2 N W: --moe-dropless's bound), the counts stay on the device
+ *       (with expert parallelism each rank's counts reach the experts'
+ *       ranks by an all-to-all of E integers) and the expert products are
+ *       the backend's grouped_matmul over them, one group per (source rank,
+ *       local expert) chunk: no host synchronisation, the step stays
  *       capturable, and the compute follows the tokens routed, not the
  *       bound. Dropout (when on) still runs over every slot; rows past a
  *       count are left unwritten and never read.
@@ -201,27 +205,40 @@ moe_status tlm_moe_alloc_acts(tlm *m, tlm_acts *a)
 /* columns of the routing arrays (W = E with expert choice) */
 static int route_width(const moe_route_args *r) { return r->width > 0 ? r->width : 2; }
 
-/* Every expert is local, in id order: expert_rows' counts are the local
- * experts' (opening comment). */
-static int all_local(const tlm *m)
+/* The all-to-all group's W ranks hold E = W L experts, this rank the L
+ * consecutive ids its chunk of the rank-major buffer carries: expert_rows'
+ * counts (over all E experts) then say how far each chunk is filled. */
+static int counted_layout(const tlm *m)
 {
-    return m->a2a_world == 1 && m->local_experts == m->E && m->h->ops->expert_rows != NULL;
+    const int L = m->local_experts;
+    if (m->h->ops->expert_rows == NULL || (int64_t)m->a2a_world * L != m->E || m->plan->local_ids[0] % L != 0)
+        return 0;
+    for (int l = 1; l < L; l++)
+        if (m->plan->local_ids[l] != m->plan->local_ids[0] + l)
+            return 0;
+    return 1;
 }
 
-/* The experts multiply only their filled slots, counted on the host: the
- * backend runs on the host (the cpu has no device timers, plugin.h). */
-static int rows_on_host(const tlm *m) { return all_local(m) && m->h->backend->timer_mark == NULL; }
+/* The experts multiply only their filled slots, counted on the host: every
+ * expert is local and the backend runs on the host (the cpu has no device
+ * timers, plugin.h). */
+static int rows_on_host(const tlm *m)
+{
+    return m->a2a_world == 1 && counted_layout(m) && m->h->backend->timer_mark == NULL;
+}
 
-/* ... or counted on the device, through grouped_matmul: when the capacity
- * is more than twice the choices routed. */
+/* ... or counted on the device, through grouped_matmul, when the capacity is
+ * more than twice the choices routed (the counts of other ranks' tokens
+ * arrive by an all-to-all of E integers). */
 static int rows_on_device(const tlm *m, const moe_route_args *r)
 {
-    return all_local(m) && !rows_on_host(m) && m->h->ops->grouped_matmul != NULL &&
+    return !rows_on_host(m) && counted_layout(m) && m->h->ops->grouped_matmul != NULL &&
            (int64_t)m->E * r->capacity > 2 * m->N * (int64_t)route_width(r);
 }
 
 /* ly->rows: each expert's slots up to its last filled one on the host path,
- * else its whole W*C; m->rows_dev: the same counts on the device path */
+ * else its whole W*C; on the device path m->rows_dev, then (W > 1)
+ * m->rows_recv[w L + l]: how far rank w's chunk of local expert l is filled */
 static moe_status expert_rows(tlm *m, tlm_layer *ly, const tlm_acts *a, const moe_route_args *r)
 {
     const moe_host *h = m->h;
@@ -232,6 +249,8 @@ static moe_status expert_rows(tlm *m, tlm_layer *ly, const tlm_acts *a, const mo
     if (!host && !rows_on_device(m, r))
         return MOE_OK;
     MOE_TRY(h->ops->expert_rows(h->ctx, m->rows_dev, a->expert, a->slot, m->N, m->width, m->E, C));
+    if (m->a2a_world > 1)
+        return h->comm_ops->all_to_all(h->comm, m->a2a_group, m->rows_recv, m->rows_dev, m->local_experts, MOE_I32);
     if (!host)
         return MOE_OK;
     MOE_TRY(h->backend->copy_to_host(h->ctx, m->rows_host, m->rows_dev, (uint64_t)m->E * sizeof *m->rows_host));
@@ -272,10 +291,13 @@ moe_status tlm_moe_alloc_scratch(tlm *m)
     MOE_TRY(tlm_f32_alloc(m, N * m->width, "routing weight gradient", &m->dweight));
     MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate logits gradient", &m->dlogits));
     MOE_TRY(tlm_act_alloc(m, d > m->fe ? d : m->fe, "expert bias gradient", &m->ebias));
-    if (all_local(m)) {
+    if (counted_layout(m)) {
         MOE_TRY(tlm_dev_alloc(m, (uint64_t)m->E * sizeof *m->rows_dev, "filled expert rows", (void **)&m->rows_dev));
+        if (W > 1)
+            MOE_TRY(tlm_dev_alloc(m, (uint64_t)m->E * sizeof *m->rows_recv, "received expert rows",
+                                  (void **)&m->rows_recv));
         m->rows_host = malloc((size_t)m->E * sizeof *m->rows_host);
-        m->gptr = calloc(6 * (size_t)m->local_experts, sizeof *m->gptr);
+        m->gptr = calloc(6 * (size_t)m->E, sizeof *m->gptr);
         if (!m->rows_host || !m->gptr)
             return h->error(h, MOE_ERR_NOMEM, "%s: out of host memory for the experts' row counts", MOE_ARCH_VARIANT);
     }
@@ -333,125 +355,161 @@ static moe_status all_to_all(tlm *m, void *recv, const void *send, int64_t C, in
     return MOE_OK;
 }
 
-/* The grouped products of the local experts (rows_on_device): group l is
- * local expert l, its rows counted in m->rows_dev. ptr(j) is the j-th of
- * the six operand arrays in m->gptr. */
-static const void **gp(const tlm *m, int j) { return (const void **)m->gptr + (size_t)j * (size_t)m->local_experts; }
+/* The grouped products of the local experts (rows_on_device): group
+ * q = w L + l is rank w's chunk of local expert l (C slots at rows
+ * (l W + w) C of the expert-major buffers), its rows counted in m->rows_dev
+ * (W = 1) or m->rows_recv. gp(m, j) is the j-th of the six operand arrays
+ * in m->gptr, filled per group; a product over groups [q0, q0 + G). */
+static const void **gp(const tlm *m, int j) { return (const void **)m->gptr + (size_t)j * (size_t)m->E; }
 
-static moe_status grouped(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_t K, float alpha, int64_t lda,
-                          int64_t ldb, float beta, int64_t ldc, moe_epilogue epi, int with_bias, int with_aux,
-                          int with_dbias)
+static moe_status grouped(const tlm *m, int64_t q0, int64_t G, int ta, int tb, int64_t M, int64_t Nc, int64_t K,
+                          float alpha, int64_t lda, int64_t ldb, float beta, int64_t ldc, moe_epilogue epi,
+                          int with_bias, int with_aux, int with_dbias)
 {
     moe_grouped_matmul_args g;
     memset(&g, 0, sizeof g);
     g.trans_a = ta;
     g.trans_b = tb;
-    g.groups = m->local_experts;
-    g.rows = m->rows_dev;
-    g.rows_total = m->N * m->width; /* each choice fills one slot at most */
+    g.groups = G;
+    g.rows = (m->a2a_world > 1 ? m->rows_recv : m->rows_dev) + q0;
+    g.rows_total = m->a2a_world * m->N * m->width; /* each choice fills one slot at most */
     g.m = M;
     g.n = Nc;
     g.k = K;
     g.alpha = alpha;
     g.beta = beta;
-    g.a = gp(m, 0);
+    g.a = gp(m, 0) + q0;
     g.lda = lda;
-    g.b = gp(m, 1);
+    g.b = gp(m, 1) + q0;
     g.ldb = ldb;
-    g.c = (void *const *)gp(m, 2);
+    g.c = (void *const *)gp(m, 2) + q0;
     g.ldc = ldc;
     g.dtype = m->dt;
     g.epilogue = epi;
-    g.bias = with_bias ? gp(m, 3) : NULL;
-    g.aux = with_aux ? (void *const *)gp(m, 4) : NULL;
+    g.bias = with_bias ? gp(m, 3) + q0 : NULL;
+    g.aux = with_aux ? (void *const *)gp(m, 4) + q0 : NULL;
     g.act = m->act_kind;
-    g.dbias = with_dbias ? (void *const *)gp(m, 5) : NULL;
+    g.dbias = with_dbias ? (void *const *)gp(m, 5) + q0 : NULL;
     return m->h->ops->grouped_matmul(m->h->ctx, &g);
 }
 
-/* expert l's fc1 and fc2 as grouped products over its filled rows (R each,
- * the bound), dropout over every slot per expert as the loop below does */
-static moe_status experts_forward_grouped(tlm *m, int i, const tlm_layer *ly, tlm_acts *a, void *eout, int64_t R)
+/* first slot row of group q in the expert-major buffers */
+static int64_t group_row(const tlm *m, int64_t q, int64_t C)
 {
-    const int64_t d = m->d, fe = m->fe;
-    const int Le = m->local_experts;
-    for (int l = 0; l < Le; l++) {
-        const tlm_expert *x = &ly->experts[l];
-        gp(m, 0)[l] = tlm_off(a->xe, l * R * d, m->dt);
-        gp(m, 1)[l] = tlm_param(m, x->fc1_w);
-        gp(m, 2)[l] = tlm_off(a->eact, l * R * fe, m->dt);
-        gp(m, 3)[l] = tlm_param(m, x->fc1_b);
-        gp(m, 4)[l] = tlm_off(a->epre, l * R * fe, m->dt);
+    const int64_t L = m->local_experts, w = q / L, l = q % L;
+    return (l * m->a2a_world + w) * C;
+}
+
+/* fc1 and fc2 of every local expert as grouped products over the filled
+ * rows of each chunk; dropout over every slot per expert as the loop in
+ * tlm_moe_forward does */
+static moe_status experts_forward_grouped(tlm *m, int i, const tlm_layer *ly, tlm_acts *a, void *eout, int64_t C)
+{
+    const int64_t d = m->d, fe = m->fe, R = m->a2a_world * C;
+    const int L = m->local_experts;
+    const int64_t G = m->E;
+    for (int64_t q = 0; q < G; q++) {
+        const tlm_expert *x = &ly->experts[q % L];
+        const int64_t r0 = group_row(m, q, C);
+        gp(m, 0)[q] = tlm_off(a->xe, r0 * d, m->dt);
+        gp(m, 1)[q] = tlm_param(m, x->fc1_w);
+        gp(m, 2)[q] = tlm_off(a->eact, r0 * fe, m->dt);
+        gp(m, 3)[q] = tlm_param(m, x->fc1_b);
+        gp(m, 4)[q] = tlm_off(a->epre, r0 * fe, m->dt);
     }
-    MOE_TRY(grouped(m, 0, 1, R, fe, d, 1.0f, d, d, 0.0f, fe, MOE_EPI_BIAS_ACT, 1, 1, 0));
-    for (int l = 0; l < Le; l++) {
-        const tlm_expert *x = &ly->experts[l];
+    MOE_TRY(grouped(m, 0, G, 0, 1, C, fe, d, 1.0f, d, d, 0.0f, fe, MOE_EPI_BIAS_ACT, 1, 1, 0));
+    for (int l = 0; l < L; l++)
         MOE_TRY(tlm_dropout_fwd(m, tlm_off(a->eact, l * R * fe, m->dt), R * fe, m->p_act, i + 1, SITE_EXPERT_ACT,
-                                x->gid));
-        gp(m, 0)[l] = tlm_off(a->eact, l * R * fe, m->dt);
-        gp(m, 1)[l] = tlm_param(m, x->fc2_w);
-        gp(m, 2)[l] = tlm_off(eout, l * R * d, m->dt);
-        gp(m, 3)[l] = tlm_param(m, x->fc2_b);
+                                ly->experts[l].gid));
+    for (int64_t q = 0; q < G; q++) {
+        const tlm_expert *x = &ly->experts[q % L];
+        const int64_t r0 = group_row(m, q, C);
+        gp(m, 0)[q] = tlm_off(a->eact, r0 * fe, m->dt);
+        gp(m, 1)[q] = tlm_param(m, x->fc2_w);
+        gp(m, 2)[q] = tlm_off(eout, r0 * d, m->dt);
+        gp(m, 3)[q] = tlm_param(m, x->fc2_b);
     }
-    MOE_TRY(grouped(m, 0, 1, R, d, fe, 1.0f, fe, fe, 0.0f, d, MOE_EPI_BIAS, 1, 0, 0));
-    for (int l = 0; l < Le; l++)
+    MOE_TRY(grouped(m, 0, G, 0, 1, C, d, fe, 1.0f, fe, fe, 0.0f, d, MOE_EPI_BIAS, 1, 0, 0));
+    for (int l = 0; l < L; l++)
         MOE_TRY(tlm_dropout_fwd(m, tlm_off(eout, l * R * d, m->dt), R * d, m->p_drop, i + 1, SITE_EXPERT_OUT,
                                 ly->experts[l].gid));
     return MOE_OK;
 }
 
+/* A weight gradient over groups: one product per source rank w, whose
+ * groups (its chunks of the L experts) write distinct gradients, so the
+ * chunks of one expert accumulate in turn */
+static moe_status grouped_wgrad(const tlm *m, int64_t M, int64_t Nc, int64_t C, float gs, int64_t lda, int64_t ldb)
+{
+    const int64_t L = m->local_experts;
+    for (int64_t w = 0; w < m->a2a_world; w++)
+        MOE_TRY(grouped(m, w * L, L, 1, 0, M, Nc, C, gs, lda, ldb, 1.0f, Nc, MOE_EPI_NONE, 0, 0, 1));
+    return MOE_OK;
+}
+
 /* The backward of experts_forward_grouped, given the experts' output
- * gradients dxo (expert-major, R rows each); writes m->d_e. The
- * pre-activation gradient overwrites the activations (a->eact), which only
- * fc2's weight gradient reads, first. Without activation dropout the
- * activation's backward is fc2's input-gradient epilogue (DACT), so no pass
- * runs over the slots past the counts. */
-static moe_status experts_backward_grouped(tlm *m, int i, const tlm_layer *ly, tlm_acts *a, void *dxo, int64_t R)
+ * gradients dxo (expert-major); writes m->d_e. The pre-activation gradient
+ * overwrites the activations (a->eact), which only fc2's weight gradient
+ * reads, first. Without activation dropout the activation's backward is
+ * fc2's input-gradient epilogue (DACT), so no pass runs over the slots
+ * past the counts. */
+static moe_status experts_backward_grouped(tlm *m, int i, const tlm_layer *ly, tlm_acts *a, void *dxo, int64_t C)
 {
     const moe_host *h = m->h;
-    const int64_t d = m->d, fe = m->fe;
-    const int Le = m->local_experts;
+    const int64_t d = m->d, fe = m->fe, R = m->a2a_world * C;
+    const int L = m->local_experts;
+    const int64_t G = m->E;
     const float gs = h->expert_grad_scale;
-    for (int l = 0; l < Le; l++) {
-        const tlm_expert *x = &ly->experts[l];
+    for (int l = 0; l < L; l++) {
         void *dyo = tlm_off(dxo, l * R * d, m->dt);
         const void *dy;
-        MOE_TRY(tlm_dropout_bwd(m, dyo, dyo, R * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid, &dy));
-        gp(m, 0)[l] = dy;
-        gp(m, 1)[l] = tlm_off(a->eact, l * R * fe, m->dt);
-        gp(m, 2)[l] = tlm_grad(m, x->fc2_w);
-        gp(m, 5)[l] = tlm_grad(m, x->fc2_b);
+        MOE_TRY(tlm_dropout_bwd(m, dyo, dyo, R * d, m->p_drop, i + 1, SITE_EXPERT_OUT, ly->experts[l].gid, &dy));
+        if (dy != dyo)
+            return h->error(h, MOE_ERR_INTERNAL, "%s: expected the expert output's dropout in place",
+                            MOE_ARCH_VARIANT);
     }
-    MOE_TRY(grouped(m, 1, 0, d, fe, R, gs, d, fe, 1.0f, fe, MOE_EPI_NONE, 0, 0, 1));
+    for (int64_t q = 0; q < G; q++) {
+        const tlm_expert *x = &ly->experts[q % L];
+        const int64_t r0 = group_row(m, q, C);
+        gp(m, 0)[q] = tlm_off(dxo, r0 * d, m->dt);
+        gp(m, 1)[q] = tlm_off(a->eact, r0 * fe, m->dt);
+        gp(m, 2)[q] = tlm_grad(m, x->fc2_w);
+        gp(m, 5)[q] = tlm_grad(m, x->fc2_b);
+    }
+    MOE_TRY(grouped_wgrad(m, d, fe, C, gs, d, fe));
     /* fc2's input gradient, through the activation in its epilogue when no
      * dropout sits between them */
     const int fuse = m->p_act <= 0.0f;
-    for (int l = 0; l < Le; l++) {
-        gp(m, 1)[l] = tlm_param(m, ly->experts[l].fc2_w);
-        gp(m, 2)[l] = tlm_off(a->eact, l * R * fe, m->dt);
-        gp(m, 4)[l] = tlm_off(a->epre, l * R * fe, m->dt);
+    for (int64_t q = 0; q < G; q++) {
+        const int64_t r0 = group_row(m, q, C);
+        gp(m, 1)[q] = tlm_param(m, ly->experts[q % L].fc2_w);
+        gp(m, 2)[q] = tlm_off(a->eact, r0 * fe, m->dt);
+        gp(m, 4)[q] = tlm_off(a->epre, r0 * fe, m->dt);
     }
-    MOE_TRY(grouped(m, 0, 0, R, fe, d, 1.0f, d, fe, 0.0f, fe, fuse ? MOE_EPI_DACT : MOE_EPI_NONE, 0, fuse, 0));
-    for (int l = 0; l < Le; l++) {
-        const tlm_expert *x = &ly->experts[l];
+    MOE_TRY(grouped(m, 0, G, 0, 0, C, fe, d, 1.0f, d, fe, 0.0f, fe, fuse ? MOE_EPI_DACT : MOE_EPI_NONE, 0, fuse, 0));
+    for (int l = 0; l < L && !fuse; l++) {
         void *depre = tlm_off(a->eact, l * R * fe, m->dt);
-        if (!fuse) {
-            const void *dact;
-            MOE_TRY(tlm_dropout_bwd(m, depre, depre, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid, &dact));
-            MOE_TRY(h->ops->act_backward(h->ctx, depre, tlm_off(a->epre, l * R * fe, m->dt), dact, R * fe, m->dt,
-                                         m->act_kind));
-        }
-        gp(m, 0)[l] = depre;
-        gp(m, 1)[l] = tlm_off(a->xe, l * R * d, m->dt);
-        gp(m, 2)[l] = tlm_grad(m, x->fc1_w);
-        gp(m, 5)[l] = tlm_grad(m, x->fc1_b);
+        const void *dact;
+        MOE_TRY(tlm_dropout_bwd(m, depre, depre, R * fe, m->p_act, i + 1, SITE_EXPERT_ACT, ly->experts[l].gid,
+                                &dact));
+        MOE_TRY(h->ops->act_backward(h->ctx, depre, tlm_off(a->epre, l * R * fe, m->dt), dact, R * fe, m->dt,
+                                     m->act_kind));
     }
-    MOE_TRY(grouped(m, 1, 0, fe, d, R, gs, fe, d, 1.0f, d, MOE_EPI_NONE, 0, 0, 1));
-    for (int l = 0; l < Le; l++) {
-        gp(m, 1)[l] = tlm_param(m, ly->experts[l].fc1_w);
-        gp(m, 2)[l] = tlm_off(m->d_e, l * R * d, m->dt);
+    for (int64_t q = 0; q < G; q++) {
+        const tlm_expert *x = &ly->experts[q % L];
+        const int64_t r0 = group_row(m, q, C);
+        gp(m, 0)[q] = tlm_off(a->eact, r0 * fe, m->dt);
+        gp(m, 1)[q] = tlm_off(a->xe, r0 * d, m->dt);
+        gp(m, 2)[q] = tlm_grad(m, x->fc1_w);
+        gp(m, 5)[q] = tlm_grad(m, x->fc1_b);
     }
-    return grouped(m, 0, 0, R, d, fe, 1.0f, fe, d, 0.0f, d, MOE_EPI_NONE, 0, 0, 0);
+    MOE_TRY(grouped_wgrad(m, fe, d, C, gs, fe, d));
+    for (int64_t q = 0; q < G; q++) {
+        const int64_t r0 = group_row(m, q, C);
+        gp(m, 1)[q] = tlm_param(m, ly->experts[q % L].fc1_w);
+        gp(m, 2)[q] = tlm_off(m->d_e, r0 * d, m->dt);
+    }
+    return grouped(m, 0, G, 0, 0, C, d, fe, 1.0f, fe, d, 0.0f, d, MOE_EPI_NONE, 0, 0, 0);
 }
 
 /* y (N,d) = MoE(h2): gate, dispatch, all-to-all, local experts, all-to-all, combine */
@@ -510,7 +568,7 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
     void *eout = W > 1 ? m->eout : a->eback;
     MOE_TRY(expert_rows(m, ly, a, r));
     if (rows_on_device(m, r))
-        MOE_TRY(experts_forward_grouped(m, i, ly, a, eout, R));
+        MOE_TRY(experts_forward_grouped(m, i, ly, a, eout, C));
     for (int l = 0; l < m->local_experts && !rows_on_device(m, r); l++) {
         const tlm_expert *x = &ly->experts[l];
         const int64_t Rl = ly->rows[l];
@@ -585,7 +643,7 @@ moe_status tlm_moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
     }
     if (rows_on_device(m, r)) {
         MOE_TRY(expert_rows(m, ly, a, r)); /* the counts' buffer is shared by the layers */
-        MOE_TRY(experts_backward_grouped(m, i, ly, a, dxo, R));
+        MOE_TRY(experts_backward_grouped(m, i, ly, a, dxo, C));
     }
     for (int l = 0; l < m->local_experts && !rows_on_device(m, r); l++) {
         const tlm_expert *x = &ly->experts[l];
