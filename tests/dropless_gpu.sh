@@ -6,7 +6,8 @@
 # kernel) tightly and in bf16 (its tensor-core kernel) to bf16's rounding.
 # Then expert parallel in fp32: 2 NCCL ranks of 4 experts each (the counts
 # exchanged by an all-to-all on the GPU) against one rank with the same
-# global batch, to the logged precision. On one GPU both ranks share it (own NCCL_HOSTID each, as in
+# global batch, to the logged precision (no dropout: its draws follow the
+# micro-batch a rank runs, which differs between the two). On one GPU both ranks share it (own NCCL_HOSTID each, as in
 # dist_gpu.sh).
 # usage: dropless_gpu.sh <moelm-train>
 set -u
@@ -17,7 +18,8 @@ args="--task dummy_lm --tokens-per-sample 64 --dict-size 496 --arch transformer_
   --share-decoder-input-output-embed --decoder-layers 2 --decoder-embed-dim 64 --decoder-ffn-embed-dim 128
   --decoder-attention-heads 4 --moe-expert-count 8 --moe-freq 2 --moe-second-expert-policy all
   --criterion moe_cross_entropy --moe-gate-loss-wt 0.01 --optimizer adam --lr 0.003 --clip-norm 0.0
-  --batch-size 4 --disable-validation --log-format json --log-interval 1 --max-update 8 --no-save --moe-dropless"
+  --batch-size 4 --disable-validation --log-format json --log-interval 1 --max-update 8 --no-save --moe-dropless
+  --dropout 0 --attention-dropout 0"
 losses() { grep '| train_inner |' "$1" | grep -o '"loss": "[0-9.]*"' | grep -o '[0-9.]*' | tr '\n' ' '; }
 compare() { # <losses a> <losses b> <tolerance>
   python3 - "$1" "$2" "$3" <<'PY'
