@@ -182,38 +182,46 @@ static __device__ __forceinline__ void cp_async16_or_zero(void *dst, const void 
                  "r"(pred ? 16 : 0));
 }
 
-/* Rows [r0, r0 + R) x columns [c0, c0 + 32 * 8 / R ... ) of a row-major
- * operand into a tile: TILE_ROWS rows of TILE_COLS elements (stride LD);
- * row r is valid below rlim, column chunks below clim. */
-template <int TILE_ROWS, int TILE_COLS, int LD, typename T>
-static __device__ __forceinline__ void gm_load(T *dst, const T *src, int64_t ld, int64_t r0, int64_t rlim,
-                                               int64_t c0, int64_t clim)
-{
-    constexpr int CH = TILE_COLS / 8, N = TILE_ROWS * CH;
-    static_assert(N % GM_THREADS == 0, "tile copies split evenly over the block");
-#pragma unroll
-    for (int e = threadIdx.x; e < N; e += GM_THREADS) {
-        const int r = e / CH, ch = (e % CH) * 8;
-        const bool ok = r0 + r < rlim && c0 + ch < clim;
-        cp_async16_or_zero(dst + r * LD + ch, ok ? src + (r0 + r) * ld + c0 + ch : src, ok);
-    }
-}
+/* This thread's copies of one operand's tiles: TILE_ROWS rows of TILE_COLS
+ * elements (stride LD) of a row-major operand, 16-byte chunks (r + i RSTEP,
+ * ch) for i < NI. ROWS_K: the tile's rows are k (they advance with the k
+ * step), else its columns are. The addresses and the validity of the fixed
+ * side are computed once; a k step adds an offset and compares once per
+ * chunk, so the copies cost little integer work next to the products. */
+template <int TILE_ROWS, int TILE_COLS, int LD, bool ROWS_K, typename T> struct gm_src {
+    static constexpr int CH = TILE_COLS / 8, RSTEP = GM_THREADS / CH, NI = TILE_ROWS / RSTEP;
+    static_assert(NI * RSTEP == TILE_ROWS && NI <= 32, "tile copies split evenly over the block");
+    const T *src, *base; /* the operand; this thread's first chunk at k = 0 */
+    int64_t ld;
+    int r, ch;
+    uint32_t fixed_ok; /* ROWS_K: the column chunk is inside; else bit i: row r + i RSTEP is */
 
-/* k step kt's A and B tiles into stage buffers As, Bs. A: [m][k] (TA 0) or
- * [k][m] (TA 1); B: [n][k] (TB 1) or [k][n] (TB 0). Mlim, Klim: valid rows. */
-template <int TA, int TB, typename T>
-static __device__ __forceinline__ void gm_stage(T *As, T *Bs, const gm_params &p, const T *a, const T *b, int64_t m0,
-                                                int64_t n0, int64_t k0, int64_t Mlim, int64_t Klim)
-{
-    if (TA == 0)
-        gm_load<GM_BM, GM_BK, GM_LDK>(As, a, p.lda, m0, Mlim, k0, Klim);
-    else
-        gm_load<GM_BK, GM_BM, GM_LDR>(As, a, p.lda, k0, Klim, m0, Mlim);
-    if (TB == 1)
-        gm_load<GM_BN, GM_BK, GM_LDK>(Bs, b, p.ldb, n0, p.n, k0, Klim);
-    else
-        gm_load<GM_BK, GM_BN, GM_LDR>(Bs, b, p.ldb, k0, Klim, n0, p.n);
-}
+    /* rows from r0 (below rlim), columns from c0 (below clim) */
+    __device__ __forceinline__ gm_src(const T *src_, int64_t ld_, int64_t r0, int64_t rlim, int64_t c0, int64_t clim)
+        : src(src_), ld(ld_), r(threadIdx.x / CH), ch((threadIdx.x % CH) * 8)
+    {
+        base = src + (r0 + r) * ld + c0 + ch;
+        fixed_ok = 0;
+        if (ROWS_K)
+            fixed_ok = c0 + ch < clim;
+        else
+#pragma unroll
+            for (int i = 0; i < NI; i++)
+                fixed_ok |= (uint32_t)(r0 + r + i * RSTEP < rlim) << i;
+    }
+
+    /* the tile of the k step at k0 into dst; krem = the valid k left from k0 */
+    __device__ __forceinline__ void load(T *dst, int64_t k0, int64_t krem) const
+    {
+        const T *at = base + (ROWS_K ? k0 * ld : k0);
+#pragma unroll
+        for (int i = 0; i < NI; i++) {
+            const int rr = r + i * RSTEP;
+            const bool ok = ROWS_K ? (fixed_ok && rr < krem) : (((fixed_ok >> i) & 1u) && ch < krem);
+            cp_async16_or_zero(dst + rr * LD + ch, ok ? at + (int64_t)i * RSTEP * ld : src, ok);
+        }
+    }
+};
 
 template <int TA, int TB, typename T>
 static __global__ void __launch_bounds__(GM_THREADS) gm_mma_kernel(gm_params p)
@@ -254,12 +262,18 @@ static __global__ void __launch_bounds__(GM_THREADS) gm_mma_kernel(gm_params p)
         for (int j = 0; j < 8; j++)
             acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
 
+    /* A: [m][k] (TA 0) or [k][m] (TA 1); B: [n][k] (TB 1) or [k][n] (TB 0) */
+    const gm_src<TA == 0 ? GM_BM : GM_BK, TA == 0 ? GM_BK : GM_BM, TA == 0 ? GM_LDK : GM_LDR, TA == 1, T> sa(
+        a, p.lda, TA == 0 ? m0 : 0, Mlim, TA == 0 ? 0 : m0, Mlim);
+    const gm_src<TB == 1 ? GM_BN : GM_BK, TB == 1 ? GM_BK : GM_BN, TB == 1 ? GM_LDK : GM_LDR, TB == 0, T> sb(
+        b, p.ldb, TB == 1 ? n0 : 0, p.n, TB == 1 ? 0 : n0, p.n);
     const int KT = (int)((Klim + GM_BK - 1) / GM_BK);
 #pragma unroll
     for (int s = 0; s < GM_STAGES - 1; s++) {
-        if (s < KT)
-            gm_stage<TA, TB>(smem + 2 * s * GM_TILE, smem + (2 * s + 1) * GM_TILE, p, a, b, m0, n0,
-                             (int64_t)s * GM_BK, Mlim, Klim);
+        if (s < KT) {
+            sa.load(smem + 2 * s * GM_TILE, (int64_t)s * GM_BK, Klim - (int64_t)s * GM_BK);
+            sb.load(smem + (2 * s + 1) * GM_TILE, (int64_t)s * GM_BK, Klim - (int64_t)s * GM_BK);
+        }
         cp_async_commit();
     }
     for (int kt = 0; kt < KT; kt++) {
@@ -268,8 +282,9 @@ static __global__ void __launch_bounds__(GM_THREADS) gm_mma_kernel(gm_params p)
         const int nk = kt + GM_STAGES - 1;
         if (nk < KT) {
             const int s = nk % GM_STAGES;
-            gm_stage<TA, TB>(smem + 2 * s * GM_TILE, smem + (2 * s + 1) * GM_TILE, p, a, b, m0, n0,
-                             (int64_t)nk * GM_BK, Mlim, Klim);
+            const int64_t k0 = (int64_t)nk * GM_BK;
+            sa.load(smem + 2 * s * GM_TILE, k0, Klim - k0);
+            sb.load(smem + (2 * s + 1) * GM_TILE, k0, Klim - k0);
         }
         cp_async_commit();
         const T *As = smem + 2 * (kt % GM_STAGES) * GM_TILE, *Bs = As + GM_TILE;
