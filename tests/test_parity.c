@@ -1331,6 +1331,87 @@ static void test_parity_grouped(void **state)
     for (size_t i = 0; i < sizeof big / sizeof big[0]; i++)
         run_grouped_case(&big[i]);
 
+    /* expert_rows and grouped_matmul recorded once into a graph, replayed
+     * after the routing changed: the counts are read on the device at replay
+     * time (what keeps a dropless step capturable), equal to the cpu run
+     * eagerly on each routing */
+    {
+        const int64_t Sg = 512, Cg = 160, n = 64, k = 48;
+        const int Wg = 2, Eg = 4;
+        const moe_dtype dt = MOE_BF16;
+        const size_t es = moe_dtype_size(dt), sa = (size_t)(Cg * k), sb = (size_t)(n * k), sc = (size_t)(Cg * n);
+        pbuf ex = pb_alloc((size_t)(Sg * Wg) * 4), sl = pb_alloc((size_t)(Sg * Wg) * 4), rb = pb_alloc((size_t)Eg * 4);
+        pbuf A = pb_rand(dt, (size_t)Eg * sa, -1.0f, 1.0f), B = pb_rand(dt, (size_t)Eg * sb, -1.0f, 1.0f);
+        pbuf bias = pb_rand(dt, (size_t)(Eg * n), -0.5f, 0.5f), C = pb_nan(dt, (size_t)Eg * sc);
+        const void *pa[2][4], *pbv[2][4], *pbias[2][4];
+        void *pc[2][4];
+        moe_grouped_matmul_args ga[2];
+        for (int side = 0; side < 2; side++) {
+            for (int e = 0; e < Eg; e++) {
+                pa[side][e] = (char *)(side ? A.g : A.c) + (size_t)e * sa * es;
+                pbv[side][e] = (char *)(side ? B.g : B.c) + (size_t)e * sb * es;
+                pbias[side][e] = (char *)(side ? bias.g : bias.c) + (size_t)(e * n) * es;
+                pc[side][e] = (char *)(side ? C.g : C.c) + (size_t)e * sc * es;
+            }
+            moe_grouped_matmul_args *a = &ga[side];
+            memset(a, 0, sizeof *a);
+            a->trans_b = 1;
+            a->groups = Eg;
+            a->rows = side ? rb.g : rb.c;
+            a->rows_total = Sg * Wg;
+            a->m = Cg;
+            a->n = n;
+            a->k = k;
+            a->alpha = 1.0f;
+            a->a = pa[side];
+            a->lda = k;
+            a->b = pbv[side];
+            a->ldb = k;
+            a->c = pc[side];
+            a->ldc = n;
+            a->dtype = dt;
+            a->epilogue = MOE_EPI_BIAS;
+            a->bias = pbias[side];
+        }
+        void *gr = NULL;
+        assert_int_equal(g_gpu.ops->graph_begin(g_gpu.ctx), MOE_OK);
+        moe_status s0 = g_gpu.ops->expert_rows(g_gpu.ctx, (int32_t *)rb.g, (const int32_t *)ex.g,
+                                               (const int32_t *)sl.g, Sg, Wg, Eg, Cg);
+        moe_status s1 = g_gpu.ops->grouped_matmul(g_gpu.ctx, &ga[1]);
+        assert_int_equal(g_gpu.ops->graph_end(g_gpu.ctx, &gr), MOE_OK);
+        check_ok("grouped products recorded", s0, s1);
+        int32_t *he = malloc((size_t)(Sg * Wg) * 4), *hs = malloc((size_t)(Sg * Wg) * 4);
+        assert_non_null(he);
+        assert_non_null(hs);
+        for (int rep = 0; rep < 2; rep++) {
+            const int64_t top = rep == 0 ? Cg / 5 : Cg; /* few rows filled, then up to the bound */
+            for (int64_t i = 0; i < Sg * Wg; i++) {
+                he[i] = (int32_t)moe_test_rng_int(&g_rng, -1, Eg);
+                hs[i] = (int32_t)moe_test_rng_int(&g_rng, -1, top);
+            }
+            pb_upload(&ex, he, (size_t)(Sg * Wg) * 4);
+            pb_upload(&sl, hs, (size_t)(Sg * Wg) * 4);
+            pb_poison(&C, dt, (size_t)Eg * sc);
+            moe_status c0 = g_cpu.ops->expert_rows(g_cpu.ctx, (int32_t *)rb.c, (const int32_t *)ex.c,
+                                                   (const int32_t *)sl.c, Sg, Wg, Eg, Cg);
+            moe_status c1 = g_cpu.ops->grouped_matmul(g_cpu.ctx, &ga[0]);
+            check_ok("grouped products eager (cpu)", c0, c1);
+            check_ok("grouped products replay", g_gpu.ops->graph_launch(g_gpu.ctx, gr), MOE_OK);
+            compare(rep == 0 ? "grouped_matmul graph replay, routing 1" : "grouped_matmul graph replay, routing 2",
+                    &C, dt, (size_t)Eg * sc, tol_of(dt));
+        }
+        g_gpu.ops->graph_destroy(g_gpu.ctx, gr);
+        free(he);
+        free(hs);
+        pb_free(&ex);
+        pb_free(&sl);
+        pb_free(&rb);
+        pb_free(&A);
+        pb_free(&B);
+        pb_free(&bias);
+        pb_free(&C);
+    }
+
     /* expert_rows: routing with dropped choices (-1) and slots past C */
     const int64_t S = 8192, C = 1200;
     const int W = 2, E = 16;
