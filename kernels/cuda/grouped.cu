@@ -6,15 +6,17 @@
  * grouped_matmul for fp16/bf16 with 16-byte aligned rows is a tensor-core
  * kernel: 128 x 128 output tiles, k steps of 64 through 3 stages of cp.async
  * copies (rows past a count or a bound are zero-filled), 4 warps of 64 x 64
- * (the warp tile that keeps ldmatrix traffic under shared memory's bandwidth),
+ * (a larger warp tile, less ldmatrix traffic per product), the epilogue
+ * (alpha, beta, bias, activation or its derivative) on the accumulators,
  * mma.sync m16n8k16 with fp32 accumulators (kernels/cuda/mma.cuh), operands
  * read from shared memory by ldmatrix, transposed by ldmatrix .trans where
  * an operand is stored the other way. Block to tile:
  *  - trans_a == 0 (rows vary in m: expert forward, input gradients): block
  *    (x, y) is n tile x of the y-th m tile of the groups' concatenated
- *    tiles (n fastest, so the blocks in flight share their A rows); it walks the groups' tile counts ceil(min(rows[g], m) / 128) to
- *    find its group. The grid holds the host's bound on the tiles
- *    (ceil(rows_total / 128) + groups), blocks past the last tile return.
+ *    tiles (n fastest, so the blocks in flight share their A rows); it
+ *    walks the groups' tile counts ceil(min(rows[g], m) / 128) to find its
+ *    group. The grid holds the host's bound on the tiles (ceil(rows_total /
+ *    128) + groups), blocks past the last tile return.
  *  - trans_a == 1 (rows vary in k: weight gradients): block (x, y, g) owns
  *    one output tile of group g and sums over its rows.
  * Everything else (fp32, odd sizes, unaligned operands) takes a plain kernel,
