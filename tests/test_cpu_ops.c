@@ -552,6 +552,147 @@ static void test_cpu_ops_matmul_reference(void **state)
     assert_true(check_matmul(0, 0, 3, 4, 0, 1, MOE_F32, MOE_EPI_BIAS, 1.0f, 2.0f, 1e-6));
 }
 
+/* grouped_matmul and expert_rows (the dropless experts' products): each
+ * group against a double reference over its counted rows, the rows past a
+ * count untouched (NaN stays NaN), counts past the bound cut to it. */
+static double dact_ref(double x, moe_act_kind kind)
+{
+    if (kind == MOE_ACT_RELU)
+        return x > 0.0 ? 1.0 : 0.0;
+    const double h = 1e-5;
+    return (gelu_ref(x + h, kind) - gelu_ref(x - h, kind)) / (2.0 * h);
+}
+
+static void check_grouped(int ta, moe_epilogue epi, moe_act_kind act, int with_dbias)
+{
+    enum { G = 4 };
+    const int64_t m = 7, n = 5, k = 6, V = ta ? k : m;
+    const int32_t rows[G] = {0, 3, (int32_t)V + 2, 5};
+    const int tb = ta ? 0 : 1; /* NT forward / TN weight gradient; NN below */
+    const int tbv = epi == MOE_EPI_DACT ? 0 : tb;
+    float *A[G], *B[G], *C[G], *C0[G], *bias[G], *aux[G], *db[G], *db0[G];
+    moe_test_rng rng = moe_test_rng_make(11);
+    for (int g = 0; g < G; g++) {
+        A[g] = fbuf(m * k);
+        B[g] = fbuf(k * n);
+        C[g] = fbuf(m * n);
+        C0[g] = fbuf(m * n);
+        bias[g] = fbuf(n);
+        aux[g] = fbuf(m * n);
+        db[g] = fbuf(m);
+        db0[g] = fbuf(m);
+        moe_test_fill_uniform(&rng, A[g], m * k, -1.0f, 1.0f);
+        moe_test_fill_uniform(&rng, B[g], k * n, -1.0f, 1.0f);
+        moe_test_fill_uniform(&rng, bias[g], n, -0.5f, 0.5f);
+        moe_test_fill_uniform(&rng, db[g], m, -0.5f, 0.5f);
+        memcpy(db0[g], db[g], (size_t)m * sizeof(float));
+        for (int64_t i = 0; i < m * n; i++) {
+            C[g][i] = epi == MOE_EPI_NONE && ta ? (float)moe_test_rng_uniform(&rng) : NAN;
+            aux[g][i] = epi == MOE_EPI_DACT ? (float)(4.0 * moe_test_rng_uniform(&rng) - 2.0) : NAN;
+        }
+        memcpy(C0[g], C[g], (size_t)(m * n) * sizeof(float));
+    }
+    moe_grouped_matmul_args a;
+    memset(&a, 0, sizeof a);
+    a.trans_a = ta;
+    a.trans_b = tbv;
+    a.groups = G;
+    a.rows = rows;
+    a.m = m;
+    a.n = n;
+    a.k = k;
+    a.alpha = ta ? 0.5f : 1.0f;
+    a.beta = ta ? 1.0f : 0.0f;
+    a.a = (const void *const *)A;
+    a.lda = ta ? m : k;
+    a.b = (const void *const *)B;
+    a.ldb = tbv ? k : n;
+    a.c = (void *const *)C;
+    a.ldc = n;
+    a.dtype = MOE_F32;
+    a.epilogue = epi;
+    a.bias = epi == MOE_EPI_BIAS || epi == MOE_EPI_BIAS_ACT ? (const void *const *)bias : NULL;
+    a.aux = epi == MOE_EPI_BIAS_ACT || epi == MOE_EPI_DACT ? (void *const *)aux : NULL;
+    a.act = act;
+    a.dbias = with_dbias ? (void *const *)db : NULL;
+    assert_int_equal(moe_cpu_grouped_matmul(g_ctx, &a), MOE_OK);
+    for (int g = 0; g < G; g++) {
+        const int64_t r = rows[g] < V ? rows[g] : V;
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < n; j++) {
+                const float got = C[g][i * n + j];
+                if (!ta && i >= r) { /* not written */
+                    assert_true(isnan(got));
+                    continue;
+                }
+                double sum = 0.0;
+                for (int64_t q = 0; q < (ta ? r : k); q++) {
+                    const double av = ta ? A[g][q * m + i] : A[g][i * k + q];
+                    const double bv = tbv ? B[g][j * k + q] : B[g][q * n + j];
+                    sum += av * bv;
+                }
+                double want = a.alpha * sum + (ta ? (double)C0[g][i * n + j] : 0.0);
+                if (epi == MOE_EPI_DACT)
+                    want *= dact_ref(aux[g][i * n + j], act);
+                if (epi == MOE_EPI_BIAS || epi == MOE_EPI_BIAS_ACT)
+                    want += bias[g][j];
+                if (epi == MOE_EPI_BIAS_ACT) {
+                    if (fabs(aux[g][i * n + j] - want) > 1e-5 * (1.0 + fabs(want)))
+                        fail_msg("group %d (%lld, %lld): pre %g, expected %g", g, (long long)i, (long long)j,
+                                 (double)aux[g][i * n + j], want);
+                    want = act_ref(want, act);
+                }
+                if (fabs(got - want) > 1e-5 * (1.0 + fabs(want)))
+                    fail_msg("group %d (%lld, %lld) of %lld rows: %g, expected %g", g, (long long)i, (long long)j,
+                             (long long)r, (double)got, want);
+            }
+        for (int64_t i = 0; with_dbias && i < m; i++) {
+            double sum = 0.0;
+            for (int64_t q = 0; q < r; q++)
+                sum += A[g][q * m + i];
+            assert_true(fabs(db[g][i] - (db0[g][i] + 0.5 * sum)) < 1e-5);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        free(A[g]);
+        free(B[g]);
+        free(C[g]);
+        free(C0[g]);
+        free(bias[g]);
+        free(aux[g]);
+        free(db[g]);
+        free(db0[g]);
+    }
+}
+
+static void test_cpu_ops_grouped_matmul(void **state)
+{
+    (void)state;
+    check_grouped(0, MOE_EPI_BIAS_ACT, MOE_ACT_GELU_TANH, 0);
+    check_grouped(0, MOE_EPI_BIAS, MOE_ACT_GELU_TANH, 0);
+    check_grouped(0, MOE_EPI_DACT, MOE_ACT_GELU_ERF, 0);
+    check_grouped(0, MOE_EPI_DACT, MOE_ACT_RELU, 0);
+    check_grouped(1, MOE_EPI_NONE, MOE_ACT_GELU_TANH, 1);
+
+    /* refused: a bias gradient where k is not the counted side, DACT without its pre-activations */
+    moe_grouped_matmul_args a;
+    memset(&a, 0, sizeof a);
+    void *none[1] = {NULL};
+    a.dbias = none;
+    assert_int_equal(moe_cpu_grouped_matmul(g_ctx, &a), MOE_ERR_INVALID_ARG);
+    a.dbias = NULL;
+    a.epilogue = MOE_EPI_DACT;
+    assert_int_equal(moe_cpu_grouped_matmul(g_ctx, &a), MOE_ERR_INVALID_ARG);
+
+    /* expert_rows: 1 + the largest slot below C per expert; dropped choices (-1) and slots >= C ignored */
+    const int32_t expert[6] = {0, 2, -1, 2, 0, 1}, slot[6] = {0, 4, 3, 1, 7, -1};
+    int32_t got[3] = {-5, -5, -5};
+    assert_int_equal(moe_cpu_expert_rows(g_ctx, got, expert, slot, 3, 2, 3, 6), MOE_OK);
+    assert_int_equal(got[0], 1);
+    assert_int_equal(got[1], 0);
+    assert_int_equal(got[2], 5);
+}
+
 /* Backward of Y = op(A)op(B) + bias through the same matmul with other
  * transposes (what every layer's backward does), against differences of
  * L = sum(W * Y). */
@@ -1382,6 +1523,7 @@ int main(void)
         cmocka_unit_test(test_cpu_ops_matmul_reference),
         cmocka_unit_test(test_cpu_ops_matmul_backward_fd),
         cmocka_unit_test(test_cpu_ops_matmul_throughput),
+        cmocka_unit_test(test_cpu_ops_grouped_matmul),
         cmocka_unit_test(test_cpu_ops_gelu),
         cmocka_unit_test(test_cpu_ops_relu),
         cmocka_unit_test(test_cpu_ops_dropout),
