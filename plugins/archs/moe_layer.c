@@ -148,6 +148,8 @@ moe_status tlm_moe_setup(tlm *m, int64_t N)
         MOE_TRY(m->gate_ops->configure(m->layers[g].gate, N, train, &a));
         if (a.capacity > m->C)
             m->C = a.capacity;
+        if (train)
+            m->C_train = a.capacity;
         const int w = a.width > (a.k > 2 ? a.k : 2) ? a.width : (a.k > 2 ? a.k : 2);
         if (w > m->width)
             m->width = w;
@@ -182,6 +184,8 @@ moe_status tlm_combine_forward(const tlm *m, int W, void *y, const void *eout, c
     return h->ops->combine_forward(h->ctx, y, eout, expert, slot, weight, S, m->E, C, m->d, m->dt);
 }
 
+static int keep_expert_acts(const tlm *m);
+
 /* A MoE layer's activations for backward (one set per layer, or the shared
  * set with checkpointing). */
 moe_status tlm_moe_alloc_acts(tlm *m, tlm_acts *a)
@@ -197,7 +201,8 @@ moe_status tlm_moe_alloc_acts(tlm *m, tlm_acts *a)
     MOE_TRY(tlm_dev_alloc(m, (uint64_t)(wsb > 0 ? wsb : 0), "routing workspace", &a->route_ws));
     MOE_TRY(tlm_act_alloc(m, EC * d, "expert inputs", &a->xe));
     MOE_TRY(tlm_act_alloc(m, EC * m->fe, "expert pre-activations", &a->epre));
-    MOE_TRY(tlm_act_alloc(m, EC * m->fe, "expert activations", &a->eact));
+    if (keep_expert_acts(m))
+        MOE_TRY(tlm_act_alloc(m, EC * m->fe, "expert activations", &a->eact));
     MOE_TRY(tlm_act_alloc(m, EC * d, "expert outputs", &a->eback));
     return MOE_OK;
 }
@@ -236,17 +241,29 @@ static int rows_on_device(const tlm *m, const moe_route_args *r)
            (int64_t)m->E * r->capacity > 2 * m->N * (int64_t)route_width(r);
 }
 
+/* The experts' activations are kept per layer unless m->act_recompute and
+ * the grouped products can never run in training (they multiply every
+ * expert at once, so they need them all): then each expert's activation
+ * lives in the backward's scratch m->depre while its fc2 reads it, and the
+ * backward recomputes it there from the kept pre-activations. Without them
+ * (a->eact NULL) the grouped products are not used, in evaluation either. */
+static int keep_expert_acts(const tlm *m)
+{
+    return !m->act_recompute || (counted_layout(m) && m->h->ops->grouped_matmul != NULL &&
+                                 (int64_t)m->E * m->C_train > 2 * m->Nmax * (int64_t)m->width);
+}
+
 /* ly->rows: each expert's slots up to its last filled one on the host path,
  * else its whole W*C; on the device path m->rows_dev, then (W > 1)
  * m->rows_recv[w L + l]: how far rank w's chunk of local expert l is filled */
-static moe_status expert_rows(tlm *m, tlm_layer *ly, const tlm_acts *a, const moe_route_args *r)
+static moe_status expert_rows(tlm *m, tlm_layer *ly, const tlm_acts *a, const moe_route_args *r, int device)
 {
     const moe_host *h = m->h;
     const int64_t C = r->capacity;
     for (int l = 0; l < m->local_experts; l++)
         ly->rows[l] = (int64_t)m->a2a_world * C;
     const int host = rows_on_host(m);
-    if (!host && !rows_on_device(m, r))
+    if (!host && !device)
         return MOE_OK;
     MOE_TRY(h->ops->expert_rows(h->ctx, m->rows_dev, a->expert, a->slot, m->N, m->width, m->E, C));
     if (m->a2a_world > 1)
@@ -566,16 +583,17 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
             MOE_TRY(permute(m, a->xe, recv, C, 1));
     }
     void *eout = W > 1 ? m->eout : a->eback;
-    MOE_TRY(expert_rows(m, ly, a, r));
-    if (rows_on_device(m, r))
+    const int grouped = rows_on_device(m, r) && a->eact != NULL;
+    MOE_TRY(expert_rows(m, ly, a, r, grouped));
+    if (grouped)
         MOE_TRY(experts_forward_grouped(m, i, ly, a, eout, C));
-    for (int l = 0; l < m->local_experts && !rows_on_device(m, r); l++) {
+    for (int l = 0; l < m->local_experts && !grouped; l++) {
         const tlm_expert *x = &ly->experts[l];
         const int64_t Rl = ly->rows[l];
         if (Rl == 0)
             continue;
         void *xin = tlm_off(a->xe, l * R * d, m->dt), *pre = tlm_off(a->epre, l * R * fe, m->dt);
-        void *act = tlm_off(a->eact, l * R * fe, m->dt), *o = tlm_off(eout, l * R * d, m->dt);
+        void *act = a->eact ? tlm_off(a->eact, l * R * fe, m->dt) : m->depre, *o = tlm_off(eout, l * R * d, m->dt);
         MOE_TRY(tlm_mm(m, 0, 1, Rl, fe, d, 1.0f, xin, d, tlm_param(m, x->fc1_w), d, 0.0f, act, fe, m->dt, m->dt,
                    MOE_EPI_BIAS_ACT, tlm_param(m, x->fc1_b), pre));
         MOE_TRY(tlm_dropout_fwd(m, act, Rl * fe, m->p_act, i + 1, SITE_EXPERT_ACT, x->gid));
@@ -641,20 +659,23 @@ moe_status tlm_moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
             dxo = m->d_c;
         }
     }
-    if (rows_on_device(m, r)) {
-        MOE_TRY(expert_rows(m, ly, a, r)); /* the counts' buffer is shared by the layers */
+    const int grouped = rows_on_device(m, r) && a->eact != NULL;
+    if (grouped) {
+        MOE_TRY(expert_rows(m, ly, a, r, 1)); /* the counts' buffer is shared by the layers */
         MOE_TRY(experts_backward_grouped(m, i, ly, a, dxo, C));
     }
-    for (int l = 0; l < m->local_experts && !rows_on_device(m, r); l++) {
+    for (int l = 0; l < m->local_experts && !grouped; l++) {
         const tlm_expert *x = &ly->experts[l];
         const int64_t Rl = ly->rows[l]; /* as the forward set them */
         if (Rl == 0)
             continue;
         void *dyo = tlm_off(dxo, l * R * d, m->dt);
         const void *xin = tlm_off(a->xe, l * R * d, m->dt), *pre = tlm_off(a->epre, l * R * fe, m->dt);
-        const void *act = tlm_off(a->eact, l * R * fe, m->dt);
+        const void *act = a->eact ? tlm_off(a->eact, l * R * fe, m->dt) : m->depre;
         const void *dy;
         MOE_TRY(tlm_dropout_bwd(m, dyo, dyo, Rl * d, m->p_drop, i + 1, SITE_EXPERT_OUT, x->gid, &dy));
+        if (!a->eact) /* not kept: recomputed into the scratch fc2's input gradient then overwrites */
+            MOE_TRY(ops->act_forward(h->ctx, m->depre, pre, Rl * fe, m->dt, m->act_kind));
         MOE_TRY(tlm_mmp(m, 1, 0, d, fe, Rl, gs, dy, d, act, fe, 1.0f, tlm_grad(m, x->fc2_w), fe));
         MOE_TRY(expert_bias_backward(m, tlm_grad(m, x->fc2_b), dy, Rl, d));
         MOE_TRY(tlm_mmp(m, 0, 0, Rl, fe, d, 1.0f, dy, d, tlm_param(m, x->fc2_w), fe, 0.0f, m->depre, fe));

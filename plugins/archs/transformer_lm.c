@@ -634,7 +634,8 @@ static moe_status alloc_acts(tlm *m, tlm_acts *a, int dense, int moe, int64_t fm
     MOE_TRY(tlm_f32_alloc(m, N, "layer norm rstd", &a->rstd2));
     if (dense) {
         MOE_TRY(tlm_act_alloc(m, N * fmax, "FFN pre-activation", &a->pre));
-        MOE_TRY(tlm_act_alloc(m, N * fmax, "FFN activation", &a->act));
+        if (!m->act_recompute)
+            MOE_TRY(tlm_act_alloc(m, N * fmax, "FFN activation", &a->act));
     }
     if (moe)
         MOE_TRY(tlm_moe_alloc_acts(m, a));
@@ -700,6 +701,11 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
                         "lower --batch-size, --max-tokens or the FFN size",
                         MOE_ARCH_VARIANT, (long long)N);
 
+    /* Without activation dropout the FFN activation is act(pre) exactly as
+     * the backward can recompute it: one elementwise pass per FFN in
+     * backward instead of an (N, f) buffer per layer (with checkpointing the
+     * layers share one set anyway). */
+    m->act_recompute = m->p_act <= 0.0f && !m->ckpt;
     m->xs = calloc((size_t)m->L + 1, sizeof *m->xs);
     m->acts = calloc(m->ckpt ? 1u : (size_t)m->L, sizeof *m->acts);
     if (!m->xs || !m->acts)
@@ -749,14 +755,16 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
 static tlm_acts *acts_of(tlm *m, int i) { return &m->acts[m->ckpt ? 0 : i]; }
 
 /* out (N,d) = dropout(fc2(dropout(act(fc1(h2))))) of layer i's dense FFN or
- * shared expert f, keeping a->pre and a->act for backward */
+ * shared expert f, keeping a->pre (and a->act, unless m->act_recompute: the
+ * activation then lives in the backward's scratch m->dpre until fc2 read it) */
 static moe_status ffn_forward(tlm *m, int i, const tlm_ffn *x, tlm_acts *a, void *out)
 {
     const int64_t N = m->N, d = m->d, f = x->width;
-    MOE_TRY(tlm_mm(m, 0, 1, N, f, d, 1.0f, a->h2, d, tlm_param(m, x->fc1_w), d, 0.0f, a->act, f, m->dt, m->dt,
+    void *act = a->act ? a->act : m->dpre;
+    MOE_TRY(tlm_mm(m, 0, 1, N, f, d, 1.0f, a->h2, d, tlm_param(m, x->fc1_w), d, 0.0f, act, f, m->dt, m->dt,
                    MOE_EPI_BIAS_ACT, tlm_param(m, x->fc1_b), a->pre));
-    MOE_TRY(tlm_dropout_fwd(m, a->act, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0));
-    MOE_TRY(tlm_mm(m, 0, 1, N, d, f, 1.0f, a->act, f, tlm_param(m, x->fc2_w), f, 0.0f, out, d, m->dt, m->dt,
+    MOE_TRY(tlm_dropout_fwd(m, act, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0));
+    MOE_TRY(tlm_mm(m, 0, 1, N, d, f, 1.0f, act, f, tlm_param(m, x->fc2_w), f, 0.0f, out, d, m->dt, m->dt,
                    MOE_EPI_BIAS, tlm_param(m, x->fc2_b), NULL));
     return tlm_dropout_fwd(m, out, N * d, m->p_drop, i + 1, SITE_FFN_OUT, 0);
 }
@@ -770,7 +778,12 @@ static moe_status ffn_backward(tlm *m, int i, const tlm_ffn *x, tlm_acts *a, flo
     const int64_t N = m->N, d = m->d, f = x->width;
     const void *dy, *dact;
     MOE_TRY(tlm_dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, i + 1, SITE_FFN_OUT, 0, &dy));
-    MOE_TRY(tlm_mmp(m, 1, 0, d, f, N, 1.0f, dy, d, a->act, f, 1.0f, tlm_grad(m, x->fc2_w), f));
+    const void *act = a->act;
+    if (!act) { /* m->act_recompute: from the pre-activations, into the scratch fc2's input gradient overwrites */
+        MOE_TRY(ops->act_forward(h->ctx, m->dpre, a->pre, N * f, m->dt, m->act_kind));
+        act = m->dpre;
+    }
+    MOE_TRY(tlm_mmp(m, 1, 0, d, f, N, 1.0f, dy, d, act, f, 1.0f, tlm_grad(m, x->fc2_w), f));
     MOE_TRY(ops->bias_backward(h->ctx, tlm_grad(m, x->fc2_b), dy, N, d, m->dt));
     MOE_TRY(tlm_mmp(m, 0, 0, N, f, d, 1.0f, dy, d, tlm_param(m, x->fc2_w), f, 0.0f, m->dpre, f));
     MOE_TRY(tlm_dropout_bwd(m, m->dpre, m->dpre, N * f, m->p_act, i + 1, SITE_FFN_ACT, 0, &dact));

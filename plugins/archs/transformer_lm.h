@@ -93,7 +93,8 @@ typedef struct tlm_acts {
     void *xmid;               /* (N,d) residual stream after attention */
     void *h2;                 /* (N,d) final_layer_norm output */
     float *mean2, *rstd2;     /* (N) */
-    void *pre, *act;          /* (N,f) dense (or shared expert) fc1 pre-activation, activation after dropout */
+    void *pre, *act;          /* (N,f) dense (or shared expert) fc1 pre-activation, activation after dropout
+                               * (act NULL with m->act_recompute: m->dpre holds it) */
     /* MoE */
     moe_route_args route;     /* as the gate's forward left it */
     float *logits;            /* (N,E) fp32 */
@@ -102,7 +103,7 @@ typedef struct tlm_acts {
     float *weight;            /* (N,W) */
     void *route_ws;
     void *xe;                 /* (E*C,d) expert inputs, expert-major */
-    void *epre, *eact;        /* (E*C,fe) */
+    void *epre, *eact;        /* (E*C,fe); eact NULL when not kept (moe_layer.c: keep_expert_acts) */
     void *eback;              /* (E*C,d) expert outputs back in the global (dispatch) layout */
 } tlm_acts;
 
@@ -134,6 +135,10 @@ typedef struct tlm {
     /* buffers (setup) */
     int ready;
     int64_t Bmax, Tmax, Nmax, C;  /* C: capacity the MoE buffers hold */
+    int64_t C_train;          /* the capacity the gate asks for in training at Nmax tokens */
+    int act_recompute;        /* FFN activations are not kept: written to backward scratch in the forward,
+                               * recomputed from the kept pre-activations in backward (no activation
+                               * dropout, no checkpointing; setup) */
     int width;                /* W: choices per token the routing arrays hold (max(k, 2); E for expert choice) */
     moe_group *a2a_group;
     tlm_alloc allocs;
