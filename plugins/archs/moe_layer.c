@@ -199,7 +199,13 @@ moe_status tlm_moe_alloc_acts(tlm *m, tlm_acts *a)
     MOE_TRY(tlm_f32_alloc(m, (int64_t)NW, "routing weights", &a->weight));
     int64_t wsb = m->h->ops->route_workspace_bytes(N, m->E);
     MOE_TRY(tlm_dev_alloc(m, (uint64_t)(wsb > 0 ? wsb : 0), "routing workspace", &a->route_ws));
-    MOE_TRY(tlm_act_alloc(m, EC * d, "expert inputs", &a->xe));
+    if (m->ln_recompute && m->a2a_world == 1) { /* dispatched again in backward from the recomputed h2 */
+        if (!m->xes)
+            MOE_TRY(tlm_act_alloc(m, EC * d, "expert inputs", &m->xes));
+        a->xe = m->xes;
+    } else {
+        MOE_TRY(tlm_act_alloc(m, EC * d, "expert inputs", &a->xe));
+    }
     MOE_TRY(tlm_act_alloc(m, EC * m->fe, "expert pre-activations", &a->epre));
     if (keep_expert_acts(m))
         MOE_TRY(tlm_act_alloc(m, EC * m->fe, "expert activations", &a->eact));
@@ -642,6 +648,9 @@ moe_status tlm_moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
     const moe_route_args *r = &a->route;
     const int64_t C = r->capacity, R = (int64_t)W * C;
     const float gs = h->expert_grad_scale;
+
+    if (a->xe == m->xes) /* not kept: the same dispatch of the recomputed h2 (layer_backward) */
+        MOE_TRY(tlm_dispatch_forward(m, m->width, a->xe, a->h2, a->expert, a->slot, N, C));
 
     /* combine -> all-to-all -> expert-major */
     if (ops->combine_wide_backward)

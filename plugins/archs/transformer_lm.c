@@ -622,14 +622,20 @@ static void tlm_info(void *model, int64_t tokens_per_sample, moe_model_info *out
 static moe_status alloc_acts(tlm *m, tlm_acts *a, int dense, int moe, int64_t fmax)
 {
     const int64_t N = m->Nmax, d = m->d;
-    MOE_TRY(tlm_act_alloc(m, N * d, "attention layer norm output", &a->h1));
+    if (m->ln_recompute)
+        a->h1 = m->hs;
+    else
+        MOE_TRY(tlm_act_alloc(m, N * d, "attention layer norm output", &a->h1));
     MOE_TRY(tlm_f32_alloc(m, N, "layer norm mean", &a->mean1));
     MOE_TRY(tlm_f32_alloc(m, N, "layer norm rstd", &a->rstd1));
     MOE_TRY(tlm_act_alloc(m, N * 3 * d, "q, k, v projections", &a->qkv));
     MOE_TRY(tlm_act_alloc(m, N * d, "attention output", &a->att));
     MOE_TRY(tlm_f32_alloc(m, N * m->H, "attention log-sum-exp", &a->lse));
     MOE_TRY(tlm_act_alloc(m, N * d, "residual after attention", &a->xmid));
-    MOE_TRY(tlm_act_alloc(m, N * d, "FFN layer norm output", &a->h2));
+    if (m->ln_recompute)
+        a->h2 = m->hs;
+    else
+        MOE_TRY(tlm_act_alloc(m, N * d, "FFN layer norm output", &a->h2));
     MOE_TRY(tlm_f32_alloc(m, N, "layer norm mean", &a->mean2));
     MOE_TRY(tlm_f32_alloc(m, N, "layer norm rstd", &a->rstd2));
     if (dense) {
@@ -706,6 +712,12 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
      * backward instead of an (N, f) buffer per layer (with checkpointing the
      * layers share one set anyway). */
     m->act_recompute = m->p_act <= 0.0f && !m->ckpt;
+    /* Likewise the layer norm outputs: the backward recomputes each from the
+     * kept input (the same kernel on the same input: the same values, mean
+     * and rstd included) just before the products that read it. */
+    m->ln_recompute = !m->ckpt;
+    if (m->ln_recompute)
+        MOE_TRY(tlm_act_alloc(m, N * d, "layer norm output", &m->hs));
     m->xs = calloc((size_t)m->L + 1, sizeof *m->xs);
     m->acts = calloc(m->ckpt ? 1u : (size_t)m->L, sizeof *m->acts);
     if (!m->xs || !m->acts)
@@ -923,6 +935,9 @@ static moe_status layer_backward(tlm *m, int i, float dl_aux)
     const void *dy;
 
     /* FFN / MoE branch: d xmid = dres + LN2'(branch'(dres)) */
+    if (m->ln_recompute)
+        MOE_TRY(ops->layernorm_forward(h->ctx, a->h2, a->mean2, a->rstd2, a->xmid, tlm_param(m, ly->ln2_w),
+                                       tlm_param(m, ly->ln2_b), N, d, TLM_LN_EPS, m->dt));
     if (ly->moe) {
         MOE_TRY(tlm_moe_backward(m, i, a, dl_aux));
         if (ly->shared.width > 0)
@@ -945,6 +960,9 @@ static moe_status layer_backward(tlm *m, int i, float dl_aux)
                                     tlm_stream(i + 1, SITE_ATTN_PROBS, m->micro, 0), m->dt));
     /* dq is the gradient of the scaled q: the unscaled projection gets q_scale * dq */
     const float s = m->q_scale;
+    if (m->ln_recompute)
+        MOE_TRY(ops->layernorm_forward(h->ctx, a->h1, a->mean1, a->rstd1, m->xs[i], tlm_param(m, ly->ln1_w),
+                                       tlm_param(m, ly->ln1_b), N, d, TLM_LN_EPS, m->dt));
     MOE_TRY(tlm_mmp(m, 1, 0, 2 * d, d, N, 1.0f, m->dqkv, 3 * d, a->h1, d, 1.0f, tlm_grad(m, ly->wk), d));
     MOE_TRY(tlm_mmp(m, 1, 0, d, d, N, s, dq, 3 * d, a->h1, d, 1.0f, tlm_grad(m, ly->wq), d));
     MOE_TRY(tlm_mmp(m, 0, 0, 1, 2 * d, N, 1.0f, m->ones, N, m->dqkv, 3 * d, 1.0f, tlm_grad(m, ly->bk), 2 * d));

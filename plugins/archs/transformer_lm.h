@@ -136,6 +136,11 @@ typedef struct tlm {
     int ready;
     int64_t Bmax, Tmax, Nmax, C;  /* C: capacity the MoE buffers hold */
     int64_t C_train;          /* the capacity the gate asks for in training at Nmax tokens */
+    void *hs;                 /* (N,d) the layer norm outputs' one buffer when they are recomputed (ln_recompute) */
+    void *xes;                /* (E*C,d) the experts' inputs' one buffer when they are dispatched again in
+                               * backward (ln_recompute, one rank per all-to-all group) */
+    int ln_recompute;         /* the layer norm outputs (h1, h2) are not kept per layer: every layer writes them
+                               * to m->hs, the backward recomputes them there (no checkpointing; setup) */
     int act_recompute;        /* FFN activations are not kept: written to backward scratch in the forward,
                                * recomputed from the kept pre-activations in backward (no activation
                                * dropout, no checkpointing; setup) */
