@@ -48,6 +48,12 @@
  *       count are left unwritten and never read.
  *    The result is the same: an empty slot adds exact zeros to every
  *    gradient.
+ *  - Kept for backward per layer unless recomputed (transformer_lm.h,
+ *    ln_recompute and act_recompute): the experts' inputs are dispatched
+ *    again from the recomputed h2 on a rank that holds its tokens' experts
+ *    (a->xe is then the shared m->xes), and the activations (a->eact) are
+ *    recomputed per expert in m->depre unless the grouped products may run
+ *    (keep_expert_acts).
  */
 #include <stdio.h>
 #include <stdlib.h>
