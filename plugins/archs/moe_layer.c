@@ -401,7 +401,7 @@ static moe_status grouped(const tlm *m, int64_t q0, int64_t G, int ta, int tb, i
     g.trans_b = tb;
     g.groups = G;
     g.rows = (m->a2a_world > 1 ? m->rows_recv : m->rows_dev) + q0;
-    g.rows_total = m->a2a_world * m->N * m->width; /* each choice fills one slot at most */
+    g.rows_total = m->a2a_world * m->Nmax * m->width; /* each choice fills a slot at most, every rank */
     g.m = M;
     g.n = Nc;
     g.k = K;
