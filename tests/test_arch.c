@@ -730,13 +730,17 @@ static void test_arch_half_precision_tracks_fp32(void **state)
 }
 
 /* --checkpoint-activations recomputes every layer with the same masks and
- * routing noise: gradients (two micro-batches accumulated) are bit-identical */
-static void test_arch_checkpointing_bit_identical(void **state)
+ * routing noise: gradients (two micro-batches accumulated) are bit-identical.
+ * So are those of the run without it, which recomputes the layer norm
+ * outputs, the experts' inputs and, without activation dropout, the FFN and
+ * expert activations (fp32: act of the kept pre-activation is the forward's) */
+static void checkpointing_bit_identical(const char *act_dropout)
 {
-    (void)state;
-    const char *common = TINY "--share-decoder-input-output-embed --dropout 0.1 --attention-dropout 0.1 "
-                              "--activation-dropout 0.1 --decoder-layers 3";
-    char with[512];
+    char common[512], with[600];
+    snprintf(common, sizeof common,
+             TINY "--share-decoder-input-output-embed --dropout 0.1 --attention-dropout 0.1 "
+                  "--activation-dropout %s --decoder-layers 3",
+             act_dropout);
     snprintf(with, sizeof with, "%s --checkpoint-activations", common);
     float *g[2];
     int64_t n[2];
@@ -758,6 +762,13 @@ static void test_arch_checkpointing_bit_identical(void **state)
     assert_true(nz > n[0] / 2);
     free(g[0]);
     free(g[1]);
+}
+
+static void test_arch_checkpointing_bit_identical(void **state)
+{
+    (void)state;
+    checkpointing_bit_identical("0.1");
+    checkpointing_bit_identical("0");
 }
 
 /* host->expert_grad_scale (fairseq's 1/N hook, §2.9) multiplies the expert
