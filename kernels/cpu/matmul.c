@@ -192,24 +192,32 @@ moe_status moe_cpu_matmul(moe_ctx *c, const moe_matmul_desc *d)
     return MOE_OK;
 }
 
+/* dbias(C) += alpha * the column sums of the first N rows of dy (row stride
+ * ld), summed in double and rounded once */
+static moe_status add_column_sums(moe_ctx *c, const char *op, void *dbias, const void *dy, int64_t N, int64_t C,
+                                  int64_t ld, float alpha, moe_dtype dt)
+{
+    if (C == 0)
+        return MOE_OK;
+    double *sum = calloc((size_t)C, sizeof(double));
+    if (sum == NULL)
+        return CPU_ERROR(c, MOE_ERR_NOMEM, "cpu %s: out of host memory for %lld column sums", op, (long long)C);
+    for (int64_t r = 0; r < N; r++)
+        for (int64_t j = 0; j < C; j++)
+            sum[j] += (double)moe_cpu_load(dy, dt, r * ld + j);
+    for (int64_t j = 0; j < C; j++)
+        moe_cpu_store(dbias, dt, j, (float)((double)moe_cpu_load(dbias, dt, j) + (double)alpha * sum[j]));
+    free(sum);
+    return MOE_OK;
+}
+
 moe_status moe_cpu_bias_backward(moe_ctx *c, void *dbias, const void *dy, int64_t N, int64_t C, moe_dtype dt)
 {
     if (!is_float_dtype(dt) || N < 0 || C < 0)
         return CPU_ERROR(c, MOE_ERR_INVALID_ARG,
                          "cpu bias_backward: expected a f32/f16/bf16 dtype and N, C >= 0, found dtype %d, N %lld, C %lld",
                          (int)dt, (long long)N, (long long)C);
-    if (C == 0)
-        return MOE_OK;
-    double *sum = calloc((size_t)C, sizeof(double));
-    if (sum == NULL)
-        return CPU_ERROR(c, MOE_ERR_NOMEM, "cpu bias_backward: out of host memory for %lld column sums", (long long)C);
-    for (int64_t r = 0; r < N; r++)
-        for (int64_t j = 0; j < C; j++)
-            sum[j] += (double)moe_cpu_load(dy, dt, r * C + j);
-    for (int64_t j = 0; j < C; j++)
-        moe_cpu_store(dbias, dt, j, (float)((double)moe_cpu_load(dbias, dt, j) + sum[j]));
-    free(sum);
-    return MOE_OK;
+    return add_column_sums(c, "bias_backward", dbias, dy, N, C, C, 1.0f, dt);
 }
 
 /* grouped_matmul (ops.h): each group is one moe_cpu_matmul with its variable
@@ -253,24 +261,14 @@ moe_status moe_cpu_grouped_matmul(moe_ctx *c, const moe_grouped_matmul_args *g)
         d.aux = g->aux != NULL && !dact ? g->aux[i] : NULL;
         d.act = g->act;
         MOE_TRY(moe_cpu_matmul(c, &d));
-        for (int64_t row = 0; dact && row < d.m; row++) { /* the product rounded, then act_backward as its own op */
+        /* DACT: the product rounded, then act_backward as its own op */
+        for (int64_t row = 0; dact && row < d.m; row++) {
             void *cr = (char *)g->c[i] + (size_t)(row * g->ldc) * moe_dtype_size(g->dtype);
             const void *pre = (const char *)g->aux[i] + (size_t)(row * g->ldc) * moe_dtype_size(g->dtype);
             MOE_TRY(moe_cpu_act_backward(c, cr, pre, cr, g->n, g->dtype, g->act));
         }
-        if (g->dbias == NULL || g->m == 0)
-            continue;
-        double *sum = calloc((size_t)g->m, sizeof(double));
-        if (sum == NULL)
-            return CPU_ERROR(c, MOE_ERR_NOMEM, "cpu grouped_matmul: out of host memory for %lld column sums",
-                             (long long)g->m);
-        for (int64_t p = 0; p < d.k; p++)
-            for (int64_t j = 0; j < g->m; j++)
-                sum[j] += (double)moe_cpu_load(d.a, g->dtype, p * g->lda + j);
-        for (int64_t j = 0; j < g->m; j++)
-            moe_cpu_store(g->dbias[i], g->dtype, j,
-                          (float)((double)moe_cpu_load(g->dbias[i], g->dtype, j) + (double)g->alpha * sum[j]));
-        free(sum);
+        if (g->dbias != NULL)
+            MOE_TRY(add_column_sums(c, "grouped_matmul", g->dbias[i], d.a, d.k, g->m, g->lda, g->alpha, g->dtype));
     }
     return MOE_OK;
 }
