@@ -98,27 +98,37 @@ static __device__ __forceinline__ int64_t gm_rows(const gm_params &p, int64_t g,
     return r < 0 ? 0 : r > bound ? bound : r;
 }
 
-/* C(r, j) of group g from the fp32 product acc: alpha, beta, the epilogue */
+/* The epilogue of one element from its fp32 product acc, given the bias at
+ * its column (0 without one) and what it reads at its place (C with beta,
+ * the pre-activation with DACT): alpha, beta, the bias, then the activation
+ * or its derivative; *pre gets the pre-activation BIAS_ACT keeps in aux. */
+static __device__ __forceinline__ float gm_epilogue(const gm_params &p, float acc, float bias, float in, float *pre)
+{
+    const float v = p.alpha * acc;
+    if (p.epi == MOE_EPI_DACT)
+        return moe_cuda_act_backward_one(v, in, (moe_act_kind)p.act);
+    *pre = p.beta != 0.0f ? v + p.beta * in : v;
+    if (p.epi == MOE_EPI_BIAS || p.epi == MOE_EPI_BIAS_ACT)
+        *pre += bias;
+    return p.epi == MOE_EPI_BIAS_ACT ? moe_cuda_act(*pre, (moe_act_kind)p.act) : *pre;
+}
+
+/* C(r, j) of group g (and aux with BIAS_ACT) from the fp32 product acc */
 template <typename T>
 static __device__ __forceinline__ void gm_store(const gm_params &p, int64_t g, int64_t r, int64_t j, float acc)
 {
     T *c = (T *)p.c[g];
-    float v = p.alpha * acc;
-    if (p.beta != 0.0f)
-        v += p.beta * moe_cuda_f32(c[r * p.ldc + j]);
-    if (p.epi == MOE_EPI_DACT) {
-        c[r * p.ldc + j] = moe_cuda_from_f32<T>(
-            moe_cuda_act_backward_one(v, moe_cuda_f32(((const T *)p.aux[g])[r * p.ldc + j]), (moe_act_kind)p.act));
-        return;
-    }
-    if (p.epi != MOE_EPI_NONE)
-        v += moe_cuda_f32(((const T *)p.bias[g])[j]);
-    if (p.epi == MOE_EPI_BIAS_ACT) {
-        if (p.aux[g])
-            ((T *)p.aux[g])[r * p.ldc + j] = moe_cuda_from_f32<T>(v);
-        v = moe_cuda_act(v, (moe_act_kind)p.act);
-    }
-    c[r * p.ldc + j] = moe_cuda_from_f32<T>(v);
+    const int64_t at = r * p.ldc + j;
+    const float bias =
+        p.epi == MOE_EPI_BIAS || p.epi == MOE_EPI_BIAS_ACT ? moe_cuda_f32(((const T *)p.bias[g])[j]) : 0.0f;
+    const float in = p.epi == MOE_EPI_DACT ? moe_cuda_f32(((const T *)p.aux[g])[at])
+                     : p.beta != 0.0f      ? moe_cuda_f32(c[at])
+                                           : 0.0f;
+    float pre = 0.0f;
+    const float v = gm_epilogue(p, acc, bias, in, &pre);
+    if (p.epi == MOE_EPI_BIAS_ACT && p.aux[g])
+        ((T *)p.aux[g])[at] = moe_cuda_from_f32<T>(pre);
+    c[at] = moe_cuda_from_f32<T>(v);
 }
 
 /* gm_store of C(r, j) and C(r, j + 1) as one 4-byte store each (j even,
@@ -130,24 +140,10 @@ static __device__ __forceinline__ void gm_store2(const gm_params &p, int64_t g, 
                                                  float a1, const float bias[2], const float in[2])
 {
     const int64_t at = r * p.ldc + j;
-    float v0 = p.alpha * a0, v1 = p.alpha * a1;
-    if (p.epi == MOE_EPI_DACT) {
-        v0 = moe_cuda_act_backward_one(v0, in[0], (moe_act_kind)p.act);
-        v1 = moe_cuda_act_backward_one(v1, in[1], (moe_act_kind)p.act);
-    } else {
-        if (p.beta != 0.0f) {
-            v0 += p.beta * in[0];
-            v1 += p.beta * in[1];
-        }
-        v0 += bias[0];
-        v1 += bias[1];
-        if (p.epi == MOE_EPI_BIAS_ACT) {
-            if (p.aux[g])
-                *(uint32_t *)((T *)p.aux[g] + at) = pack2<T>(v0, v1);
-            v0 = moe_cuda_act(v0, (moe_act_kind)p.act);
-            v1 = moe_cuda_act(v1, (moe_act_kind)p.act);
-        }
-    }
+    float pre0 = 0.0f, pre1 = 0.0f;
+    const float v0 = gm_epilogue(p, a0, bias[0], in[0], &pre0), v1 = gm_epilogue(p, a1, bias[1], in[1], &pre1);
+    if (p.epi == MOE_EPI_BIAS_ACT && p.aux[g])
+        *(uint32_t *)((T *)p.aux[g] + at) = pack2<T>(pre0, pre1);
     *(uint32_t *)((T *)p.c[g] + at) = pack2<T>(v0, v1);
 }
 
