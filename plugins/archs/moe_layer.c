@@ -246,11 +246,19 @@ static int rows_on_host(const tlm *m)
 
 /* ... or counted on the device, through grouped_matmul, when the capacity is
  * more than twice the choices routed (the counts of other ranks' tokens
- * arrive by an all-to-all of E integers). */
-static int rows_on_device(const tlm *m, const moe_route_args *r)
+ * arrive by an all-to-all of E integers) and the experts' activations are
+ * kept (keep_expert_acts). */
+static int rows_on_device(const tlm *m, const tlm_acts *a, const moe_route_args *r)
 {
-    return !rows_on_host(m) && counted_layout(m) && m->h->ops->grouped_matmul != NULL &&
+    return !rows_on_host(m) && counted_layout(m) && m->h->ops->grouped_matmul != NULL && a->eact != NULL &&
            (int64_t)m->E * r->capacity > 2 * m->N * (int64_t)route_width(r);
+}
+
+/* MoE layer ly's counts as grouped_matmul reads them: rank w's chunk of
+ * local expert l at [w L + l] (W = 1: expert l's own count) */
+static const int32_t *layer_rows(const tlm *m, const tlm_layer *ly)
+{
+    return (m->a2a_world > 1 ? m->rows_recv : m->rows_dev) + (size_t)ly->moe_index * (size_t)m->E;
 }
 
 /* The experts' activations are kept per layer unless m->act_recompute and
@@ -266,23 +274,25 @@ static int keep_expert_acts(const tlm *m)
 }
 
 /* ly->rows: each expert's slots up to its last filled one on the host path,
- * else its whole W*C; on the device path m->rows_dev, then (W > 1)
- * m->rows_recv[w L + l]: how far rank w's chunk of local expert l is filled */
-static moe_status expert_rows(tlm *m, tlm_layer *ly, const tlm_acts *a, const moe_route_args *r, int device)
+ * else its whole W*C; on the device path layer_rows(m, ly), kept from the
+ * forward for the backward */
+static moe_status expert_rows(tlm *m, tlm_layer *ly, const tlm_acts *a, const moe_route_args *r)
 {
     const moe_host *h = m->h;
     const int64_t C = r->capacity;
     for (int l = 0; l < m->local_experts; l++)
         ly->rows[l] = (int64_t)m->a2a_world * C;
     const int host = rows_on_host(m);
-    if (!host && !device)
+    if (!host && !rows_on_device(m, a, r))
         return MOE_OK;
-    MOE_TRY(h->ops->expert_rows(h->ctx, m->rows_dev, a->expert, a->slot, m->N, m->width, m->E, C));
+    int32_t *own = m->rows_dev + (size_t)ly->moe_index * (size_t)m->E;
+    MOE_TRY(h->ops->expert_rows(h->ctx, own, a->expert, a->slot, m->N, m->width, m->E, C));
     if (m->a2a_world > 1)
-        return h->comm_ops->all_to_all(h->comm, m->a2a_group, m->rows_recv, m->rows_dev, m->local_experts, MOE_I32);
+        return h->comm_ops->all_to_all(h->comm, m->a2a_group, (void *)layer_rows(m, ly), own, m->local_experts,
+                                       MOE_I32);
     if (!host)
         return MOE_OK;
-    MOE_TRY(h->backend->copy_to_host(h->ctx, m->rows_host, m->rows_dev, (uint64_t)m->E * sizeof *m->rows_host));
+    MOE_TRY(h->backend->copy_to_host(h->ctx, m->rows_host, own, (uint64_t)m->E * sizeof *m->rows_host));
     for (int l = 0; l < m->local_experts; l++)
         ly->rows[l] = m->rows_host[l];
     return MOE_OK;
@@ -321,10 +331,10 @@ moe_status tlm_moe_alloc_scratch(tlm *m)
     MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate logits gradient", &m->dlogits));
     MOE_TRY(tlm_act_alloc(m, d > m->fe ? d : m->fe, "expert bias gradient", &m->ebias));
     if (counted_layout(m)) {
-        MOE_TRY(tlm_dev_alloc(m, (uint64_t)m->E * sizeof *m->rows_dev, "filled expert rows", (void **)&m->rows_dev));
+        const uint64_t counts = (uint64_t)m->n_moe * (uint64_t)m->E;
+        MOE_TRY(tlm_dev_alloc(m, counts * sizeof *m->rows_dev, "filled expert rows", (void **)&m->rows_dev));
         if (W > 1)
-            MOE_TRY(tlm_dev_alloc(m, (uint64_t)m->E * sizeof *m->rows_recv, "received expert rows",
-                                  (void **)&m->rows_recv));
+            MOE_TRY(tlm_dev_alloc(m, counts * sizeof *m->rows_recv, "received expert rows", (void **)&m->rows_recv));
         m->rows_host = malloc((size_t)m->E * sizeof *m->rows_host);
         m->gptr = calloc(6 * (size_t)m->E, sizeof *m->gptr);
         if (!m->rows_host || !m->gptr)
@@ -391,7 +401,8 @@ static moe_status all_to_all(tlm *m, void *recv, const void *send, int64_t C, in
  * in m->gptr, filled per group; a product over groups [q0, q0 + G). */
 static const void **gp(const tlm *m, int j) { return (const void **)m->gptr + (size_t)j * (size_t)m->E; }
 
-static moe_status grouped(const tlm *m, int64_t q0, int64_t G, int ta, int tb, int64_t M, int64_t Nc, int64_t K,
+static moe_status grouped(const tlm *m, const tlm_layer *ly, int64_t q0, int64_t G, int ta, int tb, int64_t M,
+                          int64_t Nc, int64_t K,
                           float alpha, int64_t lda, int64_t ldb, float beta, int64_t ldc, moe_epilogue epi,
                           int with_bias, int with_aux, int with_dbias)
 {
@@ -400,7 +411,7 @@ static moe_status grouped(const tlm *m, int64_t q0, int64_t G, int ta, int tb, i
     g.trans_a = ta;
     g.trans_b = tb;
     g.groups = G;
-    g.rows = (m->a2a_world > 1 ? m->rows_recv : m->rows_dev) + q0;
+    g.rows = layer_rows(m, ly) + q0;
     g.rows_total = m->a2a_world * m->Nmax * m->width; /* each choice fills a slot at most, every rank */
     g.m = M;
     g.n = Nc;
@@ -446,7 +457,7 @@ static moe_status experts_forward_grouped(tlm *m, int i, const tlm_layer *ly, tl
         gp(m, 3)[q] = tlm_param(m, x->fc1_b);
         gp(m, 4)[q] = tlm_off(a->epre, r0 * fe, m->dt);
     }
-    MOE_TRY(grouped(m, 0, G, 0, 1, C, fe, d, 1.0f, d, d, 0.0f, fe, MOE_EPI_BIAS_ACT, 1, 1, 0));
+    MOE_TRY(grouped(m, ly, 0, G, 0, 1, C, fe, d, 1.0f, d, d, 0.0f, fe, MOE_EPI_BIAS_ACT, 1, 1, 0));
     for (int l = 0; l < L; l++)
         MOE_TRY(tlm_dropout_fwd(m, tlm_off(a->eact, l * R * fe, m->dt), R * fe, m->p_act, i + 1, SITE_EXPERT_ACT,
                                 ly->experts[l].gid));
@@ -458,7 +469,7 @@ static moe_status experts_forward_grouped(tlm *m, int i, const tlm_layer *ly, tl
         gp(m, 2)[q] = tlm_off(eout, r0 * d, m->dt);
         gp(m, 3)[q] = tlm_param(m, x->fc2_b);
     }
-    MOE_TRY(grouped(m, 0, G, 0, 1, C, d, fe, 1.0f, fe, fe, 0.0f, d, MOE_EPI_BIAS, 1, 0, 0));
+    MOE_TRY(grouped(m, ly, 0, G, 0, 1, C, d, fe, 1.0f, fe, fe, 0.0f, d, MOE_EPI_BIAS, 1, 0, 0));
     for (int l = 0; l < L; l++)
         MOE_TRY(tlm_dropout_fwd(m, tlm_off(eout, l * R * d, m->dt), R * d, m->p_drop, i + 1, SITE_EXPERT_OUT,
                                 ly->experts[l].gid));
@@ -468,11 +479,12 @@ static moe_status experts_forward_grouped(tlm *m, int i, const tlm_layer *ly, tl
 /* A weight gradient over groups: one product per source rank w, whose
  * groups (its chunks of the L experts) write distinct gradients, so the
  * chunks of one expert accumulate in turn */
-static moe_status grouped_wgrad(const tlm *m, int64_t M, int64_t Nc, int64_t C, float gs, int64_t lda, int64_t ldb)
+static moe_status grouped_wgrad(const tlm *m, const tlm_layer *ly, int64_t M, int64_t Nc, int64_t C, float gs,
+                                int64_t lda, int64_t ldb)
 {
     const int64_t L = m->local_experts;
     for (int64_t w = 0; w < m->a2a_world; w++)
-        MOE_TRY(grouped(m, w * L, L, 1, 0, M, Nc, C, gs, lda, ldb, 1.0f, Nc, MOE_EPI_NONE, 0, 0, 1));
+        MOE_TRY(grouped(m, ly, w * L, L, 1, 0, M, Nc, C, gs, lda, ldb, 1.0f, Nc, MOE_EPI_NONE, 0, 0, 1));
     return MOE_OK;
 }
 
@@ -505,7 +517,7 @@ static moe_status experts_backward_grouped(tlm *m, int i, const tlm_layer *ly, t
         gp(m, 2)[q] = tlm_grad(m, x->fc2_w);
         gp(m, 5)[q] = tlm_grad(m, x->fc2_b);
     }
-    MOE_TRY(grouped_wgrad(m, d, fe, C, gs, d, fe));
+    MOE_TRY(grouped_wgrad(m, ly, d, fe, C, gs, d, fe));
     /* fc2's input gradient, through the activation in its epilogue when no
      * dropout sits between them */
     const int fuse = m->p_act <= 0.0f;
@@ -515,7 +527,8 @@ static moe_status experts_backward_grouped(tlm *m, int i, const tlm_layer *ly, t
         gp(m, 2)[q] = tlm_off(a->eact, r0 * fe, m->dt);
         gp(m, 4)[q] = tlm_off(a->epre, r0 * fe, m->dt);
     }
-    MOE_TRY(grouped(m, 0, G, 0, 0, C, fe, d, 1.0f, d, fe, 0.0f, fe, fuse ? MOE_EPI_DACT : MOE_EPI_NONE, 0, fuse, 0));
+    MOE_TRY(grouped(m, ly, 0, G, 0, 0, C, fe, d, 1.0f, d, fe, 0.0f, fe, fuse ? MOE_EPI_DACT : MOE_EPI_NONE, 0, fuse,
+                    0));
     for (int l = 0; l < L && !fuse; l++) {
         void *depre = tlm_off(a->eact, l * R * fe, m->dt);
         const void *dact;
@@ -532,13 +545,13 @@ static moe_status experts_backward_grouped(tlm *m, int i, const tlm_layer *ly, t
         gp(m, 2)[q] = tlm_grad(m, x->fc1_w);
         gp(m, 5)[q] = tlm_grad(m, x->fc1_b);
     }
-    MOE_TRY(grouped_wgrad(m, fe, d, C, gs, fe, d));
+    MOE_TRY(grouped_wgrad(m, ly, fe, d, C, gs, fe, d));
     for (int64_t q = 0; q < G; q++) {
         const int64_t r0 = group_row(m, q, C);
         gp(m, 1)[q] = tlm_param(m, ly->experts[q % L].fc1_w);
         gp(m, 2)[q] = tlm_off(m->d_e, r0 * d, m->dt);
     }
-    return grouped(m, 0, G, 0, 0, C, d, fe, 1.0f, fe, d, 0.0f, d, MOE_EPI_NONE, 0, 0, 0);
+    return grouped(m, ly, 0, G, 0, 0, C, d, fe, 1.0f, fe, d, 0.0f, d, MOE_EPI_NONE, 0, 0, 0);
 }
 
 /* y (N,d) = MoE(h2): gate, dispatch, all-to-all, local experts, all-to-all, combine */
@@ -595,8 +608,8 @@ moe_status tlm_moe_forward(tlm *m, int i, tlm_acts *a, void *y)
             MOE_TRY(permute(m, a->xe, recv, C, 1));
     }
     void *eout = W > 1 ? m->eout : a->eback;
-    const int grouped = rows_on_device(m, r) && a->eact != NULL;
-    MOE_TRY(expert_rows(m, ly, a, r, grouped));
+    const int grouped = rows_on_device(m, a, r);
+    MOE_TRY(expert_rows(m, ly, a, r));
     if (grouped)
         MOE_TRY(experts_forward_grouped(m, i, ly, a, eout, C));
     for (int l = 0; l < m->local_experts && !grouped; l++) {
@@ -674,11 +687,9 @@ moe_status tlm_moe_backward(tlm *m, int i, tlm_acts *a, float dl_aux)
             dxo = m->d_c;
         }
     }
-    const int grouped = rows_on_device(m, r) && a->eact != NULL;
-    if (grouped) {
-        MOE_TRY(expert_rows(m, ly, a, r, 1)); /* the counts' buffer is shared by the layers */
+    const int grouped = rows_on_device(m, a, r); /* with the counts of the forward */
+    if (grouped)
         MOE_TRY(experts_backward_grouped(m, i, ly, a, dxo, C));
-    }
     for (int l = 0; l < m->local_experts && !grouped; l++) {
         const tlm_expert *x = &ly->experts[l];
         const int64_t Rl = ly->rows[l]; /* as the forward set them */

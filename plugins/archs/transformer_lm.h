@@ -163,8 +163,8 @@ typedef struct tlm {
     uint8_t *pad_dev;         /* (N) 1 = pad token */
     int32_t *tok_host;
     uint8_t *pad_host;
-    int32_t *rows_dev;        /* (E) filled slots per expert of this rank's routing (expert_rows op) */
-    int32_t *rows_recv;       /* (E) with W > 1: rank w's count for local expert l at [w L + l] */
+    int32_t *rows_dev;        /* (n_moe, E) filled slots per expert of this rank's routing (expert_rows op) */
+    int32_t *rows_recv;       /* (n_moe, E) with W > 1: rank w's count for local expert l at [w L + l] */
     int32_t *rows_host;       /* (E) host copy of rows_dev, on a backend that runs on the host */
     void **gptr;              /* (6 E) operand arrays of the grouped expert products */
     /* backward scratch */
