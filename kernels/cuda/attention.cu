@@ -315,26 +315,36 @@ static __global__ void attn_bwd_dq_simple_kernel(void *dq, int64_t ldd, const vo
 
 /* ========================================= tensor cores (mma.sync, FA2) */
 
-/* FlashAttention-2 layout: a block of 4 warps owns 64 rows (queries, or keys
- * in the dK/dV pass), 16 per warp; the other side streams through shared
- * memory in tiles of 64. Products are mma.sync.m16n8k16 with fp32
- * accumulators; operands come from shared memory through ldmatrix. The
- * accumulator fragment of two adjacent n8 tiles has the register layout of
- * an m16k16 A operand, so probabilities (and dS) go from one product into
- * the next without leaving registers, rounded once to the storage dtype.
+/* FlashAttention-2 layout: a block of 4 warps owns 64 * MT rows (queries,
+ * or keys in the dK/dV pass), 16 * MT per warp; the other side streams
+ * through shared memory in tiles of 64. Products are mma.sync.m16n8k16 with
+ * fp32 accumulators; operands come from shared memory through ldmatrix. A
+ * warp holds MT m16 tiles, so every B fragment it loads serves MT products:
+ * at head dimension 64 one m16 tile per warp needs about twice the shared
+ * memory bandwidth the tensor cores can be fed with (2 bytes of B per MAC
+ * and row), two are within it. The accumulator fragment of two adjacent n8
+ * tiles has the register layout of an m16k16 A operand, so probabilities
+ * (and dS) go from one product into the next without leaving registers,
+ * rounded once to the storage dtype.
  * Fragment layouts (PTX ISA, mma.m16n8k16): with g = lane/4, c = lane%4,
  * accumulator c0,c1 are (row g, cols 2c, 2c+1), c2,c3 (row g+8, same cols). */
 
 #define MMA_ROWS 64
 #define MMA_THREADS 128
 
+/* m16 tiles per warp of the query-row passes (forward, dQ): two where the
+ * registers allow it */
+template <int D> struct mma_mt { static constexpr int value = D <= 64 ? 2 : 1; };
+
 template <typename T, int D> struct mma_cfg {
     static constexpr int LD = D + 8; /* row stride in elements: ldmatrix rows hit distinct banks */
+    static constexpr int MT = mma_mt<D>::value;
     static constexpr size_t tile = (size_t)MMA_ROWS * LD * sizeof(T);
     /* the tiles a loop walks are double-buffered: the next one is copied
      * (cp.async) while the current one is used */
-    static constexpr size_t fwd_bytes = 5 * tile;
-    static constexpr size_t bwd_bytes = 6 * tile + 4 * MMA_ROWS * sizeof(float);
+    static constexpr size_t fwd_bytes = (MT + 4) * tile;     /* Q (MT tiles), K and V twice */
+    static constexpr size_t dq_bytes = (2 * MT + 4) * tile;  /* Q, dO (MT tiles each), K and V twice */
+    static constexpr size_t dkdv_bytes = 6 * tile + 4 * MMA_ROWS * sizeof(float);
 };
 
 /* rows r0..r0+63 of one head of a (B,T,H,D) tensor (row stride ld) into a
@@ -363,19 +373,21 @@ static __device__ __forceinline__ void mma_load_tile(T *dst, const T *src, int64
     }
 }
 
-/* mma_load_tile, but with vec the copies are issued (cp.async) and not
- * waited for: the caller commits them as a group and waits before use */
+/* mma_load_tile of `tiles` consecutive tiles (rows r0.. r0 + 64 tiles - 1),
+ * but with vec the copies are issued (cp.async) and not waited for: the
+ * caller commits them as a group and waits before use */
 template <typename T, int D>
 static __device__ __forceinline__ void mma_load_tile_async(T *dst, const T *src, int64_t ld, int64_t b, int64_t h,
-                                                           int64_t r0, int64_t T_, bool vec)
+                                                           int64_t r0, int64_t T_, bool vec, int tiles = 1)
 {
     constexpr int LD = mma_cfg<T, D>::LD;
     if (!vec) {
-        mma_load_tile<T, D>(dst, src, ld, b, h, r0, T_, vec);
+        for (int m = 0; m < tiles; m++)
+            mma_load_tile<T, D>(dst + m * MMA_ROWS * LD, src, ld, b, h, r0 + m * MMA_ROWS, T_, vec);
         return;
     }
     constexpr int CH = D / 8;
-    for (int e = threadIdx.x; e < MMA_ROWS * CH; e += blockDim.x) {
+    for (int e = threadIdx.x; e < tiles * MMA_ROWS * CH; e += blockDim.x) {
         const int r = e / CH, ch = e % CH;
         const int64_t t = r0 + r;
         T *d = dst + r * LD + ch * 8;
@@ -386,15 +398,15 @@ static __device__ __forceinline__ void mma_load_tile_async(T *dst, const T *src,
     }
 }
 
-/* Key tile kt of qt + 1 is in buffer kt & 1 of Kb and Vb (its copies were
+/* Key tile kt of last + 1 is in buffer kt & 1 of Kb and Vb (its copies were
  * committed as one group): starts the copies of tile kt + 1 into the other
  * buffer, then waits for tile kt's (and the block's barrier) */
 template <typename T, int D>
 static __device__ __forceinline__ void next_kv_tile(T *Kb, T *Vb, const T *k, const T *v, int64_t ld, int64_t b,
-                                                    int64_t h, int kt, int qt, int64_t T_, bool vec)
+                                                    int64_t h, int kt, int last, int64_t T_, bool vec)
 {
     constexpr int LD = mma_cfg<T, D>::LD;
-    if (kt < qt) {
+    if (kt < last) {
         const int64_t j1 = (int64_t)(kt + 1) * MMA_ROWS;
         mma_load_tile_async<T, D>(Kb + ((kt + 1) & 1) * MMA_ROWS * LD, k, ld, b, h, j1, T_, vec);
         mma_load_tile_async<T, D>(Vb + ((kt + 1) & 1) * MMA_ROWS * LD, v, ld, b, h, j1, T_, vec);
@@ -406,46 +418,60 @@ static __device__ __forceinline__ void next_kv_tile(T *Kb, T *Vb, const T *k, co
     __syncthreads();
 }
 
-/* acc[8][4] (16 rows x 64 cols) = A(16 x D rows r0 of ta) . B^T(64 rows of tb, [n][k]) */
-template <typename T, int D>
-static __device__ __forceinline__ void mma_abt(float acc[8][4], const T *ta, int r0, const T *tb)
+/* acc[MT][8][4] (16 MT rows x 64 cols) = A(16 MT x D, rows r0.. of ta) .
+ * B^T(64 rows of tb, [n][k]); each B fragment serves the MT row tiles */
+template <typename T, int D, int MT>
+static __device__ __forceinline__ void mma_abt(float acc[MT][8][4], const T *ta, int r0, const T *tb)
 {
     constexpr int LD = mma_cfg<T, D>::LD;
 #pragma unroll
-    for (int nt = 0; nt < 8; nt++)
-        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+            acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
-        uint32_t a[4];
-        frag_a<LD>(a, ta, r0, kk * 16);
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+            frag_a<LD>(a[mt], ta, r0 + 16 * mt, kk * 16);
 #pragma unroll
         for (int np = 0; np < 4; np++) {
             uint32_t b[4];
             frag_b_nk<LD>(b, tb, np * 16, kk * 16);
-            mma16816<T>(acc[2 * np], a, b[0], b[1]);
-            mma16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                mma16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+                mma16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+            }
         }
     }
 }
 
-/* out[D/8][4] (16 x D) += P(16 x 64, accumulator layout) . X(64 x D tile, [k][n]) */
-template <typename T, int D>
-static __device__ __forceinline__ void mma_px(float out[D / 8][4], const float p[8][4], const T *tx)
+/* out[MT][D/8][4] (16 MT x D) += P(16 MT x 64, accumulator layout) . X(64 x D tile, [k][n]) */
+template <typename T, int D, int MT>
+static __device__ __forceinline__ void mma_px(float out[MT][D / 8][4], const float p[MT][8][4], const T *tx)
 {
     constexpr int LD = mma_cfg<T, D>::LD;
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
-        uint32_t a[4];
-        a[0] = pack2<T>(p[2 * kk][0], p[2 * kk][1]);
-        a[1] = pack2<T>(p[2 * kk][2], p[2 * kk][3]);
-        a[2] = pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-        a[3] = pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            a[mt][0] = pack2<T>(p[mt][2 * kk][0], p[mt][2 * kk][1]);
+            a[mt][1] = pack2<T>(p[mt][2 * kk][2], p[mt][2 * kk][3]);
+            a[mt][2] = pack2<T>(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
+            a[mt][3] = pack2<T>(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+        }
 #pragma unroll
         for (int dp = 0; dp < D / 16; dp++) {
             uint32_t b[4];
             frag_b_kn<LD>(b, tx, kk * 16, dp * 16);
-            mma16816<T>(out[2 * dp], a, b[0], b[1]);
-            mma16816<T>(out[2 * dp + 1], a, b[2], b[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                mma16816<T>(out[mt][2 * dp], a[mt], b[0], b[1]);
+                mma16816<T>(out[mt][2 * dp + 1], a[mt], b[2], b[3]);
+            }
         }
     }
 }
@@ -467,120 +493,157 @@ static __device__ __forceinline__ void mma_store_rows(T *dst, int64_t ld, int64_
     }
 }
 
-template <typename T, int D>
+/* How a kernel draws the dropout mask, fixed at compile time so the variant
+ * without dropout carries none of the Philox code: none (p == 0), whole
+ * groups (T % 4 == 0: keep_rows / keep_cols), or score by score. */
+#define DROP_NONE 0
+#define DROP_GROUPS 1
+#define DROP_SCORES 2
+
+/* dropout factors (keep/(1-p), or 0) of a row-major tile's accumulator
+ * block nt: rows ia (elements 0, 1) and ib (2, 3), keys jt + 2cq, +1. Every
+ * lane of the warp must call this. */
+template <int DROP>
+static __device__ __forceinline__ void drop_rows(float z[4], float p, float scale, uint64_t seed, uint64_t stream,
+                                                 int64_t bh, int64_t T_, int64_t ia, int64_t ib, int64_t jt, int cq)
+{
+    if (DROP == DROP_GROUPS) {
+        const unsigned keep = keep_rows(p, seed, stream, bh, T_, ia, ib, jt, cq);
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            z[e] = (keep >> e) & 1u ? scale : 0.0f;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            z[e] = DROP == DROP_NONE ? 1.0f
+                                     : drop_factor(p, scale, seed, stream, bh, T_, e < 2 ? ia : ib,
+                                                   jt + 2 * cq + (e & 1));
+    }
+}
+
+/* -inf at the scores of row-major accumulators past the causal diagonal or T */
+static __device__ __forceinline__ void mask_rows(float s[8][4], int64_t ia, int64_t ib, int64_t j0, int64_t T_,
+                                                 int cq)
+{
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+        const int64_t j = j0 + nt * 8 + 2 * cq;
+        if (j > ia || j >= T_) s[nt][0] = -INFINITY;
+        if (j + 1 > ia || j + 1 >= T_) s[nt][1] = -INFINITY;
+        if (j > ib || j >= T_) s[nt][2] = -INFINITY;
+        if (j + 1 > ib || j + 1 >= T_) s[nt][3] = -INFINITY;
+    }
+}
+
+/* Forward: warp w owns queries w0 = i0 + 16 MT w .. +16 MT - 1 of the
+ * block's 64 MT; key tiles past the warp's last query are skipped. */
+template <typename T, int D, int DROP>
 static __global__ void __launch_bounds__(MMA_THREADS)
     attn_fwd_mma_kernel(T *out, float *lse, const T *q, const T *k, const T *v, int64_t ld, int64_t T_, int64_t H,
                         float p, float scale, uint64_t seed, uint64_t stream, bool vec)
 {
-    constexpr int LD = mma_cfg<T, D>::LD;
+    constexpr int LD = mma_cfg<T, D>::LD, MT = mma_cfg<T, D>::MT, BM = MT * MMA_ROWS;
     extern __shared__ __align__(128) unsigned char smem[];
-    T *Qs = (T *)smem, *Kb = Qs + MMA_ROWS * LD, *Vb = Kb + 2 * MMA_ROWS * LD;
+    T *Qs = (T *)smem, *Kb = Qs + BM * LD, *Vb = Kb + 2 * MMA_ROWS * LD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, cq = lane & 3;
     const int64_t bh = blockIdx.x, b = bh / H, h = bh % H;
     const int qt = (int)gridDim.y - 1 - (int)blockIdx.y; /* the longest rows (most key tiles) start first */
-    const int64_t i0 = (int64_t)qt * MMA_ROWS;
-    const int64_t ia = i0 + warp * 16 + g, ib = ia + 8;
+    const int64_t i0 = (int64_t)qt * BM, w0 = i0 + warp * 16 * MT;
+    const int last = (int)(((i0 + BM < T_ ? i0 + BM : T_) - 1) / MMA_ROWS);
 
-    mma_load_tile_async<T, D>(Qs, q, ld, b, h, i0, T_, vec);
+    mma_load_tile_async<T, D>(Qs, q, ld, b, h, i0, T_, vec, MT);
     mma_load_tile_async<T, D>(Kb, k, ld, b, h, 0, T_, vec);
     mma_load_tile_async<T, D>(Vb, v, ld, b, h, 0, T_, vec);
     cp_async_commit();
-    float o[D / 8][4];
+    float o[MT][D / 8][4];
+    float mx[MT][2], l[MT][2]; /* row maxima of rows g, g + 8 of each m16 tile; l: this thread's partial sums */
 #pragma unroll
-    for (int nt = 0; nt < D / 8; nt++)
-        o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
-    float ma = -INFINITY, mb = -INFINITY, la = 0.0f, lb = 0.0f; /* l: this thread's partial sums */
-    for (int kt = 0; kt <= qt; kt++) {
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int nt = 0; nt < D / 8; nt++)
+            o[mt][nt][0] = o[mt][nt][1] = o[mt][nt][2] = o[mt][nt][3] = 0.0f;
+        mx[mt][0] = mx[mt][1] = -INFINITY;
+        l[mt][0] = l[mt][1] = 0.0f;
+    }
+    for (int kt = 0; kt <= last; kt++) {
         const int64_t j0 = (int64_t)kt * MMA_ROWS;
         const T *Ks = Kb + (kt & 1) * MMA_ROWS * LD, *Vs = Vb + (kt & 1) * MMA_ROWS * LD;
-        next_kv_tile<T, D>(Kb, Vb, k, v, ld, b, h, kt, qt, T_, vec);
-        float s[8][4];
-        mma_abt<T, D>(s, Qs, warp * 16, Ks);
-        /* masks: the diagonal tile and the tile holding T; key j0 <= i is valid
-         * in every row, so each row max is finite */
-        if (kt == qt || j0 + MMA_ROWS > T_) {
+        next_kv_tile<T, D>(Kb, Vb, k, v, ld, b, h, kt, last, T_, vec);
+        if (j0 <= w0 + 16 * MT - 1) { /* warp-uniform: some row of the warp sees key j0 */
+            float s[MT][8][4];
+            mma_abt<T, D, MT>(s, Qs, warp * 16 * MT, Ks);
+            const bool edge = j0 + MMA_ROWS - 1 > w0 || j0 + MMA_ROWS > T_;
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                const int64_t j = j0 + nt * 8 + 2 * cq;
-                if (j > ia || j >= T_) s[nt][0] = -INFINITY;
-                if (j + 1 > ia || j + 1 >= T_) s[nt][1] = -INFINITY;
-                if (j > ib || j >= T_) s[nt][2] = -INFINITY;
-                if (j + 1 > ib || j + 1 >= T_) s[nt][3] = -INFINITY;
+            for (int mt = 0; mt < MT; mt++) {
+                const int64_t ia = w0 + 16 * mt + g, ib = ia + 8;
+                /* key 0 is valid in every row, so after the first tile each row max is finite */
+                if (edge)
+                    mask_rows(s[mt], ia, ib, j0, T_, cq);
+                float xa = -INFINITY, xb = -INFINITY;
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++) {
+                    xa = fmaxf(xa, fmaxf(s[mt][nt][0], s[mt][nt][1]));
+                    xb = fmaxf(xb, fmaxf(s[mt][nt][2], s[mt][nt][3]));
+                }
+                xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 1));
+                xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 2));
+                xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 1));
+                xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 2));
+                const float na = fmaxf(mx[mt][0], xa), nb = fmaxf(mx[mt][1], xb);
+                const float alpha_a = __expf(mx[mt][0] - na), alpha_b = __expf(mx[mt][1] - nb);
+                mx[mt][0] = na;
+                mx[mt][1] = nb;
+                float sa = 0.0f, sb = 0.0f;
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++) {
+                    s[mt][nt][0] = __expf(s[mt][nt][0] - na);
+                    s[mt][nt][1] = __expf(s[mt][nt][1] - na);
+                    s[mt][nt][2] = __expf(s[mt][nt][2] - nb);
+                    s[mt][nt][3] = __expf(s[mt][nt][3] - nb);
+                    sa += s[mt][nt][0] + s[mt][nt][1];
+                    sb += s[mt][nt][2] + s[mt][nt][3];
+                }
+                l[mt][0] = l[mt][0] * alpha_a + sa;
+                l[mt][1] = l[mt][1] * alpha_b + sb;
+#pragma unroll
+                for (int nt = 0; nt < D / 8; nt++) {
+                    o[mt][nt][0] *= alpha_a;
+                    o[mt][nt][1] *= alpha_a;
+                    o[mt][nt][2] *= alpha_b;
+                    o[mt][nt][3] *= alpha_b;
+                }
+                if (DROP != DROP_NONE) {
+#pragma unroll
+                    for (int nt = 0; nt < 8; nt++) {
+                        float z[4];
+                        drop_rows<DROP>(z, p, scale, seed, stream, bh, T_, ia, ib, j0 + nt * 8, cq);
+#pragma unroll
+                        for (int e = 0; e < 4; e++)
+                            s[mt][nt][e] *= z[e];
+                    }
+                }
             }
+            mma_px<T, D, MT>(o, s, Vs);
         }
-        float xa = -INFINITY, xb = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-            xa = fmaxf(xa, fmaxf(s[nt][0], s[nt][1]));
-            xb = fmaxf(xb, fmaxf(s[nt][2], s[nt][3]));
-        }
-        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 1));
-        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 2));
-        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 1));
-        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 2));
-        const float na = fmaxf(ma, xa), nb = fmaxf(mb, xb);
-        const float alpha_a = __expf(ma - na), alpha_b = __expf(mb - nb);
-        ma = na;
-        mb = nb;
-        float sa = 0.0f, sb = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-            s[nt][0] = __expf(s[nt][0] - na);
-            s[nt][1] = __expf(s[nt][1] - na);
-            s[nt][2] = __expf(s[nt][2] - nb);
-            s[nt][3] = __expf(s[nt][3] - nb);
-            sa += s[nt][0] + s[nt][1];
-            sb += s[nt][2] + s[nt][3];
-        }
-        la = la * alpha_a + sa;
-        lb = lb * alpha_b + sb;
-#pragma unroll
-        for (int nt = 0; nt < D / 8; nt++) {
-            o[nt][0] *= alpha_a;
-            o[nt][1] *= alpha_a;
-            o[nt][2] *= alpha_b;
-            o[nt][3] *= alpha_b;
-        }
-        if (p > 0.0f && (T_ & 3) == 0) {
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                const unsigned keep = keep_rows(p, seed, stream, bh, T_, ia, ib, j0 + nt * 8, cq);
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    s[nt][e] *= (keep >> e) & 1u ? scale : 0.0f;
-            }
-        } else if (p > 0.0f) {
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                const int64_t j = j0 + nt * 8 + 2 * cq;
-                s[nt][0] *= drop_factor(p, scale, seed, stream, bh, T_, ia, j);
-                s[nt][1] *= drop_factor(p, scale, seed, stream, bh, T_, ia, j + 1);
-                s[nt][2] *= drop_factor(p, scale, seed, stream, bh, T_, ib, j);
-                s[nt][3] *= drop_factor(p, scale, seed, stream, bh, T_, ib, j + 1);
-            }
-        }
-        mma_px<T, D>(o, s, Vs);
         __syncthreads(); /* this tile's buffers are refilled by the next iteration's copies */
     }
-    la += __shfl_xor_sync(0xffffffffu, la, 1);
-    la += __shfl_xor_sync(0xffffffffu, la, 2);
-    lb += __shfl_xor_sync(0xffffffffu, lb, 1);
-    lb += __shfl_xor_sync(0xffffffffu, lb, 2);
-    mma_store_rows<T, D>(out, H * D, b, h, i0 + warp * 16, T_, o, 1.0f / la, 1.0f / lb);
-    if (cq == 0) {
-        if (ia < T_)
-            lse[bh * T_ + ia] = ma + logf(la);
-        if (ib < T_)
-            lse[bh * T_ + ib] = mb + logf(lb);
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        float la = l[mt][0], lb = l[mt][1];
+        la += __shfl_xor_sync(0xffffffffu, la, 1);
+        la += __shfl_xor_sync(0xffffffffu, la, 2);
+        lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+        lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+        const int64_t ia = w0 + 16 * mt + g, ib = ia + 8;
+        mma_store_rows<T, D>(out, H * D, b, h, w0 + 16 * mt, T_, o[mt], 1.0f / la, 1.0f / lb);
+        if (cq == 0) {
+            if (ia < T_)
+                lse[bh * T_ + ia] = mx[mt][0] + logf(la);
+            if (ib < T_)
+                lse[bh * T_ + ib] = mx[mt][1] + logf(lb);
+        }
     }
 }
-
-/* How a backward kernel draws the dropout mask, fixed at compile time so
- * the variant without dropout carries none of the Philox code: none (p == 0),
- * whole groups (T % 4 == 0: keep_rows / keep_cols), or score by score. */
-#define DROP_NONE 0
-#define DROP_GROUPS 1
-#define DROP_SCORES 2
 
 /* Backward, dK and dV of one key tile: warp w owns keys 16w..16w+15 and keeps
  * their gradients in registers over every query tile at or after them. The
@@ -616,10 +679,11 @@ static __global__ void __launch_bounds__(MMA_THREADS)
     mma_load_tile_async<T, D>(Ks, k, ld, b, h, j0, T_, vec);
     mma_load_tile_async<T, D>(Vs, v, ld, b, h, j0, T_, vec);
     load_q(j0, 0);
-    float gk[D / 8][4], gv[D / 8][4];
+    float gk[1][D / 8][4], gv[1][D / 8][4];
 #pragma unroll
     for (int nt = 0; nt < D / 8; nt++)
-        gk[nt][0] = gk[nt][1] = gk[nt][2] = gk[nt][3] = gv[nt][0] = gv[nt][1] = gv[nt][2] = gv[nt][3] = 0.0f;
+        gk[0][nt][0] = gk[0][nt][1] = gk[0][nt][2] = gk[0][nt][3] = gv[0][nt][0] = gv[0][nt][1] = gv[0][nt][2] =
+            gv[0][nt][3] = 0.0f;
     int buf = 0;
     for (int64_t i0 = j0; i0 < T_; i0 += MMA_ROWS, buf ^= 1) {
         const T *Qs = Qb + buf * MMA_ROWS * LD, *dOs = dOb + buf * MMA_ROWS * LD;
@@ -631,9 +695,9 @@ static __global__ void __launch_bounds__(MMA_THREADS)
             cp_async_wait<0>();
         }
         __syncthreads();
-        float st[8][4], dp[8][4];
-        mma_abt<T, D>(st, Ks, warp * 16, Qs);
-        mma_abt<T, D>(dp, Vs, warp * 16, dOs);
+        float st[1][8][4], dp[1][8][4];
+        mma_abt<T, D, 1>(st, Ks, warp * 16, Qs);
+        mma_abt<T, D, 1>(dp, Vs, warp * 16, dOs);
         const bool edge = i0 == j0 || i0 + MMA_ROWS > T_;
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
@@ -646,78 +710,92 @@ static __global__ void __launch_bounds__(MMA_THREADS)
                 const int col = nt * 8 + 2 * cq + (e & 1);
                 const int64_t i = i0 + col, j = e < 2 ? ja : jb;
                 const bool valid = !edge || (i >= j && i < T_ && j < T_);
-                const float pr = valid ? __expf(st[nt][e] - ls[col]) : 0.0f;
+                const float pr = valid ? __expf(st[0][nt][e] - ls[col]) : 0.0f;
                 const float z = !valid                 ? 0.0f
                                 : DROP == DROP_NONE    ? 1.0f
                                 : DROP == DROP_GROUPS  ? ((keep >> e) & 1u ? scale : 0.0f)
                                                        : drop_factor(p, scale, seed, stream, bh, T_, i, j);
-                st[nt][e] = pr * z;                           /* Pd^T */
-                dp[nt][e] = pr * (z * dp[nt][e] - dls[col]);  /* dS^T */
+                st[0][nt][e] = pr * z;                              /* Pd^T */
+                dp[0][nt][e] = pr * (z * dp[0][nt][e] - dls[col]);  /* dS^T */
             }
         }
-        mma_px<T, D>(gv, st, dOs);
-        mma_px<T, D>(gk, dp, Qs);
+        mma_px<T, D, 1>(gv, st, dOs);
+        mma_px<T, D, 1>(gk, dp, Qs);
         __syncthreads(); /* this tile's buffers are refilled by the next iteration's copies */
     }
-    mma_store_rows<T, D>(dk, ldd, b, h, j0 + warp * 16, T_, gk, 1.0f, 1.0f);
-    mma_store_rows<T, D>(dv, ldd, b, h, j0 + warp * 16, T_, gv, 1.0f, 1.0f);
+    mma_store_rows<T, D>(dk, ldd, b, h, j0 + warp * 16, T_, gk[0], 1.0f, 1.0f);
+    mma_store_rows<T, D>(dv, ldd, b, h, j0 + warp * 16, T_, gv[0], 1.0f, 1.0f);
 }
 
-/* Backward, dQ of one query tile: warp w owns queries 16w..16w+15. */
+/* Backward, dQ of one query tile: warp w owns queries w0 = i0 + 16 MT w ..
+ * +16 MT - 1, as in the forward. */
 template <typename T, int D, int DROP>
 static __global__ void __launch_bounds__(MMA_THREADS)
     attn_bwd_dq_mma_kernel(T *dq, int64_t ldd, const T *dout, const float *lse, const float *delta, const T *q,
                            const T *k, const T *v, int64_t ld, int64_t T_, int64_t H, float p, float scale,
                            uint64_t seed, uint64_t stream, bool vec, bool vec_o)
 {
-    constexpr int LD = mma_cfg<T, D>::LD;
+    constexpr int LD = mma_cfg<T, D>::LD, MT = mma_cfg<T, D>::MT, BM = MT * MMA_ROWS;
     extern __shared__ __align__(128) unsigned char smem[];
-    T *Qs = (T *)smem, *dOs = Qs + MMA_ROWS * LD, *Kb = dOs + MMA_ROWS * LD, *Vb = Kb + 2 * MMA_ROWS * LD;
+    T *Qs = (T *)smem, *dOs = Qs + BM * LD, *Kb = dOs + BM * LD, *Vb = Kb + 2 * MMA_ROWS * LD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, cq = lane & 3;
     const int64_t bh = blockIdx.x, b = bh / H, h = bh % H, C = H * D;
     const int qt = (int)gridDim.y - 1 - (int)blockIdx.y; /* the longest rows (most key tiles) start first */
-    const int64_t i0 = (int64_t)qt * MMA_ROWS;
-    const int64_t ia = i0 + warp * 16 + g, ib = ia + 8;
-    const float lse_a = ia < T_ ? lse[bh * T_ + ia] : 0.0f, lse_b = ib < T_ ? lse[bh * T_ + ib] : 0.0f;
-    const float dl_a = ia < T_ ? delta[bh * T_ + ia] : 0.0f, dl_b = ib < T_ ? delta[bh * T_ + ib] : 0.0f;
+    const int64_t i0 = (int64_t)qt * BM, w0 = i0 + warp * 16 * MT;
+    const int last = (int)(((i0 + BM < T_ ? i0 + BM : T_) - 1) / MMA_ROWS);
+    float ls[MT][2], dl[MT][2]; /* lse and delta of rows g, g + 8 of each m16 tile */
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int64_t i = w0 + 16 * mt + g + 8 * r;
+            ls[mt][r] = i < T_ ? lse[bh * T_ + i] : 0.0f;
+            dl[mt][r] = i < T_ ? delta[bh * T_ + i] : 0.0f;
+        }
 
-    mma_load_tile_async<T, D>(Qs, q, ld, b, h, i0, T_, vec);
-    mma_load_tile_async<T, D>(dOs, dout, C, b, h, i0, T_, vec_o);
+    mma_load_tile_async<T, D>(Qs, q, ld, b, h, i0, T_, vec, MT);
+    mma_load_tile_async<T, D>(dOs, dout, C, b, h, i0, T_, vec_o, MT);
     mma_load_tile_async<T, D>(Kb, k, ld, b, h, 0, T_, vec);
     mma_load_tile_async<T, D>(Vb, v, ld, b, h, 0, T_, vec);
     cp_async_commit();
-    float gq[D / 8][4];
+    float gq[MT][D / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < D / 8; nt++)
-        gq[nt][0] = gq[nt][1] = gq[nt][2] = gq[nt][3] = 0.0f;
-    for (int kt = 0; kt <= qt; kt++) {
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < D / 8; nt++)
+            gq[mt][nt][0] = gq[mt][nt][1] = gq[mt][nt][2] = gq[mt][nt][3] = 0.0f;
+    for (int kt = 0; kt <= last; kt++) {
         const int64_t j0 = (int64_t)kt * MMA_ROWS;
         const T *Ks = Kb + (kt & 1) * MMA_ROWS * LD, *Vs = Vb + (kt & 1) * MMA_ROWS * LD;
-        next_kv_tile<T, D>(Kb, Vb, k, v, ld, b, h, kt, qt, T_, vec);
-        float s[8][4], dp[8][4];
-        mma_abt<T, D>(s, Qs, warp * 16, Ks);
-        mma_abt<T, D>(dp, dOs, warp * 16, Vs);
-        const bool edge = kt == qt || j0 + MMA_ROWS > T_;
+        next_kv_tile<T, D>(Kb, Vb, k, v, ld, b, h, kt, last, T_, vec);
+        if (j0 <= w0 + 16 * MT - 1) { /* warp-uniform: some row of the warp sees key j0 */
+            float s[MT][8][4], dp[MT][8][4];
+            mma_abt<T, D, MT>(s, Qs, warp * 16 * MT, Ks);
+            mma_abt<T, D, MT>(dp, dOs, warp * 16 * MT, Vs);
+            const bool edge = j0 + MMA_ROWS - 1 > w0 || j0 + MMA_ROWS > T_;
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-            const unsigned keep =
-                DROP == DROP_GROUPS ? keep_rows(p, seed, stream, bh, T_, ia, ib, j0 + nt * 8, cq) : 0xFu;
+            for (int mt = 0; mt < MT; mt++) {
+                const int64_t ia = w0 + 16 * mt + g, ib = ia + 8;
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int64_t j = j0 + nt * 8 + 2 * cq + (e & 1), i = e < 2 ? ia : ib;
-                const bool valid = (!edge || (j <= i && j < T_)) && i < T_;
-                const float pr = valid ? __expf(s[nt][e] - (e < 2 ? lse_a : lse_b)) : 0.0f;
-                const float z = !valid                 ? 0.0f
-                                : DROP == DROP_NONE    ? 1.0f
-                                : DROP == DROP_GROUPS  ? ((keep >> e) & 1u ? scale : 0.0f)
-                                                       : drop_factor(p, scale, seed, stream, bh, T_, i, j);
-                dp[nt][e] = pr * (z * dp[nt][e] - (e < 2 ? dl_a : dl_b)); /* dS */
+                for (int nt = 0; nt < 8; nt++) {
+                    float z[4];
+                    drop_rows<DROP>(z, p, scale, seed, stream, bh, T_, ia, ib, j0 + nt * 8, cq);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int64_t j = j0 + nt * 8 + 2 * cq + (e & 1), i = e < 2 ? ia : ib;
+                        const bool valid = (!edge || (j <= i && j < T_)) && i < T_;
+                        const float pr = valid ? __expf(s[mt][nt][e] - ls[mt][e >> 1]) : 0.0f;
+                        dp[mt][nt][e] = valid ? pr * (z[e] * dp[mt][nt][e] - dl[mt][e >> 1]) : 0.0f; /* dS */
+                    }
+                }
             }
+            mma_px<T, D, MT>(gq, dp, Ks);
         }
-        mma_px<T, D>(gq, dp, Ks);
         __syncthreads(); /* this tile's buffers are refilled by the next iteration's copies */
     }
-    mma_store_rows<T, D>(dq, ldd, b, h, i0 + warp * 16, T_, gq, 1.0f, 1.0f);
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+        mma_store_rows<T, D>(dq, ldd, b, h, w0 + 16 * mt, T_, gq[mt], 1.0f, 1.0f);
 }
 
 /* ------------------------------------------------------------ dispatch */
@@ -758,13 +836,17 @@ static moe_status fwd_mma(moe_ctx *c, void *out, float *lse, const void *q, cons
                           int64_t B, int64_t T_, int64_t H, float p, uint64_t seed, uint64_t stream)
 {
     const size_t bytes = mma_cfg<T, D>::fwd_bytes;
+    const int64_t bm = mma_cfg<T, D>::MT * MMA_ROWS;
     const bool vec = rows_aligned16(q, ld, sizeof(T)) && rows_aligned16(k, ld, sizeof(T)) &&
                      rows_aligned16(v, ld, sizeof(T));
-    MOE_TRY(set_smem(c, attn_fwd_mma_kernel<T, D>, bytes));
-    dim3 grid((unsigned)(B * H), (unsigned)((T_ + MMA_ROWS - 1) / MMA_ROWS));
-    attn_fwd_mma_kernel<T, D><<<grid, MMA_THREADS, bytes, c->stream>>>(
-        (T *)out, lse, (const T *)q, (const T *)k, (const T *)v, ld, T_, H, p, p > 0.0f ? 1.0f / (1.0f - p) : 1.0f,
-        seed, stream, vec);
+    const int drop = p == 0.0f ? DROP_NONE : (T_ & 3) == 0 ? DROP_GROUPS : DROP_SCORES;
+    auto kern = drop == DROP_NONE     ? attn_fwd_mma_kernel<T, D, DROP_NONE>
+                : drop == DROP_GROUPS ? attn_fwd_mma_kernel<T, D, DROP_GROUPS>
+                                      : attn_fwd_mma_kernel<T, D, DROP_SCORES>;
+    MOE_TRY(set_smem(c, kern, bytes));
+    dim3 grid((unsigned)(B * H), (unsigned)((T_ + bm - 1) / bm));
+    kern<<<grid, MMA_THREADS, bytes, c->stream>>>((T *)out, lse, (const T *)q, (const T *)k, (const T *)v, ld, T_, H,
+                                                  p, p > 0.0f ? 1.0f / (1.0f - p) : 1.0f, seed, stream, vec);
     MOE_CUDA_CHECK_LAUNCH(c);
     return MOE_OK;
 }
@@ -774,8 +856,8 @@ static moe_status bwd_mma(moe_ctx *c, void *dq, void *dk, void *dv, int64_t ldd,
                           const float *lse, const float *delta, const void *q, const void *k, const void *v,
                           int64_t ld, int64_t B, int64_t T_, int64_t H, float p, uint64_t seed, uint64_t stream)
 {
-    const size_t bytes = mma_cfg<T, D>::bwd_bytes;
     const float scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+    const int64_t bm = mma_cfg<T, D>::MT * MMA_ROWS;
     const bool vec = rows_aligned16(q, ld, sizeof(T)) && rows_aligned16(k, ld, sizeof(T)) &&
                      rows_aligned16(v, ld, sizeof(T));
     const bool vec_o = rows_aligned16(dout, H * D, sizeof(T));
@@ -787,13 +869,14 @@ static moe_status bwd_mma(moe_ctx *c, void *dq, void *dk, void *dv, int64_t ldd,
     auto dqk = drop == DROP_NONE     ? attn_bwd_dq_mma_kernel<T, D, DROP_NONE>
                : drop == DROP_GROUPS ? attn_bwd_dq_mma_kernel<T, D, DROP_GROUPS>
                                      : attn_bwd_dq_mma_kernel<T, D, DROP_SCORES>;
-    MOE_TRY(set_smem(c, dkdv, bytes));
-    dkdv<<<grid, MMA_THREADS, bytes, c->stream>>>(
+    MOE_TRY(set_smem(c, dkdv, mma_cfg<T, D>::dkdv_bytes));
+    dkdv<<<grid, MMA_THREADS, mma_cfg<T, D>::dkdv_bytes, c->stream>>>(
         (T *)dk, (T *)dv, ldd, (const T *)dout, lse, delta, (const T *)q, (const T *)k, (const T *)v, ld, T_, H, p,
         scale, seed, stream, vec, vec_o);
     MOE_CUDA_CHECK_LAUNCH(c);
-    MOE_TRY(set_smem(c, dqk, bytes));
-    dqk<<<grid, MMA_THREADS, bytes, c->stream>>>(
+    MOE_TRY(set_smem(c, dqk, mma_cfg<T, D>::dq_bytes));
+    dim3 grid_q((unsigned)(B * H), (unsigned)((T_ + bm - 1) / bm));
+    dqk<<<grid_q, MMA_THREADS, mma_cfg<T, D>::dq_bytes, c->stream>>>(
         (T *)dq, ldd, (const T *)dout, lse, delta, (const T *)q, (const T *)k, (const T *)v, ld, T_, H, p, scale,
         seed, stream, vec, vec_o);
     MOE_CUDA_CHECK_LAUNCH(c);
