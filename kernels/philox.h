@@ -90,4 +90,35 @@ MOE_HD void moe_philox_uniform2(uint64_t seed, uint64_t stream, uint64_t index, 
     *u2 = moe_philox_u24(hi ? o.v[3] : o.v[1]);
 }
 
+/* Attention dropout draws 16 bits a score, eight scores a Philox group (its
+ * T x T masks are the largest of the model, drawn in the forward and again
+ * in both backward passes): index i takes half (i & 1), low half first, of
+ * word (i >> 1) & 3 of group i >> 3, and is kept iff those bits are >=
+ * moe_philox_threshold16(p) = ceil(p * 65536). So P(drop) = ceil(p * 65536)
+ * / 65536, within 2^-16 of p (as FlashAttention's byte threshold, but 256
+ * times finer); the scale of the kept scores stays 1/(1 - p). */
+MOE_HD uint32_t moe_philox_threshold16(float p)
+{
+    const float t = p * 65536.0f; /* exact: a power of two */
+    const uint32_t f = (uint32_t)t;
+    return (float)f < t ? f + 1u : f;
+}
+
+/* keep bits of the eight scores of group `group`: bit w for index 8 group + w */
+MOE_HD unsigned moe_philox_keep8(uint64_t seed, uint64_t stream, uint64_t group, uint32_t threshold)
+{
+    const moe_philox_out o = moe_philox4x32(seed, stream, group);
+    unsigned keep = 0;
+    for (int w = 0; w < 4; w++)
+        keep |= (unsigned)((o.v[w] & 0xFFFFu) >= threshold) << (2 * w) |
+                (unsigned)((o.v[w] >> 16) >= threshold) << (2 * w + 1);
+    return keep;
+}
+
+/* whether the score of attention-dropout index `index` is kept */
+MOE_HD int moe_philox_keep16(uint64_t seed, uint64_t stream, uint64_t index, uint32_t threshold)
+{
+    return (int)((moe_philox_keep8(seed, stream, index >> 3, threshold) >> (index & 7)) & 1u);
+}
+
 #endif

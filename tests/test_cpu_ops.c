@@ -1345,7 +1345,7 @@ static void attn_reference(const attn_fd *a, double *out, double *lse)
                     double pr = exp(s[j] - mx) / sum;
                     if (a->p > 0.0f) {
                         const uint64_t ctr = (uint64_t)(((b * H + h) * T + i) * T + j);
-                        pr = moe_philox_uniform(77, 3, ctr) >= a->p ? pr / (1.0 - (double)a->p) : 0.0;
+                        pr = moe_philox_keep16(77, 3, ctr, moe_philox_threshold16(a->p)) ? pr / (1.0 - (double)a->p) : 0.0;
                     }
                     for (int64_t d = 0; d < D; d++)
                         out[(b * T + i) * HD + h * D + d] += pr * a->qkv[(b * T + j) * a->ld + 2 * HD + h * D + d];

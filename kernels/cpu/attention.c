@@ -12,7 +12,9 @@
  *    between tokens, so they may live inside one packed projection; out is
  *    (B,T,H*D) contiguous. Element (b,t,h,d) sits at (b*T + t)*ld + h*D + d.
  *  - Dropout acts on the probabilities after the softmax: P'_ij = P_ij *
- *    keep_ij / (1-p), keep_ij = uniform(seed, stream, ((b*H+h)*T+i)*T+j) >= p.
+ *    keep_ij / (1-p), keep_ij = moe_philox_keep16(seed, stream,
+ *    ((b*H+h)*T+i)*T+j, ceil(65536 p)): 16 random bits a score, P(drop)
+ *    within 2^-16 of p (kernels/philox.h).
  *    lse is of the scores before dropout. The backward's D_i = rowsum(dO*O)
  *    stays exact with dropout, since sum_j P_ij dP_ij = dO_i . O_i.
  */
@@ -62,15 +64,15 @@ static float dot(const float *x, const float *y, int64_t n)
     return s;
 }
 
-/* keep/(1-p) for score (b,h,i,j): the dropout factor z_ij, uniform index
- * ((b*H + h)*T + i)*T + j (word index & 3 of Philox group index >> 2) */
+/* keep/(1-p) for score (b,h,i,j): the dropout factor z_ij, index
+ * ((b*H + h)*T + i)*T + j of kernels/philox.h's 16-bit attention draws */
 static float drop_factor(float p, float scale, uint64_t seed, uint64_t stream, int64_t b, int64_t h, int64_t i,
                          int64_t j, int64_t H, int64_t T)
 {
     if (p == 0.0f)
         return 1.0f;
     const uint64_t counter = (uint64_t)(((b * H + h) * T + i) * T + j);
-    return moe_philox_uniform(seed, stream, counter) >= p ? scale : 0.0f;
+    return moe_philox_keep16(seed, stream, counter, moe_philox_threshold16(p)) ? scale : 0.0f;
 }
 
 moe_status moe_cpu_attention_forward(moe_ctx *c, void *out, float *lse, const void *q, const void *k, const void *v,

@@ -19,14 +19,13 @@
  * gradient element has a single writer and no atomics are needed. D_i =
  * dO_i . O_i comes first from its own small kernel.
  *
- * Dropout on the probabilities uses the uniform index ((b*H + h)*T + i)*T + j,
- * the same Philox draw as the cpu, so masks match exactly in both directions.
- * With T % 4 == 0 the four keys 4m .. 4m+3 of a row are one Philox group
- * (kernels/philox.h), and the tensor-core path evaluates each group once: in
- * the row-major tiles (forward, dQ) the two lanes sharing a group split its
- * two rows and swap keep bits; in the transposed dK/dV tile the four lanes
- * holding a group's keys split the four groups they touch and gather the
- * bits. Other T (and the fp32 path) draw per score with moe_philox_uniform.
+ * Dropout on the probabilities draws index ((b*H + h)*T + i)*T + j with
+ * kernels/philox.h's 16-bit attention draws, as the cpu does, so masks match
+ * exactly in both directions. With T % 8 == 0 the eight keys 8m .. 8m+7 of
+ * a row are one Philox group, and the tensor-core path evaluates each group
+ * once: the lanes holding a pair of 8-key blocks share the groups they touch
+ * (one evaluation a lane) and swap bytes (keep_rows, keep_cols). Other T
+ * (and the fp32 path) draw score by score.
  */
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda.h"
@@ -44,49 +43,53 @@ static __device__ __forceinline__ float drop_factor(float p, float scale, uint64
     if (p == 0.0f)
         return 1.0f;
     uint64_t counter = (uint64_t)((bh * T + i) * T + j);
-    return moe_philox_uniform(seed, stream, counter) >= p ? scale : 0.0f;
+    return moe_philox_keep16(seed, stream, counter, moe_philox_threshold16(p)) ? scale : 0.0f;
 }
 
-/* keep bits of Philox group `group`: bit w set iff uniform w >= p */
-static __device__ __forceinline__ unsigned keep4(float p, uint64_t seed, uint64_t stream, uint64_t group)
+/* Row-major mma tile (rows ia, ib = ia + 8; this lane's keys jt + 8u + 2cq,
+ * +1 of the two 8-key column blocks u = 0, 1 at jt), T % 8 == 0: keep bits
+ * in accumulator order, bit 4u + e for element e of block u (0, 1: row ia;
+ * 2, 3: row ib). A quad's lanes share four Philox groups (rows ia, ib x
+ * blocks 0, 1): lane cq draws row cq & 1 of block cq >> 1, the quad swaps
+ * the bytes. Every lane of the warp must call this. */
+static __device__ __forceinline__ unsigned keep_rows(uint32_t thr, uint64_t seed, uint64_t stream, int64_t bh,
+                                                     int64_t T, int64_t ia, int64_t ib, int64_t jt, int cq)
 {
-    const moe_philox_out o = moe_philox4x32(seed, stream, group);
-    return (unsigned)(moe_philox_u24(o.v[0]) >= p) | (unsigned)(moe_philox_u24(o.v[1]) >= p) << 1 |
-           (unsigned)(moe_philox_u24(o.v[2]) >= p) << 2 | (unsigned)(moe_philox_u24(o.v[3]) >= p) << 3;
+    const int64_t row = cq & 1 ? ib : ia, jg = jt + 8 * (cq >> 1);
+    unsigned all = moe_philox_keep8(seed, stream, (uint64_t)((bh * T + row) * T + jg) >> 3, thr) << (8 * cq);
+    all |= __shfl_xor_sync(0xffffffffu, all, 1);
+    all |= __shfl_xor_sync(0xffffffffu, all, 2); /* byte 2u + r: block u, row r */
+    unsigned keep = 0;
+#pragma unroll
+    for (int u = 0; u < 2; u++)
+        keep |= ((all >> (16 * u + 2 * cq)) & 3u | ((all >> (16 * u + 8 + 2 * cq)) & 3u) << 2) << (4 * u);
+    return keep;
 }
 
-/* Row-major mma tile (rows ia, ib = ia + 8; this lane's keys jt + 2cq, +1 of
- * the 8-key column block at jt), T % 4 == 0: keep bits in accumulator order,
- * bit e for element e (0, 1: row ia; 2, 3: row ib). Lanes cq and cq ^ 1 share
- * the group of keys jt + 4(cq >> 1) .. +3: the even lane draws it for row ia,
- * the odd one for row ib. Every lane of the warp must call this. */
-static __device__ __forceinline__ unsigned keep_rows(float p, uint64_t seed, uint64_t stream, int64_t bh, int64_t T,
-                                                     int64_t ia, int64_t ib, int64_t jt, int cq)
+/* Transposed mma tile (rows: keys jw + g and jw + g + 8 of the warp's 16 at
+ * jw; columns: this lane's queries it + 8u + 2cq, +1 of the two 8-query
+ * blocks u = 0, 1 at it), T % 8 == 0: keep bits in accumulator order, bit
+ * 4u + e for element e of block u (e & 1: the second query, e >> 1: the
+ * second key). The block pair touches 32 Philox groups (16 queries x two
+ * 8-key halves), one a lane: lane (g, cq) draws query it + 8(cq >> 1) + g,
+ * half cq & 1; each quad gathers its query's four groups, and a lane takes
+ * the words of the two queries it holds. Every lane of the warp must call
+ * this. */
+static __device__ __forceinline__ unsigned keep_cols(uint32_t thr, uint64_t seed, uint64_t stream, int64_t bh,
+                                                     int64_t T, int64_t it, int64_t jw, int g, int cq)
 {
-    const int odd = cq & 1, sh = 2 * odd;
-    const int64_t row = odd ? ib : ia, jg = jt + 4 * (cq >> 1);
-    const unsigned mine = keep4(p, seed, stream, (uint64_t)((bh * T + row) * T + jg) >> 2);
-    const unsigned other = __shfl_xor_sync(0xffffffffu, mine, 1);
-    const unsigned ka = ((odd ? other : mine) >> sh) & 3u, kb = ((odd ? mine : other) >> sh) & 3u;
-    return ka | kb << 2;
-}
-
-/* Transposed mma tile (rows: keys ja = jq + (g & 3) and ja + 8, jq = the
- * first of g's four keys; columns: this lane's queries i, i + 1), T % 4 == 0:
- * keep bits in accumulator order (e = 0: (i, ja), 1: (i+1, ja), 2: (i, jb),
- * 3: (i+1, jb)). The lanes g = 4q .. 4q+3 of one cq hold every key of four
- * groups, one element of each: lane r draws group r, the four swap nibbles.
- * Every lane of the warp must call this. */
-static __device__ __forceinline__ unsigned keep_cols(float p, uint64_t seed, uint64_t stream, int64_t bh, int64_t T,
-                                                     int64_t i, int64_t jq, int g)
-{
-    const int r = g & 3;
-    const int64_t row = i + (r & 1), jg = jq + 8 * (r >> 1);
-    unsigned all = keep4(p, seed, stream, (uint64_t)((bh * T + row) * T + jg) >> 2) << (4 * r);
-    all |= __shfl_xor_sync(0xffffffffu, all, 4);
-    all |= __shfl_xor_sync(0xffffffffu, all, 8);
-    return ((all >> r) & 1u) | ((all >> (4 + r)) & 1u) << 1 | ((all >> (8 + r)) & 1u) << 2 |
-           ((all >> (12 + r)) & 1u) << 3;
+    const int64_t row = it + 8 * (cq >> 1) + g, jg = jw + 8 * (cq & 1);
+    unsigned all = moe_philox_keep8(seed, stream, (uint64_t)((bh * T + row) * T + jg) >> 3, thr) << (8 * cq);
+    all |= __shfl_xor_sync(0xffffffffu, all, 1);
+    all |= __shfl_xor_sync(0xffffffffu, all, 2); /* quad r: byte 2u + half of query it + 8u + r */
+    const unsigned w0 = __shfl_sync(0xffffffffu, all, 8 * cq), w1 = __shfl_sync(0xffffffffu, all, 8 * cq + 4);
+    unsigned keep = 0;
+#pragma unroll
+    for (int u = 0; u < 2; u++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            keep |= (((e & 1 ? w1 : w0) >> (8 * (2 * u + (e >> 1)) + g)) & 1u) << (4 * u + e);
+    return keep;
 }
 
 /* D_i = dO_i . O_i, one warp per (b, t, h) row */
@@ -495,29 +498,34 @@ static __device__ __forceinline__ void mma_store_rows(T *dst, int64_t ld, int64_
 
 /* How a kernel draws the dropout mask, fixed at compile time so the variant
  * without dropout carries none of the Philox code: none (p == 0), whole
- * groups (T % 4 == 0: keep_rows / keep_cols), or score by score. */
+ * groups (T % 8 == 0: keep_rows / keep_cols), or score by score. */
 #define DROP_NONE 0
 #define DROP_GROUPS 1
 #define DROP_SCORES 2
 
 /* dropout factors (keep/(1-p), or 0) of a row-major tile's accumulator
- * block nt: rows ia (elements 0, 1) and ib (2, 3), keys jt + 2cq, +1. Every
- * lane of the warp must call this. */
+ * blocks 2np, 2np + 1 (keys jt = j0 + 16np ..): z[u][e] as keep_rows orders
+ * them. Every lane of the warp must call this. */
 template <int DROP>
-static __device__ __forceinline__ void drop_rows(float z[4], float p, float scale, uint64_t seed, uint64_t stream,
-                                                 int64_t bh, int64_t T_, int64_t ia, int64_t ib, int64_t jt, int cq)
+static __device__ __forceinline__ void drop_rows(float z[2][4], float p, uint32_t thr, float scale, uint64_t seed,
+                                                 uint64_t stream, int64_t bh, int64_t T_, int64_t ia, int64_t ib,
+                                                 int64_t jt, int cq)
 {
     if (DROP == DROP_GROUPS) {
-        const unsigned keep = keep_rows(p, seed, stream, bh, T_, ia, ib, jt, cq);
+        const unsigned keep = keep_rows(thr, seed, stream, bh, T_, ia, ib, jt, cq);
 #pragma unroll
-        for (int e = 0; e < 4; e++)
-            z[e] = (keep >> e) & 1u ? scale : 0.0f;
+        for (int u = 0; u < 2; u++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                z[u][e] = (keep >> (4 * u + e)) & 1u ? scale : 0.0f;
     } else {
 #pragma unroll
-        for (int e = 0; e < 4; e++)
-            z[e] = DROP == DROP_NONE ? 1.0f
-                                     : drop_factor(p, scale, seed, stream, bh, T_, e < 2 ? ia : ib,
-                                                   jt + 2 * cq + (e & 1));
+        for (int u = 0; u < 2; u++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                z[u][e] = DROP == DROP_NONE ? 1.0f
+                                            : drop_factor(p, scale, seed, stream, bh, T_, e < 2 ? ia : ib,
+                                                          jt + 8 * u + 2 * cq + (e & 1));
     }
 }
 
@@ -542,6 +550,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
     attn_fwd_mma_kernel(T *out, float *lse, const T *q, const T *k, const T *v, int64_t ld, int64_t T_, int64_t H,
                         float p, float scale, uint64_t seed, uint64_t stream, bool vec)
 {
+    const uint32_t thr = moe_philox_threshold16(p);
     constexpr int LD = mma_cfg<T, D>::LD, MT = mma_cfg<T, D>::MT, BM = MT * MMA_ROWS;
     extern __shared__ __align__(128) unsigned char smem[];
     T *Qs = (T *)smem, *Kb = Qs + BM * LD, *Vb = Kb + 2 * MMA_ROWS * LD;
@@ -614,12 +623,12 @@ static __global__ void __launch_bounds__(MMA_THREADS)
                 }
                 if (DROP != DROP_NONE) {
 #pragma unroll
-                    for (int nt = 0; nt < 8; nt++) {
-                        float z[4];
-                        drop_rows<DROP>(z, p, scale, seed, stream, bh, T_, ia, ib, j0 + nt * 8, cq);
+                    for (int np = 0; np < 4; np++) {
+                        float z[2][4];
+                        drop_rows<DROP>(z, p, thr, scale, seed, stream, bh, T_, ia, ib, j0 + np * 16, cq);
 #pragma unroll
-                        for (int e = 0; e < 4; e++)
-                            s[mt][nt][e] *= z[e];
+                        for (int x = 0; x < 8; x++)
+                            s[mt][2 * np + (x >> 2)][x & 3] *= z[x >> 2][x & 3];
                     }
                 }
             }
@@ -655,6 +664,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
                              const T *q, const T *k, const T *v, int64_t ld, int64_t T_, int64_t H, float p,
                              float scale, uint64_t seed, uint64_t stream, bool vec, bool vec_o)
 {
+    const uint32_t thr = moe_philox_threshold16(p);
     constexpr int LD = mma_cfg<T, D>::LD;
     extern __shared__ __align__(128) unsigned char smem[];
     T *Ks = (T *)smem, *Vs = Ks + MMA_ROWS * LD, *Qb = Vs + MMA_ROWS * LD, *dOb = Qb + 2 * MMA_ROWS * LD;
@@ -700,20 +710,19 @@ static __global__ void __launch_bounds__(MMA_THREADS)
         mma_abt<T, D, 1>(dp, Vs, warp * 16, dOs);
         const bool edge = i0 == j0 || i0 + MMA_ROWS > T_;
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
+        for (int np = 0; np < 4; np++) {
             const unsigned keep =
-                DROP == DROP_GROUPS
-                    ? keep_cols(p, seed, stream, bh, T_, i0 + nt * 8 + 2 * cq, j0 + warp * 16 + (g & ~3), g)
-                    : 0xFu;
+                DROP == DROP_GROUPS ? keep_cols(thr, seed, stream, bh, T_, i0 + np * 16, j0 + warp * 16, g, cq) : 0xFFu;
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
+            for (int x = 0; x < 8; x++) {
+                const int nt = 2 * np + (x >> 2), e = x & 3;
                 const int col = nt * 8 + 2 * cq + (e & 1);
                 const int64_t i = i0 + col, j = e < 2 ? ja : jb;
                 const bool valid = !edge || (i >= j && i < T_ && j < T_);
                 const float pr = valid ? __expf(st[0][nt][e] - ls[col]) : 0.0f;
                 const float z = !valid                 ? 0.0f
                                 : DROP == DROP_NONE    ? 1.0f
-                                : DROP == DROP_GROUPS  ? ((keep >> e) & 1u ? scale : 0.0f)
+                                : DROP == DROP_GROUPS  ? ((keep >> x) & 1u ? scale : 0.0f)
                                                        : drop_factor(p, scale, seed, stream, bh, T_, i, j);
                 st[0][nt][e] = pr * z;                              /* Pd^T */
                 dp[0][nt][e] = pr * (z * dp[0][nt][e] - dls[col]);  /* dS^T */
@@ -735,6 +744,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
                            const T *k, const T *v, int64_t ld, int64_t T_, int64_t H, float p, float scale,
                            uint64_t seed, uint64_t stream, bool vec, bool vec_o)
 {
+    const uint32_t thr = moe_philox_threshold16(p);
     constexpr int LD = mma_cfg<T, D>::LD, MT = mma_cfg<T, D>::MT, BM = MT * MMA_ROWS;
     extern __shared__ __align__(128) unsigned char smem[];
     T *Qs = (T *)smem, *dOs = Qs + BM * LD, *Kb = dOs + BM * LD, *Vb = Kb + 2 * MMA_ROWS * LD;
@@ -777,15 +787,16 @@ static __global__ void __launch_bounds__(MMA_THREADS)
             for (int mt = 0; mt < MT; mt++) {
                 const int64_t ia = w0 + 16 * mt + g, ib = ia + 8;
 #pragma unroll
-                for (int nt = 0; nt < 8; nt++) {
-                    float z[4];
-                    drop_rows<DROP>(z, p, scale, seed, stream, bh, T_, ia, ib, j0 + nt * 8, cq);
+                for (int np = 0; np < 4; np++) {
+                    float z[2][4];
+                    drop_rows<DROP>(z, p, thr, scale, seed, stream, bh, T_, ia, ib, j0 + np * 16, cq);
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
+                    for (int x = 0; x < 8; x++) {
+                        const int nt = 2 * np + (x >> 2), e = x & 3;
                         const int64_t j = j0 + nt * 8 + 2 * cq + (e & 1), i = e < 2 ? ia : ib;
                         const bool valid = (!edge || (j <= i && j < T_)) && i < T_;
                         const float pr = valid ? __expf(s[mt][nt][e] - ls[mt][e >> 1]) : 0.0f;
-                        dp[mt][nt][e] = valid ? pr * (z[e] * dp[mt][nt][e] - dl[mt][e >> 1]) : 0.0f; /* dS */
+                        dp[mt][nt][e] = valid ? pr * (z[x >> 2][e] * dp[mt][nt][e] - dl[mt][e >> 1]) : 0.0f; /* dS */
                     }
                 }
             }
@@ -839,7 +850,7 @@ static moe_status fwd_mma(moe_ctx *c, void *out, float *lse, const void *q, cons
     const int64_t bm = mma_cfg<T, D>::MT * MMA_ROWS;
     const bool vec = rows_aligned16(q, ld, sizeof(T)) && rows_aligned16(k, ld, sizeof(T)) &&
                      rows_aligned16(v, ld, sizeof(T));
-    const int drop = p == 0.0f ? DROP_NONE : (T_ & 3) == 0 ? DROP_GROUPS : DROP_SCORES;
+    const int drop = p == 0.0f ? DROP_NONE : (T_ & 7) == 0 ? DROP_GROUPS : DROP_SCORES;
     auto kern = drop == DROP_NONE     ? attn_fwd_mma_kernel<T, D, DROP_NONE>
                 : drop == DROP_GROUPS ? attn_fwd_mma_kernel<T, D, DROP_GROUPS>
                                       : attn_fwd_mma_kernel<T, D, DROP_SCORES>;
@@ -862,7 +873,7 @@ static moe_status bwd_mma(moe_ctx *c, void *dq, void *dk, void *dv, int64_t ldd,
                      rows_aligned16(v, ld, sizeof(T));
     const bool vec_o = rows_aligned16(dout, H * D, sizeof(T));
     dim3 grid((unsigned)(B * H), (unsigned)((T_ + MMA_ROWS - 1) / MMA_ROWS));
-    const int drop = p == 0.0f ? DROP_NONE : (T_ & 3) == 0 ? DROP_GROUPS : DROP_SCORES;
+    const int drop = p == 0.0f ? DROP_NONE : (T_ & 7) == 0 ? DROP_GROUPS : DROP_SCORES;
     auto dkdv = drop == DROP_NONE     ? attn_bwd_dkdv_mma_kernel<T, D, DROP_NONE>
                 : drop == DROP_GROUPS ? attn_bwd_dkdv_mma_kernel<T, D, DROP_GROUPS>
                                       : attn_bwd_dkdv_mma_kernel<T, D, DROP_SCORES>;
