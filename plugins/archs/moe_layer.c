@@ -206,9 +206,11 @@ moe_status tlm_moe_alloc_acts(tlm *m, tlm_acts *a)
     int64_t wsb = m->h->ops->route_workspace_bytes(N, m->E);
     MOE_TRY(tlm_dev_alloc(m, (uint64_t)(wsb > 0 ? wsb : 0), "routing workspace", &a->route_ws));
     if (m->ln_recompute && m->a2a_world == 1) { /* dispatched again in backward from the recomputed h2 */
-        if (!m->xes)
-            MOE_TRY(tlm_act_alloc(m, EC * d, "expert inputs", &m->xes));
-        a->xe = m->xes;
+        if (!m->xes_requested) {
+            MOE_TRY(tlm_shared_alloc(m, EC * d, &m->xes));
+            m->xes_requested = 1;
+        }
+        MOE_TRY(tlm_shared_alias(m, &a->xe, &m->xes));
     } else {
         MOE_TRY(tlm_act_alloc(m, EC * d, "expert inputs", &a->xe));
     }
@@ -311,22 +313,23 @@ moe_status tlm_moe_alloc_scratch(tlm *m)
         MOE_TRY(tlm_act_alloc(m, N * m->E, "gate logits gradient", &m->dlog));
     }
     /* Forward scratch, NULL where aliased: with W == 1 the dispatch writes the
-     * expert inputs directly and the experts write the combine's input. */
+     * expert inputs directly and the experts write the combine's input. This
+     * scratch and the backward's lives inside the logits (tlm_shared_alloc). */
     if (W > 1) {
-        MOE_TRY(tlm_act_alloc(m, EC * d, "dispatched tokens", &m->disp));
-        MOE_TRY(tlm_act_alloc(m, EC * d, "expert outputs (expert-major)", &m->eout));
+        MOE_TRY(tlm_shared_alloc(m, EC * d, &m->disp));
+        MOE_TRY(tlm_shared_alloc(m, EC * d, &m->eout));
         if (perm) {
-            MOE_TRY(tlm_act_alloc(m, EC * d, "received tokens", &m->recv));
-            MOE_TRY(tlm_act_alloc(m, EC * d, "expert outputs (rank-major)", &m->eperm));
+            MOE_TRY(tlm_shared_alloc(m, EC * d, &m->recv));
+            MOE_TRY(tlm_shared_alloc(m, EC * d, &m->eperm));
         }
     }
-    MOE_TRY(tlm_act_alloc(m, EC * d, "expert output gradient", &m->d_a));
+    MOE_TRY(tlm_shared_alloc(m, EC * d, &m->d_a));
     if (W > 1)
-        MOE_TRY(tlm_act_alloc(m, EC * d, "received expert output gradient", &m->d_b));
+        MOE_TRY(tlm_shared_alloc(m, EC * d, &m->d_b));
     if (perm)
-        MOE_TRY(tlm_act_alloc(m, EC * d, "expert output gradient (expert-major)", &m->d_c));
-    MOE_TRY(tlm_act_alloc(m, EC * d, "expert input gradient", &m->d_e));
-    MOE_TRY(tlm_act_alloc(m, W * m->C * m->fe, "expert activation gradient", &m->depre));
+        MOE_TRY(tlm_shared_alloc(m, EC * d, &m->d_c));
+    MOE_TRY(tlm_shared_alloc(m, EC * d, &m->d_e));
+    MOE_TRY(tlm_shared_alloc(m, W * m->C * m->fe, &m->depre));
     MOE_TRY(tlm_f32_alloc(m, N * m->width, "routing weight gradient", &m->dweight));
     MOE_TRY(tlm_f32_alloc(m, N * m->E, "gate logits gradient", &m->dlogits));
     MOE_TRY(tlm_act_alloc(m, d > m->fe ? d : m->fe, "expert bias gradient", &m->ebias));

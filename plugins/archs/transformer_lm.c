@@ -262,6 +262,74 @@ moe_status tlm_f32_alloc(tlm *m, int64_t elems, const char *what, float **out)
     return tlm_dev_alloc(m, (uint64_t)elems * 4u, what, (void **)out);
 }
 
+/* Scratch of the forward's and the backward's layers that holds nothing
+ * from one layer to the next (branch outputs, activations on their way to a
+ * product, gradients) lives inside the logits buffer: the logits exist from
+ * the output product of the forward to the end of the output layer's
+ * backward, when no layer runs. A request made here during setup gets its
+ * pointer from tlm_shared_commit; the buffer is the larger of the logits and
+ * the requests together. */
+static moe_status shared_request(tlm *m, void **out, uint64_t bytes, void **same)
+{
+    *out = NULL;
+    tlm_shared *sh = &m->shared;
+    if (sh->n == sh->cap) {
+        const int cap = sh->cap ? 2 * sh->cap : 32;
+        void ***o = realloc(sh->outs, (size_t)cap * sizeof *o);
+        if (o)
+            sh->outs = o;
+        uint64_t *b = o ? realloc(sh->bytes, (size_t)cap * sizeof *b) : NULL;
+        if (b)
+            sh->bytes = b;
+        void ***q = b ? realloc(sh->same, (size_t)cap * sizeof *q) : NULL;
+        if (!q)
+            return m->h->error(m->h, MOE_ERR_NOMEM, "%s: out of host memory tracking buffers", MOE_ARCH_VARIANT);
+        sh->same = q;
+        sh->cap = cap;
+    }
+    sh->outs[sh->n] = out;
+    sh->bytes[sh->n] = bytes;
+    sh->same[sh->n++] = same;
+    return MOE_OK;
+}
+
+moe_status tlm_shared_alloc(tlm *m, int64_t elems, void **out)
+{
+    return shared_request(m, out, (uint64_t)elems * moe_dtype_size(m->dt), NULL);
+}
+
+/* *out = *same once the shared buffers are placed */
+moe_status tlm_shared_alias(tlm *m, void **out, void **same) { return shared_request(m, out, 0, same); }
+
+static void shared_free(tlm_shared *sh)
+{
+    free(sh->outs);
+    free(sh->bytes);
+    free(sh->same);
+    memset(sh, 0, sizeof *sh);
+}
+
+/* the logits buffer with the shared scratch at 256-byte aligned offsets */
+static moe_status tlm_shared_commit(tlm *m)
+{
+    tlm_shared *sh = &m->shared;
+    uint64_t total = 0;
+    for (int i = 0; i < sh->n; i++)
+        total += (sh->bytes[i] + 255u) / 256u * 256u;
+    const uint64_t logits = (uint64_t)m->Nmax * (uint64_t)m->V * moe_dtype_size(m->dt);
+    MOE_TRY(tlm_dev_alloc(m, total > logits ? total : logits, "logits (and the layers' scratch)", &m->logits));
+    uint64_t off = 0;
+    for (int i = 0; i < sh->n; i++) {
+        *sh->outs[i] = sh->bytes[i] > 0 ? (char *)m->logits + off : NULL;
+        off += (sh->bytes[i] + 255u) / 256u * 256u;
+    }
+    for (int i = 0; i < sh->n; i++)
+        if (sh->same[i])
+            *sh->outs[i] = *sh->same[i];
+    shared_free(sh);
+    return MOE_OK;
+}
+
 /* C(M,Nc) = alpha op(A) op(B) + beta C [+ bias [act]] in the model's dtypes */
 moe_status tlm_mm(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_t K, float alpha, const void *a,
                      int64_t lda, const void *b, int64_t ldb, float beta, void *c, int64_t ldc, moe_dtype ab_dt,
@@ -560,6 +628,7 @@ static void tlm_destroy(void *model)
     for (int i = 0; i < m->allocs.n; i++)
         m->h->backend->free(m->h->ctx, m->allocs.ptrs[i]);
     free(m->allocs.ptrs);
+    shared_free(&m->shared);
     tlm_moe_free(m);
     free(m->layers);
     free(m->acts);
@@ -736,7 +805,6 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
         MOE_TRY(tlm_f32_alloc(m, N, "layer norm mean", &m->meanf));
         MOE_TRY(tlm_f32_alloc(m, N, "layer norm rstd", &m->rstdf));
     }
-    MOE_TRY(tlm_act_alloc(m, N * m->V, "logits", &m->logits));
     int nm = m->n_moe > 0 ? m->n_moe : 1;
     MOE_TRY(tlm_f32_alloc(m, nm, "MoE auxiliary losses", &m->l_aux));
     MOE_TRY(tlm_f32_alloc(m, (int64_t)nm * MOE_NUM_METRICS, "MoE metrics", &m->metrics));
@@ -745,19 +813,21 @@ static moe_status tlm_setup(void *model, int64_t B, int64_t T)
     MOE_TRY(ops->fill(h->ctx, m->ones, m->dt, N, 1.0f));
     MOE_TRY(tlm_act_alloc(m, d, "scaled q bias", &m->bq_scaled));
     MOE_TRY(ops->fill(h->ctx, m->bq_scaled, m->dt, d, 0.0f)); /* axpby reads it with b = 0 */
-    MOE_TRY(tlm_act_alloc(m, N * d, "branch output", &m->tmp));
+    /* the output layer's backward writes dh and dres: they stay apart */
     MOE_TRY(tlm_act_alloc(m, N * d, "residual gradient", &m->dres));
-    MOE_TRY(tlm_act_alloc(m, N * d, "dropout gradient", &m->dtmp));
     MOE_TRY(tlm_act_alloc(m, N * d, "layer norm output gradient", &m->dh));
-    MOE_TRY(tlm_act_alloc(m, N * d, "attention output gradient", &m->datt));
-    MOE_TRY(tlm_act_alloc(m, N * 3 * d, "q, k, v gradient", &m->dqkv));
+    MOE_TRY(tlm_shared_alloc(m, N * d, &m->tmp));
+    MOE_TRY(tlm_shared_alloc(m, N * d, &m->dtmp));
+    MOE_TRY(tlm_shared_alloc(m, N * d, &m->datt));
+    MOE_TRY(tlm_shared_alloc(m, N * 3 * d, &m->dqkv));
     if (any_dense)
-        MOE_TRY(tlm_act_alloc(m, N * fmax, "FFN activation gradient", &m->dpre));
+        MOE_TRY(tlm_shared_alloc(m, N * fmax, &m->dpre));
     if (m->fs > 0)
         MOE_TRY(tlm_act_alloc(m, N * d, "shared expert output", &m->shy));
 
     if (m->n_moe > 0)
         MOE_TRY(tlm_moe_alloc_scratch(m));
+    MOE_TRY(tlm_shared_commit(m));
     m->ready = 1;
     return MOE_OK;
 }

@@ -112,6 +112,15 @@ typedef struct tlm_alloc {
     int n, cap;
 } tlm_alloc;
 
+/* Scratch placed inside the logits buffer (tlm_shared_alloc): requests
+ * recorded during setup, given their offsets by tlm_shared_commit. */
+typedef struct tlm_shared {
+    void ***outs;
+    uint64_t *bytes;
+    void ***same; /* same[i] != NULL: outs[i] gets *same[i] (bytes[i] 0) */
+    int n, cap;
+} tlm_shared;
+
 typedef struct tlm {
     const moe_host *h;
     const tlm_variant *variant;
@@ -139,6 +148,7 @@ typedef struct tlm {
     void *hs;                 /* (N,d) the layer norm outputs' one buffer when they are recomputed (ln_recompute) */
     void *xes;                /* (E*C,d) the experts' inputs' one buffer when they are dispatched again in
                                * backward (ln_recompute, one rank per all-to-all group) */
+    int xes_requested;        /* m->xes asked of tlm_shared_alloc (setup) */
     int ln_recompute;         /* the layer norm outputs (h1, h2) are not kept per layer: every layer writes them
                                * to m->hs, the backward recomputes them there (no checkpointing; setup) */
     int act_recompute;        /* FFN activations are not kept: written to backward scratch in the forward,
@@ -147,6 +157,7 @@ typedef struct tlm {
     int width;                /* W: choices per token the routing arrays hold (max(k, 2); E for expert choice) */
     moe_group *a2a_group;
     tlm_alloc allocs;
+    tlm_shared shared;
     void **xs;                /* (L+1) x (N,d): layer inputs, xs[L] the last output */
     void *xf;                 /* (N,d) after the final norm */
     float *meanf, *rstdf;
@@ -207,6 +218,8 @@ void *tlm_grad(const tlm *m, int id);                        /* host->grad_data 
 moe_status tlm_dev_alloc(tlm *m, uint64_t bytes, const char *what, void **out);
 moe_status tlm_act_alloc(tlm *m, int64_t elems, const char *what, void **out);
 moe_status tlm_f32_alloc(tlm *m, int64_t elems, const char *what, float **out);
+moe_status tlm_shared_alloc(tlm *m, int64_t elems, void **out);
+moe_status tlm_shared_alias(tlm *m, void **out, void **same);
 /* C(M,Nc) = alpha op(A) op(B) + beta C [+ bias [act]] in the model's dtypes */
 moe_status tlm_mm(const tlm *m, int ta, int tb, int64_t M, int64_t Nc, int64_t K, float alpha, const void *a,
                   int64_t lda, const void *b, int64_t ldb, float beta, void *c, int64_t ldc, moe_dtype ab_dt,
