@@ -431,6 +431,18 @@ static void test_parity_elementwise(void **state)
         BOTH("sumsq", SUMSQ);
         compare("sumsq (accumulates)", &acc, MOE_F32, 1, TOL32);
 #undef SUMSQ
+        /* 16-byte vectors with a tail, and an unaligned start (the scalar path) */
+#define SUMSQ_AT(o, cx, s, off, cnt) \
+    (o)->sumsq((cx), (float *)acc.s, (char *)big.s + (off) * moe_dtype_size(dt), dt, (int64_t)(cnt))
+#define SUMSQ_TAIL(o, cx, s) SUMSQ_AT(o, cx, s, 0, nsq - 3)
+#define SUMSQ_ODD(o, cx, s) SUMSQ_AT(o, cx, s, 1, nsq - 9)
+        BOTH("sumsq", SUMSQ_TAIL);
+        compare("sumsq n % 8 != 0", &acc, MOE_F32, 1, TOL32);
+        BOTH("sumsq", SUMSQ_ODD);
+        compare("sumsq unaligned start", &acc, MOE_F32, 1, TOL32);
+#undef SUMSQ_ODD
+#undef SUMSQ_TAIL
+#undef SUMSQ_AT
         pb_free(&big);
         pb_free(&acc);
 

@@ -9,8 +9,9 @@
  *    __fmul_rn/__fadd_rn so nvcc cannot contract them into an FMA: the
  *    initialisers and axpby then round exactly as the cpu does.
  *  - sum_f32 and sumsq accumulate in double like the cpu, in two passes with
- *    a grid that depends on n only: block partials in a fixed tree order, then
- *    one block adds the partials in a fixed order. No atomics.
+ *    a grid that depends on n (and sumsq's alignment) only: block partials in
+ *    a fixed tree order, then one block adds the partials in a fixed order.
+ *    No atomics.
  */
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/elementwise.h"
@@ -105,6 +106,36 @@ static __global__ void sum_partial_kernel(double *partial, const void *x, moe_dt
         double v = (double)moe_cuda_ld(x, dt, i * stride);
         s += SQUARE ? v * v : v;
     }
+    s = moe_cuda_block_sum_d(s, sh);
+    if (threadIdx.x == 0)
+        partial[blockIdx.x] = s;
+}
+
+/* pass 1 of sumsq over a 16-byte aligned array: a thread reads 16 bytes
+ * (16 / sizeof(T) elements) at a time, so enough bytes are in flight to
+ * stream at the memory's bandwidth (one 2-byte element a thread streamed
+ * the gradients at about a third of it); block 0 also reads the elements
+ * past the last whole vector */
+template <typename T> static __global__ void sumsq_vec_kernel(double *partial, const T *x, int64_t n)
+{
+    constexpr int PER = 16 / (int)sizeof(T);
+    __shared__ double sh[32];
+    double s = 0.0;
+    const int64_t nv = n / PER;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < nv; i += (int64_t)gridDim.x * blockDim.x) {
+        const uint4 u = ((const uint4 *)x)[i];
+        const T *e = (const T *)&u;
+#pragma unroll
+        for (int k = 0; k < PER; k++) {
+            const double v = (double)moe_cuda_f32(e[k]);
+            s += v * v;
+        }
+    }
+    if (blockIdx.x == 0)
+        for (int64_t i = nv * PER + threadIdx.x; i < n; i += blockDim.x) {
+            const double v = (double)moe_cuda_f32(x[i]);
+            s += v * v;
+        }
     s = moe_cuda_block_sum_d(s, sh);
     if (threadIdx.x == 0)
         partial[blockIdx.x] = s;
@@ -243,5 +274,19 @@ moe_status moe_cuda_sum_f32(moe_ctx *c, float *out, const float *x, int64_t n, i
 moe_status moe_cuda_sumsq(moe_ctx *c, float *out, const void *x, moe_dtype dt, int64_t n)
 {
     MOE_TRY(check_float(c, "sumsq", dt, n));
-    return sum_two_pass(c, out, x, dt, n, 1, 1.0f, true);
+    if ((uintptr_t)x % 16u != 0 || n < 1)
+        return sum_two_pass(c, out, x, dt, n, 1, 1.0f, true);
+    const int64_t per = 16 / (int64_t)moe_dtype_size(dt), nb = (n / per + SUM_THREADS - 1) / SUM_THREADS;
+    const int blocks = (int)(nb < 1 ? 1 : nb > SUM_MAX_BLOCKS ? SUM_MAX_BLOCKS : nb);
+    double *partial = (double *)c->scratch;
+    if (dt == MOE_F32)
+        sumsq_vec_kernel<float><<<blocks, SUM_THREADS, 0, c->stream>>>(partial, (const float *)x, n);
+    else if (dt == MOE_F16)
+        sumsq_vec_kernel<__half><<<blocks, SUM_THREADS, 0, c->stream>>>(partial, (const __half *)x, n);
+    else
+        sumsq_vec_kernel<__nv_bfloat16><<<blocks, SUM_THREADS, 0, c->stream>>>(partial, (const __nv_bfloat16 *)x, n);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    sum_final_kernel<<<1, SUM_THREADS, 0, c->stream>>>(out, partial, blocks, 1.0f);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    return MOE_OK;
 }
