@@ -1406,6 +1406,36 @@ static void test_cpu_ops_attention_dropout(void **state)
     check_attention(0.4f);
 }
 
+/* The attention draws (kernels/philox.h): 16 bits a score, eight a group,
+ * dropped with probability ceil(65536 p) / 65536 */
+static void test_cpu_ops_attention_draws(void **state)
+{
+    (void)state;
+    assert_int_equal(moe_philox_threshold16(0.0f), 0);
+    assert_int_equal(moe_philox_threshold16(0.5f), 32768);
+    assert_int_equal(moe_philox_threshold16(0.1f), 6554); /* 0.1f * 65536 = 6553.6001 */
+    assert_int_equal(moe_philox_threshold16(1.0f / 65536.0f), 1);
+    assert_int_equal(moe_philox_threshold16(0.99999f), 65536); /* above the last 16-bit value: all dropped */
+    /* index i is half (i & 1) of word (i >> 1) & 3 of group i >> 3 */
+    for (uint64_t g = 0; g < 64; g++) {
+        const moe_philox_out o = moe_philox4x32(5, 6, g);
+        const unsigned k8 = moe_philox_keep8(5, 6, g, 20000);
+        for (int w = 0; w < 8; w++) {
+            const uint32_t bits = w & 1 ? o.v[w >> 1] >> 16 : o.v[w >> 1] & 0xFFFFu;
+            assert_int_equal((k8 >> w) & 1u, bits >= 20000);
+            assert_int_equal(moe_philox_keep16(5, 6, 8 * g + (uint64_t)w, 20000), bits >= 20000);
+        }
+        assert_int_equal(moe_philox_keep8(5, 6, g, 0), 0xFF);
+        assert_int_equal(moe_philox_keep8(5, 6, g, 65536), 0);
+    }
+    /* drop rate of p = 0.3 over 2^20 scores: 19661/65536 = 0.300003, standard error 0.00045 */
+    const uint32_t thr = moe_philox_threshold16(0.3f);
+    long dropped = 0;
+    for (uint64_t i = 0; i < (1u << 20); i++)
+        dropped += !moe_philox_keep16(11, 2, i, thr);
+    assert_true(fabs((double)dropped / (1u << 20) - (double)thr / 65536.0) < 0.0025);
+}
+
 /* ---------------------------------------------------- fp16/bf16 storage */
 
 /* Each op on dt storage against the same op in fp32 on the same rounded
@@ -1532,6 +1562,7 @@ int main(void)
         cmocka_unit_test(test_cpu_ops_cross_entropy),
         cmocka_unit_test(test_cpu_ops_attention),
         cmocka_unit_test(test_cpu_ops_attention_dropout),
+        cmocka_unit_test(test_cpu_ops_attention_draws),
         cmocka_unit_test(test_cpu_ops_half_storage),
         cmocka_unit_test(test_cpu_ops_invalid_arguments),
     };
