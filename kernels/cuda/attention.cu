@@ -5,10 +5,12 @@
  *
  * Two paths with the same math (kernels/cpu/attention.c is the reference):
  *  - fp16/bf16 with head_dim 32, 64 or 128: tensor cores, FlashAttention-2
- *    style (mma.sync with ldmatrix operands, tiles of 64 x 64, 4 warps of 16
- *    rows, the next tile copied with cp.async while the current one is used,
- *    exponentials by the hardware's ex2 (__expf), as FlashAttention does: the
- *    softmax is ALU-bound at these head sizes). Scores and their gradients are fp32 in registers; the
+ *    style (mma.sync with ldmatrix operands; blocks of 4 warps own 128 rows
+ *    at head dim <= 64 (64 at 128, and in the dQ pass), the other side
+ *    streams in tiles of 64 copied with cp.async while the current one is
+ *    used; exponentials by the hardware's ex2 (__expf), as FlashAttention
+ *    does: the softmax and the dropout draws, not the tensor cores, bound
+ *    these kernels at these head sizes). Scores and their gradients are fp32 in registers; the
  *    probabilities and dS that feed the P.V, dS.K and dS^T.Q products are
  *    rounded to the storage dtype, as in FlashAttention-2.
  *  - every other case (fp32, other head sizes up to 256): CUDA cores in fp32,
