@@ -5,8 +5,10 @@
 #   reference  --memory-efficient-fp16 --checkpoint-activations --fp16-adam-stats --update-freq 8
 #   bf16       --bf16, no activation checkpointing
 #   dropless   bf16 with --moe-dropless (no capacity drops; bound --moe-dropless-capacity-factor 4)
+#   profile    bf16, 6 updates, updates 4-5 recorded with --profile (device-timed spans) and
+#              summarised by bench/profile_summary.py: where an update's time goes, per op
 # Prints words per second, model TFLOP/s (FLOPs per token from --dry-run) and peak memory.
-# Usage: bench/reference_1gpu.sh [reference|bf16|dropless|both] [updates]
+# Usage: bench/reference_1gpu.sh [reference|bf16|dropless|profile|both] [updates]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-both}
@@ -46,4 +48,10 @@ case "$mode" in
 esac
 case "$mode" in
   dropless) run dropless --bf16 --update-freq 1 --moe-dropless ;;
+esac
+case "$mode" in
+  profile)
+    "$train" "${model[@]}" --max-update 6 --bf16 --update-freq 1 --profile bench/last_profile.json \
+      --profile-updates 4-5 >bench/last_profile.log 2>&1 || { tail -20 bench/last_profile.log; exit 1; }
+    python3 bench/profile_summary.py bench/last_profile.json --top 30 ;;
 esac
