@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark: the reference single-node model (24 layers, d 2048, ffn 8192, 32 heads,
 # 8 experts every 2nd layer, top-2 'all', 2048 tokens per sample, batch 4) on one GPU,
-# all 8 experts local. Two modes:
+# all 8 experts local. Modes:
 #   reference  --memory-efficient-fp16 --checkpoint-activations --fp16-adam-stats --update-freq 8
 #   bf16       --bf16, no activation checkpointing
 #   dropless   bf16 with --moe-dropless (no capacity drops; bound --moe-dropless-capacity-factor 4)
