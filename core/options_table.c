@@ -126,6 +126,11 @@ const moe_option moe_core_options[] = {
     {"max-epoch", MOE_OPT_INT, "0", "force stop training at specified epoch (0: no limit)", 0, I32_MAX, NULL},
     {"max-update", MOE_OPT_INT, "0", "force stop training at specified update (0: no limit)", 0, U53_MAX, NULL},
     {"clip-norm", MOE_OPT_FLOAT, "0.0", "clip threshold of gradients (0: no clipping)", AT_LEAST(0.0), NULL},
+    {"optimizer-overlap", MOE_OPT_FLAG, NULL,
+     "step each unit's parameters as soon as the backward has finished its gradient, beside the rest of the "
+     "backward (on a GPU, on a second stream); the same numbers as stepping after the backward. One process, "
+     "--update-freq 1, no --clip-norm, no loss scaling (--bf16 or fp32), not with fully_sharded or --moe-dropless",
+     NOLIMIT, NULL},
     {"update-freq", MOE_OPT_STRING, "1",
      "update parameters every N_i batches, when in epoch i (a comma-separated list of integers)", NOLIMIT, NULL},
     {"lr", MOE_OPT_STRING, "0.25",

@@ -276,6 +276,21 @@ static moe_status host_unit_release(const moe_host *h, int unit_id)
 
 static moe_status host_unit_prefetch(const moe_host *h, int unit_id) { return moe_fsdp_prefetch(rt_of(h), unit_id); }
 
+static moe_status host_unit_grad_ready(const moe_host *h, int unit_id)
+{
+    moe_runtime *rt = rt_of(h);
+    if (unit_id < 0 || unit_id >= rt->n_units)
+        return moe_error_set(MOE_ERR_INVALID_ARG, "unit_grad_ready: expected a unit id below %d, found %d",
+                             rt->n_units, unit_id);
+    return rt->grad_ready ? rt->grad_ready(rt->grad_ready_ctx, unit_id) : MOE_OK;
+}
+
+void moe_runtime_set_grad_ready(moe_runtime *rt, moe_status (*fn)(void *ctx, int unit_id), void *ctx)
+{
+    rt->grad_ready = fn;
+    rt->grad_ready_ctx = ctx;
+}
+
 moe_status moe_runtime_finish_reductions(moe_runtime *rt) { return moe_fsdp_finish(rt); }
 
 static uint64_t host_step_seed(const moe_host *h) { return rt_of(h)->step_seed; }
@@ -361,6 +376,7 @@ moe_status moe_runtime_create(moe_opts *opts, moe_registry *reg, const moe_runti
     h->unit_gather = host_unit_gather;
     h->unit_release = host_unit_release;
     h->unit_prefetch = host_unit_prefetch;
+    h->unit_grad_ready = host_unit_grad_ready;
     h->seed = cfg->seed;
     h->step_seed = host_step_seed;
     h->expert_grad_scale = 1.0f;

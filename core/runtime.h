@@ -52,6 +52,8 @@ void moe_runtime_wrap(moe_runtime *rt, const moe_ops *ops, const moe_comm_ops *c
 
 /* Per-update seed handed to plugins by host->step_seed (seed + num_updates). */
 void moe_runtime_set_step_seed(moe_runtime *rt, uint64_t step_seed);
+/* where host->unit_grad_ready goes (NULL: nowhere) */
+void moe_runtime_set_grad_ready(moe_runtime *rt, moe_status (*fn)(void *ctx, int unit_id), void *ctx);
 /* The gate the arch will drive (host->gate_ops). */
 void moe_runtime_set_gate(moe_runtime *rt, const moe_gate_ops *gate);
 /* host->expert_grad_scale (the plan's until set). */

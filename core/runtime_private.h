@@ -58,6 +58,9 @@ struct moe_runtime {
     moe_parallel_plan plan;
     int plan_declared;    /* the arch declared its experts (host->plan_experts) */
     const moe_normalizer_ops *normalizer;
+    /* host->unit_grad_ready goes here (the trainer's --optimizer-overlap), or nowhere */
+    moe_status (*grad_ready)(void *ctx, int unit_id);
+    void *grad_ready_ctx;
 };
 
 #endif

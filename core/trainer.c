@@ -121,6 +121,13 @@ typedef struct trainer {
     double *load_dropped;     /* (load_n, E): of those, dropped for capacity */
     int32_t *load_host;       /* host copy of one routing's expert and slot arrays */
     int64_t load_host_cap;
+    /* --optimizer-overlap */
+    int overlap;              /* asked for (and allowed) */
+    int overlap_live;         /* inside a training backward: host->unit_grad_ready steps the unit */
+    int overlap_side;         /* a step went to the backend's side stream this update */
+    double overlap_scale;     /* the step's grad_scale: this micro-batch's tokens (1 with none) */
+    int *unit_tensor;         /* per unit: its optimizer tensor, or -1 */
+    unsigned char *stepped;   /* per unit: stepped during this update's backward */
 } trainer;
 
 static moe_status dev_alloc(trainer *t, uint64_t bytes, const char *what, void **p)
@@ -201,6 +208,83 @@ static moe_status begin_epoch(trainer *t)
 }
 
 static void observe_route(void *ctx, const char *layer, const moe_route_args *a);
+
+/* --optimizer-overlap: host->unit_grad_ready during a training backward
+ * steps that unit's optimizer tensor with this update's lr and grad_scale,
+ * on the backend's side stream; the units not stepped then are stepped after
+ * the backward as usual. The same arithmetic on the same values as one step
+ * after the backward, so only where it is exact: one process (no gradient
+ * reduction after the backward), one micro-batch an update, no clipping and
+ * no loss scaling (nothing that needs the whole gradient first). */
+static moe_status overlap_grad_ready(void *ctx, int unit)
+{
+    trainer *t = ctx;
+    if (!t->overlap_live || t->unit_tensor[unit] < 0 || t->stepped[unit])
+        return MOE_OK;
+    const moe_backend_ops *be = t->h->backend;
+    if (be->side_stream)
+        MOE_TRY(be->side_stream(t->h->ctx, MOE_SIDE_FORK));
+    moe_status st = t->c->optimizer->step_range(t->opt, t->lr, t->overlap_scale, t->num_updates + 1,
+                                                t->unit_tensor[unit], 1);
+    if (be->side_stream) {
+        moe_status back = be->side_stream(t->h->ctx, MOE_SIDE_BACK);
+        t->overlap_side = 1;
+        if (st == MOE_OK)
+            st = back;
+    }
+    t->stepped[unit] = 1;
+    return st;
+}
+
+static moe_status overlap_setup(trainer *t)
+{
+    const moe_host *h = t->h;
+    if (!moe_opts_flag(t->o, "optimizer-overlap"))
+        return MOE_OK;
+    const char *why = h->world > 1                              ? "one process"
+                      : t->update_freq != 1                     ? "--update-freq 1"
+                      : t->clip_norm > 0                        ? "--clip-norm 0"
+                      : t->loss_scaling                         ? "no loss scaling (--bf16 or fp32)"
+                      : t->dropless                             ? "no --moe-dropless"
+                      : !t->c->optimizer->step_range            ? "an optimizer with step_range (ABI 1.6)"
+                                                                : NULL;
+    const char *ddp = moe_opts_str(t->o, "ddp-backend");
+    if (!why && ddp && strcmp(ddp, "fully_sharded") == 0)
+        why = "a ddp backend other than fully_sharded";
+    if (why)
+        return moe_error_set(MOE_ERR_INVALID_ARG,
+                             "--optimizer-overlap: expected %s (stepping a unit before the rest of the backward is "
+                             "exact only then); drop the flag or the setting",
+                             why);
+    const int n = moe_runtime_num_units(t->rt);
+    t->unit_tensor = malloc((size_t)(n > 0 ? n : 1) * sizeof *t->unit_tensor);
+    t->stepped = calloc((size_t)(n > 0 ? n : 1), 1);
+    if (!t->unit_tensor || !t->stepped)
+        return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+    for (int i = 0, k = 0; i < n; i++) { /* the optimizer's tensors: the units with elements, in order */
+        moe_unit_info u;
+        moe_runtime_unit(t->rt, i, &u);
+        t->unit_tensor[i] = u.numel == 0 ? -1 : k++;
+    }
+    t->overlap = 1;
+    moe_runtime_set_grad_ready(t->rt, overlap_grad_ready, t);
+    return MOE_OK;
+}
+
+/* the optimizer step of an update: every unit, or with --optimizer-overlap
+ * those its backward did not step */
+static moe_status optimizer_step(trainer *t, double grad_scale)
+{
+    if (!t->overlap)
+        return t->c->optimizer->step(t->opt, t->lr, grad_scale, t->num_updates + 1);
+    const int n = moe_runtime_num_units(t->rt);
+    for (int i = 0; i < n; i++) {
+        if (t->unit_tensor[i] >= 0 && !t->stepped[i])
+            MOE_TRY(t->c->optimizer->step_range(t->opt, t->lr, grad_scale, t->num_updates + 1, t->unit_tensor[i], 1));
+        t->stepped[i] = 0;
+    }
+    return MOE_OK;
+}
 
 static moe_status setup(trainer *t)
 {
@@ -298,6 +382,7 @@ static moe_status setup(trainer *t)
                              "expected --criterion moe_cross_entropy with --moe-dropless (its capacity check reads "
                              "the routing metrics that criterion sums), found --criterion %s",
                              t->c->criterion_name ? t->c->criterion_name : "(none)");
+    MOE_TRY(overlap_setup(t));
     for (t->gate_fields = 0; t->gate && t->gate->log_fields && t->gate_fields < MOE_NUM_GATE_METRICS &&
                              t->gate->log_fields[t->gate_fields];
          t->gate_fields++)
@@ -347,6 +432,8 @@ static void teardown(trainer *t)
     free(t->load);
     free(t->load_dropped);
     free(t->load_host);
+    free(t->unit_tensor);
+    free(t->stepped);
     for (int i = 0; i < t->n_valid; i++)
         free(t->valid_subsets[i]);
     free(t->valid_subsets);
@@ -390,7 +477,11 @@ static moe_status run_batch(trainer *t, const char *split, int64_t index, int tr
     moe_profile_end(span);
     if (train) {
         span = moe_profile_begin(MOE_PROF_BACKWARD, "backward");
-        MOE_TRY(t->c->arch->backward(t->c->model, dl_aux));
+        t->overlap_live = t->overlap;
+        t->overlap_scale = b->ntokens > 0 ? (double)b->ntokens : 1.0; /* 1/multiply of train_step_inner */
+        moe_status bst = t->c->arch->backward(t->c->model, dl_aux);
+        t->overlap_live = 0;
+        MOE_TRY(bst);
         moe_profile_end(span);
     }
     return MOE_OK;
@@ -1072,6 +1163,10 @@ static moe_status train_step_inner(trainer *t, int *updated)
         t->c->task->free_batch(t->c->task_state, &b);
         t->iter++;
     }
+    if (t->overlap_side) { /* the steps queued beside the backward are done before anything reads on */
+        MOE_TRY(h->backend->side_stream(h->ctx, MOE_SIDE_JOIN));
+        t->overlap_side = 0;
+    }
     int span = moe_profile_begin(MOE_PROF_COMM, "gradient reduction");
     MOE_TRY(reduce_gradients(t));
     moe_profile_end(span);
@@ -1093,9 +1188,10 @@ static moe_status train_step_inner(trainer *t, int *updated)
     double gnorm = multiply * sqrt(red[RED_NORM_DENSE] + red[RED_NORM_EXPERT] + red[RED_NORM_SHARDED]);
     if (!isfinite(gnorm)) {
         if (!t->loss_scaling)
-            return moe_error_set(MOE_ERR_OVERFLOW, "gradients are NaN/Inf at update %lld; lower the "
+            return moe_error_set(MOE_ERR_OVERFLOW, "gradients are NaN/Inf at update %lld%s; lower the "
                                                    "learning rate or enable --clip-norm",
-                                 (long long)t->num_updates + 1);
+                                 (long long)t->num_updates + 1,
+                                 t->overlap ? " (with --optimizer-overlap most units were already stepped)" : "");
         char note[160];
         moe_status st = moe_scaler_check_overflow(&t->scaler, gnorm, note, sizeof note);
         if (st == MOE_ERR_OVERFLOW) {
@@ -1111,7 +1207,7 @@ static moe_status train_step_inner(trainer *t, int *updated)
         clipped = 1;
     }
     span = moe_profile_begin(MOE_PROF_OPTIMIZER, "optimizer");
-    MOE_TRY(t->c->optimizer->step(t->opt, t->lr, 1.0 / multiply, t->num_updates + 1));
+    MOE_TRY(optimizer_step(t, 1.0 / multiply));
     moe_profile_end(span);
     MOE_TRY(update_gates(t));
     if (t->loss_scaling)

@@ -309,7 +309,7 @@ PIN(moe_mem_stats, peak_reserved, 24);
 PIN(moe_mem_stats, total, 32);
 
 /* moe_backend_ops, plugin.h */
-PIN_SIZE(moe_backend_ops, 136);
+PIN_SIZE(moe_backend_ops, 144);
 PIN(moe_backend_ops, create, 0);
 PIN(moe_backend_ops, destroy, 8);
 PIN(moe_backend_ops, available, 16);
@@ -327,6 +327,7 @@ PIN(moe_backend_ops, timer_mark, 104); /* 1.3 */
 PIN(moe_backend_ops, timer_elapsed_ms, 112); /* 1.3 */
 PIN(moe_backend_ops, timer_free, 120); /* 1.3 */
 PIN(moe_backend_ops, ops_size, 128); /* 1.3 */
+PIN(moe_backend_ops, side_stream, 136); /* 1.6 */
 
 /* moe_comm_ops, plugin.h */
 PIN_SIZE(moe_comm_ops, 120);
@@ -347,7 +348,7 @@ PIN(moe_comm_ops, reduce_scatter_start, 104); /* 1.1 */
 PIN(moe_comm_ops, wait, 112); /* 1.1 */
 
 /* moe_host, plugin.h */
-PIN_SIZE(moe_host, 248);
+PIN_SIZE(moe_host, 256);
 PIN(moe_host, size, 0);
 PIN(moe_host, log, 8);
 PIN(moe_host, error, 16);
@@ -382,6 +383,7 @@ PIN(moe_host, expert_grad_scale, 224); /* 1.2 */
 PIN(moe_host, padding_idx, 228); /* 1.3 */
 PIN(moe_host, plan, 232); /* 1.4 */
 PIN(moe_host, plan_experts, 240); /* 1.4 */
+PIN(moe_host, unit_grad_ready, 248); /* 1.6 */
 
 /* moe_parallel_plan, plugin.h (1.4) */
 PIN_SIZE(moe_parallel_plan, 72);
@@ -499,7 +501,7 @@ PIN(moe_opt_state_layout, scalars, 72);
 PIN(moe_opt_state_layout, scalar_name, 80);
 
 /* moe_optimizer_ops, plugin.h */
-PIN_SIZE(moe_optimizer_ops, 64);
+PIN_SIZE(moe_optimizer_ops, 72);
 PIN(moe_optimizer_ops, init, 0);
 PIN(moe_optimizer_ops, destroy, 8);
 PIN(moe_optimizer_ops, step, 16);
@@ -508,6 +510,7 @@ PIN(moe_optimizer_ops, state_bytes, 32); /* 1.2 */
 PIN(moe_optimizer_ops, save_state, 40); /* 1.2 */
 PIN(moe_optimizer_ops, load_state, 48); /* 1.2 */
 PIN(moe_optimizer_ops, state_layout, 56); /* 1.3 */
+PIN(moe_optimizer_ops, step_range, 64); /* 1.6 */
 
 /* moe_lr_scheduler_ops, plugin.h */
 PIN_SIZE(moe_lr_scheduler_ops, 24);

@@ -3,6 +3,9 @@
  *    is above the uniform log2(V) (FAIRSEQ_SPEC.md §4.5) and the loss falls by
  *    at least half within a few hundred updates; every §8 field is present;
  *  - two identical runs (dropout on) give identical logs apart from timing;
+ *  - --optimizer-overlap (units stepped as their backward finishes) logs the
+ *    same updates as the step after the backward, and is refused where it
+ *    would not be exact;
  *  - the reference precision flags (memory-efficient fp16, fp16 Adam moments,
  *    activation checkpointing) train too, with the loss scale logged;
  *  - the general top-k router (k = 4, sigmoid, z-loss, per-sequence loss,
@@ -207,6 +210,50 @@ static void test_train_identical_runs_identical_logs(void **state)
     moe_cmd_result_free(&b);
 }
 
+/* --optimizer-overlap steps each unit as its backward finishes it: the same
+ * updates as the step after the backward (fp32 and bf16, dropout on), and a
+ * setting under which it would not be exact is refused with one line */
+static void test_train_optimizer_overlap(void **state)
+{
+    (void)state;
+    const char *modes[] = {"", "--bf16 "};
+    for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++) {
+        char plain[2048], overlap[2100];
+        snprintf(plain, sizeof plain, TINY "--lr 0.003 --warmup-updates 5 --max-update 12 --log-interval 1 %s",
+                 modes[i]);
+        snprintf(overlap, sizeof overlap, "%s--optimizer-overlap", plain);
+        moe_cmd_result a, b;
+        assert_int_equal(moe_run_train(plain, &a), 0);
+        assert_int_equal(moe_run_train(overlap, &b), 0);
+        if (b.status != 0)
+            fail_msg("%s failed:\n%s\n%s", overlap, b.out, b.err);
+        assert_int_equal(a.status, 0);
+        assert_int_equal(moe_count_lines(b.out, "| train_inner | "), 12);
+        strip_timing(a.out);
+        strip_timing(b.out);
+        assert_string_equal(a.out, b.out);
+        moe_cmd_result_free(&a);
+        moe_cmd_result_free(&b);
+    }
+    const struct {
+        const char *flags, *expect;
+    } refused[] = {
+        {"--update-freq 2", "--optimizer-overlap: expected --update-freq 1"},
+        {"--clip-norm 1.0", "--optimizer-overlap: expected --clip-norm 0"},
+        {"--fp16", "--optimizer-overlap: expected no loss scaling"},
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        char args[2048];
+        snprintf(args, sizeof args, TINY "--lr 0.003 --max-update 2 --optimizer-overlap %s", refused[i].flags);
+        moe_cmd_result r;
+        assert_int_equal(moe_run_train(args, &r), 0);
+        assert_int_not_equal(r.status, 0);
+        if (!strstr(r.err, refused[i].expect))
+            fail_msg("%s: expected '%s' in:\n%s", refused[i].flags, refused[i].expect, r.err);
+        moe_cmd_result_free(&r);
+    }
+}
+
 static void test_train_reference_precision_flags(void **state)
 {
     (void)state;
@@ -350,6 +397,7 @@ int main(void)
         cmocka_unit_test(test_train_tiny_model_learns),
         cmocka_unit_test(test_train_topk_router),
         cmocka_unit_test(test_train_identical_runs_identical_logs),
+        cmocka_unit_test(test_train_optimizer_overlap),
         cmocka_unit_test(test_train_reference_precision_flags),
         cmocka_unit_test(test_train_precision_modes),
         cmocka_unit_test(test_train_loss_scaler_overflow_and_minimum),

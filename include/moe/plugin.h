@@ -51,6 +51,8 @@
  *       gate_metrics; moe_arch_ops: moe_gate.
  *  1.5  moe_ops: expert_rows, grouped_matmul (and the struct
  *       moe_grouped_matmul_args).
+ *  1.6  moe_backend_ops: side_stream; moe_host: unit_grad_ready;
+ *       moe_optimizer_ops: step_range.
  */
 #ifndef MOE_PLUGIN_H
 #define MOE_PLUGIN_H
@@ -67,7 +69,7 @@ extern "C" {
 #endif
 
 #define MOE_ABI_MAJOR 1
-#define MOE_ABI_MINOR 5
+#define MOE_ABI_MINOR 6
 #define MOE_PLUGIN_SYMBOL "moe_plugin_descriptor"
 
 #if defined(__GNUC__)
@@ -187,7 +189,20 @@ typedef struct moe_backend_ops {
      * backend's headers lacked are NULL (unsupported: whoever needs one says
      * so). 0 (a backend of an older minor): the 1.0 ops, through sgd_step. */
     uint32_t ops_size;
+    /* (ABI 1.6) a second queue for work that may run beside the compute
+     * (--optimizer-overlap steps finished units there during the backward):
+     * MOE_SIDE_FORK makes it wait for the compute queued so far and sends
+     * the ops that follow to it; MOE_SIDE_BACK sends them to the compute
+     * stream again (the side work goes on); MOE_SIDE_JOIN makes the compute
+     * stream wait for everything queued on the side. Work on the side must
+     * not allocate, free or use the context's scratch. NULL on a backend
+     * whose ops run synchronously (cpu): the core then queues in order. */
+    moe_status (*side_stream)(moe_ctx *ctx, int phase);
 } moe_backend_ops;
+
+#define MOE_SIDE_FORK 0
+#define MOE_SIDE_BACK 1
+#define MOE_SIDE_JOIN 2
 
 typedef enum moe_reduce_op { MOE_REDUCE_SUM = 0, MOE_REDUCE_MAX } moe_reduce_op;
 
@@ -356,6 +371,12 @@ typedef struct moe_host {
      * creates the plan's communication groups then. An expert count the
      * world cannot hold fails with one line. */
     moe_status (*plan_experts)(const struct moe_host *h, int experts, const moe_parallel_plan **plan);
+    /* (ABI 1.6) the arch's backward has added every contribution of this
+     * micro-batch to the unit's gradient (call it once per unit and backward,
+     * after its last one); with --optimizer-overlap the core may then step the
+     * unit's parameters while the backward goes on. An arch that never calls
+     * it gets every unit stepped after its backward, as before. */
+    moe_status (*unit_grad_ready)(const struct moe_host *h, int unit_id);
 } moe_host;
 
 /* --------------------------------------------------------- kind: data batch */
@@ -581,6 +602,10 @@ typedef struct moe_optimizer_ops {
      * see moe_opt_state_layout. May be NULL: the state is then opaque and a
      * checkpoint resumes it only where every tensor is the one it was. */
     void (*state_layout)(void *opt, moe_opt_state_layout *out);
+    /* (ABI 1.6) step only the tensors first .. first + count - 1 (init
+     * order), as step does them: stepping every tensor once this way, in any
+     * order and groups, is step. NULL: no --optimizer-overlap. */
+    moe_status (*step_range)(void *opt, double lr, double grad_scale, int64_t step, int first, int count);
 } moe_optimizer_ops;
 
 /* ---------------------------------------------------- kind: lr_scheduler */

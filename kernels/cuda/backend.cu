@@ -278,6 +278,8 @@ static void cuda_destroy(moe_ctx *c)
 {
     if (c == NULL)
         return;
+    if (c->side != NULL)
+        c->stream = c->compute;
     if (c->stream != NULL)
         cudaStreamSynchronize(c->stream);
     for (int h = 0; h < MOE_CUDA_LIVE_BUCKETS; h++) {
@@ -295,8 +297,14 @@ static void cuda_destroy(moe_ctx *c)
         cudaFree(c->lt_workspace);
     if (c->lt != NULL)
         cublasLtDestroy(c->lt);
-    if (c->stream != NULL)
-        cudaStreamDestroy(c->stream);
+    if (c->side != NULL) {
+        cudaStreamSynchronize(c->side);
+        cudaStreamDestroy(c->side);
+        cudaEventDestroy(c->ev_fork);
+        cudaEventDestroy(c->ev_join);
+    }
+    if (c->compute != NULL)
+        cudaStreamDestroy(c->compute);
     free(c);
 }
 
@@ -340,6 +348,7 @@ static moe_status cuda_create(const moe_host *h, int device_id, moe_ctx **out)
         goto cuda_fail;
     if ((e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess)
         goto cuda_fail;
+    c->compute = c->stream;
     c->lt_workspace_bytes = MOE_CUDA_WORKSPACE_BYTES;
     if ((e = cudaMalloc(&c->lt_workspace, c->lt_workspace_bytes)) != cudaSuccess)
         goto cuda_fail;
@@ -396,6 +405,37 @@ static moe_status cuda_copy(moe_ctx *c, void *dst, const void *src, uint64_t byt
 
 /* the stream every op is queued on, so a communicator can queue after them */
 static void *cuda_native_stream(moe_ctx *c) { return (void *)c->stream; }
+
+/* ABI 1.6: fork sends the ops that follow to a second stream that first
+ * waits for the compute queued so far; back returns them to the compute
+ * stream; join makes the compute stream wait for the side's work */
+static moe_status cuda_side_stream(moe_ctx *c, int phase)
+{
+    if (phase != MOE_SIDE_FORK && phase != MOE_SIDE_BACK && phase != MOE_SIDE_JOIN)
+        return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda side_stream: expected a phase of 0, 1 or 2, found %d",
+                             phase);
+    if (c->side == NULL) {
+        if (phase != MOE_SIDE_FORK)
+            return MOE_OK; /* nothing was ever forked */
+        MOE_CUDA_TRY(c, cudaStreamCreateWithFlags(&c->side, cudaStreamNonBlocking));
+        MOE_CUDA_TRY(c, cudaEventCreateWithFlags(&c->ev_fork, cudaEventDisableTiming));
+        MOE_CUDA_TRY(c, cudaEventCreateWithFlags(&c->ev_join, cudaEventDisableTiming));
+    }
+    if (phase == MOE_SIDE_FORK) {
+        if (c->stream == c->side)
+            return moe_cuda_fail(c, MOE_ERR_INTERNAL, "cuda side_stream: fork while already on the side stream");
+        MOE_CUDA_TRY(c, cudaEventRecord(c->ev_fork, c->compute));
+        MOE_CUDA_TRY(c, cudaStreamWaitEvent(c->side, c->ev_fork, 0));
+        c->stream = c->side;
+    } else if (phase == MOE_SIDE_BACK) {
+        c->stream = c->compute;
+    } else {
+        c->stream = c->compute;
+        MOE_CUDA_TRY(c, cudaEventRecord(c->ev_join, c->side));
+        MOE_CUDA_TRY(c, cudaStreamWaitEvent(c->compute, c->ev_join, 0));
+    }
+    return MOE_OK;
+}
 
 static moe_status cuda_synchronize(moe_ctx *c)
 {
@@ -543,7 +583,7 @@ static const moe_backend_ops cuda_backend = {
     cuda_create,      cuda_destroy,      cuda_available,    cuda_alloc,        cuda_free,
     cuda_copy_to_host, cuda_copy_from_host, cuda_copy,       cuda_synchronize,  cuda_memory_stats,
     cuda_reset_peak,  &cuda_ops_table,   cuda_native_stream, cuda_timer_mark,   cuda_timer_elapsed_ms,
-    cuda_timer_free,  (uint32_t)sizeof(moe_ops),
+    cuda_timer_free,  (uint32_t)sizeof(moe_ops), cuda_side_stream,
 };
 
 extern "C" {

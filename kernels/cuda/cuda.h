@@ -50,7 +50,10 @@ struct moe_ctx {
     const moe_host *host;
     int device;
     int num_sms;
-    cudaStream_t stream;
+    cudaStream_t stream;          /* where ops queue: the compute stream, or the side one between a
+                                   * MOE_SIDE_FORK and its MOE_SIDE_BACK */
+    cudaStream_t compute, side;   /* side_stream (ABI 1.6): created at the first fork */
+    cudaEvent_t ev_fork, ev_join;
     cublasLtHandle_t lt;
     void *lt_workspace;
     size_t lt_workspace_bytes;

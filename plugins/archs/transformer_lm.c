@@ -1044,6 +1044,19 @@ static moe_status layer_backward(tlm *m, int i, float dl_aux)
     return MOE_OK;
 }
 
+/* layer i's units (its own and its local experts') have their whole
+ * gradient once its backward ran: nothing later in the backward adds to them */
+static moe_status layer_grads_ready(tlm *m, int i)
+{
+    const moe_host *h = m->h;
+    const tlm_layer *ly = &m->layers[i];
+    MOE_TRY(h->unit_grad_ready(h, ly->unit));
+    if (ly->moe)
+        for (int l = 0; l < m->local_experts; l++)
+            MOE_TRY(h->unit_grad_ready(h, ly->experts[l].unit));
+    return MOE_OK;
+}
+
 static moe_status tlm_backward(void *model, float dl_aux)
 {
     tlm *m = model;
@@ -1077,6 +1090,7 @@ static moe_status tlm_backward(void *model, float dl_aux)
             MOE_TRY(layer_forward(m, i)); /* same seed, micro and inputs: the same activations and masks */
         MOE_TRY(layer_backward(m, i, dl_aux));
         MOE_TRY(h->unit_release(h, m->layers[i].unit));
+        MOE_TRY(layer_grads_ready(m, i));
     }
     const void *demb;
     MOE_TRY(tlm_dropout_bwd(m, m->dres, m->dtmp, N * d, m->p_drop, 0, SITE_EMBED, 0, &demb));
@@ -1084,7 +1098,8 @@ static moe_status tlm_backward(void *model, float dl_aux)
                                     m->dt));
     m->ws_layer = -1; /* recomputation overwrote the shared activations */
     m->root_gathered = 0;
-    return h->unit_release(h, m->root_unit);
+    MOE_TRY(h->unit_release(h, m->root_unit));
+    return h->unit_grad_ready(h, m->root_unit);
 }
 
 /* ------------------------------------------------------------ descriptor */

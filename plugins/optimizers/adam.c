@@ -132,11 +132,15 @@ static moe_status adam_init(const moe_host *h, const moe_opt_tensor *tensors, in
     return MOE_OK;
 }
 
-static moe_status adam_step(void *opt, double lr, double grad_scale, int64_t step)
+/* tensors first .. first + count - 1 of init (ABI 1.6 step_range; step is all of them) */
+static moe_status adam_step_range(void *opt, double lr, double grad_scale, int64_t step, int first, int count)
 {
     adam_state *a = opt;
     const moe_host *h = a->h;
-    for (int i = 0; i < a->n; i++) {
+    if (first < 0 || count < 0 || first > a->n - count)
+        return h->error(h, MOE_ERR_INVALID_ARG, "adam: expected tensors within 0 .. %d, found %d .. %d", a->n - 1,
+                        first, first + count - 1);
+    for (int i = first; i < first + count; i++) {
         const adam_tensor *t = &a->ts[i];
         if (t->t.n <= 0)
             continue;
@@ -166,6 +170,11 @@ static moe_status adam_step(void *opt, double lr, double grad_scale, int64_t ste
             return st;
     }
     return MOE_OK;
+}
+
+static moe_status adam_step(void *opt, double lr, double grad_scale, int64_t step)
+{
+    return adam_step_range(opt, lr, grad_scale, step, 0, ((adam_state *)opt)->n);
 }
 
 static double adam_state_bytes_per_param(const moe_host *h)
@@ -235,7 +244,7 @@ static void adam_state_layout(void *opt, moe_opt_state_layout *out)
 
 static const moe_optimizer_ops adam_ops = {
     adam_init,        adam_destroy,     adam_step, adam_state_bytes_per_param, adam_state_bytes,
-    adam_save_state,  adam_load_state,  adam_state_layout,
+    adam_save_state,  adam_load_state,  adam_state_layout, adam_step_range,
 };
 
 MOE_PLUGIN_DEFINE(MOE_KIND_OPTIMIZER, moe_optimizer_ops, "adam", "1.0",

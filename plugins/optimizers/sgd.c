@@ -84,12 +84,16 @@ static moe_status sgd_init(const moe_host *h, const moe_opt_tensor *tensors, int
     return MOE_OK;
 }
 
-static moe_status sgd_step(void *opt, double lr, double grad_scale, int64_t step)
+/* tensors first .. first + count - 1 of init (ABI 1.6 step_range; step is all of them) */
+static moe_status sgd_step_range(void *opt, double lr, double grad_scale, int64_t step, int first, int count)
 {
     (void)step;
     sgd_state *s = opt;
     const moe_host *h = s->h;
-    for (int i = 0; i < s->n; i++) {
+    if (first < 0 || count < 0 || first > s->n - count)
+        return h->error(h, MOE_ERR_INVALID_ARG, "sgd: expected tensors within 0 .. %d, found %d .. %d", s->n - 1,
+                        first, first + count - 1);
+    for (int i = first; i < first + count; i++) {
         const sgd_tensor *t = &s->ts[i];
         if (t->t.n <= 0)
             continue;
@@ -112,6 +116,11 @@ static moe_status sgd_step(void *opt, double lr, double grad_scale, int64_t step
             return st;
     }
     return MOE_OK;
+}
+
+static moe_status sgd_step(void *opt, double lr, double grad_scale, int64_t step)
+{
+    return sgd_step_range(opt, lr, grad_scale, step, 0, ((sgd_state *)opt)->n);
 }
 
 static double sgd_state_bytes_per_param(const moe_host *h)
@@ -159,7 +168,7 @@ static void sgd_state_layout(void *opt, moe_opt_state_layout *out)
 
 static const moe_optimizer_ops sgd_ops = {
     sgd_init,        sgd_destroy,    sgd_step, sgd_state_bytes_per_param, sgd_state_bytes,
-    sgd_save_state,  sgd_load_state, sgd_state_layout,
+    sgd_save_state,  sgd_load_state, sgd_state_layout, sgd_step_range,
 };
 
 MOE_PLUGIN_DEFINE(MOE_KIND_OPTIMIZER, moe_optimizer_ops, "sgd", "1.0",
