@@ -129,7 +129,8 @@ const moe_option moe_core_options[] = {
     {"optimizer-overlap", MOE_OPT_FLAG, NULL,
      "step each unit's parameters as soon as the backward has finished its gradient, beside the rest of the "
      "backward (on a GPU, on a second stream); the same numbers as stepping after the backward. One process, "
-     "--update-freq 1, no --clip-norm, no loss scaling (--bf16 or fp32), not with fully_sharded or --moe-dropless",
+     "--update-freq 1, no --clip-norm, no loss scaling (--bf16 or fp32), no --fp16-adam-stats, not with "
+     "fully_sharded or --moe-dropless",
      NOLIMIT, NULL},
     {"update-freq", MOE_OPT_STRING, "1",
      "update parameters every N_i batches, when in epoch i (a comma-separated list of integers)", NOLIMIT, NULL},

@@ -251,6 +251,9 @@ static moe_status overlap_setup(trainer *t)
     const char *ddp = moe_opts_str(t->o, "ddp-backend");
     if (!why && ddp && strcmp(ddp, "fully_sharded") == 0)
         why = "a ddp backend other than fully_sharded";
+    /* fp16 moments rescale through the backend's scratch, which the compute stream uses too */
+    if (!why && moe_opts_known(t->o, "fp16-adam-stats") && moe_opts_flag(t->o, "fp16-adam-stats"))
+        why = "fp32 Adam moments (no --fp16-adam-stats)";
     if (why)
         return moe_error_set(MOE_ERR_INVALID_ARG,
                              "--optimizer-overlap: expected %s (stepping a unit before the rest of the backward is "

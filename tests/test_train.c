@@ -241,6 +241,7 @@ static void test_train_optimizer_overlap(void **state)
         {"--update-freq 2", "--optimizer-overlap: expected --update-freq 1"},
         {"--clip-norm 1.0", "--optimizer-overlap: expected --clip-norm 0"},
         {"--fp16", "--optimizer-overlap: expected no loss scaling"},
+        {"--bf16 --fp16-adam-stats", "--optimizer-overlap: expected fp32 Adam moments"},
     };
     for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
         char args[2048];
