@@ -5,10 +5,11 @@
 #   reference  --memory-efficient-fp16 --checkpoint-activations --fp16-adam-stats --update-freq 8
 #   bf16       --bf16, no activation checkpointing
 #   dropless   bf16 with --moe-dropless (no capacity drops; bound --moe-dropless-capacity-factor 4)
+#   overlap    bf16 with --optimizer-overlap (units stepped beside the backward)
 #   profile    bf16, 6 updates, updates 4-5 recorded with --profile (device-timed spans) and
 #              summarised by bench/profile_summary.py: where an update's time goes, per op
 # Prints words per second, model TFLOP/s (FLOPs per token from --dry-run) and peak memory.
-# Usage: bench/reference_1gpu.sh [reference|bf16|dropless|profile|both] [updates]
+# Usage: bench/reference_1gpu.sh [reference|bf16|dropless|overlap|profile|both] [updates]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-both}
@@ -48,6 +49,9 @@ case "$mode" in
 esac
 case "$mode" in
   dropless) run dropless --bf16 --update-freq 1 --moe-dropless ;;
+esac
+case "$mode" in
+  overlap) run overlap --bf16 --update-freq 1 --optimizer-overlap ;;
 esac
 case "$mode" in
   profile)
