@@ -24,17 +24,6 @@ moe_status moe_fsdp_full_grad(moe_runtime *rt, moe_unit_entry *u)
     return rt->host.ops->fill(rt->ctx, u->grad, rt->cfg.grad_dtype, u->padded, 0.0f);
 }
 
-static moe_status check_unit(const moe_runtime *rt, int unit_id, const char *fn)
-{
-    if (unit_id < 0 || unit_id >= rt->n_units)
-        return moe_error_set(MOE_ERR_INVALID_ARG, "%s: no unit with id %d (%d registered)", fn, unit_id,
-                             rt->n_units);
-    if (!rt->allocated)
-        return moe_error_set(MOE_ERR_INTERNAL, "%s of unit '%s' before parameters were allocated", fn,
-                             rt->units[unit_id].name);
-    return MOE_OK;
-}
-
 moe_status moe_comm_start_all_gather(const moe_comm_ops *o, moe_comm *c, moe_group *g, void *recv, const void *send,
                                      int64_t n, moe_dtype dt, moe_comm_req **req)
 {
@@ -98,7 +87,7 @@ moe_status moe_fsdp_prefetch_finish(moe_runtime *rt, moe_unit_entry *u, int drop
 
 moe_status moe_fsdp_gather(moe_runtime *rt, int unit_id)
 {
-    MOE_TRY(check_unit(rt, unit_id, "unit_gather"));
+    MOE_TRY(moe_runtime_check_unit(rt, unit_id, "unit_gather"));
     moe_unit_entry *u = &rt->units[unit_id];
     if (!u->sharded || u->gathers++ > 0)
         return MOE_OK;
@@ -110,7 +99,7 @@ moe_status moe_fsdp_gather(moe_runtime *rt, int unit_id)
 
 moe_status moe_fsdp_prefetch(moe_runtime *rt, int unit_id)
 {
-    MOE_TRY(check_unit(rt, unit_id, "unit_prefetch"));
+    MOE_TRY(moe_runtime_check_unit(rt, unit_id, "unit_prefetch"));
     moe_unit_entry *u = &rt->units[unit_id];
     if (!u->sharded || u->gathers > 0 || u->prefetched)
         return MOE_OK;
@@ -150,7 +139,7 @@ moe_status moe_fsdp_finish(moe_runtime *rt)
  * a time, as FSDP's post-backward reduction. */
 moe_status moe_fsdp_release(moe_runtime *rt, int unit_id)
 {
-    MOE_TRY(check_unit(rt, unit_id, "unit_release"));
+    MOE_TRY(moe_runtime_check_unit(rt, unit_id, "unit_release"));
     moe_unit_entry *u = &rt->units[unit_id];
     if (!u->sharded)
         return MOE_OK;

@@ -276,12 +276,21 @@ static moe_status host_unit_release(const moe_host *h, int unit_id)
 
 static moe_status host_unit_prefetch(const moe_host *h, int unit_id) { return moe_fsdp_prefetch(rt_of(h), unit_id); }
 
+moe_status moe_runtime_check_unit(const moe_runtime *rt, int unit_id, const char *fn)
+{
+    if (unit_id < 0 || unit_id >= rt->n_units)
+        return moe_error_set(MOE_ERR_INVALID_ARG, "%s: no unit with id %d (%d registered)", fn, unit_id,
+                             rt->n_units);
+    if (!rt->allocated)
+        return moe_error_set(MOE_ERR_INTERNAL, "%s of unit '%s' before parameters were allocated", fn,
+                             rt->units[unit_id].name);
+    return MOE_OK;
+}
+
 static moe_status host_unit_grad_ready(const moe_host *h, int unit_id)
 {
     moe_runtime *rt = rt_of(h);
-    if (unit_id < 0 || unit_id >= rt->n_units)
-        return moe_error_set(MOE_ERR_INVALID_ARG, "unit_grad_ready: expected a unit id below %d, found %d",
-                             rt->n_units, unit_id);
+    MOE_TRY(moe_runtime_check_unit(rt, unit_id, "unit_grad_ready"));
     return rt->grad_ready ? rt->grad_ready(rt->grad_ready_ctx, unit_id) : MOE_OK;
 }
 

@@ -63,4 +63,7 @@ struct moe_runtime {
     void *grad_ready_ctx;
 };
 
+/* a unit id the arch passed to fn (unit_gather, unit_grad_ready, ...): registered, parameters allocated */
+moe_status moe_runtime_check_unit(const moe_runtime *rt, int unit_id, const char *fn);
+
 #endif
