@@ -126,7 +126,7 @@ typedef struct trainer {
     int overlap_live;         /* inside a training backward: host->unit_grad_ready steps the unit */
     int overlap_side;         /* a step went to the backend's side stream this update */
     double overlap_scale;     /* the step's grad_scale: this micro-batch's tokens (1 with none) */
-    int *unit_tensor;         /* per unit: its optimizer tensor, or -1 */
+    int *unit_tensor;         /* per unit: its optimizer tensor (init order), or -1 */
     unsigned char *stepped;   /* per unit: stepped during this update's backward */
 } trainer;
 
@@ -260,15 +260,9 @@ static moe_status overlap_setup(trainer *t)
                              "exact only then); drop the flag or the setting",
                              why);
     const int n = moe_runtime_num_units(t->rt);
-    t->unit_tensor = malloc((size_t)(n > 0 ? n : 1) * sizeof *t->unit_tensor);
     t->stepped = calloc((size_t)(n > 0 ? n : 1), 1);
-    if (!t->unit_tensor || !t->stepped)
+    if (!t->stepped)
         return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
-    for (int i = 0, k = 0; i < n; i++) { /* the optimizer's tensors: the units with elements, in order */
-        moe_unit_info u;
-        moe_runtime_unit(t->rt, i, &u);
-        t->unit_tensor[i] = u.numel == 0 ? -1 : k++;
-    }
     t->overlap = 1;
     moe_runtime_set_grad_ready(t->rt, overlap_grad_ready, t);
     return MOE_OK;
@@ -329,12 +323,16 @@ static moe_status setup(trainer *t)
     /* optimizer over every unit: the fp32 master when there is one, the params otherwise */
     int n = moe_runtime_num_units(t->rt);
     moe_opt_tensor *ts = calloc((size_t)n, sizeof *ts);
-    if (!ts)
+    t->unit_tensor = malloc((size_t)(n > 0 ? n : 1) * sizeof *t->unit_tensor);
+    if (!ts || !t->unit_tensor) {
+        free(ts);
         return moe_error_set(MOE_ERR_NOMEM, "out of host memory");
+    }
     int k = 0;
     for (int i = 0; i < n; i++) {
         moe_unit_info u;
         moe_runtime_unit(t->rt, i, &u);
+        t->unit_tensor[i] = u.numel == 0 ? -1 : k;
         if (u.numel == 0)
             continue;
         moe_opt_tensor *x = &ts[k++];
