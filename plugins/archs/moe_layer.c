@@ -192,6 +192,11 @@ moe_status tlm_combine_forward(const tlm *m, int W, void *y, const void *eout, c
 
 static int keep_expert_acts(const tlm *m);
 
+/* The experts' inputs are not kept per layer but dispatched again in
+ * backward from the recomputed h2 (the tokens stay on this rank): every
+ * layer's a->xe is then the one m->xes. */
+static int inputs_dispatched_again(const tlm *m) { return m->ln_recompute && m->a2a_world == 1; }
+
 /* A MoE layer's activations for backward (one set per layer, or the shared
  * set with checkpointing). */
 moe_status tlm_moe_alloc_acts(tlm *m, tlm_acts *a)
@@ -205,12 +210,8 @@ moe_status tlm_moe_alloc_acts(tlm *m, tlm_acts *a)
     MOE_TRY(tlm_f32_alloc(m, (int64_t)NW, "routing weights", &a->weight));
     int64_t wsb = m->h->ops->route_workspace_bytes(N, m->E);
     MOE_TRY(tlm_dev_alloc(m, (uint64_t)(wsb > 0 ? wsb : 0), "routing workspace", &a->route_ws));
-    if (m->ln_recompute && m->a2a_world == 1) { /* dispatched again in backward from the recomputed h2 */
-        if (!m->xes_requested) {
-            MOE_TRY(tlm_shared_alloc(m, EC * d, &m->xes));
-            m->xes_requested = 1;
-        }
-        MOE_TRY(tlm_shared_alias(m, &a->xe, &m->xes));
+    if (inputs_dispatched_again(m)) {
+        MOE_TRY(tlm_shared_alias(m, &a->xe, &m->xes)); /* m->xes: tlm_moe_alloc_scratch */
     } else {
         MOE_TRY(tlm_act_alloc(m, EC * d, "expert inputs", &a->xe));
     }
@@ -323,6 +324,8 @@ moe_status tlm_moe_alloc_scratch(tlm *m)
             MOE_TRY(tlm_shared_alloc(m, EC * d, &m->eperm));
         }
     }
+    if (inputs_dispatched_again(m))
+        MOE_TRY(tlm_shared_alloc(m, EC * d, &m->xes));
     MOE_TRY(tlm_shared_alloc(m, EC * d, &m->d_a));
     if (W > 1)
         MOE_TRY(tlm_shared_alloc(m, EC * d, &m->d_b));

@@ -148,7 +148,6 @@ typedef struct tlm {
     void *hs;                 /* (N,d) the layer norm outputs' one buffer when they are recomputed (ln_recompute) */
     void *xes;                /* (E*C,d) the experts' inputs' one buffer when they are dispatched again in
                                * backward (ln_recompute, one rank per all-to-all group) */
-    int xes_requested;        /* m->xes asked of tlm_shared_alloc (setup) */
     int ln_recompute;         /* the layer norm outputs (h1, h2) are not kept per layer: every layer writes them
                                * to m->hs, the backward recomputes them there (no checkpointing; setup) */
     int act_recompute;        /* FFN activations are not kept: written to backward scratch in the forward,
