@@ -249,10 +249,19 @@ moe_status moe_cuda_init_normal(moe_ctx *c, void *x, moe_dtype dt, int64_t n, fl
 static moe_status sum_two_pass(moe_ctx *c, float *out, const void *x, moe_dtype dt, int64_t n, int64_t stride,
                                float scale, bool square)
 {
-    int64_t nb = (n + SUM_THREADS - 1) / SUM_THREADS;
+    /* sumsq of an aligned array: 16-byte vectors (sumsq_vec_kernel) */
+    const bool vec = square && stride == 1 && n > 0 && (uintptr_t)x % 16u == 0;
+    const int64_t items = vec ? n / (16 / (int64_t)moe_dtype_size(dt)) : n;
+    int64_t nb = (items + SUM_THREADS - 1) / SUM_THREADS;
     int blocks = (int)(nb < 1 ? 1 : nb > SUM_MAX_BLOCKS ? SUM_MAX_BLOCKS : nb);
     double *partial = (double *)c->scratch; /* SUM_MAX_BLOCKS doubles fit in the fixed scratch */
-    if (square)
+    if (vec && dt == MOE_F32)
+        sumsq_vec_kernel<float><<<blocks, SUM_THREADS, 0, c->stream>>>(partial, (const float *)x, n);
+    else if (vec && dt == MOE_F16)
+        sumsq_vec_kernel<__half><<<blocks, SUM_THREADS, 0, c->stream>>>(partial, (const __half *)x, n);
+    else if (vec)
+        sumsq_vec_kernel<__nv_bfloat16><<<blocks, SUM_THREADS, 0, c->stream>>>(partial, (const __nv_bfloat16 *)x, n);
+    else if (square)
         sum_partial_kernel<true><<<blocks, SUM_THREADS, 0, c->stream>>>(partial, x, dt, n, stride);
     else
         sum_partial_kernel<false><<<blocks, SUM_THREADS, 0, c->stream>>>(partial, x, dt, n, stride);
@@ -274,19 +283,5 @@ moe_status moe_cuda_sum_f32(moe_ctx *c, float *out, const float *x, int64_t n, i
 moe_status moe_cuda_sumsq(moe_ctx *c, float *out, const void *x, moe_dtype dt, int64_t n)
 {
     MOE_TRY(check_float(c, "sumsq", dt, n));
-    if ((uintptr_t)x % 16u != 0 || n < 1)
-        return sum_two_pass(c, out, x, dt, n, 1, 1.0f, true);
-    const int64_t per = 16 / (int64_t)moe_dtype_size(dt), nb = (n / per + SUM_THREADS - 1) / SUM_THREADS;
-    const int blocks = (int)(nb < 1 ? 1 : nb > SUM_MAX_BLOCKS ? SUM_MAX_BLOCKS : nb);
-    double *partial = (double *)c->scratch;
-    if (dt == MOE_F32)
-        sumsq_vec_kernel<float><<<blocks, SUM_THREADS, 0, c->stream>>>(partial, (const float *)x, n);
-    else if (dt == MOE_F16)
-        sumsq_vec_kernel<__half><<<blocks, SUM_THREADS, 0, c->stream>>>(partial, (const __half *)x, n);
-    else
-        sumsq_vec_kernel<__nv_bfloat16><<<blocks, SUM_THREADS, 0, c->stream>>>(partial, (const __nv_bfloat16 *)x, n);
-    MOE_CUDA_CHECK_LAUNCH(c);
-    sum_final_kernel<<<1, SUM_THREADS, 0, c->stream>>>(out, partial, blocks, 1.0f);
-    MOE_CUDA_CHECK_LAUNCH(c);
-    return MOE_OK;
+    return sum_two_pass(c, out, x, dt, n, 1, 1.0f, true);
 }
