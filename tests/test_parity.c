@@ -619,33 +619,62 @@ static void test_parity_layernorm(void **state)
 {
     (void)state;
     begin_case();
-    const int64_t shapes[2][2] = {{33, 70}, {9, 300}};
-    for (int sh = 0; sh < 2; sh++) {
-        const int64_t N = shapes[sh][0], C = shapes[sh][1];
+    /* N, C; off 1: every row one element past 16-byte alignment; mode 0:
+     * weight, bias, dinp, dweight and dbias; 1: no weight, bias, dweight or
+     * dbias; 2: no dinp; alias: backward's dinp is the dout buffer. N is
+     * not a multiple of the vector kernel's rows a chunk. */
+    static const struct {
+        int64_t N, C, off;
+        int mode, alias;
+    } shapes[] = {
+        {33, 70, 0, 0, 0},     /* C % 4 != 0: the per-element kernels */
+        {33, 70, 0, 0, 1},     /* the same, dinp is dout */
+        {9, 300, 0, 0, 0},     /* fp32 vector kernels (C % 4 == 0), 16-bit per element */
+        {1001, 2048, 0, 0, 0}, /* vector kernels, chunks of several rows, a shorter last one */
+        {601, 1024, 0, 0, 1},  /* the same, dinp is dout */
+        {301, 1024, 0, 1, 0},  /* vector kernels without parameters */
+        {301, 1024, 0, 2, 0},  /* vector kernel, parameter gradients only */
+        {7, 4096, 0, 0, 0},    /* the widest 16-bit vector rows; fp32 per element */
+        {40, 2048, 1, 0, 0},   /* rows off 16-byte alignment: per element */
+    };
+    char what[96];
+    for (size_t sh = 0; sh < sizeof shapes / sizeof shapes[0]; sh++) {
+        const int64_t N = shapes[sh].N, C = shapes[sh].C, off = shapes[sh].off;
+        const int mode = shapes[sh].mode, alias = shapes[sh].alias;
+        const size_t n = (size_t)(N * C + off);
         for (int t = 0; t < 3; t++) {
             const moe_dtype dt = k_dtypes[t];
             const double tol = tol_of(dt);
-            pbuf x = pb_rand(dt, (size_t)(N * C), -2.0f, 3.0f), w = pb_rand(dt, (size_t)C, 0.5f, 1.5f),
+            const size_t o = (size_t)off * moe_dtype_size(dt);
+            pbuf x = pb_rand(dt, n, -2.0f, 3.0f), w = pb_rand(dt, (size_t)C, 0.5f, 1.5f),
                  b = pb_rand(dt, (size_t)C, -0.5f, 0.5f);
-            pbuf out = pb_nan(dt, (size_t)(N * C)), mean = pb_nan(MOE_F32, (size_t)N),
-                 rstd = pb_nan(MOE_F32, (size_t)N);
-#define LNF(o, cx, s) \
-    (o)->layernorm_forward((cx), out.s, (float *)mean.s, (float *)rstd.s, x.s, w.s, b.s, N, C, 1e-5f, dt)
+            pbuf out = pb_nan(dt, n), mean = pb_nan(MOE_F32, (size_t)N), rstd = pb_nan(MOE_F32, (size_t)N);
+            pbuf out_v = {(char *)out.c + o, (char *)out.g + o, out.bytes - o};
+#define LNF(o_, cx, s)                                                                                              \
+    (o_)->layernorm_forward((cx), (char *)out.s + o, (float *)mean.s, (float *)rstd.s, (char *)x.s + o,             \
+                            mode != 1 ? w.s : NULL, mode != 1 ? b.s : NULL, N, C, 1e-5f, dt)
             BOTH("layernorm_forward", LNF);
 #undef LNF
-            compare("layernorm_forward out", &out, dt, (size_t)(N * C), tol);
+            snprintf(what, sizeof what, "layernorm_forward %lldx%lld%s out", (long long)N, (long long)C,
+                     off ? " unaligned" : "");
+            compare(what, &out_v, dt, (size_t)(N * C), tol);
             compare("layernorm_forward mean", &mean, MOE_F32, (size_t)N, TOL32);
             compare("layernorm_forward rstd", &rstd, MOE_F32, (size_t)N, TOL32);
             pb_sync_from_cpu(&mean, (size_t)N * 4);
             pb_sync_from_cpu(&rstd, (size_t)N * 4);
-            pbuf dout = pb_rand(dt, (size_t)(N * C), -1.0f, 1.0f), dx = pb_rand(dt, (size_t)(N * C), -1.0f, 1.0f);
+            pbuf dout = pb_rand(dt, n, -1.0f, 1.0f), dx = pb_rand(dt, n, -1.0f, 1.0f);
             pbuf dw = pb_rand(dt, (size_t)C, -1.0f, 1.0f), db = pb_rand(dt, (size_t)C, -1.0f, 1.0f);
-#define LNB(o, cx, s)                                                                                                \
-    (o)->layernorm_backward((cx), dx.s, dw.s, db.s, dout.s, x.s, w.s, (const float *)mean.s, (const float *)rstd.s, \
-                            N, C, dt)
+            pbuf *dinp = alias ? &dout : &dx;
+            pbuf dinp_v = {(char *)dinp->c + o, (char *)dinp->g + o, dinp->bytes - o};
+#define LNB(o_, cx, s)                                                                                              \
+    (o_)->layernorm_backward((cx), mode != 2 ? (char *)dinp->s + o : NULL, mode != 1 ? dw.s : NULL,                 \
+                             mode != 1 ? db.s : NULL, (char *)dout.s + o, (char *)x.s + o, mode != 1 ? w.s : NULL, \
+                             (const float *)mean.s, (const float *)rstd.s, N, C, dt)
             BOTH("layernorm_backward", LNB);
 #undef LNB
-            compare("layernorm_backward dinp (accumulates)", &dx, dt, (size_t)(N * C), tol);
+            snprintf(what, sizeof what, "layernorm_backward %lldx%lld%s%s dinp (+=)", (long long)N, (long long)C,
+                     off ? " unaligned" : "", alias ? " in dout" : "");
+            compare(what, &dinp_v, dt, (size_t)(N * C), tol);
             compare("layernorm_backward dweight (accumulates)", &dw, dt, (size_t)C, tol);
             compare("layernorm_backward dbias (accumulates)", &db, dt, (size_t)C, tol);
             pb_free(&x); pb_free(&w); pb_free(&b); pb_free(&out); pb_free(&mean); pb_free(&rstd);
@@ -698,30 +727,49 @@ static void test_parity_cross_entropy(void **state)
 {
     (void)state;
     begin_case();
-    const int64_t N = 17, V = 1000;
+    /* N, V; off 1: every row one element past 16-byte alignment */
+    static const struct {
+        int64_t N, V, off;
+    } shapes[] = {
+        {17, 1000, 0},  /* rows in registers, one vector a thread */
+        {17, 1001, 0},  /* V % 4 != 0: read twice, per element */
+        {9, 1000, 1},   /* rows off 16-byte alignment: per element */
+        {5, 50000, 0},  /* the reference vocabulary: 16-bit in registers (8 vectors a thread), fp32 read twice */
+        {3, 32768, 0},  /* blocks of 1024 threads, 16-bit 4 vectors a thread, fp32 8 */
+    };
     const int ignore = 1;
-    int32_t tg[17];
-    for (int i = 0; i < N; i++)
-        tg[i] = i % 5 == 2 ? ignore : (int32_t)moe_test_rng_int(&g_rng, 2, V);
-    pbuf targets = pb_alloc(sizeof tg);
-    pb_upload(&targets, tg, sizeof tg);
-    for (int t = 0; t < 3; t++) {
-        const moe_dtype dt = k_dtypes[t];
-        for (int with_grad = 0; with_grad < 2; with_grad++) {
-            float gs = with_grad ? 2.0f : 0.0f;
-            pbuf logits = pb_rand(dt, (size_t)(N * V), -4.0f, 4.0f), losses = pb_nan(MOE_F32, (size_t)N);
-#define CE(o, cx, s) (o)->cross_entropy((cx), (float *)losses.s, logits.s, (const int32_t *)targets.s, N, V, ignore, gs, dt)
-            BOTH("cross_entropy", CE);
+    char what[96];
+    for (size_t sh = 0; sh < sizeof shapes / sizeof shapes[0]; sh++) {
+        const int64_t N = shapes[sh].N, V = shapes[sh].V, off = shapes[sh].off;
+        int32_t tg[17];
+        for (int i = 0; i < N; i++)
+            tg[i] = i % 5 == 2 ? ignore : (int32_t)moe_test_rng_int(&g_rng, 2, V);
+        tg[0] = (int32_t)(V - 1); /* the row's last element */
+        pbuf targets = pb_alloc(sizeof tg);
+        pb_upload(&targets, tg, sizeof tg);
+        for (int t = 0; t < 3; t++) {
+            const moe_dtype dt = k_dtypes[t];
+            const size_t o = (size_t)off * moe_dtype_size(dt);
+            for (int with_grad = 0; with_grad < 2; with_grad++) {
+                float gs = with_grad ? 2.0f : 0.0f;
+                pbuf logits = pb_rand(dt, (size_t)(N * V + off), -4.0f, 4.0f), losses = pb_nan(MOE_F32, (size_t)N);
+                pbuf logits_v = {(char *)logits.c + o, (char *)logits.g + o, logits.bytes - o};
+#define CE(o_, cx, s)                                                                                          \
+    (o_)->cross_entropy((cx), (float *)losses.s, (char *)logits.s + o, (const int32_t *)targets.s, N, V, ignore, \
+                        gs, dt)
+                BOTH("cross_entropy", CE);
 #undef CE
-            compare(with_grad ? "cross_entropy losses" : "cross_entropy losses (no grad)", &losses, MOE_F32,
-                    (size_t)N, TOL32);
-            compare(with_grad ? "cross_entropy dlogits (in place)" : "cross_entropy logits untouched", &logits, dt,
-                    (size_t)(N * V), tol_of(dt));
-            pb_free(&logits);
-            pb_free(&losses);
+                snprintf(what, sizeof what, "cross_entropy %lldx%lld%s losses%s", (long long)N, (long long)V,
+                         off ? " unaligned" : "", with_grad ? "" : " (no grad)");
+                compare(what, &losses, MOE_F32, (size_t)N, TOL32);
+                compare(with_grad ? "cross_entropy dlogits (in place)" : "cross_entropy logits untouched", &logits_v,
+                        dt, (size_t)(N * V), tol_of(dt));
+                pb_free(&logits);
+                pb_free(&losses);
+            }
         }
+        pb_free(&targets);
     }
-    pb_free(&targets);
     end_case();
 }
 

@@ -15,14 +15,19 @@
  *    elements, so one Philox evaluation serves four.
  *  - layer-norm statistics and parameter-gradient sums accumulate in double;
  *    dweight/dbias are column sums over row chunks (fp64 partials) added in
- *    chunk order: deterministic, no atomics.
+ *    chunk order: deterministic, no atomics. Rows of whole 16-byte vectors
+ *    (C % 8 == 0, fp32 C % 4 == 0) in 16-byte aligned arrays, up to 4096
+ *    elements (fp32 2048), take kernels that hold the row in registers and
+ *    read each element once; other shapes take per-element kernels.
  *  - embedding backward groups positions by token with a stable radix sort
  *    (CUB), then each table row is summed in fp32 in position order and
  *    added once, as the cpu's counting sort does.
  *  - cross-entropy is one block per row and one read of the logits for the
- *    statistics (online max and sum of exponentials, combined across threads
- *    in a fixed order), a second read to write the gradient in place: no
- *    fp32 copy of the (N,V) logits.
+ *    statistics (max and sum of exponentials, combined across threads in a
+ *    fixed order), then the gradient written in place: no fp32 copy of the
+ *    (N,V) logits. Rows of whole 16-byte vectors, 16-byte aligned, up to
+ *    65536 logits (fp32 32768) stay in registers between the two; longer or
+ *    unaligned rows are read a second time.
  */
 #include <cub/device/device_radix_sort.cuh>
 #include <type_traits>
@@ -298,6 +303,75 @@ static __global__ void layernorm_forward_kernel(void *out, float *mean, float *r
     }
 }
 
+/* The same with the row held in registers, NV 16-byte vectors a lane: the
+ * row is read from memory once, 16 bytes a load, where the kernel above reads
+ * it three times, 2 bytes a load. Needs C % (16 / sizeof(T)) == 0 (every row
+ * 16-byte aligned), C <= 32 * NV * 16 / sizeof(T) and 16-byte aligned arrays. */
+template <typename T, int NV>
+static __global__ void layernorm_forward_vec_kernel(T *out, float *mean, float *rstd, const T *inp, const T *weight,
+                                                    const T *bias, int64_t N, int64_t C, float eps)
+{
+    constexpr int PER = 16 / (int)sizeof(T);
+    const int lane = threadIdx.x & 31, nv = (int)(C / PER);
+    const int64_t r = (int64_t)blockIdx.x * LN_WARPS + (threadIdx.x >> 5);
+    if (r >= N)
+        return;
+    const uint4 *x = (const uint4 *)(inp + r * C);
+    uint4 u[NV];
+#pragma unroll
+    for (int k = 0; k < NV; k++)
+        u[k] = lane + 32 * k < nv ? x[lane + 32 * k] : make_uint4(0u, 0u, 0u, 0u);
+    double s = 0.0;
+#pragma unroll
+    for (int k = 0; k < NV; k++) {
+        const T *e = (const T *)&u[k];
+#pragma unroll
+        for (int q = 0; q < PER; q++)
+            s += (double)moe_cuda_f32(e[q]); /* padding vectors are zeros */
+    }
+    const double m = moe_cuda_warp_sum_d(s) / (double)C;
+    double v = 0.0;
+#pragma unroll
+    for (int k = 0; k < NV; k++) {
+        const T *e = (const T *)&u[k];
+        if (lane + 32 * k < nv)
+#pragma unroll
+            for (int q = 0; q < PER; q++) {
+                const double d = (double)moe_cuda_f32(e[q]) - m;
+                v += d * d;
+            }
+    }
+    v = moe_cuda_warp_sum_d(v);
+    const float mf = (float)m, rf = (float)(1.0 / sqrt(v / (double)C + (double)eps));
+    uint4 *y = (uint4 *)(out + r * C);
+#pragma unroll
+    for (int k = 0; k < NV; k++) {
+        const int j = lane + 32 * k;
+        if (j >= nv)
+            break;
+        const uint4 wv = weight != NULL ? ((const uint4 *)weight)[j] : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 bv = bias != NULL ? ((const uint4 *)bias)[j] : make_uint4(0u, 0u, 0u, 0u);
+        const T *we = (const T *)&wv, *be = (const T *)&bv;
+        T *e = (T *)&u[k];
+#pragma unroll
+        for (int q = 0; q < PER; q++) {
+            float yq = (moe_cuda_f32(e[q]) - mf) * rf;
+            if (weight != NULL)
+                yq *= moe_cuda_f32(we[q]);
+            if (bias != NULL)
+                yq += moe_cuda_f32(be[q]);
+            e[q] = moe_cuda_from_f32<T>(yq);
+        }
+        y[j] = u[k];
+    }
+    if (lane == 0) {
+        if (mean != NULL)
+            mean[r] = mf;
+        if (rstd != NULL)
+            rstd[r] = rf;
+    }
+}
+
 /* dinp += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), one warp
  * per row. Columns go LN_BATCH at a time with every load of a batch before
  * any store: the pointers may alias, so the compiler could not move a later
@@ -392,16 +466,18 @@ static __global__ void layernorm_dparam_partial_kernel(double *partial, const vo
 }
 
 /* dweight, dbias (+)= sums of the R chunk partials of each column: a block of
- * COL_W columns x COL_H row groups, group y adding chunks y, y+COL_H, ...,
- * then the group sums added in order (fixed order, every SM busy) */
+ * COL_W columns x COL_HF row groups, group y adding chunks y, y+COL_HF, ...,
+ * then the group sums added in order (fixed order; COL_HF groups keep enough
+ * loads in flight for the vector kernel's partials, a few MB) */
+#define COL_HF 32
 static __global__ void layernorm_dparam_final_kernel(void *dweight, void *dbias, const double *partial, int64_t R,
                                                      int64_t C, moe_dtype dt)
 {
-    __shared__ double shw[COL_H][COL_W + 1], shb[COL_H][COL_W + 1];
+    __shared__ double shw[COL_HF][COL_W + 1], shb[COL_HF][COL_W + 1];
     const int64_t col = (int64_t)blockIdx.x * COL_W + threadIdx.x;
     double sw = 0.0, sb = 0.0;
     if (col < C)
-        for (int64_t r = threadIdx.y; r < R; r += COL_H) {
+        for (int64_t r = threadIdx.y; r < R; r += COL_HF) {
             sw += partial[r * C + col];
             sb += partial[R * C + r * C + col];
         }
@@ -410,7 +486,7 @@ static __global__ void layernorm_dparam_final_kernel(void *dweight, void *dbias,
     __syncthreads();
     if (threadIdx.y != 0 || col >= C)
         return;
-    for (int y = 1; y < COL_H; y++) {
+    for (int y = 1; y < COL_HF; y++) {
         sw += shw[y][threadIdx.x];
         sb += shb[y][threadIdx.x];
     }
@@ -418,6 +494,150 @@ static __global__ void layernorm_dparam_final_kernel(void *dweight, void *dbias,
         moe_cuda_st(dweight, dt, col, (float)((double)moe_cuda_ld(dweight, dt, col) + sw));
     if (dbias != NULL)
         moe_cuda_st(dbias, dt, col, (float)((double)moe_cuda_ld(dbias, dt, col) + sb));
+}
+
+/* Sums a and b over the block in a fixed order; every thread gets both. The
+ * first barrier is there because sh is reused row after row: a warp must not
+ * overwrite it while another still reads the previous row's sums. */
+static __device__ __forceinline__ void ln_block_sum2(double &a, double &b, double2 *sh)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    a = moe_cuda_warp_sum_d(a);
+    b = moe_cuda_warp_sum_d(b);
+    __syncthreads();
+    if (lane == 0)
+        sh[warp] = make_double2(a, b);
+    __syncthreads();
+    const double2 v = lane < nw ? sh[lane] : make_double2(0.0, 0.0);
+    a = moe_cuda_warp_sum_d(v.x);
+    b = moe_cuda_warp_sum_d(v.y);
+}
+
+/* Blocks of the vector backward kernel resident on one SM: 512 threads, at
+ * most 128 registers each (it needs about 120, no spills). */
+#define LNB_MIN_BLOCKS(threads) (512 / (threads))
+
+/* Layer-norm backward in one pass, for C % (16 / sizeof(T)) == 0, C <= THREADS
+ * * 16 / sizeof(T) and 16-byte aligned arrays: a block of THREADS walks the
+ * rows [r0, r1) of its chunk, one 16-byte vector of dout, inp and dinp a
+ * thread, so each element is read once (the fallback's kernels read dout and
+ * inp three times, 2 bytes a load). The next row's loads are issued before
+ * this row's block reduction, so a block always has a row in flight. Each
+ * thread keeps its columns' sums of dout*xhat and dout in double registers and
+ * writes them as the chunk's partials for layernorm_dparam_final_kernel
+ * (partial NULL: no parameter gradients). dinp may be dout: a thread reads its
+ * elements, for both the row sums and the parameter sums, before it writes
+ * them. */
+template <typename T, int THREADS>
+static __global__ void __launch_bounds__(THREADS, LNB_MIN_BLOCKS(THREADS))
+    layernorm_backward_vec_kernel(T *dinp, double *partial, const T *dout, const T *inp, const T *weight,
+                                  const float *mean, const float *rstd, int64_t N, int64_t C, int64_t rows_per,
+                                  int64_t R)
+{
+    constexpr int PER = 16 / (int)sizeof(T);
+    __shared__ double2 sh[32];
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    const int j = threadIdx.x;
+    const bool on = j < C / PER;
+    const int64_t r0 = (int64_t)blockIdx.x * rows_per, r1 = r0 + rows_per < N ? r0 + rows_per : N;
+    float w[PER];
+    {
+        const uint4 wv = on && weight != NULL ? ((const uint4 *)weight)[j] : zero;
+        const T *we = (const T *)&wv;
+#pragma unroll
+        for (int q = 0; q < PER; q++)
+            w[q] = weight != NULL ? moe_cuda_f32(we[q]) : 1.0f;
+    }
+    double dw[PER], db[PER];
+#pragma unroll
+    for (int q = 0; q < PER; q++)
+        dw[q] = db[q] = 0.0;
+    /* row r0 < N: the host sizes the grid so that no chunk is empty */
+    uint4 g = on ? ((const uint4 *)(dout + r0 * C))[j] : zero, x = on ? ((const uint4 *)(inp + r0 * C))[j] : zero,
+          a = on && dinp != NULL ? ((const uint4 *)(dinp + r0 * C))[j] : zero;
+    for (int64_t r = r0; r < r1; r++) {
+        const float mf = mean[r], rf = rstd[r];
+        uint4 gn = zero, xn = zero, an = zero;
+        if (on && r + 1 < r1) {
+            gn = ((const uint4 *)(dout + (r + 1) * C))[j];
+            xn = ((const uint4 *)(inp + (r + 1) * C))[j];
+            if (dinp != NULL)
+                an = ((const uint4 *)(dinp + (r + 1) * C))[j];
+        }
+        const T *ge = (const T *)&g, *xe = (const T *)&x;
+        double s1 = 0.0, s2 = 0.0;
+        if (on)
+#pragma unroll
+            for (int q = 0; q < PER; q++) {
+                const float gq = moe_cuda_f32(ge[q]), xhat = (moe_cuda_f32(xe[q]) - mf) * rf, dxhat = gq * w[q];
+                s1 += (double)dxhat;
+                s2 += (double)dxhat * (double)xhat;
+                dw[q] += (double)gq * (double)xhat;
+                db[q] += (double)gq;
+            }
+        if (dinp != NULL) {
+            ln_block_sum2(s1, s2, sh);
+            const float m1 = (float)(s1 / (double)C), m2 = (float)(s2 / (double)C);
+            if (on) {
+                T *ae = (T *)&a;
+#pragma unroll
+                for (int q = 0; q < PER; q++) {
+                    const float xhat = (moe_cuda_f32(xe[q]) - mf) * rf, dxhat = moe_cuda_f32(ge[q]) * w[q];
+                    ae[q] = moe_cuda_from_f32<T>(moe_cuda_f32(ae[q]) + rf * (dxhat - m1 - xhat * m2));
+                }
+                ((uint4 *)(dinp + r * C))[j] = a;
+            }
+        }
+        g = gn;
+        x = xn;
+        a = an;
+    }
+    if (partial != NULL && on)
+#pragma unroll
+        for (int q = 0; q < PER; q++) {
+            partial[blockIdx.x * C + j * PER + q] = dw[q];
+            partial[(R + blockIdx.x) * C + j * PER + q] = db[q];
+        }
+}
+
+#define LN_MAX_NV 16        /* forward vector path: rows up to 32 * 16 vectors */
+#define LNB_MAX_THREADS 512 /* backward vector path: rows up to 512 vectors */
+
+template <typename T>
+static void layernorm_forward_vec(moe_ctx *c, unsigned blocks, int nv, void *out, float *mean, float *rstd,
+                                  const void *inp, const void *weight, const void *bias, int64_t N, int64_t C,
+                                  float eps)
+{
+    T *o = (T *)out;
+    const T *x = (const T *)inp, *w = (const T *)weight, *b = (const T *)bias;
+    const int th = LN_WARPS * 32;
+    switch (nv) {
+    case 1: layernorm_forward_vec_kernel<T, 1><<<blocks, th, 0, c->stream>>>(o, mean, rstd, x, w, b, N, C, eps); break;
+    case 2: layernorm_forward_vec_kernel<T, 2><<<blocks, th, 0, c->stream>>>(o, mean, rstd, x, w, b, N, C, eps); break;
+    case 4: layernorm_forward_vec_kernel<T, 4><<<blocks, th, 0, c->stream>>>(o, mean, rstd, x, w, b, N, C, eps); break;
+    case 8: layernorm_forward_vec_kernel<T, 8><<<blocks, th, 0, c->stream>>>(o, mean, rstd, x, w, b, N, C, eps); break;
+    default:
+        layernorm_forward_vec_kernel<T, LN_MAX_NV><<<blocks, th, 0, c->stream>>>(o, mean, rstd, x, w, b, N, C, eps);
+        break;
+    }
+}
+
+template <typename T>
+static void layernorm_backward_vec(moe_ctx *c, unsigned R, int threads, void *dinp, double *partial, const void *dout,
+                                   const void *inp, const void *weight, const float *mean, const float *rstd,
+                                   int64_t N, int64_t C, int64_t rows_per)
+{
+    T *di = (T *)dinp;
+    const T *g = (const T *)dout, *x = (const T *)inp, *w = (const T *)weight;
+    if (threads == 128)
+        layernorm_backward_vec_kernel<T, 128><<<R, 128, 0, c->stream>>>(di, partial, g, x, w, mean, rstd, N, C,
+                                                                         rows_per, R);
+    else if (threads == 256)
+        layernorm_backward_vec_kernel<T, 256><<<R, 256, 0, c->stream>>>(di, partial, g, x, w, mean, rstd, N, C,
+                                                                         rows_per, R);
+    else
+        layernorm_backward_vec_kernel<T, LNB_MAX_THREADS><<<R, LNB_MAX_THREADS, 0, c->stream>>>(
+            di, partial, g, x, w, mean, rstd, N, C, rows_per, R);
 }
 
 moe_status moe_cuda_layernorm_forward(moe_ctx *c, void *out, float *mean, float *rstd, const void *inp,
@@ -431,9 +651,23 @@ moe_status moe_cuda_layernorm_forward(moe_ctx *c, void *out, float *mean, float 
                              (long long)C, (double)eps);
     if (N == 0)
         return MOE_OK;
-    unsigned blocks = (unsigned)((N + LN_WARPS - 1) / LN_WARPS);
-    layernorm_forward_kernel<<<blocks, LN_WARPS * 32, 0, c->stream>>>(out, mean, rstd, inp, weight, bias, N, C, eps,
-                                                                        dt);
+    const unsigned blocks = (unsigned)((N + LN_WARPS - 1) / LN_WARPS);
+    const int64_t per = 16 / (int64_t)moe_dtype_size(dt);
+    if (C % per == 0 && C <= 32 * LN_MAX_NV * per && aligned16(out) && aligned16(inp) &&
+        (weight == NULL || aligned16(weight)) && (bias == NULL || aligned16(bias))) {
+        int nv = 1; /* vectors a lane: the fewest that cover the row */
+        while (32 * nv * per < C)
+            nv *= 2;
+        if (dt == MOE_F16)
+            layernorm_forward_vec<__half>(c, blocks, nv, out, mean, rstd, inp, weight, bias, N, C, eps);
+        else if (dt == MOE_BF16)
+            layernorm_forward_vec<__nv_bfloat16>(c, blocks, nv, out, mean, rstd, inp, weight, bias, N, C, eps);
+        else
+            layernorm_forward_vec<float>(c, blocks, nv, out, mean, rstd, inp, weight, bias, N, C, eps);
+    } else {
+        layernorm_forward_kernel<<<blocks, LN_WARPS * 32, 0, c->stream>>>(out, mean, rstd, inp, weight, bias, N, C,
+                                                                            eps, dt);
+    }
     MOE_CUDA_CHECK_LAUNCH(c);
     return MOE_OK;
 }
@@ -446,31 +680,59 @@ moe_status moe_cuda_layernorm_backward(moe_ctx *c, void *dinp, void *dweight, vo
     if (C < 1)
         return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda layernorm_backward: expected C >= 1, found %lld",
                              (long long)C);
-    if (N == 0)
+    if (N == 0 || (dinp == NULL && dweight == NULL && dbias == NULL))
         return MOE_OK;
-    if (dinp != NULL) {
-        unsigned blocks = (unsigned)((N + LN_WARPS - 1) / LN_WARPS);
-        layernorm_dinp_kernel<<<blocks, LN_WARPS * 32, 0, c->stream>>>(dinp, dout, inp, weight, mean, rstd, N, C,
-                                                                         dt);
-        MOE_CUDA_CHECK_LAUNCH(c);
+    const int64_t per = 16 / (int64_t)moe_dtype_size(dt);
+    const bool vec = C % per == 0 && C <= LNB_MAX_THREADS * per && aligned16(dout) && aligned16(inp) &&
+                     (dinp == NULL || aligned16(dinp)) && (weight == NULL || aligned16(weight));
+    int threads = 128; /* vector kernel: the fewest threads that cover the row */
+    while (vec && threads * per < C)
+        threads *= 2;
+    /* row chunks: the vector kernel fills the device once, each block walking
+     * its chunk; the fallback keeps its chunks of at least 128 rows */
+    int64_t R;
+    if (vec) {
+        R = (int64_t)(c->num_sms > 0 ? c->num_sms : 132) * LNB_MIN_BLOCKS(threads);
+    } else {
+        R = (N + 127) / 128;
+        if (R > 64)
+            R = 64;
     }
-    if (dweight == NULL && dbias == NULL)
-        return MOE_OK;
-    int64_t R = (N + 127) / 128;
-    if (R > 64)
-        R = 64;
-    int64_t rows_per = (N + R - 1) / R;
+    if (R > N)
+        R = N;
+    const int64_t rows_per = (N + R - 1) / R;
     R = (N + rows_per - 1) / rows_per;
     double *partial = NULL;
-    MOE_TRY(moe_cuda_scratch_alloc(c, (uint64_t)(2 * R * C) * sizeof(double), "layernorm_backward partials",
-                                   (void **)&partial));
-    dim3 grid((unsigned)((C + COL_W - 1) / COL_W), (unsigned)R), block(COL_W, COL_H);
-    layernorm_dparam_partial_kernel<<<grid, block, 0, c->stream>>>(partial, dout, inp, mean, rstd, N, C, rows_per, R,
-                                                                    dt);
-    cudaError_t e = cudaGetLastError();
-    if (e == cudaSuccess) {
-        layernorm_dparam_final_kernel<<<(unsigned)((C + COL_W - 1) / COL_W), block, 0, c->stream>>>(dweight, dbias,
-                                                                                                    partial, R, C, dt);
+    if (dweight != NULL || dbias != NULL)
+        MOE_TRY(moe_cuda_scratch_alloc(c, (uint64_t)(2 * R * C) * sizeof(double), "layernorm_backward partials",
+                                       (void **)&partial));
+    const unsigned col_blocks = (unsigned)((C + COL_W - 1) / COL_W);
+    cudaError_t e = cudaSuccess;
+    if (vec) {
+        if (dt == MOE_F16)
+            layernorm_backward_vec<__half>(c, (unsigned)R, threads, dinp, partial, dout, inp, weight, mean, rstd, N,
+                                           C, rows_per);
+        else if (dt == MOE_BF16)
+            layernorm_backward_vec<__nv_bfloat16>(c, (unsigned)R, threads, dinp, partial, dout, inp, weight, mean,
+                                                  rstd, N, C, rows_per);
+        else
+            layernorm_backward_vec<float>(c, (unsigned)R, threads, dinp, partial, dout, inp, weight, mean, rstd, N, C,
+                                          rows_per);
+        e = cudaGetLastError();
+    } else if (partial != NULL) {
+        /* the parameter sums first: dinp may be dout */
+        layernorm_dparam_partial_kernel<<<dim3(col_blocks, (unsigned)R), dim3(COL_W, COL_H), 0, c->stream>>>(
+            partial, dout, inp, mean, rstd, N, C, rows_per, R, dt);
+        e = cudaGetLastError();
+    }
+    if (e == cudaSuccess && partial != NULL) {
+        layernorm_dparam_final_kernel<<<col_blocks, dim3(COL_W, COL_HF), 0, c->stream>>>(dweight, dbias, partial, R,
+                                                                                         C, dt);
+        e = cudaGetLastError();
+    }
+    if (e == cudaSuccess && !vec && dinp != NULL) {
+        layernorm_dinp_kernel<<<(unsigned)((N + LN_WARPS - 1) / LN_WARPS), LN_WARPS * 32, 0, c->stream>>>(
+            dinp, dout, inp, weight, mean, rstd, N, C, dt);
         e = cudaGetLastError();
     }
     moe_cuda_scratch_free(c, partial);
@@ -597,6 +859,7 @@ moe_status moe_cuda_embedding_backward(moe_ctx *c, void *dtable, const void *dou
 /* --------------------------------------------------------- cross-entropy */
 
 #define CE_THREADS 256
+#define CE_MAX_NV 8 /* vector path: rows up to 1024 threads * 8 vectors */
 
 /* (m, s) pairs of an online softmax: s = sum exp(x - m) */
 static __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2)
@@ -608,33 +871,15 @@ static __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, f
     m = mn;
 }
 
-static __global__ void cross_entropy_kernel(float *losses, void *logits, const int32_t *targets, int64_t N, int64_t V,
-                                            int ignore_index, float grad_scale, moe_dtype dt)
+/* Combines the block's (m, s) pairs in a fixed order (warp shuffles, then
+ * warp 0 over the warps) into the row's log-sum-exp, returned to every
+ * thread. Thread 0 writes the row's loss, reading the target's logit before
+ * the barrier after which the row may be overwritten. */
+static __device__ float ce_row_lse(float m, float s, float *loss, const void *logits, int64_t base, int32_t t,
+                                   int64_t V, moe_dtype dt)
 {
     __shared__ float shm[32], shs[32];
     __shared__ float sh_lse;
-    const int64_t r = blockIdx.x;
-    const int32_t t = targets[r];
-    const int64_t base = r * V;
-    if (t == ignore_index) {
-        if (threadIdx.x == 0)
-            losses[r] = 0.0f;
-        if (grad_scale != 0.0f)
-            for (int64_t j = threadIdx.x; j < V; j += blockDim.x)
-                moe_cuda_st(logits, dt, base + j, 0.0f);
-        return;
-    }
-    float m = -INFINITY, s = 0.0f;
-    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-        float x = moe_cuda_ld(logits, dt, base + j);
-        if (x > m) {
-            s = (m == -INFINITY ? 0.0f : s * expf(m - x)) + 1.0f;
-            m = x;
-        } else {
-            s += expf(x - m);
-        }
-    }
-    /* warp then block combine, in a fixed order */
     for (int o = 16; o > 0; o >>= 1) {
         float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
         lse_merge(m, s, m2, s2);
@@ -656,16 +901,136 @@ static __global__ void cross_entropy_kernel(float *losses, void *logits, const i
         if (lane == 0) {
             float lse = m + logf(s);
             sh_lse = lse;
-            losses[r] = (t >= 0 && t < V) ? lse - moe_cuda_ld(logits, dt, base + t) : __int_as_float(0x7fc00000);
+            *loss = (t >= 0 && t < V) ? lse - moe_cuda_ld(logits, dt, base + t) : __int_as_float(0x7fc00000);
         }
     }
     __syncthreads();
+    return sh_lse;
+}
+
+static __global__ void cross_entropy_kernel(float *losses, void *logits, const int32_t *targets, int64_t N, int64_t V,
+                                            int ignore_index, float grad_scale, moe_dtype dt)
+{
+    const int64_t r = blockIdx.x;
+    const int32_t t = targets[r];
+    const int64_t base = r * V;
+    if (t == ignore_index) {
+        if (threadIdx.x == 0)
+            losses[r] = 0.0f;
+        if (grad_scale != 0.0f)
+            for (int64_t j = threadIdx.x; j < V; j += blockDim.x)
+                moe_cuda_st(logits, dt, base + j, 0.0f);
+        return;
+    }
+    float m = -INFINITY, s = 0.0f;
+    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+        float x = moe_cuda_ld(logits, dt, base + j);
+        if (x > m) {
+            s = (m == -INFINITY ? 0.0f : s * expf(m - x)) + 1.0f;
+            m = x;
+        } else {
+            s += expf(x - m);
+        }
+    }
+    const float lse = ce_row_lse(m, s, losses + r, logits, base, t, V, dt);
     if (grad_scale == 0.0f)
         return;
-    const float lse = sh_lse;
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
         float p = expf(moe_cuda_ld(logits, dt, base + j) - lse);
         moe_cuda_st(logits, dt, base + j, grad_scale * (j == t ? p - 1.0f : p));
+    }
+}
+
+/* The same with the row held in registers, NV 16-byte vectors a thread (V %
+ * (16 / sizeof(T)) == 0, V <= blockDim.x * NV * 16 / sizeof(T), logits
+ * 16-byte aligned): the logits are read from memory once and written once,
+ * 16 bytes an access, where the kernel above reads them twice, 2 bytes a
+ * load. A thread takes the max of its values, then their sum of exponentials;
+ * the combine across threads is the one above. */
+template <typename T, int NV>
+static __global__ void __launch_bounds__(1024)
+    cross_entropy_vec_kernel(float *losses, T *logits, const int32_t *targets, int64_t V, int ignore_index,
+                             float grad_scale, moe_dtype dt)
+{
+    constexpr int PER = 16 / (int)sizeof(T);
+    const int64_t r = blockIdx.x;
+    const int nv = (int)(V / PER);
+    const int32_t t = targets[r];
+    uint4 *row = (uint4 *)(logits + r * V);
+    if (t == ignore_index) {
+        if (threadIdx.x == 0)
+            losses[r] = 0.0f;
+        if (grad_scale != 0.0f)
+#pragma unroll
+            for (int k = 0; k < NV; k++)
+                if ((int)threadIdx.x + k * (int)blockDim.x < nv)
+                    row[threadIdx.x + k * blockDim.x] = make_uint4(0u, 0u, 0u, 0u);
+        return;
+    }
+    uint4 u[NV];
+#pragma unroll
+    for (int k = 0; k < NV; k++) {
+        const int v = (int)threadIdx.x + k * (int)blockDim.x;
+        u[k] = v < nv ? row[v] : make_uint4(0u, 0u, 0u, 0u);
+    }
+    float m = -INFINITY, s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NV; k++) {
+        const T *e = (const T *)&u[k];
+        if ((int)threadIdx.x + k * (int)blockDim.x < nv)
+#pragma unroll
+            for (int q = 0; q < PER; q++)
+                m = fmaxf(m, moe_cuda_f32(e[q]));
+    }
+    if (m != -INFINITY) /* else the thread holds no value above -inf: an empty pair */
+#pragma unroll
+        for (int k = 0; k < NV; k++) {
+            const T *e = (const T *)&u[k];
+            if ((int)threadIdx.x + k * (int)blockDim.x < nv)
+#pragma unroll
+                for (int q = 0; q < PER; q++)
+                    s += expf(moe_cuda_f32(e[q]) - m);
+        }
+    const float lse = ce_row_lse(m, s, losses + r, logits, r * V, t, V, dt);
+    if (grad_scale == 0.0f)
+        return;
+#pragma unroll
+    for (int k = 0; k < NV; k++) {
+        const int v = (int)threadIdx.x + k * (int)blockDim.x;
+        if (v >= nv)
+            break;
+        T *e = (T *)&u[k];
+#pragma unroll
+        for (int q = 0; q < PER; q++) {
+            const float p = expf(moe_cuda_f32(e[q]) - lse);
+            e[q] = moe_cuda_from_f32<T>(grad_scale * ((int64_t)v * PER + q == t ? p - 1.0f : p));
+        }
+        row[v] = u[k];
+    }
+}
+
+template <typename T>
+static void cross_entropy_vec(moe_ctx *c, unsigned rows, int threads, int nv, float *losses, void *logits,
+                              const int32_t *targets, int64_t V, int ignore_index, float grad_scale, moe_dtype dt)
+{
+    T *lg = (T *)logits;
+    switch (nv) {
+    case 1:
+        cross_entropy_vec_kernel<T, 1><<<rows, threads, 0, c->stream>>>(losses, lg, targets, V, ignore_index,
+                                                                          grad_scale, dt);
+        break;
+    case 2:
+        cross_entropy_vec_kernel<T, 2><<<rows, threads, 0, c->stream>>>(losses, lg, targets, V, ignore_index,
+                                                                          grad_scale, dt);
+        break;
+    case 4:
+        cross_entropy_vec_kernel<T, 4><<<rows, threads, 0, c->stream>>>(losses, lg, targets, V, ignore_index,
+                                                                          grad_scale, dt);
+        break;
+    default:
+        cross_entropy_vec_kernel<T, CE_MAX_NV><<<rows, threads, 0, c->stream>>>(losses, lg, targets, V, ignore_index,
+                                                                                  grad_scale, dt);
+        break;
     }
 }
 
@@ -675,12 +1040,27 @@ moe_status moe_cuda_cross_entropy(moe_ctx *c, float *losses, void *logits, const
     MOE_TRY(check_float(c, "cross_entropy", dt, N));
     if (V < 1)
         return moe_cuda_fail(c, MOE_ERR_INVALID_ARG, "cuda cross_entropy: expected V >= 1, found %lld", (long long)V);
+    const int64_t per = 16 / (int64_t)moe_dtype_size(dt), nvec = V / per;
+    const bool vec = V % per == 0 && nvec <= 1024 * CE_MAX_NV && aligned16(logits);
+    int nv = 1; /* vector path: vectors a thread, then the fewest warps that cover the row */
+    while (vec && nvec > 1024 * nv)
+        nv *= 2;
+    const int threads = vec ? (int)(((nvec + nv - 1) / nv + 31) / 32 * 32) : CE_THREADS;
     for (int64_t r0 = 0; r0 < N; r0 += INT32_MAX) {
-        int64_t rows = N - r0 < INT32_MAX ? N - r0 : INT32_MAX;
-        cross_entropy_kernel<<<(unsigned)rows, CE_THREADS, 0, c->stream>>>(losses + r0, (char *)logits +
-                                                                                              r0 * V * moe_dtype_size(dt),
-                                                                          targets + r0, rows, V, ignore_index,
-                                                                          grad_scale, dt);
+        const unsigned rows = (unsigned)(N - r0 < INT32_MAX ? N - r0 : INT32_MAX);
+        void *lg = (char *)logits + r0 * V * moe_dtype_size(dt);
+        if (vec && dt == MOE_F16)
+            cross_entropy_vec<__half>(c, rows, threads, nv, losses + r0, lg, targets + r0, V, ignore_index,
+                                      grad_scale, dt);
+        else if (vec && dt == MOE_BF16)
+            cross_entropy_vec<__nv_bfloat16>(c, rows, threads, nv, losses + r0, lg, targets + r0, V, ignore_index,
+                                             grad_scale, dt);
+        else if (vec)
+            cross_entropy_vec<float>(c, rows, threads, nv, losses + r0, lg, targets + r0, V, ignore_index, grad_scale,
+                                     dt);
+        else
+            cross_entropy_kernel<<<rows, threads, 0, c->stream>>>(losses + r0, lg, targets + r0, rows, V,
+                                                                   ignore_index, grad_scale, dt);
         MOE_CUDA_CHECK_LAUNCH(c);
     }
     return MOE_OK;
