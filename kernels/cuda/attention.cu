@@ -6,11 +6,11 @@
  * Two paths with the same math (kernels/cpu/attention.c is the reference):
  *  - fp16/bf16 with head_dim 32, 64 or 128: tensor cores, FlashAttention-2
  *    style (mma.sync with ldmatrix operands; blocks of 4 warps own 128 rows
- *    at head dim <= 64 (64 at 128), the other side streams in tiles of 64
- *    copied with cp.async while the current one is used; exponentials by the
- *    hardware's ex2 (__expf), as FlashAttention does: the softmax and the
- *    dropout draws, not the tensor cores, bound these kernels at these head
- *    sizes). Scores and their gradients are fp32 in registers; the
+ *    at head dim <= 64 (64 at 128, and in the dQ pass), the other side
+ *    streams in tiles of 64 copied with cp.async while the current one is
+ *    used; exponentials by the hardware's ex2 (__expf), as FlashAttention
+ *    does: the softmax and the dropout draws, not the tensor cores, bound
+ *    these kernels at these head sizes). Scores and their gradients are fp32 in registers; the
  *    probabilities and dS that feed the P.V, dS.K and dS^T.Q products are
  *    rounded to the storage dtype, as in FlashAttention-2.
  *  - every other case (fp32, other head sizes up to 256): CUDA cores in fp32,
@@ -337,8 +337,9 @@ static __global__ void attn_bwd_dq_simple_kernel(void *dq, int64_t ldd, const vo
 #define MMA_ROWS 64
 #define MMA_THREADS 128
 
-/* m16 tiles per warp: two where the registers allow it (the dQ pass then
- * takes its key tiles in halves of 32, the dK/dV pass its query tiles). */
+/* m16 tiles per warp of the forward and the dK/dV pass: two where the
+ * registers allow it. The dQ pass keeps one: with two (255 registers, two
+ * blocks an SM) it ran 0.26 ms slower at the reference shape on an H200. */
 template <int D> struct mma_mt { static constexpr int value = D <= 64 ? 2 : 1; };
 
 template <typename T, int D> struct mma_cfg {
@@ -348,7 +349,7 @@ template <typename T, int D> struct mma_cfg {
     /* the tiles a loop walks are double-buffered: the next one is copied
      * (cp.async) while the current one is used */
     static constexpr size_t fwd_bytes = (MT + 4) * tile;     /* Q (MT tiles), K and V twice */
-    static constexpr size_t dq_bytes = (2 * MT + 4) * tile;  /* Q, dO (MT tiles each), K and V twice */
+    static constexpr size_t dq_bytes = 6 * tile;             /* Q, dO, K and V twice */
     static constexpr size_t dkdv_bytes = (2 * MT + 4) * tile + 4 * MMA_ROWS * sizeof(float); /* K, V; Q, dO twice */
 };
 
@@ -755,10 +756,8 @@ static __global__ void __launch_bounds__(MMA_THREADS)
     }
 }
 
-/* Backward, dQ of 64 MT queries: warp w owns queries w0 = i0 + 16 MT w ..
- * +16 MT - 1; with two m16 tiles a warp a key tile of 64 is taken in two
- * halves of 32 (the scores, dP and dQ of 64 keys would not fit in the
- * registers). */
+/* Backward, dQ of one query tile of 64: warp w owns queries w0 = i0 + 16w
+ * .. +15 (MT = 1 of the forward's code). */
 template <typename T, int D, int DROP>
 static __global__ void __launch_bounds__(MMA_THREADS)
     attn_bwd_dq_mma_kernel(T *dq, int64_t ldd, const T *dout, const float *lse, const float *delta, const T *q,
@@ -766,8 +765,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
                            uint64_t seed, uint64_t stream, bool vec, bool vec_o)
 {
     const uint32_t thr = moe_philox_threshold16(p);
-    constexpr int LD = mma_cfg<T, D>::LD, MT = mma_cfg<T, D>::MT, BM = MT * MMA_ROWS;
-    constexpr int KH = MT == 1 ? MMA_ROWS : MMA_ROWS / 2; /* keys a step */
+    constexpr int LD = mma_cfg<T, D>::LD, MT = 1, BM = MMA_ROWS;
     extern __shared__ __align__(128) unsigned char smem[];
     T *Qs = (T *)smem, *dOs = Qs + BM * LD, *Kb = dOs + BM * LD, *Vb = Kb + 2 * MMA_ROWS * LD;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, cq = lane & 3;
@@ -797,22 +795,19 @@ static __global__ void __launch_bounds__(MMA_THREADS)
         for (int nt = 0; nt < D / 8; nt++)
             gq[mt][nt][0] = gq[mt][nt][1] = gq[mt][nt][2] = gq[mt][nt][3] = 0.0f;
     for (int kt = 0; kt <= last; kt++) {
+        const int64_t j0 = (int64_t)kt * MMA_ROWS;
         const T *Ks = Kb + (kt & 1) * MMA_ROWS * LD, *Vs = Vb + (kt & 1) * MMA_ROWS * LD;
         next_kv_tile<T, D>(Kb, Vb, k, v, ld, b, h, kt, last, T_, vec);
-#pragma unroll
-        for (int hk = 0; hk < MMA_ROWS / KH; hk++) {
-            const int64_t j0 = (int64_t)kt * MMA_ROWS + hk * KH; /* the step's first key */
-            if (j0 > w0 + 16 * MT - 1)
-                continue; /* warp-uniform: no row of the warp sees key j0 */
-            float s[MT][KH / 8][4], dp[MT][KH / 8][4];
-            mma_abt<T, D, MT, KH>(s, Qs, warp * 16 * MT, Ks + hk * KH * LD);
-            mma_abt<T, D, MT, KH>(dp, dOs, warp * 16 * MT, Vs + hk * KH * LD);
-            const bool edge = j0 + KH - 1 > w0 || j0 + KH > T_;
+        if (j0 <= w0 + 16 * MT - 1) { /* warp-uniform: some row of the warp sees key j0 */
+            float s[MT][8][4], dp[MT][8][4];
+            mma_abt<T, D, MT>(s, Qs, warp * 16 * MT, Ks);
+            mma_abt<T, D, MT>(dp, dOs, warp * 16 * MT, Vs);
+            const bool edge = j0 + MMA_ROWS - 1 > w0 || j0 + MMA_ROWS > T_;
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
                 const int64_t ia = w0 + 16 * mt + g, ib = ia + 8;
 #pragma unroll
-                for (int np = 0; np < KH / 16; np++) {
+                for (int np = 0; np < 4; np++) {
                     float z[2][4];
                     drop_rows<DROP>(z, p, thr, scale, seed, stream, bh, T_, ia, ib, j0 + np * 16, cq);
 #pragma unroll
@@ -825,7 +820,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
                     }
                 }
             }
-            mma_px<T, D, MT, KH>(gq, dp, Ks + hk * KH * LD);
+            mma_px<T, D, MT>(gq, dp, Ks);
         }
         __syncthreads(); /* this tile's buffers are refilled by the next iteration's copies */
     }
@@ -911,7 +906,7 @@ static moe_status bwd_mma(moe_ctx *c, void *dq, void *dk, void *dv, int64_t ldd,
         scale, seed, stream, vec, vec_o);
     MOE_CUDA_CHECK_LAUNCH(c);
     MOE_TRY(set_smem(c, dqk, mma_cfg<T, D>::dq_bytes));
-    dqk<<<grid, MMA_THREADS, mma_cfg<T, D>::dq_bytes, c->stream>>>(
+    dqk<<<dim3((unsigned)(B * H), (unsigned)((T_ + MMA_ROWS - 1) / MMA_ROWS)), MMA_THREADS, mma_cfg<T, D>::dq_bytes, c->stream>>>(
         (T *)dq, ldd, (const T *)dout, lse, delta, (const T *)q, (const T *)k, (const T *)v, ld, T_, H, p, scale,
         seed, stream, vec, vec_o);
     MOE_CUDA_CHECK_LAUNCH(c);
