@@ -362,6 +362,18 @@ static void test_parity_elementwise(void **state)
         BOTH("add in place", ADDIP);
         compare("add in place", &x, dt, n, tol);
 #undef ADDIP
+        /* one element past 16-byte alignment: the element-wise path */
+        pb_poison(&out, dt, n);
+#define ADDO(o, cx, s)                                                                                        \
+    (o)->add((cx), (char *)out.s + moe_dtype_size(dt), (char *)x.s + moe_dtype_size(dt),                  \
+             (char *)y.s + moe_dtype_size(dt), dt, (int64_t)n - 1)
+        BOTH("add unaligned", ADDO);
+        {
+            const pbuf past = {(char *)out.c + moe_dtype_size(dt), (char *)out.g + moe_dtype_size(dt),
+                               out.bytes - moe_dtype_size(dt)};
+            compare("add unaligned", &past, dt, n - 1, tol);
+        }
+#undef ADDO
 
         static const moe_act_kind acts[3] = {MOE_ACT_GELU_TANH, MOE_ACT_GELU_ERF, MOE_ACT_RELU};
         for (int kind = 0; kind < 3; kind++) {
@@ -598,10 +610,12 @@ static void test_parity_matmul(void **state)
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         run_matmul_case(&cases[i]);
 
-    /* bias_backward accumulates column sums */
-    for (int t = 0; t < 3; t++) {
-        const moe_dtype dt = k_dtypes[t];
-        const int64_t N = 150, C = 70;
+    /* bias_backward accumulates column sums: C 70 by element, 264 and 2048 by
+     * 16-byte vectors (264: a last column block of one vector, 8 row chunks) */
+    const int64_t bb_shapes[3][2] = {{150, 70}, {1000, 264}, {300, 2048}};
+    for (int t = 0; t < 9; t++) {
+        const moe_dtype dt = k_dtypes[t % 3];
+        const int64_t N = bb_shapes[t / 3][0], C = bb_shapes[t / 3][1];
         pbuf dy = pb_rand(dt, (size_t)(N * C), -1.0f, 1.0f), db = pb_rand(dt, (size_t)C, -1.0f, 1.0f);
 #define BB(o, cx, s) (o)->bias_backward((cx), db.s, dy.s, N, C, dt)
         BOTH("bias_backward", BB);

@@ -18,7 +18,8 @@
  * keeping its own transpose flag; the bias runs along cuBLASLt's rows.
  *
  * bias_backward is a deterministic column sum: row chunks write fp32 partials,
- * then a second pass adds each column's partials in a fixed order.
+ * then a second pass adds each column's partials in a fixed order (16 bytes
+ * of a row a thread where the rows allow, the same order either way).
  */
 #include <string.h>
 
@@ -340,6 +341,44 @@ static __global__ void bias_partial_kernel(float *partial, const void *dy, moe_d
     }
 }
 
+/* The same for C % (16 / sizeof(T)) == 0 and 16-byte aligned dy: a thread
+ * sums 16 bytes of columns a row (one 2-byte column a thread keeps too few
+ * bytes in flight to stream), each column in the order above. */
+template <typename T>
+static __global__ void bias_partial_vec_kernel(float *partial, const T *dy, int64_t N, int64_t C, int64_t rows_per)
+{
+    constexpr int PER = 16 / (int)sizeof(T);
+    __shared__ float sh[BB_ROWS][BB_COLS * PER + 1];
+    const int64_t cv = (int64_t)blockIdx.x * BB_COLS + threadIdx.x, nv = C / PER; /* this thread's vector */
+    const int64_t r0 = (int64_t)blockIdx.y * rows_per, r1 = r0 + rows_per < N ? r0 + rows_per : N;
+    float s[PER];
+#pragma unroll
+    for (int k = 0; k < PER; k++)
+        s[k] = 0.0f;
+    if (cv < nv)
+#pragma unroll 4
+        for (int64_t r = r0 + threadIdx.y; r < r1; r += BB_ROWS) {
+            const uint4 u = ((const uint4 *)(dy + r * C))[cv];
+            const T *e = (const T *)&u;
+#pragma unroll
+            for (int k = 0; k < PER; k++)
+                s[k] += moe_cuda_f32(e[k]);
+        }
+#pragma unroll
+    for (int k = 0; k < PER; k++)
+        sh[threadIdx.y][threadIdx.x * PER + k] = s[k];
+    __syncthreads();
+    for (int i = threadIdx.y * BB_COLS + threadIdx.x; i < BB_COLS * PER; i += BB_COLS * BB_ROWS) {
+        const int64_t col = (int64_t)blockIdx.x * BB_COLS * PER + i;
+        if (col >= C)
+            break;
+        float t = 0.0f;
+        for (int y = 0; y < BB_ROWS; y++)
+            t += sh[y][i];
+        partial[blockIdx.y * C + col] = t;
+    }
+}
+
 /* dbias[col] += sum over chunks r of partial[r*C + col]: a block of BB_COLS
  * columns x BB_ROWS groups, group y adding chunks y, y+BB_ROWS, ..., then the
  * group sums added in order (a fixed order, with every SM busy) */
@@ -375,11 +414,23 @@ moe_status moe_cuda_bias_backward(moe_ctx *c, void *dbias, const void *dy, int64
     R = (N + rows_per - 1) / rows_per;
     float *partial = NULL;
     MOE_TRY(moe_cuda_scratch_alloc(c, (uint64_t)(R * C) * sizeof(float), "bias_backward partials", (void **)&partial));
-    dim3 grid((unsigned)((C + BB_COLS - 1) / BB_COLS), (unsigned)R), block(BB_COLS, BB_ROWS);
-    bias_partial_kernel<<<grid, block, 0, c->stream>>>(partial, dy, dt, N, C, rows_per);
+    const int64_t per = 16 / (int64_t)moe_dtype_size(dt), nv = C / per;
+    const bool vec = C % per == 0 && (uintptr_t)dy % 16u == 0;
+    const dim3 block(BB_COLS, BB_ROWS);
+    const unsigned col_blocks = (unsigned)((C + BB_COLS - 1) / BB_COLS);
+    const dim3 vgrid((unsigned)((nv + BB_COLS - 1) / BB_COLS), (unsigned)R);
+    if (vec && dt == MOE_BF16)
+        bias_partial_vec_kernel<__nv_bfloat16><<<vgrid, block, 0, c->stream>>>(partial, (const __nv_bfloat16 *)dy, N,
+                                                                                 C, rows_per);
+    else if (vec && dt == MOE_F16)
+        bias_partial_vec_kernel<__half><<<vgrid, block, 0, c->stream>>>(partial, (const __half *)dy, N, C, rows_per);
+    else if (vec)
+        bias_partial_vec_kernel<float><<<vgrid, block, 0, c->stream>>>(partial, (const float *)dy, N, C, rows_per);
+    else
+        bias_partial_kernel<<<dim3(col_blocks, (unsigned)R), block, 0, c->stream>>>(partial, dy, dt, N, C, rows_per);
     cudaError_t e1 = cudaGetLastError();
     if (e1 == cudaSuccess)
-        bias_final_kernel<<<grid.x, block, 0, c->stream>>>(dbias, dt, partial, R, C);
+        bias_final_kernel<<<col_blocks, block, 0, c->stream>>>(dbias, dt, partial, R, C);
     moe_cuda_scratch_free(c, partial);
     MOE_CUDA_TRY(c, e1);
     MOE_CUDA_CHECK_LAUNCH(c);
