@@ -92,7 +92,7 @@ MOE_HD void moe_philox_uniform2(uint64_t seed, uint64_t stream, uint64_t index, 
 
 /* Attention dropout draws 16 bits a score, eight scores a Philox group (its
  * T x T masks are the largest of the model, drawn in the forward and again
- * in the backward): index i takes half (i & 1), low half first, of
+ * in both backward passes): index i takes half (i & 1), low half first, of
  * word (i >> 1) & 3 of group i >> 3, and is kept iff those bits are >=
  * moe_philox_threshold16(p) = ceil(p * 65536). So P(drop) = ceil(p * 65536)
  * / 65536, within 2^-16 of p (as FlashAttention's byte threshold, but 256

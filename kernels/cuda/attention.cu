@@ -26,10 +26,8 @@
  * exactly in both directions. With T % 8 == 0 the eight keys 8m .. 8m+7 of
  * a row are one Philox group, and the tensor-core path evaluates each group
  * once: the lanes holding a pair of 8-key blocks share the groups they touch
- * (one evaluation a lane) and swap bytes (keep_rows, keep_cols); the
- * backward draws each group once: the dK/dV pass stores the bytes it draws
- * (a bit a score, 34 MB a layer at the reference shape) and the dQ pass
- * reads them. Other T (and the fp32 path) draw score by score.
+ * (one evaluation a lane) and swap bytes (keep_rows, keep_cols). Other T
+ * (and the fp32 path) draw score by score.
  */
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/cuda.h"
@@ -54,11 +52,13 @@ static __device__ __forceinline__ float drop_factor(float p, float scale, uint64
  * +1 of the two 8-key column blocks u = 0, 1 at jt), T % 8 == 0: keep bits
  * in accumulator order, bit 4u + e for element e of block u (0, 1: row ia;
  * 2, 3: row ib). A quad's lanes share four Philox groups (rows ia, ib x
- * blocks 0, 1): lane cq draws row cq & 1 of block cq >> 1 (keep_rows_draw),
- * the quad swaps the bytes. Every lane of the warp must call this. */
-static __device__ __forceinline__ unsigned keep_rows_spread(unsigned mine, int cq)
+ * blocks 0, 1): lane cq draws row cq & 1 of block cq >> 1, the quad swaps
+ * the bytes. Every lane of the warp must call this. */
+static __device__ __forceinline__ unsigned keep_rows(uint32_t thr, uint64_t seed, uint64_t stream, int64_t bh,
+                                                     int64_t T, int64_t ia, int64_t ib, int64_t jt, int cq)
 {
-    unsigned all = mine << (8 * cq);
+    const int64_t row = cq & 1 ? ib : ia, jg = jt + 8 * (cq >> 1);
+    unsigned all = moe_philox_keep8(seed, stream, (uint64_t)((bh * T + row) * T + jg) >> 3, thr) << (8 * cq);
     all |= __shfl_xor_sync(0xffffffffu, all, 1);
     all |= __shfl_xor_sync(0xffffffffu, all, 2); /* byte 2u + r: block u, row r */
     unsigned keep = 0;
@@ -68,26 +68,20 @@ static __device__ __forceinline__ unsigned keep_rows_spread(unsigned mine, int c
     return keep;
 }
 
-/* this lane's draw for keep_rows_spread */
-static __device__ __forceinline__ unsigned keep_rows_draw(uint32_t thr, uint64_t seed, uint64_t stream, int64_t bh,
-                                                          int64_t T, int64_t ia, int64_t ib, int64_t jt, int cq)
-{
-    const int64_t row = cq & 1 ? ib : ia, jg = jt + 8 * (cq >> 1);
-    return moe_philox_keep8(seed, stream, (uint64_t)((bh * T + row) * T + jg) >> 3, thr);
-}
-
 /* Transposed mma tile (rows: keys jw + g and jw + g + 8 of the warp's 16 at
  * jw; columns: this lane's queries it + 8u + 2cq, +1 of the two 8-query
  * blocks u = 0, 1 at it), T % 8 == 0: keep bits in accumulator order, bit
  * 4u + e for element e of block u (e & 1: the second query, e >> 1: the
  * second key). The block pair touches 32 Philox groups (16 queries x two
  * 8-key halves), one a lane: lane (g, cq) draws query it + 8(cq >> 1) + g,
- * half cq & 1 (`mine`); each quad gathers its query's four groups, and a
- * lane takes the words of the two queries it holds. Every lane of the warp
- * must call this. */
-static __device__ __forceinline__ unsigned keep_cols_spread(unsigned mine, int g, int cq)
+ * half cq & 1; each quad gathers its query's four groups, and a lane takes
+ * the words of the two queries it holds. Every lane of the warp must call
+ * this. */
+static __device__ __forceinline__ unsigned keep_cols(uint32_t thr, uint64_t seed, uint64_t stream, int64_t bh,
+                                                     int64_t T, int64_t it, int64_t jw, int g, int cq)
 {
-    unsigned all = mine << (8 * cq);
+    const int64_t row = it + 8 * (cq >> 1) + g, jg = jw + 8 * (cq & 1);
+    unsigned all = moe_philox_keep8(seed, stream, (uint64_t)((bh * T + row) * T + jg) >> 3, thr) << (8 * cq);
     all |= __shfl_xor_sync(0xffffffffu, all, 1);
     all |= __shfl_xor_sync(0xffffffffu, all, 2); /* quad r: byte 2u + half of query it + 8u + r */
     const unsigned w0 = __shfl_sync(0xffffffffu, all, 8 * cq), w1 = __shfl_sync(0xffffffffu, all, 8 * cq + 4);
@@ -98,17 +92,6 @@ static __device__ __forceinline__ unsigned keep_cols_spread(unsigned mine, int g
         for (int e = 0; e < 4; e++)
             keep |= (((e & 1 ? w1 : w0) >> (8 * (2 * u + (e >> 1)) + g)) & 1u) << (4 * u + e);
     return keep;
-}
-
-/* The dK/dV pass keeps the keep bytes it draws (T % 8 == 0) for the dQ pass,
- * which reads them instead of drawing them again: 32 bytes for each pair of
- * a 16-query block a and a 16-key block c <= a of a head (nb = ceil(T/16)
- * blocks, the pairs in the lower triangle's row order), byte 2q + u for
- * query 16a + q and keys 16c + 8u .. +7, bit w for key 16c + 8u + w. */
-static __host__ __device__ __forceinline__ int64_t mask_pairs(int64_t nb) { return nb * (nb + 1) / 2; }
-static __device__ __forceinline__ int64_t mask_byte(int64_t bh, int64_t nb, int64_t a, int64_t c, int q, int u)
-{
-    return (bh * mask_pairs(nb) + a * (a + 1) / 2 + c) * 32 + 2 * q + u;
 }
 
 /* D_i = dO_i . O_i, one warp per (b, t, h) row */
@@ -518,25 +501,21 @@ static __device__ __forceinline__ void mma_store_rows(T *dst, int64_t ld, int64_
 
 /* How a kernel draws the dropout mask, fixed at compile time so the variant
  * without dropout carries none of the Philox code: none (p == 0), whole
- * groups (T % 8 == 0: keep_rows / keep_cols), score by score, or (the dQ
- * pass, T % 8 == 0) the groups' bytes the dK/dV pass stored. */
+ * groups (T % 8 == 0: keep_rows / keep_cols), or score by score. */
 #define DROP_NONE 0
 #define DROP_GROUPS 1
 #define DROP_SCORES 2
-#define DROP_STORED 3
 
 /* dropout factors (keep/(1-p), or 0) of a row-major tile's accumulator
  * blocks 2np, 2np + 1 (keys jt = j0 + 16np ..): z[u][e] as keep_rows orders
- * them; with DROP_STORED `stored` is this lane's byte of them. Every lane of
- * the warp must call this. */
+ * them. Every lane of the warp must call this. */
 template <int DROP>
 static __device__ __forceinline__ void drop_rows(float z[2][4], float p, uint32_t thr, float scale, uint64_t seed,
                                                  uint64_t stream, int64_t bh, int64_t T_, int64_t ia, int64_t ib,
-                                                 int64_t jt, int cq, unsigned stored = 0)
+                                                 int64_t jt, int cq)
 {
-    if (DROP == DROP_GROUPS || DROP == DROP_STORED) {
-        const unsigned keep = keep_rows_spread(
-            DROP == DROP_STORED ? stored : keep_rows_draw(thr, seed, stream, bh, T_, ia, ib, jt, cq), cq);
+    if (DROP == DROP_GROUPS) {
+        const unsigned keep = keep_rows(thr, seed, stream, bh, T_, ia, ib, jt, cq);
 #pragma unroll
         for (int u = 0; u < 2; u++)
 #pragma unroll
@@ -686,9 +665,9 @@ static __global__ void __launch_bounds__(MMA_THREADS)
  * dO and dK += dS^T Q. */
 template <typename T, int D, int DROP>
 static __global__ void __launch_bounds__(MMA_THREADS)
-    attn_bwd_dkdv_mma_kernel(T *dk, T *dv, uint8_t *bits, int64_t ldd, const T *dout, const float *lse,
-                             const float *delta, const T *q, const T *k, const T *v, int64_t ld, int64_t T_,
-                             int64_t H, float p, float scale, uint64_t seed, uint64_t stream, bool vec, bool vec_o)
+    attn_bwd_dkdv_mma_kernel(T *dk, T *dv, int64_t ldd, const T *dout, const float *lse, const float *delta,
+                             const T *q, const T *k, const T *v, int64_t ld, int64_t T_, int64_t H, float p,
+                             float scale, uint64_t seed, uint64_t stream, bool vec, bool vec_o)
 {
     constexpr int LD = mma_cfg<T, D>::LD, MT = mma_cfg<T, D>::MT, BN = MT * MMA_ROWS, HQ = MMA_ROWS / 2;
     const uint32_t thr = moe_philox_threshold16(p);
@@ -746,17 +725,9 @@ static __global__ void __launch_bounds__(MMA_THREADS)
                 const int64_t ja = jw + 16 * mt + g, jb = ja + 8;
 #pragma unroll
                 for (int np = 0; np < HQ / 16; np++) {
-                    unsigned keep = 0xFFu;
-                    if (DROP == DROP_GROUPS) {
-                        const int64_t it = iq + np * 16, jt = jw + 16 * mt, qa = it >> 4, kc = jt >> 4;
-                        const int64_t row = it + 8 * (cq >> 1) + g, jg = jt + 8 * (cq & 1);
-                        const unsigned mine =
-                            moe_philox_keep8(seed, stream, (uint64_t)((bh * T_ + row) * T_ + jg) >> 3, thr);
-                        const int64_t nb = (T_ + 15) >> 4;
-                        if (bits != NULL && kc <= qa && qa < nb)
-                            bits[mask_byte(bh, nb, qa, kc, 8 * (cq >> 1) + g, cq & 1)] = (uint8_t)mine;
-                        keep = keep_cols_spread(mine, g, cq);
-                    }
+                    const unsigned keep =
+                        DROP == DROP_GROUPS ? keep_cols(thr, seed, stream, bh, T_, iq + np * 16, jw + 16 * mt, g, cq)
+                                            : 0xFFu;
 #pragma unroll
                     for (int x = 0; x < 8; x++) {
                         const int nt = 2 * np + (x >> 2), e = x & 3;
@@ -789,9 +760,9 @@ static __global__ void __launch_bounds__(MMA_THREADS)
  * .. +15 (MT = 1 of the forward's code). */
 template <typename T, int D, int DROP>
 static __global__ void __launch_bounds__(MMA_THREADS)
-    attn_bwd_dq_mma_kernel(T *dq, const uint8_t *bits, int64_t ldd, const T *dout, const float *lse,
-                           const float *delta, const T *q, const T *k, const T *v, int64_t ld, int64_t T_, int64_t H,
-                           float p, float scale, uint64_t seed, uint64_t stream, bool vec, bool vec_o)
+    attn_bwd_dq_mma_kernel(T *dq, int64_t ldd, const T *dout, const float *lse, const float *delta, const T *q,
+                           const T *k, const T *v, int64_t ld, int64_t T_, int64_t H, float p, float scale,
+                           uint64_t seed, uint64_t stream, bool vec, bool vec_o)
 {
     const uint32_t thr = moe_philox_threshold16(p);
     constexpr int LD = mma_cfg<T, D>::LD, MT = 1, BM = MMA_ROWS;
@@ -828,18 +799,6 @@ static __global__ void __launch_bounds__(MMA_THREADS)
         const T *Ks = Kb + (kt & 1) * MMA_ROWS * LD, *Vs = Vb + (kt & 1) * MMA_ROWS * LD;
         next_kv_tile<T, D>(Kb, Vb, k, v, ld, b, h, kt, last, T_, vec);
         if (j0 <= w0 + 16 * MT - 1) { /* warp-uniform: some row of the warp sees key j0 */
-            unsigned stored[MT][4] = {}; /* loaded before the products, used after them */
-            if (DROP == DROP_STORED) {
-                const int64_t nb = (T_ + 15) >> 4;
-#pragma unroll
-                for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-                    for (int np = 0; np < 4; np++) {
-                        const int64_t qa = (w0 + 16 * mt) >> 4, kc = (j0 + 16 * np) >> 4;
-                        if (kc <= qa && qa < nb)
-                            stored[mt][np] = bits[mask_byte(bh, nb, qa, kc, g + 8 * (cq & 1), cq >> 1)];
-                    }
-            }
             float s[MT][8][4], dp[MT][8][4];
             mma_abt<T, D, MT>(s, Qs, warp * 16 * MT, Ks);
             mma_abt<T, D, MT>(dp, dOs, warp * 16 * MT, Vs);
@@ -850,7 +809,7 @@ static __global__ void __launch_bounds__(MMA_THREADS)
 #pragma unroll
                 for (int np = 0; np < 4; np++) {
                     float z[2][4];
-                    drop_rows<DROP>(z, p, thr, scale, seed, stream, bh, T_, ia, ib, j0 + np * 16, cq, stored[mt][np]);
+                    drop_rows<DROP>(z, p, thr, scale, seed, stream, bh, T_, ia, ib, j0 + np * 16, cq);
 #pragma unroll
                     for (int x = 0; x < 8; x++) {
                         const int nt = 2 * np + (x >> 2), e = x & 3;
@@ -939,29 +898,19 @@ static moe_status bwd_mma(moe_ctx *c, void *dq, void *dk, void *dv, int64_t ldd,
                 : drop == DROP_GROUPS ? attn_bwd_dkdv_mma_kernel<T, D, DROP_GROUPS>
                                       : attn_bwd_dkdv_mma_kernel<T, D, DROP_SCORES>;
     auto dqk = drop == DROP_NONE     ? attn_bwd_dq_mma_kernel<T, D, DROP_NONE>
-               : drop == DROP_GROUPS ? attn_bwd_dq_mma_kernel<T, D, DROP_STORED>
+               : drop == DROP_GROUPS ? attn_bwd_dq_mma_kernel<T, D, DROP_GROUPS>
                                      : attn_bwd_dq_mma_kernel<T, D, DROP_SCORES>;
-    uint8_t *bits = NULL; /* the dK/dV pass's keep bytes for the dQ pass */
-    if (drop == DROP_GROUPS)
-        MOE_TRY(moe_cuda_scratch_alloc(c, (uint64_t)(B * H * mask_pairs((T_ + 15) / 16) * 32),
-                                       "attention_backward dropout masks", (void **)&bits));
-    moe_status st = set_smem(c, dkdv, mma_cfg<T, D>::dkdv_bytes);
-    if (st == MOE_OK)
-        st = set_smem(c, dqk, mma_cfg<T, D>::dq_bytes);
-    if (st == MOE_OK) {
-        dkdv<<<grid, MMA_THREADS, mma_cfg<T, D>::dkdv_bytes, c->stream>>>(
-            (T *)dk, (T *)dv, bits, ldd, (const T *)dout, lse, delta, (const T *)q, (const T *)k, (const T *)v, ld,
-            T_, H, p, scale, seed, stream, vec, vec_o);
-        dqk<<<dim3((unsigned)(B * H), (unsigned)((T_ + MMA_ROWS - 1) / MMA_ROWS)), MMA_THREADS,
-              mma_cfg<T, D>::dq_bytes, c->stream>>>((T *)dq, bits, ldd, (const T *)dout, lse, delta, (const T *)q,
-                                                    (const T *)k, (const T *)v, ld, T_, H, p, scale, seed, stream,
-                                                    vec, vec_o);
-        const cudaError_t e = cudaGetLastError();
-        if (e != cudaSuccess)
-            st = moe_cuda_error(c, e, "attention backward kernels", __FILE__, __LINE__);
-    }
-    moe_cuda_scratch_free(c, bits);
-    return st;
+    MOE_TRY(set_smem(c, dkdv, mma_cfg<T, D>::dkdv_bytes));
+    dkdv<<<grid, MMA_THREADS, mma_cfg<T, D>::dkdv_bytes, c->stream>>>(
+        (T *)dk, (T *)dv, ldd, (const T *)dout, lse, delta, (const T *)q, (const T *)k, (const T *)v, ld, T_, H, p,
+        scale, seed, stream, vec, vec_o);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    MOE_TRY(set_smem(c, dqk, mma_cfg<T, D>::dq_bytes));
+    dqk<<<dim3((unsigned)(B * H), (unsigned)((T_ + MMA_ROWS - 1) / MMA_ROWS)), MMA_THREADS, mma_cfg<T, D>::dq_bytes, c->stream>>>(
+        (T *)dq, ldd, (const T *)dout, lse, delta, (const T *)q, (const T *)k, (const T *)v, ld, T_, H, p, scale,
+        seed, stream, vec, vec_o);
+    MOE_CUDA_CHECK_LAUNCH(c);
+    return MOE_OK;
 }
 
 #define MMA_DISPATCH(dt, D, CALL_T_D)                                      \
