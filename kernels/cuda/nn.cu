@@ -33,6 +33,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/nn.h"
 
 static moe_status check_float(moe_ctx *c, const char *op, moe_dtype dt, int64_t n)
@@ -517,12 +518,16 @@ static __device__ __forceinline__ void ln_block_sum2(double &a, double &b, doubl
  * most 128 registers each (it needs about 120, no spills). */
 #define LNB_MIN_BLOCKS(threads) (512 / (threads))
 
+#define LNB_STAGES 4 /* ring stages: rows a block has in flight while one is used */
+
 /* Layer-norm backward in one pass, for C % (16 / sizeof(T)) == 0, C <= THREADS
  * * 16 / sizeof(T) and 16-byte aligned arrays: a block of THREADS walks the
  * rows [r0, r1) of its chunk, one 16-byte vector of dout, inp and dinp a
  * thread, so each element is read once (the fallback's kernels read dout and
- * inp three times, 2 bytes a load). The next row's loads are issued before
- * this row's block reduction, so a block always has a row in flight. Each
+ * inp three times, 2 bytes a load). The rows travel LNB_STAGES ahead through
+ * a ring in shared memory (cp.async, each thread copying the vectors it
+ * reads itself: no barrier), so the memory system always has rows of every
+ * block in flight, whatever the block reductions wait for. Each
  * thread keeps its columns' sums of dout*xhat and dout in double registers and
  * writes them as the chunk's partials for layernorm_dparam_final_kernel
  * (partial NULL: no parameter gradients). dinp may be dout: a thread reads its
@@ -552,17 +557,32 @@ static __global__ void __launch_bounds__(THREADS, LNB_MIN_BLOCKS(THREADS))
 #pragma unroll
     for (int q = 0; q < PER; q++)
         dw[q] = db[q] = 0.0;
-    /* row r0 < N: the host sizes the grid so that no chunk is empty */
-    uint4 g = on ? ((const uint4 *)(dout + r0 * C))[j] : zero, x = on ? ((const uint4 *)(inp + r0 * C))[j] : zero,
-          a = on && dinp != NULL ? ((const uint4 *)(dinp + r0 * C))[j] : zero;
+    extern __shared__ uint4 ring[]; /* [LNB_STAGES][3][THREADS]: dout, inp, dinp */
+    const int64_t nrows = r1 - r0;
+    auto fetch = [&](int64_t k) { /* row r0 + k into stage k % LNB_STAGES; one commit group either way */
+        if (on && k < nrows) {
+            uint4 *st = ring + (k % LNB_STAGES) * 3 * THREADS + j;
+            const int64_t off = (r0 + k) * C;
+            cp_async16(st, (const uint4 *)(dout + off) + j);
+            cp_async16(st + THREADS, (const uint4 *)(inp + off) + j);
+            if (dinp != NULL)
+                cp_async16(st + 2 * THREADS, (const uint4 *)(dinp + off) + j);
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int k = 0; k < LNB_STAGES; k++)
+        fetch(k);
     for (int64_t r = r0; r < r1; r++) {
         const float mf = mean[r], rf = rstd[r];
-        uint4 gn = zero, xn = zero, an = zero;
-        if (on && r + 1 < r1) {
-            gn = ((const uint4 *)(dout + (r + 1) * C))[j];
-            xn = ((const uint4 *)(inp + (r + 1) * C))[j];
+        cp_async_wait<LNB_STAGES - 1>(); /* this thread's copies of row r have landed */
+        uint4 g = zero, x = zero, a = zero;
+        if (on) {
+            const uint4 *st = ring + ((r - r0) % LNB_STAGES) * 3 * THREADS + j;
+            g = st[0];
+            x = st[THREADS];
             if (dinp != NULL)
-                an = ((const uint4 *)(dinp + (r + 1) * C))[j];
+                a = st[2 * THREADS];
         }
         const T *ge = (const T *)&g, *xe = (const T *)&x;
         double s1 = 0.0, s2 = 0.0;
@@ -588,10 +608,9 @@ static __global__ void __launch_bounds__(THREADS, LNB_MIN_BLOCKS(THREADS))
                 ((uint4 *)(dinp + r * C))[j] = a;
             }
         }
-        g = gn;
-        x = xn;
-        a = an;
+        fetch(r - r0 + LNB_STAGES); /* into the stage read above, whose values are used by now */
     }
+    cp_async_wait<0>();
     if (partial != NULL && on)
 #pragma unroll
         for (int q = 0; q < PER; q++) {
@@ -622,22 +641,31 @@ static void layernorm_forward_vec(moe_ctx *c, unsigned blocks, int nv, void *out
     }
 }
 
+template <typename T, int THREADS>
+static moe_status layernorm_backward_launch(moe_ctx *c, unsigned R, T *di, double *partial, const T *g, const T *x,
+                                            const T *w, const float *mean, const float *rstd, int64_t N, int64_t C,
+                                            int64_t rows_per)
+{
+    const size_t ring = (size_t)LNB_STAGES * 3 * THREADS * sizeof(uint4);
+    MOE_CUDA_TRY(c, cudaFuncSetAttribute(layernorm_backward_vec_kernel<T, THREADS>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)ring));
+    layernorm_backward_vec_kernel<T, THREADS><<<R, THREADS, ring, c->stream>>>(di, partial, g, x, w, mean, rstd, N, C,
+                                                                              rows_per, R);
+    return MOE_OK;
+}
+
 template <typename T>
-static void layernorm_backward_vec(moe_ctx *c, unsigned R, int threads, void *dinp, double *partial, const void *dout,
-                                   const void *inp, const void *weight, const float *mean, const float *rstd,
-                                   int64_t N, int64_t C, int64_t rows_per)
+static moe_status layernorm_backward_vec(moe_ctx *c, unsigned R, int threads, void *dinp, double *partial,
+                                         const void *dout, const void *inp, const void *weight, const float *mean,
+                                         const float *rstd, int64_t N, int64_t C, int64_t rows_per)
 {
     T *di = (T *)dinp;
     const T *g = (const T *)dout, *x = (const T *)inp, *w = (const T *)weight;
     if (threads == 128)
-        layernorm_backward_vec_kernel<T, 128><<<R, 128, 0, c->stream>>>(di, partial, g, x, w, mean, rstd, N, C,
-                                                                         rows_per, R);
-    else if (threads == 256)
-        layernorm_backward_vec_kernel<T, 256><<<R, 256, 0, c->stream>>>(di, partial, g, x, w, mean, rstd, N, C,
-                                                                         rows_per, R);
-    else
-        layernorm_backward_vec_kernel<T, LNB_MAX_THREADS><<<R, LNB_MAX_THREADS, 0, c->stream>>>(
-            di, partial, g, x, w, mean, rstd, N, C, rows_per, R);
+        return layernorm_backward_launch<T, 128>(c, R, di, partial, g, x, w, mean, rstd, N, C, rows_per);
+    if (threads == 256)
+        return layernorm_backward_launch<T, 256>(c, R, di, partial, g, x, w, mean, rstd, N, C, rows_per);
+    return layernorm_backward_launch<T, LNB_MAX_THREADS>(c, R, di, partial, g, x, w, mean, rstd, N, C, rows_per);
 }
 
 moe_status moe_cuda_layernorm_forward(moe_ctx *c, void *out, float *mean, float *rstd, const void *inp,
@@ -708,24 +736,25 @@ moe_status moe_cuda_layernorm_backward(moe_ctx *c, void *dinp, void *dweight, vo
                                        (void **)&partial));
     const unsigned col_blocks = (unsigned)((C + COL_W - 1) / COL_W);
     cudaError_t e = cudaSuccess;
+    moe_status vst = MOE_OK;
     if (vec) {
         if (dt == MOE_F16)
-            layernorm_backward_vec<__half>(c, (unsigned)R, threads, dinp, partial, dout, inp, weight, mean, rstd, N,
-                                           C, rows_per);
+            vst = layernorm_backward_vec<__half>(c, (unsigned)R, threads, dinp, partial, dout, inp, weight, mean, rstd,
+                                                 N, C, rows_per);
         else if (dt == MOE_BF16)
-            layernorm_backward_vec<__nv_bfloat16>(c, (unsigned)R, threads, dinp, partial, dout, inp, weight, mean,
-                                                  rstd, N, C, rows_per);
+            vst = layernorm_backward_vec<__nv_bfloat16>(c, (unsigned)R, threads, dinp, partial, dout, inp, weight,
+                                                        mean, rstd, N, C, rows_per);
         else
-            layernorm_backward_vec<float>(c, (unsigned)R, threads, dinp, partial, dout, inp, weight, mean, rstd, N, C,
-                                          rows_per);
-        e = cudaGetLastError();
+            vst = layernorm_backward_vec<float>(c, (unsigned)R, threads, dinp, partial, dout, inp, weight, mean, rstd,
+                                                N, C, rows_per);
+        e = vst == MOE_OK ? cudaGetLastError() : cudaSuccess;
     } else if (partial != NULL) {
         /* the parameter sums first: dinp may be dout */
         layernorm_dparam_partial_kernel<<<dim3(col_blocks, (unsigned)R), dim3(COL_W, COL_H), 0, c->stream>>>(
             partial, dout, inp, mean, rstd, N, C, rows_per, R, dt);
         e = cudaGetLastError();
     }
-    if (e == cudaSuccess && partial != NULL) {
+    if (vst == MOE_OK && e == cudaSuccess && partial != NULL) {
         layernorm_dparam_final_kernel<<<col_blocks, dim3(COL_W, COL_HF), 0, c->stream>>>(dweight, dbias, partial, R,
                                                                                          C, dt);
         e = cudaGetLastError();
@@ -736,6 +765,7 @@ moe_status moe_cuda_layernorm_backward(moe_ctx *c, void *dinp, void *dweight, vo
         e = cudaGetLastError();
     }
     moe_cuda_scratch_free(c, partial);
+    MOE_TRY(vst);
     MOE_CUDA_TRY(c, e);
     return MOE_OK;
 }
