@@ -1003,24 +1003,20 @@ static __global__ void __launch_bounds__(1024)
         const int v = (int)threadIdx.x + k * (int)blockDim.x;
         u[k] = v < nv ? row[v] : make_uint4(0u, 0u, 0u, 0u);
     }
-    float m = -INFINITY, s = 0.0f;
-#pragma unroll
-    for (int k = 0; k < NV; k++) {
-        const T *e = (const T *)&u[k];
-        if ((int)threadIdx.x + k * (int)blockDim.x < nv)
-#pragma unroll
-            for (int q = 0; q < PER; q++)
-                m = fmaxf(m, moe_cuda_f32(e[q]));
-    }
-    if (m != -INFINITY) /* else the thread holds no value above -inf: an empty pair */
+    auto each_value = [&](auto f) { /* f(x) for this thread's logits, in order */
 #pragma unroll
         for (int k = 0; k < NV; k++) {
             const T *e = (const T *)&u[k];
             if ((int)threadIdx.x + k * (int)blockDim.x < nv)
 #pragma unroll
                 for (int q = 0; q < PER; q++)
-                    s += expf(moe_cuda_f32(e[q]) - m);
+                    f(moe_cuda_f32(e[q]));
         }
+    };
+    float m = -INFINITY, s = 0.0f;
+    each_value([&](float x) { m = fmaxf(m, x); });
+    if (m != -INFINITY) /* else the thread holds no value above -inf: an empty pair */
+        each_value([&](float x) { s += expf(x - m); });
     const float lse = ce_row_lse(m, s, losses + r, logits, r * V, t, V, dt);
     if (grad_scale == 0.0f)
         return;
