@@ -8,8 +8,11 @@
 #   overlap    bf16 with --optimizer-overlap (units stepped beside the backward)
 #   profile    bf16, 6 updates, updates 4-5 recorded with --profile (device-timed spans) and
 #              summarised by bench/profile_summary.py: where an update's time goes, per op
+#   profile-reference  the same for the reference flags (3 updates of 8 micro-batches,
+#              update 2 recorded)
 # Prints words per second, model TFLOP/s (FLOPs per token from --dry-run) and peak memory.
-# Usage: bench/reference_1gpu.sh [reference|bf16|dropless|overlap|profile|both] [updates]
+# Usage: bench/reference_1gpu.sh [reference|bf16|dropless|overlap|profile|profile-reference|both]
+#        [updates]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-both}
@@ -40,9 +43,10 @@ print(f"RESULT {name}: {wps:.1f} words/s, {wps*flops/1e12:.1f} model TFLOP/s, pe
 PY
 }
 
+reference_flags=(--memory-efficient-fp16 --checkpoint-activations --fp16-adam-stats --ddp-backend fully_sharded
+  --update-freq 8)
 case "$mode" in
-  reference|both) run reference --memory-efficient-fp16 --checkpoint-activations --fp16-adam-stats \
-                    --ddp-backend fully_sharded --update-freq 8 ;;
+  reference|both) run reference "${reference_flags[@]}" ;;
 esac
 case "$mode" in
   bf16|both) run bf16 --bf16 --update-freq 1 ;;
@@ -53,9 +57,12 @@ esac
 case "$mode" in
   overlap) run overlap --bf16 --update-freq 1 --optimizer-overlap ;;
 esac
+profile() {
+  "$train" "${model[@]}" "$@" --profile bench/last_profile.json >bench/last_profile.log 2>&1 ||
+    { tail -20 bench/last_profile.log; exit 1; }
+  python3 bench/profile_summary.py bench/last_profile.json --top 30
+}
 case "$mode" in
-  profile)
-    "$train" "${model[@]}" --max-update 6 --bf16 --update-freq 1 --profile bench/last_profile.json \
-      --profile-updates 4-5 >bench/last_profile.log 2>&1 || { tail -20 bench/last_profile.log; exit 1; }
-    python3 bench/profile_summary.py bench/last_profile.json --top 30 ;;
+  profile) profile --max-update 6 --bf16 --update-freq 1 --profile-updates 4-5 ;;
+  profile-reference) profile --max-update 3 "${reference_flags[@]}" --profile-updates 2-2 ;;
 esac
